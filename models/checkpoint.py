@@ -1,0 +1,464 @@
+"""Conversion between Google's official `.npz` checkpoints and this project's state dicts.
+
+Pure functions, one place. The key layout is that of `vit_jax` (`checkpoint.py`, `models_vit.py`,
+`models_resnet.py`): Flax parameter paths joined with `/`, kernels stored HWIO / (in, out) /
+(in, heads, head_dim). Newer big_vision/AugReg files name the block parts `LayerNorm_0`,
+`MultiHeadDotProductAttention_0`, `LayerNorm_1`, `MlpBlock_0`, and some wrap everything under
+`params/` or `opt/target/`; all of these load. Every problem is a `CheckpointError` that names
+the keys and shapes involved and says what to do.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING
+
+import numpy as np
+import scipy.ndimage
+import torch
+
+from models.configs import ALIASES, CONFIGS, ViTConfig
+from utils.errors import UserError
+
+if TYPE_CHECKING:
+    from models.modeling import VisionTransformer
+
+__all__ = [
+    "BASE_URL",
+    "CheckpointError",
+    "checkpoint_num_classes",
+    "checkpoint_url",
+    "guess_model_type",
+    "load_npz",
+    "load_pretrained",
+    "npz_to_state_dict",
+    "resize_pos_embed",
+    "save_npz",
+    "state_dict_to_npz",
+]
+
+BASE_URL = "https://storage.googleapis.com/vit_models"
+SOURCES = ("imagenet21k", "imagenet21k+imagenet2012")
+PREFIXES = ("opt/target/", "params/")
+
+# Block part names: (pre-attention LN, attention, pre-MLP LN, MLP).
+VIT_JAX_BLOCK = ("LayerNorm_0", "MultiHeadDotProductAttention_1", "LayerNorm_2", "MlpBlock_3")
+BIG_VISION_BLOCK = ("LayerNorm_0", "MultiHeadDotProductAttention_0", "LayerNorm_1", "MlpBlock_0")
+
+
+class CheckpointError(UserError, ValueError):
+    """A checkpoint that cannot be read or does not fit the model; the message says why."""
+
+
+def checkpoint_url(model_type: str, source: str = "imagenet21k", base_url: str = BASE_URL) -> str:
+    """Download address of an official checkpoint, e.g. `.../imagenet21k/ViT-B_16.npz`."""
+    name = ALIASES.get(model_type, model_type)
+    return f"{base_url.rstrip('/')}/{source}/{name}.npz"
+
+
+# --------------------------------------------------------------------------------------------
+# Reading files
+
+
+def load_npz(path: str | os.PathLike, model_type: str | None = None) -> dict[str, np.ndarray]:
+    """Read an `.npz` checkpoint fully into memory, safely (`allow_pickle=False`).
+
+    Args:
+        path: the file.
+        model_type: used to name the download URL when the file is missing.
+
+    Returns:
+        Arrays keyed by Flax path, with any `params/` or `opt/target/` prefix removed.
+
+    Raises:
+        CheckpointError: missing, truncated, not an `.npz`, or holding pickled objects.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        if model_type and ALIASES.get(model_type, model_type) in CONFIGS:
+            url = checkpoint_url(model_type)
+            hint = f"Download it with: wget {url} -O {path}"
+        else:
+            hint = (
+                f"Official checkpoints are listed under {BASE_URL}/ "
+                "(e.g. imagenet21k/ViT-B_16.npz)."
+            )
+        raise CheckpointError(f"Checkpoint file {path} does not exist. {hint}")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            weights = {key: archive[key] for key in archive.files}
+    except ValueError as err:
+        if "allow_pickle" in str(err):
+            raise CheckpointError(
+                f"{path} stores pickled Python objects, which could run code when loaded and are "
+                "never loaded here. Official checkpoints hold plain arrays only: re-download the "
+                "file or re-save it with numpy.savez and plain arrays."
+            ) from None
+        raise CheckpointError(f"{path} is not a readable .npz checkpoint ({err}).") from None
+    except (zipfile.BadZipFile, EOFError, OSError, KeyError) as err:
+        raise CheckpointError(
+            f"{path} is not a readable .npz checkpoint: it is truncated or not an npz file "
+            f"({type(err).__name__}: {err}). Delete it and download it again."
+        ) from None
+    if not weights:
+        raise CheckpointError(f"{path} holds no arrays; download the checkpoint again.")
+    return strip_prefix(weights)
+
+
+def strip_prefix(weights: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Drop a `params/` or `opt/target/` wrapper (and anything outside it, e.g. optimizer state)."""
+    for prefix in PREFIXES:
+        if any(key.startswith(prefix) for key in weights):
+            return {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
+    return dict(weights)
+
+
+# --------------------------------------------------------------------------------------------
+# The key map: one table drives both directions.
+#
+# Each entry is (state-dict key, npz key(s), kind). Kinds:
+#   conv   HWIO <-> OIHW          dense  (in, out) <-> (out, in)
+#   qkv_w  3 x (D, heads, hd) <-> (3D, D)      qkv_b  3 x (heads, hd) <-> (3D,)
+#   out_w  (heads, hd, D) <-> (D, D)           vec    (..., C) <-> (C,)
+#   gn     (1, 1, 1, C) <-> (C,)               raw    unchanged
+
+
+def _block_names(weights: Mapping[str, np.ndarray] | None) -> tuple[str, str, str, str]:
+    if weights is not None and any("/MlpBlock_0/" in key for key in weights):
+        return BIG_VISION_BLOCK
+    return VIT_JAX_BLOCK
+
+
+def _resnet_entries(config: ViTConfig) -> Iterator[tuple[str, str, str]]:
+    root = "embeddings.backbone"
+    yield f"{root}.conv_root.weight", "conv_root/kernel", "conv"
+    yield f"{root}.gn_root.weight", "gn_root/scale", "gn"
+    yield f"{root}.gn_root.bias", "gn_root/bias", "gn"
+    in_channels = 64 * config.resnet.width_factor
+    for b, units in enumerate(config.resnet.num_layers):
+        features = 64 * config.resnet.width_factor * 2**b
+        for u in range(units):
+            ours, theirs = f"{root}.stages.{b}.units.{u}", f"block{b + 1}/unit{u + 1}"
+            names = ["1", "2", "3"]
+            if u == 0 and (b > 0 or in_channels != 4 * features):
+                names.append("_proj")
+            for n in names:
+                yield f"{ours}.conv{n}.weight", f"{theirs}/conv{n}/kernel", "conv"
+                yield f"{ours}.gn{n}.weight", f"{theirs}/gn{n}/scale", "gn"
+                yield f"{ours}.gn{n}.bias", f"{theirs}/gn{n}/bias", "gn"
+        in_channels = 4 * features
+
+
+def _key_map(
+    config: ViTConfig, block_names: tuple[str, str, str, str], include_head: bool = True
+) -> list[tuple[str, str | tuple[str, ...], str]]:
+    entries: list[tuple[str, str | tuple[str, ...], str]] = []
+    if config.resnet is not None:
+        entries.extend(_resnet_entries(config))
+    entries += [
+        ("embeddings.patch_embed.weight", "embedding/kernel", "conv"),
+        ("embeddings.patch_embed.bias", "embedding/bias", "vec"),
+        ("embeddings.pos_embed", "Transformer/posembed_input/pos_embedding", "raw"),
+        ("encoder.norm.weight", "Transformer/encoder_norm/scale", "vec"),
+        ("encoder.norm.bias", "Transformer/encoder_norm/bias", "vec"),
+    ]
+    if config.classifier == "token":
+        entries.append(("embeddings.cls_token", "cls", "raw"))
+    ln1, attn, ln2, mlp = block_names
+    for i in range(config.num_layers):
+        ours, theirs = f"encoder.blocks.{i}", f"Transformer/encoderblock_{i}"
+        qkv = tuple(f"{theirs}/{attn}/{n}" for n in ("query", "key", "value"))
+        entries += [
+            (f"{ours}.norm1.weight", f"{theirs}/{ln1}/scale", "vec"),
+            (f"{ours}.norm1.bias", f"{theirs}/{ln1}/bias", "vec"),
+            (f"{ours}.attn.qkv.weight", tuple(f"{k}/kernel" for k in qkv), "qkv_w"),
+            (f"{ours}.attn.qkv.bias", tuple(f"{k}/bias" for k in qkv), "qkv_b"),
+            (f"{ours}.attn.proj.weight", f"{theirs}/{attn}/out/kernel", "out_w"),
+            (f"{ours}.attn.proj.bias", f"{theirs}/{attn}/out/bias", "vec"),
+            (f"{ours}.norm2.weight", f"{theirs}/{ln2}/scale", "vec"),
+            (f"{ours}.norm2.bias", f"{theirs}/{ln2}/bias", "vec"),
+            (f"{ours}.mlp.fc1.weight", f"{theirs}/{mlp}/Dense_0/kernel", "dense"),
+            (f"{ours}.mlp.fc1.bias", f"{theirs}/{mlp}/Dense_0/bias", "vec"),
+            (f"{ours}.mlp.fc2.weight", f"{theirs}/{mlp}/Dense_1/kernel", "dense"),
+            (f"{ours}.mlp.fc2.bias", f"{theirs}/{mlp}/Dense_1/bias", "vec"),
+        ]
+    if config.representation_size:
+        entries += [
+            ("pre_logits.weight", "pre_logits/kernel", "dense"),
+            ("pre_logits.bias", "pre_logits/bias", "vec"),
+        ]
+    if include_head:
+        entries += [("head.weight", "head/kernel", "dense"), ("head.bias", "head/bias", "vec")]
+    return entries
+
+
+def _to_torch(arrays: list[np.ndarray], kind: str) -> np.ndarray:
+    if kind == "conv":
+        return arrays[0].transpose(3, 2, 0, 1)
+    if kind == "dense":
+        return arrays[0].T
+    if kind == "qkv_w":
+        return np.concatenate([a.reshape(a.shape[0], -1).T for a in arrays])
+    if kind == "qkv_b":
+        return np.concatenate([a.reshape(-1) for a in arrays])
+    if kind == "out_w":
+        return arrays[0].reshape(-1, arrays[0].shape[-1]).T
+    if kind in ("vec", "gn"):
+        return arrays[0].reshape(-1)
+    return arrays[0]
+
+
+def _to_npz(tensor: np.ndarray, kind: str, config: ViTConfig) -> list[np.ndarray]:
+    heads, head_dim = config.num_heads, config.head_dim
+    if kind == "conv":
+        return [tensor.transpose(2, 3, 1, 0)]
+    if kind == "dense":
+        return [tensor.T]
+    if kind == "qkv_w":
+        return [w.T.reshape(-1, heads, head_dim) for w in np.split(tensor, 3)]
+    if kind == "qkv_b":
+        return [b.reshape(heads, head_dim) for b in np.split(tensor, 3)]
+    if kind == "out_w":
+        return [tensor.T.reshape(heads, head_dim, -1)]
+    if kind == "gn":
+        return [tensor.reshape(1, 1, 1, -1)]
+    return [tensor]
+
+
+def _as_tuple(keys: str | tuple[str, ...]) -> tuple[str, ...]:
+    return keys if isinstance(keys, tuple) else (keys,)
+
+
+def npz_to_state_dict(
+    weights: Mapping[str, np.ndarray], config: ViTConfig, include_head: bool = True
+) -> dict[str, torch.Tensor]:
+    """Convert an official checkpoint to a state dict for `VisionTransformer(config)`.
+
+    Args:
+        weights: the arrays of an `.npz` (prefixes are stripped here too).
+        config: the model the checkpoint is for.
+        include_head: convert `head/*` (False when fine-tuning with a fresh head).
+
+    Returns:
+        Tensors keyed by state-dict name. `pre_logits` is dropped when `config` has no
+        representation layer, as the official fine-tuning code does.
+
+    Raises:
+        CheckpointError: listing every missing and every unused key.
+    """
+    weights = strip_prefix(weights)
+    entries = _key_map(config, _block_names(weights), include_head)
+    missing = [k for _, keys, _ in entries for k in _as_tuple(keys) if k not in weights]
+    used = {k for _, keys, _ in entries for k in _as_tuple(keys)}
+    ignorable = ("head/",) if not include_head else ()
+    if not config.representation_size:
+        ignorable += ("pre_logits/",)
+    unused = sorted(k for k in weights if k not in used and not k.startswith(ignorable))
+    if missing or unused:
+        raise CheckpointError(_mismatch_message(weights, config, missing, unused))
+    return {
+        name: torch.from_numpy(
+            np.ascontiguousarray(_to_torch([weights[k] for k in _as_tuple(keys)], kind))
+        )
+        for name, keys, kind in entries
+    }
+
+
+def state_dict_to_npz(
+    state_dict: Mapping[str, torch.Tensor], config: ViTConfig
+) -> dict[str, np.ndarray]:
+    """The reverse of `npz_to_state_dict`: arrays in the official vit_jax layout.
+
+    Accepts state dicts saved from `DistributedDataParallel` (`module.`) or `torch.compile`
+    (`_orig_mod.`) wrappers. The round trip is bit-exact.
+    """
+    state_dict = clean_state_dict(state_dict)
+    include_head = "head.weight" in state_dict
+    arrays: dict[str, np.ndarray] = {}
+    for name, keys, kind in _key_map(config, VIT_JAX_BLOCK, include_head):
+        if name not in state_dict:
+            raise CheckpointError(
+                f"the state dict has no {name!r}; it is not a {config.name} model "
+                f"(it has {len(state_dict)} tensors, e.g. {sorted(state_dict)[:3]})."
+            )
+        tensor = state_dict[name].detach().cpu().numpy()
+        for key, array in zip(_as_tuple(keys), _to_npz(tensor, kind, config), strict=True):
+            arrays[key] = np.ascontiguousarray(array)
+    return arrays
+
+
+def clean_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Strip the `module.` (DDP) and `_orig_mod.` (torch.compile) prefixes from keys."""
+    cleaned = {}
+    for key, value in state_dict.items():
+        for prefix in ("module.", "_orig_mod."):
+            if key.startswith(prefix):
+                key = key[len(prefix) :]
+        cleaned[key] = value
+    return cleaned
+
+
+def save_npz(path: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -> None:
+    """Write arrays as an uncompressed `.npz`, atomically (temp file, fsync, rename)."""
+    path = os.fspath(path)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as handle:
+            np.savez(handle, **arrays)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+# --------------------------------------------------------------------------------------------
+# Describing a checkpoint
+
+
+def checkpoint_num_classes(weights: Mapping[str, np.ndarray]) -> int | None:
+    """Classes of the checkpoint's head, or None when it has no head."""
+    bias = strip_prefix(weights).get("head/bias")
+    return None if bias is None else int(bias.shape[0])
+
+
+def guess_model_type(weights: Mapping[str, np.ndarray]) -> str | None:
+    """The registry name whose architecture matches the checkpoint, or None."""
+    weights = strip_prefix(weights)
+    try:
+        kernel = weights["embedding/kernel"]
+        hidden = int(weights["Transformer/encoder_norm/scale"].shape[-1])
+    except KeyError:
+        return None
+    layers = sum(1 for k in weights if k.endswith("/Dense_0/kernel") and "encoderblock_" in k)
+    hybrid = "conv_root/kernel" in weights
+    stages = tuple(
+        sum(1 for k in weights if k.startswith(f"block{b}/unit") and k.endswith("/conv1/kernel"))
+        for b in range(1, 5)
+    )
+    stages = tuple(n for n in stages if n)
+    for name, config in CONFIGS.items():
+        if name == "testing":
+            continue
+        if (
+            config.hidden_size == hidden
+            and config.num_layers == layers
+            and config.patch_size == tuple(kernel.shape[:2])
+            and config.is_hybrid == hybrid
+            and (not hybrid or config.resnet.num_layers == stages)
+        ):
+            return name
+    return None
+
+
+def _mismatch_message(
+    weights: Mapping[str, np.ndarray], config: ViTConfig, missing: list[str], unused: list[str]
+) -> str:
+    parts = [f"The checkpoint does not fit model {config.name}."]
+    if missing:
+        parts.append(f"Missing {len(missing)} key(s): {', '.join(missing)}.")
+    if unused:
+        parts.append(f"Unused {len(unused)} key(s): {', '.join(unused)}.")
+    guess = guess_model_type(weights)
+    if guess and guess != config.name:
+        parts.append(f"It looks like a {guess} checkpoint: pass --model_type {guess}.")
+    else:
+        parts.append("Check --model_type against the checkpoint file name.")
+    return " ".join(parts)
+
+
+# --------------------------------------------------------------------------------------------
+# Position embeddings
+
+
+def resize_pos_embed(
+    pos_embed: np.ndarray,
+    new_grid: tuple[int, int],
+    num_prefix_tokens: int = 1,
+    old_grid: tuple[int, int] | None = None,
+) -> np.ndarray:
+    """Resample position embeddings to another patch grid, as the official code does.
+
+    The prefix (class token) embeddings are kept; the grid part is reshaped to
+    (rows, cols, D) and zoomed with `scipy.ndimage.zoom(order=1)` (bilinear).
+
+    Args:
+        pos_embed: (1, prefix + rows * cols, D).
+        new_grid: target (rows, cols).
+        num_prefix_tokens: 1 for `token` models, 0 for `gap`.
+        old_grid: source (rows, cols); inferred as square when omitted.
+
+    Returns:
+        (1, prefix + new_rows * new_cols, D), same dtype.
+    """
+    prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[0, num_prefix_tokens:]
+    if old_grid is None:
+        side = round(np.sqrt(grid.shape[0]))
+        if side * side != grid.shape[0]:
+            raise CheckpointError(
+                f"cannot resize position embeddings of {grid.shape[0]} grid tokens: not a square "
+                "grid; pass old_grid=(rows, cols)."
+            )
+        old_grid = (side, side)
+    grid = grid.reshape(old_grid[0], old_grid[1], -1)
+    zoom = (new_grid[0] / old_grid[0], new_grid[1] / old_grid[1], 1)
+    grid = scipy.ndimage.zoom(grid, zoom, order=1)
+    grid = grid.reshape(1, new_grid[0] * new_grid[1], -1)
+    return np.concatenate([prefix, grid], axis=1).astype(pos_embed.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading into a model
+
+
+def load_pretrained(
+    model: VisionTransformer, weights: Mapping[str, np.ndarray], zero_head: bool = False
+) -> None:
+    """Load an official checkpoint into `model` (strictly), as fine-tuning expects.
+
+    `zero_head=True` keeps the head at zero and ignores the checkpoint's head. Position
+    embeddings are resized to the model's grid. Every shape mismatch is reported by key.
+    """
+    weights = strip_prefix(weights)
+    config = model.config
+    if not zero_head and "head/kernel" in weights:
+        ckpt_classes = weights["head/kernel"].shape[-1]
+        if ckpt_classes != model.num_classes:
+            raise CheckpointError(
+                f"The checkpoint's head has {ckpt_classes} classes but the model has "
+                f"{model.num_classes}. To fine-tune on {model.num_classes} classes, pass "
+                "zero_head=True (the head then starts at zero and is not loaded)."
+            )
+    state = npz_to_state_dict(weights, config, include_head=not zero_head)
+    target = model.state_dict()
+    pos = state["embeddings.pos_embed"]
+    want = target["embeddings.pos_embed"].shape
+    if pos.shape != want and pos.shape[-1] == want[-1]:
+        resized = resize_pos_embed(pos.numpy(), model.grid_size, model.embeddings.num_prefix_tokens)
+        state["embeddings.pos_embed"] = torch.from_numpy(resized)
+    if zero_head:
+        state["head.weight"] = torch.zeros_like(target["head.weight"])
+        state["head.bias"] = torch.zeros_like(target["head.bias"])
+    npz_names = {name: keys for name, keys, _ in _key_map(config, _block_names(weights))}
+    mismatches = [
+        f"{name} (from {'+'.join(_as_tuple(npz_names.get(name, name)))}): checkpoint "
+        f"{tuple(tensor.shape)} vs model {tuple(target[name].shape)}"
+        for name, tensor in state.items()
+        if tuple(tensor.shape) != tuple(target[name].shape)
+    ]
+    if mismatches:
+        guess = guess_model_type(weights)
+        hint = (
+            f"It looks like a {guess} checkpoint: pass --model_type {guess}."
+            if guess and guess != config.name
+            else "Check --model_type against the checkpoint."
+        )
+        raise CheckpointError(
+            f"The checkpoint does not fit model {config.name}: {len(mismatches)} shape "
+            f"mismatch(es): {'; '.join(mismatches)}. {hint}"
+        )
+    with torch.no_grad():
+        model.load_state_dict({k: v.to(target[k].dtype) for k, v in state.items()}, strict=True)

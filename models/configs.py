@@ -1,0 +1,143 @@
+"""Model registry: the official ViT and hybrid configurations.
+
+Mirrors the model configs of Google's `vit_jax/configs/models.py` (ViT paper, Table 1 and
+Appendix; hybrid details in Section 3.1). Every entry is a frozen dataclass keyed by the name
+the official checkpoints use (`ViT-B_16`, `R50+ViT-B_16`, ...). The CLI takes its choices from
+:data:`CONFIGS`, never from a second list.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+__all__ = ["ALIASES", "CONFIGS", "ResNetConfig", "ViTConfig", "get_config", "model_names"]
+
+
+@dataclass(frozen=True)
+class ResNetConfig:
+    """The BiT-style ResNet stem of a hybrid model.
+
+    Attributes:
+        num_layers: units per stage, e.g. (3, 4, 9) for R50 as used by ViT. Empty means the
+            root block (conv + max-pool, stride 4) only.
+        width_factor: multiplies every stage width (64, 128, 256, ...).
+    """
+
+    num_layers: tuple[int, ...]
+    width_factor: int = 1
+
+
+@dataclass(frozen=True)
+class ViTConfig:
+    """Hyper-parameters of one Vision Transformer.
+
+    Attributes:
+        name: registry key.
+        patch_size: (height, width) of a patch, in pixels of the ViT input (for hybrids: in
+            cells of the ResNet feature map).
+        hidden_size: token width D.
+        mlp_dim: hidden width of the MLP block.
+        num_heads: attention heads.
+        num_layers: encoder blocks.
+        dropout_rate: dropout on embeddings, attention output and MLP.
+        attention_dropout_rate: dropout on the attention probabilities.
+        classifier: "token" (class token) or "gap" (mean of all tokens).
+        representation_size: width of the Dense + tanh `pre_logits` layer, or None for none.
+        resnet: the hybrid stem, or None for a plain ViT.
+    """
+
+    name: str
+    patch_size: tuple[int, int]
+    hidden_size: int
+    mlp_dim: int
+    num_heads: int
+    num_layers: int
+    dropout_rate: float = 0.0
+    attention_dropout_rate: float = 0.0
+    classifier: str = "token"
+    representation_size: int | None = None
+    resnet: ResNetConfig | None = None
+
+    def __post_init__(self) -> None:
+        if self.classifier not in ("token", "gap"):
+            raise ValueError(f"classifier must be 'token' or 'gap', got {self.classifier!r}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def is_hybrid(self) -> bool:
+        return self.resnet is not None
+
+    def replace(self, **changes) -> ViTConfig:
+        """A copy with some fields changed (the registry entries themselves are frozen)."""
+        return dataclasses.replace(self, **changes)
+
+
+def _vit(name: str, patch: int, hidden: int, mlp: int, heads: int, layers: int, **kw) -> ViTConfig:
+    return ViTConfig(name, (patch, patch), hidden, mlp, heads, layers, **kw)
+
+
+def _build_registry() -> dict[str, ViTConfig]:
+    b16 = _vit("ViT-B_16", 16, 768, 3072, 12, 12)
+    l16 = _vit("ViT-L_16", 16, 1024, 4096, 16, 24, dropout_rate=0.1)
+    configs = [
+        # Tiny but non-degenerate: several heads and layers, dropout on, for tests.
+        _vit("testing", 16, 16, 32, 2, 2, dropout_rate=0.1),
+        _vit("ViT-Ti_16", 16, 192, 768, 3, 12),
+        _vit("ViT-S_16", 16, 384, 1536, 6, 12),
+        _vit("ViT-S_32", 32, 384, 1536, 6, 12),
+        b16,
+        b16.replace(name="ViT-B_32", patch_size=(32, 32)),
+        b16.replace(name="ViT-B_8", patch_size=(8, 8)),
+        l16,
+        l16.replace(name="ViT-L_32", patch_size=(32, 32), dropout_rate=0.0),
+        _vit("ViT-H_14", 14, 1280, 5120, 16, 32, dropout_rate=0.1),
+        # Hybrids: the ResNet does the downsampling, so the ViT "patch" is one feature cell.
+        b16.replace(
+            name="R50+ViT-B_16",
+            patch_size=(1, 1),
+            dropout_rate=0.1,
+            resnet=ResNetConfig((3, 4, 9)),
+        ),
+        b16.replace(
+            name="R26+ViT-B_32",
+            patch_size=(1, 1),
+            resnet=ResNetConfig((2, 2, 2, 2)),
+        ),
+        l16.replace(
+            name="R50+ViT-L_32",
+            patch_size=(1, 1),
+            resnet=ResNetConfig((3, 4, 6, 3)),
+        ),
+    ]
+    return {c.name: c for c in configs}
+
+
+CONFIGS: dict[str, ViTConfig] = _build_registry()
+
+# Other spellings users type: the original PyTorch port wrote the hybrid with a dash.
+ALIASES: dict[str, str] = {"R50-ViT-B_16": "R50+ViT-B_16"}
+
+
+def model_names() -> list[str]:
+    """Every accepted model name (registry keys, then aliases), for CLI `choices`."""
+    return [*CONFIGS, *ALIASES]
+
+
+def get_config(name: str) -> ViTConfig:
+    """The registered config called `name` (aliases accepted).
+
+    Raises:
+        KeyError: with the list of known names when `name` is not registered.
+    """
+    key = ALIASES.get(name, name)
+    if key not in CONFIGS:
+        raise KeyError(f"unknown model type {name!r}; choose one of: {', '.join(model_names())}")
+    return CONFIGS[key]
