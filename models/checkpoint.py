@@ -33,6 +33,7 @@ __all__ = [
     "guess_model_type",
     "load_npz",
     "load_pretrained",
+    "normalize_keys",
     "npz_to_state_dict",
     "resize_pos_embed",
     "save_npz",
@@ -42,6 +43,7 @@ __all__ = [
 BASE_URL = "https://storage.googleapis.com/vit_models"
 SOURCES = ("imagenet21k", "imagenet21k+imagenet2012")
 PREFIXES = ("opt/target/", "params/")
+SCANNED_BLOCK = "Transformer/encoderblock/"
 
 # Block part names: (pre-attention LN, attention, pre-MLP LN, MLP).
 VIT_JAX_BLOCK = ("LayerNorm_0", "MultiHeadDotProductAttention_1", "LayerNorm_2", "MlpBlock_3")
@@ -70,7 +72,7 @@ def load_npz(path: str | os.PathLike, model_type: str | None = None) -> dict[str
         model_type: used to name the download URL when the file is missing.
 
     Returns:
-        Arrays keyed by Flax path, with any `params/` or `opt/target/` prefix removed.
+        Arrays keyed by vit_jax Flax path (see `normalize_keys`).
 
     Raises:
         CheckpointError: missing, truncated, not an `.npz`, or holding pickled objects.
@@ -86,6 +88,16 @@ def load_npz(path: str | os.PathLike, model_type: str | None = None) -> dict[str
                 "(e.g. imagenet21k/ViT-B_16.npz)."
             )
         raise CheckpointError(f"Checkpoint file {path} does not exist. {hint}")
+    with open(path, "rb") as handle:
+        magic = handle.read(4)
+    if magic not in (b"PK\x03\x04", b"PK\x05\x06"):  # a zip, or an empty zip
+        what = (
+            "an HTML page (a failed download?)" if magic.lstrip().startswith(b"<") else "not a zip"
+        )
+        raise CheckpointError(
+            f"{path} is not a readable .npz checkpoint: the file is {what}. "
+            "Delete it and download the checkpoint again."
+        )
     try:
         with np.load(path, allow_pickle=False) as archive:
             weights = {key: archive[key] for key in archive.files}
@@ -104,15 +116,32 @@ def load_npz(path: str | os.PathLike, model_type: str | None = None) -> dict[str
         ) from None
     if not weights:
         raise CheckpointError(f"{path} holds no arrays; download the checkpoint again.")
-    return strip_prefix(weights)
+    return normalize_keys(weights)
 
 
-def strip_prefix(weights: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Drop a `params/` or `opt/target/` wrapper (and anything outside it, e.g. optimizer state)."""
+def normalize_keys(weights: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Bring the layouts of newer exports to the vit_jax one.
+
+    Drops a `params/` or `opt/target/` wrapper (and anything outside it, e.g. optimizer
+    state), moves big_vision's top-level `pos_embedding` to its vit_jax path, and splits
+    scanned blocks (`Transformer/encoderblock/...` stacked over a leading layer axis) into
+    `Transformer/encoderblock_{i}/...`.
+    """
     for prefix in PREFIXES:
         if any(key.startswith(prefix) for key in weights):
-            return {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
-    return dict(weights)
+            weights = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
+            break
+    normalized: dict[str, np.ndarray] = {}
+    for key, value in weights.items():
+        if key == "pos_embedding":
+            normalized["Transformer/posembed_input/pos_embedding"] = value
+        elif key.startswith(SCANNED_BLOCK):
+            rest = key[len(SCANNED_BLOCK) :]
+            for i, layer in enumerate(value):
+                normalized[f"Transformer/encoderblock_{i}/{rest}"] = layer
+        else:
+            normalized[key] = value
+    return normalized
 
 
 # --------------------------------------------------------------------------------------------
@@ -237,7 +266,7 @@ def npz_to_state_dict(
     """Convert an official checkpoint to a state dict for `VisionTransformer(config)`.
 
     Args:
-        weights: the arrays of an `.npz` (prefixes are stripped here too).
+        weights: the arrays of an `.npz` (any layout `normalize_keys` accepts).
         config: the model the checkpoint is for.
         include_head: convert `head/*` (False when fine-tuning with a fresh head).
 
@@ -248,7 +277,7 @@ def npz_to_state_dict(
     Raises:
         CheckpointError: listing every missing and every unused key.
     """
-    weights = strip_prefix(weights)
+    weights = normalize_keys(weights)
     entries = _key_map(config, _block_names(weights), include_head)
     missing = [k for _, keys, _ in entries for k in _as_tuple(keys) if k not in weights]
     used = {k for _, keys, _ in entries for k in _as_tuple(keys)}
@@ -321,13 +350,13 @@ def save_npz(path: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -> None:
 
 def checkpoint_num_classes(weights: Mapping[str, np.ndarray]) -> int | None:
     """Classes of the checkpoint's head, or None when it has no head."""
-    bias = strip_prefix(weights).get("head/bias")
+    bias = normalize_keys(weights).get("head/bias")
     return None if bias is None else int(bias.shape[0])
 
 
 def guess_model_type(weights: Mapping[str, np.ndarray]) -> str | None:
     """The registry name whose architecture matches the checkpoint, or None."""
-    weights = strip_prefix(weights)
+    weights = normalize_keys(weights)
     try:
         kernel = weights["embedding/kernel"]
         hidden = int(weights["Transformer/encoder_norm/scale"].shape[-1])
@@ -422,7 +451,7 @@ def load_pretrained(
     `zero_head=True` keeps the head at zero and ignores the checkpoint's head. Position
     embeddings are resized to the model's grid. Every shape mismatch is reported by key.
     """
-    weights = strip_prefix(weights)
+    weights = normalize_keys(weights)
     config = model.config
     if not zero_head and "head/kernel" in weights:
         ckpt_classes = weights["head/kernel"].shape[-1]

@@ -16,7 +16,7 @@ from torch import nn
 
 from models.configs import ResNetConfig
 
-__all__ = ["ResNetV2", "same_output_size", "same_padding"]
+__all__ = ["ResNetV2", "StdConv2d", "max_pool_same", "same_output_size", "same_padding"]
 
 GN_GROUPS = 32
 GN_EPS = 1e-6
@@ -40,6 +40,11 @@ def _pad_same(x: torch.Tensor, kernel: int, stride: int, value: float = 0.0) -> 
     if top or bottom or left or right:
         x = F.pad(x, (left, right, top, bottom), value=value)
     return x
+
+
+def max_pool_same(x: torch.Tensor, kernel: int = 3, stride: int = 2) -> torch.Tensor:
+    """Max-pool with TensorFlow `SAME` padding; the padding is -inf, so it never wins."""
+    return F.max_pool2d(_pad_same(x, kernel, stride, value=float("-inf")), kernel, stride)
 
 
 class StdConv2d(nn.Conv2d):
@@ -131,8 +136,7 @@ class ResNetV2(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.gn_root(self.conv_root(x)))
-        x = _pad_same(x, 3, 2, value=float("-inf"))  # (B, C, H/2 + pad, W/2 + pad)
-        x = F.max_pool2d(x, 3, 2)  # (B, C, H/4, W/4)
+        x = max_pool_same(x)  # (B, C, H/4, W/4)
         for stage in self.stages:
             x = stage(x)
         return x

@@ -1,0 +1,74 @@
+"""The repo's promises: dev container, has_cuda.py, CI command, requirements, notebook hygiene."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_devcontainer_parses_and_every_file_it_references_exists() -> None:
+    folder = ROOT / ".devcontainer"
+    config = json.loads((folder / "devcontainer.json").read_text())
+    build = config["build"]
+    dockerfile = folder / build["dockerfile"]
+    context = (folder / build["context"]).resolve()
+    assert dockerfile.is_file()
+    assert context == ROOT
+    script = config["postCreateCommand"].split()[-1]
+    assert (ROOT / script).is_file()
+    text = dockerfile.read_text()
+    assert re.search(r"^FROM nvidia/cuda:\S+cudnn", text, re.M)
+    for line in re.findall(r"^COPY (.+)$", text, re.M):
+        for source in line.split()[:-1]:
+            assert (context / source).is_file(), source
+
+
+def test_cuda_packages_are_held_before_any_upgrade() -> None:
+    text = (ROOT / ".devcontainer" / "Dockerfile").read_text()
+    hold = text.index("apt-mark hold")
+    assert hold < text.index("apt-get upgrade")
+    assert "cuda-" in text[hold : text.index("apt-get upgrade")]
+    assert "libcudnn" in text[hold : text.index("apt-get upgrade")]
+
+
+def test_has_cuda_reports_the_device() -> None:
+    result = subprocess.run(
+        [sys.executable, "has_cuda.py"], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    lines = dict(line.split(" = ", 1) for line in result.stdout.splitlines())
+    assert lines["has_cuda"] == str(torch.cuda.is_available())
+    assert lines["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert int(lines["n_gpu"]) == torch.cuda.device_count()
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "make test" in readme
+    assert re.search(r"^make test$", ci, re.M)
+    assert "set -euo pipefail" in ci
+
+
+def test_every_third_party_import_is_a_requirement() -> None:
+    wanted = {
+        line.split(">")[0].split("=")[0].split("<")[0].strip().lower()
+        for name in ("requirements.txt", "requirements-dev.txt")
+        for line in (ROOT / name).read_text().splitlines()
+        if line.strip() and not line.startswith(("#", "-r"))
+    }
+    module_to_package = {"sklearn": "scikit-learn", "PIL": "pillow", "yaml": "pyyaml"}
+    local = {"models", "utils", "tests", "train", "eval", "bench", "visualize", "conftest"}
+    stdlib = set(sys.stdlib_module_names)
+    found = set()
+    for path in ROOT.rglob("*.py"):
+        if ".venv" in path.parts:
+            continue
+        for module in re.findall(r"^\s*(?:from|import) (\w+)", path.read_text(), re.M):
+            if module not in stdlib and module not in local and module != "__future__":
+                found.add(module_to_package.get(module, module).lower())
+    assert found <= wanted, f"imported but not in requirements: {sorted(found - wanted)}"
