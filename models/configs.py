@@ -88,8 +88,11 @@ def _build_registry() -> dict[str, ViTConfig]:
     b16 = _vit("ViT-B_16", 16, 768, 3072, 12, 12)
     l16 = _vit("ViT-L_16", 16, 1024, 4096, 16, 24, dropout_rate=0.1)
     configs = [
-        # Tiny but non-degenerate: several heads and layers, dropout on, for tests.
+        # Not official. Tiny but non-degenerate (several heads and layers, dropout on): tests.
         _vit("testing", 16, 16, 32, 2, 2, dropout_rate=0.1),
+        # Not official. A small ViT that `make demo` trains from scratch on 8x8 digits
+        # upscaled to 32x32 (a 4x4 grid of 8x8 patches) on a CPU in a few minutes.
+        _vit("demo", 8, 64, 128, 4, 4),
         _vit("ViT-Ti_16", 16, 192, 768, 3, 12),
         _vit("ViT-S_16", 16, 384, 1536, 6, 12),
         _vit("ViT-S_32", 32, 384, 1536, 6, 12),

@@ -12,6 +12,7 @@ from models.modeling import VisionTransformer
 # official figures (REFERENCE.md §2); the plain ViTs also equal timm's published counts.
 PARAM_COUNTS = {
     "testing": 36_952,
+    "demo": 261_672,
     "ViT-Ti_16": 5_717_416,
     "ViT-S_16": 22_050_664,
     "ViT-S_32": 22_878_952,

@@ -1,0 +1,101 @@
+"""Data parallelism: `torchrun --nproc_per_node 2` on gloo equals one process with the same batch.
+
+The test launches this file under torchrun; run as a script, it registers the `testing` model
+without dropout and calls `train.main` with its arguments (see the bottom of the file).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from models import configs
+from models.configs import get_config
+from utils.dist_utils import init_distributed
+
+REPO = Path(__file__).resolve().parents[1]
+NO_DROPOUT = "testing-nodrop"
+
+
+def register_no_dropout() -> None:
+    configs.CONFIGS[NO_DROPOUT] = get_config("testing").replace(name=NO_DROPOUT, dropout_rate=0.0)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_args(tmp_path: Path, name: str, accumulation: int) -> list[str]:
+    return [
+        *("--name", name, "--dataset", "digits", "--model_type", NO_DROPOUT),
+        *("--pretrained_dir", "none", "--img_size", "32", "--train_batch_size", "16"),
+        *("--gradient_accumulation_steps", str(accumulation), "--num_steps", "4"),
+        *("--warmup_steps", "1", "--eval_every", "2", "--eval_batch_size", "50"),
+        *("--learning_rate", "0.1", "--num_workers", "1", "--seed", "3"),
+        *("--output_dir", str(tmp_path / "out"), "--log_dir", str(tmp_path / "logs" / name)),
+    ]
+
+
+def load(tmp_path: Path, name: str) -> dict[str, torch.Tensor]:
+    path = tmp_path / "out" / f"{name}_checkpoint.bin"
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_equal_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env.pop("WORLD_SIZE", None)
+    cmd = [
+        sys.executable,
+        *("-m", "torch.distributed.run", "--nproc_per_node", "2"),
+        *("--master_addr", "127.0.0.1", "--master_port", str(free_port())),
+        str(Path(__file__).resolve()),
+        *run_args(tmp_path, "ddp", accumulation=1),
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    # One process, same total batch 16: 2 micro-batches of 8 instead of 2 processes x 8.
+    no_dropout = get_config("testing").replace(name=NO_DROPOUT, dropout_rate=0.0)
+    monkeypatch.setitem(configs.CONFIGS, NO_DROPOUT, no_dropout)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = train.main(run_args(tmp_path, "single", accumulation=2))
+    finally:
+        torch.set_num_threads(threads)
+
+    ddp, one = load(tmp_path, "ddp"), load(tmp_path, "single")
+    assert ddp.keys() == one.keys()
+    for key in one:
+        torch.testing.assert_close(ddp[key], one[key], atol=1e-6, rtol=0)
+    # Sharded evaluation: 180 images on each rank, every one of the 360 counted once, and the
+    # same accuracy as one process.
+    counts = re.findall(r"accuracy ([0-9.]+) \((\d+) images\)", proc.stderr)
+    assert [int(n) for _, n in counts] == [360, 360]
+    assert max(float(a) for a, _ in counts) == pytest.approx(single["best_accuracy"], abs=1e-4)
+    assert "total batch 16 = 2 process(es) x 1 accumulation step(s) x 8" in proc.stderr
+
+
+def test_single_process_without_torchrun(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    info = init_distributed(-1)
+    assert (info.rank, info.world_size, info.is_main, info.distributed) == (0, 1, True, False)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert init_distributed(-1).local_rank == 0
+
+
+if __name__ == "__main__":  # a torchrun worker
+    register_no_dropout()
+    train.main(sys.argv[1:])

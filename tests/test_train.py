@@ -1,0 +1,358 @@
+"""train.py end to end on tiny runs (CPU, offline): every dataset kind, checkpoints, TensorBoard.
+
+Oracles are independent of the code under test: TensorBoard's own event reader, a strict
+`load_state_dict` into a fresh model, an accuracy recomputed with a plain loop, the fake
+official checkpoint's arrays, and hand-computed schedule values.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import train
+from models import configs
+from models.configs import get_config
+from models.modeling import VisionTransformer
+from tests.npz_factory import fake_checkpoint
+from tests.test_data import make_image_folder, serve_cifar
+from utils.data_utils import DigitsDataset, build_transforms
+from utils.errors import UserError
+from utils.scheduler import lr_multiplier
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and a busy shared CPU punishes more."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def no_dropout(monkeypatch: pytest.MonkeyPatch) -> str:
+    """Register the `testing` model without dropout, so runs are comparable weight for weight."""
+    name = "testing-nodrop"
+    monkeypatch.setitem(
+        configs.CONFIGS, name, get_config("testing").replace(name=name, dropout_rate=0.0)
+    )
+    return name
+
+
+def tiny_args(tmp_path: Path, name: str = "tiny", **flags) -> list[str]:
+    """A few steps of the `testing` model on digits at 32x32; `flags` override the defaults."""
+    base = {
+        "name": name,
+        "dataset": "digits",
+        "model_type": "testing",
+        "pretrained_dir": "none",
+        "img_size": 32,
+        "train_batch_size": 16,
+        "eval_batch_size": 128,
+        "num_steps": 4,
+        "eval_every": 2,
+        "warmup_steps": 1,
+        "num_workers": 0,
+        "output_dir": tmp_path / "out",
+        "log_dir": tmp_path / "logs" / name,
+        "data_dir": tmp_path / "data",
+    }
+    base.update(flags)
+    argv = []
+    for key, value in base.items():
+        if value is True:
+            argv.append(f"--{key}")
+        elif value is not False:
+            argv += [f"--{key}", str(value)]
+    return argv
+
+
+def scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar series in `log_dir`, read by TensorBoard's own event reader."""
+    acc = EventAccumulator(str(log_dir))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def load_checkpoint(out_dir: Path, name: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    meta = json.loads((out_dir / f"{name}_checkpoint.json").read_text())
+    state = torch.load(out_dir / f"{name}_checkpoint.bin", map_location="cpu", weights_only=True)
+    return meta, state
+
+
+def test_digits_end_to_end(tmp_path: Path) -> None:
+    summary = train.main(tiny_args(tmp_path, learning_rate=0.1))
+    meta, state = load_checkpoint(tmp_path / "out", "tiny")
+    assert meta["model_type"] == "testing"
+    assert meta["img_size"] == [32, 32]
+    assert meta["num_classes"] == 10
+    assert meta["dataset"] == "digits"
+    assert meta["class_names"] == [str(d) for d in range(10)]
+    assert meta["step"] in (2, 4)
+    assert meta["accuracy"] == summary["best_accuracy"]
+
+    # The checkpoint is a plain state dict that loads strictly into a fresh model ...
+    model = VisionTransformer("testing", img_size=32, num_classes=10)
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    # ... and scores the saved accuracy, recomputed with a plain loop over the test set.
+    test = DigitsDataset(train=False, transform=build_transforms(32, train=False))
+    with torch.no_grad():
+        images = torch.stack([test[i][0] for i in range(len(test))])
+        predictions = model(images)[0].argmax(dim=1)
+    accuracy = (predictions == torch.tensor(test.targets)).sum().item() / len(test)
+    assert accuracy == pytest.approx(meta["accuracy"], abs=1e-9)
+
+    series = scalars(tmp_path / "logs" / "tiny")
+    assert [step for step, _ in series["train/loss"]] == [1, 2, 3, 4]
+    assert all(np.isfinite(v) and v > 0 for _, v in series["train/loss"])
+    for step, lr in series["train/lr"]:  # the rate used by the step-th update, 1-based
+        assert lr == pytest.approx(0.1 * lr_multiplier(step, 4, 1, "cosine"), rel=1e-6)
+    assert series["train/lr"][0][1] == pytest.approx(0.1)  # warmup 1: full rate at step 1
+    assert [step for step, _ in series["test/accuracy"]] == [2, 4]
+    assert [step for step, _ in series["test/loss"]] == [2, 4]
+    assert "test/top5" not in series  # 10 classes
+    best = max(v for _, v in series["test/accuracy"])
+    assert best == pytest.approx(meta["accuracy"], abs=1e-6)
+
+
+def test_final_evaluation_always_runs(tmp_path: Path) -> None:
+    train.main(tiny_args(tmp_path, num_steps=3, eval_every=100))
+    assert [s for s, _ in scalars(tmp_path / "logs" / "tiny")["test/accuracy"]] == [3]
+
+
+def test_imagefolder_end_to_end(tmp_path: Path) -> None:
+    make_image_folder(tmp_path / "pics", classes=("ant", "bee", "cow"))
+    argv = tiny_args(
+        tmp_path, dataset="imagefolder", data_dir=tmp_path / "pics", train_batch_size=4
+    )
+    train.main(argv)
+    meta, state = load_checkpoint(tmp_path / "out", "tiny")
+    assert meta["class_names"] == ["ant", "bee", "cow"]
+    assert meta["num_classes"] == 3
+    assert state["head.weight"].shape == (3, 16)
+
+
+@pytest.mark.parametrize("dataset", ["cifar10", "cifar100"])
+def test_cifar_end_to_end_via_download(
+    dataset: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    with serve_cifar(dataset, monkeypatch, tmp_path):
+        train.main(tiny_args(tmp_path, dataset=dataset, train_batch_size=4, num_steps=2))
+    meta, _ = load_checkpoint(tmp_path / "out", "tiny")
+    classes = 10 if dataset == "cifar10" else 100
+    assert meta["num_classes"] == classes
+    assert meta["dataset"] == dataset
+    series = scalars(tmp_path / "logs" / "tiny")
+    assert ("test/top5" in series) == (classes > 10)  # top-5 only with more than 10 classes
+
+
+@pytest.mark.parametrize("dataset", ["digits", "imagefolder"])
+def test_gradient_accumulation_is_the_big_batch(
+    tmp_path: Path, no_dropout: str, dataset: str
+) -> None:
+    """1 x 8 and 2 x 4 (accumulation x micro-batch) give the same weights; 1 x 4 does not.
+
+    The 16-image folder makes every run cross two epoch boundaries (2 steps per epoch).
+    """
+    common = {"model_type": no_dropout, "num_steps": 5, "eval_every": 0, "warmup_steps": 2}
+    if dataset == "imagefolder":
+        make_image_folder(tmp_path / "pics", classes=("a", "b"), n=8)
+        common.update(dataset="imagefolder", data_dir=tmp_path / "pics", learning_rate=0.3)
+    runs = {
+        "big": {"train_batch_size": 8, "gradient_accumulation_steps": 1},
+        "accumulated": {"train_batch_size": 8, "gradient_accumulation_steps": 2},
+        "smaller": {"train_batch_size": 4, "gradient_accumulation_steps": 1},
+    }
+    states = {}
+    for name, flags in runs.items():
+        train.main(tiny_args(tmp_path, name=name, **common, **flags))
+        states[name] = load_checkpoint(tmp_path / "out", name)[1]
+    for key, value in states["big"].items():
+        torch.testing.assert_close(states["accumulated"][key], value, atol=1e-6, rtol=0)
+    differs = [
+        not torch.allclose(states["smaller"][k], v, atol=1e-4) for k, v in states["big"].items()
+    ]
+    assert any(differs)
+    # The logged loss is the mean over the micro-batches: the same as the big batch's loss.
+    big = scalars(tmp_path / "logs" / "big")["train/loss"]
+    accumulated = scalars(tmp_path / "logs" / "accumulated")["train/loss"]
+    for (s1, v1), (s2, v2) in zip(big, accumulated, strict=True):
+        assert s1 == s2
+        assert v1 == pytest.approx(v2, abs=1e-5)
+
+
+def test_pretrained_checkpoint_is_loaded(tmp_path: Path) -> None:
+    config = get_config("testing")
+    weights = fake_checkpoint(config, num_classes=21843 % 97, img_size=224)
+    path = tmp_path / "testing.npz"
+    np.savez(path, **weights)
+    args = train.parse_args(tiny_args(tmp_path, pretrained_dir=path))
+    model = train.build_model(args, 10, train.read_checkpoint(args))
+    kernel = weights["embedding/kernel"]  # (16, 16, 3, D) HWIO
+    torch.testing.assert_close(
+        model.embeddings.patch_embed.weight, torch.from_numpy(kernel.transpose(3, 2, 0, 1))
+    )
+    assert model.embeddings.pos_embed.shape == (1, 1 + 2 * 2, config.hidden_size)  # 224 -> 32
+    assert torch.count_nonzero(model.head.weight) == 0  # fine-tuning: head re-initialised
+    assert torch.count_nonzero(model.head.bias) == 0
+
+
+def test_missing_checkpoint_names_the_download_url(tmp_path: Path) -> None:
+    argv = tiny_args(tmp_path, model_type="ViT-B_16", pretrained_dir=tmp_path / "ViT-B_16.npz")
+    with pytest.raises(UserError) as err:
+        train.main(argv)
+    assert "https://storage.googleapis.com/vit_models/imagenet21k/ViT-B_16.npz" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        ({"train_batch_size": 10, "gradient_accumulation_steps": 3}, "divide evenly"),
+        ({"img_size": 40}, "not divisible by the 16x16 patches"),
+        ({"dataset": "imagefolder", "data_dir": "/nonexistent/pics"}, "train/"),
+    ],
+)
+def test_user_errors(tmp_path: Path, flags: dict, message: str) -> None:
+    with pytest.raises(UserError, match=message):
+        train.main(tiny_args(tmp_path, **flags))
+
+
+def test_cli_user_error_exits_2_without_traceback(tmp_path: Path) -> None:
+    argv = tiny_args(tmp_path, train_batch_size=10, gradient_accumulation_steps=3)
+    proc = subprocess.run(
+        [sys.executable, "train.py", *argv], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: --train_batch_size 10 is the total batch")
+    assert "Traceback" not in proc.stderr
+
+
+def test_original_flags_and_defaults() -> None:
+    args = train.parse_args(["--name", "cifar10-100_500"])
+    assert (args.dataset, args.model_type, args.pretrained_dir) == (
+        "cifar10",
+        "ViT-B_16",
+        "checkpoint/ViT-B_16.npz",
+    )
+    assert (args.output_dir, args.img_size, args.train_batch_size, args.eval_batch_size) == (
+        "output",
+        224,
+        512,
+        64,
+    )
+    assert (args.eval_every, args.learning_rate, args.weight_decay, args.num_steps) == (
+        100,
+        3e-2,
+        0,
+        10000,
+    )
+    assert (args.decay_type, args.warmup_steps, args.max_grad_norm, args.local_rank) == (
+        "cosine",
+        500,
+        1.0,
+        -1,
+    )
+    assert (args.seed, args.gradient_accumulation_steps, args.fp16) == (42, 1, False)
+    assert (args.fp16_opt_level, args.loss_scale) == ("O2", 0)
+    assert args.log_dir == os.path.join("logs", "cifar10-100_500")
+    assert train.parse_args(["--name", "x", "--local-rank", "3"]).local_rank == 3
+    assert train.parse_args(["--name", "x", "--local_rank", "2"]).local_rank == 2
+    hybrid = train.parse_args(["--name", "x", "--model_type", "R50-ViT-B_16"])  # old spelling
+    assert hybrid.model_type == "R50-ViT-B_16"
+
+
+# --------------------------------------------------------------------------------------------
+# Precision
+
+
+@pytest.mark.parametrize(
+    ("flags", "device", "want"),
+    [
+        ({}, "cuda", "fp32"),
+        ({"fp16": True, "fp16_opt_level": "O0"}, "cuda", "fp32"),
+        ({"fp16": True, "fp16_opt_level": "O1"}, "cuda", "fp16"),
+        ({"fp16": True}, "cuda", "fp16"),  # O2 by default
+        ({"fp16": True, "fp16_opt_level": "O3"}, "cuda", "fp16"),
+        ({"precision": "bf16"}, "cuda", "bf16"),
+        ({"fp16": True}, "cpu", "bf16"),  # no fp16 without CUDA
+        ({"precision": "fp16"}, "cpu", "bf16"),
+    ],
+)
+def test_precision_mapping(flags: dict, device: str, want: str, tmp_path: Path) -> None:
+    args = train.parse_args(tiny_args(tmp_path, **flags))
+    assert train.resolve_precision(args, torch.device(device)) == want
+
+
+def test_conflicting_precision_flags(tmp_path: Path) -> None:
+    args = train.parse_args(tiny_args(tmp_path, fp16=True, precision="bf16"))
+    with pytest.raises(UserError, match="only one"):
+        train.resolve_precision(args, torch.device("cuda"))
+
+
+def test_fp16_on_cpu_trains_in_bf16(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="train")
+    summary = train.main(tiny_args(tmp_path, fp16=True, num_steps=2))
+    assert any("bfloat16" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    assert any("bf16" in r.getMessage() for r in caplog.records if "Training" in r.getMessage())
+    assert 0 <= summary["best_accuracy"] <= 1
+
+
+def test_loss_scalers() -> None:
+    assert train.make_scaler("bf16", 0) is None
+    assert train.make_scaler("fp32", 128) is None
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.SGD([weight], lr=1.0)
+    scaler = train.make_scaler("fp16", 128.0)  # static
+    scaler.scale((weight * 2).sum()).backward()
+    assert torch.equal(weight.grad, torch.full((3,), 256.0))
+    scaler.unscale_(optimizer)
+    assert torch.equal(weight.grad, torch.full((3,), 2.0))
+    scaler.step(optimizer)
+    scaler.update()
+    assert torch.equal(weight.detach(), torch.full((3,), -1.0))
+    weight.grad = torch.tensor([1.0, float("inf"), 0.0]) * 128
+    scaler.unscale_(optimizer)
+    scaler.step(optimizer)  # overflow: skipped
+    assert torch.equal(weight.detach(), torch.full((3,), -1.0))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_dynamic_scaler_on_cuda() -> None:
+    assert isinstance(train.make_scaler("fp16", 0), torch.amp.GradScaler)
+
+
+@pytest.mark.slow
+def test_compile_trains(tmp_path: Path) -> None:
+    summary = train.main(tiny_args(tmp_path, compile=True, num_steps=2, eval_every=0))
+    _, state = load_checkpoint(tmp_path / "out", "tiny")
+    assert not any(k.startswith("_orig_mod.") for k in state)
+    assert 0 <= summary["best_accuracy"] <= 1
+
+
+def test_micro_batches_reshuffle_every_epoch_and_count_globally() -> None:
+    """set_epoch reaches the sampler: each epoch is a new permutation; counters run on."""
+    data = torch.utils.data.TensorDataset(torch.arange(12))
+    sampler = torch.utils.data.DistributedSampler(data, num_replicas=1, rank=0, seed=0)
+    loader = torch.utils.data.DataLoader(data, batch_size=4, sampler=sampler, drop_last=True)
+    state = train.TrainState()
+    stream = train.micro_batches(loader, state)
+    epochs = [[next(stream)[0].tolist() for _ in range(3)] for _ in range(3)]
+    orders = [[i for batch in batches for i in batch] for batches in epochs]
+    assert all(sorted(order) == list(range(12)) for order in orders)  # each epoch sees all
+    assert orders[0] != orders[1] != orders[2]
+    next(stream)
+    assert (state.micro_step, state.epoch) == (10, 3)

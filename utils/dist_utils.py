@@ -1,0 +1,150 @@
+"""Distributed helpers for `torchrun` (env://): process-group set-up, barriers, reductions.
+
+One process per device. `torchrun` sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and
+MASTER_PORT; older launchers pass `--local_rank` or `--local-rank` instead of LOCAL_RANK.
+NCCL is used on GPUs, gloo on CPU. A single process without those variables runs unchanged.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from utils.errors import UserError
+
+__all__ = [
+    "DistInfo",
+    "all_reduce_sum",
+    "barrier",
+    "cleanup",
+    "init_distributed",
+    "main_process_first",
+]
+
+logger = logging.getLogger(__name__)
+
+CPU = torch.device("cpu")
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process stands.
+
+    Attributes:
+        rank: global rank (0 for a single process).
+        world_size: number of processes.
+        local_rank: rank on this node; picks the GPU.
+        device: the device this process computes on.
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = CPU
+
+    @property
+    def is_main(self) -> bool:
+        """True on the process that logs, writes files and downloads data."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    return default if value in (None, "") else int(value)
+
+
+def init_distributed(local_rank: int = -1, timeout_minutes: float = 30.0) -> DistInfo:
+    """Join the process group when launched by `torchrun`, pick the device.
+
+    Args:
+        local_rank: `--local_rank`/`--local-rank` from the command line, or -1 to read
+            LOCAL_RANK from the environment.
+        timeout_minutes: collective timeout.
+
+    Returns:
+        This process's `DistInfo`.
+    """
+    if local_rank < 0:
+        local_rank = _env_int("LOCAL_RANK", -1)
+    world_size = _env_int("WORLD_SIZE", 1)
+    if world_size > 1 and "MASTER_ADDR" not in os.environ:
+        raise UserError(
+            f"WORLD_SIZE={world_size} is set but MASTER_ADDR is not: launch distributed runs "
+            "with torchrun (e.g. `torchrun --nproc_per_node 2 train.py ...`), which sets "
+            "RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT."
+        )
+    has_cuda = torch.cuda.is_available()
+    if world_size <= 1:
+        if has_cuda:
+            device = torch.device("cuda", max(local_rank, 0))
+            torch.cuda.set_device(device)
+        else:
+            device = torch.device("cpu")
+        return DistInfo(0, 1, max(local_rank, 0), device)
+    local_rank = max(local_rank, 0)
+    if has_cuda:
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+    dist.init_process_group(
+        backend=backend,
+        init_method="env://",
+        timeout=datetime.timedelta(minutes=timeout_minutes),
+    )
+    info = DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
+    logger.info(
+        "process group: %s backend, rank %d of %d, device %s",
+        backend,
+        info.rank,
+        info.world_size,
+        device,
+    )
+    return info
+
+
+def barrier() -> None:
+    """Wait for every process (no-op without a process group)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+@contextmanager
+def main_process_first(rank: int) -> Iterator[None]:
+    """Run the block on rank 0 first (e.g. a download), then on the other ranks at once.
+
+    Pass the local rank to run it first on every node's first process.
+    """
+    if rank != 0:
+        barrier()
+    try:
+        yield
+    finally:
+        if rank == 0:
+            barrier()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum `tensor` over all processes, in place; returns it (unchanged without a group)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def cleanup() -> None:
+    """Leave the process group, if one was joined."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
