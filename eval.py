@@ -1,0 +1,197 @@
+"""Evaluate a fine-tuned or official Vision Transformer on the test split of a dataset.
+
+    python3 eval.py --checkpoint output/cifar10-100_500_checkpoint.bin
+    python3 eval.py --model_type ViT-B_16 --checkpoint output/NAME_checkpoint.bin \
+        --dataset cifar10 --img_size 224
+    python3 eval.py --checkpoint checkpoint/imagenet21k+imagenet2012_ViT-B_16-224.npz \
+        --dataset imagefolder --data_dir /data/imagenet        # val/<class>/... inside
+    torchrun --nproc_per_node 2 eval.py --checkpoint ...      # the test set is sharded
+
+Prints the test loss, top-1 accuracy (and top-5 with more than 10 classes) and throughput over
+the whole test split. The checkpoint is a train.py `.bin` (or a `_last.pt` training state) or an
+official `.npz`. For a `.bin`, flags left out come from the `<name>_checkpoint.json` train.py
+writes next to it; for an `.npz`, the class count comes from its head, the model from its shapes
+and the image size from its position embeddings. Evaluation is train.py's own `evaluate` on the
+same test preprocessing, so the accuracy equals what train.py logged for the checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import time
+from collections.abc import Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torchvision import datasets
+
+from models.configs import model_names
+from train import PRECISIONS, evaluate
+from utils.checkpoint_io import load_model
+from utils.data_utils import (
+    DATASETS,
+    IMAGEFOLDER_LAYOUT,
+    ShardSampler,
+    build_datasets,
+    build_transforms,
+)
+from utils.dist_utils import DistInfo, cleanup, init_distributed, main_process_first
+from utils.errors import UserError, run_cli
+
+logger = logging.getLogger("eval")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="train.py's output/<name>_checkpoint.bin (or _last.pt), or an official .npz.",
+    )
+    p.add_argument(
+        "--model_type",
+        choices=model_names(),
+        default=None,
+        help="Default: from the checkpoint's .json sidecar or its shapes.",
+    )
+    p.add_argument(
+        "--dataset", choices=DATASETS, default=None, help="Default: the one it was trained on."
+    )
+    p.add_argument(
+        "--data_dir",
+        default="./data",
+        help="CIFAR folder, or an image folder root with val/ (or test/), one folder per class.",
+    )
+    p.add_argument(
+        "--img_size", type=int, default=None, help="Default: the size it was trained at."
+    )
+    p.add_argument("--eval_batch_size", type=int, default=64, help="Per process.")
+    p.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1))
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default=None,
+        help="Autocast precision. Default: the one it was trained with (sidecar), else fp32.",
+    )
+    p.add_argument(
+        "--local_rank", "--local-rank", type=int, default=-1, help="Set by older launchers."
+    )
+    return p.parse_args(argv)
+
+
+def _eval_only_imagefolder(data_dir: str, img_size: int) -> tuple[Dataset, list[str]]:
+    """An image folder with only a val/ (or test/) split, as an ImageNet validation set."""
+    for split in ("val", "test"):
+        root = os.path.join(data_dir, split)
+        if os.path.isdir(root):
+            try:
+                test_set = datasets.ImageFolder(root, build_transforms(img_size, train=False))
+            except (FileNotFoundError, OSError) as err:
+                raise UserError(
+                    f"{root} does not hold images in class sub-folders ({err}). Expected "
+                    f"layout:\n{IMAGEFOLDER_LAYOUT}"
+                ) from None
+            return test_set, list(test_set.classes)
+    contents = sorted(os.listdir(data_dir)) if os.path.isdir(data_dir) else "does not exist"
+    raise UserError(
+        f"--dataset imagefolder needs --data_dir with a val/ (or test/) folder, one sub-folder "
+        f"per class; {data_dir} has {contents}. Expected layout:\n{IMAGEFOLDER_LAYOUT}"
+    )
+
+
+def build_test_loader(
+    args: argparse.Namespace, dataset: str, img_size: int, info: DistInfo
+) -> tuple[DataLoader, list[str]]:
+    """This rank's shard of the test split, with train.py's test preprocessing."""
+    with main_process_first(info.rank):
+        if dataset == "imagefolder" and not os.path.isdir(os.path.join(args.data_dir, "train")):
+            test_set, class_names = _eval_only_imagefolder(args.data_dir, img_size)
+        else:
+            _, test_set, class_names = build_datasets(
+                dataset, args.data_dir, img_size, download=info.is_main
+            )
+    loader = DataLoader(
+        test_set,
+        batch_size=args.eval_batch_size,
+        sampler=ShardSampler(len(test_set), info.rank, info.world_size),
+        num_workers=args.num_workers,
+        pin_memory=torch.cuda.is_available(),
+    )
+    return loader, class_names
+
+
+def run(args: argparse.Namespace, info: DistInfo) -> dict[str, float]:
+    """Load, check against the dataset, evaluate; returns train.evaluate's result + throughput."""
+    if args.eval_batch_size < 1 or args.num_workers < 0:
+        raise UserError("--eval_batch_size must be at least 1 and --num_workers not negative.")
+    loaded = load_model(args.checkpoint, args.model_type, args.img_size)
+    dataset = args.dataset or loaded.dataset
+    if dataset is None:
+        raise UserError(
+            f"Which dataset should {args.checkpoint} be evaluated on? Pass --dataset "
+            f"(one of {', '.join(DATASETS)})."
+        )
+    model = loaded.model
+    loader, class_names = build_test_loader(args, dataset, model.img_size[0], info)
+    if len(class_names) != model.num_classes:
+        raise UserError(
+            f"{args.checkpoint} predicts {model.num_classes} classes but the {dataset} test set "
+            f"has {len(class_names)}; evaluate it on the dataset it was trained for."
+        )
+    if loaded.class_names and list(loaded.class_names) != list(class_names):
+        logger.warning("The dataset's class names differ from those the model was trained with.")
+    logger.info(
+        "Evaluating %s (%s, %d classes, %dx%d) on the %s test split (%d images, %d process(es)).",
+        args.checkpoint,
+        model.config.name,
+        model.num_classes,
+        *model.img_size,
+        dataset,
+        len(loader.dataset),
+        info.world_size,
+    )
+    model.to(info.device)
+    start = time.perf_counter()
+    precision = args.precision or loaded.precision or "fp32"
+    result = evaluate(model, loader, info.device, precision, progress=info.is_main)
+    seconds = time.perf_counter() - start
+    result.update(
+        images_per_second=result["count"] / max(seconds, 1e-9),
+        model_type=model.config.name,
+        dataset=dataset,
+    )
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, float]:
+    """Parse flags, evaluate (sharded under torchrun), print the summary on rank 0."""
+    args = parse_args(argv)
+    info = init_distributed(args.local_rank)
+    try:
+        logging.basicConfig(
+            format=f"%(asctime)s %(levelname)s [rank {info.rank}] %(name)s: %(message)s",
+            datefmt="%H:%M:%S",
+            level=logging.INFO if info.is_main else logging.WARNING,
+            force=True,
+        )
+        result = run(args, info)
+    finally:
+        cleanup()
+    if info.is_main:
+        lines = [
+            f"Checkpoint: {args.checkpoint} ({result['model_type']})",
+            f"Dataset: {result['dataset']} test split, {result['count']} images",
+            f"Loss: {result['loss']:.4f}",
+            f"Top-1 accuracy: {result['accuracy']:.4f}",
+        ]
+        if "top5" in result:
+            lines.append(f"Top-5 accuracy: {result['top5']:.4f}")
+        lines.append(f"Throughput: {result['images_per_second']:.1f} images/s")
+        print("\n".join(lines))
+    return result
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,235 @@
+"""eval.py: same accuracy as train.py logged, official .npz files, clear errors (exit 2)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import eval as eval_script
+import train
+from models.checkpoint import save_npz, state_dict_to_npz
+from models.configs import get_config
+from models.modeling import VisionTransformer
+from utils.data_utils import DigitsDataset, build_transforms
+from utils.errors import run_cli
+
+ROOT = Path(__file__).resolve().parents[1]
+TESTING = get_config("testing")
+
+
+def _random_model(num_classes: int = 10, img_size: int = 32) -> VisionTransformer:
+    torch.manual_seed(0)
+    model = VisionTransformer(TESTING, img_size, num_classes)
+    with torch.no_grad():
+        model.head.weight.normal_()  # a real prediction, not an all-zero head
+        model.head.bias.normal_()
+    return model.eval()
+
+
+def _npz(tmp_path: Path, num_classes: int = 10) -> Path:
+    path = tmp_path / f"official_{num_classes}.npz"
+    model = _random_model(num_classes)
+    save_npz(path, state_dict_to_npz(model.state_dict(), TESTING))
+    return path
+
+
+def _cli_error(argv: list[str], capsys) -> str:
+    """Run eval.py's command line in-process; it must exit 2 with a message, no traceback."""
+    with pytest.raises(SystemExit) as info:
+        run_cli(lambda: eval_script.main(argv))
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
+@pytest.mark.slow
+def test_accuracy_equals_what_train_logged(tmp_path, capsys) -> None:
+    summary = train.main(
+        [
+            "--name=tiny",
+            "--dataset=digits",
+            "--model_type=testing",
+            "--img_size=32",
+            "--pretrained_dir=none",
+            "--num_steps=8",
+            "--warmup_steps=2",
+            "--eval_every=4",
+            "--train_batch_size=32",
+            "--eval_batch_size=50",
+            "--learning_rate=0.1",
+            "--num_workers=0",
+            f"--output_dir={tmp_path}",
+            f"--log_dir={tmp_path / 'logs'}",
+        ]
+    )
+    checkpoint = tmp_path / "tiny_checkpoint.bin"
+    logged = json.loads((tmp_path / "tiny_checkpoint.json").read_text())["accuracy"]
+    assert logged == summary["best_accuracy"]
+    capsys.readouterr()
+    # Everything from the sidecar, and a different batch size: the same accuracy.
+    result = eval_script.main([f"--checkpoint={checkpoint}", "--num_workers=0"])
+    assert result["accuracy"] == logged
+    assert result["count"] == 360
+    out = capsys.readouterr().out
+    assert f"Top-1 accuracy: {logged:.4f}" in out
+    assert "Loss: " in out
+    assert "images/s" in out
+    explicit = eval_script.main(
+        [
+            f"--checkpoint={checkpoint}",
+            "--model_type=testing",
+            "--dataset=digits",
+            "--img_size=32",
+            "--eval_batch_size=7",
+            "--num_workers=0",
+        ]
+    )
+    assert explicit["accuracy"] == logged
+    assert explicit["loss"] == pytest.approx(result["loss"], rel=1e-6)
+
+
+def _expected(model: VisionTransformer) -> tuple[float, float]:
+    """Accuracy and loss on the digits test split, computed here without eval.py."""
+    test_set = DigitsDataset(train=False, transform=build_transforms(32, train=False))
+    images = torch.stack([test_set[i][0] for i in range(len(test_set))])
+    labels = torch.tensor(test_set.targets)
+    with torch.no_grad():
+        logits = model(images)[0]
+    accuracy = (logits.argmax(1) == labels).double().mean().item()
+    return accuracy, F.cross_entropy(logits, labels).item()
+
+
+def test_official_npz_with_head(tmp_path, capsys) -> None:
+    path = _npz(tmp_path)
+    # Classes from the head, image size from the position embeddings.
+    result = eval_script.main(
+        [f"--checkpoint={path}", "--model_type=testing", "--dataset=digits", "--num_workers=0"]
+    )
+    accuracy, loss = _expected(_random_model())
+    assert result["accuracy"] == pytest.approx(accuracy, abs=1e-12)
+    assert result["loss"] == pytest.approx(loss, rel=1e-5)
+    assert 0.0 < accuracy < 1.0
+    assert "Top-1 accuracy" in capsys.readouterr().out
+
+
+def test_imagefolder_with_only_a_val_split(tmp_path) -> None:
+    from PIL import Image
+
+    root = tmp_path / "imagenet_val"
+    for c in range(10):
+        (root / "val" / f"n{c:08d}").mkdir(parents=True)
+        Image.new("RGB", (40, 30), (25 * c, 0, 255 - 25 * c)).save(root / "val" / f"n{c:08d}/a.png")
+    result = eval_script.main(
+        [
+            f"--checkpoint={_npz(tmp_path)}",
+            "--model_type=testing",
+            "--dataset=imagefolder",
+            f"--data_dir={root}",
+            "--num_workers=0",
+        ]
+    )
+    assert result["count"] == 10
+
+
+@pytest.mark.slow
+def test_under_torchrun_equals_one_process(tmp_path) -> None:
+    path = _npz(tmp_path)
+    argv = [f"--checkpoint={path}", "--model_type=testing", "--dataset=digits", "--num_workers=0"]
+    single = eval_script.main(argv)
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "eval.py", *argv],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Dataset: digits test split, 360 images" in result.stdout
+    assert f"Top-1 accuracy: {single['accuracy']:.4f}" in result.stdout
+    assert result.stdout.count("Top-1 accuracy") == 1  # printed by rank 0 only
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input: one message naming problem and fix, exit code 2, no traceback.
+
+
+def test_unknown_model_and_dataset_list_choices(tmp_path, capsys) -> None:
+    err = _cli_error(["--checkpoint=x.bin", "--model_type=ViT-Z_99"], capsys)
+    assert "invalid choice: 'ViT-Z_99'" in err
+    assert "ViT-B_16" in err
+    err = _cli_error(["--checkpoint=x.bin", "--dataset=mnist"], capsys)
+    assert "invalid choice: 'mnist'" in err
+    assert "cifar10" in err
+
+
+def test_img_size_not_divisible_by_patch(tmp_path, capsys) -> None:
+    err = _cli_error(
+        [f"--checkpoint={_npz(tmp_path)}", "--model_type=testing", "--img_size=40"], capsys
+    )
+    assert "--img_size 40 is not divisible by the 16x16 patches of testing" in err
+
+
+def test_missing_and_corrupt_checkpoints(tmp_path, capsys) -> None:
+    err = _cli_error([f"--checkpoint={tmp_path / 'nope.bin'}"], capsys)
+    assert "nope.bin does not exist" in err
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(b"\0" * 100)
+    err = _cli_error([f"--checkpoint={junk}"], capsys)
+    assert "not a readable PyTorch checkpoint" in err
+    err = _cli_error([f"--checkpoint={tmp_path / 'nope.npz'}"], capsys)
+    assert "nope.npz does not exist" in err
+
+
+def test_checkpoint_of_another_model(tmp_path, capsys) -> None:
+    path = tmp_path / "run_checkpoint.bin"
+    torch.save(_random_model().state_dict(), path)
+    err = _cli_error([f"--checkpoint={path}", "--model_type=ViT-Ti_16", "--img_size=32"], capsys)
+    assert "does not fit model ViT-Ti_16" in err
+    assert "vs model" in err
+    assert "It looks like a testing checkpoint: pass --model_type testing" in err
+
+
+def test_class_count_differs_from_dataset(tmp_path, capsys) -> None:
+    path = _npz(tmp_path, num_classes=7)
+    err = _cli_error([f"--checkpoint={path}", "--model_type=testing", "--dataset=digits"], capsys)
+    assert "predicts 7 classes but the digits test set has 10" in err
+
+
+def test_missing_dataset_and_wrong_layout(tmp_path, capsys) -> None:
+    path = _npz(tmp_path)
+    err = _cli_error([f"--checkpoint={path}", "--model_type=testing"], capsys)
+    assert "Pass --dataset" in err
+    err = _cli_error(
+        [
+            f"--checkpoint={path}",
+            "--model_type=testing",
+            "--dataset=imagefolder",
+            f"--data_dir={tmp_path / 'missing'}",
+        ],
+        capsys,
+    )
+    assert "needs --data_dir with a val/ (or test/) folder" in err
+    assert "<class_a>/" in err
+
+
+def test_real_process_exits_2_without_traceback(tmp_path) -> None:
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(b"garbage")
+    result = subprocess.run(
+        [sys.executable, "eval.py", f"--checkpoint={junk}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ")
+    assert "junk.bin is not a readable PyTorch checkpoint" in result.stderr
+    assert "Traceback" not in result.stderr
