@@ -1,0 +1,269 @@
+"""Attention rollout and raw attention maps against hand-computed values, on every model shape."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from models.checkpoint import save_npz, state_dict_to_npz
+from models.configs import CONFIGS, ResNetConfig, get_config
+from models.modeling import VisionTransformer
+from utils import attention_maps as am
+from utils.errors import UserError
+
+# Two layers, two heads, three tokens. Every row of every head sums to 1.
+LAYER_1 = [
+    [[1, 0, 0], [0, 1, 0], [0, 0, 1]],
+    [[0, 1, 0], [0, 1, 0], [0, 0, 1]],
+]
+LAYER_2 = [
+    [[0, 0, 1], [0, 1, 0], [0, 0, 1]],
+    [[0, 1, 0], [1, 0, 0], [0, 0, 1]],
+]
+# By hand: head mean of layer 1 = [[.5, .5, 0], [0, 1, 0], [0, 0, 1]]; + I, rows / 2:
+#   R1 = [[.75, .25, 0], [0, 1, 0], [0, 0, 1]]
+# head mean of layer 2 = [[0, .5, .5], [.5, .5, 0], [0, 0, 1]]; + I, rows / 2:
+#   R2 = [[.5, .25, .25], [.25, .75, 0], [0, 0, 1]]
+# R2 @ R1 = [[.375, .375, .25], [.1875, .8125, 0], [0, 0, 1]]
+R1 = [[0.75, 0.25, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
+JOINT = [[0.375, 0.375, 0.25], [0.1875, 0.8125, 0.0], [0.0, 0.0, 1.0]]
+
+
+def hand_example() -> list[torch.Tensor]:
+    return [torch.tensor([layer], dtype=torch.float32) for layer in (LAYER_1, LAYER_2)]
+
+
+def test_rollout_matrices_match_hand_computation():
+    joint = am.rollout_matrices(hand_example())
+    assert joint.shape == (1, 2, 3, 3)
+    torch.testing.assert_close(joint[0, 0], torch.tensor(R1))
+    torch.testing.assert_close(joint[0, 1], torch.tensor(JOINT))
+
+
+def test_rollout_with_class_token_reads_its_row_over_the_patches():
+    # Token 0 is the class token, tokens 1-2 a 1x2 patch grid.
+    maps = am.attention_rollout(hand_example(), (1, 2), num_prefix_tokens=1)
+    torch.testing.assert_close(maps, torch.tensor([[[0.375, 0.25]]]))
+    per_layer = am.attention_rollout(hand_example(), (1, 2), 1, per_layer=True)
+    torch.testing.assert_close(per_layer, torch.tensor([[[[0.25, 0.0]], [[0.375, 0.25]]]]))
+
+
+def test_rollout_without_class_token_is_the_mean_over_rows():
+    # gap: all three tokens are patches of a 1x3 grid; column means of JOINT.
+    maps = am.attention_rollout(hand_example(), (1, 3), num_prefix_tokens=0)
+    expected = torch.tensor([[[0.5625 / 3, 1.1875 / 3, 1.25 / 3]]])
+    torch.testing.assert_close(maps, expected)
+    assert "no class token" in am.map_description(0)
+    assert "class token" in am.map_description(1)
+
+
+def test_raw_layer_attention_by_layer_and_head():
+    attn = hand_example()
+    head_0 = am.layer_attention(attn, (1, 2), 1, layer=1, head=0)
+    torch.testing.assert_close(head_0, torch.tensor([[[0.0, 1.0]]]))
+    head_1 = am.layer_attention(attn, (1, 2), 1, layer=1, head=1)
+    torch.testing.assert_close(head_1, torch.tensor([[[1.0, 0.0]]]))
+    mean = am.layer_attention(attn, (1, 2), 1, layer=-1)
+    torch.testing.assert_close(mean, torch.tensor([[[0.5, 0.5]]]))
+    every = am.layer_attention(attn, (1, 2), 1)  # head mean of each layer
+    torch.testing.assert_close(every, torch.tensor([[[[0.5, 0.0]], [[0.5, 0.5]]]]))
+    with pytest.raises(IndexError):
+        am.layer_attention(attn, (1, 2), 1, layer=2)
+    with pytest.raises(IndexError):
+        am.layer_attention(attn, (1, 2), 1, layer=0, head=2)
+
+
+def numpy_rollout(attentions: list[np.ndarray]) -> np.ndarray:
+    """An independent rollout: one image, explicit loops."""
+    n = attentions[0].shape[-1]
+    joint = np.eye(n)
+    for layer in attentions:
+        mixed = layer.mean(axis=0) + np.eye(n)
+        mixed /= mixed.sum(axis=1, keepdims=True)
+        joint = mixed @ joint
+    return joint
+
+
+@pytest.mark.parametrize(("prefix", "grid"), [(1, (2, 3)), (0, (3, 2))])
+def test_rollout_matches_numpy_on_random_non_square_grids(prefix, grid):
+    rng = np.random.default_rng(0)
+    n = prefix + grid[0] * grid[1]
+    layers = [rng.random((2, 4, n, n)) for _ in range(3)]  # (B, heads, N, N)
+    layers = [a / a.sum(-1, keepdims=True) for a in layers]
+    maps = am.attention_rollout([torch.from_numpy(a) for a in layers], grid, prefix)
+    for b in range(2):
+        joint = numpy_rollout([a[b] for a in layers])
+        scores = joint[0, prefix:] if prefix else joint.mean(axis=0)
+        np.testing.assert_allclose(maps[b].numpy(), scores.reshape(grid), rtol=1e-5)
+
+
+def test_token_scores_rejects_a_wrong_grid():
+    with pytest.raises(ValueError, match="do not fit"):
+        am.token_scores(torch.rand(1, 5, 5), (2, 3), 1)
+
+
+def test_upsample_map_scales_to_the_image_and_to_max_one():
+    maps = torch.tensor([[[1.0, 3.0]], [[2.0, 2.0]]])  # (2, 1, 2)
+    up = am.upsample_map(maps, (4, 6))
+    assert up.shape == (2, 4, 6)
+    assert up.max() == pytest.approx(1.0)
+    assert up[0, :, 0].max() < up[0, :, -1].min()  # left patch weaker than the right
+    np.testing.assert_allclose(up[1], 1.0)
+
+
+def small(config_name: str):
+    """A registered config, thinned (width, depth) but keeping its grid arithmetic."""
+    config = get_config(config_name)
+    return config.replace(
+        hidden_size=2 * config.num_heads, mlp_dim=8, num_layers=2, representation_size=None
+    )
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(n, marks=pytest.mark.slow) if CONFIGS[n].is_hybrid else n
+        for n in sorted(CONFIGS)
+    ],
+)
+def test_every_registered_model_gives_maps_on_its_grid(name):
+    config = small(name)
+    if name == "R50+ViT-B_16":
+        size = (224, 224)  # the official 14x14 grid
+    elif config.is_hybrid or config.patch_size[0] > 16:
+        size = (64, 96)  # non-square
+    else:
+        size = (48, 80)
+    model = VisionTransformer(config, size, num_classes=3)
+    maps = am.compute_attention_maps(model, torch.randn(2, 3, *size))
+    rows, cols = model.grid_size
+    assert maps.rollout.shape == (2, rows, cols)
+    assert maps.layers.shape == (2, 2, rows, cols)
+    assert torch.isfinite(maps.rollout).all()
+    assert model.vis is False  # restored
+    if name == "R50+ViT-B_16":
+        assert (rows, cols) == (14, 14)
+
+
+def test_gap_model_and_rollout_per_layer():
+    config = get_config("testing").replace(classifier="gap")
+    model = VisionTransformer(config, (32, 48), num_classes=4)
+    maps = am.compute_attention_maps(model, torch.randn(1, 3, 32, 48), layer_kind="rollout")
+    assert maps.rollout.shape == (1, 2, 3)
+    assert "no class token" in maps.description
+    torch.testing.assert_close(maps.layers[:, -1], maps.rollout)
+    # The gap map is a mean of probability rows: it sums to 1 over the patches.
+    torch.testing.assert_close(maps.rollout.sum(), torch.tensor(1.0))
+
+
+def test_small_hybrid_non_square():
+    config = get_config("testing").replace(patch_size=(1, 1), resnet=ResNetConfig((1,)))
+    model = VisionTransformer(config, (64, 96), num_classes=2)
+    maps = am.compute_attention_maps(model, torch.randn(1, 3, 64, 96))
+    assert maps.rollout.shape == (1, *model.grid_size) == (1, 16, 24)
+
+
+def test_top_k_and_class_names():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]])
+    assert [label for label, _ in am.top_k(logits, 2)[0]] == ["1", "3"]
+    names = ["a", "b", "c", "d"]
+    preds = am.top_k(logits, 10, names)[0]
+    assert [label for label, _ in preds] == ["b", "d", "c", "a"]
+    assert sum(p for _, p in preds) == pytest.approx(1.0)
+    assert am.class_names(10, "cifar10")[3] == "cat"
+    assert am.class_names(100, "cifar100")[:2] == ["apple", "aquarium_fish"]
+    assert am.class_names(10, "digits") == [str(d) for d in range(10)]
+    assert am.class_names(1000)[0] == "tench"
+    assert am.class_names(7) is None
+    assert am.class_names(2, names=["cat", "dog"]) == ["cat", "dog"]
+
+
+def test_find_images_and_errors(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "b.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.jpg")
+    (tmp_path / "notes.txt").write_text("x")
+    assert [p.name for p in am.find_images([tmp_path])] == ["a.jpg", "b.png"]
+    with pytest.raises(UserError, match="does not exist"):
+        am.find_images([tmp_path / "missing.jpg"])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(UserError, match="no images"):
+        am.find_images([empty])
+    with pytest.raises(UserError, match="Cannot read image"):
+        am.open_image(tmp_path / "notes.txt")
+
+
+def test_preprocess_scales_pixels_to_minus_one_one():
+    white = Image.new("RGB", (10, 20), (255, 255, 255))
+    black = Image.new("RGB", (10, 20), (0, 0, 0))
+    batch = am.preprocess([white, black], (16, 8))
+    assert batch.shape == (2, 3, 16, 8)
+    torch.testing.assert_close(batch[0], torch.ones(3, 16, 8))
+    torch.testing.assert_close(batch[1], -torch.ones(3, 16, 8))
+
+
+def test_load_model_from_bin_with_sidecar_and_from_npz(tmp_path):
+    torch.manual_seed(0)
+    model = VisionTransformer("testing", (32, 48), num_classes=10)
+    torch.nn.init.normal_(model.head.weight)
+    bin_path = tmp_path / "demo_checkpoint.bin"
+    torch.save({f"module.{k}": v for k, v in model.state_dict().items()}, bin_path)
+    sidecar = {"model_type": "testing", "img_size": [32, 48], "dataset": "digits"}
+    (tmp_path / "demo_checkpoint.json").write_text(json.dumps(sidecar))
+    loaded = am.load_model(bin_path)
+    assert loaded.model_type == "testing"
+    assert loaded.img_size == (32, 48)
+    assert loaded.class_names == [str(d) for d in range(10)]
+    x = torch.randn(1, 3, 32, 48)
+    model.eval()
+    torch.testing.assert_close(loaded.model(x)[0], model(x)[0])
+
+    npz_path = tmp_path / "testing.npz"
+    save_npz(npz_path, state_dict_to_npz(model.state_dict(), model.config))
+    with pytest.raises(UserError, match="model_type"):
+        am.load_model(npz_path)  # `testing` is never guessed
+    loaded = am.load_model(npz_path, model_type="testing", img_size=(32, 48))
+    assert loaded.class_names is None
+    torch.testing.assert_close(loaded.model(x)[0], model(x)[0])
+
+
+def test_load_model_errors(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        am.load_model(tmp_path / "nothing.bin")
+    model = VisionTransformer("testing", 32, num_classes=10)
+    path = tmp_path / "x_checkpoint.bin"
+    torch.save(model.state_dict(), path)
+    assert am.load_model(path).model_type == "testing"  # no sidecar, no flag: from the shapes
+    odd = VisionTransformer(get_config("testing").replace(hidden_size=24), 32, num_classes=10)
+    torch.save(odd.state_dict(), path)
+    with pytest.raises(UserError, match="pass --model_type"):
+        am.load_model(path)  # an architecture the registry does not have
+    with pytest.raises(UserError):
+        am.load_model(path, model_type="ViT-Ti_16", img_size=32)  # another architecture
+
+
+def test_plots_build_figures():
+    model = VisionTransformer("testing", (32, 48), num_classes=3)
+    image = Image.new("RGB", (60, 40), (200, 100, 50))
+    maps = am.compute_attention_maps(model, am.preprocess([image], model.img_size))
+    fig = am.plot_attention(image, maps, predictions=[("x", 0.5)], title="t")
+    titles = [ax.get_title() for ax in fig.axes]
+    assert "attention rollout" in titles
+    assert "layer 2" in titles
+    fig = am.plot_patches(image, (32, 48), (16, 16))
+    assert "2x3 = 6 patches" in fig.axes[1].get_title()
+
+
+def test_npz_with_1000_classes_gets_imagenet_names_and_its_native_size(tmp_path):
+    model = VisionTransformer("testing", 48, num_classes=1000)
+    path = tmp_path / "in1k.npz"
+    save_npz(path, state_dict_to_npz(model.state_dict(), model.config))
+    loaded = am.load_model(path, model_type="testing")
+    assert loaded.img_size == (48, 48)  # 3x3 grid of 16-pixel patches in the position embedding
+    assert loaded.class_names[:2] == ["tench", "goldfish"]
+    assert loaded.dataset == "imagenet2012"
+    assert am.load_model(path, model_type="testing", img_size=64).img_size == (64, 64)

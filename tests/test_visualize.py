@@ -1,0 +1,135 @@
+"""visualize.py end to end on tiny checkpoints the tests make (.bin + sidecar, and .npz)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import visualize
+from models.checkpoint import save_npz, state_dict_to_npz
+from models.modeling import VisionTransformer
+from utils.errors import UserError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def make_bin(directory: Path, names: list[str] | None = None, dataset: str = "cifar10") -> Path:
+    """A `testing` model saved as train.py does: state dict + JSON sidecar."""
+    torch.manual_seed(0)
+    model = VisionTransformer("testing", (32, 48), num_classes=10)
+    torch.nn.init.normal_(model.head.weight, std=2.0)
+    path = directory / "tiny_checkpoint.bin"
+    torch.save({f"_orig_mod.{k}": v for k, v in model.state_dict().items()}, path)
+    sidecar = {"model_type": "testing", "img_size": [32, 48], "num_classes": 10}
+    sidecar.update(dataset=dataset, class_names=names, step=5, accuracy=0.1)
+    path.with_suffix(".json").write_text(json.dumps(sidecar))
+    return path
+
+
+def test_bin_with_sidecar_prints_class_names_and_writes_figure(tmp_path, capsys):
+    ckpt = make_bin(tmp_path, names=[f"class_{i}" for i in range(10)])
+    image = tmp_path / "red.png"
+    Image.new("RGB", (64, 40), (220, 30, 30)).save(image)
+    out = tmp_path / "figs" / "attention.png"
+    visualize.main(["--checkpoint", str(ckpt), "--image", str(image), "--output", str(out)])
+    printed = capsys.readouterr().out
+    assert printed.startswith("red:")
+    assert printed.count("class_") == 5
+    assert "  1. " in printed
+    assert "  5. " in printed
+    assert out.stat().st_size > 1000
+
+
+def test_cifar_names_from_the_dataset_when_the_sidecar_has_none(tmp_path, capsys):
+    ckpt = make_bin(tmp_path, names=None, dataset="cifar10")
+    out = tmp_path / "a.png"
+    visualize.main(["--checkpoint", str(ckpt), "--output", str(out), "--top_k", "10"])
+    printed = capsys.readouterr().out
+    assert printed.startswith("china:")  # the bundled photo
+    for name in ("airplane", "truck", "cat"):
+        assert name in printed
+
+
+def test_folder_and_several_images_write_one_figure_each(tmp_path, capsys):
+    ckpt = make_bin(tmp_path)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, colour in enumerate([(0, 0, 255), (0, 255, 0)]):
+        Image.new("RGB", (40, 40), colour).save(folder / f"im{i}.jpg")
+    extra = tmp_path / "extra.png"
+    Image.new("L", (30, 50), 128).save(extra)  # grey: converted to RGB
+    out = tmp_path / "attn.png"
+    visualize.main(
+        ["--checkpoint", str(ckpt), "--image", str(folder), str(extra), "--output", str(out)]
+    )
+    assert sorted(p.name for p in tmp_path.glob("attn_*.png")) == [
+        "attn_extra.png",
+        "attn_im0.png",
+        "attn_im1.png",
+    ]
+    assert capsys.readouterr().out.count(":\n") == 3
+
+
+def test_npz_with_model_type_and_img_size_shows_indices(tmp_path, capsys):
+    model = VisionTransformer("testing", 32, num_classes=7)
+    npz = tmp_path / "tiny.npz"
+    save_npz(npz, state_dict_to_npz(model.state_dict(), model.config))
+    out = tmp_path / "x.png"
+    args = ["--checkpoint", str(npz), "--model_type", "testing", "--img_size", "48", "32"]
+    visualize.main([*args, "--output", str(out), "--layer_maps", "rollout"])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 6
+    assert {line.split()[-1] for line in lines[1:]} <= {str(i) for i in range(7)}
+    assert out.is_file()
+
+
+def test_user_errors(tmp_path, monkeypatch):
+    ckpt = make_bin(tmp_path)
+    with pytest.raises(UserError, match="does not exist"):
+        visualize.main(["--checkpoint", str(ckpt), "--image", str(tmp_path / "nope.jpg")])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(UserError, match="no images"):
+        visualize.main(["--checkpoint", str(ckpt), "--image", str(empty)])
+    with pytest.raises(UserError, match="does not exist"):
+        visualize.main(["--checkpoint", str(tmp_path / "missing.bin")])
+    with pytest.raises(UserError, match="does not fit"):
+        visualize.main(["--checkpoint", str(ckpt), "--model_type", "ViT-Ti_16"])
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match="make demo"):
+        visualize.main([])
+
+
+def test_command_line_exits_2_with_a_clear_message(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "visualize.py"), "--checkpoint", str(tmp_path / "no.npz")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "error: Checkpoint" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_make_figures_writes_small_pngs(tmp_path):
+    spec = importlib.util.spec_from_file_location("make_figures", ROOT / "tools/make_figures.py")
+    make_figures = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_figures)
+    ckpt = make_bin(tmp_path, dataset="digits")
+    out = tmp_path / "img"
+    make_figures.main(["--checkpoint", str(ckpt), "--output_dir", str(out)])
+    for name in ("attention_map.png", "patches.png"):
+        with Image.open(out / name) as image:
+            assert image.width > 300
+        assert (out / name).stat().st_size < 300_000
+    with pytest.raises(UserError, match="make demo"):
+        make_figures.main(["--checkpoint", str(tmp_path / "none.bin")])

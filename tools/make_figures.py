@@ -1,0 +1,84 @@
+"""Make the README figures in `img/`: attention maps of a checkpoint, an image cut into patches.
+
+    python3 tools/make_figures.py                      # the demo model (`make demo` first)
+    python3 tools/make_figures.py --checkpoint checkpoint/ViT-B_16-224.npz --model_type ViT-B_16
+
+Writes `img/attention_map.png` (prediction, attention rollout and per-layer maps; for the digits
+demo model on a held-out digit, otherwise on a photo bundled with scikit-learn) and
+`img/patches.png` (that photo resized to 224x224 and cut into the 16x16 patches ViT-B_16 sees).
+PNGs over 250 KB are palette-quantised to stay small.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import logging
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a window
+
+from matplotlib.figure import Figure
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere
+
+from models.configs import model_names
+from utils import attention_maps as am
+from utils.errors import UserError, run_cli
+
+logger = logging.getLogger("make_figures")
+
+
+def save_png(fig: Figure, path: Path, dpi: int, max_bytes: int = 250_000) -> None:
+    """Save `fig` as a PNG; fall back to 256 colours when the RGB file exceeds `max_bytes`."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    buffer.seek(0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with Image.open(buffer) as image:
+        rgb = image.convert("RGB")
+    rgb.save(path, optimize=True)
+    if path.stat().st_size > max_bytes:
+        rgb.quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
+    logger.info("wrote %s (%.0f KB)", path, path.stat().st_size / 1024)
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--checkpoint", default=am.DEMO_CHECKPOINT, help="Official .npz or .bin.")
+    p.add_argument("--model_type", choices=model_names(), default=None)
+    p.add_argument("--image", default=None, help="Image for the attention figure.")
+    p.add_argument("--output_dir", default="img")
+    p.add_argument("--dpi", type=int, default=90)
+    args = p.parse_args(argv)
+    if not Path(args.checkpoint).is_file():
+        raise UserError(
+            f"Checkpoint {args.checkpoint} does not exist: run `make demo` first, or pass "
+            "--checkpoint (an official .npz or a .bin that train.py saved)."
+        )
+    out = Path(args.output_dir)
+    photo = am.sample_image("china.jpg")
+    save_png(am.plot_patches(photo, (224, 224), (16, 16)), out / "patches.png", args.dpi)
+
+    loaded = am.load_model(args.checkpoint, args.model_type)
+    if args.image:
+        image, name = am.open_image(args.image), Path(args.image).stem
+    elif loaded.dataset == "digits":
+        image, label = am.sample_digit()
+        name = f"held-out digit {label}"
+    else:
+        image, name = photo, "scikit-learn sample photo"
+    maps = am.compute_attention_maps(loaded.model, am.preprocess([image], loaded.img_size))
+    predictions = am.top_k(maps.logits, 5, loaded.class_names)[0]
+    title = f"{name}: {loaded.model_type} ({Path(args.checkpoint).name})"
+    fig = am.plot_attention(image, maps, predictions=predictions, title=title)
+    save_png(fig, out / "attention_map.png", args.dpi)
+
+
+if __name__ == "__main__":
+    run_cli(main)

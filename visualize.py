@@ -1,0 +1,144 @@
+"""Predict and draw attention maps for images: top-5 classes, attention rollout, per-layer maps.
+
+    python3 visualize.py --model_type ViT-B_16 --checkpoint checkpoint/ViT-B_16-224.npz \\
+        --image cat.jpg --output attention.png
+
+`--checkpoint` takes an official `.npz` or a `.bin` that train.py saved (its `.json` sidecar
+supplies model type, image size and class names; flags override it). `--image` takes files and
+folders; without it a photo bundled with scikit-learn is used (plus a held-out digit for a model
+trained on scikit-learn's digits, such as the demo model), so the command runs offline.
+With several images, one figure per image is written, named `<output stem>_<image stem>.png`.
+Attention rollout follows Abnar & Zuidema (2020); see `utils/attention_maps.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a window
+
+from PIL import Image
+
+from models.configs import model_names
+from utils import attention_maps as am
+from utils.errors import UserError, run_cli
+
+logger = logging.getLogger("visualize")
+
+DEMO_CHECKPOINT = am.DEMO_CHECKPOINT
+SAMPLE_PHOTO = "china.jpg"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument(
+        "--checkpoint",
+        default=DEMO_CHECKPOINT,
+        help=f"Official .npz or train.py .bin (default: {DEMO_CHECKPOINT}, made by `make demo`).",
+    )
+    p.add_argument(
+        "--model_type",
+        choices=model_names(),
+        default=None,
+        help="Model architecture (default: from the .bin's sidecar, or guessed from the .npz).",
+    )
+    p.add_argument(
+        "--image",
+        nargs="+",
+        default=None,
+        help="Image files and/or folders (default: a photo bundled with scikit-learn).",
+    )
+    p.add_argument("--output", default="attention.png", help="Figure file (.png, .jpg, .pdf).")
+    p.add_argument(
+        "--img_size",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="SIZE",
+        help="Input size, one value or HEIGHT WIDTH (default: the checkpoint's own).",
+    )
+    p.add_argument("--top_k", type=int, default=5, help="Predictions to print per image.")
+    p.add_argument(
+        "--layer_maps",
+        choices=("raw", "rollout"),
+        default="raw",
+        help="Per-layer maps: each layer's head-mean attention, or the rollout up to it.",
+    )
+    p.add_argument("--dpi", type=int, default=100, help="Figure resolution.")
+    args = p.parse_args(argv)
+    if args.img_size is not None and len(args.img_size) not in (1, 2):
+        p.error("--img_size takes one value or two (HEIGHT WIDTH)")
+    if args.top_k < 1:
+        p.error("--top_k must be at least 1")
+    return args
+
+
+def output_paths(output: str, names: list[str]) -> list[Path]:
+    """`output` itself for one image; `<stem>_<image name><suffix>` for each of several."""
+    path = Path(output)
+    if len(names) == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}_{name}{path.suffix}") for name in names]
+
+
+def gather_images(args: argparse.Namespace, dataset: str | None) -> list[tuple[str, Image.Image]]:
+    """(name, image) pairs from `--image`, or the bundled sample photo.
+
+    Without `--image`, a model fine-tuned on scikit-learn's digits also gets a held-out digit,
+    so that its predictions mean something.
+    """
+    if not args.image:
+        logger.info("no --image given: using scikit-learn's sample photo %s", SAMPLE_PHOTO)
+        images = [(Path(SAMPLE_PHOTO).stem, am.sample_image(SAMPLE_PHOTO))]
+        if dataset == "digits":
+            digit, label = am.sample_digit()
+            images.append((f"digit_{label}", digit))
+        return images
+    paths = am.find_images(args.image)
+    stems = [p.stem for p in paths]
+    names = [p.stem if stems.count(p.stem) == 1 else f"{p.stem}_{i}" for i, p in enumerate(paths)]
+    return [(name, am.open_image(p)) for name, p in zip(names, paths, strict=True)]
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    args = parse_args(argv)
+    if args.checkpoint == DEMO_CHECKPOINT and not Path(DEMO_CHECKPOINT).is_file():
+        raise UserError(
+            f"The demo checkpoint {DEMO_CHECKPOINT} does not exist yet: run `make demo` first, "
+            "or pass --checkpoint with an official .npz (see checkpoint/README.md) or a .bin "
+            "that train.py saved."
+        )
+    img_size = args.img_size[0] if args.img_size and len(args.img_size) == 1 else args.img_size
+    loaded = am.load_model(args.checkpoint, args.model_type, img_size)
+    logger.info(
+        "%s from %s at %dx%d %s, %s",
+        loaded.model_type,
+        loaded.source,
+        *loaded.img_size,
+        loaded.info or "",
+        "class names known" if loaded.class_names else "class names unknown (showing indices)",
+    )
+    images = gather_images(args, loaded.dataset)
+    paths = output_paths(args.output, [name for name, _ in images])
+    for (name, image), path in zip(images, paths, strict=True):
+        batch = am.preprocess([image], loaded.img_size)  # (1, 3, H, W)
+        maps = am.compute_attention_maps(loaded.model, batch, layer_kind=args.layer_maps)
+        predictions = am.top_k(maps.logits, args.top_k, loaded.class_names)[0]
+        print(f"{name}:")
+        for rank, (label, prob) in enumerate(predictions, start=1):
+            print(f"  {rank}. {prob:6.1%}  {label}")
+        fig = am.plot_attention(
+            image, maps, predictions=predictions, title=f"{name} — {loaded.model_type}"
+        )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=args.dpi)
+        logger.info("wrote %s", path)
+
+
+if __name__ == "__main__":
+    run_cli(main)
