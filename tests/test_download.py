@@ -227,7 +227,13 @@ def test_names_sources_and_paths() -> None:
         "d/imagenet21k+imagenet2012_ViT-B_16.npz"
     )
     with pytest.raises(UserError, match="It exists in --source imagenet21k\\+imagenet2012"):
-        dl.resolve_file("ViT-B_16-224")
+        dl.resolve_file("ViT-B_16-224", "imagenet21k")
+    # A file only one source has needs no --source and keeps its official name.
+    assert dl.default_source("ViT-B_16-224") == "imagenet21k+imagenet2012"
+    assert dl.default_source("ViT-B_16") == "imagenet21k"
+    assert dl.checkpoint_path("ViT-B_16-224", "imagenet21k+imagenet2012") == Path(
+        "checkpoint/ViT-B_16-224.npz"
+    )
     with pytest.raises(UserError, match="Unknown --source 'jft'"):
         dl.resolve_file("ViT-B_16", "jft")
     # Every official file maps to a registered model.

@@ -34,6 +34,7 @@ from utils.errors import UserError, run_cli
 __all__ = [
     "OFFICIAL_FILES",
     "checkpoint_path",
+    "default_source",
     "download",
     "fetch_checkpoint",
     "list_files",
@@ -98,12 +99,19 @@ def resolve_file(name: str, source: str = DEFAULT_SOURCE) -> tuple[str, str]:
 def checkpoint_path(stem: str, source: str = DEFAULT_SOURCE, directory: str = "checkpoint") -> Path:
     """Local file of an official checkpoint.
 
-    `imagenet21k` files keep their official name (`checkpoint/ViT-B_16.npz`, where the README
-    and train.py look); the others get the source as a prefix
+    Files keep their official name (`checkpoint/ViT-B_16.npz`, `checkpoint/ViT-B_16-224.npz`,
+    where the README, train.py and the notebook look), except a file whose name also exists in
+    `imagenet21k`: it gets its source as a prefix
     (`checkpoint/imagenet21k+imagenet2012_ViT-B_16.npz`) so the two never collide.
     """
-    name = f"{stem}.npz" if source == DEFAULT_SOURCE else f"{source}_{stem}.npz"
-    return Path(directory) / name
+    collides = source != DEFAULT_SOURCE and stem in OFFICIAL_FILES[DEFAULT_SOURCE]
+    return Path(directory) / (f"{source}_{stem}.npz" if collides else f"{stem}.npz")
+
+
+def default_source(name: str) -> str:
+    """`imagenet21k` when it has the file, else the one source that has it."""
+    stem = ALIASES.get(name, name)
+    return next((s for s, files in OFFICIAL_FILES.items() if stem in files), DEFAULT_SOURCE)
 
 
 def _network_error(url: str, err: BaseException) -> UserError:
@@ -221,7 +229,7 @@ def verify(path: str | os.PathLike, model: str) -> None:
 
 def fetch_checkpoint(
     name: str,
-    source: str = DEFAULT_SOURCE,
+    source: str | None = None,
     directory: str = "checkpoint",
     base_url: str | None = None,
     *,
@@ -233,11 +241,13 @@ def fetch_checkpoint(
     """Download and verify one official checkpoint; returns its local path.
 
     An existing final file is kept unless `force`. Verification failure deletes the download.
+    Without `source`, the file comes from `default_source(name)`.
 
     Raises:
         UserError: unknown name/source, network failure, or a file that is not a valid
             checkpoint for the model.
     """
+    source = source or default_source(name)
     stem, model = resolve_file(name, source)
     dest = checkpoint_path(stem, source, directory)
     if dest.exists() and not force:
@@ -282,7 +292,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         nargs="?",
         help=f"model or file name, e.g. ViT-B_16, ViT-B_16-224; models: {', '.join(model_names())}",
     )
-    parser.add_argument("--source", default=DEFAULT_SOURCE, help=", ".join(OFFICIAL_FILES))
+    parser.add_argument(
+        "--source",
+        choices=list(OFFICIAL_FILES),
+        default=None,
+        help=f"default: {DEFAULT_SOURCE}, or the only source that has the file",
+    )
     parser.add_argument("--dir", default="checkpoint", help="where to save (default: checkpoint)")
     parser.add_argument(
         "--base_url",
