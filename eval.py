@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets
 
 from models.configs import model_names
-from train import PRECISIONS, evaluate
+from train import PRECISIONS, evaluate, setup_logging
 from utils.checkpoint_io import load_model
 from utils.data_utils import (
     DATASETS,
@@ -170,12 +170,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
     info = init_distributed(args.local_rank)
     try:
-        logging.basicConfig(
-            format=f"%(asctime)s %(levelname)s [rank {info.rank}] %(name)s: %(message)s",
-            datefmt="%H:%M:%S",
-            level=logging.INFO if info.is_main else logging.WARNING,
-            force=True,
-        )
+        setup_logging(info)
         result = run(args, info)
     finally:
         cleanup()

@@ -20,23 +20,29 @@ Precision (`--precision`, or the Apex-era `--fp16 --fp16_opt_level`):
 Distributed: `torchrun --nproc_per_node N train.py ...` (NCCL on GPUs, gloo on CPU).
 `--train_batch_size` is the total batch of one optimizer step over all processes and
 accumulation steps.
+
+Resuming: besides the best `<output_dir>/<name>_checkpoint.bin`, the last training state goes to
+`<output_dir>/<name>_last.pt` every `--save_every` steps, at the end, and when SIGINT/SIGTERM
+stops the run (after the current step). The same command plus `--resume` (or `--resume PATH`)
+continues exactly where it was saved, also after a `kill -9`. Every write is atomic.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import math
 import os
 import random
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -47,8 +53,9 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from models.checkpoint import clean_state_dict, load_npz
 from models.configs import get_config, model_names
 from models.modeling import VisionTransformer
+from utils import checkpoint_io as cio
 from utils.data_utils import DATASETS, get_loader
-from utils.dist_utils import DistInfo, all_reduce_sum, cleanup, init_distributed
+from utils.dist_utils import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
 from utils.errors import UserError, run_cli
 from utils.scheduler import DECAY_TYPES, make_scheduler
 
@@ -57,6 +64,18 @@ logger = logging.getLogger("train")
 PRECISIONS = ("fp32", "fp16", "bf16")
 OPT_LEVELS = ("O0", "O1", "O2", "O3")
 AUTOCAST_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+NON_FINITE_PATIENCE = 3  # consecutive NaN/inf losses (without a grad scaler) before giving up
+# Flags whose change between a run and its resume makes it differ from an uninterrupted run.
+RESUME_SENSITIVE = (
+    "dataset",
+    "train_batch_size",
+    "gradient_accumulation_steps",
+    "learning_rate",
+    "num_steps",
+    "warmup_steps",
+    "decay_type",
+    "seed",
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -130,6 +149,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log_dir", default=None, help="TensorBoard folder (default logs/<name>).")
     p.add_argument("--precision", choices=PRECISIONS, default=None, help="Default fp32.")
     p.add_argument("--compile", action="store_true", help="torch.compile the model.")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="auto",
+        default=None,
+        help="Continue a run: from PATH, or without a value from <output_dir>/<name>_last.pt.",
+    )
+    p.add_argument(
+        "--save_every",
+        type=int,
+        default=100,
+        help="Save the last training state every N steps (0: only at the end or when stopped).",
+    )
     args = p.parse_args(argv)
     if args.log_dir is None:
         args.log_dir = os.path.join("logs", args.name)
@@ -241,8 +273,8 @@ def check_args(args: argparse.Namespace, info: DistInfo) -> None:
     for flag in ("train_batch_size", "eval_batch_size", "num_steps", "gradient_accumulation_steps"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} must be at least 1, got {getattr(args, flag)}.")
-    if args.warmup_steps < 0 or args.num_workers < 0:
-        raise UserError("--warmup_steps and --num_workers cannot be negative.")
+    if args.warmup_steps < 0 or args.num_workers < 0 or args.save_every < 0:
+        raise UserError("--warmup_steps, --num_workers and --save_every cannot be negative.")
     per_step = info.world_size * args.gradient_accumulation_steps
     if args.train_batch_size % per_step:
         suggestion = max(per_step, args.train_batch_size // per_step * per_step)
@@ -359,39 +391,36 @@ def evaluate(
 # Saving
 
 
-def _atomic_write(path: str, write) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+def best_checkpoint_path(args: argparse.Namespace) -> Path:
+    """`<output_dir>/<name>_checkpoint.bin`, the best model (the original port's file)."""
+    return Path(args.output_dir) / f"{args.name}_checkpoint.bin"
 
 
 def save_best(
-    args: argparse.Namespace, model: nn.Module, class_names: list[str], step: int, accuracy: float
-) -> str:
-    """Write `<output_dir>/<name>_checkpoint.bin` (a plain state dict) and its `.json` sidecar."""
-    os.makedirs(args.output_dir, exist_ok=True)
-    base = os.path.join(args.output_dir, f"{args.name}_checkpoint")
+    args: argparse.Namespace,
+    model: nn.Module,
+    class_names: list[str],
+    step: int,
+    accuracy: float,
+    precision: str,
+) -> Path:
+    """Write the best model (a plain state dict) and its `.json` sidecar, both atomically."""
+    path = best_checkpoint_path(args)
     plain = unwrap(model)
     state = clean_state_dict({k: v.detach().cpu() for k, v in plain.state_dict().items()})
-    _atomic_write(f"{base}.bin", lambda handle: torch.save(state, handle))
-    meta = {
-        "model_type": plain.config.name,
-        "img_size": list(plain.img_size),
-        "num_classes": plain.num_classes,
-        "dataset": args.dataset,
-        "class_names": class_names,
-        "step": step,
-        "accuracy": accuracy,
-    }
-    _atomic_write(f"{base}.json", lambda handle: handle.write(json.dumps(meta, indent=2).encode()))
-    return f"{base}.bin"
+    cio.atomic_save(state, path)
+    cio.write_sidecar(
+        path,
+        model_type=plain.config.name,
+        img_size=list(plain.img_size),
+        num_classes=plain.num_classes,
+        dataset=args.dataset,
+        class_names=class_names,
+        step=step,
+        accuracy=accuracy,
+        precision=precision,
+    )
+    return path
 
 
 # --------------------------------------------------------------------------------------------
@@ -400,12 +429,13 @@ def save_best(
 
 @dataclass
 class TrainState:
-    """Progress of a run; everything a resume would need besides model/optimizer state.
+    """Progress of a run; what the last-state checkpoint stores besides the training objects.
 
     Attributes:
         step: optimizer steps done (the schedule's next rate is lr(step + 1)).
-        micro_step: micro-batches consumed, counted globally across epochs.
+        micro_step: micro-batches consumed by this process since it started.
         epoch: current pass over the training set (seeds the sampler and augmentation).
+        batches_in_epoch: micro-batches of `epoch` consumed so far (a resume skips them).
         best_accuracy: best test accuracy so far (-1 before the first evaluation).
         best_step: step of `best_accuracy`.
     """
@@ -413,41 +443,73 @@ class TrainState:
     step: int = 0
     micro_step: int = 0
     epoch: int = 0
+    batches_in_epoch: int = 0
     best_accuracy: float = -1.0
     best_step: int = 0
 
 
-def micro_batches(loader: DataLoader, state: TrainState) -> Iterator[tuple[torch.Tensor, ...]]:
-    """Endless micro-batches, epoch after epoch, reshuffled each epoch (`set_epoch`)."""
+@dataclass
+class Trainer:
+    """The objects one optimizer step needs.
+
+    Attributes:
+        model: the bare model (what is saved).
+        net: the model to train (compiled and/or DDP-wrapped).
+        eval_net: the model to evaluate (compiled when asked, never DDP).
+        optimizer: SGD with momentum 0.9.
+        scheduler: the official per-step schedule.
+        scaler: GradScaler (fp16) or None.
+        precision: "fp32", "fp16" or "bf16".
+    """
+
+    model: VisionTransformer
+    net: nn.Module
+    eval_net: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler | StaticGradScaler | None
+    precision: str
+
+
+def micro_batches(
+    loader: DataLoader, state: TrainState, skip: int = 0
+) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Endless micro-batches, epoch after epoch, reshuffled each epoch (`set_epoch`).
+
+    Args:
+        loader: the training loader (a `DistributedSampler`; the dataset may have `set_epoch`).
+        state: `epoch` says where to start; `epoch`, `batches_in_epoch` and `micro_step` are
+            kept up to date.
+        skip: batches of the first epoch already consumed before a resume.
+    """
     while True:
         loader.sampler.set_epoch(state.epoch)
         if hasattr(loader.dataset, "set_epoch"):
             loader.dataset.set_epoch(state.epoch)
-        for batch in loader:
+        state.batches_in_epoch = skip
+        for batch in islice(loader, skip, None):
             state.micro_step += 1
+            state.batches_in_epoch += 1
             yield batch
+        skip = 0
         state.epoch += 1
 
 
-def train_step(
+def accumulate_gradients(
     model: nn.Module,
     batches: list[tuple[torch.Tensor, torch.Tensor]],
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
     scaler,
     precision: str,
     device: torch.device,
-    max_grad_norm: float,
 ) -> torch.Tensor:
-    """One optimizer step over `batches` (the accumulation micro-batches of this process).
+    """Forward and backward over `batches` (the accumulation micro-batches of this process).
 
     Gradients of all micro-batches add up to the gradient of their mean loss, i.e. of the big
-    batch; DDP synchronises only on the last one. Gradients are unscaled before clipping.
+    batch; DDP synchronises only on the last one.
 
     Returns:
         The mean loss over the micro-batches (detached).
     """
-    optimizer.zero_grad(set_to_none=True)
     total = torch.zeros((), device=device)
     for i, (images, labels) in enumerate(batches):
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
@@ -463,6 +525,13 @@ def train_step(
             scaled = loss.float() / len(batches)
             (scaler.scale(scaled) if scaler else scaled).backward()
         total += loss.detach().float()
+    return total / len(batches)
+
+
+def apply_update(
+    model: nn.Module, optimizer: torch.optim.Optimizer, scaler, max_grad_norm: float
+) -> None:
+    """Unscale (fp16), clip the global gradient norm, and take the optimizer step."""
     if scaler:
         scaler.unscale_(optimizer)
     if max_grad_norm > 0:
@@ -472,8 +541,6 @@ def train_step(
         scaler.update()
     else:
         optimizer.step()
-    scheduler.step()
-    return total / len(batches)
 
 
 def wrap_model(
@@ -493,68 +560,217 @@ def wrap_model(
     return model, eval_model
 
 
-def train(
-    args: argparse.Namespace,
-    model: VisionTransformer,
-    train_loader: DataLoader,
-    test_loader: DataLoader,
-    info: DistInfo,
-) -> dict[str, float]:
-    """Run the whole schedule, evaluating every `--eval_every` steps and at the end."""
-    device = info.device
-    precision = resolve_precision(args, device)
-    model.to(device).train()
+def make_trainer(args: argparse.Namespace, model: VisionTransformer, info: DistInfo) -> Trainer:
+    """Move the model to the device and build optimizer, schedule, scaler and wrappers."""
+    precision = resolve_precision(args, info.device)
+    model.to(info.device).train()
     optimizer = torch.optim.SGD(
         model.parameters(), lr=args.learning_rate, momentum=0.9, weight_decay=args.weight_decay
     )
     scheduler = make_scheduler(optimizer, args.num_steps, args.warmup_steps, args.decay_type)
     scaler = make_scaler(precision, args.loss_scale)
     net, eval_net = wrap_model(model, args, info)
-    log_run(args, info, train_loader, test_loader, precision)
-    writer = make_writer(args, info)
-    state = TrainState()
-    stream = micro_batches(train_loader, state)
+    return Trainer(model, net, eval_net, optimizer, scheduler, scaler, precision)
+
+
+def resume(args: argparse.Namespace, trainer: Trainer, path: Path, info: DistInfo) -> TrainState:
+    """Restore a last-state checkpoint; call last before the loop (it restores the RNG)."""
+    saved = cio.load_training_state(
+        path,
+        model=trainer.model,
+        optimizer=trainer.optimizer,
+        scheduler=trainer.scheduler,
+        scaler=trainer.scaler,
+        rank=info.rank,
+    )
+    for flag in RESUME_SENSITIVE:
+        if info.is_main and flag in saved.args and saved.args[flag] != getattr(args, flag):
+            logger.warning(
+                "Resuming with --%s %s, but the saved run used %s: the result will differ from "
+                "an uninterrupted run.",
+                flag,
+                getattr(args, flag),
+                saved.args[flag],
+            )
+    logger.info(
+        "Resumed from %s at step %d (epoch %d, batch %d; best accuracy %.4f).",
+        path,
+        saved.step,
+        saved.epoch,
+        saved.batches_in_epoch,
+        saved.best_accuracy,
+    )
+    return TrainState(
+        step=saved.step,
+        epoch=saved.epoch,
+        batches_in_epoch=saved.batches_in_epoch,
+        best_accuracy=saved.best_accuracy,
+        best_step=saved.best_step,
+    )
+
+
+def save_last_state(
+    args: argparse.Namespace, trainer: Trainer, state: TrainState, info: DistInfo
+) -> None:
+    """Write `<output_dir>/<name>_last.pt` on rank 0, with every rank's RNG state; all wait."""
+    rng = [cio.get_rng_state()]
+    if info.distributed:
+        rng = [None] * info.world_size
+        dist.all_gather_object(rng, cio.get_rng_state())
+    path = cio.last_state_path(args.output_dir, args.name)
+    if info.is_main:
+        cio.save_training_state(
+            path,
+            model=trainer.model,
+            optimizer=trainer.optimizer,
+            scheduler=trainer.scheduler,
+            scaler=trainer.scaler,
+            step=state.step,
+            best_accuracy=state.best_accuracy,
+            epoch=state.epoch,
+            batches_in_epoch=state.batches_in_epoch,
+            args=args,
+            rng_states=rng,
+            best_step=state.best_step,
+        )
+    barrier()
+
+
+def save_if_due(
+    args: argparse.Namespace,
+    trainer: Trainer,
+    state: TrainState,
+    info: DistInfo,
+    writer,
+    stopping: bool,
+) -> None:
+    """Save the last state every `--save_every` steps, at the last step and when stopping."""
+    periodic = args.save_every > 0 and state.step % args.save_every == 0
+    if not (stopping or periodic or state.step == args.num_steps):
+        return
+    if writer is not None:
+        writer.flush()  # TensorBoard is never behind the last state
+    save_last_state(args, trainer, state, info)
+
+
+def train_step(
+    args: argparse.Namespace,
+    trainer: Trainer,
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    guard: cio.NonFiniteGuard | None,
+    step: int,
+    info: DistInfo,
+) -> torch.Tensor:
+    """One optimizer step (the `step`-th); the update is skipped when the loss is not finite.
+
+    Without a grad scaler, `guard` sees the loss averaged over all processes before anything is
+    applied, so every rank skips alike and the run stops after a few non-finite losses in a row
+    (`NonFiniteLossError`). The schedule advances either way, as the fp16 scaler's skips do.
+
+    Returns:
+        The loss, averaged over micro-batches and processes.
+    """
+    trainer.optimizer.zero_grad(set_to_none=True)
+    loss = accumulate_gradients(
+        trainer.net, batches, trainer.scaler, trainer.precision, info.device
+    )
+    loss = all_reduce_sum(loss) / info.world_size
+    if guard is None or guard.check(loss, step):
+        apply_update(trainer.net, trainer.optimizer, trainer.scaler, args.max_grad_norm)
+    else:
+        trainer.optimizer.zero_grad(set_to_none=True)
+    trainer.scheduler.step()
+    return loss
+
+
+def train(
+    args: argparse.Namespace,
+    model: VisionTransformer,
+    train_loader: DataLoader,
+    test_loader: DataLoader,
+    info: DistInfo,
+    resume_from: Path | None = None,
+) -> dict[str, float]:
+    """Run the schedule from the start or `resume_from`, evaluating and saving on the way.
+
+    Evaluates every `--eval_every` steps and at the end (saving the best model), saves the last
+    state every `--save_every` steps, at the end and when SIGINT/SIGTERM asks to stop.
+
+    Raises:
+        cio.NonFiniteLossError: the loss stayed NaN/inf (no grad scaler); nothing more is saved.
+    """
+    trainer = make_trainer(args, model, info)
+    log_run(args, info, train_loader, test_loader, trainer.precision)
+    state = resume(args, trainer, resume_from, info) if resume_from else TrainState()
+    writer = make_writer(args, info, state.step)
+    stream = micro_batches(train_loader, state, skip=state.batches_in_epoch)
+    guard = None if trainer.scaler else cio.NonFiniteGuard(NON_FINITE_PATIENCE)
+    first_step, stopped = state.step, False
     eval_time, start = 0.0, time.perf_counter()
-    bar = tqdm(total=args.num_steps, desc="Training", disable=not info.is_main, dynamic_ncols=True)
-    with logging_redirect_tqdm(), bar, writer or nullcontext():
+    bar = tqdm(
+        initial=state.step,
+        total=args.num_steps,
+        desc="Training",
+        disable=not info.is_main,
+        dynamic_ncols=True,
+    )
+    with logging_redirect_tqdm(), bar, writer or nullcontext(), cio.GracefulExit() as stop:
         while state.step < args.num_steps:
             batches = [next(stream) for _ in range(args.gradient_accumulation_steps)]
-            lr = scheduler.get_last_lr()[0]  # the rate of this update, lr(step + 1)
-            loss = train_step(
-                net, batches, optimizer, scheduler, scaler, precision, device, args.max_grad_norm
-            )
-            loss = all_reduce_sum(loss) / info.world_size  # mean over processes
+            lr = trainer.scheduler.get_last_lr()[0]  # the rate of this update, lr(step + 1)
             state.step += 1
-            if writer is not None:
-                loss_value = loss.item()
-                if not math.isfinite(loss_value):
-                    logger.warning("Step %d: the loss is %s.", state.step, loss_value)
-                writer.add_scalar("train/loss", loss_value, state.step)
-                writer.add_scalar("train/lr", lr, state.step)
-                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", refresh=False)
-            bar.update(1)
+            loss = train_step(args, trainer, batches, guard, state.step, info)
+            log_step(writer, bar, state.step, loss, lr)
             last = state.step == args.num_steps
             if last or (args.eval_every > 0 and state.step % args.eval_every == 0):
                 t0 = time.perf_counter()
-                evaluate_and_save(args, eval_net, test_loader, precision, info, state, writer)
+                evaluate_and_save(args, trainer, test_loader, info, state, writer)
                 eval_time += time.perf_counter() - t0
+            stopped = stop.should_stop(info.device)  # every rank, every step, same point
+            save_if_due(args, trainer, state, info, writer, stopped)
+            if stopped:
+                if info.is_main:
+                    logger.warning(
+                        "Stopped by %s at step %d; saved %s. Continue with the same command "
+                        "plus --resume.",
+                        stop.signal_name or "a signal to another process",
+                        state.step,
+                        cio.last_state_path(args.output_dir, args.name),
+                    )
+                break
     wall = time.perf_counter() - start
-    images = args.num_steps * args.train_batch_size
+    images = (state.step - first_step) * args.train_batch_size
     return {
         "best_accuracy": state.best_accuracy,
         "best_step": state.best_step,
+        "step": state.step,
+        "stopped": stopped,
         "wall_time": wall,
         "images_per_second": images / max(wall - eval_time, 1e-9),
     }
 
 
-def make_writer(args: argparse.Namespace, info: DistInfo):
-    """TensorBoard writer under `--log_dir` on rank 0; None elsewhere."""
+def log_step(writer, bar: tqdm, step: int, loss: torch.Tensor, lr: float) -> None:
+    """Training loss and rate to TensorBoard and the progress bar (rank 0 only)."""
+    if writer is not None:
+        loss_value = loss.item()
+        writer.add_scalar("train/loss", loss_value, step)
+        writer.add_scalar("train/lr", lr, step)
+        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", refresh=False)
+    bar.update(1)
+
+
+def make_writer(args: argparse.Namespace, info: DistInfo, step: int = 0):
+    """TensorBoard writer under `--log_dir` on rank 0; None elsewhere.
+
+    A resumed run (`step` > 0) continues the same log, dropping the events logged after `step`
+    by the interrupted run (they are logged again).
+    """
     if not info.is_main:
         return None
     from torch.utils.tensorboard import SummaryWriter  # imports TensorBoard: only when training
 
-    return SummaryWriter(log_dir=args.log_dir)
+    return SummaryWriter(log_dir=args.log_dir, purge_step=step + 1 if step else None)
 
 
 def log_run(
@@ -587,15 +803,15 @@ def log_run(
 
 def evaluate_and_save(
     args: argparse.Namespace,
-    model: nn.Module,
+    trainer: Trainer,
     test_loader: DataLoader,
-    precision: str,
     info: DistInfo,
     state: TrainState,
     writer,
 ) -> None:
     """Evaluate on all ranks, log, and save the model on rank 0 when it is the best so far."""
-    result = evaluate(model, test_loader, info.device, precision, progress=info.is_main)
+    precision = trainer.precision
+    result = evaluate(trainer.eval_net, test_loader, info.device, precision, progress=info.is_main)
     extra = f", top-5 {result['top5']:.4f}" if "top5" in result else ""
     logger.info(
         "Step %d: test loss %.4f, accuracy %.4f%s (%d images).",
@@ -614,7 +830,9 @@ def evaluate_and_save(
         state.best_accuracy, state.best_step = result["accuracy"], state.step
         if info.is_main:
             class_names = list(test_loader.dataset.classes)
-            path = save_best(args, model, class_names, state.step, result["accuracy"])
+            path = save_best(
+                args, trainer.model, class_names, state.step, result["accuracy"], precision
+            )
             logger.info("Saved the best model so far to %s.", path)
 
 
@@ -629,21 +847,26 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     try:
         setup_logging(info)
         check_args(args, info)
+        resume_from = (
+            cio.resolve_resume(args.resume, args.output_dir, args.name) if args.resume else None
+        )
         set_seed(args.seed)
-        weights = read_checkpoint(args)  # fail fast, before any download
+        weights = None if resume_from else read_checkpoint(args)  # fail fast, before downloads
         train_loader, test_loader = get_loader(args)
         model = build_model(args, len(train_loader.dataset.classes), weights)
         del weights
-        summary = train(args, model, train_loader, test_loader, info)
+        summary = train(args, model, train_loader, test_loader, info, resume_from)
     finally:
         cleanup()
     if info.is_main:
-        checkpoint = os.path.join(args.output_dir, f"{args.name}_checkpoint.bin")
         print(
             f"Best accuracy: {summary['best_accuracy']:.4f} (step {summary['best_step']})\n"
+            f"Steps: {summary['step']} of {args.num_steps}"
+            f"{' (stopped; continue with --resume)' if summary['stopped'] else ''}\n"
             f"Training time: {summary['wall_time']:.1f} s "
             f"({summary['images_per_second']:.0f} images/s)\n"
-            f"Checkpoint: {checkpoint}\n"
+            f"Checkpoint: {best_checkpoint_path(args)}\n"
+            f"Last state: {cio.last_state_path(args.output_dir, args.name)}\n"
             f"TensorBoard: tensorboard --logdir {args.log_dir}"
         )
     return summary

@@ -437,6 +437,7 @@ class TrainingState:
         epoch: epoch the next batch belongs to.
         batches_in_epoch: batches of that epoch already consumed (the loop skips them).
         args: the saved command-line arguments (plain values).
+        best_step: the step of `best_accuracy` (0 when unknown).
     """
 
     step: int
@@ -444,6 +445,7 @@ class TrainingState:
     epoch: int
     batches_in_epoch: int
     args: dict[str, Any]
+    best_step: int = 0
 
 
 def last_state_path(output_dir: str | os.PathLike, name: str) -> Path:
@@ -493,6 +495,7 @@ def save_training_state(
     batches_in_epoch: int,
     args: Any,
     rng_states: list[dict[str, Any]] | None = None,
+    best_step: int = 0,
 ) -> None:
     """Write the last training state atomically (call on rank 0 only).
 
@@ -510,6 +513,7 @@ def save_training_state(
         args: an `argparse.Namespace` or a mapping; stored as plain values.
         rng_states: one :func:`get_rng_state` per rank (gathered under DDP); default: this
             process's.
+        best_step: the step of `best_accuracy`.
     """
     bare = _unwrap(model)
     config = getattr(bare, "config", None)
@@ -527,6 +531,7 @@ def save_training_state(
         "scaler": scaler.state_dict() if hasattr(scaler, "state_dict") else None,
         "step": int(step),
         "best_accuracy": float(best_accuracy),
+        "best_step": int(best_step),
         "data_position": {"epoch": int(epoch), "batches_in_epoch": int(batches_in_epoch)},
         "rng": rng_states if rng_states is not None else [get_rng_state()],
         "args": _plain(dict(args_dict or {})),
@@ -545,7 +550,9 @@ def _check_same_model(saved: Mapping[str, Any], model: nn.Module, path: str) -> 
     elif config is not None and saved.get("model_config") != _plain(dataclasses.asdict(config)):
         problems.append(f"its {config.name} configuration differs from the registry's")
     if saved.get("img_size") is not None and saved["img_size"] != _plain(bare.img_size):
-        problems.append(f"it was trained at --img_size {saved['img_size'][0]}")
+        problems.append(
+            f"it was trained at --img_size {saved['img_size'][0]}, not {bare.img_size[0]}"
+        )
     if saved.get("num_classes") is not None and saved["num_classes"] != bare.num_classes:
         problems.append(f"it has {saved['num_classes']} classes, the model {bare.num_classes}")
     if problems:
@@ -621,6 +628,7 @@ def load_training_state(
         epoch=int(position["epoch"]),
         batches_in_epoch=int(position["batches_in_epoch"]),
         args=dict(saved.get("args") or {}),
+        best_step=int(saved.get("best_step", 0)),
     )
 
 

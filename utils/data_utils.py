@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from argparse import Namespace
 from collections.abc import Callable, Sequence
 
@@ -36,6 +37,7 @@ __all__ = [
     "build_datasets",
     "build_transforms",
     "get_loader",
+    "ignore_stop_signals",
 ]
 
 logger = logging.getLogger(__name__)
@@ -268,6 +270,18 @@ def _raw_datasets(
     raise UserError(f"Unknown dataset {dataset!r}; choose one of: {', '.join(DATASETS)}.")
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: leave SIGINT/SIGTERM to the training process.
+
+    Ctrl+C in a terminal signals the whole foreground process group, workers included. A
+    worker that died of it would break the batch or evaluation the training process finishes
+    before it saves and exits (`train.py` stops cleanly on those signals); the training process
+    shuts its workers down itself.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def get_loader(args: Namespace) -> tuple[DataLoader, DataLoader]:
     """Training and evaluation loaders for this process (the original port's entry point).
 
@@ -280,6 +294,10 @@ def get_loader(args: Namespace) -> tuple[DataLoader, DataLoader]:
     The training loader shuffles with a `DistributedSampler` (call `set_epoch` on both the
     sampler and the dataset each epoch) and drops the last incomplete batch; the test loader
     holds this rank's shard of the test set, every image on exactly one rank.
+
+    Both loaders get a private `torch.Generator`: otherwise every `iter(loader)` draws its
+    worker seed from the global torch RNG, and a resumed run (which starts iterating at another
+    point) would see other dropout masks than an uninterrupted one.
     """
     rank = getattr(args, "rank", 0)
     world_size = getattr(args, "world_size", 1)
@@ -312,6 +330,8 @@ def get_loader(args: Namespace) -> tuple[DataLoader, DataLoader]:
         num_workers=workers,
         drop_last=True,
         pin_memory=torch.cuda.is_available(),
+        generator=torch.Generator(),
+        worker_init_fn=ignore_stop_signals,
     )
     test_loader = DataLoader(
         test_set,
@@ -320,5 +340,7 @@ def get_loader(args: Namespace) -> tuple[DataLoader, DataLoader]:
         num_workers=workers,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=workers > 0,
+        generator=torch.Generator(),
+        worker_init_fn=ignore_stop_signals,
     )
     return train_loader, test_loader

@@ -1,0 +1,393 @@
+"""train.py's last-state checkpoints: exact resume, crashes, kill -9, SIGTERM, divergence.
+
+Oracles are independent of the code under test: an uninterrupted run with the same flags (every
+weight compared with `torch.equal`), TensorBoard's own event reader, the bytes and mtime of the
+best checkpoint, and real processes killed with real signals.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from models import configs
+from models.configs import get_config
+from tests.test_data import make_image_folder
+from tests.test_train import scalars, tiny_args
+from utils import checkpoint_io as cio
+from utils.data_utils import get_loader
+from utils.errors import run_cli
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Long enough that a poller sees a save and stops the process well before the end.
+PROCESS_FLAGS = {
+    "num_steps": 40,
+    "save_every": 2,
+    "eval_every": 0,
+    "warmup_steps": 2,
+    "learning_rate": 0.1,
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One thread, like the subprocesses (OMP_NUM_THREADS=1): bit-identical arithmetic."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def last_state(out: Path, name: str) -> dict:
+    return cio.safe_load(cio.last_state_path(out, name))
+
+
+def assert_same_training(out_a: Path, name_a: str, out_b: Path, name_b: str) -> None:
+    """Same step, data position, weights, momentum buffers and schedule, bit for bit."""
+    a, b = last_state(out_a, name_a), last_state(out_b, name_b)
+    assert (a["step"], a["data_position"]) == (b["step"], b["data_position"])
+    assert a["model"].keys() == b["model"].keys()
+    for key, value in a["model"].items():
+        assert torch.equal(b["model"][key], value), key
+    for index, buffers in a["optimizer"]["state"].items():
+        assert torch.equal(b["optimizer"]["state"][index]["momentum_buffer"],
+                           buffers["momentum_buffer"]), index  # fmt: skip
+    assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"]
+    assert a["best_accuracy"] == b["best_accuracy"]
+
+
+def assert_same_best(out: Path, name_a: str, name_b: str) -> None:
+    """The best checkpoints hold the same weights and describe the same step and accuracy."""
+    meta_a = json.loads((out / f"{name_a}_checkpoint.json").read_text())
+    meta_b = json.loads((out / f"{name_b}_checkpoint.json").read_text())
+    assert (meta_a["step"], meta_a["accuracy"]) == (meta_b["step"], meta_b["accuracy"])
+    assert meta_a["precision"] == meta_b["precision"] == "fp32"
+    a = cio.safe_load(out / f"{name_a}_checkpoint.bin")
+    b = cio.safe_load(out / f"{name_b}_checkpoint.bin")
+    for key, value in a.items():
+        assert torch.equal(b[key], value), key
+
+
+# --------------------------------------------------------------------------------------------
+# In process: a crash after a save, then --resume
+
+
+def crash_at(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
+    """Make train.py die with an exception during optimizer step `step`."""
+    real = train.train_step
+
+    def crashing(args, trainer, batches, guard, number, info):
+        if number == step:
+            raise RuntimeError(f"simulated crash at step {number}")
+        return real(args, trainer, batches, guard, number, info)
+
+    monkeypatch.setattr(train, "train_step", crashing)
+
+
+def test_crash_then_resume_equals_uninterrupted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """8 steps straight == crash at step 7 (last save at 4) + --resume, with dropout on.
+
+    12 images in batches of 4 make 3 steps per epoch: the save at step 4 lies mid-epoch
+    (epoch 1, batch 1), and the resumed run crosses another epoch boundary. The crashed run had
+    logged steps 5 and 6 and saved a best model at step 6 before dying.
+    """
+    assert get_config("testing").dropout_rate > 0  # so the RNG restore matters
+    make_image_folder(tmp_path / "pics", classes=("a", "b", "c"), n=4)
+    common = {
+        "dataset": "imagefolder",
+        "data_dir": tmp_path / "pics",
+        "train_batch_size": 4,
+        "num_steps": 8,
+        "eval_every": 3,
+        "save_every": 4,
+        "learning_rate": 0.1,
+    }
+    straight = train.main(tiny_args(tmp_path, name="straight", **common))
+
+    with monkeypatch.context() as patch:
+        crash_at(patch, 7)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            train.main(tiny_args(tmp_path, name="resumed", **common))
+    saved = last_state(tmp_path / "out", "resumed")
+    assert saved["step"] == 4
+    assert saved["data_position"] == {"epoch": 1, "batches_in_epoch": 1}
+    assert saved["args"]["name"] == "resumed"
+    assert saved["model_type"] == "testing"
+
+    resumed = train.main(tiny_args(tmp_path, name="resumed", resume=True, **common))
+    out = tmp_path / "out"
+    assert_same_training(out, "straight", out, "resumed")
+    assert_same_best(out, "straight", "resumed")
+    assert (resumed["best_accuracy"], resumed["best_step"]) == (
+        straight["best_accuracy"],
+        straight["best_step"],
+    )
+    # TensorBoard: the events the crashed run logged after step 4 are replaced, not repeated.
+    want = scalars(tmp_path / "logs" / "straight")
+    got = scalars(tmp_path / "logs" / "resumed")
+    assert [s for s, _ in got["train/loss"]] == list(range(1, 9))
+    assert got["train/loss"] == want["train/loss"]
+    assert got["train/lr"] == want["train/lr"]
+    assert [s for s, _ in got["test/accuracy"]] == [3, 6, 8]
+
+    # Control: without restoring the RNG state, dropout draws other masks and the run differs.
+    with monkeypatch.context() as patch:
+        crash_at(patch, 5)
+        with pytest.raises(RuntimeError):
+            train.main(tiny_args(tmp_path, name="norng", **common))
+    with monkeypatch.context() as patch:
+        patch.setattr(cio, "set_rng_state", lambda state: None)
+        train.main(tiny_args(tmp_path, name="norng", resume=True, **common))
+    a, b = last_state(out, "straight")["model"], last_state(out, "norng")["model"]
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_path_and_finished_run(tmp_path: Path) -> None:
+    """`--resume PATH` under another --name; resuming a finished run trains no further."""
+    train.main(tiny_args(tmp_path, name="first", num_steps=2, eval_every=0, save_every=0))
+    path = cio.last_state_path(tmp_path / "out", "first")
+    assert cio.safe_load(path)["step"] == 2  # saved at the end even with --save_every 0
+    summary = train.main(tiny_args(tmp_path, name="second", num_steps=3, eval_every=0, resume=path))
+    assert summary["step"] == 3
+    assert last_state(tmp_path / "out", "second")["step"] == 3
+    before = path.stat().st_mtime_ns
+    again = train.main(tiny_args(tmp_path, name="first", num_steps=2, resume=True))
+    assert again["step"] == 2
+    assert path.stat().st_mtime_ns == before
+
+
+# --------------------------------------------------------------------------------------------
+# Real processes: kill -9 and SIGTERM
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The output folder of PROCESS_FLAGS run without interruption (name `straight`)."""
+    root = tmp_path_factory.mktemp("straight")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train.main(tiny_args(root, name="straight", **PROCESS_FLAGS))
+    finally:
+        torch.set_num_threads(threads)
+    return root / "out"
+
+
+def start_training(tmp_path: Path, name: str, **flags) -> tuple[subprocess.Popen, Path]:
+    """train.py in a new process group; stdout and stderr go to `<name>.log`."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        env.pop(var, None)
+    log = tmp_path / f"{name}.log"
+    argv = tiny_args(tmp_path, name=name, **PROCESS_FLAGS, **flags)
+    with log.open("w") as handle:
+        proc = subprocess.Popen(
+            [sys.executable, "train.py", *argv],
+            cwd=REPO,
+            env=env,
+            stdout=handle,
+            stderr=handle,
+            start_new_session=True,
+        )
+    return proc, log
+
+
+def wait_for_save(proc: subprocess.Popen, log: Path, path: Path, step: int) -> int:
+    """Poll the last state until it holds at least `step` steps; returns the step seen."""
+    deadline = time.monotonic() + 180
+    try:
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, f"train.py ended early:\n{log.read_text()[-3000:]}"
+            if path.exists():
+                saved = cio.safe_load(path)["step"]  # atomic writes: never a torn file
+                if saved >= step:
+                    return saved
+            time.sleep(0.01)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    proc.kill()
+    proc.wait()
+    pytest.fail(f"no save of step {step} within 180 s:\n{log.read_text()[-3000:]}")
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_equals_uninterrupted(tmp_path: Path, uninterrupted: Path) -> None:
+    out = tmp_path / "out"
+    path = cio.last_state_path(out, "killed")
+    proc, log = start_training(tmp_path, "killed")
+    wait_for_save(proc, log, path, 4)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    saved = cio.safe_load(path)["step"]  # loads: the kill tore nothing
+    assert 4 <= saved < PROCESS_FLAGS["num_steps"], "killed too late to test a resume"
+    assert saved % PROCESS_FLAGS["save_every"] == 0
+    # TensorBoard reads event files in name order, and a name holds the second it was created:
+    # resume in a later second than the killed run's file, as any real restart does.
+    time.sleep(1.1)
+
+    summary = train.main(tiny_args(tmp_path, name="killed", resume=True, **PROCESS_FLAGS))
+    assert summary["step"] == PROCESS_FLAGS["num_steps"]
+    assert_same_training(uninterrupted, "straight", out, "killed")
+    want = scalars(uninterrupted.parent / "logs" / "straight")["train/loss"]
+    got = scalars(tmp_path / "logs" / "killed")["train/loss"]
+    # Each step logged once, whichever event file TensorBoard reads first (file names hold the
+    # second and pid of their creation, so the two runs' files may sort either way).
+    assert sorted(got) == want
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("signum", "workers"),
+    [(signal.SIGTERM, 0), (signal.SIGINT, 1)],
+    ids=["sigterm-to-process", "ctrl-c-to-group-with-worker"],
+)
+def test_signal_saves_and_exits_cleanly(
+    tmp_path: Path, uninterrupted: Path, signum: int, workers: int
+) -> None:
+    """SIGTERM to train.py, or SIGINT to its whole process group with a loader worker (what
+    Ctrl+C in a terminal does): it finishes the step, saves, exits 0 and says how to resume."""
+    out = tmp_path / "out"
+    path = cio.last_state_path(out, "stopped")
+    proc, log = start_training(tmp_path, "stopped", num_workers=workers)
+    wait_for_save(proc, log, path, 2)
+    if workers:
+        os.killpg(proc.pid, signum)
+    else:
+        proc.send_signal(signum)
+    assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
+    text = log.read_text()
+    found = re.search(
+        rf"Stopped by {signal.Signals(signum).name} at step (\d+); saved (\S+)\. Continue "
+        r"with the same command plus --resume\.",
+        text,
+    )
+    assert found, text[-3000:]
+    stopped_at = int(found.group(1))
+    assert Path(found.group(2)) == path
+    assert cio.safe_load(path)["step"] == stopped_at < PROCESS_FLAGS["num_steps"]
+    assert f"Steps: {stopped_at} of {PROCESS_FLAGS['num_steps']} (stopped" in text
+    assert "Traceback" not in text
+
+    train.main(tiny_args(tmp_path, name="stopped", resume=True, **PROCESS_FLAGS))
+    assert_same_training(uninterrupted, "straight", out, "stopped")
+
+
+# --------------------------------------------------------------------------------------------
+# Divergence and user errors
+
+
+def cli(argv: list[str], capsys: pytest.CaptureFixture) -> str:
+    """Run train.py's command line in-process; it must exit 2 with a message, no traceback."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        run_cli(lambda: train.main(argv))
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
+def test_non_finite_loss_stops_without_touching_the_best_checkpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A learning rate of 1e38 overflows fp32 within a few steps: exit 2, best .bin intact."""
+    train.main(tiny_args(tmp_path, name="run", num_steps=2, eval_every=2))
+    best = tmp_path / "out" / "run_checkpoint.bin"
+    sidecar = cio.sidecar_path(best)
+    before = (best.read_bytes(), best.stat().st_mtime_ns, sidecar.read_text())
+
+    argv = tiny_args(
+        tmp_path, name="run", learning_rate=1e38, num_steps=20, eval_every=0, save_every=1
+    )
+    err = cli(argv, capsys)
+    found = re.search(r"error: Training diverged: the loss was (inf|nan) for 3 consecutive "
+                      r"steps \(last: step (\d+)\)", err)  # fmt: skip
+    assert found, err
+    assert "The best checkpoint was not overwritten" in err
+    assert (best.read_bytes(), best.stat().st_mtime_ns, sidecar.read_text()) == before
+    # Nothing is saved for the failing step; the last state stays at the step before it.
+    assert last_state(tmp_path / "out", "run")["step"] == int(found.group(2)) - 1
+
+
+@pytest.fixture
+def no_dropout(monkeypatch: pytest.MonkeyPatch) -> str:
+    name = "testing-nodrop"
+    monkeypatch.setitem(
+        configs.CONFIGS, name, get_config("testing").replace(name=name, dropout_rate=0.0)
+    )
+    return name
+
+
+def test_resume_errors(tmp_path: Path, capsys: pytest.CaptureFixture, no_dropout: str) -> None:
+    err = cli(tiny_args(tmp_path, name="run", resume=True), capsys)
+    assert "Cannot resume:" in err
+    assert "run_last.pt does not exist" in err
+
+    train.main(tiny_args(tmp_path, name="run", num_steps=1, eval_every=0))
+    err = cli(tiny_args(tmp_path, name="other", resume=True), capsys)
+    assert "Saved states in" in err
+    assert "run_last.pt" in err
+
+    err = cli(tiny_args(tmp_path, name="run", resume=True, model_type=no_dropout), capsys)
+    assert "trained with --model_type testing, not testing-nodrop" in err
+    err = cli(tiny_args(tmp_path, name="run", resume=True, img_size=48), capsys)
+    assert "trained at --img_size 32, not 48" in err
+
+    best = tmp_path / "out" / "run_checkpoint.bin"
+    err = cli(tiny_args(tmp_path, name="run", resume=best), capsys)
+    assert "not a training state" in err
+
+
+def test_resume_warns_about_changed_flags(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    train.main(tiny_args(tmp_path, name="run", num_steps=2, eval_every=0))
+    caplog.clear()
+    train.main(tiny_args(tmp_path, name="run", num_steps=3, eval_every=0, seed=7, resume=True))
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("--num_steps 3, but the saved run used 2" in w for w in warnings)
+    assert any("--seed 7, but the saved run used 42" in w for w in warnings)
+    assert not any("--learning_rate" in w for w in warnings)
+
+
+def test_resume_flags() -> None:
+    assert train.parse_args(["--name", "x"]).resume is None
+    assert train.parse_args(["--name", "x"]).save_every == 100
+    assert train.parse_args(["--name", "x", "--resume"]).resume == "auto"
+    assert train.parse_args(["--name", "x", "--resume", "a/b_last.pt"]).resume == "a/b_last.pt"
+
+
+def test_loader_workers_leave_ctrl_c_to_the_trainer(tmp_path: Path) -> None:
+    """Ctrl+C reaches the workers too; a persistent test-loader worker must survive it, or the
+    evaluation train.py finishes before saving fails with "worker exited unexpectedly"."""
+    args = argparse.Namespace(
+        dataset="digits",
+        data_dir=tmp_path,
+        img_size=16,
+        seed=0,
+        num_workers=1,
+        train_batch_size=8,
+        eval_batch_size=120,
+    )
+    _, test_loader = get_loader(args)
+    assert sum(len(labels) for _, labels in test_loader) == 360
+    worker = test_loader._iterator._workers[0]  # persistent: reused by the next pass
+    os.kill(worker.pid, signal.SIGINT)
+    os.kill(worker.pid, signal.SIGTERM)
+    time.sleep(0.5)
+    assert worker.is_alive()
+    assert sum(len(labels) for _, labels in test_loader) == 360
