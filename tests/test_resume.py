@@ -41,13 +41,7 @@ PROCESS_FLAGS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread, like the subprocesses (OMP_NUM_THREADS=1): bit-identical arithmetic."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def last_state(out: Path, name: str) -> dict:
