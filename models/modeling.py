@@ -45,20 +45,25 @@ class Attention(nn.Module):
         self.proj = nn.Linear(config.hidden_size, config.hidden_size)
 
     def forward(
-        self, x: torch.Tensor, need_weights: bool = False
+        self, x: torch.Tensor, need_weights: bool = False, num_queries: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Attend; with `num_queries`, only the first that many tokens are queries (outputs)."""
         batch, tokens, dim = x.shape
         qkv = self.qkv(x).view(batch, tokens, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, N, head_dim)
+        # Unbinding the "3" axis (not a permuted copy) lets the backward pass stack the three
+        # gradients straight into the (B, N, 3, heads, head_dim) layout of `qkv`: one copy less.
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # each (B, heads, N, head_dim)
+        if num_queries is not None:
+            q = q[:, :, :num_queries]  # (B, heads, Q, head_dim)
         dropout = self.attn_dropout if self.training else 0.0
         if need_weights:
-            scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B, heads, N, N)
+            scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B, heads, Q, N)
             probs = scores.softmax(dim=-1)
-            out = F.dropout(probs, dropout, self.training) @ v  # (B, heads, N, head_dim)
+            out = F.dropout(probs, dropout, self.training) @ v  # (B, heads, Q, head_dim)
         else:
             probs = None
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
-        out = out.transpose(1, 2).reshape(batch, tokens, dim)  # (B, N, D)
+        out = out.transpose(1, 2).reshape(batch, -1, dim)  # (B, Q, D)
         return self.proj(out), probs
 
 
@@ -90,10 +95,14 @@ class Block(nn.Module):
         self.mlp = Mlp(config)
 
     def forward(
-        self, x: torch.Tensor, need_weights: bool = False
+        self, x: torch.Tensor, need_weights: bool = False, num_outputs: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        attended, probs = self.attn(self.norm1(x), need_weights)
+        """(B, N, D) -> (B, N, D), or (B, num_outputs, D): the first tokens only."""
+        attended, probs = self.attn(self.norm1(x), need_weights, num_outputs)
+        if num_outputs is not None:
+            x = x[:, :num_outputs]  # (B, num_outputs, D)
         x = x + self.dropout(attended)
+        del attended  # free it before the MLP runs (nothing needs it for backward either)
         x = x + self.mlp(self.norm2(x))
         return x, probs
 
@@ -149,11 +158,22 @@ class Encoder(nn.Module):
         self.norm = nn.LayerNorm(config.hidden_size, eps=LN_EPS)
 
     def forward(
-        self, x: torch.Tensor, need_weights: bool = False
+        self, x: torch.Tensor, need_weights: bool = False, num_outputs: int | None = None
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Encode (B, N, D) tokens.
+
+        Args:
+            x: the embedded tokens.
+            need_weights: also return each block's attention probabilities.
+            num_outputs: return only the first that many tokens. The last block then computes
+                nothing else (its attention queries, projection and MLP for the other tokens
+                feed no output). For the class token of ViT-B_16 at 224 that is 6% fewer
+                FLOPs (35.1 -> 32.9 GFLOP per image).
+        """
         maps = []
-        for block in self.blocks:
-            x, probs = block(x, need_weights)
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
+            x, probs = block(x, need_weights, num_outputs if i == last else None)
             if need_weights:
                 maps.append(probs)
         return self.norm(x), maps
@@ -220,7 +240,12 @@ class VisionTransformer(nn.Module):
         self, x: torch.Tensor, need_weights: bool = False
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Image (B, 3, H, W) -> pooled representation (B, D') and attention maps."""
-        tokens, maps = self.encoder(self.embeddings(x), need_weights)  # (B, N, D)
+        # The `token` classifier reads the class token only: the last block computes just that
+        # one, unless the (full) attention maps are wanted.
+        only_cls = self.config.classifier == "token" and not need_weights
+        tokens, maps = self.encoder(
+            self.embeddings(x), need_weights, num_outputs=1 if only_cls else None
+        )  # (B, N, D) or (B, 1, D)
         pooled = tokens[:, 0] if self.config.classifier == "token" else tokens.mean(dim=1)
         if self.pre_logits is not None:
             pooled = torch.tanh(self.pre_logits(pooled))

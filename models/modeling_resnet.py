@@ -42,8 +42,29 @@ def _pad_same(x: torch.Tensor, kernel: int, stride: int, value: float = 0.0) -> 
     return x
 
 
+def _pool_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
+    """Output length of `F.max_pool2d(..., ceil_mode=True)` (PyTorch's rule)."""
+    out = math.ceil((size + 2 * padding - kernel) / stride) + 1
+    return out - 1 if (out - 1) * stride >= size + padding else out
+
+
 def max_pool_same(x: torch.Tensor, kernel: int = 3, stride: int = 2) -> torch.Tensor:
-    """Max-pool with TensorFlow `SAME` padding; the padding is -inf, so it never wins."""
+    """Max-pool with TensorFlow `SAME` padding (padded cells never win, as with -inf).
+
+    `SAME` pads `before` cells in front and `before` or `before + 1` behind. PyTorch's own
+    padding pads `before` on both sides and `ceil_mode` lets the last window run one cell past
+    the end, both ignored by the max: the same windows, without copying the input into a padded
+    tensor. Other cases fall back to an explicit -inf pad.
+    """
+    pads = [same_padding(size, kernel, stride) for size in x.shape[-2:]]
+    fits = all(
+        after - before in (0, 1)
+        and before <= kernel // 2
+        and _pool_output_size(size, kernel, stride, before) == same_output_size(size, stride)
+        for size, (before, after) in zip(x.shape[-2:], pads, strict=True)
+    )
+    if fits:
+        return F.max_pool2d(x, kernel, stride, padding=[b for b, _ in pads], ceil_mode=True)
     return F.max_pool2d(_pad_same(x, kernel, stride, value=float("-inf")), kernel, stride)
 
 
@@ -52,18 +73,29 @@ class StdConv2d(nn.Conv2d):
 
     Each output filter is standardised over (in, kh, kw): `(w - mean) / (std + 1e-5)` with the
     biased std, as `vit_jax.models_resnet.StdConv` does (eps on the std, not the variance).
+    `SAME` padding is symmetric for stride 1 and an odd kernel; the convolution pads itself
+    then, without copying the input into a padded tensor.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1):
-        super().__init__(in_channels, out_channels, kernel_size, stride=stride, bias=False)
+        static = stride == 1 and kernel_size % 2 == 1
+        super().__init__(
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride=stride,
+            padding=(kernel_size - 1) // 2 if static else 0,
+            bias=False,
+        )
+        self.pad_input = not static
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        mean = w.mean(dim=(1, 2, 3), keepdim=True)
-        std = w.std(dim=(1, 2, 3), keepdim=True, unbiased=False)
+        std, mean = torch.std_mean(w, dim=(1, 2, 3), correction=0, keepdim=True)
         w = (w - mean) / (std + WS_EPS)
-        x = _pad_same(x, self.kernel_size[0], self.stride[0])
-        return F.conv2d(x, w, None, self.stride)
+        if self.pad_input:
+            x = _pad_same(x, self.kernel_size[0], self.stride[0])
+        return F.conv2d(x, w, None, self.stride, self.padding)
 
 
 def _group_norm(channels: int) -> nn.GroupNorm:
@@ -89,10 +121,15 @@ class Bottleneck(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         residual = self.gn_proj(self.conv_proj(x)) if self.has_proj else x
-        y = F.relu(self.gn1(self.conv1(x)))
-        y = F.relu(self.gn2(self.conv2(y)))
-        y = self.gn3(self.conv3(y))
-        return F.relu(residual + y)
+        # One layer per statement, so that each input is freed as soon as it is used up; ReLU
+        # and the sum in place: GroupNorm's backward needs its input, not its output.
+        y = self.conv1(x)
+        y = F.relu(self.gn1(y), inplace=True)
+        y = self.conv2(y)
+        y = F.relu(self.gn2(y), inplace=True)
+        y = self.conv3(y)
+        y = self.gn3(y)
+        return F.relu(y.add_(residual), inplace=True)
 
 
 class Stage(nn.Module):
@@ -135,7 +172,7 @@ class ResNetV2(nn.Module):
         return height, width
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.gn_root(self.conv_root(x)))
+        x = F.relu(self.gn_root(self.conv_root(x)), inplace=True)  # (B, C, H/2, W/2)
         x = max_pool_same(x)  # (B, C, H/4, W/4)
         for stage in self.stages:
             x = stage(x)

@@ -1,0 +1,833 @@
+"""Side-by-side benchmark of this project's ViT and timm's equivalent, in one run.
+
+For a `--model_type`, image size, batch, precision and device it measures, interleaving the two
+models step by step so that machine noise hits both alike:
+
+- images/s of inference and of a full training step (forward, cross-entropy, backward, gradient
+  clipping at 1.0, SGD momentum step, as `train.py` does it), and the ratio ours / timm;
+- the FLOPs of each (`torch.utils.flop_counter`) and the fraction of the machine's matrix-multiply
+  throughput reached, the latter measured with a large GEMM inside the same timing loop;
+- peak memory: on CUDA `torch.cuda.max_memory_allocated`; on CPU the peak bytes of live tensor
+  storage (parameters, optimizer state, inputs, activations, gradients), tracked op by op;
+- whether (N x N) attention probabilities are saved for backward when `vis=False`;
+- optionally (`--compile`) the throughput of `torch.compile`d copies, timed in the same
+  interleaved rounds, and their gain over eager;
+- checkpoint load time: official-layout `.npz` -> ready model, ours vs timm's loader;
+- the data pipeline: images/s per worker of the training transforms on CIFAR-sized (32 x 32)
+  images upscaled to the model size, and of a batched tensor path that runs on the device.
+
+Throughput is reported as the median over the rounds and as the best round (on a shared
+machine noise only slows steps down). The results are printed as a Markdown table and written
+as JSON (`--out`). Example::
+
+    .venv/bin/python bench.py --model_type ViT-B_16 --img_size 224 --batch_size 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import functools
+import json
+import logging
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
+
+from models.checkpoint import load_npz, save_npz, state_dict_to_npz
+from models.configs import ViTConfig, get_config, model_names
+from models.modeling import VisionTransformer
+
+logger = logging.getLogger("bench")
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+MB = 2**20
+# Medians, and the best round: on a shared machine noise only ever slows a step down, so the
+# fastest of several interleaved rounds is the steadier estimate of what the code costs.
+THROUGHPUTS = ("infer_img_s", "train_img_s", "infer_img_s_best", "train_img_s_best")
+
+
+# --------------------------------------------------------------------------------------------
+# The two models
+
+
+def build_ours(config: ViTConfig, img_size: int, num_classes: int, vis: bool = False) -> nn.Module:
+    """This project's model."""
+    return VisionTransformer(config, img_size, num_classes=num_classes, vis=vis)
+
+
+def build_timm(config: ViTConfig, img_size: int, num_classes: int) -> nn.Module:
+    """timm's VisionTransformer with the same architecture, tanh GELU and fused attention.
+
+    Plain models are `timm.models.vision_transformer.VisionTransformer` (what
+    `vit_base_patch16_224` builds); hybrids put timm's ResNetV2 (`vit_base_r50_s16_224`'s
+    backbone: StdConv2dSame, GroupNorm, SAME stem) in a `HybridEmbed`. Dropout rates match ours
+    (embeddings, attention output, MLP). timm has no `pre_logits` layer; registry configs have
+    none either.
+    """
+    import timm.layers
+    from timm.layers import HybridEmbed, StdConv2dSame
+    from timm.models.resnetv2 import ResNetV2
+    from timm.models.vision_transformer import VisionTransformer as TimmViT
+
+    timm.layers.set_fused_attn(True)
+    kwargs: dict[str, Any] = {}
+    if config.resnet is not None:
+        backbone = ResNetV2(
+            layers=config.resnet.num_layers,
+            num_classes=0,
+            global_pool="",
+            preact=False,
+            stem_type="same",
+            conv_layer=functools.partial(StdConv2dSame, eps=1e-8),
+            width_factor=config.resnet.width_factor,
+        )
+        kwargs["embed_layer"] = functools.partial(HybridEmbed, backbone=backbone)
+    return TimmViT(
+        img_size=img_size,
+        patch_size=config.patch_size,
+        num_classes=num_classes,
+        global_pool="token" if config.classifier == "token" else "avg",
+        class_token=config.classifier == "token",
+        embed_dim=config.hidden_size,
+        depth=config.num_layers,
+        num_heads=config.num_heads,
+        mlp_ratio=config.mlp_dim / config.hidden_size,
+        pos_drop_rate=config.dropout_rate,
+        proj_drop_rate=config.dropout_rate,
+        attn_drop_rate=config.attention_dropout_rate,
+        act_layer=functools.partial(nn.GELU, approximate="tanh"),
+        **kwargs,
+    )
+
+
+def ours_loss(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return model(images, labels)
+
+
+def timm_loss(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(model(images), labels)
+
+
+def ours_logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    return model(images)[0]
+
+
+def timm_logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    return model(images)
+
+
+@dataclass
+class Runner:
+    """One model under test, with the closures the benchmark times."""
+
+    name: str
+    model: nn.Module
+    loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+    logits_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor]
+    optimizer: torch.optim.Optimizer
+    infer_times: list[float] = field(default_factory=list)
+    train_times: list[float] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------
+# Steps and timing
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def train_step(
+    runner: Runner, images: torch.Tensor, labels: torch.Tensor, dtype: torch.dtype
+) -> None:
+    """One optimisation step as train.py takes it (mixed precision via autocast)."""
+    with _autocast(images.device, dtype):
+        loss = runner.loss_fn(runner.model, images, labels)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(runner.model.parameters(), 1.0)
+    runner.optimizer.step()
+    runner.optimizer.zero_grad(set_to_none=True)
+
+
+def infer_step(runner: Runner, images: torch.Tensor, dtype: torch.dtype) -> None:
+    with torch.inference_mode(), _autocast(images.device, dtype):
+        runner.logits_fn(runner.model, images)
+
+
+def _timed(fn: Callable[[], Any], device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def matmul_flops_per_s(size: int, dtype: torch.dtype, device: torch.device) -> Callable[[], float]:
+    """A closure timing one (size x size) @ (size x size) GEMM; returns FLOP/s."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    torch.mm(a, b)
+
+    def run() -> float:
+        return 2 * size**3 / _timed(lambda: torch.mm(a, b), device)
+
+    return run
+
+
+def interleaved(
+    runners: list[Runner],
+    step: Callable[[Runner], None],
+    times_attr: str,
+    warmup: int,
+    iters: int,
+    device: torch.device,
+    gemm: Callable[[], float],
+    gemm_rates: list[float],
+) -> None:
+    """Warm up, then time `iters` rounds; each round runs every model once, then a GEMM.
+
+    The order of the models alternates between rounds so neither always runs first.
+    """
+    for runner in runners:
+        for _ in range(warmup):
+            step(runner)
+    for i in range(iters):
+        order = runners if i % 2 == 0 else runners[::-1]
+        for runner in order:
+            getattr(runner, times_attr).append(_timed(lambda r=runner: step(r), device))
+        gemm_rates.append(gemm())
+
+
+# --------------------------------------------------------------------------------------------
+# Memory
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """Tracks the bytes of tensor storage created inside the mode, and their peak.
+
+    Every aten op's outputs are inspected; a storage that is new (not one of the op's inputs,
+    so views and in-place results are not counted twice) is added and removed again when it is
+    freed. This is the CPU counterpart of `torch.cuda.max_memory_allocated` minus what existed
+    before entering (add that yourself).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.current = 0
+        self.peak = 0
+        self._live: set[int] = set()
+
+    def _free(self, key: int, nbytes: int) -> None:
+        self._live.discard(key)
+        self.current -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {
+            t.untyped_storage().data_ptr()
+            for t in torch.utils._pytree.tree_leaves((args, kwargs))
+            if isinstance(t, torch.Tensor)
+        }
+        for t in torch.utils._pytree.tree_leaves(out):
+            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+                continue
+            storage = t.untyped_storage()
+            key, nbytes = storage.data_ptr(), storage.nbytes()
+            if nbytes == 0 or key in inputs or key in self._live:
+                continue
+            self._live.add(key)
+            self.current += nbytes
+            weakref.finalize(storage, self._free, key, nbytes)
+        self.peak = max(self.peak, self.current)
+        return out
+
+
+def _storage_bytes(tensors: Iterator[torch.Tensor]) -> int:
+    seen: dict[int, int] = {}
+    for t in tensors:
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
+
+
+def _resident_tensors(runner: Runner, images: torch.Tensor) -> Iterator[torch.Tensor]:
+    yield images
+    yield from runner.model.parameters()
+    yield from runner.model.buffers()
+    for state in runner.optimizer.state.values():
+        yield from (v for v in state.values() if isinstance(v, torch.Tensor))
+
+
+def peak_memory(runner: Runner, fn: Callable[[], None], images: torch.Tensor) -> int:
+    """Peak bytes of live tensors while `fn` runs (parameters and optimizer state included)."""
+    device = images.device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device)
+    resident = _storage_bytes(_resident_tensors(runner, images))
+    with LiveTensorBytes() as tracker:
+        fn()
+    return resident + tracker.peak
+
+
+def saved_attention_maps(
+    model: nn.Module, loss_fn: Callable, images: torch.Tensor, labels: torch.Tensor, tokens: int
+) -> int:
+    """How many (..., N, N) tensors autograd saves for backward in one training forward."""
+    count = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal count
+        if t.dim() >= 3 and t.shape[-1] == t.shape[-2] == tokens:
+            count += 1
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = loss_fn(model, images, labels)
+    del loss
+    return count
+
+
+def count_flops(fn: Callable[[], Any]) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoint loading
+
+
+def checkpoint_load_times(
+    config: ViTConfig, img_size: int, num_classes: int, iters: int
+) -> dict[str, Any]:
+    """Seconds from an official-layout `.npz` on disk to a ready model (build + read + load).
+
+    The file is written from a randomly initialised model of ours in a temporary directory.
+    Both loaders read the same file; their logits on one input are compared afterwards.
+    """
+    from timm.models.vision_transformer import _load_weights
+
+    def ours() -> nn.Module:
+        model = build_ours(config, img_size, num_classes)
+        model.load_from(load_npz(path))
+        return model.eval()
+
+    def theirs() -> nn.Module:
+        model = build_timm(config, img_size, num_classes)
+        _load_weights(model, path)
+        return model.eval()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, f"{config.name}.npz")
+        source = build_ours(config, img_size, num_classes)
+        nn.init.normal_(source.head.weight, std=0.02)  # a non-zero head, so outputs differ
+        save_npz(path, state_dict_to_npz(source.state_dict(), config))
+        del source
+        file_mb = os.path.getsize(path) / MB
+        times: dict[str, list[float]] = {"ours": [], "timm": []}
+        for i in range(iters):
+            for name, fn in (("ours", ours), ("timm", theirs))[:: 1 if i % 2 == 0 else -1]:
+                start = time.perf_counter()
+                model = fn()
+                times[name].append(time.perf_counter() - start)
+                del model
+        ours_model, timm_model = ours(), theirs()
+    x = torch.randn(2, 3, img_size, img_size, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        diff = (ours_model(x)[0] - timm_model(x)).abs().max().item()
+    ours_s, timm_s = statistics.median(times["ours"]), statistics.median(times["timm"])
+    return {
+        "file_mb": file_mb,
+        "ours_s": ours_s,
+        "timm_s": timm_s,
+        "ratio_ours_over_timm": ours_s / timm_s,
+        "ours_best_s": min(times["ours"]),
+        "timm_best_s": min(times["timm"]),
+        "max_abs_logit_diff": diff,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Data pipeline
+
+
+def train_transform(img_size: int) -> tuple[Callable, str]:
+    """The training transforms of `utils.data_utils`, or the same recipe from torchvision."""
+    try:
+        from utils.data_utils import build_transforms
+    except ImportError:
+        from torchvision import transforms
+
+        transform = transforms.Compose(
+            [
+                transforms.RandomResizedCrop(img_size, scale=(0.05, 1.0)),
+                transforms.RandomHorizontalFlip(),
+                transforms.ToTensor(),
+                transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+            ]
+        )
+        return transform, "torchvision RandomResizedCrop(0.05-1)+flip+ToTensor+Normalize"
+    return build_transforms(img_size, train=True), "utils.data_utils.build_transforms"
+
+
+def random_resized_crop_batch(
+    images: torch.Tensor,
+    size: int,
+    scale: tuple[float, float] = (0.05, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Inception crop + horizontal flip + [-1, 1] scaling of a uint8 batch, on its device.
+
+    One `grid_sample` resamples a random box per image (area fraction in `scale`, aspect ratio
+    log-uniform in `ratio`, clipped to the image) to `size` x `size`, bilinear; half of the
+    boxes are mirrored. The device-side counterpart of the per-image PIL transforms.
+
+    Args:
+        images: (B, 3, H, W) uint8.
+        size: output side.
+        scale: range of the crop's area as a fraction of the image.
+        ratio: range of the crop's width / height.
+        generator: random source on the images' device.
+
+    Returns:
+        (B, 3, size, size) float32 in [-1, 1].
+    """
+    batch, device = images.shape[0], images.device
+
+    def uniform(low: float, high: float) -> torch.Tensor:
+        return low + (high - low) * torch.rand(batch, device=device, generator=generator)
+
+    area = uniform(*scale)
+    aspect = torch.exp(uniform(math.log(ratio[0]), math.log(ratio[1])))
+    # Box sides as fractions of the image side (affine_grid works in [-1, 1] coordinates).
+    width = torch.sqrt(area * aspect).clamp(max=1.0)
+    height = torch.sqrt(area / aspect).clamp(max=1.0)
+    center_x = uniform(0.0, 1.0) * (1 - width) * 2 - (1 - width)
+    center_y = uniform(0.0, 1.0) * (1 - height) * 2 - (1 - height)
+    flip = torch.where(uniform(0.0, 1.0) < 0.5, -1.0, 1.0)
+    theta = torch.zeros(batch, 2, 3, device=device)
+    theta[:, 0, 0] = width * flip
+    theta[:, 0, 2] = center_x
+    theta[:, 1, 1] = height
+    theta[:, 1, 2] = center_y
+    grid = F.affine_grid(theta, [batch, 3, size, size], align_corners=False)
+    pixels = images.float().div_(127.5).sub_(1.0)  # [0, 255] -> [-1, 1]
+    return F.grid_sample(pixels, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def data_pipeline_rates(img_size: int, num_images: int, device: torch.device) -> dict[str, Any]:
+    """Images/s of the per-image transforms (one worker) and of the batched device path."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, size=(num_images, 32, 32, 3), dtype=np.uint8)
+    pil_images = [Image.fromarray(p) for p in pixels]
+    transform, name = train_transform(img_size)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a DataLoader worker
+    try:
+        for image in pil_images[:8]:
+            transform(image)
+        start = time.perf_counter()
+        for image in pil_images:
+            transform(image)
+        per_worker = num_images / (time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+    result: dict[str, Any] = {"transform": name, "per_worker_img_s": per_worker}
+
+    batch = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()
+    devices = [torch.device("cpu")] + ([device] if device.type == "cuda" else [])
+    for dev in devices:
+        on_device = batch.to(dev)
+        random_resized_crop_batch(on_device, img_size)
+        seconds = min(
+            _timed(lambda d=on_device: random_resized_crop_batch(d, img_size), dev)
+            for _ in range(3)
+        )
+        result[f"batched_{dev.type}_img_s"] = num_images / seconds
+    if device.type != "cuda":
+        result["batched_cuda_img_s"] = None  # no GPU in this run
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# The benchmark
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def _section(
+    args: argparse.Namespace, runners: list[Runner], cost: dict[str, dict], gemm_rate: float
+) -> dict[str, Any]:
+    """Figures of one pair (ours, timm) of runners; FLOPs and memory come from `cost`."""
+    result: dict[str, Any] = {}
+    for r in runners:
+        c = cost[r.name]
+        infer_s, train_s = statistics.median(r.infer_times), statistics.median(r.train_times)
+        result[r.name] = {
+            "infer_img_s": args.batch_size / infer_s,
+            "train_img_s": args.train_batch_size / train_s,
+            "infer_img_s_best": args.batch_size / min(r.infer_times),
+            "train_img_s_best": args.train_batch_size / min(r.train_times),
+            "infer_step_s": infer_s,
+            "train_step_s": train_s,
+            "infer_gflop_per_img": c["infer_flops"] / args.batch_size / 1e9,
+            "train_gflop_per_img": c["train_flops"] / args.train_batch_size / 1e9,
+            "infer_matmul_fraction": c["infer_flops"] / infer_s / gemm_rate,
+            "train_matmul_fraction": c["train_flops"] / train_s / gemm_rate,
+            "infer_peak_mem_mb": c["infer_mem"] / MB,
+            "train_peak_mem_mb": c["train_mem"] / MB,
+            "saved_nxn_tensors_vis_false": c["nxn"],
+            "infer_times_s": [round(t, 4) for t in r.infer_times],
+            "train_times_s": [round(t, 4) for t in r.train_times],
+        }
+    a, b = result["ours"], result["timm"]
+    result["ratio_ours_over_timm"] = {
+        key: _ratio(a[key], b[key])
+        for key in (*THROUGHPUTS, "infer_peak_mem_mb", "train_peak_mem_mb")
+    }
+    result["matmul_gflop_s"] = gemm_rate / 1e9
+    return result
+
+
+def measure_models(
+    args: argparse.Namespace,
+    config: ViTConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    gemm: Callable[[], float],
+) -> dict[str, Any]:
+    """Throughput, FLOPs and peak memory of ours vs timm: `eager`, and `compiled` if asked.
+
+    With `--compile`, the compiled copies run in the same interleaved rounds as the eager
+    models, so the compile gain is measured under the same machine noise.
+    """
+    torch.manual_seed(0)
+    models = {
+        "ours": build_ours(config, args.img_size, args.num_classes).to(device),
+        "timm": build_timm(config, args.img_size, args.num_classes).to(device),
+    }
+    fns = {"ours": (ours_loss, ours_logits), "timm": (timm_loss, timm_logits)}
+    eager_runners = []
+    compiled_runners = []
+    for name, model in models.items():
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+        eager_runners.append(Runner(name, model, *fns[name], optimizer))
+        if args.compile:
+            twin = copy.deepcopy(model)
+            twin_opt = torch.optim.SGD(twin.parameters(), lr=1e-3, momentum=0.9)
+            compiled_runners.append(Runner(name, torch.compile(twin), *fns[name], twin_opt))
+    runners = eager_runners + compiled_runners
+
+    gen = torch.Generator().manual_seed(0)
+    infer_x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, generator=gen)
+    train_x = torch.randn(args.train_batch_size, 3, args.img_size, args.img_size, generator=gen)
+    train_y = torch.randint(0, args.num_classes, (args.train_batch_size,), generator=gen)
+    infer_x, train_x, train_y = infer_x.to(device), train_x.to(device), train_y.to(device)
+
+    for r in runners:
+        r.model.eval()
+    logger.info(
+        "inference: %d warm-up + %d timed rounds of %d models",
+        args.warmup,
+        args.infer_iters,
+        len(runners),
+    )
+    gemm_rates: list[float] = []
+    interleaved(
+        runners,
+        lambda r: infer_step(r, infer_x, dtype),
+        "infer_times",
+        args.warmup,
+        args.infer_iters,
+        device,
+        gemm,
+        gemm_rates,
+    )
+    for r in runners:
+        r.model.train()
+    logger.info("training: %d warm-up + %d timed rounds", args.warmup, args.iters)
+    interleaved(
+        runners,
+        lambda r: train_step(r, train_x, train_y, dtype),
+        "train_times",
+        args.warmup,
+        args.iters,
+        device,
+        gemm,
+        gemm_rates,
+    )
+    gemm_rate = statistics.median(gemm_rates)
+
+    # FLOPs, memory and saved tensors of the eager modules (compiled graphs hide their ops).
+    cost: dict[str, dict] = {}
+    for r in eager_runners:
+        r.model.eval()
+        cost[r.name] = {
+            "infer_flops": count_flops(lambda r=r: infer_step(r, infer_x, dtype)),
+            "infer_mem": peak_memory(r, lambda r=r: infer_step(r, infer_x, dtype), infer_x),
+        }
+        r.model.train()
+        cost[r.name]["train_flops"] = count_flops(
+            lambda r=r: train_step(r, train_x, train_y, dtype)
+        )
+        cost[r.name]["train_mem"] = peak_memory(
+            r, lambda r=r: train_step(r, train_x, train_y, dtype), train_x
+        )
+        tokens = _num_tokens(models["ours"])
+        cost[r.name]["nxn"] = saved_attention_maps(r.model, r.loss_fn, train_x, train_y, tokens)
+        r.optimizer.zero_grad(set_to_none=True)
+    results = {"eager": _section(args, eager_runners, cost, gemm_rate)}
+    if compiled_runners:
+        results["compiled"] = _section(args, compiled_runners, cost, gemm_rate)
+    return results
+
+
+def _num_tokens(model: VisionTransformer) -> int:
+    return model.embeddings.pos_embed.shape[1]
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    info = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+    with contextlib.suppress(ImportError):
+        import timm
+
+        info["timm"] = timm.__version__
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as handle:
+        for line in handle:
+            if line.startswith("model name"):
+                info["cpu_model"] = line.split(":", 1)[1].strip()
+                break
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Run every measurement; returns the JSON-able results."""
+    config = get_config(args.model_type)
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
+    dtype = DTYPES[args.dtype]
+    matmul_size = args.matmul_size or (8192 if device.type == "cuda" else 2048)
+    gemm = matmul_flops_per_s(matmul_size, dtype, device)
+    results: dict[str, Any] = {
+        "command": " ".join([os.path.basename(sys.argv[0]) or "bench.py", *sys.argv[1:]]),
+        "settings": {
+            "model_type": config.name,
+            "img_size": args.img_size,
+            "batch_size": args.batch_size,
+            "train_batch_size": args.train_batch_size,
+            "num_classes": args.num_classes,
+            "dtype": args.dtype,
+            "device": str(device),
+            "warmup": args.warmup,
+            "iters": args.iters,
+            "infer_iters": args.infer_iters,
+            "matmul_size": matmul_size,
+            "memory_measure": (
+                "torch.cuda.max_memory_allocated"
+                if device.type == "cuda"
+                else "peak bytes of live tensor storage (dispatch-mode tracker)"
+            ),
+        },
+        "machine": machine_info(device),
+    }
+    results.update(measure_models(args, config, device, dtype, gemm))
+    if args.compile:
+        results["compile_gain"] = {
+            name: {
+                key: _ratio(results["compiled"][name][key], results["eager"][name][key])
+                for key in THROUGHPUTS
+            }
+            for name in ("ours", "timm")
+        }
+    if args.load_iters:
+        logger.info("checkpoint load time")
+        results["checkpoint_load"] = checkpoint_load_times(
+            config, args.img_size, args.num_classes, args.load_iters
+        )
+    if args.data_images:
+        logger.info("data pipeline")
+        data = data_pipeline_rates(args.img_size, args.data_images, device)
+        ours_rate = results["eager"]["ours"]["train_img_s"]
+        data["workers_to_feed_ours_training"] = ours_rate / data["per_worker_img_s"]
+        results["data_pipeline"] = data
+    return results
+
+
+# --------------------------------------------------------------------------------------------
+# Output
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """The results as a Markdown table (one row per figure)."""
+    s = results["settings"]
+    lines = [
+        f"{s['model_type']} @ {s['img_size']}, {s['dtype']}, {s['device']}, batch "
+        f"{s['batch_size']} (inference) / {s['train_batch_size']} (training), "
+        f"matmul {results['eager']['matmul_gflop_s']:.1f} GFLOP/s",
+        "",
+        "| figure | ours | timm | ours/timm |",
+        "|---|---|---|---|",
+    ]
+    rows = [
+        ("inference img/s (median)", "infer_img_s", 2),
+        ("inference img/s (best round)", "infer_img_s_best", 2),
+        ("training img/s (median)", "train_img_s", 2),
+        ("training img/s (best round)", "train_img_s_best", 2),
+        ("inference peak memory MB", "infer_peak_mem_mb", 1),
+        ("training peak memory MB", "train_peak_mem_mb", 1),
+        ("inference matmul fraction", "infer_matmul_fraction", 3),
+        ("training matmul fraction", "train_matmul_fraction", 3),
+        ("inference GFLOP/img", "infer_gflop_per_img", 2),
+        ("training GFLOP/img", "train_gflop_per_img", 2),
+        ("saved N x N tensors (vis=False)", "saved_nxn_tensors_vis_false", 0),
+    ]
+    for section in ("eager", "compiled"):
+        if section not in results:
+            continue
+        data = results[section]
+        tag = "" if section == "eager" else " (compiled)"
+        for label, key, digits in rows if section == "eager" else rows[:4]:
+            ours, timm_value = data["ours"][key], data["timm"][key]
+            ratio = _ratio(ours, timm_value) if isinstance(ours, float) else None
+            lines.append(
+                f"| {label}{tag} | {_fmt(ours, digits)} | {_fmt(timm_value, digits)} "
+                f"| {_fmt(ratio)} |"
+            )
+    if "compile_gain" in results:
+        gain = results["compile_gain"]
+        for key, label in (
+            ("infer_img_s", "inference, median"),
+            ("infer_img_s_best", "inference, best"),
+            ("train_img_s", "training, median"),
+            ("train_img_s_best", "training, best"),
+        ):
+            lines.append(
+                f"| compile gain, {label} | {_fmt(gain['ours'][key])}x "
+                f"| {_fmt(gain['timm'][key])}x | - |"
+            )
+    if "checkpoint_load" in results:
+        load = results["checkpoint_load"]
+        lines.append(
+            f"| npz -> ready model s, median ({load['file_mb']:.0f} MB) | {_fmt(load['ours_s'])} "
+            f"| {_fmt(load['timm_s'])} | {_fmt(load['ratio_ours_over_timm'])} |"
+        )
+        best = _ratio(load["ours_best_s"], load["timm_best_s"])
+        lines.append(
+            f"| npz -> ready model s, best | {_fmt(load['ours_best_s'])} "
+            f"| {_fmt(load['timm_best_s'])} | {_fmt(best)} |"
+        )
+    if "data_pipeline" in results:
+        data = results["data_pipeline"]
+        lines += [
+            "",
+            f"Data pipeline ({data['transform']}), 32x32 -> {s['img_size']}: "
+            f"{data['per_worker_img_s']:.0f} img/s per worker "
+            f"({data['workers_to_feed_ours_training']:.2f} workers feed our training); "
+            f"batched on-device path: CPU {_fmt(data['batched_cpu_img_s'], 0)} img/s, "
+            f"CUDA {_fmt(data['batched_cuda_img_s'], 0)} img/s.",
+        ]
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model_type", choices=model_names(), default="ViT-B_16")
+    parser.add_argument("--img_size", type=int, default=224)
+    parser.add_argument("--batch_size", type=int, default=8, help="inference batch")
+    parser.add_argument(
+        "--train_batch_size", type=int, default=None, help="training batch (default: --batch_size)"
+    )
+    parser.add_argument("--num_classes", type=int, default=10)
+    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per model")
+    parser.add_argument(
+        "--iters", type=int, default=5, help="timed training rounds (the median is reported)"
+    )
+    parser.add_argument(
+        "--infer_iters", type=int, default=None, help="timed inference rounds (default: 3 x iters)"
+    )
+    parser.add_argument("--compile", action="store_true", help="also measure torch.compile")
+    parser.add_argument(
+        "--load_iters", type=int, default=2, help="checkpoint load repetitions (0: skip)"
+    )
+    parser.add_argument(
+        "--data_images", type=int, default=256, help="images for the data pipeline (0: skip)"
+    )
+    parser.add_argument(
+        "--matmul_size", type=int, default=None, help="GEMM side (default 2048 CPU, 8192 CUDA)"
+    )
+    parser.add_argument("--out", default="bench_results.json", help="JSON output path")
+    args = parser.parse_args(argv)
+    if args.train_batch_size is None:
+        args.train_batch_size = args.batch_size
+    if args.infer_iters is None:
+        args.infer_iters = 3 * args.iters
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    results = run(args)
+    with open(args.out, "w") as handle:
+        json.dump(results, handle, indent=2)
+    print(format_table(results))
+    logger.info("results written to %s", args.out)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+"""bench.py: the command runs end to end on the `testing` config and its output has the promised
+shape (never its speed); attention maps are not materialised unless asked for; the speed-ups in
+`models/` compute exactly what the plain formulas do."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import bench
+from models.configs import get_config
+from models.modeling_resnet import StdConv2d, max_pool_same
+
+pytest.importorskip("timm")
+
+FIGURES = {
+    "infer_img_s",
+    "train_img_s",
+    "infer_img_s_best",
+    "train_img_s_best",
+    "infer_step_s",
+    "train_step_s",
+    "infer_gflop_per_img",
+    "train_gflop_per_img",
+    "infer_matmul_fraction",
+    "train_matmul_fraction",
+    "infer_peak_mem_mb",
+    "train_peak_mem_mb",
+    "saved_nxn_tensors_vis_false",
+}
+TIMES = {"infer_times_s", "train_times_s"}
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict, str]:
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    argv = [
+        "--model_type",
+        "testing",
+        "--img_size",
+        "32",
+        "--batch_size",
+        "2",
+        "--warmup",
+        "1",
+        "--iters",
+        "2",
+        "--load_iters",
+        "1",
+        "--data_images",
+        "8",
+        "--matmul_size",
+        "64",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+    ]
+    returned = bench.main(argv)
+    table = bench.format_table(returned)
+    return returned, json.loads(out.read_text()), table
+
+
+def test_json_has_every_figure(results: tuple[dict, dict, str]) -> None:
+    returned, written, _ = results
+    assert written == json.loads(json.dumps(returned))
+    assert written["settings"]["model_type"] == "testing"
+    eager = written["eager"]
+    for name in ("ours", "timm"):
+        assert set(eager[name]) == FIGURES | TIMES
+        assert all(isinstance(eager[name][k], int | float) for k in FIGURES)
+        assert all(eager[name][k] >= 0 for k in FIGURES)
+        assert len(eager[name]["train_times_s"]) == 2  # one per timed round
+        assert len(eager[name]["infer_times_s"]) == 6  # 3 x --iters by default
+        assert eager[name]["train_img_s"] > 0
+        assert eager[name]["saved_nxn_tensors_vis_false"] == 0
+    assert set(eager["ratio_ours_over_timm"]) == {
+        *bench.THROUGHPUTS,
+        "infer_peak_mem_mb",
+        "train_peak_mem_mb",
+    }
+    assert eager["matmul_gflop_s"] > 0
+    load = written["checkpoint_load"]
+    assert load["ours_s"] > 0
+    assert load["timm_s"] > 0
+    # Same architecture and tanh GELU: timm loads the same npz to the same function.
+    assert load["max_abs_logit_diff"] < 1e-4
+    data = written["data_pipeline"]
+    assert data["per_worker_img_s"] > 0
+    assert data["batched_cpu_img_s"] > 0
+    assert data["batched_cuda_img_s"] is None
+    assert "compiled" not in written
+
+
+def test_table_shape(results: tuple[dict, dict, str]) -> None:
+    _, _, table = results
+    rows = [line for line in table.splitlines() if line.startswith("|")]
+    assert rows[0] == "| figure | ours | timm | ours/timm |"
+    assert all(row.count("|") == 5 for row in rows)
+    assert any(row.startswith("| training img/s (median) |") for row in rows)
+    assert any(row.startswith("| npz -> ready model") for row in rows)
+
+
+@pytest.mark.parametrize("vis", [False, True])
+def test_attention_maps_kept_only_when_asked(vis: bool) -> None:
+    config = get_config("testing")
+    model = bench.build_ours(config, 32, num_classes=3, vis=vis).train()
+    images, labels = torch.randn(2, 3, 32, 32), torch.tensor([0, 2])
+    saved = bench.saved_attention_maps(model, bench.ours_loss, images, labels, tokens=5)
+    # vis=True saves each layer's probabilities (softmax output, dropout mask, ...).
+    assert (saved >= config.num_layers) if vis else (saved == 0)
+
+
+def test_live_tensor_bytes_counts_new_storage_once() -> None:
+    base = torch.zeros(1024)
+    with bench.LiveTensorBytes() as tracker:
+        a = torch.ones(256)  # 1 KiB, new
+        view = a.view(16, 16)  # alias: not new
+        a.add_(1)  # in place: not new
+        b = base + 1  # 4 KiB, new
+        del b  # freed: counts in the peak only
+        c = torch.empty(512)  # 2 KiB, new
+    assert tracker.peak == 1024 + 4096
+    assert tracker.current == 1024 + 2048
+    del view, c
+
+
+def test_batched_crop_shape_and_range() -> None:
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    out = bench.random_resized_crop_batch(images, 48, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (4, 3, 48, 48)
+    assert out.dtype == torch.float32
+    assert out.min() >= -1.0
+    assert out.max() <= 1.0
+
+
+# The speed-ups in models/ must compute exactly what the plain formulas compute.
+
+
+@pytest.mark.parametrize("size", [(7, 7), (8, 8), (9, 12), (112, 111)])
+def test_max_pool_same_fast_path_matches_explicit_padding(size: tuple[int, int]) -> None:
+    x = torch.randn(2, 4, *size).relu().requires_grad_()
+    fast = max_pool_same(x, 3, 2)
+    padded = F.pad(x, _tf_same_pads(size, 3, 2), value=float("-inf"))
+    reference = F.max_pool2d(padded, 3, 2)
+    assert torch.equal(fast, reference)
+    (grad_fast,) = torch.autograd.grad(fast.sum(), x)
+    (grad_ref,) = torch.autograd.grad(reference.sum(), x)
+    assert torch.equal(grad_fast, grad_ref)
+
+
+@pytest.mark.parametrize(("kernel", "stride"), [(1, 1), (3, 1), (3, 2), (7, 2), (1, 2)])
+def test_std_conv_matches_official_formula(kernel: int, stride: int) -> None:
+    conv = StdConv2d(8, 6, kernel, stride)
+    x = torch.randn(2, 8, 15, 16)
+    w = conv.weight
+    mean = w.mean(dim=(1, 2, 3), keepdim=True)
+    std = w.var(dim=(1, 2, 3), unbiased=False, keepdim=True).sqrt()
+    expected = F.conv2d(
+        F.pad(x, _tf_same_pads((15, 16), kernel, stride)), (w - mean) / (std + 1e-5), None, stride
+    )
+    torch.testing.assert_close(conv(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_class_token_shortcut_matches_full_encoder() -> None:
+    torch.manual_seed(0)
+    model = bench.build_ours(get_config("testing"), 32, num_classes=3).eval()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        tokens, _ = model.encoder(model.embeddings(x))  # every token through every block
+        expected = model.head(tokens[:, 0])
+        logits, maps = model(x)  # the last block computes the class token only
+    assert maps == []
+    torch.testing.assert_close(logits, expected, atol=1e-6, rtol=1e-6)
+
+
+def _tf_same_pads(size: tuple[int, int], kernel: int, stride: int) -> tuple[int, int, int, int]:
+    """(left, right, top, bottom) of TensorFlow SAME, written out independently."""
+    pads = []
+    for length in size:
+        out = -(-length // stride)
+        total = max((out - 1) * stride + kernel - length, 0)
+        pads.append((total // 2, total - total // 2))
+    (top, bottom), (left, right) = pads
+    return left, right, top, bottom
