@@ -336,8 +336,7 @@ def checkpoint_load_times(
     from timm.models.vision_transformer import _load_weights
 
     def ours() -> nn.Module:
-        model = build_ours(config, img_size, num_classes)
-        model.load_from(load_npz(path))
+        model = VisionTransformer.from_pretrained(config, load_npz(path), img_size, num_classes)
         return model.eval()
 
     def theirs() -> nn.Module:

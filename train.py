@@ -305,9 +305,12 @@ def build_model(
 ) -> VisionTransformer:
     """The model, with official `weights` loaded (head zeroed, position embeddings resized)."""
     config = get_config(args.model_type)
-    model = VisionTransformer(config, args.img_size, num_classes=num_classes, zero_head=True)
-    if weights is not None:
-        model.load_from(weights)
+    if weights is None:
+        model = VisionTransformer(config, args.img_size, num_classes=num_classes, zero_head=True)
+    else:
+        model = VisionTransformer.from_pretrained(
+            config, weights, args.img_size, num_classes=num_classes, zero_head=True
+        )
         logger.info("Loaded %s (head re-initialised to zero).", args.pretrained_dir)
     params = sum(p.numel() for p in model.parameters())
     logger.info("%s: %.2fM parameters, %d classes.", config.name, params / 1e6, num_classes)

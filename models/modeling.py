@@ -215,6 +215,30 @@ class VisionTransformer(nn.Module):
         self.head = nn.Linear(width, num_classes)
         self._init_weights()
 
+    @classmethod
+    def empty(cls, config: ViTConfig | str, *args, **kwargs) -> VisionTransformer:
+        """A model whose parameters are allocated but not initialised, to load a checkpoint into.
+
+        Takes the constructor's arguments. Skips the random initialisation (half the time of
+        building and loading ViT-B_16), which a strict load overwrites anyway.
+        """
+        with torch.device("meta"):
+            model = cls(config, *args, **kwargs)
+        return model.to_empty(device="cpu")
+
+    @classmethod
+    def from_pretrained(
+        cls, config: ViTConfig | str, weights: Mapping[str, np.ndarray], *args, **kwargs
+    ) -> VisionTransformer:
+        """Build a model and load an official checkpoint (`np.load(path)`) into it.
+
+        Takes the constructor's arguments after `weights`; the same as constructing and calling
+        `load_from`, without the random initialisation the checkpoint overwrites.
+        """
+        model = cls.empty(config, *args, **kwargs)
+        model.load_from(weights)
+        return model
+
     @property
     def grid_size(self) -> tuple[int, int]:
         """(rows, cols) of patch tokens."""

@@ -269,3 +269,18 @@ def test_a_real_model_name_is_suggested() -> None:
         CheckpointError, match="looks like a ViT-B_16 checkpoint: pass --model_type ViT-B_16"
     ):
         VisionTransformer(get_config("ViT-S_16"), 32, 3).load_from(b16)
+
+
+@pytest.mark.parametrize(("config", "zero_head"), [(SMALL, False), (HYBRID, True)])
+def test_from_pretrained_equals_construct_then_load(config, zero_head) -> None:
+    weights = fake_checkpoint(config, 6, 64)
+    torch.manual_seed(0)
+    expected = VisionTransformer(config, (64, 48), 6, zero_head=zero_head)
+    expected.load_from(weights)
+    model = VisionTransformer.from_pretrained(config, weights, (64, 48), 6, zero_head=zero_head)
+    assert model.state_dict().keys() == expected.state_dict().keys()
+    for name, tensor in expected.state_dict().items():
+        assert torch.equal(model.state_dict()[name], tensor), name  # no uninitialised leftovers
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    with pytest.raises(CheckpointError, match="zero_head=True"):
+        VisionTransformer.from_pretrained(SMALL, fake_checkpoint(SMALL, 21, 32), 32, 10)

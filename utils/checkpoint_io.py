@@ -846,7 +846,7 @@ def load_model(
             f"--img_size {shown} is not divisible by the {ph}x{pw} patches of {config.name}; "
             f"use a multiple of {ph}, e.g. {max(ph, height // ph * ph)}."
         )
-    model = VisionTransformer(config, (height, width), num_classes)
+    model = VisionTransformer.empty(config, (height, width), num_classes)  # every weight loaded
     if path.endswith(".npz"):
         load_pretrained(model, weights)
     else:
