@@ -3,6 +3,9 @@
 import pytest
 import torch
 
+from models import configs
+from models.configs import get_config
+
 
 @pytest.fixture
 def one_thread():
@@ -15,3 +18,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def no_dropout(monkeypatch: pytest.MonkeyPatch) -> str:
+    """Register the `testing` model without dropout, so runs are comparable weight for weight."""
+    name = "testing-nodrop"
+    monkeypatch.setitem(
+        configs.CONFIGS, name, get_config("testing").replace(name=name, dropout_rate=0.0)
+    )
+    return name

@@ -16,8 +16,8 @@ import train
 from models.checkpoint import save_npz, state_dict_to_npz
 from models.configs import get_config
 from models.modeling import VisionTransformer
+from tests.cli_helpers import expect_user_error
 from utils.data_utils import DigitsDataset, build_transforms
-from utils.errors import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTING = get_config("testing")
@@ -37,16 +37,6 @@ def _npz(tmp_path: Path, num_classes: int = 10) -> Path:
     model = _random_model(num_classes)
     save_npz(path, state_dict_to_npz(model.state_dict(), TESTING))
     return path
-
-
-def _cli_error(argv: list[str], capsys) -> str:
-    """Run eval.py's command line in-process; it must exit 2 with a message, no traceback."""
-    with pytest.raises(SystemExit) as info:
-        run_cli(lambda: eval_script.main(argv))
-    assert info.value.code == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    return err
 
 
 @pytest.mark.slow
@@ -161,36 +151,44 @@ def test_under_torchrun_equals_one_process(tmp_path) -> None:
 
 
 def test_unknown_model_and_dataset_list_choices(tmp_path, capsys) -> None:
-    err = _cli_error(["--checkpoint=x.bin", "--model_type=ViT-Z_99"], capsys)
+    err = expect_user_error(
+        eval_script.main, ["--checkpoint=x.bin", "--model_type=ViT-Z_99"], capsys
+    )
     assert "invalid choice: 'ViT-Z_99'" in err
     assert "ViT-B_16" in err
-    err = _cli_error(["--checkpoint=x.bin", "--dataset=mnist"], capsys)
+    err = expect_user_error(eval_script.main, ["--checkpoint=x.bin", "--dataset=mnist"], capsys)
     assert "invalid choice: 'mnist'" in err
     assert "cifar10" in err
 
 
 def test_img_size_not_divisible_by_patch(tmp_path, capsys) -> None:
-    err = _cli_error(
-        [f"--checkpoint={_npz(tmp_path)}", "--model_type=testing", "--img_size=40"], capsys
+    err = expect_user_error(
+        eval_script.main,
+        [f"--checkpoint={_npz(tmp_path)}", "--model_type=testing", "--img_size=40"],
+        capsys,
     )
     assert "--img_size 40 is not divisible by the 16x16 patches of testing" in err
 
 
 def test_missing_and_corrupt_checkpoints(tmp_path, capsys) -> None:
-    err = _cli_error([f"--checkpoint={tmp_path / 'nope.bin'}"], capsys)
+    err = expect_user_error(eval_script.main, [f"--checkpoint={tmp_path / 'nope.bin'}"], capsys)
     assert "nope.bin does not exist" in err
     junk = tmp_path / "junk.bin"
     junk.write_bytes(b"\0" * 100)
-    err = _cli_error([f"--checkpoint={junk}"], capsys)
+    err = expect_user_error(eval_script.main, [f"--checkpoint={junk}"], capsys)
     assert "not a readable PyTorch checkpoint" in err
-    err = _cli_error([f"--checkpoint={tmp_path / 'nope.npz'}"], capsys)
+    err = expect_user_error(eval_script.main, [f"--checkpoint={tmp_path / 'nope.npz'}"], capsys)
     assert "nope.npz does not exist" in err
 
 
 def test_checkpoint_of_another_model(tmp_path, capsys) -> None:
     path = tmp_path / "run_checkpoint.bin"
     torch.save(_random_model().state_dict(), path)
-    err = _cli_error([f"--checkpoint={path}", "--model_type=ViT-Ti_16", "--img_size=32"], capsys)
+    err = expect_user_error(
+        eval_script.main,
+        [f"--checkpoint={path}", "--model_type=ViT-Ti_16", "--img_size=32"],
+        capsys,
+    )
     assert "does not fit model ViT-Ti_16" in err
     assert "vs model" in err
     assert "It looks like a testing checkpoint: pass --model_type testing" in err
@@ -198,15 +196,22 @@ def test_checkpoint_of_another_model(tmp_path, capsys) -> None:
 
 def test_class_count_differs_from_dataset(tmp_path, capsys) -> None:
     path = _npz(tmp_path, num_classes=7)
-    err = _cli_error([f"--checkpoint={path}", "--model_type=testing", "--dataset=digits"], capsys)
+    err = expect_user_error(
+        eval_script.main,
+        [f"--checkpoint={path}", "--model_type=testing", "--dataset=digits"],
+        capsys,
+    )
     assert "predicts 7 classes but the digits test set has 10" in err
 
 
 def test_missing_dataset_and_wrong_layout(tmp_path, capsys) -> None:
     path = _npz(tmp_path)
-    err = _cli_error([f"--checkpoint={path}", "--model_type=testing"], capsys)
+    err = expect_user_error(
+        eval_script.main, [f"--checkpoint={path}", "--model_type=testing"], capsys
+    )
     assert "Pass --dataset" in err
-    err = _cli_error(
+    err = expect_user_error(
+        eval_script.main,
         [
             f"--checkpoint={path}",
             "--model_type=testing",

@@ -21,13 +21,12 @@ import pytest
 import torch
 
 import train
-from models import configs
 from models.configs import get_config
+from tests.cli_helpers import expect_user_error
 from tests.test_data import make_image_folder
 from tests.test_train import scalars, tiny_args
 from utils import checkpoint_io as cio
 from utils.data_utils import get_loader
-from utils.errors import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -286,17 +285,6 @@ def test_signal_saves_and_exits_cleanly(
 # Divergence and user errors
 
 
-def cli(argv: list[str], capsys: pytest.CaptureFixture) -> str:
-    """Run train.py's command line in-process; it must exit 2 with a message, no traceback."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as info:
-        run_cli(lambda: train.main(argv))
-    assert info.value.code == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    return err
-
-
 def test_non_finite_loss_stops_without_touching_the_best_checkpoint(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
@@ -309,7 +297,7 @@ def test_non_finite_loss_stops_without_touching_the_best_checkpoint(
     argv = tiny_args(
         tmp_path, name="run", learning_rate=1e38, num_steps=20, eval_every=0, save_every=1
     )
-    err = cli(argv, capsys)
+    err = expect_user_error(train.main, argv, capsys)
     found = re.search(r"error: Training diverged: the loss was (inf|nan) for 3 consecutive "
                       r"steps \(last: step (\d+)\)", err)  # fmt: skip
     assert found, err
@@ -319,32 +307,27 @@ def test_non_finite_loss_stops_without_touching_the_best_checkpoint(
     assert last_state(tmp_path / "out", "run")["step"] == int(found.group(2)) - 1
 
 
-@pytest.fixture
-def no_dropout(monkeypatch: pytest.MonkeyPatch) -> str:
-    name = "testing-nodrop"
-    monkeypatch.setitem(
-        configs.CONFIGS, name, get_config("testing").replace(name=name, dropout_rate=0.0)
-    )
-    return name
-
-
 def test_resume_errors(tmp_path: Path, capsys: pytest.CaptureFixture, no_dropout: str) -> None:
-    err = cli(tiny_args(tmp_path, name="run", resume=True), capsys)
+    err = expect_user_error(train.main, tiny_args(tmp_path, name="run", resume=True), capsys)
     assert "Cannot resume:" in err
     assert "run_last.pt does not exist" in err
 
     train.main(tiny_args(tmp_path, name="run", num_steps=1, eval_every=0))
-    err = cli(tiny_args(tmp_path, name="other", resume=True), capsys)
+    err = expect_user_error(train.main, tiny_args(tmp_path, name="other", resume=True), capsys)
     assert "Saved states in" in err
     assert "run_last.pt" in err
 
-    err = cli(tiny_args(tmp_path, name="run", resume=True, model_type=no_dropout), capsys)
+    err = expect_user_error(
+        train.main, tiny_args(tmp_path, name="run", resume=True, model_type=no_dropout), capsys
+    )
     assert "trained with --model_type testing, not testing-nodrop" in err
-    err = cli(tiny_args(tmp_path, name="run", resume=True, img_size=48), capsys)
+    err = expect_user_error(
+        train.main, tiny_args(tmp_path, name="run", resume=True, img_size=48), capsys
+    )
     assert "trained at --img_size 32, not 48" in err
 
     best = tmp_path / "out" / "run_checkpoint.bin"
-    err = cli(tiny_args(tmp_path, name="run", resume=best), capsys)
+    err = expect_user_error(train.main, tiny_args(tmp_path, name="run", resume=best), capsys)
     assert "not a training state" in err
 
 

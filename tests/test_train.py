@@ -20,7 +20,6 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import train
-from models import configs
 from models.configs import get_config
 from models.modeling import VisionTransformer
 from tests.npz_factory import fake_checkpoint
@@ -33,16 +32,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture
-def no_dropout(monkeypatch: pytest.MonkeyPatch) -> str:
-    """Register the `testing` model without dropout, so runs are comparable weight for weight."""
-    name = "testing-nodrop"
-    monkeypatch.setitem(
-        configs.CONFIGS, name, get_config("testing").replace(name=name, dropout_rate=0.0)
-    )
-    return name
 
 
 def tiny_args(tmp_path: Path, name: str = "tiny", **flags) -> list[str]:
