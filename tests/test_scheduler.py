@@ -14,6 +14,9 @@ from utils.scheduler import lr_multiplier, make_scheduler
 # total 10 steps, warmup 2: hand-computed from the official definition (REFERENCE.md §3).
 COSINE = {1: 0.5, 2: 1.0, 4: 0.5 * (1 + math.cos(math.pi / 4)), 6: 0.5, 10: 0.0}
 LINEAR = {1: 0.5, 2: 1.0, 4: 0.75, 6: 0.5, 10: 0.0}
+# vit_jax's linear decay ends at the absolute rate linear_end = 1e-5: with base 0.1,
+# lr = warmup(s) * (1e-5 + (0.1 - 1e-5) * (1 - progress)).
+LINEAR_OFFICIAL_BASE_0_1 = {1: 0.05, 2: 0.1, 4: 0.0750025, 6: 0.050005, 10: 1e-5}
 
 
 @pytest.mark.parametrize(("decay", "table"), [("cosine", COSINE), ("linear", LINEAR)])
@@ -29,6 +32,12 @@ def test_warmup_is_linear_from_step_one() -> None:
     assert all(b > a for a, b in itertools.pairwise(values))
 
 
+def test_linear_decay_ends_at_the_given_fraction() -> None:
+    assert lr_multiplier(10, 10, 2, "linear", linear_end=0.01) == pytest.approx(0.01)
+    assert lr_multiplier(6, 10, 2, "linear", linear_end=0.01) == pytest.approx(0.505)
+    assert lr_multiplier(1, 10, 2, "linear", linear_end=0.01) == pytest.approx(0.5)  # warmup
+
+
 def test_no_warmup_and_past_the_end() -> None:
     assert lr_multiplier(1, 10, 0, "linear") == pytest.approx(0.9)
     assert lr_multiplier(11, 10, 0, "cosine") == 0.0
@@ -39,7 +48,10 @@ def test_unknown_decay() -> None:
         lr_multiplier(1, 10, 2, "step")
 
 
-@pytest.mark.parametrize(("decay", "table"), [("cosine", COSINE), ("linear", LINEAR)])
+@pytest.mark.parametrize(
+    ("decay", "table"),
+    [("cosine", {k: 0.1 * v for k, v in COSINE.items()}), ("linear", LINEAR_OFFICIAL_BASE_0_1)],
+)
 def test_scheduler_gives_lr_k_to_the_kth_update(decay: str, table: dict[int, float]) -> None:
     """SGD without momentum: the k-th update moves a unit-gradient weight by exactly lr(k)."""
     weight = torch.nn.Parameter(torch.zeros((), dtype=torch.float64))
@@ -55,4 +67,4 @@ def test_scheduler_gives_lr_k_to_the_kth_update(decay: str, table: dict[int, flo
             scheduler.step()
             moved[k] = before - weight.item()
     for k, want in table.items():
-        assert moved[k] == pytest.approx(0.1 * want, abs=1e-12), k
+        assert moved[k] == pytest.approx(want, abs=1e-12), k
