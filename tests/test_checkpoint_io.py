@@ -511,3 +511,20 @@ def test_resume_mid_epoch_with_real_loader(tmp_path) -> None:
     _run(loader, resumed, (state.epoch, state.batches_in_epoch), stop_at=5, step=state.step)
     for key, value in straight[0].state_dict().items():
         assert torch.equal(resumed[0].state_dict()[key], value), key
+
+
+def test_a_save_removes_temp_files_of_writers_that_died(tmp_path) -> None:
+    path = tmp_path / "run_last.pt"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that no longer runs, like a writer killed with -9 mid-save
+    orphan = tmp_path / f"run_last.pt.tmp{dead.pid}"
+    orphan.write_bytes(b"half a checkpoint")
+    alive = tmp_path / f"run_last.pt.tmp{os.getppid()}"  # a writer still at work: kept
+    alive.write_bytes(b"in progress")
+    other = tmp_path / "other.pt.tmp1"  # another file's temp: not ours to judge
+    other.write_bytes(b"x")
+    cio.atomic_save({"step": 1}, path)
+    assert not orphan.exists()
+    assert alive.exists()
+    assert other.exists()
+    assert cio.safe_load(path) == {"step": 1}

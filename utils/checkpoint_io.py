@@ -18,8 +18,10 @@ never runs code. Everything stored here is chosen to load under that restriction
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
+import glob
 import json
 import logging
 import math
@@ -140,6 +142,27 @@ def _atomic_write(path: str | os.PathLike, write) -> None:
             ) from None
         raise
     _fsync_dir(directory)
+    _remove_orphaned_temps(path)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists but is not ours (PermissionError), or cannot be checked
+        return True
+    return True
+
+
+def _remove_orphaned_temps(path: str) -> None:
+    """Delete `<path>.tmp<pid>` files of writers that died mid-save (e.g. by `kill -9`)."""
+    for stale in glob.glob(f"{glob.escape(path)}.tmp*"):
+        pid = stale[len(path) + len(".tmp") :]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            with contextlib.suppress(OSError):
+                os.remove(stale)
+                logger.info("Removed %s, left by an interrupted save.", stale)
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
