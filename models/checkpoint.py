@@ -20,6 +20,7 @@ import scipy.ndimage
 import torch
 
 from models.configs import ALIASES, CONFIGS, ViTConfig
+from utils.atomic_io import atomic_write
 from utils.errors import UserError
 
 if TYPE_CHECKING:
@@ -330,18 +331,8 @@ def clean_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.
 
 
 def save_npz(path: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -> None:
-    """Write arrays as an uncompressed `.npz`, atomically (temp file, fsync, rename)."""
-    path = os.fspath(path)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as handle:
-            np.savez(handle, **arrays)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """Write arrays as an uncompressed `.npz`, atomically (see `utils.atomic_io`)."""
+    atomic_write(path, lambda handle: np.savez(handle, **arrays))
 
 
 # --------------------------------------------------------------------------------------------

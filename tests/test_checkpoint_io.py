@@ -21,6 +21,7 @@ import torch
 from models.checkpoint import CheckpointError, save_npz, state_dict_to_npz
 from models.configs import get_config
 from models.modeling import VisionTransformer
+from utils import atomic_io
 from utils import checkpoint_io as cio
 from utils.errors import UserError
 from utils.scheduler import make_scheduler
@@ -67,7 +68,7 @@ def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch, where) -
     path = tmp_path / "run_last.pt"
     cio.atomic_save({"w": torch.zeros(10)}, path)
     if where == "write":
-        monkeypatch.setattr(cio, "_open_temp", lambda p: _FullDisk(p, limit=2000))
+        monkeypatch.setattr(atomic_io, "_open_temp", lambda p: _FullDisk(p, limit=2000))
     else:
 
         def fsync(fd: int) -> None:

@@ -18,10 +18,7 @@ never runs code. Everything stored here is chosen to load under that restriction
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import errno
-import glob
 import json
 import logging
 import math
@@ -50,6 +47,7 @@ from models.checkpoint import (
 )
 from models.configs import CONFIGS, ViTConfig, get_config, model_names
 from models.modeling import VisionTransformer
+from utils.atomic_io import atomic_write
 from utils.errors import UserError
 
 __all__ = [
@@ -83,86 +81,10 @@ logger = logging.getLogger(__name__)
 
 STATE_FORMAT = "vit-pytorch-training-state"
 STATE_VERSION = 1
-_NO_SPACE = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
 
 
 # --------------------------------------------------------------------------------------------
 # Atomic writes
-
-
-def _fsync_dir(directory: str) -> None:
-    """Make a rename durable. Not possible on every platform (Windows); skipped there."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _open_temp(path: str):
-    """The temporary file a write goes to first (a hook the tests use to simulate a full disk)."""
-    return open(path, "wb")
-
-
-def _no_space_error(err: BaseException) -> OSError | None:
-    """The out-of-space `OSError` behind `err`, if any (torch wraps write errors)."""
-    seen: set[int] = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        if isinstance(err, OSError) and err.errno in _NO_SPACE:
-            return err
-        err = err.__cause__ or err.__context__
-    return None
-
-
-def _atomic_write(path: str | os.PathLike, write) -> None:
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with _open_temp(tmp) as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException as err:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if _no_space_error(err) is not None:
-            kept = " The previous file there is unchanged." if os.path.exists(path) else ""
-            raise UserError(
-                f"No space left on the device while saving {path}.{kept} Free some disk space "
-                "or choose another --output_dir, then run again (with --resume to continue)."
-            ) from None
-        raise
-    _fsync_dir(directory)
-    _remove_orphaned_temps(path)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # exists but is not ours (PermissionError), or cannot be checked
-        return True
-    return True
-
-
-def _remove_orphaned_temps(path: str) -> None:
-    """Delete `<path>.tmp<pid>` files of writers that died mid-save (e.g. by `kill -9`)."""
-    for stale in glob.glob(f"{glob.escape(path)}.tmp*"):
-        pid = stale[len(path) + len(".tmp") :]
-        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
-            with contextlib.suppress(OSError):
-                os.remove(stale)
-                logger.info("Removed %s, left by an interrupted save.", stale)
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
@@ -175,12 +97,12 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     Raises:
         UserError: the disk (or quota) is full; names the path and the fix.
     """
-    _atomic_write(path, lambda handle: torch.save(obj, handle))
+    atomic_write(path, lambda handle: torch.save(obj, handle))
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write a small text file (e.g. a JSON sidecar) atomically, like :func:`atomic_save`."""
-    _atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
+    atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
 
 
 # --------------------------------------------------------------------------------------------
