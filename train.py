@@ -51,7 +51,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from models.checkpoint import clean_state_dict, load_npz
-from models.configs import get_config, model_names
+from models.configs import checked_img_size, get_config, model_names
 from models.modeling import VisionTransformer
 from utils import checkpoint_io as cio
 from utils.data_utils import DATASETS, get_loader
@@ -262,14 +262,7 @@ def set_seed(seed: int) -> None:
 
 def check_args(args: argparse.Namespace, info: DistInfo) -> None:
     """Validate the flags; sets `args.micro_batch_size`, `rank`, `local_rank`, `world_size`."""
-    config = get_config(args.model_type)
-    if config.resnet is None:
-        ph, pw = config.patch_size
-        if args.img_size % ph or args.img_size % pw:
-            raise UserError(
-                f"--img_size {args.img_size} is not divisible by the {ph}x{pw} patches of "
-                f"{config.name}; use a multiple of {ph}, e.g. {max(ph, args.img_size // ph * ph)}."
-            )
+    checked_img_size(get_config(args.model_type), args.img_size)
     for flag in ("train_batch_size", "eval_batch_size", "num_steps", "gradient_accumulation_steps"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} must be at least 1, got {getattr(args, flag)}.")

@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from utils.errors import UserError
+
 __all__ = ["ALIASES", "CONFIGS", "ResNetConfig", "ViTConfig", "get_config", "model_names"]
 
 
@@ -144,3 +146,22 @@ def get_config(name: str) -> ViTConfig:
     if key not in CONFIGS:
         raise KeyError(f"unknown model type {name!r}; choose one of: {', '.join(model_names())}")
     return CONFIGS[key]
+
+
+def checked_img_size(
+    config: ViTConfig, img_size: int | tuple[int, int] | list[int]
+) -> tuple[int, int]:
+    """`img_size` as (height, width), refused unless a plain ViT sees whole patches.
+
+    Raises:
+        UserError: a side is not a multiple of the patch size (hybrids take any size).
+    """
+    height, width = (img_size, img_size) if isinstance(img_size, int) else map(int, img_size)
+    ph, pw = config.patch_size
+    if config.resnet is None and (height % ph or width % pw):
+        shown = height if height == width else f"{height}x{width}"
+        raise UserError(
+            f"--img_size {shown} is not divisible by the {ph}x{pw} patches of {config.name}; "
+            f"use a multiple of {ph}, e.g. {max(ph, height // ph * ph)}."
+        )
+    return height, width

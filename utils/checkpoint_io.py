@@ -45,7 +45,7 @@ from models.checkpoint import (
     load_npz,
     load_pretrained,
 )
-from models.configs import CONFIGS, ViTConfig, get_config, model_names
+from models.configs import CONFIGS, ViTConfig, checked_img_size, get_config, model_names
 from models.modeling import VisionTransformer
 from utils.atomic_io import atomic_write
 from utils.errors import UserError
@@ -783,15 +783,9 @@ def load_model(
         size = native_img_size(config, pos.shape[1])
     if size is None:
         raise UserError(f"Cannot tell the image size {path} was made for: pass --img_size.")
-    height, width = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
-    ph, pw = config.patch_size
-    if config.resnet is None and (height % ph or width % pw):
-        shown = height if height == width else f"{height}x{width}"
-        raise UserError(
-            f"--img_size {shown} is not divisible by the {ph}x{pw} patches of {config.name}; "
-            f"use a multiple of {ph}, e.g. {max(ph, height // ph * ph)}."
-        )
-    model = VisionTransformer.empty(config, (height, width), num_classes)  # every weight loaded
+    model = VisionTransformer.empty(
+        config, checked_img_size(config, size), num_classes
+    )  # every weight loaded
     if path.endswith(".npz"):
         load_pretrained(model, weights)
     else:
