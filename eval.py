@@ -24,19 +24,12 @@ import time
 from collections.abc import Sequence
 
 import torch
-from torch.utils.data import DataLoader, Dataset
-from torchvision import datasets
+from torch.utils.data import DataLoader
 
 from models.configs import model_names
 from train import PRECISIONS, evaluate, setup_logging
 from utils.checkpoint_io import load_model
-from utils.data_utils import (
-    DATASETS,
-    IMAGEFOLDER_LAYOUT,
-    ShardSampler,
-    build_datasets,
-    build_transforms,
-)
+from utils.data_utils import DATASETS, ShardSampler, build_test_set
 from utils.dist_utils import DistInfo, cleanup, init_distributed, main_process_first
 from utils.errors import UserError, run_cli
 
@@ -81,37 +74,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _eval_only_imagefolder(data_dir: str, img_size: int) -> tuple[Dataset, list[str]]:
-    """An image folder with only a val/ (or test/) split, as an ImageNet validation set."""
-    for split in ("val", "test"):
-        root = os.path.join(data_dir, split)
-        if os.path.isdir(root):
-            try:
-                test_set = datasets.ImageFolder(root, build_transforms(img_size, train=False))
-            except (FileNotFoundError, OSError) as err:
-                raise UserError(
-                    f"{root} does not hold images in class sub-folders ({err}). Expected "
-                    f"layout:\n{IMAGEFOLDER_LAYOUT}"
-                ) from None
-            return test_set, list(test_set.classes)
-    contents = sorted(os.listdir(data_dir)) if os.path.isdir(data_dir) else "does not exist"
-    raise UserError(
-        f"--dataset imagefolder needs --data_dir with a val/ (or test/) folder, one sub-folder "
-        f"per class; {data_dir} has {contents}. Expected layout:\n{IMAGEFOLDER_LAYOUT}"
-    )
-
-
 def build_test_loader(
     args: argparse.Namespace, dataset: str, img_size: int, info: DistInfo
 ) -> tuple[DataLoader, list[str]]:
     """This rank's shard of the test split, with train.py's test preprocessing."""
     with main_process_first(info.rank):
-        if dataset == "imagefolder" and not os.path.isdir(os.path.join(args.data_dir, "train")):
-            test_set, class_names = _eval_only_imagefolder(args.data_dir, img_size)
-        else:
-            _, test_set, class_names = build_datasets(
-                dataset, args.data_dir, img_size, download=info.is_main
-            )
+        test_set, class_names = build_test_set(
+            dataset, args.data_dir, img_size, download=info.is_main
+        )
     loader = DataLoader(
         test_set,
         batch_size=args.eval_batch_size,

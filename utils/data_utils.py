@@ -35,6 +35,7 @@ __all__ = [
     "SeededAugment",
     "ShardSampler",
     "build_datasets",
+    "build_test_set",
     "build_transforms",
     "get_loader",
     "ignore_stop_signals",
@@ -175,11 +176,10 @@ class ShardSampler(torch.utils.data.Sampler[int]):
         return len(self.indices)
 
 
-def _cifar(dataset: str, data_dir: str, download: bool) -> tuple[Dataset, Dataset, list[str]]:
+def _cifar(dataset: str, data_dir: str, download: bool, train: bool) -> Dataset:
     cls = datasets.CIFAR10 if dataset == "cifar10" else datasets.CIFAR100
     try:
-        train_set = cls(data_dir, train=True, download=download)
-        test_set = cls(data_dir, train=False, download=download)
+        return cls(data_dir, train=train, download=download)
     except RuntimeError as err:
         raise UserError(
             f"{dataset} is not in {data_dir} ({err}). Let train.py download it (it does unless "
@@ -191,35 +191,56 @@ def _cifar(dataset: str, data_dir: str, download: bool) -> tuple[Dataset, Datase
             f"Could not download {dataset} from {cls.url} into {data_dir}: {err}. Check the "
             f"network, or download and extract the archive into --data_dir yourself."
         ) from None
-    return train_set, test_set, list(train_set.classes)
 
 
-def _imagefolder(data_dir: str) -> tuple[Dataset, Dataset, list[str]]:
-    train_dir = os.path.join(data_dir, "train")
-    test_dirs = [os.path.join(data_dir, name) for name in ("val", "test")]
-    test_dir = next((d for d in test_dirs if os.path.isdir(d)), None)
-    if not os.path.isdir(train_dir) or test_dir is None:
+def _imagefolder(data_dir: str, train: bool) -> Dataset:
+    names = ("train",) if train else ("val", "test")
+    root = next(
+        (os.path.join(data_dir, n) for n in names if os.path.isdir(os.path.join(data_dir, n))),
+        None,
+    )
+    if root is None:
         found = (
             f"{data_dir} holds {sorted(os.listdir(data_dir))}"
             if os.path.isdir(data_dir)
             else f"{data_dir} does not exist"
         )
+        wanted = "train/ and val/ (or test/) folders" if train else "a val/ (or test/) folder"
         raise UserError(
-            f"--dataset imagefolder needs --data_dir with train/ and val/ (or test/) folders, "
-            f"one sub-folder per class; {found}. Expected layout:\n{IMAGEFOLDER_LAYOUT}"
+            f"--dataset imagefolder needs --data_dir with {wanted}, one sub-folder per class; "
+            f"{found}. Expected layout:\n{IMAGEFOLDER_LAYOUT}"
         )
     try:
-        train_set = datasets.ImageFolder(train_dir)
-        test_set = datasets.ImageFolder(test_dir)
+        return datasets.ImageFolder(root)
     except (FileNotFoundError, OSError) as err:
         raise UserError(
-            f"{data_dir} does not hold images in the layout --dataset imagefolder needs ({err}). "
+            f"{root} does not hold images in the layout --dataset imagefolder needs ({err}). "
             f"Expected layout:\n{IMAGEFOLDER_LAYOUT}"
         ) from None
-    if train_set.classes != test_set.classes:
+
+
+def _raw_split(dataset: str, data_dir: str, download: bool, train: bool) -> Dataset:
+    """One split that returns PIL images (no transform yet); it has a `classes` list."""
+    if dataset in ("cifar10", "cifar100"):
+        return _cifar(dataset, data_dir, download, train)
+    if dataset == "imagefolder":
+        return _imagefolder(data_dir, train)
+    if dataset == "digits":
+        return DigitsDataset(train=train)
+    raise UserError(f"Unknown dataset {dataset!r}; choose one of: {', '.join(DATASETS)}.")
+
+
+def _raw_datasets(
+    dataset: str, data_dir: str, download: bool
+) -> tuple[Dataset, Dataset, list[str]]:
+    """Both splits (no transform yet), checked to have the same classes."""
+    train_set = _raw_split(dataset, data_dir, download, train=True)
+    test_set = _raw_split(dataset, data_dir, download, train=False)
+    if list(train_set.classes) != list(test_set.classes):
         raise UserError(
-            f"The class folders of {train_dir} ({', '.join(train_set.classes)}) and {test_dir} "
-            f"({', '.join(test_set.classes)}) differ; both need the same class sub-folders."
+            f"The class folders of the training split ({', '.join(train_set.classes)}) and the "
+            f"test split ({', '.join(test_set.classes)}) differ; both need the same class "
+            "sub-folders."
         )
     return train_set, test_set, list(train_set.classes)
 
@@ -251,23 +272,22 @@ def build_datasets(
     return train_set, test_set, class_names
 
 
+def build_test_set(
+    dataset: str, data_dir: str, img_size: int | tuple[int, int], download: bool = True
+) -> tuple[Dataset, list[str]]:
+    """The test split alone, with the test preprocessing (for evaluation).
+
+    Reads nothing of the training split: an image folder needs only `val/` (or `test/`), such
+    as an ImageNet validation set. Arguments and errors as `build_datasets`.
+    """
+    test_set = _raw_split(dataset, data_dir, download, train=False)
+    test_set.transform = build_transforms(img_size, train=False)
+    return test_set, list(test_set.classes)
+
+
 def _train_transform(dataset: str, img_size: int | tuple[int, int]) -> Callable:
     scale = CROP_SCALES.get(dataset, CROP_SCALE)
     return build_transforms(img_size, train=True, flip=dataset not in NO_FLIP, crop_scale=scale)
-
-
-def _raw_datasets(
-    dataset: str, data_dir: str, download: bool
-) -> tuple[Dataset, Dataset, list[str]]:
-    """Datasets that return PIL images (no transform yet)."""
-    if dataset in ("cifar10", "cifar100"):
-        return _cifar(dataset, data_dir, download)
-    if dataset == "imagefolder":
-        return _imagefolder(data_dir)
-    if dataset == "digits":
-        train_set, test_set = DigitsDataset(train=True), DigitsDataset(train=False)
-        return train_set, test_set, list(DigitsDataset.classes)
-    raise UserError(f"Unknown dataset {dataset!r}; choose one of: {', '.join(DATASETS)}.")
 
 
 def ignore_stop_signals(worker_id: int) -> None:
