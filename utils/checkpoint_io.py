@@ -48,6 +48,7 @@ from models.checkpoint import (
 from models.configs import CONFIGS, ViTConfig, checked_img_size, get_config, model_names
 from models.modeling import VisionTransformer
 from utils.atomic_io import atomic_write
+from utils.dist_utils import all_reduce_sum
 from utils.errors import UserError
 
 __all__ = [
@@ -628,12 +629,8 @@ class GracefulExit:
 
         Every rank must call it at the same point of every step, so that all stop together.
         """
-        flag = self.requested
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            tensor = torch.tensor([float(flag)], device=device)
-            torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
-            flag = bool(tensor.item())
-        return flag
+        requests = all_reduce_sum(torch.tensor([float(self.requested)], device=device))
+        return bool(requests.item() > 0)
 
 
 class NonFiniteLossError(UserError):
