@@ -165,3 +165,19 @@ def checked_img_size(
             f"use a multiple of {ph}, e.g. {max(ph, height // ph * ph)}."
         )
     return height, width
+
+
+def find_config(
+    hidden_size: int,
+    num_layers: int,
+    patch_size: tuple[int, int],
+    resnet_layers: tuple[int, ...] | None,
+    exclude: tuple[str, ...] = (),
+) -> str | None:
+    """The registry name of the architecture with these shapes (from a checkpoint), or None."""
+    wanted = (hidden_size, num_layers, tuple(patch_size), resnet_layers)
+    for name, c in CONFIGS.items():
+        resnet = c.resnet.num_layers if c.resnet is not None else None
+        if name not in exclude and (c.hidden_size, c.num_layers, c.patch_size, resnet) == wanted:
+            return name
+    return None

@@ -45,7 +45,7 @@ from models.checkpoint import (
     load_npz,
     load_pretrained,
 )
-from models.configs import CONFIGS, ViTConfig, checked_img_size, get_config, model_names
+from models.configs import ViTConfig, checked_img_size, find_config, get_config, model_names
 from models.modeling import VisionTransformer
 from utils.atomic_io import atomic_write
 from utils.dist_utils import all_reduce_sum
@@ -188,15 +188,7 @@ def guess_state_dict_model(state: Mapping[str, torch.Tensor]) -> str | None:
     ]
     stages = [int(m.group(1)) for m in units if m]
     resnet = tuple(stages.count(b) for b in range(max(stages) + 1)) if stages else None
-    for name, config in CONFIGS.items():
-        if (
-            config.hidden_size == hidden
-            and config.num_layers == layers
-            and tuple(config.patch_size) == patch
-            and (config.resnet.num_layers if config.resnet else None) == resnet
-        ):
-            return name
-    return None
+    return find_config(hidden, layers, patch, resnet)
 
 
 def load_model_weights(path: str | os.PathLike, model_type: str | None = None) -> dict:
