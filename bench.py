@@ -53,6 +53,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from models.checkpoint import load_npz, save_npz, state_dict_to_npz
 from models.configs import ViTConfig, get_config, model_names
 from models.modeling import VisionTransformer
+from utils.data_utils import build_transforms
 
 logger = logging.getLogger("bench")
 
@@ -378,25 +379,6 @@ def checkpoint_load_times(
 # Data pipeline
 
 
-def train_transform(img_size: int) -> tuple[Callable, str]:
-    """The training transforms of `utils.data_utils`, or the same recipe from torchvision."""
-    try:
-        from utils.data_utils import build_transforms
-    except ImportError:
-        from torchvision import transforms
-
-        transform = transforms.Compose(
-            [
-                transforms.RandomResizedCrop(img_size, scale=(0.05, 1.0)),
-                transforms.RandomHorizontalFlip(),
-                transforms.ToTensor(),
-                transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
-            ]
-        )
-        return transform, "torchvision RandomResizedCrop(0.05-1)+flip+ToTensor+Normalize"
-    return build_transforms(img_size, train=True), "utils.data_utils.build_transforms"
-
-
 def random_resized_crop_batch(
     images: torch.Tensor,
     size: int,
@@ -450,7 +432,7 @@ def data_pipeline_rates(img_size: int, num_images: int, device: torch.device) ->
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 256, size=(num_images, 32, 32, 3), dtype=np.uint8)
     pil_images = [Image.fromarray(p) for p in pixels]
-    transform, name = train_transform(img_size)
+    transform, name = build_transforms(img_size, train=True), "utils.data_utils.build_transforms"
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in a DataLoader worker
     try:
