@@ -50,10 +50,11 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from models.checkpoint import load_npz, save_npz, state_dict_to_npz
 from models.configs import ViTConfig, get_config, model_names
 from models.modeling import VisionTransformer
+from models.npz import load_npz, state_dict_to_npz
 from utils.data_utils import build_transforms
+from utils.file_io import save_npz
 
 logger = logging.getLogger("bench")
 

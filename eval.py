@@ -27,11 +27,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from models.configs import model_names
-from train import PRECISIONS, evaluate, setup_logging
-from utils.checkpoint_io import load_model
 from utils.data_utils import DATASETS, ShardSampler, build_test_set
 from utils.dist_utils import DistInfo, cleanup, init_distributed, main_process_first
+from utils.engine import PRECISIONS, evaluate, setup_logging
 from utils.errors import UserError, run_cli
+from utils.loading import load_model
 
 logger = logging.getLogger("eval")
 

@@ -26,6 +26,7 @@ from PIL import Image
 from models.configs import model_names
 from utils import attention_maps as am
 from utils.errors import UserError, run_cli
+from utils.loading import load_model
 
 logger = logging.getLogger("visualize")
 
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
             "that train.py saved."
         )
     img_size = args.img_size[0] if args.img_size and len(args.img_size) == 1 else args.img_size
-    loaded = am.load_model(args.checkpoint, args.model_type, img_size)
+    loaded = load_model(args.checkpoint, args.model_type, img_size)
     logger.info(
         "%s from %s at %dx%d %s, %s",
         loaded.model_type,

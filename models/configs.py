@@ -11,9 +11,25 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from utils.errors import UserError
+__all__ = [
+    "ALIASES",
+    "CONFIGS",
+    "ConfigError",
+    "ResNetConfig",
+    "ViTConfig",
+    "checked_img_size",
+    "find_config",
+    "get_config",
+    "model_names",
+    "to_pair",
+]
 
-__all__ = ["ALIASES", "CONFIGS", "ResNetConfig", "ViTConfig", "get_config", "model_names"]
+
+class ConfigError(ValueError):
+    """A setting the model cannot take (e.g. an image size); the message says what to use.
+
+    Command-line entry points print its message and exit with code 2 (`utils.errors.run_cli`).
+    """
 
 
 @dataclass(frozen=True)
@@ -74,8 +90,15 @@ class ViTConfig:
         return self.hidden_size // self.num_heads
 
     @property
-    def is_hybrid(self) -> bool:
-        return self.resnet is not None
+    def stride(self) -> int:
+        """Input pixels per patch token along each axis: the patch, times the ResNet's stride.
+
+        The ResNet root (conv + max-pool) divides by 4 and every stage after the first by 2.
+        """
+        stride = self.patch_size[0]
+        if self.resnet is not None:
+            stride *= 4 * 2 ** max(len(self.resnet.num_layers) - 1, 0)
+        return stride
 
     def replace(self, **changes) -> ViTConfig:
         """A copy with some fields changed (the registry entries themselves are frozen)."""
@@ -148,19 +171,27 @@ def get_config(name: str) -> ViTConfig:
     return CONFIGS[key]
 
 
+def to_pair(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    """An image size given as an int (square) or (height, width), as (height, width)."""
+    if isinstance(size, int):
+        return size, size
+    height, width = size
+    return int(height), int(width)
+
+
 def checked_img_size(
     config: ViTConfig, img_size: int | tuple[int, int] | list[int]
 ) -> tuple[int, int]:
     """`img_size` as (height, width), refused unless a plain ViT sees whole patches.
 
     Raises:
-        UserError: a side is not a multiple of the patch size (hybrids take any size).
+        ConfigError: a side is not a multiple of the patch size (hybrids take any size).
     """
-    height, width = (img_size, img_size) if isinstance(img_size, int) else map(int, img_size)
+    height, width = to_pair(img_size)
     ph, pw = config.patch_size
     if config.resnet is None and (height % ph or width % pw):
         shown = height if height == width else f"{height}x{width}"
-        raise UserError(
+        raise ConfigError(
             f"--img_size {shown} is not divisible by the {ph}x{pw} patches of {config.name}; "
             f"use a multiple of {ph}, e.g. {max(ph, height // ph * ph)}."
         )

@@ -17,20 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.checkpoint import load_pretrained
-from models.configs import CONFIGS, ViTConfig, get_config
+from models.configs import CONFIGS, ViTConfig, get_config, to_pair
 from models.modeling_resnet import ResNetV2
+from models.npz import load_pretrained
 
 __all__ = ["CONFIGS", "VisionTransformer"]
 
 LN_EPS = 1e-6
-
-
-def _pair(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
-    if isinstance(size, int):
-        return size, size
-    height, width = size
-    return int(height), int(width)
 
 
 class Attention(nn.Module):
@@ -45,16 +38,16 @@ class Attention(nn.Module):
         self.proj = nn.Linear(config.hidden_size, config.hidden_size)
 
     def forward(
-        self, x: torch.Tensor, need_weights: bool = False, num_queries: int | None = None
+        self, x: torch.Tensor, need_weights: bool = False, num_outputs: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Attend; with `num_queries`, only the first that many tokens are queries (outputs)."""
+        """Attend; with `num_outputs`, only the first that many tokens are queries (outputs)."""
         batch, tokens, dim = x.shape
         qkv = self.qkv(x).view(batch, tokens, 3, self.num_heads, self.head_dim)
         # Unbinding the "3" axis (not a permuted copy) lets the backward pass stack the three
         # gradients straight into the (B, N, 3, heads, head_dim) layout of `qkv`: one copy less.
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # each (B, heads, N, head_dim)
-        if num_queries is not None:
-            q = q[:, :, :num_queries]  # (B, heads, Q, head_dim)
+        if num_outputs is not None:
+            q = q[:, :, :num_outputs]  # (B, heads, Q, head_dim)
         dropout = self.attn_dropout if self.training else 0.0
         if need_weights:
             scores = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B, heads, Q, N)
@@ -200,7 +193,7 @@ class VisionTransformer(nn.Module):
     ):
         super().__init__()
         self.config = get_config(config) if isinstance(config, str) else config
-        self.img_size = _pair(img_size)
+        self.img_size = to_pair(img_size)
         self.num_classes = num_classes
         self.zero_head = zero_head
         self.vis = vis
@@ -287,6 +280,6 @@ class VisionTransformer(nn.Module):
         """Load an official checkpoint: the mapping `np.load(path)` returns.
 
         The head is kept at zero when `zero_head` is set; position embeddings are resized to
-        this model's grid. Raises `models.checkpoint.CheckpointError` on a mismatch.
+        this model's grid. Raises `models.npz.CheckpointError` on a mismatch.
         """
         load_pretrained(self, weights, zero_head=self.zero_head)

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from models.checkpoint import save_npz, state_dict_to_npz
 from models.configs import CONFIGS, ResNetConfig, get_config
 from models.modeling import VisionTransformer
 from utils import attention_maps as am
@@ -126,7 +123,7 @@ def small(config_name: str):
 @pytest.mark.parametrize(
     "name",
     [
-        pytest.param(n, marks=pytest.mark.slow) if CONFIGS[n].is_hybrid else n
+        pytest.param(n, marks=pytest.mark.slow) if CONFIGS[n].resnet is not None else n
         for n in sorted(CONFIGS)
     ],
 )
@@ -134,7 +131,7 @@ def test_every_registered_model_gives_maps_on_its_grid(name):
     config = small(name)
     if name == "R50+ViT-B_16":
         size = (224, 224)  # the official 14x14 grid
-    elif config.is_hybrid or config.patch_size[0] > 16:
+    elif config.resnet is not None or config.patch_size[0] > 16:
         size = (64, 96)  # non-square
     else:
         size = (48, 80)
@@ -167,19 +164,13 @@ def test_small_hybrid_non_square():
     assert maps.rollout.shape == (1, *model.grid_size) == (1, 16, 24)
 
 
-def test_top_k_and_class_names():
+def test_top_k():
     logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]])
     assert [label for label, _ in am.top_k(logits, 2)[0]] == ["1", "3"]
     names = ["a", "b", "c", "d"]
     preds = am.top_k(logits, 10, names)[0]
     assert [label for label, _ in preds] == ["b", "d", "c", "a"]
     assert sum(p for _, p in preds) == pytest.approx(1.0)
-    assert am.class_names(10, "cifar10")[3] == "cat"
-    assert am.class_names(100, "cifar100")[:2] == ["apple", "aquarium_fish"]
-    assert am.class_names(10, "digits") == [str(d) for d in range(10)]
-    assert am.class_names(1000)[0] == "tench"
-    assert am.class_names(7) is None
-    assert am.class_names(2, names=["cat", "dog"]) == ["cat", "dog"]
 
 
 def test_find_images_and_errors(tmp_path):
@@ -206,46 +197,6 @@ def test_preprocess_scales_pixels_to_minus_one_one():
     torch.testing.assert_close(batch[1], -torch.ones(3, 16, 8))
 
 
-def test_load_model_from_bin_with_sidecar_and_from_npz(tmp_path):
-    torch.manual_seed(0)
-    model = VisionTransformer("testing", (32, 48), num_classes=10)
-    torch.nn.init.normal_(model.head.weight)
-    bin_path = tmp_path / "demo_checkpoint.bin"
-    torch.save({f"module.{k}": v for k, v in model.state_dict().items()}, bin_path)
-    sidecar = {"model_type": "testing", "img_size": [32, 48], "dataset": "digits"}
-    (tmp_path / "demo_checkpoint.json").write_text(json.dumps(sidecar))
-    loaded = am.load_model(bin_path)
-    assert loaded.model_type == "testing"
-    assert loaded.img_size == (32, 48)
-    assert loaded.class_names == [str(d) for d in range(10)]
-    x = torch.randn(1, 3, 32, 48)
-    model.eval()
-    torch.testing.assert_close(loaded.model(x)[0], model(x)[0])
-
-    npz_path = tmp_path / "testing.npz"
-    save_npz(npz_path, state_dict_to_npz(model.state_dict(), model.config))
-    with pytest.raises(UserError, match="model_type"):
-        am.load_model(npz_path)  # `testing` is never guessed
-    loaded = am.load_model(npz_path, model_type="testing", img_size=(32, 48))
-    assert loaded.class_names is None
-    torch.testing.assert_close(loaded.model(x)[0], model(x)[0])
-
-
-def test_load_model_errors(tmp_path):
-    with pytest.raises(UserError, match="does not exist"):
-        am.load_model(tmp_path / "nothing.bin")
-    model = VisionTransformer("testing", 32, num_classes=10)
-    path = tmp_path / "x_checkpoint.bin"
-    torch.save(model.state_dict(), path)
-    assert am.load_model(path).model_type == "testing"  # no sidecar, no flag: from the shapes
-    odd = VisionTransformer(get_config("testing").replace(hidden_size=24), 32, num_classes=10)
-    torch.save(odd.state_dict(), path)
-    with pytest.raises(UserError, match="pass --model_type"):
-        am.load_model(path)  # an architecture the registry does not have
-    with pytest.raises(UserError):
-        am.load_model(path, model_type="ViT-Ti_16", img_size=32)  # another architecture
-
-
 def test_plots_build_figures():
     model = VisionTransformer("testing", (32, 48), num_classes=3)
     image = Image.new("RGB", (60, 40), (200, 100, 50))
@@ -256,14 +207,3 @@ def test_plots_build_figures():
     assert "layer 2" in titles
     fig = am.plot_patches(image, (32, 48), (16, 16))
     assert "2x3 = 6 patches" in fig.axes[1].get_title()
-
-
-def test_npz_with_1000_classes_gets_imagenet_names_and_its_native_size(tmp_path):
-    model = VisionTransformer("testing", 48, num_classes=1000)
-    path = tmp_path / "in1k.npz"
-    save_npz(path, state_dict_to_npz(model.state_dict(), model.config))
-    loaded = am.load_model(path, model_type="testing")
-    assert loaded.img_size == (48, 48)  # 3x3 grid of 16-pixel patches in the position embedding
-    assert loaded.class_names[:2] == ["tench", "goldfish"]
-    assert loaded.dataset == "imagenet2012"
-    assert am.load_model(path, model_type="testing", img_size=64).img_size == (64, 64)

@@ -1,6 +1,5 @@
 """bench.py: the command runs end to end on the `testing` config and its output has the promised
-shape (never its speed); attention maps are not materialised unless asked for; the speed-ups in
-`models/` compute exactly what the plain formulas do."""
+shape (never its speed); attention maps are not materialised unless asked for."""
 
 from __future__ import annotations
 
@@ -8,11 +7,9 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import bench
 from models.configs import get_config
-from models.modeling_resnet import StdConv2d, max_pool_same
 
 pytest.importorskip("timm")
 
@@ -135,56 +132,3 @@ def test_batched_crop_shape_and_range() -> None:
     assert out.dtype == torch.float32
     assert out.min() >= -1.0
     assert out.max() <= 1.0
-
-
-# The speed-ups in models/ must compute exactly what the plain formulas compute.
-
-
-@pytest.mark.parametrize("size", [(7, 7), (8, 8), (9, 12), (112, 111)])
-def test_max_pool_same_fast_path_matches_explicit_padding(size: tuple[int, int]) -> None:
-    x = torch.randn(2, 4, *size).relu().requires_grad_()
-    fast = max_pool_same(x, 3, 2)
-    padded = F.pad(x, _tf_same_pads(size, 3, 2), value=float("-inf"))
-    reference = F.max_pool2d(padded, 3, 2)
-    assert torch.equal(fast, reference)
-    (grad_fast,) = torch.autograd.grad(fast.sum(), x)
-    (grad_ref,) = torch.autograd.grad(reference.sum(), x)
-    assert torch.equal(grad_fast, grad_ref)
-
-
-@pytest.mark.parametrize(("kernel", "stride"), [(1, 1), (3, 1), (3, 2), (7, 2), (1, 2)])
-def test_std_conv_matches_official_formula(kernel: int, stride: int) -> None:
-    conv = StdConv2d(8, 6, kernel, stride)
-    x = torch.randn(2, 8, 15, 16)
-    w = conv.weight
-    mean = w.mean(dim=(1, 2, 3), keepdim=True)
-    std = w.var(dim=(1, 2, 3), unbiased=False, keepdim=True).sqrt()
-    expected = F.conv2d(
-        F.pad(x, _tf_same_pads((15, 16), kernel, stride)), (w - mean) / (std + 1e-5), None, stride
-    )
-    torch.testing.assert_close(conv(x), expected, atol=1e-5, rtol=1e-5)
-
-
-def test_class_token_shortcut_matches_full_encoder() -> None:
-    torch.manual_seed(0)
-    model = bench.build_ours(get_config("testing"), 32, num_classes=3).eval()
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=0.2)
-    x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        tokens, _ = model.encoder(model.embeddings(x))  # every token through every block
-        expected = model.head(tokens[:, 0])
-        logits, maps = model(x)  # the last block computes the class token only
-    assert maps == []
-    torch.testing.assert_close(logits, expected, atol=1e-6, rtol=1e-6)
-
-
-def _tf_same_pads(size: tuple[int, int], kernel: int, stride: int) -> tuple[int, int, int, int]:
-    """(left, right, top, bottom) of TensorFlow SAME, written out independently."""
-    pads = []
-    for length in size:
-        out = -(-length // stride)
-        total = max((out - 1) * stride + kernel - length, 0)
-        pads.append((total // 2, total - total // 2))
-    (top, bottom), (left, right) = pads
-    return left, right, top, bottom

@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import torch
 
-from models.configs import CONFIGS, ResNetConfig, get_config, model_names
+from models.configs import CONFIGS, get_config, model_names
 from models.modeling import VisionTransformer
 
 # Parameters with a 1000-class head at 224 (no pre_logits). ViT-B_16 and R50+ViT-B_16 are the
@@ -89,4 +89,11 @@ def test_configs_are_frozen_and_validated() -> None:
         get_config("testing").replace(classifier="mean")
     with pytest.raises(ValueError, match="divisible"):
         get_config("testing").replace(num_heads=3)
-    assert get_config("testing").replace(resnet=ResNetConfig(())).is_hybrid
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_stride_gives_the_patch_grid_of_the_model(name: str) -> None:
+    config = get_config(name)
+    with torch.device("meta"):  # shapes only: even ViT-H_14 costs nothing
+        model = VisionTransformer(config, 4 * config.stride, num_classes=2)
+    assert model.grid_size == (4, 4)

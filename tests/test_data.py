@@ -7,25 +7,22 @@ real download, checksum and extraction code runs without touching the network.
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import http.server
-import io
 import os
 import pickle
-import tarfile
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import ClassVar
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torchvision import datasets
 
+from tests.helpers import (
+    CIFAR_LAYOUT,
+    QuietHandler,
+    decode_cifar_row,
+    make_image_folder,
+    serve_cifar,
+)
 from utils.data_utils import (
     DATASETS,
     DigitsDataset,
@@ -36,123 +33,8 @@ from utils.data_utils import (
 )
 from utils.errors import UserError
 
+
 # --------------------------------------------------------------------------------------------
-# A fake CIFAR in the official format, served over loopback HTTP.
-
-CIFAR_LAYOUT = {
-    # dataset: (class, folder, train files, test files, meta file, meta key, label key, classes)
-    "cifar10": (
-        datasets.CIFAR10,
-        "cifar-10-batches-py",
-        [f"data_batch_{i}" for i in range(1, 6)],
-        ["test_batch"],
-        "batches.meta",
-        "label_names",
-        "labels",
-        10,
-    ),
-    "cifar100": (
-        datasets.CIFAR100,
-        "cifar-100-python",
-        ["train"],
-        ["test"],
-        "meta",
-        "fine_label_names",
-        "fine_labels",
-        100,
-    ),
-}
-
-
-def make_cifar_files(dataset: str, per_file: int = 8, seed: int = 0) -> dict[str, bytes]:
-    """The pickled files of a tiny CIFAR (`per_file` images per batch file), keyed by name."""
-    _, _, train_files, test_files, meta_file, meta_key, label_key, classes = CIFAR_LAYOUT[dataset]
-    rng = np.random.default_rng(seed)
-    files = {}
-    for name in train_files + test_files:
-        rows = rng.integers(0, 256, size=(per_file, 3 * 32 * 32), dtype=np.uint8)  # R, G, B planes
-        labels = [int(x) for x in rng.integers(0, classes, size=per_file)]
-        files[name] = pickle.dumps({"batch_label": name, "data": rows, label_key: labels})
-    files[meta_file] = pickle.dumps({meta_key: [f"class_{i:03d}" for i in range(classes)]})
-    return files
-
-
-def make_cifar_archive(dataset: str, files: dict[str, bytes]) -> bytes:
-    """The `.tar.gz` as published: every file under the dataset's folder."""
-    folder = CIFAR_LAYOUT[dataset][1]
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-        for name, payload in files.items():
-            info = tarfile.TarInfo(f"{folder}/{name}")
-            info.size = len(payload)
-            tar.addfile(info, io.BytesIO(payload))
-    return buffer.getvalue()
-
-
-@contextmanager
-def serve_cifar(
-    dataset: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> Iterator[dict[str, bytes]]:
-    """Serve a fake CIFAR archive on 127.0.0.1 and point torchvision's dataset class at it.
-
-    The URL and every checksum torchvision checks are replaced by those of the fake files.
-
-    Yields:
-        The files in the archive; the served request paths are appended to `requests`.
-    """
-    cls, _, train_files, test_files, meta_file, meta_key, _, _ = CIFAR_LAYOUT[dataset]
-    files = make_cifar_files(dataset)
-    archive = make_cifar_archive(dataset, files)
-    root = tmp_path / "www"
-    root.mkdir()
-    (root / cls.filename).write_bytes(archive)
-
-    def md5(data: bytes) -> str:
-        return hashlib.md5(data).hexdigest()
-
-    handler = functools.partial(QuietHandler, directory=str(root))
-    server = QuietServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        port = server.server_address[1]
-        monkeypatch.setattr(cls, "url", f"http://127.0.0.1:{port}/{cls.filename}")
-        monkeypatch.setattr(cls, "tgz_md5", md5(archive))
-        monkeypatch.setattr(cls, "train_list", [[n, md5(files[n])] for n in train_files])
-        monkeypatch.setattr(cls, "test_list", [[n, md5(files[n])] for n in test_files])
-        monkeypatch.setattr(
-            cls, "meta", {"filename": meta_file, "key": meta_key, "md5": md5(files[meta_file])}
-        )
-        QuietHandler.requests = []
-        yield files
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
-
-
-class QuietServer(http.server.ThreadingHTTPServer):
-    """Ignores clients that hang up early (torchvision's redirect probe reads no body)."""
-
-    def handle_error(self, request, client_address) -> None:
-        pass
-
-
-class QuietHandler(http.server.SimpleHTTPRequestHandler):
-    """Static files, no request logging; records the paths of GET requests."""
-
-    requests: ClassVar[list[str]] = []
-
-    def log_message(self, format: str, *args) -> None:
-        if self.command == "GET":
-            QuietHandler.requests.append(self.path)
-
-
-def decode_cifar_row(row: np.ndarray) -> np.ndarray:
-    """One CIFAR row (R plane, G plane, B plane) -> (32, 32, 3) image."""
-    return row.reshape(3, 32, 32).transpose(1, 2, 0)
-
-
 @pytest.mark.parametrize("dataset", ["cifar10", "cifar100"])
 def test_cifar_download_over_http(
     dataset: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
@@ -277,17 +159,6 @@ def test_shards_cover_every_index_once(length: int, world: int) -> None:
 
 # --------------------------------------------------------------------------------------------
 # Image folders
-
-
-def make_image_folder(root: Path, test_name: str = "val", classes=("cat", "dog"), n: int = 4):
-    """`root/train/<class>/*.png` and `root/<test_name>/<class>/*.png`, class i has colour i."""
-    for split, count in (("train", n), (test_name, 2)):
-        for c, name in enumerate(classes):
-            folder = root / split / name
-            folder.mkdir(parents=True)
-            for i in range(count):
-                colour = (100 * c, 50 + 10 * i, 100)
-                Image.new("RGB", (20, 12), colour).save(folder / f"{i}.png")
 
 
 @pytest.mark.parametrize("test_name", ["val", "test"])

@@ -17,11 +17,12 @@ import numpy as np
 import pytest
 import tqdm
 
-from models.checkpoint import load_npz, save_npz, state_dict_to_npz
 from models.configs import get_config
 from models.modeling import VisionTransformer
+from models.npz import load_npz, state_dict_to_npz
 from utils import download as dl
 from utils.errors import UserError
+from utils.file_io import save_npz
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = "imagenet21k"

@@ -13,11 +13,12 @@ import torch.nn.functional as F
 
 import eval as eval_script
 import train
-from models.checkpoint import save_npz, state_dict_to_npz
 from models.configs import get_config
 from models.modeling import VisionTransformer
-from tests.cli_helpers import expect_user_error
+from models.npz import state_dict_to_npz
+from tests.helpers import expect_user_error
 from utils.data_utils import DigitsDataset, build_transforms
+from utils.file_io import save_npz
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTING = get_config("testing")

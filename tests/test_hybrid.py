@@ -20,11 +20,11 @@ from timm.models.vision_transformer import _load_weights as timm_load_npz
 from timm.models.vision_transformer_hybrid import _resnetv2
 from torch import nn
 
-from models.checkpoint import save_npz
 from models.configs import ResNetConfig, get_config
 from models.modeling import VisionTransformer
 from models.modeling_resnet import ResNetV2, StdConv2d, max_pool_same, same_padding
-from tests.npz_factory import fake_checkpoint, official_grid
+from tests.helpers import fake_checkpoint, official_grid
+from utils.file_io import save_npz
 
 HYBRID = get_config("testing").replace(
     hidden_size=32,
@@ -162,3 +162,42 @@ def test_max_pool_pads_with_minus_infinity() -> None:
     )
     torch.testing.assert_close(out[0, 0], expected)
     assert (out < 0).all()
+
+
+# The fast paths compute exactly what the plain formulas compute.
+
+
+@pytest.mark.parametrize("size", [(7, 7), (8, 8), (9, 12), (112, 111)])
+def test_max_pool_same_fast_path_matches_explicit_padding(size: tuple[int, int]) -> None:
+    x = torch.randn(2, 4, *size).relu().requires_grad_()
+    fast = max_pool_same(x, 3, 2)
+    padded = F.pad(x, _tf_same_pads(size, 3, 2), value=float("-inf"))
+    reference = F.max_pool2d(padded, 3, 2)
+    assert torch.equal(fast, reference)
+    (grad_fast,) = torch.autograd.grad(fast.sum(), x)
+    (grad_ref,) = torch.autograd.grad(reference.sum(), x)
+    assert torch.equal(grad_fast, grad_ref)
+
+
+@pytest.mark.parametrize(("kernel", "stride"), [(1, 1), (3, 1), (3, 2), (7, 2), (1, 2)])
+def test_std_conv_matches_official_formula(kernel: int, stride: int) -> None:
+    conv = StdConv2d(8, 6, kernel, stride)
+    x = torch.randn(2, 8, 15, 16)
+    w = conv.weight
+    mean = w.mean(dim=(1, 2, 3), keepdim=True)
+    std = w.var(dim=(1, 2, 3), unbiased=False, keepdim=True).sqrt()
+    expected = F.conv2d(
+        F.pad(x, _tf_same_pads((15, 16), kernel, stride)), (w - mean) / (std + 1e-5), None, stride
+    )
+    torch.testing.assert_close(conv(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def _tf_same_pads(size: tuple[int, int], kernel: int, stride: int) -> tuple[int, int, int, int]:
+    """(left, right, top, bottom) of TensorFlow SAME, written out independently."""
+    pads = []
+    for length in size:
+        out = -(-length // stride)
+        total = max((out - 1) * stride + kernel - length, 0)
+        pads.append((total // 2, total - total // 2))
+    (top, bottom), (left, right) = pads
+    return left, right, top, bottom

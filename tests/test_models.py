@@ -1,4 +1,4 @@
-"""The ViT computes what Google's official model computes (REFERENCE.md §2)."""
+"""The ViT computes what Google's official model computes (`vit_jax/models_vit.py`)."""
 
 import functools
 import math
@@ -10,10 +10,10 @@ import torch
 from timm.models.vision_transformer import _load_weights as timm_load_npz
 from torch import nn
 
-from models.checkpoint import save_npz
 from models.configs import get_config
 from models.modeling import LN_EPS, Mlp, VisionTransformer
-from tests.npz_factory import BIG_VISION, fake_checkpoint
+from tests.helpers import BIG_VISION, fake_checkpoint
+from utils.file_io import save_npz
 
 SMALL = get_config("testing").replace(hidden_size=32, mlp_dim=64, num_heads=4, num_layers=3)
 
@@ -192,3 +192,17 @@ def test_zero_head_model_starts_at_zero() -> None:
     model = VisionTransformer(SMALL, 32, 10, zero_head=True)
     assert not model.head.weight.any()
     assert not model.head.bias.any()
+
+
+def test_class_token_shortcut_matches_full_encoder() -> None:
+    torch.manual_seed(0)
+    model = VisionTransformer("testing", 32, num_classes=3).eval()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        tokens, _ = model.encoder(model.embeddings(x))  # every token through every block
+        expected = model.head(tokens[:, 0])
+        logits, maps = model(x)  # the last block computes the class token only
+    assert maps == []
+    torch.testing.assert_close(logits, expected, atol=1e-6, rtol=1e-6)

@@ -1,4 +1,4 @@
-"""The repo's promises: dev container, has_cuda.py, CI command, requirements, notebook hygiene."""
+"""The repo's promises: the dev container's files exist, has_cuda.py, requirements."""
 
 import json
 import re
@@ -22,18 +22,9 @@ def test_devcontainer_parses_and_every_file_it_references_exists() -> None:
     script = config["postCreateCommand"].split()[-1]
     assert (ROOT / script).is_file()
     text = dockerfile.read_text()
-    assert re.search(r"^FROM nvidia/cuda:\S+cudnn", text, re.M)
     for line in re.findall(r"^COPY (.+)$", text, re.M):
         for source in line.split()[:-1]:
             assert (context / source).is_file(), source
-
-
-def test_cuda_packages_are_held_before_any_upgrade() -> None:
-    text = (ROOT / ".devcontainer" / "Dockerfile").read_text()
-    hold = text.index("apt-mark hold")
-    assert hold < text.index("apt-get upgrade")
-    assert "cuda-" in text[hold : text.index("apt-get upgrade")]
-    assert "libcudnn" in text[hold : text.index("apt-get upgrade")]
 
 
 def test_has_cuda_reports_the_device() -> None:
@@ -44,14 +35,6 @@ def test_has_cuda_reports_the_device() -> None:
     assert lines["has_cuda"] == str(torch.cuda.is_available())
     assert lines["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
     assert int(lines["n_gpu"]) == torch.cuda.device_count()
-
-
-def test_ci_runs_the_readme_test_command() -> None:
-    readme = (ROOT / "README.md").read_text()
-    ci = (ROOT / ".ci" / "run").read_text()
-    assert "make test" in readme
-    assert re.search(r"^make test$", ci, re.M)
-    assert "set -euo pipefail" in ci
 
 
 def test_every_third_party_import_is_a_requirement() -> None:

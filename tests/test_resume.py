@@ -22,11 +22,11 @@ import torch
 
 import train
 from models.configs import get_config
-from tests.cli_helpers import expect_user_error
-from tests.test_data import make_image_folder
-from tests.test_train import scalars, tiny_args
-from utils import checkpoint_io as cio
+from tests.helpers import expect_user_error, make_image_folder, scalars, tiny_args
+from utils import train_state
 from utils.data_utils import get_loader
+from utils.file_io import safe_load, sidecar_path
+from utils.train_state import last_state_path
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,7 +44,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def last_state(out: Path, name: str) -> dict:
-    return cio.safe_load(cio.last_state_path(out, name))
+    return safe_load(last_state_path(out, name))
 
 
 def assert_same_training(out_a: Path, name_a: str, out_b: Path, name_b: str) -> None:
@@ -67,8 +67,8 @@ def assert_same_best(out: Path, name_a: str, name_b: str) -> None:
     meta_b = json.loads((out / f"{name_b}_checkpoint.json").read_text())
     assert (meta_a["step"], meta_a["accuracy"]) == (meta_b["step"], meta_b["accuracy"])
     assert meta_a["precision"] == meta_b["precision"] == "fp32"
-    a = cio.safe_load(out / f"{name_a}_checkpoint.bin")
-    b = cio.safe_load(out / f"{name_b}_checkpoint.bin")
+    a = safe_load(out / f"{name_a}_checkpoint.bin")
+    b = safe_load(out / f"{name_b}_checkpoint.bin")
     for key, value in a.items():
         assert torch.equal(b[key], value), key
 
@@ -143,7 +143,7 @@ def test_crash_then_resume_equals_uninterrupted(
         with pytest.raises(RuntimeError):
             train.main(tiny_args(tmp_path, name="norng", **common))
     with monkeypatch.context() as patch:
-        patch.setattr(cio, "set_rng_state", lambda state: None)
+        patch.setattr(train_state, "set_rng_state", lambda state: None)
         train.main(tiny_args(tmp_path, name="norng", resume=True, **common))
     a, b = last_state(out, "straight")["model"], last_state(out, "norng")["model"]
     assert any(not torch.equal(a[k], b[k]) for k in a)
@@ -152,8 +152,8 @@ def test_crash_then_resume_equals_uninterrupted(
 def test_resume_path_and_finished_run(tmp_path: Path) -> None:
     """`--resume PATH` under another --name; resuming a finished run trains no further."""
     train.main(tiny_args(tmp_path, name="first", num_steps=2, eval_every=0, save_every=0))
-    path = cio.last_state_path(tmp_path / "out", "first")
-    assert cio.safe_load(path)["step"] == 2  # saved at the end even with --save_every 0
+    path = last_state_path(tmp_path / "out", "first")
+    assert safe_load(path)["step"] == 2  # saved at the end even with --save_every 0
     summary = train.main(tiny_args(tmp_path, name="second", num_steps=3, eval_every=0, resume=path))
     assert summary["step"] == 3
     assert last_state(tmp_path / "out", "second")["step"] == 3
@@ -206,7 +206,7 @@ def wait_for_save(proc: subprocess.Popen, log: Path, path: Path, step: int) -> i
         while time.monotonic() < deadline:
             assert proc.poll() is None, f"train.py ended early:\n{log.read_text()[-3000:]}"
             if path.exists():
-                saved = cio.safe_load(path)["step"]  # atomic writes: never a torn file
+                saved = safe_load(path)["step"]  # atomic writes: never a torn file
                 if saved >= step:
                     return saved
             time.sleep(0.01)
@@ -222,12 +222,12 @@ def wait_for_save(proc: subprocess.Popen, log: Path, path: Path, step: int) -> i
 @pytest.mark.slow
 def test_kill_9_then_resume_equals_uninterrupted(tmp_path: Path, uninterrupted: Path) -> None:
     out = tmp_path / "out"
-    path = cio.last_state_path(out, "killed")
+    path = last_state_path(out, "killed")
     proc, log = start_training(tmp_path, "killed")
     wait_for_save(proc, log, path, 4)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait(timeout=60) == -signal.SIGKILL
-    saved = cio.safe_load(path)["step"]  # loads: the kill tore nothing
+    saved = safe_load(path)["step"]  # loads: the kill tore nothing
     assert 4 <= saved < PROCESS_FLAGS["num_steps"], "killed too late to test a resume"
     assert saved % PROCESS_FLAGS["save_every"] == 0
     # TensorBoard reads event files in name order, and a name holds the second it was created:
@@ -256,7 +256,7 @@ def test_signal_saves_and_exits_cleanly(
     """SIGTERM to train.py, or SIGINT to its whole process group with a loader worker (what
     Ctrl+C in a terminal does): it finishes the step, saves, exits 0 and says how to resume."""
     out = tmp_path / "out"
-    path = cio.last_state_path(out, "stopped")
+    path = last_state_path(out, "stopped")
     proc, log = start_training(tmp_path, "stopped", num_workers=workers)
     wait_for_save(proc, log, path, 2)
     if workers:
@@ -273,7 +273,7 @@ def test_signal_saves_and_exits_cleanly(
     assert found, text[-3000:]
     stopped_at = int(found.group(1))
     assert Path(found.group(2)) == path
-    assert cio.safe_load(path)["step"] == stopped_at < PROCESS_FLAGS["num_steps"]
+    assert safe_load(path)["step"] == stopped_at < PROCESS_FLAGS["num_steps"]
     assert f"Steps: {stopped_at} of {PROCESS_FLAGS['num_steps']} (stopped" in text
     assert "Traceback" not in text
 
@@ -291,7 +291,7 @@ def test_non_finite_loss_stops_without_touching_the_best_checkpoint(
     """A learning rate of 1e38 overflows fp32 within a few steps: exit 2, best .bin intact."""
     train.main(tiny_args(tmp_path, name="run", num_steps=2, eval_every=2))
     best = tmp_path / "out" / "run_checkpoint.bin"
-    sidecar = cio.sidecar_path(best)
+    sidecar = sidecar_path(best)
     before = (best.read_bytes(), best.stat().st_mtime_ns, sidecar.read_text())
 
     argv = tiny_args(

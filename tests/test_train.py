@@ -7,7 +7,6 @@ official checkpoint's arrays, and hand-computed schedule values.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import subprocess
@@ -17,62 +16,26 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import train
 from models.configs import get_config
 from models.modeling import VisionTransformer
-from tests.npz_factory import fake_checkpoint
-from tests.test_data import make_image_folder, serve_cifar
+from tests.helpers import (
+    fake_checkpoint,
+    load_checkpoint,
+    make_image_folder,
+    scalars,
+    serve_cifar,
+    tiny_args,
+)
 from utils.data_utils import DigitsDataset, build_transforms
-from utils.errors import UserError
+from utils.errors import USER_ERRORS
 from utils.scheduler import lr_multiplier
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def tiny_args(tmp_path: Path, name: str = "tiny", **flags) -> list[str]:
-    """A few steps of the `testing` model on digits at 32x32; `flags` override the defaults."""
-    base = {
-        "name": name,
-        "dataset": "digits",
-        "model_type": "testing",
-        "pretrained_dir": "none",
-        "img_size": 32,
-        "train_batch_size": 16,
-        "eval_batch_size": 128,
-        "num_steps": 4,
-        "eval_every": 2,
-        "warmup_steps": 1,
-        "num_workers": 0,
-        "output_dir": tmp_path / "out",
-        "log_dir": tmp_path / "logs" / name,
-        "data_dir": tmp_path / "data",
-    }
-    base.update(flags)
-    argv = []
-    for key, value in base.items():
-        if value is True:
-            argv.append(f"--{key}")
-        elif value is not False:
-            argv += [f"--{key}", str(value)]
-    return argv
-
-
-def scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """Every scalar series in `log_dir`, read by TensorBoard's own event reader."""
-    acc = EventAccumulator(str(log_dir))
-    acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
-
-
-def load_checkpoint(out_dir: Path, name: str) -> tuple[dict, dict[str, torch.Tensor]]:
-    meta = json.loads((out_dir / f"{name}_checkpoint.json").read_text())
-    state = torch.load(out_dir / f"{name}_checkpoint.bin", map_location="cpu", weights_only=True)
-    return meta, state
 
 
 def test_digits_end_to_end(tmp_path: Path) -> None:
@@ -195,7 +158,7 @@ def test_pretrained_checkpoint_is_loaded(tmp_path: Path) -> None:
 
 def test_missing_checkpoint_names_the_download_url(tmp_path: Path) -> None:
     argv = tiny_args(tmp_path, model_type="ViT-B_16", pretrained_dir=tmp_path / "ViT-B_16.npz")
-    with pytest.raises(UserError) as err:
+    with pytest.raises(USER_ERRORS) as err:
         train.main(argv)
     assert "https://storage.googleapis.com/vit_models/imagenet21k/ViT-B_16.npz" in str(err.value)
 
@@ -209,7 +172,7 @@ def test_missing_checkpoint_names_the_download_url(tmp_path: Path) -> None:
     ],
 )
 def test_user_errors(tmp_path: Path, flags: dict, message: str) -> None:
-    with pytest.raises(UserError, match=message):
+    with pytest.raises(USER_ERRORS, match=message):
         train.main(tiny_args(tmp_path, **flags))
 
 
@@ -281,7 +244,7 @@ def test_precision_mapping(flags: dict, device: str, want: str, tmp_path: Path) 
 
 def test_conflicting_precision_flags(tmp_path: Path) -> None:
     args = train.parse_args(tiny_args(tmp_path, fp16=True, precision="bf16"))
-    with pytest.raises(UserError, match="only one"):
+    with pytest.raises(USER_ERRORS, match="only one"):
         train.resolve_precision(args, torch.device("cuda"))
 
 
@@ -338,4 +301,4 @@ def test_micro_batches_reshuffle_every_epoch_and_count_globally() -> None:
     assert all(sorted(order) == list(range(12)) for order in orders)  # each epoch sees all
     assert orders[0] != orders[1] != orders[2]
     next(stream)
-    assert (state.micro_step, state.epoch) == (10, 3)
+    assert (state.epoch, state.batches_in_epoch) == (3, 1)

@@ -13,9 +13,10 @@ import torch
 from PIL import Image
 
 import visualize
-from models.checkpoint import save_npz, state_dict_to_npz
 from models.modeling import VisionTransformer
-from utils.errors import UserError
+from models.npz import state_dict_to_npz
+from utils.errors import USER_ERRORS
+from utils.file_io import save_npz
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -92,18 +93,18 @@ def test_npz_with_model_type_and_img_size_shows_indices(tmp_path, capsys):
 
 def test_user_errors(tmp_path, monkeypatch):
     ckpt = make_bin(tmp_path)
-    with pytest.raises(UserError, match="does not exist"):
+    with pytest.raises(USER_ERRORS, match="does not exist"):
         visualize.main(["--checkpoint", str(ckpt), "--image", str(tmp_path / "nope.jpg")])
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(UserError, match="no images"):
+    with pytest.raises(USER_ERRORS, match="no images"):
         visualize.main(["--checkpoint", str(ckpt), "--image", str(empty)])
-    with pytest.raises(UserError, match="does not exist"):
+    with pytest.raises(USER_ERRORS, match="does not exist"):
         visualize.main(["--checkpoint", str(tmp_path / "missing.bin")])
-    with pytest.raises(UserError, match="does not fit"):
+    with pytest.raises(USER_ERRORS, match="does not fit"):
         visualize.main(["--checkpoint", str(ckpt), "--model_type", "ViT-Ti_16"])
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(UserError, match="make demo"):
+    with pytest.raises(USER_ERRORS, match="make demo"):
         visualize.main([])
 
 
@@ -131,5 +132,5 @@ def test_make_figures_writes_small_pngs(tmp_path):
         with Image.open(out / name) as image:
             assert image.width > 300
         assert (out / name).stat().st_size < 300_000
-    with pytest.raises(UserError, match="make demo"):
+    with pytest.raises(USER_ERRORS, match="make demo"):
         make_figures.main(["--checkpoint", str(tmp_path / "none.bin")])

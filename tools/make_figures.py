@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anyw
 from models.configs import model_names
 from utils import attention_maps as am
 from utils.errors import UserError, run_cli
+from utils.loading import load_model
 
 logger = logging.getLogger("make_figures")
 
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     photo = am.sample_image("china.jpg")
     save_png(am.plot_patches(photo, (224, 224), (16, 16)), out / "patches.png", args.dpi)
 
-    loaded = am.load_model(args.checkpoint, args.model_type)
+    loaded = load_model(args.checkpoint, args.model_type)
     if args.image:
         image, name = am.open_image(args.image), Path(args.image).stem
     elif loaded.dataset == "digits":

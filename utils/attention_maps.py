@@ -14,7 +14,6 @@ backend and never open a window.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
@@ -29,24 +28,17 @@ from matplotlib.figure import Figure
 from PIL import Image, UnidentifiedImageError
 
 from models.modeling import VisionTransformer
-from utils import checkpoint_io as cio
-from utils.checkpoint_io import LoadedModel
 from utils.data_utils import DigitsDataset, build_transforms
 from utils.errors import UserError
 
 __all__ = [
-    "CIFAR10_CLASSES",
-    "CIFAR100_CLASSES",
     "DEMO_CHECKPOINT",
     "IMAGE_EXTENSIONS",
     "AttentionMaps",
-    "LoadedModel",
     "attention_rollout",
-    "class_names",
     "compute_attention_maps",
     "find_images",
     "layer_attention",
-    "load_model",
     "map_description",
     "open_image",
     "plot_attention",
@@ -66,27 +58,6 @@ logger = logging.getLogger(__name__)
 DEMO_CHECKPOINT = "output/digits-demo_checkpoint.bin"
 MIN_DISPLAY_SIZE = 128  # smaller images are enlarged in figures
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-
-CIFAR10_CLASSES = (
-    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
-)  # fmt: skip
-
-# CIFAR-100 fine labels in index order (alphabetical, as the dataset's meta file lists them).
-CIFAR100_CLASSES = (
-    "apple", "aquarium_fish", "baby", "bear", "beaver", "bed", "bee", "beetle", "bicycle",
-    "bottle", "bowl", "boy", "bridge", "bus", "butterfly", "camel", "can", "castle", "caterpillar",
-    "cattle", "chair", "chimpanzee", "clock", "cloud", "cockroach", "couch", "crab", "crocodile",
-    "cup", "dinosaur", "dolphin", "elephant", "flatfish", "forest", "fox", "girl", "hamster",
-    "house", "kangaroo", "keyboard", "lamp", "lawn_mower", "leopard", "lion", "lizard", "lobster",
-    "man", "maple_tree", "motorcycle", "mountain", "mouse", "mushroom", "oak_tree", "orange",
-    "orchid", "otter", "palm_tree", "pear", "pickup_truck", "pine_tree", "plain", "plate", "poppy",
-    "porcupine", "possum", "rabbit", "raccoon", "ray", "road", "rocket", "rose", "sea", "seal",
-    "shark", "shrew", "skunk", "skyscraper", "snail", "snake", "spider", "squirrel", "streetcar",
-    "sunflower", "sweet_pepper", "table", "tank", "telephone", "television", "tiger", "tractor",
-    "train", "trout", "tulip", "turtle", "wardrobe", "whale", "willow_tree", "wolf", "woman",
-    "worm",
-)  # fmt: skip
-
 
 # --------------------------------------------------------------------------------------------
 # Attention maps (pure tensor functions)
@@ -266,14 +237,11 @@ def compute_attention_maps(
     """
     if layer_kind not in ("raw", "rollout"):
         raise ValueError(f"layer_kind must be 'raw' or 'rollout', got {layer_kind!r}")
-    was_training, was_vis = model.training, model.vis
+    was_training = model.training
     model.eval()
-    model.vis = True
-    try:
-        logits, attentions = model(images)
-    finally:
-        model.train(was_training)
-        model.vis = was_vis
+    pooled, attentions = model.forward_features(images, need_weights=True)
+    logits = model.head(pooled)  # (B, classes)
+    model.train(was_training)
     grid, prefix = model.grid_size, model.embeddings.num_prefix_tokens
     per_layer_rollout = attention_rollout(attentions, grid, prefix, per_layer=True)
     raw = layer_kind == "raw"
@@ -304,64 +272,6 @@ def top_k(
         ]
         for row_p, row_i in zip(values, indices, strict=True)
     ]
-
-
-# --------------------------------------------------------------------------------------------
-# Checkpoints and class names
-
-
-def class_names(
-    num_classes: int, dataset: str | None = None, names: Sequence[str] | None = None
-) -> list[str] | None:
-    """Human-readable class names for a classifier head, or None when unknown.
-
-    Args:
-        num_classes: outputs of the head.
-        dataset: the fine-tuning dataset when known ("cifar10", "cifar100", "digits",
-            "imagenet2012", ...).
-        names: explicit names (e.g. a train.py sidecar's `class_names`); used when their
-            count matches.
-
-    Returns:
-        Names in class-index order: the given ones, CIFAR-10/100, digits "0".."9", or the
-        ImageNet-1k categories torchvision ships (for any 1000-class head); None otherwise.
-    """
-    if names is not None and len(names) == num_classes:
-        return [str(n) for n in names]
-    key = (dataset or "").lower().replace("-", "").replace("_", "")
-    if key == "cifar10" and num_classes == 10:
-        return list(CIFAR10_CLASSES)
-    if key == "cifar100" and num_classes == 100:
-        return list(CIFAR100_CLASSES)
-    if key in ("digits", "mnist") and num_classes == 10:
-        return [str(d) for d in range(10)]
-    if num_classes == 1000:
-        from torchvision.models import ViT_B_16_Weights
-
-        return list(ViT_B_16_Weights.IMAGENET1K_V1.meta["categories"])
-    return None
-
-
-def load_model(
-    checkpoint: str | os.PathLike,
-    model_type: str | None = None,
-    img_size: int | Sequence[int] | None = None,
-) -> LoadedModel:
-    """Build the model a checkpoint holds, with the class names its predictions should show.
-
-    Args:
-        checkpoint: an official `.npz` or a `.bin` that train.py saved (its `.json` sidecar,
-            when present, gives model type, image size, dataset and class names).
-        model_type: registry name; overrides the sidecar; guessed from the shapes if omitted.
-        img_size: input size; overrides the sidecar. Defaults to the checkpoint's native
-            resolution (from its position embeddings).
-
-    Raises:
-        UserError: missing or unreadable file, unknown or mismatching model type.
-    """
-    loaded = cio.load_model(checkpoint, model_type, img_size)
-    names = class_names(loaded.model.num_classes, loaded.dataset, loaded.class_names)
-    return dataclasses.replace(loaded, class_names=names)
 
 
 # --------------------------------------------------------------------------------------------

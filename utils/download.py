@@ -27,8 +27,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from models.checkpoint import BASE_URL, CheckpointError, load_npz, npz_to_state_dict
 from models.configs import ALIASES, get_config, model_names
+from models.npz import BASE_URL, CheckpointError, load_npz, npz_to_state_dict
 from utils.errors import UserError, run_cli
 
 __all__ = [

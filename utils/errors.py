@@ -1,4 +1,8 @@
-"""User-facing errors: one clear paragraph and exit code 2, never a traceback."""
+"""User-facing errors: one clear paragraph and exit code 2, never a traceback.
+
+`models/` raises plain `ValueError` subclasses (`ConfigError`, `CheckpointError`) worded for the
+user; the scripts' `run_cli` treats them like a `UserError`.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,10 @@ import logging
 import sys
 from collections.abc import Callable
 
-__all__ = ["UserError", "run_cli"]
+from models.configs import ConfigError
+from models.npz import CheckpointError
+
+__all__ = ["USER_ERRORS", "UserError", "run_cli"]
 
 logger = logging.getLogger(__name__)
 
@@ -18,10 +25,13 @@ class UserError(Exception):
     """
 
 
+USER_ERRORS = (UserError, ConfigError, CheckpointError)  # what run_cli turns into a message
+
+
 def run_cli(main: Callable[[], object]) -> None:
-    """Run a command-line `main`, turning a `UserError` into its message and exit code 2."""
+    """Run a command-line `main`, turning a user's mistake into its message and exit code 2."""
     try:
         main()
-    except UserError as err:
+    except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -8,20 +8,19 @@ import pytest
 import scipy.ndimage
 import torch
 
-from models.checkpoint import (
+from models.configs import ResNetConfig, get_config
+from models.modeling import VisionTransformer
+from models.npz import (
     CheckpointError,
     checkpoint_num_classes,
     guess_model_type,
     load_npz,
     npz_to_state_dict,
     resize_pos_embed,
-    save_npz,
     state_dict_to_npz,
 )
-from models.configs import ResNetConfig, get_config
-from models.modeling import VisionTransformer
-from tests.npz_factory import BIG_VISION, fake_checkpoint
-from utils.errors import UserError
+from tests.helpers import BIG_VISION, fake_checkpoint
+from utils.file_io import save_npz
 
 SMALL = get_config("testing").replace(hidden_size=24, mlp_dim=48, num_heads=3, num_layers=2)
 HYBRID = SMALL.replace(patch_size=(1, 1), resnet=ResNetConfig((1, 2)))
@@ -192,13 +191,13 @@ def test_describing_a_checkpoint() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Bad input: one clear error each (CheckpointError is a UserError: exit code 2 in the CLIs).
+# Bad input: one clear error each (a CheckpointError: exit code 2 in the CLIs, via run_cli).
 
 
 def test_missing_file_names_the_download_url(tmp_path) -> None:
     path = tmp_path / "ViT-B_16.npz"
     with pytest.raises(
-        UserError, match=r"storage\.googleapis\.com/vit_models/imagenet21k/ViT-B_16\.npz"
+        CheckpointError, match=r"storage\.googleapis\.com/vit_models/imagenet21k/ViT-B_16\.npz"
     ):
         load_npz(path, "ViT-B_16")
     with pytest.raises(CheckpointError, match=r"imagenet21k/R50\+ViT-B_16.npz"):

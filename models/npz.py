@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -20,10 +20,8 @@ import scipy.ndimage
 import torch
 
 from models.configs import ALIASES, CONFIGS, ViTConfig, find_config
-from utils.atomic_io import atomic_write
-from utils.errors import UserError
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # for annotations only: the model imports this module, not the reverse
     from models.modeling import VisionTransformer
 
 __all__ = [
@@ -34,10 +32,10 @@ __all__ = [
     "guess_model_type",
     "load_npz",
     "load_pretrained",
+    "misfit_message",
     "normalize_keys",
     "npz_to_state_dict",
     "resize_pos_embed",
-    "save_npz",
     "state_dict_to_npz",
 ]
 
@@ -51,8 +49,11 @@ VIT_JAX_BLOCK = ("LayerNorm_0", "MultiHeadDotProductAttention_1", "LayerNorm_2",
 BIG_VISION_BLOCK = ("LayerNorm_0", "MultiHeadDotProductAttention_0", "LayerNorm_1", "MlpBlock_0")
 
 
-class CheckpointError(UserError, ValueError):
-    """A checkpoint that cannot be read or does not fit the model; the message says why."""
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model; the message says why.
+
+    Command-line entry points print its message and exit with code 2 (`utils.errors.run_cli`).
+    """
 
 
 def checkpoint_url(model_type: str, source: str = "imagenet21k", base_url: str = BASE_URL) -> str:
@@ -287,7 +288,16 @@ def npz_to_state_dict(
         ignorable += ("pre_logits/",)
     unused = sorted(k for k in weights if k not in used and not k.startswith(ignorable))
     if missing or unused:
-        raise CheckpointError(_mismatch_message(weights, config, missing, unused))
+        raise CheckpointError(
+            misfit_message(
+                "The checkpoint",
+                config.name,
+                guess_model_type(weights),
+                missing,
+                unused,
+                otherwise="Check --model_type against the checkpoint file name.",
+            )
+        )
     return {
         name: torch.from_numpy(
             np.ascontiguousarray(_to_torch([weights[k] for k in _as_tuple(keys)], kind))
@@ -330,11 +340,6 @@ def clean_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.
     return cleaned
 
 
-def save_npz(path: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -> None:
-    """Write arrays as an uncompressed `.npz`, atomically (see `utils.atomic_io`)."""
-    atomic_write(path, lambda handle: np.savez(handle, **arrays))
-
-
 # --------------------------------------------------------------------------------------------
 # Describing a checkpoint
 
@@ -366,19 +371,34 @@ def guess_model_type(weights: Mapping[str, np.ndarray]) -> str | None:
     )
 
 
-def _mismatch_message(
-    weights: Mapping[str, np.ndarray], config: ViTConfig, missing: list[str], unused: list[str]
+def misfit_message(
+    what: str,
+    model_name: str,
+    guess: str | None,
+    missing: Sequence[str] = (),
+    unused: Sequence[str] = (),
+    mismatched: Sequence[str] = (),
+    otherwise: str = "Check --model_type against the checkpoint.",
+    shown: int | None = None,
 ) -> str:
-    parts = [f"The checkpoint does not fit model {config.name}."]
+    """One paragraph on why a checkpoint does not fit a model: counts, the keys of each kind
+    (the first `shown`, or all), and the likely model type (`guess`, from its shapes) or else
+    `otherwise`."""
+
+    def first(items: Sequence[str], sep: str = ", ") -> str:
+        return sep.join(items[:shown])
+
+    parts = [f"{what} does not fit model {model_name}."]
     if missing:
-        parts.append(f"Missing {len(missing)} key(s): {', '.join(missing)}.")
+        parts.append(f"Missing {len(missing)} key(s): {first(missing)}.")
     if unused:
-        parts.append(f"Unused {len(unused)} key(s): {', '.join(unused)}.")
-    guess = guess_model_type(weights)
-    if guess and guess != config.name:
+        parts.append(f"Unused {len(unused)} key(s): {first(unused)}.")
+    if mismatched:
+        parts.append(f"{len(mismatched)} shape mismatch(es): {first(mismatched, '; ')}.")
+    if guess and guess != model_name:
         parts.append(f"It looks like a {guess} checkpoint: pass --model_type {guess}.")
     else:
-        parts.append("Check --model_type against the checkpoint file name.")
+        parts.append(otherwise)
     return " ".join(parts)
 
 
@@ -462,15 +482,10 @@ def load_pretrained(
         if tuple(tensor.shape) != tuple(target[name].shape)
     ]
     if mismatches:
-        guess = guess_model_type(weights)
-        hint = (
-            f"It looks like a {guess} checkpoint: pass --model_type {guess}."
-            if guess and guess != config.name
-            else "Check --model_type against the checkpoint."
-        )
         raise CheckpointError(
-            f"The checkpoint does not fit model {config.name}: {len(mismatches)} shape "
-            f"mismatch(es): {'; '.join(mismatches)}. {hint}"
+            misfit_message(
+                "The checkpoint", config.name, guess_model_type(weights), mismatched=mismatches
+            )
         )
     with torch.no_grad():
         model.load_state_dict({k: v.to(target[k].dtype) for k, v in state.items()}, strict=True)

@@ -1,0 +1,332 @@
+"""Shared test helpers: fake official checkpoints, a fake CIFAR server, tiny training runs, CLIs.
+
+Fake checkpoints follow the official `.npz` layout of `vit_jax` (and big_vision/AugReg naming
+on request), written independently of the converter; values are random, so every tensor is
+distinguishable. Test modules import from here, never from each other.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import http.server
+import io
+import json
+import math
+import pickle
+import tarfile
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torchvision import datasets
+
+from models.configs import ViTConfig
+from models.modeling import VisionTransformer
+from utils.errors import run_cli
+
+# --------------------------------------------------------------------------------------------
+# Fake official checkpoints
+
+VIT_JAX = ("LayerNorm_0", "MultiHeadDotProductAttention_1", "LayerNorm_2", "MlpBlock_3")
+BIG_VISION = ("LayerNorm_0", "MultiHeadDotProductAttention_0", "LayerNorm_1", "MlpBlock_0")
+
+
+def official_grid(config: ViTConfig, img_size: int | tuple[int, int]) -> tuple[int, int]:
+    """Patch grid by the official arithmetic: SAME stride-2 steps in the ResNet, then VALID."""
+    height, width = (img_size, img_size) if isinstance(img_size, int) else img_size
+    if config.resnet is not None:
+        for _ in range(2 + max(len(config.resnet.num_layers) - 1, 0)):
+            height, width = math.ceil(height / 2), math.ceil(width / 2)
+    return height // config.patch_size[0], width // config.patch_size[1]
+
+
+def fake_checkpoint(
+    config: ViTConfig,
+    num_classes: int = 10,
+    img_size: int | tuple[int, int] = 224,
+    seed: int = 0,
+    block_names: tuple[str, str, str, str] = VIT_JAX,
+    gn_shape_4d: bool = True,
+    representation_size: int | None = None,
+    prefix: str = "",
+) -> dict[str, np.ndarray]:
+    """Random arrays keyed and shaped exactly as an official checkpoint for `config`."""
+    rng = np.random.default_rng(seed)
+    d, heads, hd, mlp = config.hidden_size, config.num_heads, config.head_dim, config.mlp_dim
+
+    def arr(*shape: int, scale: float = 0.1, offset: float = 0.0) -> np.ndarray:
+        return (offset + scale * rng.standard_normal(shape)).astype(np.float32)
+
+    w: dict[str, np.ndarray] = {}
+    in_channels = 3
+    if config.resnet is not None:
+        width = 64 * config.resnet.width_factor
+
+        def gn(name: str, channels: int) -> None:
+            shape = (1, 1, 1, channels) if gn_shape_4d else (channels,)
+            w[f"{name}/scale"] = arr(*shape, offset=1.0)
+            w[f"{name}/bias"] = arr(*shape)
+
+        w["conv_root/kernel"] = arr(7, 7, 3, width)
+        gn("gn_root", width)
+        in_channels = width
+        for b, units in enumerate(config.resnet.num_layers, start=1):
+            features = width * 2 ** (b - 1)
+            for u in range(1, units + 1):
+                unit = f"block{b}/unit{u}"
+                unit_in = in_channels if u == 1 else 4 * features
+                w[f"{unit}/conv1/kernel"] = arr(1, 1, unit_in, features)
+                w[f"{unit}/conv2/kernel"] = arr(3, 3, features, features)
+                w[f"{unit}/conv3/kernel"] = arr(1, 1, features, 4 * features)
+                for n in (1, 2, 3):
+                    gn(f"{unit}/gn{n}", 4 * features if n == 3 else features)
+                if u == 1 and (b > 1 or unit_in != 4 * features):
+                    w[f"{unit}/conv_proj/kernel"] = arr(1, 1, unit_in, 4 * features)
+                    gn(f"{unit}/gn_proj", 4 * features)
+            in_channels = 4 * features
+    ph, pw = config.patch_size
+    w["embedding/kernel"] = arr(ph, pw, in_channels, d)
+    w["embedding/bias"] = arr(d)
+    gh, gw = official_grid(config, img_size)
+    prefix_tokens = 1 if config.classifier == "token" else 0
+    if prefix_tokens:
+        w["cls"] = arr(1, 1, d)
+    w["Transformer/posembed_input/pos_embedding"] = arr(1, prefix_tokens + gh * gw, d)
+    ln1, attn, ln2, mlp_name = block_names
+    for i in range(config.num_layers):
+        blk = f"Transformer/encoderblock_{i}"
+        for ln in (ln1, ln2):
+            w[f"{blk}/{ln}/scale"] = arr(d, offset=1.0)
+            w[f"{blk}/{ln}/bias"] = arr(d)
+        for part in ("query", "key", "value"):
+            w[f"{blk}/{attn}/{part}/kernel"] = arr(d, heads, hd)
+            w[f"{blk}/{attn}/{part}/bias"] = arr(heads, hd)
+        w[f"{blk}/{attn}/out/kernel"] = arr(heads, hd, d)
+        w[f"{blk}/{attn}/out/bias"] = arr(d)
+        w[f"{blk}/{mlp_name}/Dense_0/kernel"] = arr(d, mlp)
+        w[f"{blk}/{mlp_name}/Dense_0/bias"] = arr(mlp)
+        w[f"{blk}/{mlp_name}/Dense_1/kernel"] = arr(mlp, d)
+        w[f"{blk}/{mlp_name}/Dense_1/bias"] = arr(d)
+    w["Transformer/encoder_norm/scale"] = arr(d, offset=1.0)
+    w["Transformer/encoder_norm/bias"] = arr(d)
+    head_in = d
+    if representation_size:
+        w["pre_logits/kernel"] = arr(d, representation_size)
+        w["pre_logits/bias"] = arr(representation_size)
+        head_in = representation_size
+    w["head/kernel"] = arr(head_in, num_classes)
+    w["head/bias"] = arr(num_classes)
+    return {prefix + k: v for k, v in w.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# A fake CIFAR in the official format, served over loopback HTTP; image folders
+
+CIFAR_LAYOUT = {
+    # dataset: (class, folder, train files, test files, meta file, meta key, label key, classes)
+    "cifar10": (
+        datasets.CIFAR10,
+        "cifar-10-batches-py",
+        [f"data_batch_{i}" for i in range(1, 6)],
+        ["test_batch"],
+        "batches.meta",
+        "label_names",
+        "labels",
+        10,
+    ),
+    "cifar100": (
+        datasets.CIFAR100,
+        "cifar-100-python",
+        ["train"],
+        ["test"],
+        "meta",
+        "fine_label_names",
+        "fine_labels",
+        100,
+    ),
+}
+
+
+def make_cifar_files(dataset: str, per_file: int = 8, seed: int = 0) -> dict[str, bytes]:
+    """The pickled files of a tiny CIFAR (`per_file` images per batch file), keyed by name."""
+    _, _, train_files, test_files, meta_file, meta_key, label_key, classes = CIFAR_LAYOUT[dataset]
+    rng = np.random.default_rng(seed)
+    files = {}
+    for name in train_files + test_files:
+        rows = rng.integers(0, 256, size=(per_file, 3 * 32 * 32), dtype=np.uint8)  # R, G, B planes
+        labels = [int(x) for x in rng.integers(0, classes, size=per_file)]
+        files[name] = pickle.dumps({"batch_label": name, "data": rows, label_key: labels})
+    files[meta_file] = pickle.dumps({meta_key: [f"class_{i:03d}" for i in range(classes)]})
+    return files
+
+
+def make_cifar_archive(dataset: str, files: dict[str, bytes]) -> bytes:
+    """The `.tar.gz` as published: every file under the dataset's folder."""
+    folder = CIFAR_LAYOUT[dataset][1]
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for name, payload in files.items():
+            info = tarfile.TarInfo(f"{folder}/{name}")
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    return buffer.getvalue()
+
+
+@contextmanager
+def serve_cifar(
+    dataset: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> Iterator[dict[str, bytes]]:
+    """Serve a fake CIFAR archive on 127.0.0.1 and point torchvision's dataset class at it.
+
+    The URL and every checksum torchvision checks are replaced by those of the fake files.
+
+    Yields:
+        The files in the archive; the served request paths are appended to `requests`.
+    """
+    cls, _, train_files, test_files, meta_file, meta_key, _, _ = CIFAR_LAYOUT[dataset]
+    files = make_cifar_files(dataset)
+    archive = make_cifar_archive(dataset, files)
+    root = tmp_path / "www"
+    root.mkdir()
+    (root / cls.filename).write_bytes(archive)
+
+    def md5(data: bytes) -> str:
+        return hashlib.md5(data).hexdigest()
+
+    handler = functools.partial(QuietHandler, directory=str(root))
+    server = QuietServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        port = server.server_address[1]
+        monkeypatch.setattr(cls, "url", f"http://127.0.0.1:{port}/{cls.filename}")
+        monkeypatch.setattr(cls, "tgz_md5", md5(archive))
+        monkeypatch.setattr(cls, "train_list", [[n, md5(files[n])] for n in train_files])
+        monkeypatch.setattr(cls, "test_list", [[n, md5(files[n])] for n in test_files])
+        monkeypatch.setattr(
+            cls, "meta", {"filename": meta_file, "key": meta_key, "md5": md5(files[meta_file])}
+        )
+        QuietHandler.requests = []
+        yield files
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+class QuietServer(http.server.ThreadingHTTPServer):
+    """Ignores clients that hang up early (torchvision's redirect probe reads no body)."""
+
+    def handle_error(self, request, client_address) -> None:
+        pass
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    """Static files, no request logging; records the paths of GET requests."""
+
+    requests: ClassVar[list[str]] = []
+
+    def log_message(self, format: str, *args) -> None:
+        if self.command == "GET":
+            QuietHandler.requests.append(self.path)
+
+
+def decode_cifar_row(row: np.ndarray) -> np.ndarray:
+    """One CIFAR row (R plane, G plane, B plane) -> (32, 32, 3) image."""
+    return row.reshape(3, 32, 32).transpose(1, 2, 0)
+
+
+def make_image_folder(root: Path, test_name: str = "val", classes=("cat", "dog"), n: int = 4):
+    """`root/train/<class>/*.png` and `root/<test_name>/<class>/*.png`, class i has colour i."""
+    for split, count in (("train", n), (test_name, 2)):
+        for c, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                colour = (100 * c, 50 + 10 * i, 100)
+                Image.new("RGB", (20, 12), colour).save(folder / f"{i}.png")
+
+
+# --------------------------------------------------------------------------------------------
+# Tiny models and training runs
+
+
+def distinct_model(
+    config: ViTConfig | str = "testing", img_size: int = 32, num_classes: int = 5, seed: int = 0
+) -> VisionTransformer:
+    """A small model with a random, non-zero head, so outputs differ between seeds."""
+    torch.manual_seed(seed)
+    model = VisionTransformer(config, img_size, num_classes)
+    with torch.no_grad():
+        model.head.weight.normal_()
+    return model
+
+
+def tiny_args(tmp_path: Path, name: str = "tiny", **flags) -> list[str]:
+    """A few steps of the `testing` model on digits at 32x32; `flags` override the defaults."""
+    base = {
+        "name": name,
+        "dataset": "digits",
+        "model_type": "testing",
+        "pretrained_dir": "none",
+        "img_size": 32,
+        "train_batch_size": 16,
+        "eval_batch_size": 128,
+        "num_steps": 4,
+        "eval_every": 2,
+        "warmup_steps": 1,
+        "num_workers": 0,
+        "output_dir": tmp_path / "out",
+        "log_dir": tmp_path / "logs" / name,
+        "data_dir": tmp_path / "data",
+    }
+    base.update(flags)
+    argv = []
+    for key, value in base.items():
+        if value is True:
+            argv.append(f"--{key}")
+        elif value is not False:
+            argv += [f"--{key}", str(value)]
+    return argv
+
+
+def scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar series in `log_dir`, read by TensorBoard's own event reader."""
+    acc = EventAccumulator(str(log_dir))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def load_checkpoint(out_dir: Path, name: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    meta = json.loads((out_dir / f"{name}_checkpoint.json").read_text())
+    state = torch.load(out_dir / f"{name}_checkpoint.bin", map_location="cpu", weights_only=True)
+    return meta, state
+
+
+# --------------------------------------------------------------------------------------------
+# Command-line entry points
+
+
+def expect_user_error(
+    main: Callable[[Sequence[str]], object], argv: Sequence[str], capsys: pytest.CaptureFixture
+) -> str:
+    """Run `main(argv)` as its script does; it must exit 2 with a message and no traceback.
+
+    Returns:
+        What it wrote to stderr.
+    """
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        run_cli(lambda: main(argv))
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err

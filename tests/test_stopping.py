@@ -1,0 +1,40 @@
+"""utils.stopping: signals become a flag; a loss that stays non-finite stops the run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+from utils.errors import UserError
+from utils.stopping import GracefulExit, NonFiniteGuard, NonFiniteLossError
+
+
+def test_graceful_exit_turns_signals_into_a_flag() -> None:
+    previous = signal.getsignal(signal.SIGTERM)
+    with GracefulExit() as stop:
+        assert not stop.should_stop()
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.01)
+        assert stop.requested
+        assert stop.signal_name == "SIGTERM"
+        assert stop.should_stop()
+        with pytest.raises(KeyboardInterrupt):  # a second Ctrl+C stops at once
+            signal.raise_signal(signal.SIGINT)
+    assert signal.getsignal(signal.SIGTERM) is previous
+
+
+def test_non_finite_guard() -> None:
+    guard = NonFiniteGuard(patience=3)
+    assert guard.check(torch.tensor(1.0), step=1)
+    assert not guard.check(float("nan"), step=2)
+    assert not guard.check(torch.tensor(float("inf")), step=3)
+    assert guard.check(0.5, step=4)  # a finite loss resets the count
+    assert not guard.check(float("nan"), step=5)
+    assert not guard.check(float("nan"), step=6)
+    with pytest.raises(NonFiniteLossError, match=r"3 consecutive steps.*not overwritten"):
+        guard.check(float("nan"), step=7)
+    assert issubclass(NonFiniteLossError, UserError)

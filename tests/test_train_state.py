@@ -1,0 +1,251 @@
+"""utils.train_state: a saved state continues a run exactly; the wrong one is refused."""
+
+from __future__ import annotations
+
+import argparse
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import train
+from models.configs import get_config
+from models.modeling import VisionTransformer
+from models.npz import CheckpointError
+from tests.helpers import distinct_model, tiny_args
+from utils.dist_utils import DistInfo
+from utils.errors import UserError
+from utils.file_io import atomic_save, safe_load
+from utils.loading import read_state_dict
+from utils.scheduler import make_scheduler
+from utils.train_state import (
+    TrainState,
+    get_rng_state,
+    last_state_path,
+    load_training_state,
+    resolve_resume,
+    save_training_state,
+    set_rng_state,
+)
+
+TESTING = get_config("testing")
+
+
+def _training_objects(seed: int, num_classes: int = 5):
+    torch.manual_seed(seed)
+    model = VisionTransformer(TESTING, 32, num_classes)  # dropout 0.1: draws from the torch RNG
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    scheduler = make_scheduler(optimizer, total_steps=8, warmup_steps=2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
+    return model, optimizer, scheduler, scaler
+
+
+def _train_steps(model, optimizer, scheduler, steps: int) -> None:
+    model.train()
+    for _ in range(steps):
+        # Data from all three RNGs, so each one must be restored for an exact resume.
+        noise = np.random.standard_normal((4, 3, 32, 32)).astype(np.float32)
+        x = torch.randn(4, 3, 32, 32) + torch.from_numpy(noise) * random.random()
+        labels = torch.randint(0, 5, (4,))
+        loss = model(x, labels)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def test_n_steps_equal_half_then_resume_half(tmp_path) -> None:
+    _seed_all(0)
+    straight = _training_objects(0)
+    _seed_all(1)
+    _train_steps(*straight[:3], steps=6)
+
+    _seed_all(0)
+    first = _training_objects(0)
+    _seed_all(1)
+    _train_steps(*first[:3], steps=3)
+    path = last_state_path(tmp_path, "run")
+    args = argparse.Namespace(name="run", output_dir=tmp_path, lr=0.1, milestones=(1, 2))
+    save_training_state(
+        path,
+        model=first[0],
+        optimizer=first[1],
+        scheduler=first[2],
+        scaler=first[3],
+        state=TrainState(step=3, best_accuracy=0.25, epoch=1, batches_in_epoch=7),
+        args=args,
+    )
+
+    _seed_all(99)  # a new process: other seeds, fresh objects
+    resumed = _training_objects(5)
+    state = load_training_state(
+        path, model=resumed[0], optimizer=resumed[1], scheduler=resumed[2], scaler=resumed[3]
+    )
+    assert (state.step, state.best_accuracy, state.epoch, state.batches_in_epoch) == (
+        3,
+        0.25,
+        1,
+        7,
+    )
+    assert state.args == {
+        "name": "run",
+        "output_dir": str(tmp_path),
+        "lr": 0.1,
+        "milestones": [1, 2],
+    }
+    assert resumed[2].last_epoch == 3
+    assert resumed[3].get_scale() == 256.0
+    _train_steps(*resumed[:3], steps=3)
+    for key, value in straight[0].state_dict().items():
+        assert torch.equal(resumed[0].state_dict()[key], value), key
+
+
+def test_state_of_a_wrapped_model_loads_into_a_bare_one(tmp_path) -> None:
+    model, optimizer, _, _ = _training_objects(0)
+    wrapped = torch.nn.Module()
+    wrapped.module = model  # as DistributedDataParallel holds it
+    path = tmp_path / "s.pt"
+    save_training_state(
+        path,
+        model=wrapped,
+        optimizer=optimizer,
+        scheduler=None,
+        scaler=object(),  # a fixed-scale scaler has no state to save
+        state=TrainState(step=1, best_accuracy=0.0, epoch=0, batches_in_epoch=1),
+        args={},
+    )
+    assert all(not k.startswith("module.") for k in read_state_dict(path))
+    load_training_state(path, model=_training_objects(1)[0])
+
+
+def _save_state(path: Path, model: VisionTransformer) -> None:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    save_training_state(
+        path,
+        model=model,
+        optimizer=optimizer,
+        scheduler=None,
+        scaler=None,
+        state=TrainState(step=2, best_accuracy=0.5, epoch=0, batches_in_epoch=2),
+        args={"model_type": model.config.name},
+    )
+
+
+def test_resume_with_another_model_is_refused(tmp_path) -> None:
+    path = tmp_path / "run_last.pt"
+    _save_state(
+        path, distinct_model(TESTING.replace(name="testing-wide", hidden_size=32, mlp_dim=64))
+    )
+    with pytest.raises(UserError, match="trained with --model_type testing-wide, not testing"):
+        load_training_state(path, model=distinct_model())
+    with pytest.raises(CheckpointError, match="holds a testing-wide model, not testing"):
+        read_state_dict(path, model_type="testing")
+    _save_state(path, distinct_model(img_size=48))
+    with pytest.raises(UserError, match="trained at --img_size 48"):
+        load_training_state(path, model=distinct_model(img_size=32))
+    _save_state(path, distinct_model(num_classes=10))
+    with pytest.raises(UserError, match="it has 10 classes, the model 5"):
+        load_training_state(path, model=distinct_model(num_classes=5))
+
+
+def test_resume_of_a_best_checkpoint_is_explained(tmp_path) -> None:
+    path = tmp_path / "run_checkpoint.bin"
+    torch.save(distinct_model().state_dict(), path)
+    with pytest.raises(UserError, match="not a training state"):
+        load_training_state(path, model=distinct_model())
+
+
+def test_resolve_resume(tmp_path) -> None:
+    with pytest.raises(UserError, match=r"Cannot resume: .*run_last\.pt does not exist"):
+        resolve_resume("auto", tmp_path, "run")
+    (tmp_path / "other_last.pt").write_bytes(b"")
+    with pytest.raises(UserError, match=r"Saved states in .*: other_last\.pt"):
+        resolve_resume("auto", tmp_path, "run")
+    (tmp_path / "run_last.pt").write_bytes(b"")
+    assert resolve_resume("auto", tmp_path, "run") == tmp_path / "run_last.pt"
+    assert resolve_resume(str(tmp_path / "other_last.pt"), "x", "y").name == "other_last.pt"
+
+
+def test_rng_state_round_trip_under_weights_only(tmp_path) -> None:
+    _seed_all(3)
+    path = tmp_path / "rng.pt"
+    atomic_save(get_rng_state(), path)
+    expected = (random.random(), np.random.standard_normal(3), torch.rand(3))
+    _seed_all(4)
+    set_rng_state(safe_load(path))
+    got = (random.random(), np.random.standard_normal(3), torch.rand(3))
+    assert got[0] == expected[0]
+    np.testing.assert_array_equal(got[1], expected[1])
+    assert torch.equal(got[2], expected[2])
+
+
+# --------------------------------------------------------------------------------------------
+# The resume contract with the real loop
+
+
+def _digits_loader(generator: torch.Generator | None):
+    from torch.utils.data import DataLoader, DistributedSampler, Subset
+
+    from utils.data_utils import DigitsDataset, SeededAugment, build_transforms
+
+    base = Subset(DigitsDataset(train=True), range(16))
+    data = SeededAugment(base, build_transforms(32, train=True, flip=False), seed=7)
+    sampler = DistributedSampler(data, num_replicas=1, rank=0, shuffle=True, seed=7)
+    return DataLoader(data, batch_size=8, sampler=sampler, drop_last=True, generator=generator)
+
+
+def _trainer(seed: int, tmp_path: Path) -> train.Trainer:
+    """train.py's own optimizer, schedule and wrappers around a fresh model (dropout 0.1)."""
+    args = train.parse_args(tiny_args(tmp_path, num_steps=8, warmup_steps=2, learning_rate=0.1))
+    torch.manual_seed(seed)
+    return train.make_trainer(args, VisionTransformer(TESTING, 32, 10), DistInfo()), args
+
+
+def _run(loader, trainer, args, state: TrainState, stop_at: int) -> None:
+    """train.py's loop pieces: its micro-batch stream and its optimizer step, until `stop_at`."""
+    stream = train.micro_batches(loader, state, skip=state.batches_in_epoch)
+    while state.step < stop_at:
+        state.step += 1
+        train.train_step(args, trainer, [next(stream)], None, state.step, DistInfo())
+
+
+@pytest.mark.slow
+def test_resume_mid_epoch_with_real_loader(tmp_path) -> None:
+    # 16 images, 8 per batch: 2 batches per epoch. Stop after 3 steps = epoch 1, batch 1.
+    _seed_all(0)
+    straight, args = _trainer(0, tmp_path)
+    _run(_digits_loader(torch.Generator()), straight, args, TrainState(), stop_at=5)
+
+    _seed_all(0)
+    first, _ = _trainer(0, tmp_path)
+    position = TrainState()
+    _run(_digits_loader(torch.Generator()), first, args, position, stop_at=3)
+    assert (position.step, position.epoch, position.batches_in_epoch) == (3, 1, 1)
+    path = tmp_path / "run_last.pt"
+    save_training_state(
+        path,
+        model=first.model,
+        optimizer=first.optimizer,
+        scheduler=first.scheduler,
+        scaler=None,
+        state=position,
+        args=args,
+    )
+
+    _seed_all(123)
+    resumed, _ = _trainer(9, tmp_path)
+    loader = _digits_loader(torch.Generator())
+    state = load_training_state(
+        path, model=resumed.model, optimizer=resumed.optimizer, scheduler=resumed.scheduler
+    )
+    _run(loader, resumed, args, state, stop_at=5)
+    for key, value in straight.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[key], value), key

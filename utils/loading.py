@@ -1,0 +1,314 @@
+"""A ready model from any checkpoint file: the one entry point eval.py, visualize.py and the
+notebook use.
+
+`load_model` takes an official `.npz` (read by `models.npz`), a train.py `.bin` with its `.json`
+sidecar, or a `_last.pt` training state, builds the model it holds and loads it strictly; it
+returns the model with its model type, image size and class names. Every misfit is named, key by
+key, with both shapes and the likely fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from models.configs import ViTConfig, checked_img_size, find_config, get_config, model_names
+from models.modeling import VisionTransformer
+from models.npz import (
+    CheckpointError,
+    checkpoint_num_classes,
+    clean_state_dict,
+    guess_model_type,
+    load_npz,
+    load_pretrained,
+    misfit_message,
+)
+from utils.engine import unwrap
+from utils.errors import UserError
+from utils.file_io import read_sidecar, safe_load
+
+__all__ = [
+    "CIFAR10_CLASSES",
+    "CIFAR100_CLASSES",
+    "LoadedModel",
+    "assign_weights",
+    "class_names",
+    "guess_state_dict_model",
+    "load_model",
+    "native_img_size",
+    "read_state_dict",
+]
+
+STATE_FORMAT = "vit-pytorch-training-state"  # what utils.train_state writes
+
+CIFAR10_CLASSES = (
+    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+)  # fmt: skip
+
+# CIFAR-100 fine labels in index order (alphabetical, as the dataset's meta file lists them).
+CIFAR100_CLASSES = (
+    "apple", "aquarium_fish", "baby", "bear", "beaver", "bed", "bee", "beetle", "bicycle",
+    "bottle", "bowl", "boy", "bridge", "bus", "butterfly", "camel", "can", "castle", "caterpillar",
+    "cattle", "chair", "chimpanzee", "clock", "cloud", "cockroach", "couch", "crab", "crocodile",
+    "cup", "dinosaur", "dolphin", "elephant", "flatfish", "forest", "fox", "girl", "hamster",
+    "house", "kangaroo", "keyboard", "lamp", "lawn_mower", "leopard", "lion", "lizard", "lobster",
+    "man", "maple_tree", "motorcycle", "mountain", "mouse", "mushroom", "oak_tree", "orange",
+    "orchid", "otter", "palm_tree", "pear", "pickup_truck", "pine_tree", "plain", "plate", "poppy",
+    "porcupine", "possum", "rabbit", "raccoon", "ray", "road", "rocket", "rose", "sea", "seal",
+    "shark", "shrew", "skunk", "skyscraper", "snail", "snake", "spider", "squirrel", "streetcar",
+    "sunflower", "sweet_pepper", "table", "tank", "telephone", "television", "tiger", "tractor",
+    "train", "trout", "tulip", "turtle", "wardrobe", "whale", "willow_tree", "wolf", "woman",
+    "worm",
+)  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# State dicts of ours
+
+
+def guess_state_dict_model(state: Mapping[str, torch.Tensor]) -> str | None:
+    """Registry name whose architecture matches a state dict of ours, or None."""
+    try:
+        hidden = int(state["encoder.norm.weight"].shape[0])
+        patch = tuple(state["embeddings.patch_embed.weight"].shape[2:])
+    except KeyError:
+        return None
+    layers = sum(1 for k in state if k.startswith("encoder.blocks.") and k.endswith("norm1.weight"))
+    units = [
+        re.match(r"embeddings\.backbone\.stages\.(\d+)\.units\.\d+\.conv1\.weight$", k)
+        for k in state
+    ]
+    stages = [int(m.group(1)) for m in units if m]
+    resnet = tuple(stages.count(b) for b in range(max(stages) + 1)) if stages else None
+    return find_config(hidden, layers, patch, resnet)
+
+
+def read_state_dict(path: str | os.PathLike, model_type: str | None = None) -> dict:
+    """The model `state_dict` in a checkpoint train.py wrote (best `.bin` or last-state `.pt`).
+
+    `module.` (DDP) and `_orig_mod.` (torch.compile) prefixes are stripped.
+
+    Args:
+        path: a plain state dict or a training state (a dict with a "model" entry).
+        model_type: when given, a training state of another model is refused.
+
+    Raises:
+        CheckpointError: missing, corrupt or unsafe file; not a model checkpoint; another model.
+    """
+    obj = safe_load(path)
+    if isinstance(obj, Mapping) and obj.get("format") == STATE_FORMAT:
+        saved = obj.get("model_type")
+        if model_type and saved and get_config(model_type).name != saved:
+            raise CheckpointError(
+                f"{path} holds a {saved} model, not {model_type}: pass --model_type {saved}."
+            )
+        obj = obj["model"]
+    if not isinstance(obj, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    ):
+        raise CheckpointError(
+            f"{path} is not a model checkpoint (expected a state_dict of tensors, found "
+            f"{type(obj).__name__}). Pass the output/<name>_checkpoint.bin train.py wrote."
+        )
+    return clean_state_dict(obj)
+
+
+def _check_state_fits(model: nn.Module, state: Mapping[str, torch.Tensor], path: str) -> None:
+    target = model.state_dict()
+    missing = sorted(set(target) - set(state))
+    unused = sorted(set(state) - set(target))
+    mismatched = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(target[k].shape)}"
+        for k in target
+        if k in state and tuple(state[k].shape) != tuple(target[k].shape)
+    ]
+    if not (missing or unused or mismatched):
+        return
+    config = getattr(model, "config", None)
+    name = getattr(config, "name", type(model).__name__)
+    wrong = {m.split(":")[0] for m in mismatched}
+    if not (missing or unused) and wrong <= {"head.weight", "head.bias"}:
+        classes = state["head.bias"].shape[0]
+        otherwise = f"Its head has {classes} classes: use a dataset with {classes} classes."
+    elif not (missing or unused) and wrong == {"embeddings.pos_embed"}:
+        otherwise = "The image size differs: pass the --img_size the model was trained at."
+    else:
+        otherwise = "Check --model_type, --img_size and the class count against the checkpoint."
+    guess = guess_state_dict_model(state)
+    raise CheckpointError(
+        misfit_message(path, name, guess, missing, unused, mismatched, otherwise, shown=8)
+    )
+
+
+def assign_weights(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Load a state dict of ours strictly, explaining any misfit.
+
+    Args:
+        model: the model (DDP / torch.compile wrappers are looked through).
+        state: from :func:`read_state_dict`.
+        source: the file it came from, for the messages.
+
+    Raises:
+        CheckpointError: missing or unused keys, or shapes that differ (each named, both shapes).
+    """
+    bare = unwrap(model)
+    _check_state_fits(bare, state, source)
+    target = bare.state_dict()
+    with torch.no_grad():
+        bare.load_state_dict({k: v.to(target[k].dtype) for k, v in state.items()}, strict=True)
+
+
+# --------------------------------------------------------------------------------------------
+# A ready model
+
+
+def class_names(
+    num_classes: int, dataset: str | None = None, names: Sequence[str] | None = None
+) -> list[str] | None:
+    """Human-readable class names for a classifier head, or None when unknown.
+
+    Args:
+        num_classes: outputs of the head.
+        dataset: the fine-tuning dataset when known ("cifar10", "cifar100", "digits",
+            "imagenet2012", ...).
+        names: explicit names (e.g. a train.py sidecar's `class_names`); used when their
+            count matches.
+
+    Returns:
+        Names in class-index order: the given ones, CIFAR-10/100, digits "0".."9", or the
+        ImageNet-1k categories torchvision ships (for any 1000-class head); None otherwise.
+    """
+    if names is not None and len(names) == num_classes:
+        return [str(n) for n in names]
+    key = (dataset or "").lower().replace("-", "").replace("_", "")
+    if key == "cifar10" and num_classes == 10:
+        return list(CIFAR10_CLASSES)
+    if key == "cifar100" and num_classes == 100:
+        return list(CIFAR100_CLASSES)
+    if key in ("digits", "mnist") and num_classes == 10:
+        return [str(d) for d in range(10)]
+    if num_classes == 1000:
+        from torchvision.models import ViT_B_16_Weights
+
+        return list(ViT_B_16_Weights.IMAGENET1K_V1.meta["categories"])
+    return None
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A model built from a checkpoint file, and what is known about it.
+
+    Attributes:
+        model: the `VisionTransformer`, on the CPU, in eval mode.
+        model_type: registry name.
+        img_size: (height, width) the model takes.
+        source: the checkpoint path.
+        dataset: the dataset it was fine-tuned on (sidecar), "imagenet2012" for a 1000-class
+            official `.npz`, else None.
+        class_names: the head's class names: train.py's sidecar, else the dataset's known
+            names (CIFAR, digits, ImageNet-1k for 1000 classes), else None.
+        precision: the precision it was trained in (sidecar), else None.
+        info: training facts from the sidecar (step, accuracy).
+    """
+
+    model: VisionTransformer
+    model_type: str
+    img_size: tuple[int, int]
+    source: str
+    dataset: str | None = None
+    class_names: list[str] | None = None
+    precision: str | None = None
+    info: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def native_img_size(config: ViTConfig, pos_embed_tokens: int) -> tuple[int, int] | None:
+    """The square input size a position embedding of `pos_embed_tokens` tokens was made for."""
+    cells = pos_embed_tokens - (1 if config.classifier == "token" else 0)
+    side = math.isqrt(max(cells, 0))
+    if not side or side * side != cells:
+        return None
+    return side * config.stride, side * config.stride
+
+
+def _registered(model_type: str) -> ViTConfig:
+    try:
+        return get_config(model_type)
+    except KeyError as err:
+        raise UserError(str(err.args[0])) from None
+
+
+def load_model(
+    checkpoint: str | os.PathLike,
+    model_type: str | None = None,
+    img_size: int | tuple[int, int] | list[int] | None = None,
+) -> LoadedModel:
+    """Build the model a checkpoint holds and load it strictly, ready for inference.
+
+    The one way to get a model from a file for inference (eval.py, visualize.py, the notebook).
+
+    Args:
+        checkpoint: an official `.npz`, a train.py `.bin` (its `.json` sidecar, when present,
+            gives model type, image size, dataset, class names and precision) or a `_last.pt`.
+        model_type: registry name; overrides the sidecar. Guessed from the shapes when omitted.
+        img_size: input size (int or (H, W)); overrides the sidecar. Defaults to the size the
+            checkpoint's position embeddings were made for.
+
+    Raises:
+        UserError: missing or unreadable file, unknown model, no classifier head, an image
+            size that is unknown or not a multiple of the patch size, or weights that do not
+            fit (each key named with both shapes).
+    """
+    path = os.fspath(checkpoint)
+    sidecar: dict[str, Any] = {}
+    if path.endswith(".npz"):
+        weights = load_npz(path, model_type)
+        model_type = model_type or guess_model_type(weights)
+        num_classes = checkpoint_num_classes(weights)
+        pos = weights.get("Transformer/posembed_input/pos_embedding")
+    else:
+        sidecar = read_sidecar(path)
+        state = read_state_dict(path, model_type)
+        model_type = model_type or sidecar.get("model_type") or guess_state_dict_model(state)
+        num_classes = int(state["head.bias"].shape[0]) if "head.bias" in state else None
+        pos = state.get("embeddings.pos_embed")
+    if model_type is None:
+        raise UserError(
+            f"Cannot tell which model {path} holds: pass --model_type "
+            f"(one of {', '.join(model_names())})."
+        )
+    config = _registered(model_type)
+    if num_classes is None:
+        raise UserError(
+            f"{path} has no classifier head, so it cannot predict: fine-tune it with train.py "
+            "first, or use an imagenet21k+imagenet2012 checkpoint."
+        )
+    size = img_size or sidecar.get("img_size")
+    if size is None and pos is not None:
+        size = native_img_size(config, pos.shape[1])
+    if size is None:
+        raise UserError(f"Cannot tell the image size {path} was made for: pass --img_size.")
+    model = VisionTransformer.empty(
+        config, checked_img_size(config, size), num_classes
+    )  # every weight loaded
+    if path.endswith(".npz"):
+        load_pretrained(model, weights)
+    else:
+        assign_weights(model, state, path)
+    dataset = sidecar.get("dataset") or ("imagenet2012" if num_classes == 1000 else None)
+    return LoadedModel(
+        model=model.eval(),
+        model_type=config.name,
+        img_size=model.img_size,
+        source=path,
+        dataset=dataset,
+        class_names=class_names(num_classes, dataset, sidecar.get("class_names")),
+        precision=sidecar.get("precision"),
+        info={k: sidecar[k] for k in ("step", "accuracy") if k in sidecar},
+    )

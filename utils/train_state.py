@@ -1,0 +1,277 @@
+"""The training state: everything `--resume` needs to continue a run exactly.
+
+`<output_dir>/<name>_last.pt` holds model, optimizer, scheduler, grad scaler, the run's progress
+(:class:`TrainState`), every rank's RNG states, the data-order position, the args and the model
+config. It loads with `torch.load(weights_only=True)`: only tensors and plain Python values are
+stored. A resume refuses a state of another model, image size or class count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import random
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from utils.engine import unwrap
+from utils.errors import UserError
+from utils.file_io import atomic_save, safe_load
+from utils.loading import assign_weights
+
+__all__ = [
+    "STATE_FORMAT",
+    "TrainState",
+    "get_rng_state",
+    "last_state_path",
+    "load_training_state",
+    "resolve_resume",
+    "save_training_state",
+    "set_rng_state",
+]
+
+logger = logging.getLogger(__name__)
+
+STATE_FORMAT = "vit-pytorch-training-state"
+STATE_VERSION = 1
+
+
+# --------------------------------------------------------------------------------------------
+# RNG state, stored as tensors and plain Python values (loadable with weights_only=True)
+
+
+def get_rng_state() -> dict[str, Any]:
+    """The RNG states of Python `random`, NumPy's global generator, torch CPU and CUDA."""
+    version, python_state, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": (version, tuple(python_state), gauss),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), cached),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    """Restore what :func:`get_rng_state` returned."""
+    version, python_state, gauss = state["python"]
+    random.setstate((version, tuple(python_state), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda")
+    if cuda and torch.cuda.is_available():
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+        else:
+            logger.warning("CUDA device count changed since the save: CUDA RNG not restored.")
+
+
+# --------------------------------------------------------------------------------------------
+# Training state
+
+
+@dataclasses.dataclass
+class TrainState:
+    """Progress of a run: what the last state stores besides the training objects.
+
+    Attributes:
+        step: optimizer steps done (the loop continues with step + 1).
+        epoch: pass over the training set the next batch belongs to (seeds the sampler and
+            the augmentation).
+        batches_in_epoch: micro-batches of `epoch` consumed so far (a resume skips them).
+        best_accuracy: best evaluation accuracy so far (-1 before the first evaluation).
+        best_step: the step of `best_accuracy` (0 before the first evaluation).
+        args: the command-line arguments of the run that saved it (plain values; empty for a
+            new run).
+    """
+
+    step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0
+    best_accuracy: float = -1.0
+    best_step: int = 0
+    args: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def last_state_path(output_dir: str | os.PathLike, name: str) -> Path:
+    """Where a run keeps its last training state: `<output_dir>/<name>_last.pt`."""
+    return Path(output_dir) / f"{name}_last.pt"
+
+
+def resolve_resume(resume: str, output_dir: str | os.PathLike, name: str) -> Path:
+    """The file `--resume` refers to: a path, or `auto` for this run's last state.
+
+    Raises:
+        UserError: the file does not exist.
+    """
+    path = last_state_path(output_dir, name) if resume == "auto" else Path(resume)
+    if not path.is_file():
+        found = sorted(p.name for p in Path(output_dir).glob("*_last.pt"))
+        hint = f" Saved states in {output_dir}: {', '.join(found)}." if found else ""
+        raise UserError(
+            f"Cannot resume: {path} does not exist (--resume takes a *_last.pt file, or no value "
+            f"for the last state of --name {name} in --output_dir {output_dir}).{hint} Start "
+            "without --resume to begin a new run."
+        )
+    return path
+
+
+def _plain(value: Any) -> Any:
+    """Args as plain values only (a weights_only load refuses anything else)."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return str(value)
+
+
+def save_training_state(
+    path: str | os.PathLike,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any | None,
+    scaler: Any | None,
+    state: TrainState,
+    args: Any,
+    rng_states: list[dict[str, Any]] | None = None,
+) -> None:
+    """Write the last training state atomically (call on rank 0 only).
+
+    Args:
+        path: usually :func:`last_state_path`.
+        model: the model, possibly wrapped in DDP / torch.compile; its config, image size and
+            class count are stored so that a resume with another model is refused.
+        optimizer: its `state_dict` is saved.
+        scheduler: an LR scheduler or None.
+        scaler: a `torch.amp.GradScaler` (saved), or None / a stateless fixed-scale scaler.
+        state: the run's progress (its `args` field is not used; `args` is).
+        args: an `argparse.Namespace` or a mapping; stored as plain values.
+        rng_states: one :func:`get_rng_state` per rank (gathered under DDP); default: this
+            process's.
+    """
+    bare = unwrap(model)
+    config = getattr(bare, "config", None)
+    args_dict = vars(args) if hasattr(args, "__dict__") and not isinstance(args, Mapping) else args
+    saved = {
+        "format": STATE_FORMAT,
+        "version": STATE_VERSION,
+        "model_type": getattr(config, "name", None),
+        "model_config": _plain(dataclasses.asdict(config)) if config is not None else None,
+        "img_size": _plain(getattr(bare, "img_size", None)),
+        "num_classes": getattr(bare, "num_classes", None),
+        "model": bare.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "scaler": scaler.state_dict() if hasattr(scaler, "state_dict") else None,
+        "step": int(state.step),
+        "best_accuracy": float(state.best_accuracy),
+        "best_step": int(state.best_step),
+        "data_position": {
+            "epoch": int(state.epoch),
+            "batches_in_epoch": int(state.batches_in_epoch),
+        },
+        "rng": rng_states if rng_states is not None else [get_rng_state()],
+        "args": _plain(dict(args_dict or {})),
+    }
+    atomic_save(saved, path)
+
+
+def _check_same_model(saved: Mapping[str, Any], model: nn.Module, path: str) -> None:
+    bare = unwrap(model)
+    config = getattr(bare, "config", None)
+    problems = []
+    if config is not None and saved.get("model_type") != config.name:
+        problems.append(
+            f"it was trained with --model_type {saved.get('model_type')}, not {config.name}"
+        )
+    elif config is not None and saved.get("model_config") != _plain(dataclasses.asdict(config)):
+        problems.append(f"its {config.name} configuration differs from the registry's")
+    if saved.get("img_size") is not None and saved["img_size"] != _plain(bare.img_size):
+        problems.append(
+            f"it was trained at --img_size {saved['img_size'][0]}, not {bare.img_size[0]}"
+        )
+    if saved.get("num_classes") is not None and saved["num_classes"] != bare.num_classes:
+        problems.append(f"it has {saved['num_classes']} classes, the model {bare.num_classes}")
+    if problems:
+        raise UserError(
+            f"Cannot resume from {path}: {'; '.join(problems)}. Resume with the same model "
+            "settings, or start a new run with another --name."
+        )
+
+
+def load_training_state(
+    path: str | os.PathLike,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any | None = None,
+    scaler: Any | None = None,
+    rank: int = 0,
+) -> TrainState:
+    """Restore a :func:`save_training_state` file into freshly built training objects.
+
+    Call on every rank after building the model, optimizer, scheduler, scaler and data loaders,
+    and before the first batch (restoring the RNG must be the last thing before training goes
+    on, so that nothing else draws random numbers in between).
+
+    Args:
+        path: the state file.
+        model: same architecture, image size and class count as the saved one.
+        optimizer: restored when given.
+        scheduler: restored when given.
+        scaler: restored when given and saved.
+        rank: this process's rank; selects its RNG state when one per rank was saved (Python,
+            NumPy, torch and CUDA RNGs are restored).
+
+    Returns:
+        The saved progress, with the saved args.
+
+    Raises:
+        UserError: unreadable file, not a training state, or a different model.
+    """
+    path = os.fspath(path)
+    saved = safe_load(path)
+    if not isinstance(saved, Mapping) or saved.get("format") != STATE_FORMAT:
+        raise UserError(
+            f"{path} is not a training state (a *_last.pt file train.py writes); --resume needs "
+            "one. A best checkpoint (*_checkpoint.bin) holds weights only and can be evaluated "
+            "with eval.py or used as --pretrained_dir, but not resumed."
+        )
+    _check_same_model(saved, model, path)
+    assign_weights(model, saved["model"], path)
+    if optimizer is not None:
+        optimizer.load_state_dict(saved["optimizer"])
+    if scheduler is not None and saved.get("scheduler") is not None:
+        scheduler.load_state_dict(saved["scheduler"])
+    if hasattr(scaler, "load_state_dict") and saved.get("scaler") is not None:
+        scaler.load_state_dict(saved["scaler"])
+    states = saved["rng"]
+    if rank >= len(states):
+        logger.warning(
+            "The saved run had %d process(es), this one has more: rank %d reuses rank 0's "
+            "RNG state, so random augmentation and dropout will not repeat exactly.",
+            len(states),
+            rank,
+        )
+    set_rng_state(states[rank] if rank < len(states) else states[0])
+    position = saved["data_position"]
+    return TrainState(
+        step=int(saved["step"]),
+        epoch=int(position["epoch"]),
+        batches_in_epoch=int(position["batches_in_epoch"]),
+        best_accuracy=float(saved["best_accuracy"]),
+        best_step=int(saved.get("best_step", 0)),
+        args=dict(saved.get("args") or {}),
+    )
