@@ -52,7 +52,7 @@ PARAM_COUNTS = {
     "R50+ViT-L_32": 328_994_856,
 }
 
-# (hidden, mlp, heads, layers, patch, dropout) from REFERENCE.md §2.
+# (hidden, mlp, heads, layers, patch, dropout) as vit_jax/configs/models.py defines them.
 OFFICIAL = {
     "ViT-Ti_16": (192, 768, 3, 12, 16, 0.0),
     "ViT-S_16": (384, 1536, 6, 12, 16, 0.0),
