@@ -1,26 +1,36 @@
 """Model registry: the official ViT and hybrid configurations.
 
 Mirrors the model configs of Google's `vit_jax/configs/models.py` (ViT paper, Table 1 and
-Appendix; hybrid details in Section 3.1). Every entry is a frozen dataclass keyed by the name
-the official checkpoints use (`ViT-B_16`, `R50+ViT-B_16`, ...). The CLI takes its choices from
-:data:`CONFIGS`, never from a second list.
+Appendix; hybrid details in Section 3.1; the small, `gap` and R+ViT models of the AugReg and GSAM
+releases). Every entry is a frozen dataclass keyed by the name the official checkpoints use
+(`ViT-B_16`, `R50+ViT-B_16`, ...). The CLI takes its choices from :data:`CONFIGS` and
+:data:`ALIASES`, never from a second list. The official file names also say which model a file
+holds: :func:`model_type_from_filename` reads them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 from dataclasses import dataclass
 
 __all__ = [
     "ALIASES",
+    "AUGREG_DROPOUT",
+    "AUGREG_MODELS",
+    "CHECKPOINT_FOLDERS",
     "CONFIGS",
     "ConfigError",
     "ResNetConfig",
     "ViTConfig",
+    "augreg_name",
     "checked_img_size",
     "find_config",
     "get_config",
+    "is_augreg_filename",
     "model_names",
+    "model_type_from_filename",
     "to_pair",
 ]
 
@@ -110,7 +120,11 @@ def _vit(name: str, patch: int, hidden: int, mlp: int, heads: int, layers: int, 
 
 
 def _build_registry() -> dict[str, ViTConfig]:
+    ti16 = _vit("ViT-Ti_16", 16, 192, 768, 3, 12)
+    s16 = _vit("ViT-S_16", 16, 384, 1536, 6, 12)
+    s32 = s16.replace(name="ViT-S_32", patch_size=(32, 32))
     b16 = _vit("ViT-B_16", 16, 768, 3072, 12, 12)
+    b32 = b16.replace(name="ViT-B_32", patch_size=(32, 32))
     l16 = _vit("ViT-L_16", 16, 1024, 4096, 16, 24, dropout_rate=0.1)
     configs = [
         # Not official. Tiny but non-degenerate (several heads and layers, dropout on): tests.
@@ -118,27 +132,29 @@ def _build_registry() -> dict[str, ViTConfig]:
         # Not official. A small ViT that `make demo` trains from scratch on 8x8 digits
         # upscaled to 32x32 (a 4x4 grid of 8x8 patches) on a CPU in a few minutes.
         _vit("demo", 8, 64, 128, 4, 4),
-        _vit("ViT-Ti_16", 16, 192, 768, 3, 12),
-        _vit("ViT-S_16", 16, 384, 1536, 6, 12),
-        _vit("ViT-S_32", 32, 384, 1536, 6, 12),
+        ti16,
+        s16,
+        s32,
         b16,
-        b16.replace(name="ViT-B_32", patch_size=(32, 32)),
+        b32,
         b16.replace(name="ViT-B_8", patch_size=(8, 8)),
         l16,
         l16.replace(name="ViT-L_32", patch_size=(32, 32), dropout_rate=0.0),
         _vit("ViT-H_14", 14, 1280, 5120, 16, 32, dropout_rate=0.1),
+        # Mean of all tokens, no class token and no pre_logits: the GSAM checkpoints.
+        *(c.replace(name=f"{c.name}-gap-norep", classifier="gap") for c in (s16, b16, s32, b32)),
         # Hybrids: the ResNet does the downsampling, so the ViT "patch" is one feature cell.
+        # The root alone has stride 4: R+ViT-Ti_16 then takes 8x8 patches of its 64 channels.
+        ti16.replace(name="R+ViT-Ti_16", patch_size=(8, 8), resnet=ResNetConfig(())),
         b16.replace(
             name="R50+ViT-B_16",
             patch_size=(1, 1),
             dropout_rate=0.1,
             resnet=ResNetConfig((3, 4, 9)),
         ),
-        b16.replace(
-            name="R26+ViT-B_32",
-            patch_size=(1, 1),
-            resnet=ResNetConfig((2, 2, 2, 2)),
-        ),
+        b32.replace(name="R26+ViT-B_32", patch_size=(1, 1), resnet=ResNetConfig((2, 2, 2, 2))),
+        # vit_jax builds it from the S_16 config: (2, 2, 2, 2) stages give the stride 32.
+        s16.replace(name="R26+ViT-S_32", patch_size=(1, 1), resnet=ResNetConfig((2, 2, 2, 2))),
         l16.replace(
             name="R50+ViT-L_32",
             patch_size=(1, 1),
@@ -150,8 +166,33 @@ def _build_registry() -> dict[str, ViTConfig]:
 
 CONFIGS: dict[str, ViTConfig] = _build_registry()
 
-# Other spellings users type: the original PyTorch port wrote the hybrid with a dash.
-ALIASES: dict[str, str] = {"R50-ViT-B_16": "R50+ViT-B_16"}
+# Models without AugReg checkpoints; vit_jax/configs/models.py leaves them out of its AugReg table.
+_NO_AUGREG = ("testing", "demo", "ViT-L_32", "ViT-H_14", "R50+ViT-B_16")
+
+
+def augreg_name(model: str) -> str:
+    """The AugReg spelling of a registry name, as AugReg file names begin.
+
+    `ViT-` removed and `+` -> `_` (vit_jax/configs/models.py): `ViT-B_16` -> `B_16`,
+    `R+ViT-Ti_16` -> `R_Ti_16`.
+    """
+    return model.replace("ViT-", "").replace("+", "_")
+
+
+# AugReg spelling -> registry name, for the models that have AugReg checkpoints.
+AUGREG_MODELS: dict[str, str] = {
+    augreg_name(name): name
+    for name, c in CONFIGS.items()
+    if name not in _NO_AUGREG and c.classifier == "token"
+}
+
+# Other spellings users type: the original PyTorch port wrote the hybrid with a dash; AugReg
+# file names and vit_jax's `configs/augreg.py` use `B_16`, `R26_S_32`, ...
+ALIASES: dict[str, str] = {"R50-ViT-B_16": "R50+ViT-B_16", **AUGREG_MODELS}
+
+# vit_jax/configs/augreg.py fine-tunes AugReg checkpoints without dropout ("No AugReg during
+# fine-tuning"), whatever rate the model's config has.
+AUGREG_DROPOUT = 0.0
 
 
 def model_names() -> list[str]:
@@ -204,11 +245,79 @@ def find_config(
     patch_size: tuple[int, int],
     resnet_layers: tuple[int, ...] | None,
     exclude: tuple[str, ...] = (),
+    classifier: str | None = None,
 ) -> str | None:
-    """The registry name of the architecture with these shapes (from a checkpoint), or None."""
+    """The registry name of the architecture with these shapes (from a checkpoint), or None.
+
+    `classifier` ("token" when the checkpoint has a class token, else "gap") tells `ViT-S_16`
+    from `ViT-S_16-gap-norep`; None takes the first match.
+    """
     wanted = (hidden_size, num_layers, tuple(patch_size), resnet_layers)
     for name, c in CONFIGS.items():
         resnet = c.resnet.num_layers if c.resnet is not None else None
-        if name not in exclude and (c.hidden_size, c.num_layers, c.patch_size, resnet) == wanted:
+        if (
+            name not in exclude
+            and (c.hidden_size, c.num_layers, c.patch_size, resnet) == wanted
+            and classifier in (None, c.classifier)
+        ):
             return name
     return None
+
+
+# ---------------------------------------------------------------------------------------------
+# File names
+
+# Folders of the official bucket (`vit_models/<folder>/<file>.npz`). A local copy may carry its
+# folder as a prefix (`sam_ViT-B_16.npz`), since several folders use the same file names.
+CHECKPOINT_FOLDERS = ("imagenet21k", "imagenet21k+imagenet2012", "augreg", "sam", "gsam")
+# The GSAM files are named like the plain model but hold its `gap` variant (big_vision's
+# configs/proj/gsam: pool_type="gap", rep_size=False).
+_GAP_FOLDER = "gsam"
+# AugReg: `<model>-<pre-training data>-300ep-lr_...`, fine-tuned `...--<dataset>-steps_...`.
+_AUGREG_FILE = re.compile(r"(?P<model>[A-Za-z0-9_]+)-(?:i1k|i21k|i21k_\d+)-")
+
+
+def _split_filename(path: str | os.PathLike) -> tuple[str | None, str]:
+    """(bucket folder or None, file stem) of a checkpoint path."""
+    *parents, name = re.split(r"[\\/]", os.fspath(path))
+    folder = parents[-1] if parents and parents[-1] in CHECKPOINT_FOLDERS else None
+    stem = name.removesuffix(".npz")
+    for prefix in sorted(CHECKPOINT_FOLDERS, key=len, reverse=True):
+        if stem.startswith(f"{prefix}_"):
+            return prefix, stem[len(prefix) + 1 :]
+    return folder, stem
+
+
+def is_augreg_filename(path: str | os.PathLike) -> bool:
+    """Whether `path` names an AugReg checkpoint (`B_16-i21k-300ep-lr_0.001-...npz`).
+
+    vit_jax fine-tunes those with dropout 0 (see `AUGREG_DROPOUT`).
+    """
+    match = _AUGREG_FILE.match(_split_filename(path)[1])
+    return match is not None and match["model"] in AUGREG_MODELS
+
+
+def model_type_from_filename(path: str | os.PathLike) -> str | None:
+    """The registry name an official or AugReg checkpoint file name stands for, or None.
+
+    Reads `ViT-B_16.npz`, `R50+ViT-B_16.npz` (or `R50-ViT-B_16.npz`), `ViT-B_16-224.npz`, a
+    source folder as prefix or parent (`imagenet21k+imagenet2012_ViT-B_16.npz`,
+    `gsam/ViT-B_16.npz`: the GSAM files hold `gap` models) and AugReg names
+    (`B_16-i21k-300ep-...npz`, `R26_S_32-i21k-...--imagenet2012-...-res_384.npz`). Pure: the
+    file need not exist.
+    """
+    folder, stem = _split_filename(path)
+    augreg = _AUGREG_FILE.match(stem)
+    if augreg:
+        model = AUGREG_MODELS.get(augreg["model"])
+    else:
+        # Official names, optionally with the fine-tuning resolution (`ViT-B_16-224`).
+        model = ALIASES.get(stem, stem)
+        if model not in CONFIGS and re.fullmatch(r".+-\d+", stem):
+            base = stem.rsplit("-", 1)[0]
+            model = ALIASES.get(base, base)
+    if model not in CONFIGS:
+        return None
+    if folder == _GAP_FOLDER and f"{model}-gap-norep" in CONFIGS:
+        return f"{model}-gap-norep"
+    return model

@@ -367,7 +367,12 @@ def guess_model_type(weights: Mapping[str, np.ndarray]) -> str | None:
     stages = tuple(n for n in stages if n)
     # `testing` is ours alone: an .npz is never taken for it.
     return find_config(
-        hidden, layers, kernel.shape[:2], stages if hybrid else None, exclude=("testing",)
+        hidden,
+        layers,
+        kernel.shape[:2],
+        stages if hybrid else None,
+        exclude=("testing",),
+        classifier="token" if "cls" in weights else "gap",
     )
 
 

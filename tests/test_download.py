@@ -1,7 +1,8 @@
-"""utils.download against a loopback HTTP server: resume with Range, restarts, bad files."""
+"""utils.download against a loopback HTTP server: resume with Range, restarts, bad files, AugReg."""
 
 from __future__ import annotations
 
+import csv
 import functools
 import http.server
 import io
@@ -17,9 +18,10 @@ import numpy as np
 import pytest
 import tqdm
 
-from models.configs import get_config
+from models.configs import CHECKPOINT_FOLDERS, get_config, model_type_from_filename
 from models.modeling import VisionTransformer
 from models.npz import load_npz, state_dict_to_npz
+from tests.helpers import expect_user_error, fake_checkpoint
 from utils import download as dl
 from utils.errors import UserError
 from utils.file_io import save_npz
@@ -277,3 +279,312 @@ def test_progress_bar_counts_resumed_bytes(server, testing_file, tmp_path, monke
     half = tqdm.tqdm.format_sizeof(40_000, divisor=1024)
     assert any(line.startswith("testing.npz") and f" {half}/{size} " in line for line in lines)
     assert f" {size}/{size} " in lines[-1]
+
+
+# ---------------------------------------------------------------------------------------------
+# AugReg: a fake augreg/index.csv with the official columns, selected as vit_jax selects.
+
+INDEX_COLUMNS = [
+    "name", "ds", "lr", "aug", "wd", "do", "sd", "best_val", "final_val", "final_test",
+    "adapt_ds", "adapt_lr", "adapt_steps", "adapt_resolution", "adapt_final_val",
+    "adapt_final_test", "params", "infer_samples_per_sec", "filename", "adapt_filename",
+]  # fmt: skip
+PAPER_NAMES = {"Ti_16": "Ti/16", "B_16": "B/16", "R_Ti_16": "R+Ti/16", "R26_S_32": "R26+S/32"}
+PARAMS = {"Ti_16": 5_717_416, "B_16": 86_567_656, "R_Ti_16": 6_337_704, "R26_S_32": 36_431_912}
+
+# The best ImageNet-21k Ti_16 pre-training (the file the official README recommends)...
+TI_BEST = "Ti_16-i21k-300ep-lr_0.001-aug_none-wd_0.03-do_0.0-sd_0.0"
+# ...and a worse one whose fine-tuning nevertheless scores higher: never picked for "Ti_16".
+TI_OTHER = "Ti_16-i21k-300ep-lr_0.001-aug_light1-wd_0.1-do_0.0-sd_0.0"
+# Higher final_val than every i21k row, but pre-trained on other data: never picked.
+TI_I1K = "Ti_16-i1k-300ep-lr_0.001-aug_medium2-wd_0.1-do_0.1-sd_0.1"
+TI_I21K_30 = "Ti_16-i21k_30-30ep-lr_0.001-aug_none-wd_0.1-do_0.0-sd_0.0"
+R_TI_BEST = "R_Ti_16-i21k-300ep-lr_0.001-aug_none-wd_0.03-do_0.0-sd_0.0"
+
+
+def _tuned(pretrained: str, ds: str, lr: float, res: int) -> str:
+    return f"{pretrained}--{ds}-steps_{20 if ds == 'imagenet2012' else 10}k-lr_{lr}-res_{res}"
+
+
+# (pre-training file, final_val, [(adapt_ds, adapt_lr, res, adapt_final_val), ...])
+PRETRAININGS = [
+    (TI_OTHER, 0.531, [("imagenet2012", 0.03, 384, 0.7950), ("cifar100", 0.01, 384, 0.88)]),
+    (
+        TI_BEST,
+        0.552,
+        [
+            ("imagenet2012", 0.01, 224, 0.7530),
+            ("imagenet2012", 0.03, 224, 0.7510),
+            ("imagenet2012", 0.01, 384, 0.7790),
+            ("imagenet2012", 0.03, 384, 0.7822),
+            ("cifar100", 0.001, 224, 0.8710),
+            ("oxford_iiit_pet", 0.003, 224, 0.9120),
+        ],
+    ),
+    (TI_I1K, 0.781, [("imagenet2012", 0.01, 224, 0.7390)]),
+    (TI_I21K_30, 0.602, [("imagenet2012", 0.03, 384, 0.7200)]),
+    ("B_16-i21k-300ep-lr_0.001-aug_light1-wd_0.03-do_0.0-sd_0.0", 0.6401, []),
+    (
+        "B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0",
+        0.6513,
+        [("imagenet2012", 0.03, 384, 0.8549)],
+    ),
+    ("B_16-i1k-300ep-lr_0.001-aug_strong2-wd_0.1-do_0.1-sd_0.1", 0.8019, []),
+    (R_TI_BEST, 0.4712, [("imagenet2012", 0.03, 384, 0.7540)]),
+    ("R_Ti_16-i21k-300ep-lr_0.001-aug_light1-wd_0.1-do_0.1-sd_0.1", 0.4428, []),
+    ("R26_S_32-i21k-300ep-lr_0.001-aug_light1-wd_0.1-do_0.0-sd_0.0", 0.6098, []),
+    ("R26_S_32-i21k-300ep-lr_0.001-aug_medium2-wd_0.03-do_0.0-sd_0.0", float("nan"), []),
+]
+
+
+def _index_bytes() -> bytes:
+    """augreg/index.csv as the bucket serves it: one row per (pre-training, fine-tuning)."""
+    out = io.StringIO()
+    writer = csv.DictWriter(out, INDEX_COLUMNS)
+    writer.writeheader()
+    for filename, final_val, tunings in PRETRAININGS:
+        model, ds, _, lr, aug, wd, do, sd = filename.split("-")
+        row = {
+            "name": PAPER_NAMES[model],
+            "ds": ds,
+            "lr": lr.removeprefix("lr_"),
+            "aug": aug.removeprefix("aug_"),
+            "wd": wd.removeprefix("wd_"),
+            "do": do.removeprefix("do_"),
+            "sd": sd.removeprefix("sd_"),
+            "best_val": "" if final_val != final_val else final_val + 0.002,
+            "final_val": "" if final_val != final_val else final_val,
+            "final_test": "",
+            "params": PARAMS[model],
+            "infer_samples_per_sec": 3000.0,
+            "filename": filename,
+        }
+        for adapt_ds, adapt_lr, res, adapt_val in tunings or [(None, None, None, None)]:
+            tuned = adapt_ds and {
+                "adapt_ds": adapt_ds,
+                "adapt_lr": adapt_lr,
+                "adapt_steps": 20000 if adapt_ds == "imagenet2012" else 10000,
+                "adapt_resolution": res,
+                "adapt_final_val": adapt_val,
+                "adapt_final_test": round(adapt_val - 0.004, 4),
+                "adapt_filename": _tuned(filename, adapt_ds, adapt_lr, res),
+            }
+            writer.writerow({**row, **(tuned or {})})
+    return out.getvalue().encode()
+
+
+def _augreg_npz(tmp_path: Path, model: str, seed: int) -> bytes:
+    """A small official-layout file for `model` (Ti_16-sized), distinct per seed."""
+    path = tmp_path / f"src-{model}-{seed}.npz"
+    save_npz(path, fake_checkpoint(get_config(model), 10, 32, seed=seed))
+    return path.read_bytes()
+
+
+@pytest.fixture
+def augreg(server: _Server, tmp_path: Path) -> tuple[_Server, list[dl.AugRegRow]]:
+    server.files["/augreg/index.csv"] = _index_bytes()
+    index = tmp_path / "index.csv"
+    index.write_bytes(server.files["/augreg/index.csv"])
+    return server, dl.read_augreg_index(index)
+
+
+def _requested(server: _Server) -> list[str]:
+    return [path for path, _ in server.requests]
+
+
+def test_augreg_model_downloads_best_i21k_pretraining_verified(augreg, tmp_path) -> None:
+    server, _ = augreg
+    ckpt = tmp_path / "ckpt"
+    for seed, name in enumerate((TI_BEST, TI_OTHER, TI_I1K, TI_I21K_30)):
+        server.files[f"/augreg/{name}.npz"] = _augreg_npz(tmp_path, "ViT-Ti_16", seed)
+    path = dl.fetch_checkpoint("Ti_16", "augreg", str(ckpt), server.url, progress=False)
+    # The official file name, next to the cached index; the bytes of the selected file.
+    assert path == ckpt / f"{TI_BEST}.npz"
+    assert path.read_bytes() == server.files[f"/augreg/{TI_BEST}.npz"]
+    assert _requested(server) == ["/augreg/index.csv", f"/augreg/{TI_BEST}.npz"]
+    assert (ckpt / "augreg_index.csv").read_bytes() == server.files["/augreg/index.csv"]
+    assert sorted(p.name for p in ckpt.iterdir()) == sorted(["augreg_index.csv", path.name])
+
+
+def test_augreg_index_is_cached(augreg, tmp_path) -> None:
+    server, _ = augreg
+    server.files[f"/augreg/{R_TI_BEST}.npz"] = _augreg_npz(tmp_path, "R+ViT-Ti_16", 0)
+    server.files[f"/augreg/{TI_OTHER}.npz"] = _augreg_npz(tmp_path, "ViT-Ti_16", 1)
+    ckpt = str(tmp_path / "ckpt")
+    dl.fetch_checkpoint(TI_OTHER, "augreg", ckpt, server.url, progress=False)
+    # A second selection reads the cached index: the only request is for the file.
+    path = dl.fetch_checkpoint("R+ViT-Ti_16", None, ckpt, server.url, progress=False)
+    assert path.name == f"{R_TI_BEST}.npz"
+    assert _requested(server) == [
+        "/augreg/index.csv",
+        f"/augreg/{TI_OTHER}.npz",
+        f"/augreg/{R_TI_BEST}.npz",
+    ]
+    # --force refreshes the index too.
+    dl.fetch_checkpoint("R_Ti_16", "augreg", ckpt, server.url, force=True, progress=False)
+    assert _requested(server)[3:] == ["/augreg/index.csv", f"/augreg/{R_TI_BEST}.npz"]
+
+
+def test_augreg_selection_takes_best_final_val_of_i21k_only(augreg) -> None:
+    _, rows = augreg
+    assert dl.select_augreg(rows, "Ti_16") == TI_BEST  # not TI_I1K (0.781) nor i21k_30 (0.602)
+    assert dl.select_augreg(rows, "B_16").startswith("B_16-i21k-300ep-lr_0.001-aug_medium1-")
+    assert dl.select_augreg(rows, "R_Ti_16") == R_TI_BEST
+    # A row without a score never wins.
+    assert dl.select_augreg(rows, "R26_S_32") == PRETRAININGS[-2][0]
+
+
+def test_augreg_accepts_registry_names_and_aliases(augreg) -> None:
+    _, rows = augreg
+    assert dl.select_augreg(rows, "ViT-Ti_16") == TI_BEST
+    assert dl.select_augreg(rows, "R+ViT-Ti_16") == R_TI_BEST
+    assert dl.select_augreg(rows, "R26+ViT-S_32") == dl.select_augreg(rows, "R26_S_32")
+    # Without --source, AugReg spellings and file names mean augreg, and so do registry names
+    # that only AugReg has (the rest keep their imagenet21k file).
+    assert dl.default_source("Ti_16") == dl.default_source(f"{TI_OTHER}.npz") == "augreg"
+    assert dl.default_source(_tuned(TI_BEST, "cifar100", 0.001, 224)) == "augreg"
+    assert dl.default_source("R+ViT-Ti_16") == dl.default_source("ViT-S_16") == "augreg"
+    assert dl.default_source("ViT-B_16") == dl.default_source("ViT-L_32") == "imagenet21k"
+    assert dl.default_source("ViT-H_99") == "imagenet21k"  # whose error lists the choices
+
+
+def test_augreg_full_file_names(augreg) -> None:
+    _, rows = augreg
+    assert dl.select_augreg(rows, TI_OTHER) == TI_OTHER
+    assert dl.select_augreg(rows, f"{TI_I1K}.npz") == TI_I1K
+    tuned = _tuned(TI_OTHER, "cifar100", 0.01, 384)
+    assert dl.select_augreg(rows, tuned) == tuned
+    # --adapt applies to the named pre-training.
+    assert dl.select_augreg(rows, TI_OTHER, "imagenet2012") == _tuned(
+        TI_OTHER, "imagenet2012", 0.03, 384
+    )
+    with pytest.raises(UserError, match="already fine-tuned \\(on cifar100\\); drop --adapt"):
+        dl.select_augreg(rows, tuned, "imagenet2012")
+
+
+def test_augreg_adapt_and_resolution_filters(augreg) -> None:
+    _, rows = augreg
+    # The fine-tunings of the selected pre-training only (TI_OTHER's 0.795 is not one).
+    assert dl.select_augreg(rows, "Ti_16", "imagenet2012") == _tuned(
+        TI_BEST, "imagenet2012", 0.03, 384
+    )
+    assert dl.select_augreg(rows, "Ti_16", "imagenet2012", 384) == _tuned(
+        TI_BEST, "imagenet2012", 0.03, 384
+    )
+    assert dl.select_augreg(rows, "Ti_16", "imagenet2012", 224) == _tuned(
+        TI_BEST, "imagenet2012", 0.01, 224
+    )
+    assert dl.select_augreg(rows, "Ti_16", "cifar100") == _tuned(TI_BEST, "cifar100", 0.001, 224)
+    with pytest.raises(UserError) as info:
+        dl.select_augreg(rows, "Ti_16", "imagenet2012", 512)
+    message = str(info.value)
+    assert f"No imagenet2012 fine-tuning at resolution 512 of {TI_BEST}" in message
+    for offered in ("imagenet2012 --resolution 224", "imagenet2012 --resolution 384"):
+        assert f"--adapt {offered}" in message
+    assert "--adapt oxford_iiit_pet --resolution 224" in message
+    with pytest.raises(UserError, match="add --adapt DATASET"):
+        dl.select_augreg(rows, "Ti_16", resolution=384)
+    with pytest.raises(UserError, match="It has no fine-tuned files"):
+        dl.select_augreg(rows, "R26_S_32", "imagenet2012")
+
+
+def test_augreg_adapt_download_keeps_the_official_name(augreg, tmp_path) -> None:
+    server, _ = augreg
+    tuned = _tuned(TI_BEST, "imagenet2012", 0.01, 224)
+    server.files[f"/augreg/{tuned}.npz"] = _augreg_npz(tmp_path, "ViT-Ti_16", 3)
+    path = dl.fetch_checkpoint(
+        "ViT-Ti_16",
+        "augreg",
+        str(tmp_path),
+        server.url,
+        adapt="imagenet2012",
+        resolution=224,
+        progress=False,
+    )
+    assert path == tmp_path / f"{tuned}.npz"
+    assert path.read_bytes() == server.files[f"/augreg/{tuned}.npz"]
+
+
+def test_augreg_unknown_names_suggest_close_ones(augreg, tmp_path, capsys) -> None:
+    server, rows = augreg
+    with pytest.raises(UserError, match=r"No AugReg ImageNet-21k checkpoint for model 'Ti_61'\. "
+                       r"Closest: Ti_16"):  # fmt: skip
+        dl.select_augreg(rows, "Ti_61")
+    typo = TI_BEST.replace("wd_0.03", "wd_0.3")
+    with pytest.raises(UserError, match=f"Closest: {re.escape(TI_BEST)}"):
+        dl.select_augreg(rows, typo)
+    with pytest.raises(UserError, match=r"for model 'ViT-S_16' \(S_16\)\. Closest: B_16"):
+        dl.select_augreg(rows, "ViT-S_16")  # no S_16 rows in this index
+    argv = ["B_61", "--source", "augreg", "--dir", str(tmp_path), "--base_url", server.url]
+    err = expect_user_error(dl.main, argv, capsys)
+    assert "'B_61'" in err
+    assert "Closest: B_16" in err
+    assert "Models: B_16, R26_S_32, R_Ti_16, Ti_16." in err
+
+
+def test_a_download_that_is_not_the_index_is_refused(server, tmp_path) -> None:
+    server.files["/augreg/index.csv"] = b"<html>Sign in to continue</html>"
+    with pytest.raises(UserError, match="not the AugReg index: it has no column"):
+        dl.fetch_checkpoint("B_16", "augreg", str(tmp_path), server.url, progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_list_augreg_table(augreg, tmp_path, capsys) -> None:
+    server, _ = augreg
+    base = ["--list", "--source", "augreg", "--dir", str(tmp_path), "--base_url", server.url]
+    dl.main([*base, "Ti_16"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == [
+        "model", "data", "aug", "wd", "do", "sd", "final_val", "params", "size", "file",
+    ]  # fmt: skip
+    rows = [line for line in lines[1:] if "Ti_16-" in line]
+    assert len(rows) == 4  # one line per pre-training file, not per fine-tuning
+    assert all(line.split()[-1].startswith("Ti_16-") for line in rows)
+    starred = [line for line in rows if line.startswith("*")]
+    assert len(starred) == 1
+    # Known size of the recommended file; its hyper-parameters and score as columns.
+    assert starred[0].split() == [
+        "*", "Ti_16", "i21k", "none", "0.03", "0.0", "0.0", "0.5520", "5717416", "37", "MiB",
+        TI_BEST,
+    ]  # fmt: skip
+    dl.main([*base, "ViT-Ti_16", "--adapt", "imagenet2012", "--resolution", "384"])
+    lines = capsys.readouterr().out.splitlines()
+    files = [line.split()[-1] for line in lines[1:] if "--imagenet2012-" in line]
+    assert sorted(files) == sorted(
+        [
+            _tuned(TI_OTHER, "imagenet2012", 0.03, 384),
+            _tuned(TI_BEST, "imagenet2012", 0.03, 384),
+            _tuned(TI_BEST, "imagenet2012", 0.01, 384),
+            _tuned(TI_I21K_30, "imagenet2012", 0.03, 384),
+        ]
+    )
+    # The star marks what the same flags download, not the best score in the table (0.795).
+    assert [line.split()[-1] for line in lines if line.startswith("*  ")] == [
+        _tuned(TI_BEST, "imagenet2012", 0.03, 384)
+    ]
+    assert _requested(server) == ["/augreg/index.csv"]  # fetched once, then cached
+
+
+def test_every_local_file_name_says_its_model() -> None:
+    assert set(dl.SOURCES) == set(CHECKPOINT_FOLDERS)
+    for source, files in dl.OFFICIAL_FILES.items():
+        for stem in files:
+            model = dl.resolve_file(stem, source)[1]
+            assert model_type_from_filename(dl.checkpoint_path(stem, source)) == model
+    # AugReg files keep their official name, which says the model too.
+    assert model_type_from_filename(dl.checkpoint_path(R_TI_BEST, "augreg")) == "R+ViT-Ti_16"
+
+
+def test_sam_and_gsam_folders() -> None:
+    assert dl.resolve_file("ViT-B_16", "sam") == ("ViT-B_16", "ViT-B_16")
+    # GSAM files are named like the plain model but hold the `gap` one.
+    assert dl.resolve_file("ViT-S_32", "gsam") == ("ViT-S_32", "ViT-S_32-gap-norep")
+    assert dl.checkpoint_path("ViT-S_32", "gsam") == Path("checkpoint/gsam_ViT-S_32.npz")
+    assert dl.checkpoint_path("ViT-S_16", "sam", "d") == Path("d/sam_ViT-S_16.npz")
+    with pytest.raises(UserError, match="It exists in --source sam, gsam, augreg"):
+        dl.resolve_file("ViT-S_16")
+    listing = dl.list_files("gsam")
+    assert "gsam:\n  ViT-S_16  (model ViT-S_16-gap-norep)" in listing
+    assert "imagenet21k" not in listing.split("Base URL")[0]
+    with pytest.raises(UserError, match="--adapt and --resolution choose among AugReg files"):
+        dl.fetch_checkpoint("ViT-B_16", "sam", adapt="imagenet2012")

@@ -13,7 +13,13 @@ from models.npz import CheckpointError, state_dict_to_npz
 from tests.helpers import distinct_model
 from utils.errors import USER_ERRORS
 from utils.file_io import save_npz
-from utils.loading import assign_weights, class_names, load_model, read_state_dict
+from utils.loading import (
+    assign_weights,
+    class_names,
+    guess_state_dict_model,
+    load_model,
+    read_state_dict,
+)
 
 TESTING = get_config("testing")
 
@@ -129,3 +135,12 @@ def test_npz_with_1000_classes_gets_imagenet_names_and_its_native_size(tmp_path)
     assert loaded.class_names[:2] == ["tench", "goldfish"]
     assert loaded.dataset == "imagenet2012"
     assert load_model(path, model_type="testing", img_size=64).img_size == (64, 64)
+
+
+@pytest.mark.parametrize(
+    "name", ["ViT-S_16", "ViT-S_16-gap-norep", "R+ViT-Ti_16", "R26+ViT-S_32", "R50+ViT-B_16"]
+)
+def test_state_dicts_of_ours_are_recognised_by_their_shapes(name: str) -> None:
+    with torch.device("meta"):  # shapes are all a guess needs
+        model = VisionTransformer(name, 64, num_classes=3)
+    assert guess_state_dict_model(model.state_dict()) == name

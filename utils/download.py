@@ -1,8 +1,10 @@
-"""Download official ViT checkpoints (REFERENCE.md §1) into `checkpoint/`, resumably.
+"""Download official ViT checkpoints into `checkpoint/`, resumably.
 
     python3 -m utils.download ViT-B_16                                  # imagenet21k
     python3 -m utils.download ViT-B_16 --source imagenet21k+imagenet2012
-    python3 -m utils.download --list
+    python3 -m utils.download B_16 --source augreg                      # recommended AugReg
+    python3 -m utils.download B_16 --source augreg --adapt imagenet2012 --resolution 384
+    python3 -m utils.download --list [--source augreg [B_16]]
 
 The file is fetched from `<base_url>/<source>/<file>.npz` (Google's public `vit_models` bucket
 unless `--base_url` or the `VIT_BASE_URL` variable names a mirror with the same layout) into
@@ -11,41 +13,71 @@ within one run (a few retries) and by running the command again; a server that i
 is handled by starting over. Only a complete file that opens as an `.npz` with every key the
 model needs is renamed to its final name; a complete but unusable download is deleted (resuming
 it could never repair it) and reported.
+
+AugReg checkpoints ("How to train your ViT?", Steiner et al. 2021) are chosen as vit_jax's
+`configs/augreg.py` and `train.py` choose them: a name with a `-` is a file name; a bare model
+(`B_16`, or a registry name such as `ViT-B_16`) takes, among the ImageNet-21k pre-trainings
+(`ds == "i21k"`) of `augreg/index.csv`, the one with the best `final_val`. The index is
+downloaded once and cached next to the checkpoints (`checkpoint/augreg_index.csv`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import csv
+import difflib
 import http.client
 import logging
+import math
 import os
 import re
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
-from models.configs import ALIASES, get_config, model_names
+from models.configs import (
+    ALIASES,
+    AUGREG_MODELS,
+    CONFIGS,
+    augreg_name,
+    get_config,
+    is_augreg_filename,
+    model_names,
+    model_type_from_filename,
+)
 from models.npz import BASE_URL, CheckpointError, load_npz, npz_to_state_dict
 from utils.errors import UserError, run_cli
 
 __all__ = [
+    "AUGREG",
     "OFFICIAL_FILES",
+    "SOURCES",
+    "AugRegRow",
+    "augreg_index",
+    "augreg_table",
     "checkpoint_path",
     "default_source",
     "download",
     "fetch_checkpoint",
     "list_files",
+    "read_augreg_index",
     "resolve_file",
+    "select_augreg",
     "verify",
 ]
 
 logger = logging.getLogger(__name__)
 
-# The official files per source folder, with the sizes the bucket lists (REFERENCE.md §1).
-# A `-224` file is the model fine-tuned at 224 px instead of 384 px.
+# The official files per source folder, with the sizes the bucket lists. A `-224` file is the
+# model fine-tuned at 224 px instead of 384 px. `sam` and `gsam` hold ViTs trained from scratch
+# on ImageNet-1k with SAM (Chen et al. 2021) and GSAM (Zhuang et al. 2022); the GSAM files hold
+# the `gap` models (`ViT-B_16` there is `ViT-B_16-gap-norep`).
 OFFICIAL_FILES: dict[str, dict[str, str]] = {
     "imagenet21k": {
         "ViT-B_16": "393.7 MiB",
@@ -68,50 +100,106 @@ OFFICIAL_FILES: dict[str, dict[str, str]] = {
         "ViT-L_32": "",
         "R50+ViT-B_16": "377.6 MiB",
     },
+    "sam": {"ViT-S_16": "", "ViT-B_16": "", "ViT-B_32": "", "ViT-L_16": "", "ViT-L_32": ""},
+    "gsam": {"ViT-S_16": "", "ViT-S_32": "", "ViT-B_16": "", "ViT-B_32": ""},
 }
 DEFAULT_SOURCE = "imagenet21k"
+# Sources a plain model name is looked up in when no --source is given.
+MODEL_SOURCES = ("imagenet21k", "imagenet21k+imagenet2012")
+# Folders whose file names repeat other folders' names: local copies carry the folder as prefix.
+PREFIXED_SOURCES = ("sam", "gsam")
+AUGREG = "augreg"
+SOURCES = (*OFFICIAL_FILES, AUGREG)
+AUGREG_INDEX = "augreg_index.csv"
+# Columns of augreg/index.csv that selecting a file needs.
+AUGREG_COLUMNS = (
+    "filename",
+    "ds",
+    "final_val",
+    "adapt_ds",
+    "adapt_resolution",
+    "adapt_final_val",
+    "adapt_filename",
+)
+# Sizes of the recommended AugReg pre-training files (vision_transformer README); others unknown.
+AUGREG_SIZES = {
+    "L_16-i21k-300ep-lr_0.001-aug_strong1-wd_0.1-do_0.0-sd_0.0": "1243 MiB",
+    "B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0": "391 MiB",
+    "S_16-i21k-300ep-lr_0.001-aug_light1-wd_0.03-do_0.0-sd_0.0": "115 MiB",
+    "R50_L_32-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.1-sd_0.1": "1337 MiB",
+    "R26_S_32-i21k-300ep-lr_0.001-aug_light1-wd_0.1-do_0.0-sd_0.0": "170 MiB",
+    "Ti_16-i21k-300ep-lr_0.001-aug_none-wd_0.03-do_0.0-sd_0.0": "37 MiB",
+    "B_32-i21k-300ep-lr_0.001-aug_light1-wd_0.1-do_0.0-sd_0.0": "398 MiB",
+    "S_32-i21k-300ep-lr_0.001-aug_none-wd_0.1-do_0.0-sd_0.0": "118 MiB",
+    "R_Ti_16-i21k-300ep-lr_0.001-aug_none-wd_0.03-do_0.0-sd_0.0": "40 MiB",
+}
 CHUNK = 1 << 20
 RETRIES = 3
 
 
-def resolve_file(name: str, source: str = DEFAULT_SOURCE) -> tuple[str, str]:
-    """(official file stem, registry model) for a name the user typed.
+def _closest(name: str, choices: Iterable[str], n: int = 5) -> str:
+    """`Closest: a, b.` for the choices that resemble `name` (difflib), or ''."""
+    close = difflib.get_close_matches(name, sorted(set(choices) - {name}), n=n, cutoff=0.6)
+    return f" Closest: {', '.join(close)}." if close else ""
 
-    Accepts registry names, aliases (`R50-ViT-B_16`) and file stems (`ViT-B_16-224`).
+
+def resolve_file(name: str, source: str = DEFAULT_SOURCE) -> tuple[str, str]:
+    """(official file stem, registry model) for a name the user typed, in a plain folder.
+
+    Accepts registry names, aliases (`R50-ViT-B_16`, `B_16`) and file stems (`ViT-B_16-224`).
 
     Raises:
         UserError: unknown source, or no such file in that source (lists the choices).
     """
     if source not in OFFICIAL_FILES:
-        raise UserError(f"Unknown --source {source!r}; choose one of: {', '.join(OFFICIAL_FILES)}.")
+        raise UserError(f"Unknown --source {source!r}; choose one of: {', '.join(SOURCES)}.")
     stem = ALIASES.get(name, name)
     files = OFFICIAL_FILES[source]
     if stem not in files:
         others = [s for s in OFFICIAL_FILES if s != source and stem in OFFICIAL_FILES[s]]
-        hint = f" It exists in --source {others[0]}." if others else ""
+        if stem in AUGREG_MODELS.values():
+            others.append(AUGREG)
+        hint = f" It exists in --source {', '.join(others)}." if others else ""
+        known = [f for folder in OFFICIAL_FILES.values() for f in folder] + model_names()
         raise UserError(
-            f"No official {source} checkpoint named {name!r}.{hint} Choose one of: "
-            f"{', '.join(files)} (python3 -m utils.download --list shows all)."
+            f"No official {source} checkpoint named {name!r}.{hint}{_closest(name, known)} "
+            f"Choose one of: {', '.join(files)} (python3 -m utils.download --list shows all)."
         )
-    return stem, re.sub(r"-\d+$", "", stem)
+    model = model_type_from_filename(f"{source}/{stem}.npz")
+    assert model is not None, f"{source}/{stem} names no registered model"
+    return stem, model
 
 
 def checkpoint_path(stem: str, source: str = DEFAULT_SOURCE, directory: str = "checkpoint") -> Path:
     """Local file of an official checkpoint.
 
     Files keep their official name (`checkpoint/ViT-B_16.npz`, `checkpoint/ViT-B_16-224.npz`,
-    where the README, train.py and the notebook look), except a file whose name also exists in
-    `imagenet21k`: it gets its source as a prefix
-    (`checkpoint/imagenet21k+imagenet2012_ViT-B_16.npz`) so the two never collide.
+    AugReg names, where the README, train.py and the notebook look), except where a name would
+    be ambiguous: an `imagenet21k+imagenet2012` file whose name also exists in `imagenet21k`,
+    and every `sam` and `gsam` file, get their source as a prefix
+    (`checkpoint/imagenet21k+imagenet2012_ViT-B_16.npz`, `checkpoint/gsam_ViT-B_16.npz`).
+    `models.configs.model_type_from_filename` reads these names back.
     """
-    collides = source != DEFAULT_SOURCE and stem in OFFICIAL_FILES[DEFAULT_SOURCE]
+    collides = source in PREFIXED_SOURCES or (
+        source != DEFAULT_SOURCE and stem in OFFICIAL_FILES[DEFAULT_SOURCE]
+    )
     return Path(directory) / (f"{source}_{stem}.npz" if collides else f"{stem}.npz")
 
 
 def default_source(name: str) -> str:
-    """`imagenet21k` when it has the file, else the one source that has it."""
+    """The source a name means without --source.
+
+    `augreg` for AugReg spellings (`B_16`) and file names; else `imagenet21k` when it has the
+    file, else `imagenet21k+imagenet2012` when that has it, else `augreg` for a model with
+    AugReg checkpoints (`ViT-S_16`, `R+ViT-Ti_16`).
+    """
+    if name in AUGREG_MODELS or is_augreg_filename(name):
+        return AUGREG
     stem = ALIASES.get(name, name)
-    return next((s for s, files in OFFICIAL_FILES.items() if stem in files), DEFAULT_SOURCE)
+    found = next((s for s in MODEL_SOURCES if stem in OFFICIAL_FILES[s]), None)
+    if found is None and stem in AUGREG_MODELS.values():
+        return AUGREG
+    return found or DEFAULT_SOURCE
 
 
 def _network_error(url: str, err: BaseException) -> UserError:
@@ -227,12 +315,326 @@ def verify(path: str | os.PathLike, model: str) -> None:
     npz_to_state_dict(weights, get_config(model), include_head=False)
 
 
+# --------------------------------------------------------------------------------------------
+# AugReg: augreg/index.csv describes every file (vit_jax/checkpoint.py, `get_augreg_df`)
+
+
+@dataclass(frozen=True, slots=True)
+class AugRegRow:
+    """One row of `augreg/index.csv`: a pre-training file and one fine-tuning of it.
+
+    Scores are NaN where the index has none; `adapt_resolution` is 0 then.
+    """
+
+    name: str  # paper spelling, e.g. "B/16"
+    ds: str  # pre-training data: i1k, i21k, i21k_30
+    lr: str
+    aug: str
+    wd: str
+    do: str
+    sd: str
+    final_val: float
+    params: str
+    filename: str  # pre-training file, without .npz
+    adapt_ds: str
+    adapt_resolution: int
+    adapt_final_val: float
+    adapt_filename: str  # fine-tuned file, without .npz
+
+    @property
+    def model(self) -> str:
+        """The AugReg model spelling the file name begins with (`B_16`, `R26_S_32`)."""
+        return self.filename.split("-")[0]
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        return math.nan
+
+
+def _resolution(text: str) -> int:
+    value = _number(text)
+    return 0 if math.isnan(value) else int(value)
+
+
+def _rank(score: float) -> float:
+    """A score to sort by: a missing (NaN) score ranks last."""
+    return -math.inf if math.isnan(score) else score
+
+
+def read_augreg_index(path: str | os.PathLike) -> list[AugRegRow]:
+    """Parse a copy of `augreg/index.csv`.
+
+    Raises:
+        UserError: not a CSV with the columns the selection needs.
+    """
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            missing = [c for c in AUGREG_COLUMNS if c not in (reader.fieldnames or ())]
+            if missing:
+                raise UserError(
+                    f"{path} is not the AugReg index: it has no column(s) {', '.join(missing)}. "
+                    "Delete it (or pass --force) to download augreg/index.csv again."
+                )
+            return [
+                AugRegRow(
+                    name=row.get("name", ""),
+                    ds=row["ds"],
+                    lr=row.get("lr", ""),
+                    aug=row.get("aug", ""),
+                    wd=row.get("wd", ""),
+                    do=row.get("do", ""),
+                    sd=row.get("sd", ""),
+                    final_val=_number(row["final_val"]),
+                    params=row.get("params", ""),
+                    filename=row["filename"].removesuffix(".npz"),
+                    adapt_ds=row["adapt_ds"],
+                    adapt_resolution=_resolution(row["adapt_resolution"]),
+                    adapt_final_val=_number(row["adapt_final_val"]),
+                    adapt_filename=row["adapt_filename"].removesuffix(".npz"),
+                )
+                for row in reader
+            ]
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise UserError(
+            f"{path} is not a readable AugReg index ({err}). Delete it (or pass --force) to "
+            "download augreg/index.csv again."
+        ) from None
+
+
+def _base_url(base_url: str | None) -> str:
+    return (base_url or os.environ.get("VIT_BASE_URL") or BASE_URL).rstrip("/")
+
+
+def augreg_index(
+    directory: str = "checkpoint",
+    base_url: str | None = None,
+    *,
+    refresh: bool = False,
+    retries: int = RETRIES,
+    timeout: float = 60.0,
+) -> list[AugRegRow]:
+    """The rows of `augreg/index.csv`, downloaded once into `<directory>/augreg_index.csv`.
+
+    Raises:
+        UserError: network failure, or a download that is not the index (it is then deleted).
+    """
+    path = Path(directory) / AUGREG_INDEX
+    if path.exists() and not refresh:
+        return read_augreg_index(path)
+    url = f"{_base_url(base_url)}/{AUGREG}/index.csv"
+    logger.info("Downloading the AugReg index %s to %s", url, path)
+    Path(f"{path}.part").unlink(missing_ok=True)  # small: always fetched whole
+    part = download(url, path, retries=retries, timeout=timeout, progress=False)
+    try:
+        rows = read_augreg_index(part)
+    except UserError:
+        part.unlink()
+        raise
+    os.replace(part, path)
+    return rows
+
+
+def _best_pretrainings(rows: Iterable[AugRegRow]) -> dict[str, AugRegRow]:
+    """Per model, the ImageNet-21k pre-training with the best `final_val` (vit_jax/train.py)."""
+    best: dict[str, AugRegRow] = {}
+    for r in rows:
+        if r.ds == "i21k" and (
+            r.model not in best or _rank(r.final_val) > _rank(best[r.model].final_val)
+        ):
+            best[r.model] = r
+    return best
+
+
+def _augreg_spelling(name: str) -> str:
+    """`B_16` for `B_16`, `ViT-B_16` or `R50-ViT-...` style names; file names unchanged."""
+    name = name.removesuffix(".npz")
+    model = ALIASES.get(name, name)
+    return augreg_name(model) if model in CONFIGS else name
+
+
+def select_augreg(
+    rows: Sequence[AugRegRow],
+    name: str,
+    adapt: str | None = None,
+    resolution: int | None = None,
+) -> str:
+    """The AugReg file (stem) that `name` selects, as vit_jax selects it.
+
+    Args:
+        rows: the index (`augreg_index`).
+        name: a model (`B_16`, `ViT-B_16`, `R+ViT-Ti_16`): its ImageNet-21k pre-training with
+            the best `final_val`; or a full file name (contains `-`).
+        adapt: take a fine-tuned file of that pre-training instead: on this dataset
+            (`imagenet2012`, `cifar100`, ...), the best `adapt_final_val` of those that match.
+        resolution: only fine-tunings at this resolution (224, 384).
+
+    Raises:
+        UserError: no such model or file (names the closest ones), or no such fine-tuning
+            (lists those there are).
+    """
+    if resolution is not None and adapt is None:
+        raise UserError(
+            "--resolution chooses among fine-tuned files: add --adapt DATASET, e.g. "
+            "--adapt imagenet2012 --resolution 384."
+        )
+    given, name = name, _augreg_spelling(name)
+    shown = repr(name) if given in (name, f"{name}.npz") else f"{given!r} ({name})"
+    if "-" in name:
+        # vit_jax/configs/augreg.py: a name with a dash is a file name.
+        if not any(r.filename == name for r in rows):
+            tuned = next((r for r in rows if r.adapt_filename == name), None)
+            if tuned is None:
+                model = name.split("-")[0]
+                known = {r.filename for r in rows} | {
+                    r.adapt_filename for r in rows if r.model == model
+                }
+                raise UserError(
+                    f"No AugReg checkpoint named {shown} in augreg/index.csv."
+                    f"{_closest(name, known | set(AUGREG_MODELS), n=3)} List them with "
+                    f"python3 -m utils.download --list --source augreg {model}."
+                )
+            if adapt is not None:
+                raise UserError(
+                    f"{name} is already fine-tuned (on {tuned.adapt_ds}); drop --adapt and "
+                    "--resolution, or name its pre-training file."
+                )
+            return name
+        pretrained = name
+    else:
+        best = _best_pretrainings(rows)
+        if name not in best:
+            raise UserError(
+                f"No AugReg ImageNet-21k checkpoint for model {shown}.{_closest(name, best)} "
+                f"Models: {', '.join(sorted(best))}."
+            )
+        pretrained = best[name].filename
+    if adapt is None:
+        return pretrained
+    tunings = [r for r in rows if r.filename == pretrained and r.adapt_filename]
+    matches = [
+        r for r in tunings if r.adapt_ds == adapt and resolution in (None, r.adapt_resolution)
+    ]
+    if not matches:
+        offered = sorted({(r.adapt_ds, r.adapt_resolution) for r in tunings})
+        at = f" at resolution {resolution}" if resolution is not None else ""
+        there = "; ".join(f"--adapt {ds} --resolution {res}" for ds, res in offered)
+        raise UserError(
+            f"No {adapt} fine-tuning{at} of {pretrained} in augreg/index.csv. "
+            + (f"It has: {there}." if offered else "It has no fine-tuned files.")
+        )
+    return max(matches, key=lambda r: _rank(r.adapt_final_val)).adapt_filename
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(str(c)) for c in column) for column in zip(header, *rows, strict=True)]
+    return "\n".join(
+        "  ".join(str(c).ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
+        for line in [header, *rows]
+    )
+
+
+def _score(value: float) -> str:
+    return "" if math.isnan(value) else f"{value:.4f}"
+
+
+def augreg_table(
+    rows: Sequence[AugRegRow],
+    model: str | None = None,
+    adapt: str | None = None,
+    resolution: int | None = None,
+) -> str:
+    """The AugReg files as a table to choose from, as `--list --source augreg` prints it.
+
+    Pre-training files (one line each, best first per model and data; `*` marks the one a bare
+    model name selects), or with `adapt` the fine-tuned files on that dataset.
+    """
+    spelling = _augreg_spelling(model) if model else None
+    chosen = [r for r in rows if spelling in (None, r.model)]
+    if adapt is not None:
+        lines = sorted(
+            (r for r in chosen if r.adapt_ds == adapt and resolution in (None, r.adapt_resolution)),
+            key=lambda r: (r.model, r.ds, -_rank(r.adapt_final_val)),
+        )
+        selected = set()
+        for name in _best_pretrainings(chosen):
+            with contextlib.suppress(UserError):  # no such fine-tuning of that model
+                selected.add(select_augreg(rows, name, adapt, resolution))
+        table = _table(
+            ("", "model", "data", "adapt", "res", "adapt_final_val", "file"),
+            [
+                (
+                    "*" if r.adapt_filename in selected else "",
+                    r.model,
+                    r.ds,
+                    r.adapt_ds,
+                    r.adapt_resolution,
+                    _score(r.adapt_final_val),
+                    r.adapt_filename,
+                )
+                for r in lines
+            ],
+        )
+    else:
+        selected = {r.filename for r in _best_pretrainings(rows).values()}
+        unique = {r.filename: r for r in reversed(chosen)}  # first row of each file
+        lines = sorted(
+            unique.values(),
+            key=lambda r: (r.model, r.ds, -_rank(r.final_val)),
+        )
+        table = _table(
+            ("", "model", "data", "aug", "wd", "do", "sd", "final_val", "params", "size", "file"),
+            [
+                (
+                    "*" if r.filename in selected else "",
+                    r.model,
+                    r.ds,
+                    r.aug,
+                    r.wd,
+                    r.do,
+                    r.sd,
+                    _score(r.final_val),
+                    r.params,
+                    AUGREG_SIZES.get(r.filename, ""),
+                    r.filename,
+                )
+                for r in lines
+            ],
+        )
+    if not lines:
+        models = sorted({r.model for r in rows})
+        wanted = [f"model {spelling}"] if spelling else []
+        wanted += [f"--adapt {adapt}"] if adapt else []
+        wanted += [f"--resolution {resolution}"] if resolution is not None else []
+        raise UserError(
+            f"No AugReg files match {', '.join(wanted)}.{_closest(spelling or '', models)} "
+            f"Models: {', '.join(models)}; fine-tuning data: "
+            f"{', '.join(sorted({r.adapt_ds for r in rows if r.adapt_ds}))}."
+        )
+    flags = f" --adapt {adapt}" if adapt else ""
+    flags += f" --resolution {resolution}" if resolution is not None else ""
+    return (
+        f"{table}\n* = what `python3 -m utils.download MODEL --source augreg{flags}` selects "
+        "(from the ImageNet-21k pre-training with the best final_val). Pass a file name to take "
+        "another."
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Fetching
+
+
 def fetch_checkpoint(
     name: str,
     source: str | None = None,
     directory: str = "checkpoint",
     base_url: str | None = None,
     *,
+    adapt: str | None = None,
+    resolution: int | None = None,
     force: bool = False,
     progress: bool = True,
     retries: int = RETRIES,
@@ -240,21 +642,31 @@ def fetch_checkpoint(
 ) -> Path:
     """Download and verify one official checkpoint; returns its local path.
 
-    An existing final file is kept unless `force`. Verification failure deletes the download.
-    Without `source`, the file comes from `default_source(name)`.
+    An existing final file is kept unless `force` (which also refreshes the cached AugReg
+    index). Verification failure deletes the download. Without `source`, the file comes from
+    `default_source(name)`; for `augreg`, `select_augreg` picks it (`adapt`, `resolution`).
 
     Raises:
         UserError: unknown name/source, network failure, or a file that is not a valid
             checkpoint for the model.
     """
     source = source or default_source(name)
-    stem, model = resolve_file(name, source)
+    if source == AUGREG:
+        rows = augreg_index(directory, base_url, refresh=force, retries=retries, timeout=timeout)
+        stem = select_augreg(rows, name, adapt, resolution)
+        logger.info("AugReg file for %s: %s", name, stem)
+        model = model_type_from_filename(f"{stem}.npz")
+        if model is None:
+            raise UserError(f"{stem} is an AugReg model this code has no config for.")
+    elif adapt is not None or resolution is not None:
+        raise UserError("--adapt and --resolution choose among AugReg files: add --source augreg.")
+    else:
+        stem, model = resolve_file(name, source)
     dest = checkpoint_path(stem, source, directory)
     if dest.exists() and not force:
         logger.info("%s already exists; pass --force to download it again.", dest)
         return dest
-    base = base_url or os.environ.get("VIT_BASE_URL") or BASE_URL
-    url = f"{base.rstrip('/')}/{source}/{stem}.npz"
+    url = f"{_base_url(base_url)}/{source}/{stem}.npz"
     logger.info("Downloading %s to %s", url, dest)
     part = download(url, dest, retries=retries, timeout=timeout, progress=progress)
     try:
@@ -270,14 +682,24 @@ def fetch_checkpoint(
     return dest
 
 
-def list_files() -> str:
-    """The official files per source, as `--list` prints them."""
+def list_files(source: str | None = None) -> str:
+    """The official files per source (or of one), as `--list` prints them."""
     lines = []
-    for source, files in OFFICIAL_FILES.items():
-        lines.append(f"{source}:")
+    for folder, files in OFFICIAL_FILES.items():
+        if source not in (None, folder):
+            continue
+        lines.append(f"{folder}:")
         for stem, size in files.items():
-            note = f"  ({size})" if size else ""
-            lines.append(f"  {stem}{note}")
+            model = model_type_from_filename(f"{folder}/{stem}.npz")
+            notes = [size] if size else []
+            if model != re.sub(r"-\d+$", "", stem):
+                notes.append(f"model {model}")
+            lines.append(f"  {stem}" + (f"  ({', '.join(notes)})" if notes else ""))
+    if source is None:
+        lines.append(
+            f"{AUGREG}: {len(AUGREG_MODELS)} models (e.g. B_16, R26_S_32), thousands of files; "
+            "see python3 -m utils.download --list --source augreg [MODEL]"
+        )
     lines.append(f"Base URL: {BASE_URL} (override with --base_url or VIT_BASE_URL)")
     return "\n".join(lines)
 
@@ -290,13 +712,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "model",
         nargs="?",
-        help=f"model or file name, e.g. ViT-B_16, ViT-B_16-224; models: {', '.join(model_names())}",
+        help="model or file name, e.g. ViT-B_16, ViT-B_16-224, B_16 (AugReg), an AugReg file "
+        f"name; with --list --source augreg: only this model. Models: {', '.join(model_names())}",
     )
     parser.add_argument(
         "--source",
-        choices=list(OFFICIAL_FILES),
+        choices=SOURCES,
         default=None,
-        help=f"default: {DEFAULT_SOURCE}, or the only source that has the file",
+        help=f"default: {AUGREG} for AugReg names, else {DEFAULT_SOURCE} or the only source that "
+        "has the file",
+    )
+    parser.add_argument(
+        "--adapt",
+        default=None,
+        metavar="DATASET",
+        help="AugReg: the fine-tuned file on DATASET (e.g. imagenet2012, cifar100) instead of "
+        "the pre-training",
+    )
+    parser.add_argument(
+        "--resolution",
+        type=int,
+        default=None,
+        help="AugReg with --adapt: only fine-tunings at this resolution (224 or 384)",
     )
     parser.add_argument("--dir", default="checkpoint", help="where to save (default: checkpoint)")
     parser.add_argument(
@@ -305,7 +742,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"mirror with the same layout (default: $VIT_BASE_URL or {BASE_URL})",
     )
     parser.add_argument("--list", action="store_true", help="list the official files and exit")
-    parser.add_argument("--force", action="store_true", help="download even if the file exists")
+    parser.add_argument(
+        "--force", action="store_true", help="download even if the file (or AugReg index) exists"
+    )
     return parser.parse_args(argv)
 
 
@@ -314,14 +753,26 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(argv)
     if args.list:
-        print(list_files())
+        if args.source == AUGREG:
+            rows = augreg_index(args.dir, args.base_url, refresh=args.force)
+            print(augreg_table(rows, args.model, args.adapt, args.resolution))
+        else:
+            print(list_files(args.source))
         return
     if not args.model:
         raise UserError(
             "Name a checkpoint, e.g. `python3 -m utils.download ViT-B_16`, or list them with "
             "--list."
         )
-    path = fetch_checkpoint(args.model, args.source, args.dir, args.base_url, force=args.force)
+    path = fetch_checkpoint(
+        args.model,
+        args.source,
+        args.dir,
+        args.base_url,
+        adapt=args.adapt,
+        resolution=args.resolution,
+        force=args.force,
+    )
     print(path)
 
 

@@ -87,7 +87,10 @@ def guess_state_dict_model(state: Mapping[str, torch.Tensor]) -> str | None:
     ]
     stages = [int(m.group(1)) for m in units if m]
     resnet = tuple(stages.count(b) for b in range(max(stages) + 1)) if stages else None
-    return find_config(hidden, layers, patch, resnet)
+    if resnet is None and "embeddings.backbone.conv_root.weight" in state:
+        resnet = ()  # a ResNet root without stages (R+ViT-Ti_16)
+    classifier = "token" if "embeddings.cls_token" in state else "gap"
+    return find_config(hidden, layers, patch, resnet, classifier=classifier)
 
 
 def read_state_dict(path: str | os.PathLike, model_type: str | None = None) -> dict:
