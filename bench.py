@@ -13,8 +13,10 @@ models step by step so that machine noise hits both alike:
 - optionally (`--compile`) the throughput of `torch.compile`d copies, timed in the same
   interleaved rounds, and their gain over eager;
 - checkpoint load time: official-layout `.npz` -> ready model, ours vs timm's loader;
-- the data pipeline: images/s per worker of the training transforms on CIFAR-sized (32 x 32)
-  images upscaled to the model size, and of a batched tensor path that runs on the device.
+- the data pipeline on CIFAR-sized (32 x 32) images at 224 and 384: images/s of one loader
+  worker with the old PIL transforms and with the float preprocessing, of the batched device
+  path and of the uint8 gathering that feeds it; and how many workers a GPU's training speed
+  needs (this run's, on CUDA; otherwise an estimate, labelled so).
 
 Throughput is reported as the median over the rounds and as the best round (on a shared
 machine noise only slows steps down). The results are printed as a Markdown table and written
@@ -31,7 +33,6 @@ import copy
 import functools
 import json
 import logging
-import math
 import os
 import platform
 import statistics
@@ -53,8 +54,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from models.configs import ViTConfig, get_config, model_names
 from models.modeling import VisionTransformer
 from models.npz import load_npz, state_dict_to_npz
-from utils.data_utils import build_transforms
+from utils.data_utils import InMemoryAugment, augment_rng, build_transforms
 from utils.file_io import save_npz
+from utils.preprocessing import crop_resize_batch
 
 logger = logging.getLogger("bench")
 
@@ -379,87 +381,127 @@ def checkpoint_load_times(
 # --------------------------------------------------------------------------------------------
 # Data pipeline
 
+DEVICE_BATCH = 64  # images per call of the batched device path
+# Used when no GPU training speed is measured in the run: ViT-B_16 fine-tuning at 384 on one
+# H100, roughly; an estimate, labelled as such in the output.
+ESTIMATED_GPU_TRAIN = {"img_s": 2500.0, "img_size": 384, "basis": "estimate: ViT-B_16 @ 384, H100"}
 
-def random_resized_crop_batch(
-    images: torch.Tensor,
-    size: int,
-    scale: tuple[float, float] = (0.05, 1.0),
-    ratio: tuple[float, float] = (3 / 4, 4 / 3),
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Inception crop + horizontal flip + [-1, 1] scaling of a uint8 batch, on its device.
 
-    One `grid_sample` resamples a random box per image (area fraction in `scale`, aspect ratio
-    log-uniform in `ratio`, clipped to the image) to `size` x `size`, bilinear; half of the
-    boxes are mirrored. The device-side counterpart of the per-image PIL transforms.
+def old_training_transform(size: int) -> Callable:
+    """The training transform this project used before it reproduced vit_jax's pipeline (the
+    old path, kept here only for the side-by-side speed ratio): torchvision's RandomResizedCrop
+    on a PIL image (uint8, antialiased), flip, ToTensor, Normalize."""
+    from torchvision import transforms
 
-    Args:
-        images: (B, 3, H, W) uint8.
-        size: output side.
-        scale: range of the crop's area as a fraction of the image.
-        ratio: range of the crop's width / height.
-        generator: random source on the images' device.
+    return transforms.Compose(
+        [
+            transforms.RandomResizedCrop(size, scale=(0.05, 1.0)),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            transforms.Normalize(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+        ]
+    )
 
-    Returns:
-        (B, 3, size, size) float32 in [-1, 1].
+
+def _per_worker_rates(
+    paths: dict[str, Callable[[int], Any]], num_images: int, rounds: int
+) -> dict[str, float]:
+    """Images/s of each per-image path on one thread (as in a loader worker), best round.
+
+    The paths run in alternating order, round after round, so noise hits them alike.
     """
-    batch, device = images.shape[0], images.device
-
-    def uniform(low: float, high: float) -> torch.Tensor:
-        return low + (high - low) * torch.rand(batch, device=device, generator=generator)
-
-    area = uniform(*scale)
-    aspect = torch.exp(uniform(math.log(ratio[0]), math.log(ratio[1])))
-    # Box sides as fractions of the image side (affine_grid works in [-1, 1] coordinates).
-    width = torch.sqrt(area * aspect).clamp(max=1.0)
-    height = torch.sqrt(area / aspect).clamp(max=1.0)
-    center_x = uniform(0.0, 1.0) * (1 - width) * 2 - (1 - width)
-    center_y = uniform(0.0, 1.0) * (1 - height) * 2 - (1 - height)
-    flip = torch.where(uniform(0.0, 1.0) < 0.5, -1.0, 1.0)
-    theta = torch.zeros(batch, 2, 3, device=device)
-    theta[:, 0, 0] = width * flip
-    theta[:, 0, 2] = center_x
-    theta[:, 1, 1] = height
-    theta[:, 1, 2] = center_y
-    grid = F.affine_grid(theta, [batch, 3, size, size], align_corners=False)
-    pixels = images.float().div_(127.5).sub_(1.0)  # [0, 255] -> [-1, 1]
-    return F.grid_sample(pixels, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        times: dict[str, list[float]] = {name: [] for name in paths}
+        for fn in paths.values():
+            for i in range(min(8, num_images)):
+                fn(i)
+        for r in range(rounds):
+            for name, fn in list(paths.items())[:: 1 if r % 2 == 0 else -1]:
+                start = time.perf_counter()
+                for i in range(num_images):
+                    fn(i)
+                times[name].append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+    return {name: num_images / min(t) for name, t in times.items()}
 
 
-def data_pipeline_rates(img_size: int, num_images: int, device: torch.device) -> dict[str, Any]:
-    """Images/s of the per-image transforms (one worker) and of the batched device path."""
+def data_pipeline_rates(
+    sizes: list[int], num_images: int, device: torch.device, rounds: int = 3
+) -> dict[str, Any]:
+    """Speed of the training input pipeline on CIFAR-sized (32 x 32) images, per output size.
+
+    - `old_img_s`, `float_img_s`: one worker (one thread) running the per-image path, the old
+      PIL transform vs the float one of `utils.preprocessing` (seeded per image as in training);
+    - `batched_<device>_img_s`: the batched device path (`crop_resize_batch`, in batches of
+      `DEVICE_BATCH`), given the crop boxes and flips;
+    - `gather_img_s`: one worker producing those batches for an in-memory dataset
+      (`InMemoryAugment`: uint8 gather plus box sampling; no resizing, so any size).
+    """
     from PIL import Image
 
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 256, size=(num_images, 32, 32, 3), dtype=np.uint8)
     pil_images = [Image.fromarray(p) for p in pixels]
-    transform, name = build_transforms(img_size, train=True), "utils.data_utils.build_transforms"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as in a DataLoader worker
-    try:
-        for image in pil_images[:8]:
-            transform(image)
-        start = time.perf_counter()
-        for image in pil_images:
-            transform(image)
-        per_worker = num_images / (time.perf_counter() - start)
-    finally:
-        torch.set_num_threads(threads)
-    result: dict[str, Any] = {"transform": name, "per_worker_img_s": per_worker}
-
-    batch = torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()
+    in_memory = InMemoryAugment(pixels, np.zeros(num_images, np.int64), ["x"], (32, 32), seed=0)
+    chunks = [
+        list(range(start, min(start + DEVICE_BATCH, num_images)))
+        for start in range(0, num_images, DEVICE_BATCH)
+    ]
+    batches = [in_memory.__getitems__(chunk) for chunk in chunks]
+    gather = _per_worker_rates(
+        {"gather": lambda i: in_memory.__getitems__(chunks[i])}, len(chunks), rounds
+    )["gather"] * (num_images / len(chunks))
+    result: dict[str, Any] = {
+        "images": num_images,
+        "source": "32x32 RGB",
+        "gather_img_s": gather,
+        "sizes": {},
+    }
     devices = [torch.device("cpu")] + ([device] if device.type == "cuda" else [])
-    for dev in devices:
-        on_device = batch.to(dev)
-        random_resized_crop_batch(on_device, img_size)
-        seconds = min(
-            _timed(lambda d=on_device: random_resized_crop_batch(d, img_size), dev)
-            for _ in range(3)
+    for size in sizes:
+        old, new = old_training_transform(size), build_transforms(size, train=True)
+        rates = _per_worker_rates(
+            {
+                "old": lambda i, old=old: old(pil_images[i]),
+                "float": lambda i, new=new: new(pil_images[i], augment_rng(0, 0, i)),
+            },
+            num_images,
+            rounds,
         )
-        result[f"batched_{dev.type}_img_s"] = num_images / seconds
-    if device.type != "cuda":
-        result["batched_cuda_img_s"] = None  # no GPU in this run
+        row: dict[str, Any] = {
+            "old_img_s": rates["old"],
+            "float_img_s": rates["float"],
+            "float_over_old": rates["float"] / rates["old"],
+        }
+        for dev in devices:
+            on_device = [(b.images.to(dev), b.boxes.to(dev), b.flips.to(dev)) for b in batches]
+
+            def run_all(on_device=on_device, size=size) -> None:
+                for images, boxes, flips in on_device:
+                    crop_resize_batch(images, boxes, flips, (size, size))
+
+            run_all()
+            seconds = min(_timed(run_all, dev) for _ in range(rounds))
+            row[f"batched_{dev.type}_img_s"] = num_images / seconds
+        row.setdefault("batched_cuda_img_s", None)  # no GPU in this run
+        result["sizes"][str(size)] = row
     return result
+
+
+def workers_to_feed(data: dict[str, Any], train_img_s: float, img_size: int, basis: str) -> dict:
+    """Loader workers each path needs to keep up with `train_img_s` at `img_size`."""
+    row = data["sizes"][str(img_size)]
+    return {
+        "train_img_s": train_img_s,
+        "img_size": img_size,
+        "basis": basis,
+        "old_path": train_img_s / row["old_img_s"],
+        "float_path": train_img_s / row["float_img_s"],
+        "device_path": train_img_s / data["gather_img_s"],
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -672,9 +714,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
     if args.data_images:
         logger.info("data pipeline")
-        data = data_pipeline_rates(args.img_size, args.data_images, device)
-        ours_rate = results["eager"]["ours"]["train_img_s"]
-        data["workers_to_feed_ours_training"] = ours_rate / data["per_worker_img_s"]
+        sizes = sorted({*args.data_sizes, args.img_size, ESTIMATED_GPU_TRAIN["img_size"]})
+        data = data_pipeline_rates(sizes, args.data_images, device)
+        if device.type == "cuda":  # this run's own training speed
+            rate, size = results["eager"]["ours"]["train_img_s"], args.img_size
+            basis = f"measured: ours, {config.name} @ {size}, {results['machine']['gpu']}"
+        else:
+            rate, size, basis = (ESTIMATED_GPU_TRAIN[k] for k in ("img_s", "img_size", "basis"))
+        data["workers_to_feed"] = workers_to_feed(data, rate, size, basis)
         results["data_pipeline"] = data
     return results
 
@@ -752,13 +799,21 @@ def format_table(results: dict[str, Any]) -> str:
         )
     if "data_pipeline" in results:
         data = results["data_pipeline"]
+        lines += ["", f"Data pipeline, {data['source']} images, per loader worker (1 thread):"]
+        for size, row in data["sizes"].items():
+            lines.append(
+                f"- {size}: old PIL path {row['old_img_s']:.0f} img/s, float path "
+                f"{row['float_img_s']:.0f} img/s ({row['float_over_old']:.2f}x); batched device "
+                f"path: CPU {_fmt(row['batched_cpu_img_s'], 0)} img/s, "
+                f"CUDA {_fmt(row['batched_cuda_img_s'], 0)} img/s"
+            )
+        feed = data["workers_to_feed"]
         lines += [
-            "",
-            f"Data pipeline ({data['transform']}), 32x32 -> {s['img_size']}: "
-            f"{data['per_worker_img_s']:.0f} img/s per worker "
-            f"({data['workers_to_feed_ours_training']:.2f} workers feed our training); "
-            f"batched on-device path: CPU {_fmt(data['batched_cpu_img_s'], 0)} img/s, "
-            f"CUDA {_fmt(data['batched_cuda_img_s'], 0)} img/s.",
+            f"- in-memory datasets: a worker gathers uint8 batches and crop boxes at "
+            f"{data['gather_img_s']:.0f} img/s",
+            f"- workers to feed {feed['train_img_s']:.0f} training img/s @ {feed['img_size']} "
+            f"({feed['basis']}): old path {feed['old_path']:.2f}, float path "
+            f"{feed['float_path']:.2f}, device path {feed['device_path']:.2f}",
         ]
     return "\n".join(lines)
 
@@ -787,6 +842,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--data_images", type=int, default=256, help="images for the data pipeline (0: skip)"
+    )
+    parser.add_argument(
+        "--data_sizes",
+        type=int,
+        nargs="+",
+        default=[224, 384],
+        help="output sizes of the data pipeline figures (--img_size is added)",
     )
     parser.add_argument(
         "--matmul_size", type=int, default=None, help="GEMM side (default 2048 CPU, 8192 CUDA)"

@@ -23,11 +23,10 @@ import os
 import time
 from collections.abc import Sequence
 
-import torch
 from torch.utils.data import DataLoader
 
 from models.configs import model_names
-from utils.data_utils import DATASETS, ShardSampler, build_test_set
+from utils.data_utils import DATASETS, build_eval_loader, build_test_set
 from utils.dist_utils import DistInfo, cleanup, init_distributed, main_process_first
 from utils.engine import PRECISIONS, evaluate, setup_logging
 from utils.errors import UserError, run_cli
@@ -82,12 +81,8 @@ def build_test_loader(
         test_set, class_names = build_test_set(
             dataset, args.data_dir, img_size, download=info.is_main
         )
-    loader = DataLoader(
-        test_set,
-        batch_size=args.eval_batch_size,
-        sampler=ShardSampler(len(test_set), info.rank, info.world_size),
-        num_workers=args.num_workers,
-        pin_memory=torch.cuda.is_available(),
+    loader = build_eval_loader(
+        test_set, args.eval_batch_size, args.num_workers, info.rank, info.world_size
     )
     return loader, class_names
 

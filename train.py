@@ -52,7 +52,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from models.configs import checked_img_size, get_config, model_names
 from models.modeling import VisionTransformer
 from models.npz import load_npz
-from utils.data_utils import DATASETS, get_loader
+from utils.data_utils import DATASETS, get_loader, prepare_batch
 from utils.dist_utils import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
 from utils.engine import (
     OPT_LEVELS,
@@ -65,7 +65,7 @@ from utils.engine import (
     setup_logging,
 )
 from utils.errors import UserError, run_cli
-from utils.file_io import atomic_save, write_sidecar
+from utils.file_io import atomic_save, read_sidecar, write_sidecar
 from utils.scheduler import DECAY_TYPES, make_scheduler
 from utils.stopping import GracefulExit, NonFiniteGuard
 from utils.train_state import (
@@ -154,6 +154,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--data_dir",
         default="./data",
         help="CIFAR download folder, or the image folder root (train/, val/ or test/).",
+    )
+    p.add_argument(
+        "--holdout_fraction",
+        type=float,
+        default=0.02,
+        help="Last fraction of the training split held out as minival, to select the best "
+        "checkpoint on (the official train[:98%%]); 0 selects on the test set (optimistic).",
     )
     p.add_argument(
         "--num_workers",
@@ -305,8 +312,8 @@ def train_step(
     net, scaler, device = trainer.net, trainer.scaler, info.device
     trainer.optimizer.zero_grad(set_to_none=True)
     total = torch.zeros((), device=device)
-    for i, (images, labels) in enumerate(batches):
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+    for i, batch in enumerate(batches):
+        images, labels = prepare_batch(batch, device)  # (augmented on the device for CIFAR)
         last = i == len(batches) - 1
         sync = (
             nullcontext() if last or not isinstance(net, DistributedDataParallel) else net.no_sync()
@@ -361,14 +368,13 @@ def micro_batches(
 
 
 def save_best(
-    path: Path,
-    args: argparse.Namespace,
-    trainer: Trainer,
-    class_names: list[str],
-    step: int,
-    accuracy: float,
+    path: Path, args: argparse.Namespace, trainer: Trainer, class_names: list[str], facts: dict
 ) -> None:
-    """Write the best model (a plain state dict) and its `.json` sidecar, both atomically."""
+    """Write the best model (a plain state dict) and its `.json` sidecar, both atomically.
+
+    `facts` (step, accuracies) go into the sidecar; `accuracy` is the test accuracy, what
+    eval.py reports for the checkpoint.
+    """
     model = trainer.model
     atomic_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
     write_sidecar(
@@ -378,9 +384,8 @@ def save_best(
         num_classes=model.num_classes,
         dataset=args.dataset,
         class_names=class_names,
-        step=step,
-        accuracy=accuracy,
         precision=trainer.precision,
+        **facts,
     )
 
 
@@ -419,13 +424,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     finally:
         cleanup()
     if info.is_main:
+        evaluated = summary["best_step"] > 0
+        selected = (
+            f"step {summary['best_step']} by {summary['selected_by']} accuracy "
+            f"{summary['selected_accuracy']:.4f}; test accuracy {summary['best_accuracy']:.4f}"
+            if evaluated
+            else "none (no evaluation ran)"
+        )
         print(
-            f"Best accuracy: {summary['best_accuracy']:.4f} (step {summary['best_step']})\n"
+            f"Best checkpoint: {selected}\n"
             f"Steps: {summary['step']} of {args.num_steps}"
             f"{' (stopped; continue with --resume)' if summary['stopped'] else ''}\n"
             f"Training time: {summary['wall_time']:.1f} s "
             f"({summary['images_per_second']:.0f} images/s)\n"
-            f"Checkpoint: {summary['checkpoint']}\n"
+            f"Checkpoint: {summary['checkpoint'] if evaluated else 'none written'}\n"
             f"Last state: {last_state_path(args.output_dir, args.name)}\n"
             f"TensorBoard: tensorboard --logdir {args.log_dir}"
         )
@@ -443,17 +455,25 @@ def _run(args: argparse.Namespace, info: DistInfo) -> dict[str, float]:
 
     # ---- Data and model ----------------------------------------------------------------------
     weights = None if resume_from else read_checkpoint(args)  # fail fast, before downloads
-    train_loader, test_loader = get_loader(args)
+    train_loader, minival_loader, test_loader = get_loader(args)
     class_names = list(train_loader.dataset.classes)
+    selected_by = "minival" if minival_loader is not None else "test"
+    if minival_loader is None:
+        logger.warning(
+            "--holdout_fraction 0: the best checkpoint is selected on the test set, so its test "
+            "accuracy is an optimistic estimate (the original port did this)."
+        )
     model = build_model(args, len(class_names), weights)
     del weights
     trainer = make_trainer(args, model, info)
     logger.info(
-        "Training %s on %s (%d train / %d test images, %d classes) at %dx%d, %s, %d steps, "
-        "total batch %d = %d process(es) x %d accumulation step(s) x %d per forward pass.",
+        "Training %s on %s (%d train / %d minival / %d test images, %d classes) at %dx%d, %s, "
+        "%d steps, total batch %d = %d process(es) x %d accumulation step(s) x %d per forward "
+        "pass; the best checkpoint is selected on %s.",
         args.model_type,
         args.dataset,
         len(train_loader.dataset),
+        len(minival_loader.dataset) if minival_loader is not None else 0,
         len(test_loader.dataset),
         len(class_names),
         args.img_size,
@@ -464,6 +484,7 @@ def _run(args: argparse.Namespace, info: DistInfo) -> dict[str, float]:
         info.world_size,
         args.gradient_accumulation_steps,
         args.micro_batch_size,
+        selected_by,
     )
     logger.info("TensorBoard logs: %s; best checkpoint: %s", args.log_dir, args.output_dir)
 
@@ -510,7 +531,7 @@ def _run(args: argparse.Namespace, info: DistInfo) -> dict[str, float]:
     best_path = Path(args.output_dir) / f"{args.name}_checkpoint.bin"
     stream = micro_batches(train_loader, state, skip=state.batches_in_epoch)
     guard = None if trainer.scaler else NonFiniteGuard(NON_FINITE_PATIENCE)
-    first_step, stopped = state.step, False
+    first_step, stopped, final = state.step, False, {}
     eval_time, start = 0.0, time.perf_counter()
     bar = tqdm(
         initial=state.step,
@@ -533,34 +554,54 @@ def _run(args: argparse.Namespace, info: DistInfo) -> dict[str, float]:
                 bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", refresh=False)
             bar.update(1)
 
-            # Evaluate (every rank, on its shard); the best model so far is saved.
+            # Evaluate minival and test (every rank, its shard); select on minival, else test.
             last = state.step == args.num_steps
             if last or (args.eval_every > 0 and state.step % args.eval_every == 0):
                 t0 = time.perf_counter()
-                result = evaluate(
-                    trainer.eval_net, test_loader, info.device, trainer.precision, info.is_main
-                )
-                top5 = f", top-5 {result['top5']:.4f}" if "top5" in result else ""
-                logger.info(
-                    "Step %d: test loss %.4f, accuracy %.4f%s (%d images).",
-                    state.step,
-                    result["loss"],
-                    result["accuracy"],
-                    top5,
-                    result["count"],
-                )
+                results = {
+                    "test": evaluate(
+                        trainer.eval_net, test_loader, info.device, trainer.precision, info.is_main
+                    )
+                }
+                if minival_loader is not None:
+                    results["minival"] = evaluate(
+                        trainer.eval_net,
+                        minival_loader,
+                        info.device,
+                        trainer.precision,
+                        info.is_main,
+                    )
+                for split, result in results.items():
+                    top5 = f", top-5 {result['top5']:.4f}" if "top5" in result else ""
+                    logger.info(
+                        "Step %d: %s loss %.4f, accuracy %.4f%s (%d images).",
+                        state.step,
+                        split,
+                        result["loss"],
+                        result["accuracy"],
+                        top5,
+                        result["count"],
+                    )
+                    if writer is not None:
+                        for key in ("loss", "accuracy", "top5"):
+                            if key in result:
+                                writer.add_scalar(f"{split}/{key}", result[key], state.step)
                 if writer is not None:
-                    for key in ("loss", "accuracy", "top5"):
-                        if key in result:
-                            writer.add_scalar(f"test/{key}", result[key], state.step)
                     writer.flush()
-                if result["accuracy"] > state.best_accuracy:
-                    state.best_accuracy, state.best_step = result["accuracy"], state.step
+                final = {f"{split}_accuracy": r["accuracy"] for split, r in results.items()}
+                if results[selected_by]["accuracy"] > state.best_accuracy:
+                    state.best_accuracy = results[selected_by]["accuracy"]
+                    state.best_test_accuracy = results["test"]["accuracy"]
+                    state.best_step = state.step
                     if info.is_main:
-                        save_best(
-                            best_path, args, trainer, class_names, state.step, result["accuracy"]
+                        facts = {"step": state.step, "selected_by": selected_by, **final}
+                        facts["accuracy"] = facts.pop("test_accuracy")
+                        save_best(best_path, args, trainer, class_names, facts)
+                        logger.info(
+                            "Saved the best model so far (by %s accuracy) to %s.",
+                            selected_by,
+                            best_path,
                         )
-                        logger.info("Saved the best model so far to %s.", best_path)
                 eval_time += time.perf_counter() - t0
 
             # Save the last state every --save_every steps, at the end, and when stopping.
@@ -582,9 +623,29 @@ def _run(args: argparse.Namespace, info: DistInfo) -> dict[str, float]:
                 break
     wall = time.perf_counter() - start
     images = (state.step - first_step) * args.train_batch_size
+
+    # ---- Report the selected and the final step ------------------------------------------
+    if final and state.best_step and not stopped and info.is_main:
+        selected = f"{selected_by} accuracy {state.best_accuracy:.4f}"
+        logger.info(
+            "Selected step %d by %s; its test accuracy %.4f. Final step %d: %s.",
+            state.best_step,
+            selected,
+            state.best_test_accuracy,
+            state.step,
+            ", ".join(f"{k} {v:.4f}" for k, v in final.items()),
+        )
+        if best_path.is_file():  # the sidecar also tells how the run ended
+            facts = read_sidecar(best_path)
+            facts.update({f"final_{k}": v for k, v in final.items()}, final_step=state.step)
+            write_sidecar(best_path, **facts)
     return {
-        "best_accuracy": state.best_accuracy,
+        "best_accuracy": state.best_test_accuracy,
         "best_step": state.best_step,
+        "selected_by": selected_by,
+        "selected_accuracy": state.best_accuracy,
+        "final_accuracy": final.get("test_accuracy"),
+        "final_minival_accuracy": final.get("minival_accuracy"),
         "step": state.step,
         "stopped": stopped,
         "wall_time": wall,

@@ -182,7 +182,7 @@ def make_cifar_archive(dataset: str, files: dict[str, bytes]) -> bytes:
 
 @contextmanager
 def serve_cifar(
-    dataset: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    dataset: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, per_file: int = 8
 ) -> Iterator[dict[str, bytes]]:
     """Serve a fake CIFAR archive on 127.0.0.1 and point torchvision's dataset class at it.
 
@@ -192,7 +192,7 @@ def serve_cifar(
         The files in the archive; the served request paths are appended to `requests`.
     """
     cls, _, train_files, test_files, meta_file, meta_key, _, _ = CIFAR_LAYOUT[dataset]
-    files = make_cifar_files(dataset)
+    files = make_cifar_files(dataset, per_file)
     archive = make_cifar_archive(dataset, files)
     root = tmp_path / "www"
     root.mkdir()

@@ -86,9 +86,18 @@ def test_json_has_every_figure(results: tuple[dict, dict, str]) -> None:
     # Same architecture and tanh GELU: timm loads the same npz to the same function.
     assert load["max_abs_logit_diff"] < 1e-4
     data = written["data_pipeline"]
-    assert data["per_worker_img_s"] > 0
-    assert data["batched_cpu_img_s"] > 0
-    assert data["batched_cuda_img_s"] is None
+    assert set(data["sizes"]) == {"32", "224", "384"}  # --img_size, the defaults, the estimate's
+    for row in data["sizes"].values():
+        assert row["old_img_s"] > 0
+        assert row["float_img_s"] > 0
+        assert row["batched_cpu_img_s"] > 0
+        assert row["batched_cuda_img_s"] is None
+    assert data["gather_img_s"] > 0
+    feed = data["workers_to_feed"]
+    assert feed["basis"].startswith("estimate")  # no GPU: not this run's speed
+    assert feed["float_path"] == pytest.approx(
+        feed["train_img_s"] / data["sizes"]["384"]["float_img_s"]
+    )
     assert "compiled" not in written
 
 
@@ -125,10 +134,12 @@ def test_live_tensor_bytes_counts_new_storage_once() -> None:
     del view, c
 
 
-def test_batched_crop_shape_and_range() -> None:
-    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
-    out = bench.random_resized_crop_batch(images, 48, generator=torch.Generator().manual_seed(0))
-    assert out.shape == (4, 3, 48, 48)
+def test_old_training_transform_shape_and_range() -> None:
+    from PIL import Image
+
+    image = Image.fromarray(torch.randint(0, 256, (32, 32, 3), dtype=torch.uint8).numpy())
+    out = bench.old_training_transform(48)(image)
+    assert out.shape == (3, 48, 48)
     assert out.dtype == torch.float32
     assert out.min() >= -1.0
     assert out.max() <= 1.0

@@ -42,6 +42,7 @@ def run_args(tmp_path: Path, name: str, accumulation: int) -> list[str]:
         *("--gradient_accumulation_steps", str(accumulation), "--num_steps", "4"),
         *("--warmup_steps", "1", "--eval_every", "2", "--eval_batch_size", "50"),
         *("--learning_rate", "0.1", "--num_workers", "1", "--seed", "3"),
+        *("--holdout_fraction", "0"),  # every log line below is a test evaluation
         *("--output_dir", str(tmp_path / "out"), "--log_dir", str(tmp_path / "logs" / name)),
     ]
 

@@ -360,7 +360,7 @@ def test_loader_workers_leave_ctrl_c_to_the_trainer(tmp_path: Path) -> None:
         train_batch_size=8,
         eval_batch_size=120,
     )
-    _, test_loader = get_loader(args)
+    _, _, test_loader = get_loader(args)
     assert sum(len(labels) for _, labels in test_loader) == 360
     worker = test_loader._iterator._workers[0]  # persistent: reused by the next pass
     os.kill(worker.pid, signal.SIGINT)

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import train
 from models.configs import get_config
@@ -302,3 +303,56 @@ def test_micro_batches_reshuffle_every_epoch_and_count_globally() -> None:
     assert orders[0] != orders[1] != orders[2]
     next(stream)
     assert (state.epoch, state.batches_in_epoch) == (3, 1)
+
+
+def _colour_folder(root: Path, swap_test: bool) -> None:
+    """Dark images are class `a`, light ones `b` in train/; test/ swaps the labels when asked."""
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 20), ("test", 6)):
+        for label, base in (("a", 40), ("b", 215)):
+            folder = (
+                root
+                / split
+                / (("b" if label == "a" else "a") if split == "test" and swap_test else label)
+            )
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                pixels = np.clip(base + rng.normal(0, 20, (16, 16, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{label}{i}.png")
+
+
+@pytest.mark.parametrize("holdout", [0.2, 0.0])
+def test_best_checkpoint_is_selected_on_minival_not_test(tmp_path: Path, holdout: float) -> None:
+    # The test labels are the opposite of the training ones: as the model learns, minival
+    # accuracy rises and test accuracy falls. Selecting on minival must follow minival.
+    _colour_folder(tmp_path / "data", swap_test=True)
+    args = tiny_args(
+        tmp_path,
+        dataset="imagefolder",
+        data_dir=tmp_path / "data",
+        holdout_fraction=holdout,
+        num_steps=6,
+        warmup_steps=3,
+        eval_every=1,
+        train_batch_size=8,
+        learning_rate=0.1,
+    )
+    summary = train.main(args)
+    logged = scalars(tmp_path / "logs" / "tiny")
+    test = {step: round(value, 6) for step, value in logged["test/accuracy"]}  # float32 in logs
+    meta, _ = load_checkpoint(tmp_path / "out", "tiny")
+    assert meta["accuracy"] == summary["best_accuracy"]
+    assert round(meta["accuracy"], 6) == test[meta["step"]]
+    assert meta["final_step"] == 6
+    assert round(meta["final_test_accuracy"], 6) == test[6]
+    if holdout:
+        minival = {step: round(value, 6) for step, value in logged["minival/accuracy"]}
+        assert meta["selected_by"] == "minival"
+        assert meta["minival_accuracy"] == max(minival.values()) == 1.0
+        assert meta["step"] == min(s for s, a in minival.items() if a == 1.0)
+        assert test[meta["step"]] < max(test.values())  # the test set would have chosen otherwise
+        assert round(meta["final_minival_accuracy"], 6) == minival[6]
+    else:
+        assert "minival/accuracy" not in logged
+        assert meta["selected_by"] == "test"
+        assert meta["step"] == min(s for s, a in test.items() if a == max(test.values()))

@@ -1,12 +1,27 @@
 """Datasets and loaders for fine-tuning: CIFAR-10/100, your own image folders, scikit-learn digits.
 
-Preprocessing follows the official recipe (REFERENCE.md §3, `vit_jax/input_pipeline.py`): training
-images get a random resized ("inception") crop covering 5%-100% of the area and a horizontal
-flip; test images are resized; pixels are scaled to [-1, 1] (mean 0.5, std 0.5).
+Preprocessing is the official one (`vit_jax/input_pipeline.py`; see `utils.preprocessing`):
+training images get a crop sampled as `tf.image.sample_distorted_bounding_box` does (5%-100% of
+the area) and a horizontal flip; test images are resized; everything is float32, scaled to
+[-1, 1] by `(x - 127.5) / 127.5`.
 
-Training augmentation is seeded per image from (seed, epoch, index), so a run is the same for any
-number of loader workers or processes: `torchrun --nproc_per_node 2` with the same total batch
-sees exactly the images and crops that one process does.
+Splits follow the official configs: training uses `train[:98%]`, and the last 2% of the
+training split (`holdout_fraction`) are held out as `minival`, never trained on and evaluated
+with the test preprocessing, for choosing a model without looking at the test set. "Last" is
+the dataset's own order: CIFAR's files, the digits' fixed split; an image folder, sorted by
+class, holds out the last images of each class (otherwise minival would be one class).
+
+Two training paths, the same function of (seed, epoch, index):
+
+- datasets held in memory as uint8 arrays (CIFAR, digits): loader workers only gather uint8
+  batches and sample each image's crop box and flip (`CropBatch`); `prepare_batch` crops,
+  resizes, mirrors and normalises the whole batch on the training device;
+- image folders: workers decode and preprocess each image (`SeededAugment`), and batches are
+  ready-made `(images, labels)`; `prepare_batch` only moves them.
+
+Training augmentation is seeded per image from (seed, epoch, index), so a run is the same for
+any number of loader workers or processes: `torchrun --nproc_per_node 2` with the same total
+batch sees exactly the images and crops that one process does.
 """
 
 from __future__ import annotations
@@ -16,38 +31,49 @@ import os
 import signal
 from argparse import Namespace
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
-from torchvision import datasets, transforms
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torchvision import datasets
 
 from utils.dist_utils import main_process_first
 from utils.errors import UserError
+from utils.preprocessing import CROP_AREA, Preprocess, crop_resize_batch, sample_augment
 
 __all__ = [
     "CROP_SCALE",
     "CROP_SCALES",
     "DATASETS",
+    "HOLDOUT_FRACTION",
     "IMAGEFOLDER_LAYOUT",
+    "CropBatch",
     "DigitsDataset",
+    "InMemoryAugment",
     "SeededAugment",
     "ShardSampler",
-    "build_datasets",
+    "WithTransform",
+    "augment_rng",
+    "build_eval_loader",
     "build_test_set",
     "build_transforms",
     "get_loader",
+    "holdout_split",
     "ignore_stop_signals",
+    "prepare_batch",
 ]
 
 logger = logging.getLogger(__name__)
 
 DATASETS = ("cifar10", "cifar100", "imagefolder", "digits")
-CROP_SCALE = (0.05, 1.0)  # area fraction of the inception crop (official)
+IN_MEMORY = ("cifar10", "cifar100", "digits")  # uint8 arrays: cropped and resized on the device
+CROP_SCALE = CROP_AREA  # area fraction of the training crop (official)
 NO_FLIP = ("digits",)  # a mirrored digit is a different (or no) digit
 # An 8x8 digit cropped to 5% of its area is a 2x2-pixel blob, no longer a digit: crop less.
 CROP_SCALES = {"digits": (0.3, 1.0)}
+HOLDOUT_FRACTION = 0.02  # the official `train[:98%]`: the last 2% are minival
 DIGITS_TEST_SIZE = 360  # the fixed held-out split of the 1,797 scikit-learn digits
 DIGITS_SPLIT_SEED = 0
 
@@ -66,27 +92,25 @@ def build_transforms(
     train: bool,
     flip: bool = True,
     crop_scale: tuple[float, float] = CROP_SCALE,
-) -> Callable[[Image.Image], torch.Tensor]:
-    """The official preprocessing: PIL image -> float tensor (3, H, W) in [-1, 1].
+) -> Preprocess:
+    """The official preprocessing of one image: PIL image -> float tensor (3, H, W) in [-1, 1].
+
+    Call the result as `transform(image, rng)`; in training, `rng` (a numpy Generator, see
+    `augment_rng`) draws the crop box and the flip.
 
     Args:
         img_size: output size, an int (square) or (height, width).
-        train: random resized crop (+ flip) when True, plain resize otherwise.
+        train: random crop (+ flip) when True, plain resize otherwise.
         flip: random horizontal flip in training.
         crop_scale: area fraction range of the training crop.
     """
     size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
-    if train:
-        steps: list[Callable] = [transforms.RandomResizedCrop(size, scale=crop_scale)]
-        if flip:
-            steps.append(transforms.RandomHorizontalFlip())
-    else:
-        steps = [transforms.Resize(size)]
-    steps += [
-        transforms.ToTensor(),
-        transforms.Normalize(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
-    ]
-    return transforms.Compose(steps)
+    return Preprocess(size, train=train, flip=flip, area_range=crop_scale)
+
+
+def _augment_options(dataset: str) -> dict:
+    """`flip` and `crop_scale` of the training preprocessing of `dataset`."""
+    return {"flip": dataset not in NO_FLIP, "crop_scale": CROP_SCALES.get(dataset, CROP_SCALE)}
 
 
 class DigitsDataset(Dataset):
@@ -127,20 +151,34 @@ class DigitsDataset(Dataset):
         return image, self.targets[index]
 
 
+def augment_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+    """The random source of one training image's augmentation in one epoch."""
+    return np.random.default_rng(np.random.SeedSequence([seed, epoch, index]))
+
+
 class SeededAugment(Dataset):
     """Wraps a dataset so each image's random transform is seeded by (seed, epoch, index).
 
-    The global torch RNG state of the caller is restored after each item, so the augmentation
-    of an image does not depend on which worker or process loads it, nor on what ran before.
-    Call `set_epoch` with the sampler's epoch (loader workers are re-created every epoch).
+    The transform is called as `transform(image, rng)` with `augment_rng(seed, epoch, index)`,
+    so the augmentation of an image does not depend on which worker or process loads it, nor
+    on what ran before. Call `set_epoch` with the sampler's epoch (loader workers are
+    re-created every epoch).
+
+    Args:
+        base: yields (image, label) without a transform.
+        transform: e.g. `build_transforms(..., train=True)`.
+        seed: the run's seed.
+        classes: class names (default: `base.classes`).
     """
 
-    def __init__(self, base: Dataset, transform: Callable, seed: int):
+    def __init__(
+        self, base: Dataset, transform: Callable, seed: int, classes: Sequence[str] | None = None
+    ):
         self.base = base
         self.transform = transform
         self.seed = seed
         self.epoch = 0
-        self.classes = list(getattr(base, "classes", []))
+        self.classes = list(classes if classes is not None else getattr(base, "classes", []))
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -150,13 +188,144 @@ class SeededAugment(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         image, target = self.base[index]
-        seed = int(np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0])
-        saved = torch.get_rng_state()  # cheaper than torch.random.fork_rng per image
-        torch.default_generator.manual_seed(seed)
-        try:
-            return self.transform(image), target
-        finally:
-            torch.set_rng_state(saved)
+        return self.transform(image, augment_rng(self.seed, self.epoch, index)), target
+
+
+class WithTransform(Dataset):
+    """(transform(image), label) of a dataset that yields untransformed (image, label)."""
+
+    def __init__(self, base: Dataset, transform: Callable, classes: Sequence[str]):
+        self.base = base
+        self.transform = transform
+        self.classes = list(classes)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image, target = self.base[index]
+        return self.transform(image), target
+
+
+@dataclass
+class CropBatch:
+    """A training batch before preprocessing: uint8 pixels plus each image's random choices.
+
+    Attributes:
+        images: (B, H, W, 3) uint8, the uncropped images.
+        labels: (B,) int64.
+        boxes: (B, 4) int64 crop boxes (top, left, height, width).
+        flips: (B,) bool, mirror these images.
+        size: output (height, width).
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    boxes: torch.Tensor
+    flips: torch.Tensor
+    size: tuple[int, int]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def pin_memory(self) -> CropBatch:
+        """Called by a `DataLoader(pin_memory=True)`: every tensor, so that no copy to the GPU
+        waits for the GPU (a copy from pageable memory synchronises the stream)."""
+        pinned = {name: getattr(self, name).pin_memory() for name in _TENSORS}
+        return replace(self, **pinned)
+
+    def to(self, device: torch.device) -> CropBatch:
+        """The tensors on `device`, copied asynchronously (from pinned memory)."""
+        moved = {name: getattr(self, name).to(device, non_blocking=True) for name in _TENSORS}
+        return replace(self, **moved)
+
+
+_TENSORS = ("images", "labels", "boxes", "flips")
+
+
+class InMemoryAugment(Dataset):
+    """Training images held as a uint8 array: items are `CropBatch`es, preprocessed on the device.
+
+    A loader over it gathers whole batches (`__getitems__`) and samples each image's crop box
+    and flip from `augment_rng(seed, epoch, index)`, drawing exactly what `SeededAugment` with
+    `build_transforms(size, train=True, ...)` draws for that image; `prepare_batch` then
+    produces the same tensors the per-image path would.
+
+    Args:
+        images: (N, H, W, 3) or grey (N, H, W) uint8.
+        targets: N labels.
+        classes: class names.
+        size: output (height, width).
+        seed: the run's seed.
+        flip: mirror half of the images.
+        crop_scale: area fraction range of the crop.
+    """
+
+    def __init__(
+        self,
+        images: np.ndarray,
+        targets: Sequence[int],
+        classes: Sequence[str],
+        size: tuple[int, int],
+        seed: int,
+        flip: bool = True,
+        crop_scale: tuple[float, float] = CROP_SCALE,
+    ):
+        if images.ndim == 3:  # grey: the model reads RGB
+            images = np.repeat(images[..., None], 3, axis=-1)
+        self.images = images
+        self.targets = np.asarray(targets, dtype=np.int64)
+        self.classes = list(classes)
+        self.size = tuple(size)
+        self.seed = seed
+        self.flip = flip
+        self.crop_scale = tuple(crop_scale)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitems__(self, indices: Sequence[int]) -> CropBatch:
+        height, width = self.images.shape[1:3]
+        choices = [
+            sample_augment(
+                height, width, augment_rng(self.seed, self.epoch, i), self.crop_scale, self.flip
+            )
+            for i in indices
+        ]
+        return CropBatch(
+            images=torch.from_numpy(self.images[indices]),  # fancy indexing copies
+            labels=torch.from_numpy(self.targets[indices]),
+            boxes=torch.tensor([box for box, _ in choices], dtype=torch.int64),
+            flips=torch.tensor([flip for _, flip in choices], dtype=torch.bool),
+            size=self.size,
+        )
+
+    def __getitem__(self, index: int) -> CropBatch:
+        return self.__getitems__([index])
+
+
+def _as_is(batch: CropBatch) -> CropBatch:
+    """`collate_fn` of `InMemoryAugment` loaders: the dataset already returns whole batches."""
+    return batch
+
+
+def prepare_batch(
+    batch: CropBatch | Sequence[torch.Tensor], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch from any of our loaders -> model-ready `(images, labels)` on `device`.
+
+    A `CropBatch` travels as uint8 and is cropped, resized, mirrored and normalised there; an
+    `(images, labels)` batch is only moved.
+    """
+    if isinstance(batch, CropBatch):
+        batch = batch.to(device)
+        return crop_resize_batch(batch.images, batch.boxes, batch.flips, batch.size), batch.labels
+    images, labels = batch
+    return images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
 
 
 class ShardSampler(torch.utils.data.Sampler[int]):
@@ -245,49 +414,53 @@ def _raw_datasets(
     return train_set, test_set, list(train_set.classes)
 
 
-def build_datasets(
-    dataset: str, data_dir: str, img_size: int | tuple[int, int], download: bool = True
-) -> tuple[Dataset, Dataset, list[str]]:
-    """The train and test sets of `dataset`, with the official preprocessing attached.
-
-    Args:
-        dataset: one of `DATASETS`.
-        data_dir: where CIFAR lives (downloaded there when missing and `download`), or the
-            root of an image folder (`train/`, `val/` or `test/`, one sub-folder per class).
-            Unused for `digits`.
-        img_size: model input size.
-        download: fetch CIFAR when it is missing.
-
-    Returns:
-        (train_set, test_set, class_names). Items are (tensor (3, H, W) in [-1, 1], label).
-        The training set applies random augmentation from the global torch RNG; `get_loader`
-        re-wraps it to seed augmentation per image.
-
-    Raises:
-        UserError: unknown dataset, missing data or wrong folder layout.
-    """
-    train_set, test_set, class_names = _raw_datasets(dataset, data_dir, download)
-    train_set.transform = _train_transform(dataset, img_size)
-    test_set.transform = build_transforms(img_size, train=False)
-    return train_set, test_set, class_names
-
-
 def build_test_set(
     dataset: str, data_dir: str, img_size: int | tuple[int, int], download: bool = True
 ) -> tuple[Dataset, list[str]]:
     """The test split alone, with the test preprocessing (for evaluation).
 
     Reads nothing of the training split: an image folder needs only `val/` (or `test/`), such
-    as an ImageNet validation set. Arguments and errors as `build_datasets`.
+    as an ImageNet validation set.
+
+    Args:
+        dataset: one of `DATASETS`.
+        data_dir: where CIFAR lives (downloaded there when missing and `download`), or the
+            root of an image folder. Unused for `digits`.
+        img_size: model input size.
+        download: fetch CIFAR when it is missing.
+
+    Returns:
+        (test_set, class_names). Items are (tensor (3, H, W) in [-1, 1], label).
+
+    Raises:
+        UserError: unknown dataset, missing data or wrong folder layout.
     """
     test_set = _raw_split(dataset, data_dir, download, train=False)
     test_set.transform = build_transforms(img_size, train=False)
     return test_set, list(test_set.classes)
 
 
-def _train_transform(dataset: str, img_size: int | tuple[int, int]) -> Callable:
-    scale = CROP_SCALES.get(dataset, CROP_SCALE)
-    return build_transforms(img_size, train=True, flip=dataset not in NO_FLIP, crop_scale=scale)
+def holdout_split(
+    num_images: int, fraction: float, targets: Sequence[int] | None = None
+) -> tuple[list[int], list[int]]:
+    """Indices of the training part and of the held-out last `fraction` (minival).
+
+    As TFDS's `train[:98%]`, the cut is at the index closest to `(1 - fraction) * num_images`.
+    With `targets`, the cut is made in each class separately (for datasets sorted by class).
+
+    Returns:
+        (train_indices, minival_indices): disjoint, ascending, together every index.
+    """
+    if targets is None:
+        groups = [np.arange(num_images)]
+    else:  # the indices of each class, in dataset order
+        targets = np.asarray(targets)
+        order = np.argsort(targets, kind="stable")
+        groups = np.split(order, np.cumsum(np.bincount(targets))[:-1])
+    cuts = [round(len(group) * (1.0 - fraction)) for group in groups]
+    train = np.concatenate([group[:cut] for group, cut in zip(groups, cuts, strict=True)])
+    minival = np.concatenate([group[cut:] for group, cut in zip(groups, cuts, strict=True)])
+    return np.sort(train).tolist(), np.sort(minival).tolist()
 
 
 def ignore_stop_signals(worker_id: int) -> None:
@@ -302,32 +475,93 @@ def ignore_stop_signals(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def get_loader(args: Namespace) -> tuple[DataLoader, DataLoader]:
-    """Training and evaluation loaders for this process (the original port's entry point).
+def build_eval_loader(
+    dataset: Dataset, batch_size: int, num_workers: int, rank: int = 0, world_size: int = 1
+) -> DataLoader:
+    """An evaluation loader: this rank's shard of `dataset`, every image on exactly one rank.
+
+    Workers persist across passes (evaluation runs many times in training) and ignore Ctrl+C
+    (`ignore_stop_signals`). The private generator keeps `iter(loader)` from drawing on the
+    global torch RNG.
+    """
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=ShardSampler(len(dataset), rank, world_size),
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=num_workers > 0,
+        generator=torch.Generator(),
+        worker_init_fn=ignore_stop_signals,
+    )
+
+
+def get_loader(args: Namespace) -> tuple[DataLoader, DataLoader | None, DataLoader]:
+    """Training, minival and test loaders for this process (the original port's entry point).
 
     Reads `args.dataset`, `args.data_dir`, `args.img_size`, `args.seed`, `args.num_workers`,
     `args.eval_batch_size`, `args.train_batch_size` (total) and `args.micro_batch_size` (per
     process and forward pass; derived from the total, `args.gradient_accumulation_steps` and
-    the world size when absent), `args.rank`, `args.local_rank`, `args.world_size` (default
-    0, rank and 1). The first process of each node downloads missing data; the others wait.
+    the world size when absent), `args.holdout_fraction` (default `HOLDOUT_FRACTION`; 0: no
+    minival), `args.rank`, `args.local_rank`, `args.world_size` (default 0, rank and 1). The
+    first process of each node downloads missing data; the others wait.
 
     The training loader shuffles with a `DistributedSampler` (call `set_epoch` on both the
-    sampler and the dataset each epoch) and drops the last incomplete batch; the test loader
-    holds this rank's shard of the test set, every image on exactly one rank.
+    sampler and the dataset each epoch) and drops the last incomplete batch; pass each of its
+    batches through `prepare_batch`. For CIFAR and digits its batches are `CropBatch`es
+    (preprocessed on the device), for image folders `(images, labels)`. The minival and test
+    loaders (`build_eval_loader`) yield `(images, labels)` with the test preprocessing.
 
-    Both loaders get a private `torch.Generator`: otherwise every `iter(loader)` draws its
+    Every loader gets a private `torch.Generator`: otherwise each `iter(loader)` draws its
     worker seed from the global torch RNG, and a resumed run (which starts iterating at another
     point) would see other dropout masks than an uninterrupted one.
+
+    Returns:
+        (train_loader, minival_loader, test_loader); minival_loader is None when nothing is
+        held out.
+
+    Raises:
+        UserError: bad data (see `build_test_set`), a holdout fraction outside [0, 1) or a
+            training set smaller than one batch.
     """
     rank = getattr(args, "rank", 0)
     world_size = getattr(args, "world_size", 1)
+    fraction = getattr(args, "holdout_fraction", HOLDOUT_FRACTION)
+    if not 0.0 <= fraction < 1.0:
+        raise UserError(
+            f"--holdout_fraction {fraction} must be in [0, 1): the fraction of the training "
+            f"split held out as minival ({HOLDOUT_FRACTION} officially, 0 for none)."
+        )
     # One download per node (the first process of each), as the original port did.
     local_rank = max(getattr(args, "local_rank", rank), 0)
     with main_process_first(local_rank):
         download = local_rank == 0
-        train_raw, test_set, _ = _raw_datasets(args.dataset, args.data_dir, download=download)
-    train_set = SeededAugment(train_raw, _train_transform(args.dataset, args.img_size), args.seed)
-    test_set.transform = build_transforms(args.img_size, train=False)
+        train_raw, test_set, classes = _raw_datasets(args.dataset, args.data_dir, download)
+    size = (args.img_size,) * 2 if isinstance(args.img_size, int) else tuple(args.img_size)
+    test_transform = build_transforms(size, train=False)
+    test_set.transform = test_transform
+
+    # Image folders are sorted by class: hold out the end of each class, not the last class.
+    by_class = train_raw.targets if args.dataset == "imagefolder" else None
+    train_idx, minival_idx = holdout_split(len(train_raw), fraction, by_class)
+    if args.dataset in IN_MEMORY:
+        cut = len(train_idx)  # a prefix: the arrays are sliced, not copied
+        train_set = InMemoryAugment(
+            train_raw.data[:cut],
+            train_raw.targets[:cut],
+            classes,
+            size,
+            args.seed,
+            **_augment_options(args.dataset),
+        )
+    else:
+        train_set = SeededAugment(
+            Subset(train_raw, train_idx),
+            build_transforms(size, train=True, **_augment_options(args.dataset)),
+            args.seed,
+            classes,
+        )
+
     accumulation = getattr(args, "gradient_accumulation_steps", 1)
     micro_batch = getattr(args, "micro_batch_size", None) or args.train_batch_size // (
         world_size * accumulation
@@ -341,26 +575,30 @@ def get_loader(args: Namespace) -> tuple[DataLoader, DataLoader]:
     train_sampler = DistributedSampler(
         train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed
     )
-    workers = args.num_workers
     # Not persistent: workers are re-created each epoch and so see `train_set.set_epoch`.
     train_loader = DataLoader(
         train_set,
         batch_size=micro_batch,
         sampler=train_sampler,
-        num_workers=workers,
+        num_workers=args.num_workers,
+        collate_fn=_as_is if isinstance(train_set, InMemoryAugment) else None,
         drop_last=True,
         pin_memory=torch.cuda.is_available(),
         generator=torch.Generator(),
         worker_init_fn=ignore_stop_signals,
     )
-    test_loader = DataLoader(
-        test_set,
-        batch_size=args.eval_batch_size,
-        sampler=ShardSampler(len(test_set), rank, world_size),
-        num_workers=workers,
-        pin_memory=torch.cuda.is_available(),
-        persistent_workers=workers > 0,
-        generator=torch.Generator(),
-        worker_init_fn=ignore_stop_signals,
-    )
-    return train_loader, test_loader
+
+    def eval_loader(dataset: Dataset) -> DataLoader:
+        return build_eval_loader(dataset, args.eval_batch_size, args.num_workers, rank, world_size)
+
+    minival_loader = None
+    if minival_idx:
+        minival = WithTransform(Subset(train_raw, minival_idx), test_transform, classes)
+        minival_loader = eval_loader(minival)
+    elif fraction > 0:
+        logger.warning(
+            "--holdout_fraction %g of %d training images holds none out: no minival.",
+            fraction,
+            len(train_raw),
+        )
+    return train_loader, minival_loader, eval_loader(test_set)

@@ -88,8 +88,10 @@ class TrainState:
         epoch: pass over the training set the next batch belongs to (seeds the sampler and
             the augmentation).
         batches_in_epoch: micro-batches of `epoch` consumed so far (a resume skips them).
-        best_accuracy: best evaluation accuracy so far (-1 before the first evaluation).
+        best_accuracy: best accuracy so far on the split the best checkpoint is selected on
+            (minival, or test without one); -1 before the first evaluation.
         best_step: the step of `best_accuracy` (0 before the first evaluation).
+        best_test_accuracy: the test accuracy at `best_step`.
         args: the command-line arguments of the run that saved it (plain values; empty for a
             new run).
     """
@@ -99,6 +101,7 @@ class TrainState:
     batches_in_epoch: int = 0
     best_accuracy: float = -1.0
     best_step: int = 0
+    best_test_accuracy: float = -1.0
     args: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
@@ -178,6 +181,7 @@ def save_training_state(
         "step": int(state.step),
         "best_accuracy": float(state.best_accuracy),
         "best_step": int(state.best_step),
+        "best_test_accuracy": float(state.best_test_accuracy),
         "data_position": {
             "epoch": int(state.epoch),
             "batches_in_epoch": int(state.batches_in_epoch),
@@ -273,5 +277,6 @@ def load_training_state(
         batches_in_epoch=int(position["batches_in_epoch"]),
         best_accuracy=float(saved["best_accuracy"]),
         best_step=int(saved.get("best_step", 0)),
+        best_test_accuracy=float(saved.get("best_test_accuracy", saved["best_accuracy"])),
         args=dict(saved.get("args") or {}),
     )

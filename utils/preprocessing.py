@@ -1,0 +1,319 @@
+"""The official input preprocessing (`vit_jax/input_pipeline.py`, `get_data`'s `_pp`), in float32.
+
+Test: the uint8 RGB image is resized to the model size (bilinear, half-pixel centres, no
+antialiasing, aspect ratio not kept), then `(x - 127.5) / 127.5`. Train: a box sampled as
+`tf.image.sample_distorted_bounding_box(area_range=(0.05, 1.0), min_object_covered=0)` does
+(TF's default `aspect_ratio_range=(0.75, 1.33)`, `max_attempts=100`), the same resize of that
+box, and a horizontal flip with probability 0.5. Pixels are never rounded back to uint8.
+
+Two implementations of the same function:
+
+- per image (`Preprocess`, loader workers): PIL image or uint8 array in, (3, H, W) out;
+- per batch on the training device (`crop_resize_batch`): uint8 images held in memory plus the
+  crop box and flip of each (sampled in the workers with `sample_augment`), so a worker only
+  gathers uint8 pixels.
+
+Both reproduce `F.interpolate(x, size, mode="bilinear", align_corners=False, antialias=False)`
+(what `tf.image.resize` computes) to ~1e-6, including where the bilinear taps are clamped at
+the border of a crop box; `grid_sample` and `roi_align` are not exact there.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+__all__ = [
+    "ASPECT_RATIO",
+    "CROP_AREA",
+    "MAX_ATTEMPTS",
+    "Preprocess",
+    "crop_resize_batch",
+    "resize",
+    "sample_augment",
+    "sample_crop",
+]
+
+CROP_AREA = (0.05, 1.0)  # `area_range` in vit_jax's training preprocessing
+ASPECT_RATIO = (0.75, 1.33)  # TF's default `aspect_ratio_range` (width / height)
+MAX_ATTEMPTS = 100  # TF's default; after that the crop is the whole image
+
+Box = tuple[int, int, int, int]  # top, left, height, width
+_EPS = float(np.float32(1e-7))  # TF's kEps: a float constant used in double arithmetic
+# Up to this source side, bilinear resizing as two matrix products beats the interpolation
+# kernel on a CPU (their cost grows with the source side; measured with 224 and 384 outputs).
+_MATMUL_MAX_SIDE = 64
+
+
+def _try_crop(
+    height: int, width: int, min_area: np.float32, max_area: np.float32, ratio: np.float32, rng
+) -> Box | None:
+    """One attempt of TF's `GenerateRandomCrop`, in its float32 arithmetic; None if it fails."""
+    # The height (not the area) is uniform between the bounds the area range allows.
+    crop_h = int(np.rint(np.sqrt(min_area / ratio)))
+    max_h = int(np.rint(np.sqrt(max_area / ratio)))
+    if np.rint(max_h * ratio) > width:
+        # The largest height whose rounded width still fits (TF computes this in double).
+        max_h = int((width + 0.5 - _EPS) / float(ratio))
+        if np.rint(max_h * ratio) > width:
+            max_h -= 1
+    max_h = min(max_h, height)
+    crop_h = min(crop_h, max_h)
+    if crop_h < max_h:
+        crop_h += int(rng.integers(max_h - crop_h + 1))
+    crop_w = int(np.rint(crop_h * ratio))
+    # Let rounding not fail the attempt: one pixel taller if too small, shorter if too large.
+    area = np.float32(crop_w * crop_h)
+    if area < min_area:
+        crop_h += 1
+        crop_w = int(np.rint(crop_h * ratio))
+        area = np.float32(crop_w * crop_h)
+    if area > max_area:
+        crop_h -= 1
+        crop_w = int(np.rint(crop_h * ratio))
+        area = np.float32(crop_w * crop_h)
+    if (
+        area < min_area
+        or area > max_area
+        or crop_w > width
+        or crop_h > height
+        or crop_w <= 0
+        or crop_h <= 0
+    ):
+        return None
+    # Offsets are uniform in [0, side - crop - 1]: TF never draws the last position.
+    top = int(rng.integers(height - crop_h)) if crop_h < height else 0
+    left = int(rng.integers(width - crop_w)) if crop_w < width else 0
+    return top, left, crop_h, crop_w
+
+
+def sample_crop(
+    height: int,
+    width: int,
+    rng: np.random.Generator,
+    area_range: tuple[float, float] = CROP_AREA,
+    aspect_ratio_range: tuple[float, float] = ASPECT_RATIO,
+    max_attempts: int = MAX_ATTEMPTS,
+) -> Box:
+    """A crop box of an image, distributed as `tf.image.sample_distorted_bounding_box` samples it.
+
+    With no bounding boxes and `min_object_covered=0`, as vit_jax calls it: each attempt draws
+    an aspect ratio uniformly from `aspect_ratio_range`, then a height uniformly among those
+    whose area fits `area_range` (a fraction of the image), then the offsets; after
+    `max_attempts` failed attempts the box is the whole image. This follows TF's
+    `GenerateRandomCrop` step by step, including its float32 rounding (half to even).
+
+    Args:
+        height, width: image size in pixels.
+        rng: the random source.
+        area_range: range of the crop's area as a fraction of the image's.
+        aspect_ratio_range: range of the crop's width / height.
+        max_attempts: attempts before falling back to the whole image.
+
+    Returns:
+        (top, left, crop_height, crop_width).
+    """
+    f32 = np.float32
+    # TF: `float relative_area * int width * int height`, in float32.
+    min_area = f32(area_range[0]) * f32(width) * f32(height)
+    max_area = f32(area_range[1]) * f32(width) * f32(height)
+    low, high = f32(aspect_ratio_range[0]), f32(aspect_ratio_range[1])
+    for _ in range(max_attempts):
+        ratio = rng.random(dtype=np.float32) * (high - low) + low
+        box = _try_crop(height, width, min_area, max_area, ratio, rng)
+        if box is not None:
+            return box
+    return 0, 0, height, width
+
+
+def sample_augment(
+    height: int,
+    width: int,
+    rng: np.random.Generator,
+    area_range: tuple[float, float] = CROP_AREA,
+    flip: bool = True,
+) -> tuple[Box, bool]:
+    """The random choices of one training image: its crop box, then whether to mirror it."""
+    box = sample_crop(height, width, rng, area_range)
+    return box, bool(flip and rng.random() < 0.5)
+
+
+def _source_taps(
+    in_sizes: torch.Tensor, out_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Bilinear taps of `F.interpolate(align_corners=False)` for inputs of `in_sizes` pixels.
+
+    For output pixel i: source position s = max(0, (in / out) * (i + 0.5) - 0.5), taps
+    floor(s) and min(floor(s) + 1, in - 1), the second weighted s - floor(s). The scale is a
+    float32 quotient and s is rounded to float32 once, as PyTorch's kernels compute it with a
+    fused multiply-add (two roundings would move large images' weights by up to 1e-4).
+
+    Args:
+        in_sizes: (B,) int64 input lengths.
+        out_size: output length.
+
+    Returns:
+        (B, out_size) first tap, second tap (int64, from 0) and the second tap's weight (float32).
+    """
+    scale = in_sizes.to(torch.float32)[:, None] / out_size  # (B, 1)
+    centres = torch.arange(out_size, device=in_sizes.device, dtype=torch.float64) + 0.5
+    src = (scale.double() * centres - 0.5).float().clamp_(min=0.0)  # (B, out)
+    first = src.long()
+    weight = src - first
+    second = torch.minimum(first + 1, in_sizes[:, None] - 1)
+    return first, second, weight
+
+
+@functools.lru_cache(maxsize=512)
+def _resize_matrix(in_size: int, out_size: int, flip: bool) -> torch.Tensor:
+    """(out_size, in_size) matrix M: M @ x resizes the columns of x (mirrored if `flip`).
+
+    Cached (sources are small, see `resize`); the returned tensor is shared, never modify it.
+    """
+    first, second, weight = (t[0].numpy() for t in _source_taps(torch.tensor([in_size]), out_size))
+    matrix = np.zeros((out_size, in_size), np.float32)
+    rows = np.arange(out_size)[::-1] if flip else np.arange(out_size)
+    matrix[rows, first] = 1.0 - weight
+    matrix[rows, second] += weight  # the same tap twice at the border: weights sum to 1
+    return torch.from_numpy(matrix)
+
+
+def resize(image: torch.Tensor, size: tuple[int, int], flip: bool = False) -> torch.Tensor:
+    """Bilinear resize of a float (C, h, w) image to (C, *size), optionally mirrored.
+
+    Computes `F.interpolate(image[None], size, mode="bilinear", align_corners=False,
+    antialias=False)[0]` (then `.flip(-1)`). A source of at most `_MATMUL_MAX_SIDE` pixels a
+    side is resized as two small matrix products instead: 2-5x faster on one CPU thread (the
+    products cost grows with the source side, the kernel's does not), and mirroring is free.
+
+    Returns:
+        A contiguous (C, *size) tensor.
+    """
+    height, width = image.shape[-2:]
+    if max(height, width) <= _MATMUL_MAX_SIDE:
+        return (
+            _resize_matrix(height, size[0], False) @ image @ _resize_matrix(width, size[1], flip).T
+        )
+    out = F.interpolate(image[None], size, mode="bilinear", align_corners=False, antialias=False)
+    return (out[0].flip(-1) if flip else out[0]).contiguous()
+
+
+def _normalize_(pixels: torch.Tensor) -> torch.Tensor:
+    """[0, 255] -> [-1, 1] in place, as vit_jax does: `(x - 127.5) / 127.5`."""
+    return pixels.sub_(127.5).div_(127.5)
+
+
+def _pixels(image: Image.Image | np.ndarray) -> np.ndarray:
+    """uint8 (H, W, 3) RGB pixels of a PIL image or array."""
+    if isinstance(image, Image.Image):
+        image = np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"Expected uint8 RGB pixels (H, W, 3), got {image.dtype} {image.shape}.")
+    return image
+
+
+class Preprocess:
+    """One image -> float32 tensor (3, H, W) in [-1, 1]: vit_jax's test or training preprocessing.
+
+    Args:
+        size: output (height, width).
+        train: sample a crop box (and a flip) per call; otherwise resize the whole image.
+        flip: mirror half of the training images.
+        area_range: area fraction range of the training crop.
+    """
+
+    def __init__(
+        self,
+        size: tuple[int, int],
+        train: bool,
+        flip: bool = True,
+        area_range: tuple[float, float] = CROP_AREA,
+    ):
+        self.size = tuple(size)
+        self.train = train
+        self.flip = flip
+        self.area_range = tuple(area_range)
+
+    def __call__(
+        self, image: Image.Image | np.ndarray, rng: np.random.Generator | None = None
+    ) -> torch.Tensor:
+        """Preprocess `image` (PIL image or uint8 (H, W, 3) array).
+
+        Args:
+            image: the decoded image.
+            rng: random source of the training crop and flip (see `sample_augment`); a fresh
+                one from OS entropy when None, so loader workers never share a stream.
+        """
+        pixels = _pixels(image)
+        flipped = False
+        if self.train:
+            rng = rng if rng is not None else np.random.default_rng()
+            height, width = pixels.shape[:2]
+            (top, left, crop_h, crop_w), flipped = sample_augment(
+                height, width, rng, self.area_range, self.flip
+            )
+            pixels = pixels[top : top + crop_h, left : left + crop_w]
+        source = torch.from_numpy(pixels.astype(np.float32)).permute(2, 0, 1)  # (3, h, w)
+        # Normalising commutes with resizing (the weights sum to 1): do it on the smaller one.
+        small_source = pixels.shape[0] * pixels.shape[1] < self.size[0] * self.size[1]
+        if small_source:
+            _normalize_(source)
+        out = resize(source, self.size, flipped)
+        return out if small_source else _normalize_(out)
+
+    def __repr__(self) -> str:
+        kind = f"train, area {self.area_range}, flip {self.flip}" if self.train else "test"
+        return f"Preprocess(size={self.size}, {kind})"
+
+
+def crop_resize_batch(
+    images: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, size: tuple[int, int]
+) -> torch.Tensor:
+    """Crop, resize, mirror and normalise a batch on its device, as `Preprocess` does per image.
+
+    Each output row and column reads its two bilinear taps inside its own image's box (the
+    taps are clamped to the box, as slicing first and then resizing clamps them), gathered
+    directly from the uncropped images.
+
+    Args:
+        images: (B, H, W, 3) uint8, any device.
+        boxes: (B, 4) int64 (top, left, height, width), from `sample_augment`.
+        flips: (B,) bool, mirror these images.
+        size: output (height, width).
+
+    Returns:
+        (B, 3, *size) float32 in [-1, 1], on the images' device.
+    """
+    device = images.device
+    boxes = boxes.to(device=device, dtype=torch.int64)
+    flips = flips.to(device=device, dtype=torch.bool)
+    pixels = _normalize_(images.permute(0, 3, 1, 2).float())  # (B, 3, H, W)
+    batch, width = pixels.shape[0], pixels.shape[3]
+    out_h, out_w = size
+
+    # Rows first, as the per-image path's first matrix product: (B, 3, Ho, W).
+    row0, row1, row_w = _source_taps(boxes[:, 2], out_h)  # (B, Ho), inside each box
+    top = boxes[:, :1]
+    shape = (batch, 3, out_h, width)
+    rows = torch.lerp(
+        pixels.gather(2, (row0 + top)[:, None, :, None].expand(shape)),
+        pixels.gather(2, (row1 + top)[:, None, :, None].expand(shape)),
+        row_w[:, None, :, None],
+    )
+
+    # Then columns; a mirrored image reads its column taps in reverse order: (B, 3, Ho, Wo).
+    col0, col1, col_w = _source_taps(boxes[:, 3], out_w)  # (B, Wo)
+    mirrored, left = flips[:, None], boxes[:, 1:2]
+    col0 = torch.where(mirrored, col0.flip(1), col0) + left
+    col1 = torch.where(mirrored, col1.flip(1), col1) + left
+    col_w = torch.where(mirrored, col_w.flip(1), col_w)
+    shape = (batch, 3, out_h, out_w)
+    return torch.lerp(
+        rows.gather(3, col0[:, None, None, :].expand(shape)),
+        rows.gather(3, col1[:, None, None, :].expand(shape)),
+        col_w[:, None, None, :],
+    )
