@@ -50,6 +50,7 @@ from models.modeling import VisionTransformer
 from utils.atomic_io import atomic_write
 from utils.dist_utils import all_reduce_sum
 from utils.errors import UserError
+from utils.formats import SAFETENSORS_SUFFIX, load_safetensors, safetensors_info
 
 __all__ = [
     "STATE_FORMAT",
@@ -203,6 +204,8 @@ def load_model_weights(path: str | os.PathLike, model_type: str | None = None) -
     Raises:
         CheckpointError: missing, corrupt or unsafe file; not a model checkpoint; another model.
     """
+    if os.fspath(path).endswith(SAFETENSORS_SUFFIX):  # export.py's format: tensors only
+        return clean_state_dict(load_safetensors(path))
     obj = safe_load(path)
     if isinstance(obj, Mapping) and obj.get("format") == STATE_FORMAT:
         saved = obj.get("model_type")
@@ -312,9 +315,13 @@ def write_sidecar(checkpoint: str | os.PathLike, **info: Any) -> None:
 def read_sidecar(checkpoint: str | os.PathLike) -> dict[str, Any]:
     """The sidecar of `checkpoint`, or {} when there is none.
 
+    A `.safetensors` file carries its description inside (see `utils.formats`): that is read.
+
     Raises:
         CheckpointError: the sidecar exists but is not valid JSON.
     """
+    if os.fspath(checkpoint).endswith(SAFETENSORS_SUFFIX):
+        return safetensors_info(checkpoint)
     path = sidecar_path(checkpoint)
     if not path.is_file():
         return {}
@@ -733,7 +740,8 @@ def load_model(
 
     Args:
         checkpoint: an official `.npz`, a train.py `.bin` (its `.json` sidecar, when present,
-            gives model type, image size, dataset, class names and precision) or a `_last.pt`.
+            gives model type, image size, dataset, class names and precision), a `_last.pt`,
+            or an export.py `.safetensors` (the same description inside).
         model_type: registry name; overrides the sidecar. Guessed from the shapes when omitted.
         img_size: input size (int or (H, W)); overrides the sidecar. Defaults to the size the
             checkpoint's position embeddings were made for.
