@@ -56,12 +56,14 @@ def max_pool_same(x: torch.Tensor, kernel: int = 3, stride: int = 2) -> torch.Te
     the end, both ignored by the max: the same windows, without copying the input into a padded
     tensor. Other cases fall back to an explicit -inf pad.
     """
-    pads = [same_padding(size, kernel, stride) for size in x.shape[-2:]]
+    # Plain ints: max_pool2d's padding must be a constant, also in a traced (ONNX) graph.
+    sizes = [int(size) for size in x.shape[-2:]]
+    pads = [same_padding(size, kernel, stride) for size in sizes]
     fits = all(
         after - before in (0, 1)
         and before <= kernel // 2
         and _pool_output_size(size, kernel, stride, before) == same_output_size(size, stride)
-        for size, (before, after) in zip(x.shape[-2:], pads, strict=True)
+        for size, (before, after) in zip(sizes, pads, strict=True)
     )
     if fits:
         return F.max_pool2d(x, kernel, stride, padding=[b for b, _ in pads], ceil_mode=True)

@@ -45,7 +45,19 @@ def test_every_third_party_import_is_a_requirement() -> None:
         if line.strip() and not line.startswith(("#", "-r"))
     }
     module_to_package = {"sklearn": "scikit-learn", "PIL": "pillow", "yaml": "pyyaml"}
-    local = {"models", "utils", "tests", "train", "eval", "bench", "visualize", "conftest"}
+    local = {
+        "models",
+        "utils",
+        "tests",
+        "train",
+        "eval",
+        "bench",
+        "visualize",
+        "conftest",
+        "export",
+        "predict",
+    }
+    local |= {"export", "predict"}
     stdlib = set(sys.stdlib_module_names)
     found = set()
     for path in ROOT.rglob("*.py"):

@@ -18,23 +18,29 @@ import os
 import pickle
 import re
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
+import safetensors
+import safetensors.torch
 import torch
 
 from models.npz import CheckpointError
 from utils.errors import UserError
 
 __all__ = [
+    "SAFETENSORS_SUFFIX",
     "atomic_save",
     "atomic_write",
     "atomic_write_text",
+    "load_safetensors",
     "read_sidecar",
     "safe_load",
+    "safetensors_info",
     "save_npz",
+    "save_safetensors",
     "sidecar_path",
     "write_sidecar",
 ]
@@ -220,11 +226,14 @@ def write_sidecar(checkpoint: str | os.PathLike, **info: Any) -> None:
 
 
 def read_sidecar(checkpoint: str | os.PathLike) -> dict[str, Any]:
-    """The sidecar of `checkpoint`, or {} when there is none.
+    """The sidecar of `checkpoint`, or {} when there is none (a `.safetensors` file carries its
+    own, in its metadata).
 
     Raises:
         CheckpointError: the sidecar exists but is not valid JSON.
     """
+    if os.fspath(checkpoint).endswith(SAFETENSORS_SUFFIX):
+        return safetensors_info(checkpoint)
     path = sidecar_path(checkpoint)
     if not path.is_file():
         return {}
@@ -236,3 +245,79 @@ def read_sidecar(checkpoint: str | os.PathLike) -> dict[str, Any]:
             "it and pass --model_type, --img_size and --dataset explicitly."
         ) from None
     return info if isinstance(info, dict) else {}
+
+
+# --------------------------------------------------------------------------------------------
+# safetensors: the weights and what a sidecar would say, in one file. Every metadata value is
+# JSON text ("img_size": "[384, 384]"), so a file carries the same facts as a `.json` sidecar;
+# "format": "pt" marks PyTorch tensors, as other safetensors writers do.
+
+
+SAFETENSORS_SUFFIX = ".safetensors"
+
+
+def save_safetensors(
+    path: str | os.PathLike, state: Mapping[str, torch.Tensor], info: Mapping[str, Any]
+) -> None:
+    """Write a state dict and its description as one `.safetensors` file, atomically.
+
+    Args:
+        path: the file to write.
+        state: tensors by name (each stored contiguous, on the CPU).
+        info: JSON-serialisable facts (model_type, img_size, class_names, ...); each value is
+            stored as its JSON text.
+    """
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    metadata = {"format": "pt", **{k: json.dumps(v) for k, v in info.items() if v is not None}}
+    data = safetensors.torch.save(tensors, metadata=metadata)
+    atomic_write(path, lambda handle: handle.write(data))
+
+
+@contextlib.contextmanager
+def _reading(path: str) -> Iterator[None]:
+    """Turn a missing or unreadable file into a `CheckpointError` that says what to do."""
+    if not os.path.isfile(path):
+        raise CheckpointError(
+            f"Checkpoint {path} does not exist. Pass a .safetensors file that export.py wrote."
+        )
+    try:
+        yield
+    except (safetensors.SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(
+            f"{path} is not a readable .safetensors file: it is truncated or another kind of "
+            f"file ({err}). Export it again."
+        ) from None
+
+
+def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of a `.safetensors` file, on the CPU.
+
+    Raises:
+        CheckpointError: missing, truncated or not a safetensors file.
+    """
+    path = os.fspath(path)
+    with _reading(path):
+        return safetensors.torch.load_file(path, device="cpu")
+
+
+def safetensors_info(path: str | os.PathLike) -> dict[str, Any]:
+    """The description stored in a `.safetensors` file (the header only is read).
+
+    Values written by :func:`save_safetensors` come back as the Python values they were;
+    values another writer stored as plain text stay strings. `"format"` is left out.
+
+    Raises:
+        CheckpointError: missing, truncated or not a safetensors file.
+    """
+    path = os.fspath(path)
+    with _reading(path), safetensors.safe_open(path, framework="pt", device="cpu") as handle:
+        metadata = handle.metadata() or {}
+    info: dict[str, Any] = {}
+    for key, text in metadata.items():
+        if key == "format":
+            continue
+        try:
+            info[key] = json.loads(text)
+        except ValueError:
+            info[key] = text
+    return info

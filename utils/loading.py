@@ -32,7 +32,7 @@ from models.npz import (
 )
 from utils.engine import unwrap
 from utils.errors import UserError
-from utils.file_io import read_sidecar, safe_load
+from utils.file_io import SAFETENSORS_SUFFIX, load_safetensors, read_sidecar, safe_load
 
 __all__ = [
     "CIFAR10_CLASSES",
@@ -94,7 +94,7 @@ def guess_state_dict_model(state: Mapping[str, torch.Tensor]) -> str | None:
 
 
 def read_state_dict(path: str | os.PathLike, model_type: str | None = None) -> dict:
-    """The model `state_dict` in a checkpoint train.py wrote (best `.bin` or last-state `.pt`).
+    """The model `state_dict` in a checkpoint of ours: best `.bin`, last `.pt` or `.safetensors`.
 
     `module.` (DDP) and `_orig_mod.` (torch.compile) prefixes are stripped.
 
@@ -105,6 +105,8 @@ def read_state_dict(path: str | os.PathLike, model_type: str | None = None) -> d
     Raises:
         CheckpointError: missing, corrupt or unsafe file; not a model checkpoint; another model.
     """
+    if os.fspath(path).endswith(SAFETENSORS_SUFFIX):
+        return clean_state_dict(load_safetensors(path))
     obj = safe_load(path)
     if isinstance(obj, Mapping) and obj.get("format") == STATE_FORMAT:
         saved = obj.get("model_type")

@@ -1,0 +1,336 @@
+"""Predict the classes of images with a trained or official Vision Transformer.
+
+    python3 predict.py --checkpoint output/NAME_checkpoint.bin --image photos/ cat.jpg
+    python3 predict.py --checkpoint output/NAME_checkpoint.bin --image 'photos/**/*.jpg' \
+        --output preds.csv --top_k 5
+    python3 predict.py --checkpoint checkpoint/ViT-B_16-224.npz --image photos/ --output preds.json
+    torchrun --nproc_per_node 4 predict.py --checkpoint ... --image ... --output preds.csv
+
+`--image` takes files, folders (searched recursively for image files) and glob patterns. The
+images go through eval.py's test-time preprocessing (`utils.data_utils.build_transforms`) in
+batches, read by DataLoader workers. Class names come from the checkpoint (a train.py sidecar or
+an exported `.safetensors`; ImageNet-1k names for 1000-class heads); unknown ones print as
+indices. `--output` ends in `.csv` (path, label_i, probability_i for i = 1..k, error) or `.json`;
+without it a table is printed. A file that cannot be read as an image is reported with the
+reason and skipped. Under `torchrun`, process r takes files r, r + N, r + 2N, ... and process 0
+writes one output in input order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import io
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from models.configs import model_names
+from utils.attention_maps import IMAGE_EXTENSIONS, top_k
+from utils.data_utils import build_transforms
+from utils.dist_utils import DistInfo, cleanup, init_distributed
+from utils.errors import UserError, run_cli
+from utils.file_io import atomic_write
+from utils.loading import load_model
+
+logger = logging.getLogger("predict")
+
+OUTPUT_FORMATS = (".csv", ".json")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="train.py's output/<name>_checkpoint.bin, an exported .safetensors, or an official "
+        ".npz.",
+    )
+    p.add_argument(
+        "--image",
+        nargs="+",
+        required=True,
+        help="Image files, folders (searched recursively) and glob patterns (quote them).",
+    )
+    p.add_argument("--output", default=None, help="preds.csv or preds.json (default: print).")
+    p.add_argument("--top_k", type=int, default=5, help="Classes per image.")
+    p.add_argument("--batch_size", type=int, default=64, help="Images per batch and process.")
+    p.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1))
+    p.add_argument(
+        "--model_type",
+        choices=model_names(),
+        default=None,
+        help="Default: from the checkpoint's sidecar or its shapes.",
+    )
+    p.add_argument(
+        "--img_size", type=int, default=None, help="Default: the size it was trained at."
+    )
+    p.add_argument(
+        "--local_rank", "--local-rank", type=int, default=-1, help="Set by older launchers."
+    )
+    args = p.parse_args(argv)
+    if args.top_k < 1 or args.batch_size < 1 or args.num_workers < 0:
+        p.error("--top_k and --batch_size must be at least 1, --num_workers not negative")
+    if args.output and Path(args.output).suffix.lower() not in OUTPUT_FORMATS:
+        p.error(f"--output must end in {' or '.join(OUTPUT_FORMATS)}, got {args.output}")
+    if args.output and Path(args.output).is_dir():
+        p.error(f"--output {args.output} is a directory; pass a file, e.g. preds.csv")
+    return args
+
+
+# --------------------------------------------------------------------------------------------
+# Finding and reading images
+
+
+def find_images(patterns: Sequence[str]) -> list[Path]:
+    """Expand files, folders (recursively, image extensions only) and glob patterns, in order.
+
+    A file named explicitly is taken whatever its extension (if it is no image, it is reported
+    as unreadable later).
+
+    Raises:
+        UserError: a path that does not exist, a pattern that matches nothing, a folder without
+            images.
+    """
+
+    def images_in(folder: Path) -> list[Path]:
+        return sorted(
+            p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+        )
+
+    found: list[Path] = []
+    for pattern in patterns:
+        path = Path(pattern)
+        if path.is_dir():
+            images = images_in(path)
+            if not images:
+                raise UserError(
+                    f"Folder {path} has no images (looked for {', '.join(IMAGE_EXTENSIONS)})."
+                )
+            found.extend(images)
+        elif path.is_file():
+            found.append(path)
+        elif glob.has_magic(pattern):
+            matches = [Path(m) for m in sorted(glob.glob(pattern, recursive=True))]
+            files = [m for m in matches if m.is_file()]
+            files += [image for m in matches if m.is_dir() for image in images_in(m)]
+            if not files:
+                raise UserError(f"--image {pattern} matches no file.")
+            found.extend(files)
+        else:
+            raise UserError(f"--image {path} does not exist.")
+    return found
+
+
+@dataclass
+class Item:
+    """One image of the input list: its tensor, or the reason it could not be read."""
+
+    index: int
+    image: torch.Tensor | None
+    error: str | None
+
+
+class ImageFiles(Dataset):
+    """Images by path, preprocessed; an unreadable file gives an `Item` with its error."""
+
+    def __init__(
+        self,
+        paths: Sequence[Path],
+        indices: Sequence[int],
+        transform: Callable[[Image.Image], torch.Tensor],
+    ):
+        self.paths = list(paths)
+        self.indices = list(indices)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> Item:
+        try:
+            with Image.open(self.paths[i]) as image:
+                rgb = image.convert("RGB")  # decodes the whole file: truncation shows here
+        except Exception as err:  # any file PIL cannot decode is reported, never fatal
+            return Item(self.indices[i], None, f"{type(err).__name__}: {err}")
+        return Item(self.indices[i], self.transform(rgb), None)
+
+
+def collate_readable(items: list[Item]) -> tuple[list[int], torch.Tensor | None, list[Item]]:
+    """(indices of the readable images, their batch or None, the unreadable items)."""
+    readable = [item for item in items if item.image is not None]
+    batch = torch.stack([item.image for item in readable]) if readable else None
+    return [item.index for item in readable], batch, [i for i in items if i.image is None]
+
+
+# --------------------------------------------------------------------------------------------
+# Prediction
+
+
+def predict(
+    args: argparse.Namespace, paths: list[Path], info: DistInfo
+) -> tuple[dict[int, dict], int]:
+    """This process's share of the predictions, {input index: record}, and the class count."""
+    loaded = load_model(args.checkpoint, args.model_type, args.img_size)
+    model = loaded.model.to(info.device)
+    names = loaded.class_names  # the sidecar's, or the dataset's known names
+    if info.is_main:
+        logger.info(
+            "%s (%s, %dx%d, %d classes, %s) on %d image(s), %d process(es).",
+            args.checkpoint,
+            loaded.model_type,
+            *loaded.img_size,
+            model.num_classes,
+            "class names known" if names else "class names unknown: showing indices",
+            len(paths),
+            info.world_size,
+        )
+    indices = list(range(info.rank, len(paths), info.world_size))
+    dataset = ImageFiles(
+        [paths[i] for i in indices], indices, build_transforms(loaded.img_size, train=False)
+    )
+    loader = DataLoader(
+        dataset,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        collate_fn=collate_readable,
+        pin_memory=info.device.type == "cuda",
+    )
+    records: dict[int, dict] = {}
+    with torch.inference_mode():
+        for batch_indices, images, unreadable in tqdm(
+            loader, desc="predict", unit="batch", disable=not info.is_main
+        ):
+            for item in unreadable:
+                records[item.index] = {"path": str(paths[item.index]), "error": item.error}
+            if images is None:
+                continue
+            logits = model(images.to(info.device, non_blocking=True))[0].float().cpu()
+            for index, best in zip(batch_indices, top_k(logits, args.top_k, names), strict=True):
+                records[index] = {
+                    "path": str(paths[index]),
+                    "labels": [label for label, _ in best],
+                    "probabilities": [prob for _, prob in best],
+                }
+    return records, model.num_classes
+
+
+def gather(records: dict[int, dict], info: DistInfo) -> list[dict] | None:
+    """Every process's records in input order, on process 0 (None elsewhere)."""
+    if not info.distributed:
+        return [records[i] for i in sorted(records)]
+    everyone: list[dict[int, dict] | None] = [None] * info.world_size
+    dist.all_gather_object(everyone, records)
+    if not info.is_main:
+        return None
+    merged = {index: record for part in everyone for index, record in part.items()}
+    return [merged[i] for i in sorted(merged)]
+
+
+# --------------------------------------------------------------------------------------------
+# Output
+
+
+def to_csv(records: list[dict], k: int) -> str:
+    """path, label_1, probability_1, ..., label_k, probability_k, error."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    ranks = [(f"label_{i}", f"probability_{i}") for i in range(1, k + 1)]
+    writer.writerow(["path", *(name for pair in ranks for name in pair), "error"])
+    for record in records:
+        pairs = zip(record.get("labels", []), record.get("probabilities", []), strict=True)
+        cells = [cell for label, prob in pairs for cell in (label, f"{prob:.6f}")]
+        cells += [""] * (2 * k - len(cells))
+        writer.writerow([record["path"], *cells, record.get("error", "")])
+    return out.getvalue()
+
+
+def to_json(records: list[dict], args: argparse.Namespace) -> str:
+    """{"checkpoint", "top_k", "predictions": [{path, labels, probabilities} or {path, error}]}."""
+    document = {"checkpoint": str(args.checkpoint), "top_k": args.top_k, "predictions": records}
+    return json.dumps(document, indent=2) + "\n"
+
+
+def to_table(records: list[dict]) -> str:
+    """One line per image: the path, then `label (probability)` for each of the top k."""
+    width = max(len(record["path"]) for record in records)
+    lines = []
+    for record in records:
+        if "error" in record:
+            shown = f"unreadable: {record['error']}"
+        else:
+            pairs = zip(record["labels"], record["probabilities"], strict=True)
+            shown = "  ".join(f"{label} ({prob:.3f})" for label, prob in pairs)
+        lines.append(f"{record['path']:<{width}}  {shown}")
+    return "\n".join(lines)
+
+
+def write_output(path: str, text: str) -> None:
+    """Write `text` atomically.
+
+    Raises:
+        UserError: the file cannot be written.
+    """
+    try:
+        atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
+    except OSError as err:
+        raise UserError(
+            f"Cannot write {path}: {err.strerror or err}. Pass another --output."
+        ) from None
+
+
+# --------------------------------------------------------------------------------------------
+# Entry point
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict] | None:
+    """Parse flags, predict (split over processes under torchrun), write or print on process 0.
+
+    Returns:
+        The records in input order on process 0, None on the others.
+    """
+    args = parse_args(argv)
+    paths = find_images(args.image)  # before joining the group: a typo fails at once
+    info = init_distributed(args.local_rank)
+    try:
+        logging.basicConfig(
+            level=logging.INFO if info.is_main else logging.WARNING,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        )
+        records, num_classes = predict(args, paths, info)
+        everything = gather(records, info)
+    finally:
+        cleanup()
+    if everything is None:
+        return None
+    skipped = [record for record in everything if "error" in record]
+    for record in skipped:
+        logger.warning("Skipped %s: %s", record["path"], record["error"])
+    if args.output:
+        suffix = Path(args.output).suffix.lower()
+        k = min(args.top_k, num_classes)
+        text = to_csv(everything, k) if suffix == ".csv" else to_json(everything, args)
+        write_output(args.output, text)
+        print(
+            f"Wrote predictions for {len(everything) - len(skipped)} image(s) to {args.output}"
+            + (f"; {len(skipped)} unreadable file(s) skipped (listed there)." if skipped else ".")
+        )
+    else:
+        print(to_table(everything))
+    return everything
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,261 @@
+"""export.py: every format round-trips, checked by its own reader (safetensors, timm, ORT)."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import export
+from models import configs
+from models.configs import ResNetConfig, get_config
+from models.modeling import VisionTransformer
+from tests.helpers import expect_user_error, fake_checkpoint
+from utils.loading import assign_weights, load_model, read_state_dict
+
+CLASSES = ["cat", "dog", "bird"]
+HYBRID = get_config("testing").replace(
+    name="testing-hybrid", hidden_size=32, num_heads=4, patch_size=(1, 1), resnet=ResNetConfig((1,))
+)
+
+
+@pytest.fixture
+def hybrid(monkeypatch: pytest.MonkeyPatch) -> str:
+    """A tiny hybrid, registered for the duration of a test (load_model reads the registry)."""
+    monkeypatch.setitem(configs.CONFIGS, HYBRID.name, HYBRID)
+    return HYBRID.name
+
+
+def _model(config: str, img_size: int = 32, num_classes: int = 3) -> VisionTransformer:
+    """A model with every weight random, the head too (a fresh head is all zeros)."""
+    torch.manual_seed(0)
+    model = VisionTransformer(config, img_size, num_classes).eval()
+    nn.init.normal_(model.head.weight, std=0.5)
+    nn.init.normal_(model.head.bias, std=0.5)
+    return model
+
+
+def _images(batch: int, img_size: int = 32, seed: int = 1) -> torch.Tensor:
+    return torch.rand(batch, 3, img_size, img_size, generator=torch.Generator().manual_seed(seed))
+
+
+def _assert_same_state(model: nn.Module, other: nn.Module) -> None:
+    ours, theirs = model.state_dict(), other.state_dict()
+    assert ours.keys() == theirs.keys()
+    for key, value in ours.items():
+        assert torch.equal(value, theirs[key]), key
+
+
+# --------------------------------------------------------------------------------------------
+# npz and safetensors
+
+
+@pytest.mark.parametrize("config", ["testing", "hybrid"])
+def test_npz_is_the_official_layout_and_loads_back_bit_exact(
+    request, best_checkpoint, config, one_thread
+) -> None:
+    name = request.getfixturevalue("hybrid") if config == "hybrid" else config
+    model = _model(name)
+    ckpt = best_checkpoint(model, class_names=CLASSES)
+    export.main(["--checkpoint", str(ckpt), "--format", "npz"])
+    path = ckpt.with_name("run_checkpoint.npz")
+    with np.load(path, allow_pickle=False) as archive:
+        exported = {k: archive[k].shape for k in archive.files}
+    # Keys and shapes as an official file has them, written independently of the converter.
+    official = fake_checkpoint(get_config(name), num_classes=3, img_size=32)
+    assert exported == {k: v.shape for k, v in official.items()}
+    loaded = load_model(path, name)
+    assert loaded.img_size == (32, 32)
+    _assert_same_state(model, loaded.model)
+
+
+def test_safetensors_loads_bit_exact_with_its_description(best_checkpoint, one_thread) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    model = _model("testing")
+    ckpt = best_checkpoint(model, dataset="imagefolder", class_names=CLASSES, accuracy=0.75)
+    export.main(["--checkpoint", str(ckpt), "--format", "safetensors"])
+    path = ckpt.with_name("run_checkpoint.safetensors")
+    # The safetensors library's own reader: the tensors and JSON-string metadata.
+    tensors = load_file(path)
+    assert all(torch.equal(v, tensors[k]) for k, v in model.state_dict().items())
+    with safe_open(path, framework="pt") as handle:
+        metadata = handle.metadata()
+    assert metadata["format"] == "pt"
+    assert json.loads(metadata["class_names"]) == CLASSES
+    assert json.loads(metadata["img_size"]) == [32, 32]
+    # Our loader takes model type, image size and classes from it, as from a sidecar.
+    ckpt.with_suffix(".json").unlink()
+    loaded = load_model(path)
+    assert (loaded.model_type, loaded.img_size) == ("testing", (32, 32))
+    assert (loaded.class_names, loaded.dataset, loaded.info) == (
+        CLASSES,
+        "imagefolder",
+        {"step": 10, "accuracy": 0.75},
+    )
+    _assert_same_state(model, loaded.model)
+    fresh = VisionTransformer("testing", 32, 3)
+    assign_weights(fresh, read_state_dict(path), str(path))
+    _assert_same_state(model, fresh)
+
+
+def test_safetensors_that_is_not_one_is_a_clear_error(tmp_path, capsys) -> None:
+    path = tmp_path / "broken.safetensors"
+    path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    err = expect_user_error(export.main, ["--checkpoint", str(path), "--format", "npz"], capsys)
+    assert "not a readable .safetensors file" in err
+
+
+# --------------------------------------------------------------------------------------------
+# timm
+
+
+def test_timm_export_loads_strictly_and_computes_the_same_logits(
+    best_checkpoint, capsys, one_thread
+) -> None:
+    timm = pytest.importorskip("timm")
+    model = _model("ViT-Ti_16", num_classes=4)
+    ckpt = best_checkpoint(model)
+    capsys.readouterr()
+    export.main(["--checkpoint", str(ckpt), "--format", "timm"])
+    out = capsys.readouterr().out
+    path = ckpt.with_name("run_checkpoint_timm.pth")
+    # Build the model exactly as the printed line says.
+    call = re.search(r"model = (timm\.create_model\(.*\))", out).group(1)
+    assert "vit_tiny_patch16_224" in call
+    theirs = eval(call, {"timm": timm}).eval()
+    theirs.load_state_dict(torch.load(path, weights_only=True), strict=True)
+    x = _images(3) * 2 - 1
+    with torch.no_grad():
+        expected = model(x)[0]
+        torch.testing.assert_close(theirs(x), expected, atol=1e-5, rtol=0)
+    assert expected.std() > 0.1  # the heads are not trivially zero
+
+
+@pytest.mark.parametrize("name", sorted(export.TIMM_NAMES))
+def test_timm_names_have_our_architectures(name) -> None:
+    timm = pytest.importorskip("timm")
+    timm_name, kwargs = export.timm_model_args(get_config(name), (64, 64), 7)
+    with torch.device("meta"):
+        ours = VisionTransformer(name, 64, 7)
+        theirs = timm.create_model(timm_name, **kwargs)
+    mapped = export.timm_state_dict(ours.state_dict())
+    assert {k: v.shape for k, v in mapped.items()} == {
+        k: v.shape for k, v in theirs.state_dict().items()
+    }
+    assert theirs.blocks[0].mlp.act.__class__.__name__ == "GELUTanh"
+    assert theirs.blocks[0].mlp.drop1.p == get_config(name).dropout_rate
+
+
+@pytest.mark.parametrize("config", ["testing", "hybrid"])
+def test_timm_refuses_models_it_cannot_compute_exactly(
+    request, best_checkpoint, capsys, config
+) -> None:
+    name = request.getfixturevalue("hybrid") if config == "hybrid" else config
+    ckpt = best_checkpoint(_model(name))
+    err = expect_user_error(export.main, ["--checkpoint", str(ckpt), "--format", "timm"], capsys)
+    assert err.count("\n") == 1  # one line
+    assert "--format npz" in err
+    assert not ckpt.with_name("run_checkpoint_timm.pth").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# ONNX
+
+
+@pytest.mark.parametrize("config", ["testing", "hybrid"])
+def test_onnx_runs_in_onnxruntime_with_any_batch_size(
+    request, best_checkpoint, tmp_path, capsys, config, one_thread
+) -> None:
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    name = request.getfixturevalue("hybrid") if config == "hybrid" else config
+    model = _model(name)
+    ckpt = best_checkpoint(model, class_names=CLASSES)
+    path = tmp_path / "exported" / "model.onnx"
+    capsys.readouterr()
+    export.main(["--checkpoint", str(ckpt), "--format", "onnx", "--output", str(path)])
+    assert f"opset {export.ONNX_OPSET}" in capsys.readouterr().out
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for batch in (1, 5):
+        x = _images(batch, seed=batch) * 2 - 1
+        (logits,) = session.run(["logits"], {"images": x.numpy()})
+        with torch.no_grad():
+            expected = model(x)[0].numpy()
+        np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=0)
+    proto = onnx.load(str(path))
+    assert {o.domain: o.version for o in proto.opset_import}[""] == export.ONNX_OPSET
+    props = {p.key: p.value for p in proto.metadata_props}
+    assert json.loads(props["class_names"]) == CLASSES
+    assert (props["model_type"], json.loads(props["img_size"])) == (name, [32, 32])
+
+
+def test_onnx_without_the_packages_says_how_to_get_them(
+    best_checkpoint, capsys, monkeypatch
+) -> None:
+    ckpt = best_checkpoint(_model("testing"))
+    monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx now raises ImportError
+    err = expect_user_error(export.main, ["--checkpoint", str(ckpt), "--format", "onnx"], capsys)
+    assert "pip install onnx onnxruntime" in err
+    assert not ckpt.with_suffix(".onnx").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input
+
+
+def test_no_sidecar_and_an_unknown_architecture_asks_for_model_type(
+    best_checkpoint, capsys, monkeypatch
+) -> None:
+    odd = get_config("testing").replace(name="unregistered", hidden_size=24, num_heads=3)
+    monkeypatch.setitem(configs.CONFIGS, odd.name, odd)
+    ckpt = best_checkpoint(_model(odd.name), sidecar=False)
+    monkeypatch.delitem(configs.CONFIGS, odd.name)
+    err = expect_user_error(export.main, ["--checkpoint", str(ckpt), "--format", "npz"], capsys)
+    assert "--model_type" in err
+
+
+def test_existing_output_is_kept_unless_overwrite(best_checkpoint, capsys, one_thread) -> None:
+    ckpt = best_checkpoint(_model("testing"))
+    target = ckpt.with_suffix(".npz")
+    target.write_bytes(b"keep me")
+    argv = ["--checkpoint", str(ckpt), "--format", "npz"]
+    err = expect_user_error(export.main, argv, capsys)
+    assert "--overwrite" in err
+    assert target.read_bytes() == b"keep me"
+    export.main([*argv, "--overwrite"])
+    assert load_model(target, "testing").model_type == "testing"
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--format", "tflite"], "invalid choice"),
+        (["--format", "npz", "--output", "{tmp}/a_file/model.npz"], "not a writable folder"),
+        (["--format", "npz", "--output", "{tmp}"], "is a directory"),
+        (["--format", "npz", "--img_size", "30"], "not divisible"),
+    ],
+)
+def test_bad_input_is_one_message_and_exit_2(
+    best_checkpoint, tmp_path, capsys, argv, expected
+) -> None:
+    ckpt = best_checkpoint(_model("testing"))
+    (tmp_path / "a_file").write_text("a file, not a folder")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    err = expect_user_error(export.main, ["--checkpoint", str(ckpt), *argv], capsys)
+    assert expected in err
+    assert not ckpt.with_suffix(".npz").exists()
+
+
+def test_missing_checkpoint_is_one_message(tmp_path, capsys) -> None:
+    missing = tmp_path / "nothing_checkpoint.bin"
+    err = expect_user_error(
+        export.main, ["--checkpoint", str(missing), "--format", "safetensors"], capsys
+    )
+    assert "does not exist" in err
