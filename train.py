@@ -57,7 +57,7 @@ from utils import checkpoint_io as cio
 from utils.data_utils import DATASETS, get_loader
 from utils.dist_utils import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
 from utils.errors import UserError, run_cli
-from utils.scheduler import DECAY_TYPES, make_scheduler
+from utils.optim import DECAY_TYPES, make_scheduler
 
 logger = logging.getLogger("train")
 

@@ -24,7 +24,7 @@ from models.modeling import VisionTransformer
 from utils import atomic_io
 from utils import checkpoint_io as cio
 from utils.errors import UserError
-from utils.scheduler import make_scheduler
+from utils.optim import make_scheduler
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTING = get_config("testing")
