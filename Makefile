@@ -36,5 +36,5 @@ clean:
 # collapse when the CPU is shared (measured 20x slower per step on a busy 2-core machine).
 demo: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) train.py --name digits-demo --dataset digits --model_type demo \
-		--pretrained_dir none --img_size 32 --train_batch_size 128 --learning_rate 0.2 \
+		--pretrained_dir none --img_size 32 --train_batch_size 128 --learning_rate 0.1 \
 		--num_steps 800 --warmup_steps 50 --eval_every 200 --num_workers 1

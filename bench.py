@@ -4,12 +4,16 @@ For a `--model_type`, image size, batch, precision and device it measures, inter
 models step by step so that machine noise hits both alike:
 
 - images/s of inference and of a full training step (forward, cross-entropy, backward, gradient
-  clipping at 1.0, SGD momentum step, as `train.py` does it), and the ratio ours / timm;
+  clipping at 1.0, SGD momentum step, as `train.py` does it), and the ratio ours / timm; our
+  model steps with vit_jax's update rule (`--optim_dtype` momentum), timm's with
+  `torch.optim.SGD` (float32 momentum) as timm users train;
 - the FLOPs of each (`torch.utils.flop_counter`) and the fraction of the machine's matrix-multiply
   throughput reached, the latter measured with a large GEMM inside the same timing loop;
 - peak memory: on CUDA `torch.cuda.max_memory_allocated`; on CPU the peak bytes of live tensor
   storage (parameters, optimizer state, inputs, activations, gradients), tracked op by op;
 - whether (N x N) attention probabilities are saved for backward when `vis=False`;
+- the optimizer: momentum bytes and peak memory of one training step of our model with
+  bfloat16 and with float32 momentum;
 - optionally (`--compile`) the throughput of `torch.compile`d copies, timed in the same
   interleaved rounds, and their gain over eager;
 - checkpoint load time: official-layout `.npz` -> ready model, ours vs timm's loader;
@@ -56,6 +60,7 @@ from models.modeling import VisionTransformer
 from models.npz import load_npz, state_dict_to_npz
 from utils.data_utils import InMemoryAugment, augment_rng, build_transforms
 from utils.file_io import save_npz
+from utils.optim import OPTIM_DTYPES, make_optimizer
 from utils.preprocessing import crop_resize_batch
 
 logger = logging.getLogger("bench")
@@ -546,6 +551,37 @@ def _section(
     return result
 
 
+def build_optimizer(name: str, model: nn.Module, optim_dtype: str) -> torch.optim.Optimizer:
+    """Ours: train.py's SGD with `optim_dtype` momentum; timm: torch.optim.SGD, float32."""
+    if name == "ours":
+        return make_optimizer(model.parameters(), 1e-3, optim_dtype)
+    return torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+
+def optimizer_memory(
+    args: argparse.Namespace, config: ViTConfig, device: torch.device, dtype: torch.dtype
+) -> dict[str, Any]:
+    """Momentum bytes and peak memory of one training step of our model, per momentum dtype."""
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(args.train_batch_size, 3, args.img_size, args.img_size, generator=gen)
+    labels = torch.randint(0, args.num_classes, (args.train_batch_size,), generator=gen)
+    images, labels = images.to(device), labels.to(device)
+    result: dict[str, Any] = {}
+    for optim_dtype in OPTIM_DTYPES:
+        torch.manual_seed(0)
+        model = build_ours(config, args.img_size, args.num_classes).to(device).train()
+        optimizer = build_optimizer("ours", model, optim_dtype)
+        runner = Runner("ours", model, ours_loss, ours_logits, optimizer)
+        train_step(runner, images, labels, dtype)  # creates the momentum
+        momentum = (state["momentum_buffer"] for state in optimizer.state.values())
+        peak = peak_memory(runner, lambda r=runner: train_step(r, images, labels, dtype), images)
+        result[optim_dtype] = {
+            "momentum_mb": _storage_bytes(momentum) / MB,
+            "train_peak_mem_mb": peak / MB,
+        }
+    return result
+
+
 def measure_models(
     args: argparse.Namespace,
     config: ViTConfig,
@@ -567,11 +603,11 @@ def measure_models(
     eager_runners = []
     compiled_runners = []
     for name, model in models.items():
-        optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+        optimizer = build_optimizer(name, model, args.optim_dtype)
         eager_runners.append(Runner(name, model, *fns[name], optimizer))
         if args.compile:
             twin = copy.deepcopy(model)
-            twin_opt = torch.optim.SGD(twin.parameters(), lr=1e-3, momentum=0.9)
+            twin_opt = build_optimizer(name, twin, args.optim_dtype)
             compiled_runners.append(Runner(name, torch.compile(twin), *fns[name], twin_opt))
     runners = eager_runners + compiled_runners
 
@@ -685,6 +721,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "train_batch_size": args.train_batch_size,
             "num_classes": args.num_classes,
             "dtype": args.dtype,
+            "optim_dtype": args.optim_dtype,
             "device": str(device),
             "warmup": args.warmup,
             "iters": args.iters,
@@ -707,6 +744,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             }
             for name in ("ours", "timm")
         }
+    logger.info("optimizer memory")
+    results["optimizer"] = optimizer_memory(args, config, device, dtype)
     if args.load_iters:
         logger.info("checkpoint load time")
         results["checkpoint_load"] = checkpoint_load_times(
@@ -797,6 +836,17 @@ def format_table(results: dict[str, Any]) -> str:
             f"| npz -> ready model s, best | {_fmt(load['ours_best_s'])} "
             f"| {_fmt(load['timm_best_s'])} | {_fmt(best)} |"
         )
+    optim = results["optimizer"]
+    lines += [
+        "",
+        "Optimizer (ours, one training step): "
+        + "; ".join(
+            f"{name} momentum {optim[name]['momentum_mb']:.1f} MB, "
+            f"peak {optim[name]['train_peak_mem_mb']:.1f} MB"
+            for name in OPTIM_DTYPES
+        )
+        + ".",
+    ]
     if "data_pipeline" in results:
         data = results["data_pipeline"]
         lines += ["", f"Data pipeline, {data['source']} images, per loader worker (1 thread):"]
@@ -828,6 +878,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--num_classes", type=int, default=10)
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
+    parser.add_argument(
+        "--optim_dtype",
+        choices=OPTIM_DTYPES,
+        default="bfloat16",
+        help="momentum storage of our model's optimizer (timm's stays float32)",
+    )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per model")
     parser.add_argument(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import re
 import signal
@@ -22,10 +23,11 @@ import torch
 
 import train
 from models.configs import get_config
+from models.modeling import VisionTransformer
 from tests.helpers import expect_user_error, make_image_folder, scalars, tiny_args
 from utils import train_state
 from utils.data_utils import get_loader
-from utils.file_io import safe_load, sidecar_path
+from utils.file_io import atomic_save, safe_load, sidecar_path
 from utils.train_state import last_state_path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,9 +56,11 @@ def assert_same_training(out_a: Path, name_a: str, out_b: Path, name_b: str) -> 
     assert a["model"].keys() == b["model"].keys()
     for key, value in a["model"].items():
         assert torch.equal(b["model"][key], value), key
+    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
     for index, buffers in a["optimizer"]["state"].items():
-        assert torch.equal(b["optimizer"]["state"][index]["momentum_buffer"],
-                           buffers["momentum_buffer"]), index  # fmt: skip
+        mine, theirs = buffers["momentum_buffer"], b["optimizer"]["state"][index]["momentum_buffer"]
+        assert mine.dtype == theirs.dtype == torch.bfloat16  # vit_jax's momentum, the default
+        assert torch.equal(mine.view(torch.int16), theirs.view(torch.int16)), index  # the bytes
     assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"]
     assert a["best_accuracy"] == b["best_accuracy"]
 
@@ -368,3 +372,37 @@ def test_loader_workers_leave_ctrl_c_to_the_trainer(tmp_path: Path) -> None:
     time.sleep(0.5)
     assert worker.is_alive()
     assert sum(len(labels) for _, labels in test_loader) == 360
+
+
+def _as_written_before_bfloat16_momentum(path: Path, **sgd_options) -> None:
+    """Swap the optimizer state of a last state for the torch.optim.SGD state older runs saved."""
+    saved = safe_load(path)
+    model = VisionTransformer("testing", 32, num_classes=10)
+    model.load_state_dict(saved["model"])
+    old = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, **sgd_options)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    old.step()
+    saved["optimizer"] = old.state_dict()
+    atomic_save(saved, path)
+
+
+def test_resume_of_a_state_written_before_bfloat16_momentum(
+    tmp_path: Path, capsys: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture
+) -> None:
+    train.main(tiny_args(tmp_path, num_steps=2, eval_every=0))
+    path = last_state_path(tmp_path / "out", "tiny")
+    _as_written_before_bfloat16_momentum(path)
+    with caplog.at_level(logging.WARNING):
+        summary = train.main(tiny_args(tmp_path, num_steps=4, eval_every=0, resume=True))
+    assert summary["step"] == 4
+    assert "float32 momentum" in caplog.text  # continued with its momentum, and said so
+    momentum = last_state(tmp_path / "out", "tiny")["optimizer"]["state"][0]["momentum_buffer"]
+    assert momentum.dtype == torch.bfloat16
+
+    # A state this optimizer cannot continue (Nesterov momentum): one message, exit code 2.
+    _as_written_before_bfloat16_momentum(path, nesterov=True)
+    err = expect_user_error(
+        train.main, tiny_args(tmp_path, num_steps=6, eval_every=0, resume=True), capsys
+    )
+    assert "resum" in err.lower()

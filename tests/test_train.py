@@ -32,7 +32,7 @@ from tests.helpers import (
 )
 from utils.data_utils import DigitsDataset, build_transforms
 from utils.errors import USER_ERRORS
-from utils.scheduler import lr_multiplier
+from utils.optim import applied_lr
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -66,9 +66,9 @@ def test_digits_end_to_end(tmp_path: Path) -> None:
     series = scalars(tmp_path / "logs" / "tiny")
     assert [step for step, _ in series["train/loss"]] == [1, 2, 3, 4]
     assert all(np.isfinite(v) and v > 0 for _, v in series["train/loss"])
-    for step, lr in series["train/lr"]:  # the rate used by the step-th update, 1-based
-        assert lr == pytest.approx(0.1 * lr_multiplier(step, 4, 1, "cosine"), rel=1e-6)
-    assert series["train/lr"][0][1] == pytest.approx(0.1)  # warmup 1: full rate at step 1
+    for step, lr in series["train/lr"]:  # the rate applied by the step-th update, 1-based
+        assert lr == pytest.approx(applied_lr(0.1, step, 4, 1, "cosine"), rel=1e-6)
+    assert series["train/lr"][0][1] == 0.0  # warmup 1: the first update applies lr_fn(0) = 0
     assert [step for step, _ in series["test/accuracy"]] == [2, 4]
     assert [step for step, _ in series["test/loss"]] == [2, 4]
     assert "test/top5" not in series  # 10 classes

@@ -44,7 +44,10 @@ def test_demo_reaches_95_percent(tmp_path: Path) -> None:
         ["bash", "-c", command], cwd=REPO, capture_output=True, text=True, timeout=900
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    accuracy = float(re.search(r"Best accuracy: ([0-9.]+)", proc.stdout).group(1))
+    best = re.search(
+        r"Best checkpoint: step \d+ by minival .*; test accuracy ([0-9.]+)", proc.stdout
+    )
+    accuracy = float(best.group(1))
     seconds = float(re.search(r"Training time: ([0-9.]+) s", proc.stdout).group(1))
     assert accuracy >= 0.95, f"demo accuracy {accuracy} after {seconds:.0f} s"
     assert f"TensorBoard: tensorboard --logdir {logs}" in proc.stdout

@@ -19,7 +19,7 @@ from utils.dist_utils import DistInfo
 from utils.errors import UserError
 from utils.file_io import atomic_save, safe_load
 from utils.loading import read_state_dict
-from utils.scheduler import make_scheduler
+from utils.optim import make_scheduler
 from utils.train_state import (
     TrainState,
     get_rng_state,

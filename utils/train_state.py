@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import random
 from collections.abc import Mapping
@@ -91,6 +92,7 @@ class TrainState:
         best_accuracy: best accuracy so far on the split the best checkpoint is selected on
             (minival, or test without one); -1 before the first evaluation.
         best_step: the step of `best_accuracy` (0 before the first evaluation).
+        best_loss: the loss on that split at `best_step` (breaks ties of accuracy).
         best_test_accuracy: the test accuracy at `best_step`.
         args: the command-line arguments of the run that saved it (plain values; empty for a
             new run).
@@ -101,6 +103,7 @@ class TrainState:
     batches_in_epoch: int = 0
     best_accuracy: float = -1.0
     best_step: int = 0
+    best_loss: float = math.inf
     best_test_accuracy: float = -1.0
     args: dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -181,6 +184,7 @@ def save_training_state(
         "step": int(state.step),
         "best_accuracy": float(state.best_accuracy),
         "best_step": int(state.best_step),
+        "best_loss": float(state.best_loss),
         "best_test_accuracy": float(state.best_test_accuracy),
         "data_position": {
             "epoch": int(state.epoch),
@@ -277,6 +281,7 @@ def load_training_state(
         batches_in_epoch=int(position["batches_in_epoch"]),
         best_accuracy=float(saved["best_accuracy"]),
         best_step=int(saved.get("best_step", 0)),
+        best_loss=float(saved.get("best_loss", math.inf)),
         best_test_accuracy=float(saved.get("best_test_accuracy", saved["best_accuracy"])),
         args=dict(saved.get("args") or {}),
     )
