@@ -350,13 +350,15 @@ def test_best_checkpoint_is_selected_on_minival_not_test(tmp_path: Path, holdout
         minival = {step: round(value, 6) for step, value in logged["minival/accuracy"]}
         assert meta["selected_by"] == "minival"
         assert meta["minival_accuracy"] == max(minival.values()) == 1.0
-        assert meta["step"] == min(s for s, a in minival.items() if a == 1.0)
+        loss = dict(logged["minival/loss"])  # ties of accuracy go to the lower loss
+        assert meta["step"] == max(minival, key=lambda s: (minival[s], -loss[s]))
         assert test[meta["step"]] < max(test.values())  # the test set would have chosen otherwise
         assert round(meta["final_minival_accuracy"], 6) == minival[6]
     else:
         assert "minival/accuracy" not in logged
         assert meta["selected_by"] == "test"
-        assert meta["step"] == min(s for s, a in test.items() if a == max(test.values()))
+        loss = dict(logged["test/loss"])
+        assert meta["step"] == max(test, key=lambda s: (test[s], -loss[s]))
 
 
 @pytest.mark.parametrize(
@@ -393,3 +395,14 @@ def test_augreg_checkpoints_are_fine_tuned_without_dropout(
         args = train.parse_args(tiny_args(tmp_path, model_type=False, pretrained_dir=pretrained))
         assert args.model_type == "ViT-L_16"
         assert train.build_model(args, 10).config.dropout_rate == dropout
+
+
+def test_a_diverged_model_is_never_saved_as_best(tmp_path: Path) -> None:
+    weights = fake_checkpoint(get_config("testing"), num_classes=10, img_size=32)
+    weights["embedding/kernel"][0, 0, 0, 0] = np.nan  # every output is NaN
+    path = tmp_path / "nan.npz"
+    np.savez(path, **weights)
+    argv = tiny_args(tmp_path, model_type="testing", pretrained_dir=path, eval_every=1)
+    with pytest.raises(USER_ERRORS, match="diverged"):
+        train.main(argv)
+    assert not (tmp_path / "out" / "tiny_checkpoint.bin").exists()
