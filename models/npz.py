@@ -13,16 +13,12 @@ from __future__ import annotations
 import os
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
 import scipy.ndimage
 import torch
 
 from models.configs import ALIASES, CONFIGS, ViTConfig, find_config
-
-if TYPE_CHECKING:  # for annotations only: the model imports this module, not the reverse
-    from models.modeling import VisionTransformer
 
 __all__ = [
     "BASE_URL",
@@ -452,10 +448,11 @@ def resize_pos_embed(
 
 
 def load_pretrained(
-    model: VisionTransformer, weights: Mapping[str, np.ndarray], zero_head: bool = False
+    model: torch.nn.Module, weights: Mapping[str, np.ndarray], zero_head: bool = False
 ) -> None:
     """Load an official checkpoint into `model` (strictly), as fine-tuning expects.
 
+    `model` is a `models.modeling.VisionTransformer` (whose `load_from` calls this function).
     `zero_head=True` keeps the head at zero and ignores the checkpoint's head. Position
     embeddings are resized to the model's grid. Every shape mismatch is reported by key.
     """
