@@ -43,7 +43,6 @@ import statistics
 import sys
 import tempfile
 import time
-import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,13 +51,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from models.configs import ViTConfig, get_config, model_names
 from models.modeling import VisionTransformer
 from models.npz import load_npz, state_dict_to_npz
 from utils.data_utils import InMemoryAugment, augment_rng, build_transforms
+from utils.engine import LiveTensorBytes
 from utils.file_io import save_npz
 from utils.optim import OPTIM_DTYPES, make_optimizer
 from utils.preprocessing import crop_resize_batch
@@ -233,46 +232,6 @@ def interleaved(
 
 # --------------------------------------------------------------------------------------------
 # Memory
-
-
-class LiveTensorBytes(TorchDispatchMode):
-    """Tracks the bytes of tensor storage created inside the mode, and their peak.
-
-    Every aten op's outputs are inspected; a storage that is new (not one of the op's inputs,
-    so views and in-place results are not counted twice) is added and removed again when it is
-    freed. This is the CPU counterpart of `torch.cuda.max_memory_allocated` minus what existed
-    before entering (add that yourself).
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.current = 0
-        self.peak = 0
-        self._live: set[int] = set()
-
-    def _free(self, key: int, nbytes: int) -> None:
-        self._live.discard(key)
-        self.current -= nbytes
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {
-            t.untyped_storage().data_ptr()
-            for t in torch.utils._pytree.tree_leaves((args, kwargs))
-            if isinstance(t, torch.Tensor)
-        }
-        for t in torch.utils._pytree.tree_leaves(out):
-            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
-                continue
-            storage = t.untyped_storage()
-            key, nbytes = storage.data_ptr(), storage.nbytes()
-            if nbytes == 0 or key in inputs or key in self._live:
-                continue
-            self._live.add(key)
-            self.current += nbytes
-            weakref.finalize(storage, self._free, key, nbytes)
-        self.peak = max(self.peak, self.current)
-        return out
 
 
 def _storage_bytes(tensors: Iterator[torch.Tensor]) -> int:

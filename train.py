@@ -69,10 +69,12 @@ from utils.engine import (
     PRECISIONS,
     StaticGradScaler,
     autocast,
+    available_bytes,
     evaluate,
     make_scaler,
     resolve_precision,
     setup_logging,
+    training_memory,
 )
 from utils.errors import UserError, run_cli
 from utils.file_io import atomic_save, read_sidecar, write_sidecar
@@ -318,10 +320,51 @@ class Trainer:
     precision: str
 
 
+def check_memory(
+    args: argparse.Namespace, model: VisionTransformer, precision: str, info: DistInfo
+) -> None:
+    """Stop before the first step if one micro-batch cannot fit on the device.
+
+    One image goes forward and backward: what the forward pass keeps for the backward pass
+    grows linearly with the batch, the gradients do not. The micro-batch's peak is taken as the
+    larger of that pass's peak and the micro-batch's kept activations (plus 5 %), and compared
+    with the memory the device has left. Draws nothing from the random generators a run (or
+    its resume) depends on.
+    """
+    available = available_bytes(info.device)
+    if available is None:
+        return
+    images = torch.zeros(1, 3, *model.img_size, device=info.device)
+    labels = torch.zeros(1, dtype=torch.long, device=info.device)
+    cuda = [info.device.index or 0] if info.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        per_image, peak = training_memory(model, images, labels, precision)
+    model.zero_grad(set_to_none=True)
+    budget = 0.9 * available
+    need = max(peak, 1.05 * args.micro_batch_size * per_image)
+    if need <= budget:
+        return
+    fits = max(int(budget / (1.05 * per_image)), 1)
+    per_process = args.train_batch_size // info.world_size
+    steps = next(
+        (k for k in range(1, per_process + 1) if per_process % k == 0 and per_process // k <= fits),
+        per_process,
+    )
+    gb = 2.0**30
+    raise UserError(
+        f"A micro-batch of {args.micro_batch_size} images at {args.img_size}x{args.img_size} "
+        f"needs about {need / gb:.1f} GB on {info.device} for activations and gradients, but "
+        f"about {available / gb:.1f} GB are available. Use --gradient_accumulation_steps "
+        f"{steps} (micro-batches of {per_process // steps}, the same total batch), or a smaller "
+        "--train_batch_size."
+    )
+
+
 def make_trainer(args: argparse.Namespace, model: VisionTransformer, info: DistInfo) -> Trainer:
     """Move the model to the device; build optimizer, schedule, scaler, compile and DDP wrappers."""
     precision = resolve_precision(args, info.device)
     model.to(info.device).train()
+    check_memory(args, model, precision, info)
     optimizer = make_optimizer(
         model.parameters(), args.learning_rate, args.optim_dtype, args.weight_decay
     )
@@ -369,11 +412,18 @@ def train_step(
         sync = (
             nullcontext() if last or not isinstance(net, DistributedDataParallel) else net.no_sync()
         )
-        with sync:
-            with autocast(trainer.precision, device):
-                loss = net(images, labels)
-            scaled = loss.float() / len(batches)
-            (scaler.scale(scaled) if scaler else scaled).backward()
+        try:
+            with sync:
+                with autocast(trainer.precision, device):
+                    loss = net(images, labels)
+                scaled = loss.float() / len(batches)
+                (scaler.scale(scaled) if scaler else scaled).backward()
+        except torch.cuda.OutOfMemoryError:
+            raise UserError(
+                f"{device} ran out of memory on a micro-batch of {len(labels)} images. Use more "
+                f"--gradient_accumulation_steps (now {args.gradient_accumulation_steps}; the total "
+                "batch stays the same), or a smaller --train_batch_size or --img_size."
+            ) from None
         total += loss.detach().float()
     loss = all_reduce_sum(total / len(batches)) / info.world_size
     if guard is None or guard.check(loss, step):

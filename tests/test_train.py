@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -406,3 +407,19 @@ def test_a_diverged_model_is_never_saved_as_best(tmp_path: Path) -> None:
     with pytest.raises(USER_ERRORS, match="diverged"):
         train.main(argv)
     assert not (tmp_path / "out" / "tiny_checkpoint.bin").exists()
+
+
+def test_a_micro_batch_too_big_for_the_memory_stops_before_training(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a forward and backward pass needs is measured; the device is given a small budget."""
+    argv = tiny_args(tmp_path, train_batch_size=64, num_steps=1, eval_every=0)
+    monkeypatch.setattr(train, "available_bytes", lambda device: 400 * 2**10)  # 400 KiB left
+    with pytest.raises(USER_ERRORS, match=r"--gradient_accumulation_steps (\d+)") as info:
+        train.main(argv)
+    steps = int(re.search(r"--gradient_accumulation_steps (\d+)", str(info.value)).group(1))
+    assert 1 < steps <= 64
+    assert not (tmp_path / "out" / "tiny_last.pt").exists()  # stopped before any work
+    # The suggestion fits the same budget, and the run then trains.
+    summary = train.main([*argv, "--gradient_accumulation_steps", str(steps)])
+    assert summary["step"] == 1

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import weakref
 from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -23,12 +26,15 @@ __all__ = [
     "AUTOCAST_DTYPES",
     "OPT_LEVELS",
     "PRECISIONS",
+    "LiveTensorBytes",
     "StaticGradScaler",
     "autocast",
+    "available_bytes",
     "evaluate",
     "make_scaler",
     "resolve_precision",
     "setup_logging",
+    "training_memory",
     "unwrap",
 ]
 
@@ -188,6 +194,97 @@ def evaluate(
     if num_classes > 10:
         result["top5"] = totals[2].item() / count
     return result
+
+
+# --------------------------------------------------------------------------------------------
+# Memory
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """Tracks the bytes of tensor storage created inside the mode, and their peak.
+
+    Every aten op's outputs are inspected; a storage that is new (not one of the op's inputs,
+    so views and in-place results are not counted twice) is added and removed again when it is
+    freed. This is the CPU counterpart of `torch.cuda.max_memory_allocated` minus what existed
+    before entering (add that yourself).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.current = 0
+        self.peak = 0
+        self._live: set[int] = set()
+
+    def _free(self, key: int, nbytes: int) -> None:
+        self._live.discard(key)
+        self.current -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {
+            t.untyped_storage().data_ptr()
+            for t in torch.utils._pytree.tree_leaves((args, kwargs))
+            if isinstance(t, torch.Tensor)
+        }
+        for t in torch.utils._pytree.tree_leaves(out):
+            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+                continue
+            storage = t.untyped_storage()
+            key, nbytes = storage.data_ptr(), storage.nbytes()
+            if nbytes == 0 or key in inputs or key in self._live:
+                continue
+            self._live.add(key)
+            self.current += nbytes
+            weakref.finalize(storage, self._free, key, nbytes)
+        self.peak = max(self.peak, self.current)
+        return out
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Memory this process can still take on `device`, or None where that cannot be told.
+
+    CUDA: free device memory plus what PyTorch's allocator holds unused. CPU (Linux):
+    `MemAvailable`, shared by the processes of this node (`LOCAL_WORLD_SIZE`).
+    """
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            fields = dict(line.split(":", 1) for line in handle if ":" in line)
+        available = int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+    return available // max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
+
+
+def training_memory(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, precision: str
+) -> tuple[int, int]:
+    """Bytes one forward and backward pass allocates beyond what existed before it.
+
+    Returns:
+        (what the forward pass keeps for the backward pass, which grows linearly with the
+        batch; the peak of forward and backward, gradients included). CUDA: the allocator's
+        statistics; CPU: every new tensor storage, tracked op by op.
+    """
+    device = images.device
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        with autocast(precision, device):
+            loss = model(images, labels)
+        kept = torch.cuda.memory_allocated(device) - before
+        loss.backward()
+        torch.cuda.synchronize(device)
+        return kept, torch.cuda.max_memory_allocated(device) - before
+    with LiveTensorBytes() as tracker:
+        with autocast(precision, device):
+            loss = model(images, labels)
+        kept = tracker.current
+        loss.backward()
+    return kept, tracker.peak
 
 
 # --------------------------------------------------------------------------------------------
