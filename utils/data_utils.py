@@ -41,6 +41,7 @@ from torchvision import datasets
 
 from utils.dist_utils import main_process_first
 from utils.errors import UserError
+from utils.flags import DATASETS
 from utils.preprocessing import CROP_AREA, Preprocess, crop_resize_batch, sample_augment
 
 __all__ = [
@@ -67,7 +68,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-DATASETS = ("cifar10", "cifar100", "imagefolder", "digits")
 IN_MEMORY = ("cifar10", "cifar100", "digits")  # uint8 arrays: cropped and resized on the device
 CROP_SCALE = CROP_AREA  # area fraction of the training crop (official)
 NO_FLIP = ("digits",)  # a mirrored digit is a different (or no) digit

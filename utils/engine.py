@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from utils.dist_utils import DistInfo, all_reduce_sum
 from utils.errors import UserError
+from utils.flags import OPT_LEVELS, PRECISIONS
 
 __all__ = [
     "AUTOCAST_DTYPES",
@@ -34,8 +35,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "fp16", "bf16")
-OPT_LEVELS = ("O0", "O1", "O2", "O3")
 AUTOCAST_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 

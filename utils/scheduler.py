@@ -18,9 +18,10 @@ import math
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
+from utils.flags import DECAY_TYPES
+
 __all__ = ["DECAY_TYPES", "LINEAR_END", "lr_multiplier", "make_scheduler"]
 
-DECAY_TYPES = ("cosine", "linear")
 LINEAR_END = 1e-5  # vit_jax's `linear_end`: the learning rate linear decay ends at
 
 
