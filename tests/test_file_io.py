@@ -6,6 +6,7 @@ import argparse
 import errno
 import hashlib
 import os
+import pickle
 import resource
 import signal
 import subprocess
@@ -183,11 +184,17 @@ class _SystemCall:
         return (os.mkdir, (str(self.marker),))
 
 
+def _plain_pickle(obj, path: Path) -> None:
+    with open(path, "wb") as handle:
+        pickle.dump(obj, handle, protocol=4)
+
+
 @pytest.mark.parametrize("exploit", [_Exploit, _SystemCall])
-def test_safe_load_refuses_pickled_code_and_says_so_plainly(tmp_path, exploit) -> None:
+@pytest.mark.parametrize("save", [torch.save, _plain_pickle])
+def test_safe_load_refuses_pickled_code_and_says_so_plainly(tmp_path, exploit, save) -> None:
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.bin"
-    torch.save({"w": torch.zeros(1), "x": exploit(marker)}, path)
+    save({"w": torch.zeros(1), "x": exploit(marker)}, path)
     with pytest.raises(CheckpointError) as info:
         safe_load(path)
     message = str(info.value)

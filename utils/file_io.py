@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import pickle
+import pickletools
 import re
 import warnings
 import zipfile
@@ -384,19 +385,43 @@ def safe_load(path: str | os.PathLike) -> Any:
             warnings.filterwarnings("ignore", message="Detected pickle protocol")  # refused below
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        if "Weights only load failed" in str(err):  # torch's restricted unpickler refused it
-            found = re.search(r"GLOBAL (\S+)", str(err))
-            what = f" ({found.group(1)})" if found else ""
+        # torch's restricted unpickler names what it refused; its advice to switch the
+        # restriction off is never passed on.
+        found = re.search(r"GLOBAL (\S+)", str(err))
+        names = [found.group(1)] if found else _pickled_globals(path)
+        if names:
             raise CheckpointError(
-                f"{path} was not loaded: it holds code or Python objects that are not tensors"
-                f"{what}, e.g. a whole pickled model, and loading it could run that code. Only "
-                "tensors and plain values (numbers, strings, lists, dicts) are ever loaded. If "
-                "you made the file, save the weights alone: torch.save(model.state_dict(), path)."
+                f"{path} was not loaded: it holds code or Python objects that are not tensors "
+                f"({', '.join(names[:3])}), e.g. a whole pickled model, and loading it could run "
+                "that code. Only tensors and plain values (numbers, strings, lists, dicts) are "
+                "ever loaded. If you made the file, save the weights alone: "
+                "torch.save(model.state_dict(), path)."
             ) from None
-        raise CheckpointError(_corrupt_message(path, err)) from None
+        refused = re.search(r"Unsupported [^\n]*", str(err))
+        detail = refused.group(0) if refused else err
+        raise CheckpointError(_corrupt_message(path, detail)) from None
     except Exception as err:  # a damaged file fails in many ways (zip, pickle, storage)
         raise CheckpointError(_corrupt_message(path, err)) from None
     return _verify_content(obj, path)
+
+
+def _pickled_globals(path: str) -> list[str]:
+    """What a plain (not zip) pickle file would import to rebuild its objects, read with
+    `pickletools` (which parses, never runs); [] for anything else."""
+    names: list[str] = []
+    strings: list[str] = []
+    try:
+        with open(path, "rb") as handle:
+            for opcode, arg, _ in pickletools.genops(handle):
+                if opcode.name == "GLOBAL":
+                    names.append(str(arg).replace(" ", "."))
+                elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    names.append(".".join(strings[-2:]))  # module and name, pushed before it
+                elif isinstance(arg, str):
+                    strings.append(arg)
+    except Exception:  # not a pickle, or a damaged one: no names
+        return []
+    return names
 
 
 def _looks_like_npz(path: str) -> bool:
@@ -405,12 +430,13 @@ def _looks_like_npz(path: str) -> bool:
     return bool(names) and all(name.endswith(".npy") for name in names)
 
 
-def _corrupt_message(path: str, err: BaseException) -> str:
-    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+def _corrupt_message(path: str, err: BaseException | str) -> str:
+    if isinstance(err, BaseException):
+        text = str(err).strip()
+        err = f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
     return (
         f"{path} is not a readable PyTorch checkpoint: it is truncated, corrupt or another kind "
-        f"of file ({type(err).__name__}: {first_line[:200]}). Use another checkpoint, e.g. the "
-        "previous one, or train again."
+        f"of file ({err[:200]}). Use another checkpoint, e.g. the previous one, or train again."
     )
 
 
