@@ -11,7 +11,7 @@ import torch
 
 from utils.scheduler import lr_multiplier, make_scheduler
 
-# total 10 steps, warmup 2: hand-computed from the official definition (REFERENCE.md §3).
+# total 10 steps, warmup 2: hand-computed from the official definition (`vit_jax/utils.py`).
 COSINE = {1: 0.5, 2: 1.0, 4: 0.5 * (1 + math.cos(math.pi / 4)), 6: 0.5, 10: 0.0}
 LINEAR = {1: 0.5, 2: 1.0, 4: 0.75, 6: 0.5, 10: 0.0}
 # vit_jax's linear decay ends at the absolute rate linear_end = 1e-5: with base 0.1,

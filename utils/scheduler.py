@@ -1,6 +1,6 @@
 """Learning-rate schedules of the official fine-tuning recipe: linear warmup, then cosine or linear.
 
-Follows `vit_jax/utils.py` (`create_learning_rate_schedule`) as REFERENCE.md §3 describes it:
+Follows `vit_jax/utils.py` (`create_learning_rate_schedule`):
 the rate at optimizer step ``s`` (counted from 1) is ``base * decay(progress) * min(1, s / warmup)``
 with ``progress = clip((s - warmup) / (total - warmup), 0, 1)``. Cosine decays to 0 at the last
 step; linear decays to vit_jax's ``linear_end = 1e-5`` (an absolute rate), not to 0 as the
