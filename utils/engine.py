@@ -159,8 +159,10 @@ def evaluate(
     was_training = model.training
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1, top-5, count
-    for images, labels in tqdm(test_loader, desc="Validating", disable=not progress, leave=False):
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+    for batch in tqdm(test_loader, desc="Validating", disable=not progress, leave=False):
+        if batch is None:  # every image of it was unreadable (`skip_unreadable`)
+            continue
+        images, labels = (t.to(device, non_blocking=True) for t in batch)
         with autocast(precision, device):
             logits = model(images)[0]  # (B, classes)
         logits = logits.float()
