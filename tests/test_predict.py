@@ -140,7 +140,7 @@ def test_table_without_output_and_globs_in_order(
     ]
     (top,), _ = _expected(model, folder / "d.png", 1)
     assert lines[1].split()[1] == CLASSES[top]
-    assert "unreadable: UnidentifiedImageError" in lines[2]
+    assert "unreadable: PIL cannot identify image file: not an image" in lines[2]
 
 
 def test_1000_class_heads_show_imagenet_names(best_checkpoint, folder, capsys, one_thread) -> None:
