@@ -165,6 +165,9 @@ def test_1000_class_heads_show_imagenet_names(best_checkpoint, folder, capsys, o
         (["--image", "{tmp}/images", "--output", "{tmp}/empty.csv"], "is a directory"),
         (["--image", "{tmp}/images", "--top_k", "0"], "at least 1"),
         (["--image", "{tmp}/images", "--img_size", "30"], "not divisible"),
+        (["--image", "{tmp}/images", "--img_size", "0"], "--img_size: must be at least 1, got 0"),
+        (["--image", "{tmp}/images", "--batch_size", "-1"], "--batch_size: must be at least 1"),
+        (["--image", "{tmp}/images", "--num_workers", "-1"], "--num_workers: cannot be negative"),
     ],
 )
 def test_bad_input_is_one_message_and_exit_2(
