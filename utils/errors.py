@@ -16,7 +16,6 @@ This module imports nothing heavy (no torch), so that `--help` answers at once.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import signal
 import sys
@@ -66,38 +65,23 @@ def run_cli(main: Callable[[], object]) -> None:
 
     A user's mistake (`USER_ERRORS`) prints its message and exits 2; `StoppedBySignal` exits
     128 + signal; a Ctrl+C that reaches here (the second one in train.py, the first elsewhere)
-    prints one line and exits 130. SIGXFSZ (a file larger than `ulimit -f`) is ignored, so that
-    the write fails with EFBIG, which the savers report, instead of killing the process.
+    prints one line and exits 130. (A file larger than `ulimit -f` does not kill the process:
+    Python ignores SIGXFSZ from start-up, the write fails with EFBIG, and the savers of
+    `utils.file_io` report it as a `UserError`.)
     """
-    with _no_file_size_signal():
-        try:
-            main()
-        except USER_ERRORS as err:
-            print(f"error: {err}", file=sys.stderr)
-            sys.exit(2)
-        except StoppedBySignal as stop:
-            if str(stop):
-                print(str(stop), file=sys.stderr)
-            sys.exit(stop.exit_code)
-        except KeyboardInterrupt:
-            print(
-                "Interrupted (Ctrl+C): stopped at once. Every file written so far is complete "
-                "(saves are atomic).",
-                file=sys.stderr,
-            )
-            sys.exit(128 + int(signal.SIGINT))
-
-
-@contextlib.contextmanager
-def _no_file_size_signal():
-    """Ignore SIGXFSZ (POSIX; main thread only) while `run_cli` runs, then restore it."""
-    signum = getattr(signal, "SIGXFSZ", None)
     try:
-        previous = signal.signal(signum, signal.SIG_IGN) if signum is not None else None
-    except ValueError:  # not the main thread: signals cannot be set
-        signum = previous = None
-    try:
-        yield
-    finally:
-        if signum is not None:
-            signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+        main()
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except StoppedBySignal as stop:
+        if str(stop):
+            print(str(stop), file=sys.stderr)
+        sys.exit(stop.exit_code)
+    except KeyboardInterrupt:
+        print(
+            "Interrupted (Ctrl+C): stopped at once. Every file written so far is complete "
+            "(saves are atomic).",
+            file=sys.stderr,
+        )
+        sys.exit(128 + int(signal.SIGINT))

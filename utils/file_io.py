@@ -61,7 +61,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _NO_SPACE = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
-_TOO_LARGE = (errno.EFBIG,)  # the file size limit (`ulimit -f`; run_cli ignores SIGXFSZ)
+_TOO_LARGE = (errno.EFBIG,)  # the file size limit (`ulimit -f`; Python ignores SIGXFSZ)
 CONTENT_SHA256 = "content_sha256"  # the key of a training state's own content hash
 
 
