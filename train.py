@@ -49,9 +49,16 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from models.configs import checked_img_size, get_config, model_names
+from models.configs import (
+    AUGREG_DROPOUT,
+    checked_img_size,
+    get_config,
+    is_augreg_filename,
+    model_names,
+    model_type_from_filename,
+)
 from models.modeling import VisionTransformer
-from models.npz import load_npz
+from models.npz import guess_model_type, load_npz
 from utils.data_utils import DATASETS, get_loader, prepare_batch
 from utils.dist_utils import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
 from utils.engine import (
@@ -103,7 +110,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     # The original port's flags.
     p.add_argument("--name", required=True, help="Name of this run (checkpoint and log names).")
     p.add_argument("--dataset", choices=DATASETS, default="cifar10")
-    p.add_argument("--model_type", choices=model_names(), default="ViT-B_16")
+    p.add_argument(
+        "--model_type",
+        choices=model_names(),
+        default=None,
+        help="Default: from the --pretrained_dir file name (official or AugReg), else from the "
+        "checkpoint's shapes; ViT-B_16 when training from scratch.",
+    )
     p.add_argument(
         "--pretrained_dir",
         default="checkpoint/ViT-B_16.npz",
@@ -187,12 +200,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.log_dir is None:
         args.log_dir = os.path.join("logs", args.name)
+    args.model_type_from = "--model_type"
+    if args.model_type is None and args.pretrained_dir.lower() != "none":
+        args.model_type = model_type_from_filename(args.pretrained_dir)
+        args.model_type_from = "the file name of --pretrained_dir"
     return args
 
 
 def check_args(args: argparse.Namespace, info: DistInfo) -> None:
     """Validate the flags; sets `args.micro_batch_size`, `rank`, `local_rank`, `world_size`."""
-    checked_img_size(get_config(args.model_type), args.img_size)
+    if args.model_type is not None:  # else settled by read_checkpoint, which checks it again
+        checked_img_size(get_config(args.model_type), args.img_size)
     for flag in ("train_batch_size", "eval_batch_size", "num_steps", "gradient_accumulation_steps"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} must be at least 1, got {getattr(args, flag)}.")
@@ -212,22 +230,45 @@ def check_args(args: argparse.Namespace, info: DistInfo) -> None:
 
 
 def read_checkpoint(args: argparse.Namespace) -> dict[str, np.ndarray] | None:
-    """The official `.npz` of `--pretrained_dir` (None for 'none'); a missing file names its URL."""
+    """The official `.npz` of `--pretrained_dir` (None for 'none'); a missing file names its URL.
+
+    Settles `args.model_type` when no flag or file name gave it: from the checkpoint's shapes
+    (ViT-B_16, the original port's default, when training from scratch).
+    """
+    weights = None
     if args.pretrained_dir.lower() == "none":
+        args.model_type = args.model_type or "ViT-B_16"
         logger.warning(
             "--pretrained_dir none: training %s from scratch (random initialisation). ViT needs "
             "pre-training to do well on small datasets; fine-tune an official checkpoint instead.",
             args.model_type,
         )
-        return None
-    return load_npz(args.pretrained_dir, args.model_type)
+    else:
+        weights = load_npz(args.pretrained_dir, args.model_type)
+        if args.model_type is None:
+            args.model_type = guess_model_type(weights)
+            args.model_type_from = "the shapes in --pretrained_dir"
+            if args.model_type is None:
+                raise UserError(
+                    f"Cannot tell which model {args.pretrained_dir} holds: pass --model_type."
+                )
+    if args.model_type_from != "--model_type":
+        logger.info("Model type %s, inferred from %s.", args.model_type, args.model_type_from)
+    checked_img_size(get_config(args.model_type), args.img_size)
+    return weights
 
 
 def build_model(
     args: argparse.Namespace, num_classes: int, weights: dict[str, np.ndarray] | None = None
 ) -> VisionTransformer:
-    """The model, with official `weights` loaded (head zeroed, position embeddings resized)."""
+    """The model, with official `weights` loaded (head zeroed, position embeddings resized).
+
+    AugReg checkpoints are fine-tuned without dropout, as vit_jax's AugReg config does.
+    """
     config = get_config(args.model_type)
+    if is_augreg_filename(args.pretrained_dir) and config.dropout_rate != AUGREG_DROPOUT:
+        config = config.replace(dropout_rate=AUGREG_DROPOUT)
+        logger.info("AugReg checkpoint: fine-tuning with dropout %g.", AUGREG_DROPOUT)
     if weights is None:
         model = VisionTransformer(config, args.img_size, num_classes=num_classes, zero_head=True)
     else:
@@ -454,7 +495,10 @@ def _run(args: argparse.Namespace, info: DistInfo) -> dict[str, float]:
     torch.manual_seed(args.seed)
 
     # ---- Data and model ----------------------------------------------------------------------
-    weights = None if resume_from else read_checkpoint(args)  # fail fast, before downloads
+    # Fail fast, before downloads; a resume reads the file only to learn the model type.
+    weights = read_checkpoint(args) if not resume_from or args.model_type is None else None
+    if resume_from:
+        weights = None
     train_loader, minival_loader, test_loader = get_loader(args)
     class_names = list(train_loader.dataset.classes)
     selected_by = "minival" if minival_loader is not None else "test"

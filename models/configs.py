@@ -195,6 +195,9 @@ ALIASES: dict[str, str] = {"R50-ViT-B_16": "R50+ViT-B_16", **AUGREG_MODELS}
 AUGREG_DROPOUT = 0.0
 
 
+OURS = ("testing", "demo")  # registry entries of this project, not official models
+
+
 def model_names() -> list[str]:
     """Every accepted model name (registry keys, then aliases), for CLI `choices`."""
     return [*CONFIGS, *ALIASES]
@@ -319,7 +322,7 @@ def model_type_from_filename(path: str | os.PathLike) -> str | None:
         if model not in CONFIGS and re.fullmatch(r".+-\d+", stem):
             base = stem.rsplit("-", 1)[0]
             model = ALIASES.get(base, base)
-    if model not in CONFIGS:
+    if model not in CONFIGS or model in OURS:  # no official file holds `testing` or `demo`
         return None
     if folder == _GAP_FOLDER and f"{model}-gap-norep" in CONFIGS:
         return f"{model}-gap-norep"

@@ -240,3 +240,15 @@ def test_an_npz_with_text_or_wrong_rank_arrays_names_the_key(tmp_path, capsys, k
     save_npz(path, arrays)
     with pytest.raises(CheckpointError, match=named):
         load_model(path, "testing", 32)
+
+
+def test_model_type_comes_from_an_official_or_augreg_file_name(tmp_path, caplog) -> None:
+    # ViT-Ti_16 and R+ViT-Ti_16 share the transformer; only the name or the ResNet tells them apart.
+    model = VisionTransformer("ViT-Ti_16", 32, num_classes=4)
+    name = "Ti_16-i21k-300ep-lr_0.001-aug_none-wd_0.03-do_0.0-sd_0.0--cifar10-steps_2k.npz"
+    path = tmp_path / name
+    save_npz(path, state_dict_to_npz(model.state_dict(), model.config))
+    with caplog.at_level("INFO"):
+        loaded = load_model(path)
+    assert loaded.model_type == "ViT-Ti_16"
+    assert "inferred from its file name" in caplog.text

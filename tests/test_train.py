@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 import train
+from models import configs
 from models.configs import get_config
 from models.modeling import VisionTransformer
 from tests.helpers import (
@@ -356,3 +357,39 @@ def test_best_checkpoint_is_selected_on_minival_not_test(tmp_path: Path, holdout
         assert "minival/accuracy" not in logged
         assert meta["selected_by"] == "test"
         assert meta["step"] == min(s for s, a in test.items() if a == max(test.values()))
+
+
+@pytest.mark.parametrize(
+    ("file_name", "source"),
+    [
+        ("Ti_16-i21k-300ep-lr_0.001-aug_none-wd_0.03-do_0.0-sd_0.0.npz", "the file name"),
+        ("my_download.npz", "the shapes"),
+    ],
+)
+def test_model_type_is_inferred_from_the_checkpoint(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, file_name: str, source: str
+) -> None:
+    path = tmp_path / file_name
+    np.savez(path, **fake_checkpoint(get_config("ViT-Ti_16"), num_classes=5, img_size=32))
+    argv = tiny_args(tmp_path, model_type=False, pretrained_dir=path, num_steps=1, eval_every=0)
+    with caplog.at_level(logging.INFO, logger="train"):
+        train.main(argv)
+    meta, _ = load_checkpoint(tmp_path / "out", "tiny")
+    assert meta["model_type"] == "ViT-Ti_16"
+    assert f"Model type ViT-Ti_16, inferred from {source}" in caplog.text
+
+
+def test_augreg_checkpoints_are_fine_tuned_without_dropout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A small stand-in for ViT-L_16, whose registry dropout is 0.1.
+    monkeypatch.setitem(
+        configs.CONFIGS,
+        "ViT-L_16",
+        get_config("testing").replace(name="ViT-L_16", dropout_rate=0.1),
+    )
+    augreg = "L_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.1-sd_0.1.npz"
+    for pretrained, dropout in ((augreg, 0.0), ("ViT-L_16.npz", 0.1)):
+        args = train.parse_args(tiny_args(tmp_path, model_type=False, pretrained_dir=pretrained))
+        assert args.model_type == "ViT-L_16"
+        assert train.build_model(args, 10).config.dropout_rate == dropout

@@ -11,6 +11,7 @@ official arrays, the starting point of a fine-tune.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import re
@@ -20,7 +21,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.configs import ViTConfig, checked_img_size, find_config, get_config, model_names
+from models.configs import (
+    ViTConfig,
+    checked_img_size,
+    find_config,
+    get_config,
+    model_names,
+    model_type_from_filename,
+)
 from models.modeling import VisionTransformer
 from models.npz import (
     CheckpointError,
@@ -48,6 +56,8 @@ __all__ = [
     "pretrained_weights",
     "read_state_dict",
 ]
+
+logger = logging.getLogger(__name__)
 
 STATE_FORMAT = "vit-pytorch-training-state"  # what utils.train_state writes
 
@@ -275,15 +285,21 @@ def load_model(
     """
     path = os.fspath(checkpoint)
     sidecar: dict[str, Any] = {}
+    given = model_type
     if path.endswith(".npz"):
         weights = load_npz(path, model_type)
-        model_type = model_type or guess_model_type(weights)
+        model_type = model_type or model_type_from_filename(path) or guess_model_type(weights)
         num_classes = checkpoint_num_classes(weights)
         pos = weights.get("Transformer/posembed_input/pos_embedding")
     else:
         sidecar = read_sidecar(path)
         state = read_state_dict(path, model_type)
-        model_type = model_type or sidecar.get("model_type") or guess_state_dict_model(state)
+        model_type = (
+            model_type
+            or sidecar.get("model_type")
+            or model_type_from_filename(path)
+            or guess_state_dict_model(state)
+        )
         num_classes = int(state["head.bias"].shape[0]) if "head.bias" in state else None
         pos = state.get("embeddings.pos_embed")
     if model_type is None:
@@ -292,6 +308,9 @@ def load_model(
             f"(one of {', '.join(model_names())})."
         )
     config = _registered(model_type)
+    if given is None and not sidecar.get("model_type"):
+        how = "its file name" if model_type_from_filename(path) else "its shapes"
+        logger.info("%s holds a %s model (inferred from %s).", path, config.name, how)
     if num_classes is None:
         raise UserError(
             f"{path} has no classifier head, so it cannot predict: fine-tune it with train.py "
