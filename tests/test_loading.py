@@ -198,6 +198,7 @@ def test_a_model_of_ours_starts_another_fine_tune_as_an_official_file_would(tmp_
     assert model.state_dict()["embeddings.pos_embed"].shape[1] == 1 + 3 * 3
     block = "encoder.blocks.0.mlp.fc1.weight"
     assert torch.equal(model.state_dict()[block], tuned.state_dict()[block])
+    assert pretrained_weights(path, None).keys() == weights.keys()  # type from sidecar or shapes
 
 
 def test_pretrained_weights_of_another_model_or_a_folder_say_what_to_pass(tmp_path) -> None:

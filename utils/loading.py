@@ -345,8 +345,8 @@ def load_model(
 # Starting a fine-tune
 
 
-def pretrained_weights(path: str | os.PathLike, model_type: str) -> dict[str, Any]:
-    """The weights to fine-tune `model_type` from, as official arrays (`--pretrained_dir`).
+def pretrained_weights(path: str | os.PathLike, model_type: str | None) -> dict[str, Any]:
+    """The weights to fine-tune from (`--pretrained_dir`), as official arrays.
 
     An official `.npz` is read as it is; a checkpoint of ours (a train.py `.bin`, a `_last.pt`,
     an exported `.safetensors`) is converted to the official layout, so that
@@ -354,14 +354,23 @@ def pretrained_weights(path: str | os.PathLike, model_type: str) -> dict[str, An
     download: the head at zero (any class count), position embeddings resized to the new image
     size.
 
+    Args:
+        path: the file.
+        model_type: the model to fine-tune; None to take it, for a checkpoint of ours, from its
+            sidecar or its shapes (for an `.npz`, `models.npz.guess_model_type` of the result).
+
     Raises:
         CheckpointError: missing, damaged or unsafe file, a folder, or a model other than
             `model_type` (naming the one it holds).
+        UserError: no `model_type`, and the checkpoint does not tell.
     """
     path = os.fspath(path)
     if path.endswith(".npz") or os.path.isdir(path):
         return load_npz(path, model_type)
     state = read_state_dict(path, model_type)
+    model_type = model_type or read_sidecar(path).get("model_type") or guess_state_dict_model(state)
+    if model_type is None:
+        raise UserError(f"Cannot tell which model {path} holds: pass --model_type.")
     config = _registered(model_type)
     with torch.device("meta"):  # shapes only
         reference = VisionTransformer(config, 2 * config.stride, num_classes=1).state_dict()
