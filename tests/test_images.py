@@ -145,6 +145,21 @@ def test_bad_images_are_named_once_and_skipped_and_batches_keep_their_size(
     assert len(test_loader.dataset) == 4 + len(bad_val)
 
 
+def test_bad_images_held_out_as_minival_are_left_out_of_its_count(tmp_path) -> None:
+    root = tmp_path / "flowers"
+    make_image_folder(root, n=6)
+    bad = _add_bad_files(root / "train" / "cat")  # sorted last: the held-out end of the class
+    _, minival_loader, _ = get_loader(_args(root, holdout_fraction=0.3))
+    held_out = [
+        minival_loader.dataset.base.dataset.samples[i][0]
+        for i in minival_loader.dataset.base.indices
+    ]
+    assert set(map(str, bad)) <= set(held_out)
+    torch.manual_seed(0)
+    result = evaluate(VisionTransformer("testing", 32, num_classes=2), minival_loader, "cpu")
+    assert result["count"] == len(held_out) - len(bad)
+
+
 def test_strict_images_refuses_at_start_up_listing_every_bad_file(tmp_path) -> None:
     root = tmp_path / "flowers"
     make_image_folder(root, n=6)

@@ -227,8 +227,11 @@ class WithTransform(Dataset):
     def __len__(self) -> int:
         return len(self.base)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image, target = self.base[index]
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | None:
+        item = self.base[index]
+        if item is None:  # unreadable: left out of its batch (`skip_unreadable`)
+            return None
+        image, target = item
         return self.transform(image), target
 
 
