@@ -418,6 +418,7 @@ def check_images(dataset: ImageFolderFiles, shown: int = 20) -> None:
     Raises:
         UserError: listing the files that cannot be read and why.
     """
+    logger.info("Checking that the %d images in %s can be read.", len(dataset), dataset.root)
     bad = []
     for path, _ in dataset.samples:
         try:
