@@ -22,21 +22,25 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-
-from torch.utils.data import DataLoader
+from typing import TYPE_CHECKING
 
 from models.configs import model_names
-from utils.data_utils import DATASETS, build_eval_loader, build_test_set
-from utils.dist_utils import DistInfo, cleanup, init_distributed, main_process_first
-from utils.engine import PRECISIONS, evaluate, setup_logging
 from utils.errors import UserError, run_cli
-from utils.loading import load_model
+from utils.flags import DATASETS, PRECISIONS, HelpFormatter, non_negative_int, positive_int
+
+if TYPE_CHECKING:
+    from torch.utils.data import DataLoader
+
+    from utils.dist_utils import DistInfo
+
+# torch, and every module of ours that imports it, is imported inside the functions that use
+# it, after the flags are parsed: `--help` and a mistyped flag answer at once.
 
 logger = logging.getLogger("eval")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument(
         "--checkpoint",
         required=True,
@@ -57,10 +61,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="CIFAR folder, or an image folder root with val/ (or test/), one folder per class.",
     )
     p.add_argument(
-        "--img_size", type=int, default=None, help="Default: the size it was trained at."
+        "--img_size", type=positive_int, default=None, help="Default: the size it was trained at."
     )
-    p.add_argument("--eval_batch_size", type=int, default=64, help="Per process.")
-    p.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1))
+    p.add_argument("--eval_batch_size", type=positive_int, default=64, help="Per process.")
+    p.add_argument(
+        "--num_workers",
+        type=non_negative_int,
+        default=min(4, os.cpu_count() or 1),
+        help="Data-loading worker processes per process.",
+    )
     p.add_argument(
         "--precision",
         choices=PRECISIONS,
@@ -77,6 +86,9 @@ def build_test_loader(
     args: argparse.Namespace, dataset: str, img_size: int, info: DistInfo
 ) -> tuple[DataLoader, list[str]]:
     """This rank's shard of the test split, with train.py's test preprocessing."""
+    from utils.data_utils import build_eval_loader, build_test_set
+    from utils.dist_utils import main_process_first
+
     with main_process_first(info.rank):
         test_set, class_names = build_test_set(
             dataset, args.data_dir, img_size, download=info.is_main
@@ -89,8 +101,9 @@ def build_test_loader(
 
 def run(args: argparse.Namespace, info: DistInfo) -> dict[str, float]:
     """Load, check against the dataset, evaluate; returns train.evaluate's result + throughput."""
-    if args.eval_batch_size < 1 or args.num_workers < 0:
-        raise UserError("--eval_batch_size must be at least 1 and --num_workers not negative.")
+    from utils.engine import evaluate
+    from utils.loading import load_model
+
     loaded = load_model(args.checkpoint, args.model_type, args.img_size)
     dataset = args.dataset or loaded.dataset
     if dataset is None:
@@ -133,6 +146,9 @@ def run(args: argparse.Namespace, info: DistInfo) -> dict[str, float]:
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     """Parse flags, evaluate (sharded under torchrun), print the summary on rank 0."""
     args = parse_args(argv)
+    from utils.dist_utils import cleanup, init_distributed
+    from utils.engine import setup_logging
+
     info = init_distributed(args.local_rank)
     try:
         setup_logging(info)

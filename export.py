@@ -34,17 +34,23 @@ import os
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch import nn
 
 from models.configs import ViTConfig, model_names
 from models.npz import clean_state_dict, state_dict_to_npz
 from utils.errors import UserError, run_cli
-from utils.file_io import atomic_write, save_npz, save_safetensors
-from utils.loading import LoadedModel, load_model
+from utils.flags import HelpFormatter, positive_int
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from utils.loading import LoadedModel
+
+# torch, and every module of ours that imports it, is imported inside the functions that use
+# it, after the flags are parsed: `--help` and a mistyped flag answer at once.
 
 # Output file name: the checkpoint's path with its suffix replaced by this.
 SUFFIXES = {"npz": ".npz", "safetensors": ".safetensors", "timm": "_timm.pth", "onnx": ".onnx"}
@@ -74,9 +80,7 @@ TIMM_PREFIXES = (
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
-    )
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument(
         "--checkpoint",
         required=True,
@@ -98,7 +102,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="Default: from the checkpoint's sidecar or its shapes.",
     )
     p.add_argument(
-        "--img_size", type=int, default=None, help="Default: the size it was trained at."
+        "--img_size", type=positive_int, default=None, help="Default: the size it was trained at."
     )
     return p.parse_args(argv)
 
@@ -222,6 +226,8 @@ def create_model_call(name: str, kwargs: dict[str, Any]) -> str:
 
 def check_against_timm(name: str, kwargs: dict[str, Any], state: dict[str, torch.Tensor]) -> str:
     """Compare keys and shapes with timm's own model when timm is installed (built on `meta`)."""
+    import torch
+
     try:
         import timm
     except ImportError:
@@ -243,23 +249,24 @@ def check_against_timm(name: str, kwargs: dict[str, Any], state: dict[str, torch
 # ONNX
 
 
-class LogitsOnly(nn.Module):
-    """`model(images)` -> logits (our forward also returns the attention-map list)."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(images)[0]
-
-
 def onnx_bytes(model: nn.Module, img_size: tuple[int, int], info: dict[str, Any]) -> bytes:
     """The serialized ONNX model: logits graph, dynamic batch, `info` in its metadata_props.
 
     Raises:
         UserError: onnx is not installed, or the weights exceed the 2 GB of one ONNX file.
     """
+    import torch
+
+    class LogitsOnly(torch.nn.Module):
+        """`model(images)` -> logits (our forward also returns the attention-map list)."""
+
+        def __init__(self, model: nn.Module):
+            super().__init__()
+            self.model = model
+
+        def forward(self, images: torch.Tensor) -> torch.Tensor:
+            return self.model(images)[0]
+
     try:
         import onnx
     except ImportError:
@@ -309,6 +316,8 @@ def onnx_max_difference(data: bytes, model: nn.Module, img_size: tuple[int, int]
     Raises:
         UserError: onnxruntime is not installed.
     """
+    import torch
+
     try:
         import onnxruntime
     except ImportError:
@@ -329,6 +338,11 @@ def onnx_max_difference(data: bytes, model: nn.Module, img_size: tuple[int, int]
 
 def export(args: argparse.Namespace) -> list[str]:
     """Write the export; returns the lines to print."""
+    import torch
+
+    from utils.file_io import atomic_write, save_npz, save_safetensors
+    from utils.loading import load_model
+
     path = output_path(args.checkpoint, args.format, args.output)
     check_writable(path, args.overwrite)
     loaded = load_model(args.checkpoint, args.model_type, args.img_size)

@@ -28,20 +28,20 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
-import torch.distributed as dist
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
+from typing import TYPE_CHECKING
 
 from models.configs import model_names
-from utils.attention_maps import IMAGE_EXTENSIONS, top_k
-from utils.data_utils import build_transforms
-from utils.dist_utils import DistInfo, cleanup, init_distributed
 from utils.errors import UserError, run_cli
-from utils.file_io import atomic_write
-from utils.loading import load_model
+from utils.flags import HelpFormatter, non_negative_int, positive_int
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+    from utils.dist_utils import DistInfo
+
+# torch, and every module of ours that imports it, is imported inside the functions that use
+# it, after the flags are parsed: `--help` and a mistyped flag answer at once.
 
 logger = logging.getLogger("predict")
 
@@ -49,9 +49,7 @@ OUTPUT_FORMATS = (".csv", ".json")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
-    )
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument(
         "--checkpoint",
         required=True,
@@ -65,9 +63,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="Image files, folders (searched recursively) and glob patterns (quote them).",
     )
     p.add_argument("--output", default=None, help="preds.csv or preds.json (default: print).")
-    p.add_argument("--top_k", type=int, default=5, help="Classes per image.")
-    p.add_argument("--batch_size", type=int, default=64, help="Images per batch and process.")
-    p.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1))
+    p.add_argument("--top_k", type=positive_int, default=5, help="Classes per image.")
+    p.add_argument(
+        "--batch_size", type=positive_int, default=64, help="Images per batch and process."
+    )
+    p.add_argument(
+        "--num_workers",
+        type=non_negative_int,
+        default=min(4, os.cpu_count() or 1),
+        help="Image-reading worker processes per process.",
+    )
     p.add_argument(
         "--model_type",
         choices=model_names(),
@@ -75,14 +80,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="Default: from the checkpoint's sidecar or its shapes.",
     )
     p.add_argument(
-        "--img_size", type=int, default=None, help="Default: the size it was trained at."
+        "--img_size", type=positive_int, default=None, help="Default: the size it was trained at."
     )
     p.add_argument(
         "--local_rank", "--local-rank", type=int, default=-1, help="Set by older launchers."
     )
     args = p.parse_args(argv)
-    if args.top_k < 1 or args.batch_size < 1 or args.num_workers < 0:
-        p.error("--top_k and --batch_size must be at least 1, --num_workers not negative")
     if args.output and Path(args.output).suffix.lower() not in OUTPUT_FORMATS:
         p.error(f"--output must end in {' or '.join(OUTPUT_FORMATS)}, got {args.output}")
     if args.output and Path(args.output).is_dir():
@@ -104,6 +107,7 @@ def find_images(patterns: Sequence[str]) -> list[Path]:
         UserError: a path that does not exist, a pattern that matches nothing, a folder without
             images.
     """
+    from utils.attention_maps import IMAGE_EXTENSIONS
 
     def images_in(folder: Path) -> list[Path]:
         return sorted(
@@ -143,8 +147,11 @@ class Item:
     error: str | None
 
 
-class ImageFiles(Dataset):
-    """Images by path, preprocessed; an unreadable file gives an `Item` with its error."""
+class ImageFiles:
+    """Images by path, preprocessed; an unreadable file gives an `Item` with its error.
+
+    A map-style dataset (`__getitem__`, `__len__`) for a `DataLoader`.
+    """
 
     def __init__(
         self,
@@ -160,16 +167,19 @@ class ImageFiles(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> Item:
+        from utils.preprocessing import BadImageError, read_image
+
         try:
-            with Image.open(self.paths[i]) as image:
-                rgb = image.convert("RGB")  # decodes the whole file: truncation shows here
-        except Exception as err:  # any file PIL cannot decode is reported, never fatal
-            return Item(self.indices[i], None, f"{type(err).__name__}: {err}")
+            rgb = read_image(self.paths[i])  # decodes the whole file: truncation shows here
+        except BadImageError as err:  # reported, never fatal
+            return Item(self.indices[i], None, err.reason)
         return Item(self.indices[i], self.transform(rgb), None)
 
 
 def collate_readable(items: list[Item]) -> tuple[list[int], torch.Tensor | None, list[Item]]:
     """(indices of the readable images, their batch or None, the unreadable items)."""
+    import torch
+
     readable = [item for item in items if item.image is not None]
     batch = torch.stack([item.image for item in readable]) if readable else None
     return [item.index for item in readable], batch, [i for i in items if i.image is None]
@@ -183,6 +193,14 @@ def predict(
     args: argparse.Namespace, paths: list[Path], info: DistInfo
 ) -> tuple[dict[int, dict], int]:
     """This process's share of the predictions, {input index: record}, and the class count."""
+    import torch
+    from torch.utils.data import DataLoader
+    from tqdm import tqdm
+
+    from utils.attention_maps import top_k
+    from utils.data_utils import build_transforms
+    from utils.loading import load_model
+
     loaded = load_model(args.checkpoint, args.model_type, args.img_size)
     model = loaded.model.to(info.device)
     names = loaded.class_names  # the sidecar's, or the dataset's known names
@@ -229,6 +247,8 @@ def predict(
 
 def gather(records: dict[int, dict], info: DistInfo) -> list[dict] | None:
     """Every process's records in input order, on process 0 (None elsewhere)."""
+    import torch.distributed as dist
+
     if not info.distributed:
         return [records[i] for i in sorted(records)]
     everyone: list[dict[int, dict] | None] = [None] * info.world_size
@@ -283,6 +303,8 @@ def write_output(path: str, text: str) -> None:
     Raises:
         UserError: the file cannot be written.
     """
+    from utils.file_io import atomic_write
+
     try:
         atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
     except OSError as err:
@@ -303,6 +325,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict] | None:
     """
     args = parse_args(argv)
     paths = find_images(args.image)  # before joining the group: a typo fails at once
+    from utils.dist_utils import cleanup, init_distributed
+
     info = init_distributed(args.local_rank)
     try:
         logging.basicConfig(

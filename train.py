@@ -43,15 +43,6 @@ from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.distributed as dist
-from torch import nn
-from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
-from tqdm import tqdm
-from tqdm.contrib.logging import logging_redirect_tqdm
-
 from models.configs import (
     AUGREG_DROPOUT,
     checked_img_size,
@@ -60,33 +51,19 @@ from models.configs import (
     model_names,
     model_type_from_filename,
 )
-from models.modeling import VisionTransformer
-from models.npz import guess_model_type, load_npz
-from utils.data_utils import DATASETS, get_loader, prepare_batch
-from utils.dist_utils import DistInfo, all_reduce_sum, barrier, cleanup, init_distributed
-from utils.engine import (
+from utils.errors import StoppedBySignal, UserError, run_cli
+from utils.flags import (
+    DATASETS,
+    DECAY_TYPES,
     OPT_LEVELS,
+    OPTIM_DTYPES,
     PRECISIONS,
-    StaticGradScaler,
-    autocast,
-    available_bytes,
-    evaluate,
-    make_scaler,
-    resolve_precision,
-    setup_logging,
-    training_memory,
-)
-from utils.errors import UserError, run_cli
-from utils.file_io import atomic_save, read_sidecar, write_sidecar
-from utils.optim import DECAY_TYPES, OPTIM_DTYPES, make_optimizer, make_scheduler
-from utils.stopping import GracefulExit, NonFiniteGuard
-from utils.train_state import (
-    TrainState,
-    get_rng_state,
-    last_state_path,
-    load_training_state,
-    resolve_resume,
-    save_training_state,
+    HelpFormatter,
+    fraction,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
 )
 
 logger = logging.getLogger("train")
@@ -111,7 +88,7 @@ RESUME_SENSITIVE = (
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The original port's flags (same names and defaults), plus the new ones."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     # The original port's flags.
     p.add_argument("--name", required=True, help="Name of this run (checkpoint and log names).")
     p.add_argument("--dataset", choices=DATASETS, default="cifar10")
@@ -125,32 +102,42 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--pretrained_dir",
         default="checkpoint/ViT-B_16.npz",
-        help="Official .npz checkpoint to fine-tune from, or 'none' to train from scratch.",
+        help="Checkpoint to fine-tune from: an official .npz, or a model train.py or export.py "
+        "wrote (.bin, _last.pt, .safetensors); 'none' trains from scratch.",
     )
     p.add_argument("--output_dir", default="output", help="Where the best checkpoint goes.")
-    p.add_argument("--img_size", type=int, default=224, help="Input resolution.")
+    p.add_argument("--img_size", type=positive_int, default=224, help="Input resolution.")
     p.add_argument(
         "--train_batch_size",
-        type=int,
+        type=positive_int,
         default=512,
         help="Total batch per optimizer step, over all processes and accumulation steps.",
     )
-    p.add_argument("--eval_batch_size", type=int, default=64, help="Per process.")
+    p.add_argument("--eval_batch_size", type=positive_int, default=64, help="Per process.")
     p.add_argument(
-        "--eval_every", type=int, default=100, help="Evaluate every N steps (0: only at the end)."
+        "--eval_every",
+        type=non_negative_int,
+        default=100,
+        help="Evaluate every N steps (0: only at the end).",
     )
-    p.add_argument("--learning_rate", type=float, default=3e-2, help="Peak SGD learning rate.")
-    p.add_argument("--weight_decay", type=float, default=0.0)
-    p.add_argument("--num_steps", type=int, default=10000, help="Optimizer steps in total.")
+    p.add_argument(
+        "--learning_rate", type=positive_float, default=3e-2, help="Peak SGD learning rate."
+    )
+    p.add_argument("--weight_decay", type=non_negative_float, default=0.0)
+    p.add_argument(
+        "--num_steps", type=positive_int, default=10000, help="Optimizer steps in total."
+    )
     p.add_argument("--decay_type", choices=DECAY_TYPES, default="cosine")
-    p.add_argument("--warmup_steps", type=int, default=500)
-    p.add_argument("--max_grad_norm", type=float, default=1.0, help="0 turns clipping off.")
+    p.add_argument("--warmup_steps", type=non_negative_int, default=500)
+    p.add_argument(
+        "--max_grad_norm", type=non_negative_float, default=1.0, help="0 turns clipping off."
+    )
     p.add_argument(
         "--optim_dtype",
         choices=OPTIM_DTYPES,
         default="bfloat16",
         help="dtype of the SGD momentum: bfloat16 as vit_jax's train step (half the memory), or "
-        "float32 (torch.optim.SGD's arithmetic). Default bfloat16.",
+        "float32 (torch.optim.SGD's arithmetic).",
     )
     p.add_argument(
         "--local_rank",
@@ -160,7 +147,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="Set by older launchers; torchrun sets LOCAL_RANK instead (both work).",
     )
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    p.add_argument("--gradient_accumulation_steps", type=positive_int, default=1)
     p.add_argument("--fp16", action="store_true", help="Alias of --precision fp16.")
     p.add_argument(
         "--fp16_opt_level",
@@ -170,7 +157,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--loss_scale",
-        type=float,
+        type=non_negative_float,
         default=0,
         help="fp16 loss scale: 0 = dynamic, a positive value = that fixed scale.",
     )
@@ -182,14 +169,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--holdout_fraction",
-        type=float,
+        type=fraction,
         default=0.02,
         help="Last fraction of the training split held out as minival, to select the best "
         "checkpoint on (the official train[:98%%]); 0 selects on the test set (optimistic).",
     )
     p.add_argument(
         "--num_workers",
-        type=int,
+        type=non_negative_int,
         default=min(4, os.cpu_count() or 1),
         help="Data-loading worker processes per training process.",
     )
@@ -205,9 +192,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--save_every",
-        type=int,
+        type=non_negative_int,
         default=100,
         help="Save the last training state every N steps (0: only at the end or when stopped).",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="Start a new run under a --name that has files already, deleting them first "
+        "(without it such a run is refused).",
+    )
+    p.add_argument(
+        "--strict_images",
+        action="store_true",
+        help="Check every image of an image folder at start-up and refuse unreadable ones "
+        "(without it they are skipped with a warning).",
     )
     args = p.parse_args(argv)
     if args.log_dir is None:
@@ -217,6 +216,53 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.model_type = model_type_from_filename(args.pretrained_dir)
         args.model_type_from = "the file name of --pretrained_dir"
     return args
+
+
+if __name__ == "__main__":
+    parse_args()  # --help and a mistyped flag answer now, not after torch is imported (seconds)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.nn.parallel import DistributedDataParallel  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+from tqdm.contrib.logging import logging_redirect_tqdm  # noqa: E402
+
+from models.modeling import VisionTransformer  # noqa: E402
+from models.npz import guess_model_type  # noqa: E402
+from utils.data_utils import get_loader, prepare_batch  # noqa: E402
+from utils.dist_utils import (  # noqa: E402
+    DistInfo,
+    all_reduce_sum,
+    barrier,
+    cleanup,
+    init_distributed,
+)
+from utils.engine import (  # noqa: E402
+    StaticGradScaler,
+    autocast,
+    available_bytes,
+    evaluate,
+    make_scaler,
+    resolve_precision,
+    setup_logging,
+    training_memory,
+)
+from utils.file_io import read_sidecar, save_checkpoint, write_sidecar  # noqa: E402
+from utils.loading import pretrained_weights  # noqa: E402
+from utils.optim import make_optimizer, make_scheduler  # noqa: E402
+from utils.run_files import claim_run  # noqa: E402
+from utils.stopping import GracefulExit, NonFiniteGuard  # noqa: E402
+from utils.train_state import (  # noqa: E402
+    TrainState,
+    get_rng_state,
+    last_state_path,
+    load_training_state,
+    resolve_resume,
+    save_training_state,
+)
 
 
 def check_args(args: argparse.Namespace, info: DistInfo) -> None:
@@ -242,7 +288,11 @@ def check_args(args: argparse.Namespace, info: DistInfo) -> None:
 
 
 def read_checkpoint(args: argparse.Namespace) -> dict[str, np.ndarray] | None:
-    """The official `.npz` of `--pretrained_dir` (None for 'none'); a missing file names its URL.
+    """The weights of `--pretrained_dir` in the official layout (None for 'none').
+
+    An official `.npz`, or a model of ours (`.bin`, `_last.pt`, `.safetensors`) converted to that
+    layout, so that fine-tuning it zeroes the head and resizes position embeddings alike. A
+    missing official file names its download URL.
 
     Settles `args.model_type` when no flag or file name gave it: from the checkpoint's shapes
     (ViT-B_16, the original port's default, when training from scratch).
@@ -256,7 +306,7 @@ def read_checkpoint(args: argparse.Namespace) -> dict[str, np.ndarray] | None:
             args.model_type,
         )
     else:
-        weights = load_npz(args.pretrained_dir, args.model_type)
+        weights = pretrained_weights(args.pretrained_dir, args.model_type)
         if args.model_type is None:
             args.model_type = guess_model_type(weights)
             args.model_type_from = "the shapes in --pretrained_dir"
@@ -340,8 +390,9 @@ def check_memory(
     with torch.random.fork_rng(devices=cuda):
         per_image, peak = training_memory(model, images, labels, precision)
     model.zero_grad(set_to_none=True)
+    micro_batch = args.train_batch_size // (info.world_size * args.gradient_accumulation_steps)
     budget = 0.9 * available
-    need = max(peak, 1.05 * args.micro_batch_size * per_image)
+    need = max(peak, 1.05 * micro_batch * per_image)
     if need <= budget:
         return
     fits = max(int(budget / (1.05 * per_image)), 1)
@@ -352,7 +403,7 @@ def check_memory(
     )
     gb = 2.0**30
     raise UserError(
-        f"A micro-batch of {args.micro_batch_size} images at {args.img_size}x{args.img_size} "
+        f"A micro-batch of {micro_batch} images at {args.img_size}x{args.img_size} "
         f"needs about {need / gb:.1f} GB on {info.device} for activations and gradients, but "
         f"about {available / gb:.1f} GB are available. Use --gradient_accumulation_steps "
         f"{steps} (micro-batches of {per_process // steps}, the same total batch), or a smaller "
@@ -471,14 +522,15 @@ def micro_batches(
 def save_best(
     path: Path, args: argparse.Namespace, trainer: Trainer, class_names: list[str], facts: dict
 ) -> None:
-    """Write the best model (a plain state dict) and its `.json` sidecar, both atomically.
+    """Write the best model (a plain state dict) and its `.json` sidecar, both atomically, the
+    sidecar with the checkpoint's SHA-256 (verified whenever it is loaded).
 
     `facts` (step, accuracies) go into the sidecar; `accuracy` is the test accuracy, what
     eval.py reports for the checkpoint.
     """
     model = trainer.model
-    atomic_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
-    write_sidecar(
+    save_checkpoint(
+        {k: v.detach().cpu() for k, v in model.state_dict().items()},
         path,
         model_type=model.config.name,
         img_size=list(model.img_size),
@@ -554,222 +606,244 @@ def _run(args: argparse.Namespace, info: DistInfo) -> dict[str, float]:
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
 
-    # ---- Data and model ----------------------------------------------------------------------
-    # Fail fast, before downloads; a resume reads the file only to learn the model type.
-    weights = read_checkpoint(args) if not resume_from or args.model_type is None else None
-    if resume_from:
-        weights = None
-    train_loader, minival_loader, test_loader = get_loader(args)
-    class_names = list(train_loader.dataset.classes)
-    selected_by = "minival" if minival_loader is not None else "test"
-    if minival_loader is None:
-        logger.warning(
-            "--holdout_fraction 0: the best checkpoint is selected on the test set, so its test "
-            "accuracy is an optimistic estimate (the original port did this)."
-        )
-    model = build_model(args, len(class_names), weights)
-    del weights
-    trainer = make_trainer(args, model, info)
-    logger.info(
-        "Training %s on %s (%d train / %d minival / %d test images, %d classes) at %dx%d, %s, "
-        "%d steps, total batch %d = %d process(es) x %d accumulation step(s) x %d per forward "
-        "pass; the best checkpoint is selected on %s.",
-        args.model_type,
-        args.dataset,
-        len(train_loader.dataset),
-        len(minival_loader.dataset) if minival_loader is not None else 0,
-        len(test_loader.dataset),
-        len(class_names),
-        args.img_size,
-        args.img_size,
-        trainer.precision,
-        args.num_steps,
-        args.train_batch_size,
-        info.world_size,
-        args.gradient_accumulation_steps,
-        args.micro_batch_size,
-        selected_by,
-    )
-    logger.info("TensorBoard logs: %s; best checkpoint: %s", args.log_dir, args.output_dir)
-
-    # ---- Resume (last: it restores the RNG state) ------------------------------------------
-    state = TrainState()
-    if resume_from:
-        state = load_training_state(
-            resume_from,
-            model=trainer.model,
-            optimizer=trainer.optimizer,
-            scheduler=trainer.scheduler,
-            scaler=trainer.scaler,
-            rank=info.rank,
-        )
-        for flag in RESUME_SENSITIVE:
-            saved = state.args.get(flag, getattr(args, flag))
-            if info.is_main and saved != getattr(args, flag):
-                logger.warning(
-                    "Resuming with --%s %s, but the saved run used %s: the result will differ "
-                    "from an uninterrupted run.",
-                    flag,
-                    getattr(args, flag),
-                    saved,
-                )
+    # ---- The pre-trained weights, then the run's files --------------------------------------
+    # Read first to fail fast, before downloads; a resume reads it only to learn the model type.
+    weights = read_checkpoint(args) if resume_from is None or args.model_type is None else None
+    if resume_from is not None:
+        weights = None  # the saved state holds the weights
+    # Checked and locked before any work: a new run never replaces an earlier run's files.
+    with claim_run(
+        args.output_dir,
+        args.log_dir,
+        args.name,
+        resume=resume_from is not None,
+        overwrite=args.overwrite,
+        is_main=info.is_main,
+    ):
+        # ---- Data and model --------------------------------------------------------------
+        train_loader, minival_loader, test_loader = get_loader(args)
+        class_names = list(train_loader.dataset.classes)
+        selected_by = "minival" if minival_loader is not None else "test"
+        if minival_loader is None:
+            logger.warning(
+                "--holdout_fraction 0: the best checkpoint is selected on the test set, so its "
+                "test accuracy is an optimistic estimate (the original port did this)."
+            )
+        model = build_model(args, len(class_names), weights)
+        del weights
+        trainer = make_trainer(args, model, info)
         logger.info(
-            "Resumed from %s at step %d (epoch %d, batch %d; best accuracy %.4f).",
-            resume_from,
-            state.step,
-            state.epoch,
-            state.batches_in_epoch,
-            state.best_accuracy,
+            "Training %s on %s (%d train / %d minival / %d test images, %d classes) at %dx%d, %s, "
+            "%d steps, total batch %d = %d process(es) x %d accumulation step(s) x %d per forward "
+            "pass; the best checkpoint is selected on %s.",
+            args.model_type,
+            args.dataset,
+            len(train_loader.dataset),
+            len(minival_loader.dataset) if minival_loader is not None else 0,
+            len(test_loader.dataset),
+            len(class_names),
+            args.img_size,
+            args.img_size,
+            trainer.precision,
+            args.num_steps,
+            args.train_batch_size,
+            info.world_size,
+            args.gradient_accumulation_steps,
+            args.micro_batch_size,
+            selected_by,
         )
+        logger.info("TensorBoard logs: %s; best checkpoint: %s", args.log_dir, args.output_dir)
 
-    # ---- Train loop --------------------------------------------------------------------------
-    writer = None
-    if info.is_main:
-        from torch.utils.tensorboard import SummaryWriter  # TensorBoard: only when training
-
-        # A resumed run continues the same log, dropping what the interrupted run logged after
-        # its last state (it is logged again).
-        writer = SummaryWriter(
-            log_dir=args.log_dir, purge_step=state.step + 1 if state.step else None
-        )
-    best_path = Path(args.output_dir) / f"{args.name}_checkpoint.bin"
-    stream = micro_batches(train_loader, state, skip=state.batches_in_epoch)
-    guard = None if trainer.scaler else NonFiniteGuard(NON_FINITE_PATIENCE)
-    first_step, stopped, final = state.step, False, {}
-    eval_time, start = 0.0, time.perf_counter()
-    bar = tqdm(
-        initial=state.step,
-        total=args.num_steps,
-        desc="Training",
-        disable=not info.is_main,
-        dynamic_ncols=True,
-    )
-    with logging_redirect_tqdm(), bar, writer or nullcontext(), GracefulExit() as stop:
-        while state.step < args.num_steps:
-            # Accumulate and update.
-            batches = [next(stream) for _ in range(args.gradient_accumulation_steps)]
-            lr = trainer.scheduler.get_last_lr()[0]  # the rate this update applies
-            state.step += 1
-            loss = train_step(args, trainer, batches, guard, state.step, info)
-            if writer is not None:
-                loss_value = loss.item()
-                writer.add_scalar("train/loss", loss_value, state.step)
-                writer.add_scalar("train/lr", lr, state.step)
-                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", refresh=False)
-            bar.update(1)
-
-            # Evaluate minival and test (every rank, its shard); select on minival, else test.
-            last = state.step == args.num_steps
-            if last or (args.eval_every > 0 and state.step % args.eval_every == 0):
-                t0 = time.perf_counter()
-                results = {
-                    "test": evaluate(
-                        trainer.eval_net, test_loader, info.device, trainer.precision, info.is_main
-                    )
-                }
-                if minival_loader is not None:
-                    results["minival"] = evaluate(
-                        trainer.eval_net,
-                        minival_loader,
-                        info.device,
-                        trainer.precision,
-                        info.is_main,
-                    )
-                for split, result in results.items():
-                    top5 = f", top-5 {result['top5']:.4f}" if "top5" in result else ""
-                    logger.info(
-                        "Step %d: %s loss %.4f, accuracy %.4f%s (%d images).",
-                        state.step,
-                        split,
-                        result["loss"],
-                        result["accuracy"],
-                        top5,
-                        result["count"],
-                    )
-                    if writer is not None:
-                        for key in ("loss", "accuracy", "top5"):
-                            if key in result:
-                                writer.add_scalar(f"{split}/{key}", result[key], state.step)
-                if writer is not None:
-                    writer.flush()
-                final = {f"{split}_accuracy": r["accuracy"] for split, r in results.items()}
-                # Better: higher accuracy, or as high with a lower loss (a small minival ties
-                # often). A model whose loss is not finite never replaces a checkpoint.
-                chosen = results[selected_by]
-                finite = all(math.isfinite(r["loss"]) for r in results.values())
-                better = (chosen["accuracy"], -chosen["loss"]) > (
-                    state.best_accuracy,
-                    -state.best_loss,
-                )
-                if not finite:
+        # ---- Resume (last: it restores the RNG state) ------------------------------------------
+        state = TrainState()
+        if resume_from:
+            state = load_training_state(
+                resume_from,
+                model=trainer.model,
+                optimizer=trainer.optimizer,
+                scheduler=trainer.scheduler,
+                scaler=trainer.scaler,
+                rank=info.rank,
+            )
+            for flag in RESUME_SENSITIVE:
+                saved = state.args.get(flag, getattr(args, flag))
+                if info.is_main and saved != getattr(args, flag):
                     logger.warning(
-                        "Step %d: the evaluation loss is not finite; the model is not saved.",
-                        state.step,
+                        "Resuming with --%s %s, but the saved run used %s: the result will differ "
+                        "from an uninterrupted run.",
+                        flag,
+                        getattr(args, flag),
+                        saved,
                     )
-                elif better:
-                    state.best_accuracy, state.best_loss = chosen["accuracy"], chosen["loss"]
-                    state.best_test_accuracy = results["test"]["accuracy"]
-                    state.best_step = state.step
-                    if info.is_main:
-                        facts = {"step": state.step, "selected_by": selected_by, **final}
-                        facts["accuracy"] = facts.pop("test_accuracy")
-                        save_best(best_path, args, trainer, class_names, facts)
-                        logger.info(
-                            "Saved the best model so far (by %s accuracy) to %s.",
-                            selected_by,
-                            best_path,
+            logger.info(
+                "Resumed from %s at step %d (epoch %d, batch %d; best accuracy %.4f).",
+                resume_from,
+                state.step,
+                state.epoch,
+                state.batches_in_epoch,
+                state.best_accuracy,
+            )
+
+        # ---- Train loop --------------------------------------------------------------------------
+        writer = None
+        if info.is_main:
+            from torch.utils.tensorboard import SummaryWriter  # TensorBoard: only when training
+
+            # A resumed run continues the same log, dropping what the interrupted run logged after
+            # its last state (it is logged again).
+            writer = SummaryWriter(
+                log_dir=args.log_dir, purge_step=state.step + 1 if state.step else None
+            )
+        best_path = Path(args.output_dir) / f"{args.name}_checkpoint.bin"
+        stream = micro_batches(train_loader, state, skip=state.batches_in_epoch)
+        guard = None if trainer.scaler else NonFiniteGuard(NON_FINITE_PATIENCE)
+        first_step, stopped, final = state.step, False, {}
+        eval_time, start = 0.0, time.perf_counter()
+        bar = tqdm(
+            initial=state.step,
+            total=args.num_steps,
+            desc="Training",
+            disable=not info.is_main,
+            dynamic_ncols=True,
+        )
+        with logging_redirect_tqdm(), bar, writer or nullcontext(), GracefulExit() as stop:
+            while state.step < args.num_steps:
+                # Accumulate and update.
+                batches = [next(stream) for _ in range(args.gradient_accumulation_steps)]
+                lr = trainer.scheduler.get_last_lr()[0]  # the rate this update applies
+                state.step += 1
+                loss = train_step(args, trainer, batches, guard, state.step, info)
+                if writer is not None:
+                    loss_value = loss.item()
+                    writer.add_scalar("train/loss", loss_value, state.step)
+                    writer.add_scalar("train/lr", lr, state.step)
+                    bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", refresh=False)
+                bar.update(1)
+
+                # Evaluate minival and test (every rank, its shard); select on minival, else test.
+                last = state.step == args.num_steps
+                if last or (args.eval_every > 0 and state.step % args.eval_every == 0):
+                    t0 = time.perf_counter()
+                    results = {
+                        "test": evaluate(
+                            trainer.eval_net,
+                            test_loader,
+                            info.device,
+                            trainer.precision,
+                            info.is_main,
                         )
-                eval_time += time.perf_counter() - t0
-
-            # Save the last state every --save_every steps, at the end, and when stopping.
-            stopped = stop.should_stop(info.device)  # every rank, every step, same point
-            periodic = args.save_every > 0 and state.step % args.save_every == 0
-            if stopped or periodic or last:
-                if writer is not None:
-                    writer.flush()  # TensorBoard is never behind the last state
-                save_last_state(args, trainer, state, info)
-            if stopped:
-                if info.is_main:
-                    logger.warning(
-                        "Stopped by %s at step %d; saved %s. Continue with the same command "
-                        "plus --resume.",
-                        stop.signal_name or "a signal to another process",
-                        state.step,
-                        last_state_path(args.output_dir, args.name),
+                    }
+                    if minival_loader is not None:
+                        results["minival"] = evaluate(
+                            trainer.eval_net,
+                            minival_loader,
+                            info.device,
+                            trainer.precision,
+                            info.is_main,
+                        )
+                    for split, result in results.items():
+                        top5 = f", top-5 {result['top5']:.4f}" if "top5" in result else ""
+                        logger.info(
+                            "Step %d: %s loss %.4f, accuracy %.4f%s (%d images).",
+                            state.step,
+                            split,
+                            result["loss"],
+                            result["accuracy"],
+                            top5,
+                            result["count"],
+                        )
+                        if writer is not None:
+                            for key in ("loss", "accuracy", "top5"):
+                                if key in result:
+                                    writer.add_scalar(f"{split}/{key}", result[key], state.step)
+                    if writer is not None:
+                        writer.flush()
+                    final = {f"{split}_accuracy": r["accuracy"] for split, r in results.items()}
+                    # Better: higher accuracy, or as high with a lower loss (a small minival ties
+                    # often). A model whose loss is not finite never replaces a checkpoint.
+                    chosen = results[selected_by]
+                    finite = all(math.isfinite(r["loss"]) for r in results.values())
+                    better = (chosen["accuracy"], -chosen["loss"]) > (
+                        state.best_accuracy,
+                        -state.best_loss,
                     )
-                break
-    wall = time.perf_counter() - start
-    images = (state.step - first_step) * args.train_batch_size
+                    if not finite:
+                        logger.warning(
+                            "Step %d: the evaluation loss is not finite; the model is not saved.",
+                            state.step,
+                        )
+                    elif better:
+                        state.best_accuracy, state.best_loss = chosen["accuracy"], chosen["loss"]
+                        state.best_test_accuracy = results["test"]["accuracy"]
+                        state.best_step = state.step
+                        if info.is_main:
+                            facts = {"step": state.step, "selected_by": selected_by, **final}
+                            facts["accuracy"] = facts.pop("test_accuracy")
+                            save_best(best_path, args, trainer, class_names, facts)
+                            logger.info(
+                                "Saved the best model so far (by %s accuracy) to %s.",
+                                selected_by,
+                                best_path,
+                            )
+                    eval_time += time.perf_counter() - t0
 
-    # ---- Report the selected and the final step ------------------------------------------
-    if final and state.best_step and not stopped and info.is_main:
-        selected = f"{selected_by} accuracy {state.best_accuracy:.4f}"
-        logger.info(
-            "Selected step %d by %s; its test accuracy %.4f. Final step %d: %s.",
-            state.best_step,
-            selected,
-            state.best_test_accuracy,
-            state.step,
-            ", ".join(f"{k} {v:.4f}" for k, v in final.items()),
-        )
-        if best_path.is_file():  # the sidecar also tells how the run ended
-            facts = read_sidecar(best_path)
-            facts.update({f"final_{k}": v for k, v in final.items()}, final_step=state.step)
-            write_sidecar(best_path, **facts)
-    return {
-        "best_accuracy": state.best_test_accuracy,
-        "best_step": state.best_step,
-        "selected_by": selected_by,
-        "selected_accuracy": state.best_accuracy,
-        "final_accuracy": final.get("test_accuracy"),
-        "final_minival_accuracy": final.get("minival_accuracy"),
-        "step": state.step,
-        "stopped": stopped,
-        "wall_time": wall,
-        "images_per_second": images / max(wall - eval_time, 1e-9),
-        "checkpoint": str(best_path),
-    }
+                # Save the last state every --save_every steps, at the end, and when stopping.
+                stopped = stop.should_stop(info.device)  # every rank, every step, same point
+                periodic = args.save_every > 0 and state.step % args.save_every == 0
+                if stopped or periodic or last:
+                    if writer is not None:
+                        writer.flush()  # TensorBoard is never behind the last state
+                    save_last_state(args, trainer, state, info)
+                if stopped:
+                    if info.is_main:
+                        logger.warning(
+                            "Stopped by %s at step %d; saved %s. Continue with the same command "
+                            "plus --resume.",
+                            stop.signal_name or "a signal to another process",
+                            state.step,
+                            last_state_path(args.output_dir, args.name),
+                        )
+                    break
+        wall = time.perf_counter() - start
+        images = (state.step - first_step) * args.train_batch_size
+
+        # ---- Report the selected and the final step ------------------------------------------
+        if final and state.best_step and not stopped and info.is_main:
+            selected = f"{selected_by} accuracy {state.best_accuracy:.4f}"
+            logger.info(
+                "Selected step %d by %s; its test accuracy %.4f. Final step %d: %s.",
+                state.best_step,
+                selected,
+                state.best_test_accuracy,
+                state.step,
+                ", ".join(f"{k} {v:.4f}" for k, v in final.items()),
+            )
+            if best_path.is_file():  # the sidecar also tells how the run ended
+                facts = read_sidecar(best_path)
+                facts.update({f"final_{k}": v for k, v in final.items()}, final_step=state.step)
+                write_sidecar(best_path, **facts)
+        return {
+            "best_accuracy": state.best_test_accuracy,
+            "best_step": state.best_step,
+            "selected_by": selected_by,
+            "selected_accuracy": state.best_accuracy,
+            "final_accuracy": final.get("test_accuracy"),
+            "final_minival_accuracy": final.get("minival_accuracy"),
+            "step": state.step,
+            "stopped": stopped,
+            "signal": stop.signum if stopped else None,
+            "wall_time": wall,
+            "images_per_second": images / max(wall - eval_time, 1e-9),
+            "checkpoint": str(best_path),
+        }
+
+
+def cli() -> None:
+    """The command line: a run stopped by a signal exits with 128 + signal, after saving."""
+    summary = main()
+    if summary["stopped"]:
+        raise StoppedBySignal(summary["signal"])
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(cli)

@@ -1,14 +1,15 @@
 """Predict and draw attention maps for images: top-5 classes, attention rollout, per-layer maps.
 
     python3 visualize.py --model_type ViT-B_16 --checkpoint checkpoint/ViT-B_16-224.npz \\
-        --image cat.jpg --output attention.png
+        --image cat.jpg --output output/attention/cat.png
 
 `--checkpoint` takes an official `.npz` or a `.bin` that train.py saved (its `.json` sidecar
 supplies model type, image size and class names; flags override it). `--image` takes files and
 folders; without it a photo bundled with scikit-learn is used (plus a held-out digit for a model
 trained on scikit-learn's digits, such as the demo model), so the command runs offline.
-With several images, one figure per image is written, named `<output stem>_<image stem>.png`.
-Attention rollout follows Abnar & Zuidema (2020); see `utils/attention_maps.py`.
+Figures go to `output/attention/` unless `--output` says otherwise; with several images, one
+figure per image is written, named `<output stem>_<image stem><suffix>`. Attention rollout
+follows Abnar & Zuidema (2020); see `utils/attention_maps.py`.
 """
 
 from __future__ import annotations
@@ -16,30 +17,30 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
-
-import matplotlib
-
-matplotlib.use("Agg")  # files only, never a window
-
-from PIL import Image
+from typing import TYPE_CHECKING
 
 from models.configs import model_names
-from utils import attention_maps as am
 from utils.errors import UserError, run_cli
-from utils.loading import load_model
+from utils.flags import HelpFormatter, positive_int
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+# torch and matplotlib (and every module of ours that imports them) are imported inside the
+# functions that use them, after the flags are parsed: `--help` and a mistyped flag answer at once.
 
 logger = logging.getLogger("visualize")
 
-DEMO_CHECKPOINT = am.DEMO_CHECKPOINT
 SAMPLE_PHOTO = "china.jpg"
+DEFAULT_OUTPUT = "output/attention/attention.png"  # output/ is kept out of git
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument(
         "--checkpoint",
-        default=DEMO_CHECKPOINT,
-        help=f"Official .npz or train.py .bin (default: {DEMO_CHECKPOINT}, made by `make demo`).",
+        default=None,
+        help="Official .npz or train.py .bin. Default: the demo model `make demo` trains.",
     )
     p.add_argument(
         "--model_type",
@@ -53,28 +54,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="Image files and/or folders (default: a photo bundled with scikit-learn).",
     )
-    p.add_argument("--output", default="attention.png", help="Figure file (.png, .jpg, .pdf).")
+    p.add_argument(
+        "--output", default=DEFAULT_OUTPUT, help="Figure file (.png, .jpg, .pdf, .svg, ...)."
+    )
     p.add_argument(
         "--img_size",
-        type=int,
+        type=positive_int,
         nargs="+",
         default=None,
         metavar="SIZE",
         help="Input size, one value or HEIGHT WIDTH (default: the checkpoint's own).",
     )
-    p.add_argument("--top_k", type=int, default=5, help="Predictions to print per image.")
+    p.add_argument("--top_k", type=positive_int, default=5, help="Predictions to print per image.")
     p.add_argument(
         "--layer_maps",
         choices=("raw", "rollout"),
         default="raw",
         help="Per-layer maps: each layer's head-mean attention, or the rollout up to it.",
     )
-    p.add_argument("--dpi", type=int, default=100, help="Figure resolution.")
+    p.add_argument("--dpi", type=positive_int, default=100, help="Figure resolution.")
     args = p.parse_args(argv)
     if args.img_size is not None and len(args.img_size) not in (1, 2):
         p.error("--img_size takes one value or two (HEIGHT WIDTH)")
-    if args.top_k < 1:
-        p.error("--top_k must be at least 1")
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if Path(args.output).suffix.lower().lstrip(".") not in formats:
+        p.error(
+            f"--output {args.output}: the file name must end in a figure format matplotlib "
+            f"writes: {', '.join('.' + f for f in sorted(formats))}"
+        )
     return args
 
 
@@ -92,6 +101,8 @@ def gather_images(args: argparse.Namespace, dataset: str | None) -> list[tuple[s
     Without `--image`, a model fine-tuned on scikit-learn's digits also gets a held-out digit,
     so that its predictions mean something.
     """
+    from utils import attention_maps as am
+
     if not args.image:
         logger.info("no --image given: using scikit-learn's sample photo %s", SAMPLE_PHOTO)
         images = [(Path(SAMPLE_PHOTO).stem, am.sample_image(SAMPLE_PHOTO))]
@@ -108,14 +119,21 @@ def gather_images(args: argparse.Namespace, dataset: str | None) -> list[tuple[s
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     args = parse_args(argv)
-    if args.checkpoint == DEMO_CHECKPOINT and not Path(DEMO_CHECKPOINT).is_file():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, never a window
+    from utils import attention_maps as am
+    from utils.loading import load_model
+
+    checkpoint = args.checkpoint or am.DEMO_CHECKPOINT
+    if args.checkpoint is None and not Path(checkpoint).is_file():
         raise UserError(
-            f"The demo checkpoint {DEMO_CHECKPOINT} does not exist yet: run `make demo` first, "
+            f"The demo checkpoint {checkpoint} does not exist yet: run `make demo` first, "
             "or pass --checkpoint with an official .npz (see checkpoint/README.md) or a .bin "
             "that train.py saved."
         )
     img_size = args.img_size[0] if args.img_size and len(args.img_size) == 1 else args.img_size
-    loaded = load_model(args.checkpoint, args.model_type, img_size)
+    loaded = load_model(checkpoint, args.model_type, img_size)
     logger.info(
         "%s from %s at %dx%d %s, %s",
         loaded.model_type,
@@ -136,8 +154,13 @@ def main(argv: list[str] | None = None) -> None:
         fig = am.plot_attention(
             image, maps, predictions=predictions, title=f"{name} — {loaded.model_type}"
         )
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=args.dpi)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fig.savefig(path, dpi=args.dpi)
+        except OSError as err:
+            raise UserError(
+                f"Cannot write {path}: {err.strerror or err}. Pass another --output."
+            ) from None
         logger.info("wrote %s", path)
 
 

@@ -226,10 +226,13 @@ def checked_img_size(
     """`img_size` as (height, width), refused unless a plain ViT sees whole patches.
 
     Raises:
-        ConfigError: a side is not a multiple of the patch size (hybrids take any size).
+        ConfigError: a side is not positive, or not a multiple of the patch size (hybrids take
+            any size).
     """
     height, width = to_pair(img_size)
     ph, pw = config.patch_size
+    if height < 1 or width < 1:
+        raise ConfigError(f"--img_size must be positive, got {img_size}.")
     if config.resnet is None and (height % ph or width % pw):
         shown = height if height == width else f"{height}x{width}"
         raise ConfigError(

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.configs import CONFIGS, ViTConfig, get_config, to_pair
+from models.configs import CONFIGS, ConfigError, ViTConfig, get_config, to_pair
 from models.modeling_resnet import ResNetV2
 from models.npz import load_pretrained
 
@@ -114,7 +114,7 @@ class Embeddings(nn.Module):
             self.backbone = None
         patch_h, patch_w = config.patch_size
         if height < patch_h or width < patch_w:
-            raise ValueError(
+            raise ConfigError(
                 f"image size {img_size} gives a {height}x{width} input to the patch embedding, "
                 f"smaller than one {patch_h}x{patch_w} patch of {config.name}"
             )

@@ -10,15 +10,23 @@ the keys and shapes involved and says what to do.
 
 from __future__ import annotations
 
+import logging
 import os
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-import scipy.ndimage
-import torch
 
 from models.configs import ALIASES, CONFIGS, ViTConfig, find_config
+
+if TYPE_CHECKING:  # for annotations only
+    import torch
+
+# torch and scipy are imported where they are used: the command lines import `CheckpointError`
+# before parsing their flags, and `--help` should not wait seconds for torch.
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "BASE_URL",
@@ -39,6 +47,7 @@ BASE_URL = "https://storage.googleapis.com/vit_models"
 SOURCES = ("imagenet21k", "imagenet21k+imagenet2012")
 PREFIXES = ("opt/target/", "params/")
 SCANNED_BLOCK = "Transformer/encoderblock/"
+SHOWN_KEYS = 8  # keys of each kind a misfit message names; the debug log has them all
 
 # Block part names: (pre-attention LN, attention, pre-MLP LN, MLP).
 VIT_JAX_BLOCK = ("LayerNorm_0", "MultiHeadDotProductAttention_1", "LayerNorm_2", "MlpBlock_3")
@@ -76,6 +85,15 @@ def load_npz(path: str | os.PathLike, model_type: str | None = None) -> dict[str
         CheckpointError: missing, truncated, not an `.npz`, or holding pickled objects.
     """
     path = os.fspath(path)
+    if os.path.isdir(path):
+        inside = sorted(name for name in os.listdir(path) if name.endswith(".npz"))
+        hint = (
+            f"It holds {', '.join(inside[:5])}{' ...' if len(inside) > 5 else ''}: pass one of "
+            f"them, e.g. {os.path.join(path, inside[0])}."
+            if inside
+            else "It holds no .npz file: pass the path of the checkpoint file itself."
+        )
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file. {hint}")
     if not os.path.isfile(path):
         if model_type and ALIASES.get(model_type, model_type) in CONFIGS:
             url = checkpoint_url(model_type)
@@ -114,6 +132,12 @@ def load_npz(path: str | os.PathLike, model_type: str | None = None) -> dict[str
         ) from None
     if not weights:
         raise CheckpointError(f"{path} holds no arrays; download the checkpoint again.")
+    for key, array in weights.items():
+        if array.dtype.kind not in "biuf":  # e.g. text ("<U5"): no weight is ever stored so
+            raise CheckpointError(
+                f"{path} is not a ViT checkpoint: its array {key!r} holds {array.dtype} values, "
+                "not numbers. Pass an official .npz (or one export.py wrote)."
+            )
     return normalize_keys(weights)
 
 
@@ -258,6 +282,34 @@ def _as_tuple(keys: str | tuple[str, ...]) -> tuple[str, ...]:
     return keys if isinstance(keys, tuple) else (keys,)
 
 
+# Dimensions of the official arrays of each kind ("vec" and "gn" take any: they are flattened).
+_RANKS = {"conv": (4,), "dense": (2,), "qkv_w": (3,), "qkv_b": (2,), "out_w": (3,), "raw": (3,)}
+
+
+def _convert(weights: Mapping[str, np.ndarray], keys: tuple[str, ...], kind: str) -> torch.Tensor:
+    """One state-dict tensor from its official array(s), or a `CheckpointError` naming the key."""
+    import torch
+
+    arrays = [weights[k] for k in keys]
+    for key, array in zip(keys, arrays, strict=True):
+        ranks = _RANKS.get(kind)
+        if array.dtype.kind not in "biuf" or (ranks and array.ndim not in ranks):
+            wanted = f"{ranks[0]} dimensions" if ranks else "numbers"
+            raise CheckpointError(
+                f"The checkpoint's {key!r} is a {array.dtype} array of shape {array.shape}; an "
+                f"official checkpoint has {wanted} there. The file is damaged or not a ViT "
+                "checkpoint: download it again, or pass the file it was exported from."
+            )
+    try:
+        return torch.from_numpy(np.ascontiguousarray(_to_torch(arrays, kind)))
+    except ValueError as err:  # e.g. query, key and value kernels of different shapes
+        shapes = ", ".join(f"{k} {a.shape}" for k, a in zip(keys, arrays, strict=True))
+        raise CheckpointError(
+            f"The checkpoint's arrays do not fit together ({shapes}: {err}); the file is "
+            "damaged or not a ViT checkpoint."
+        ) from None
+
+
 def npz_to_state_dict(
     weights: Mapping[str, np.ndarray], config: ViTConfig, include_head: bool = True
 ) -> dict[str, torch.Tensor]:
@@ -294,12 +346,7 @@ def npz_to_state_dict(
                 otherwise="Check --model_type against the checkpoint file name.",
             )
         )
-    return {
-        name: torch.from_numpy(
-            np.ascontiguousarray(_to_torch([weights[k] for k in _as_tuple(keys)], kind))
-        )
-        for name, keys, kind in entries
-    }
+    return {name: _convert(weights, _as_tuple(keys), kind) for name, keys, kind in entries}
 
 
 def state_dict_to_npz(
@@ -343,6 +390,11 @@ def clean_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.
 def checkpoint_num_classes(weights: Mapping[str, np.ndarray]) -> int | None:
     """Classes of the checkpoint's head, or None when it has no head."""
     bias = normalize_keys(weights).get("head/bias")
+    if bias is not None and bias.ndim != 1:
+        raise CheckpointError(
+            f"The checkpoint's 'head/bias' has shape {bias.shape}, not (classes,): the file is "
+            "damaged or not a ViT checkpoint."
+        )
     return None if bias is None else int(bias.shape[0])
 
 
@@ -352,7 +404,9 @@ def guess_model_type(weights: Mapping[str, np.ndarray]) -> str | None:
     try:
         kernel = weights["embedding/kernel"]
         hidden = int(weights["Transformer/encoder_norm/scale"].shape[-1])
-    except KeyError:
+    except (KeyError, IndexError):  # IndexError: a 0-d array where a vector should be
+        return None
+    if kernel.ndim != 4:
         return None
     layers = sum(1 for k in weights if k.endswith("/Dense_0/kernel") and "encoderblock_" in k)
     hybrid = "conv_root/kernel" in weights
@@ -380,14 +434,17 @@ def misfit_message(
     unused: Sequence[str] = (),
     mismatched: Sequence[str] = (),
     otherwise: str = "Check --model_type against the checkpoint.",
-    shown: int | None = None,
+    shown: int = SHOWN_KEYS,
 ) -> str:
-    """One paragraph on why a checkpoint does not fit a model: counts, the keys of each kind
-    (the first `shown`, or all), and the likely model type (`guess`, from its shapes) or else
-    `otherwise`."""
+    """One paragraph on why a checkpoint does not fit a model: counts, the first `shown` keys
+    of each kind, and the likely model type (`guess`, from its shapes) or else `otherwise`.
+
+    Every key is logged at DEBUG level (`logging.getLogger("models.npz")`).
+    """
 
     def first(items: Sequence[str], sep: str = ", ") -> str:
-        return sep.join(items[:shown])
+        more = f" (and {len(items) - shown} more)" if len(items) > shown else ""
+        return sep.join(items[:shown]) + more
 
     parts = [f"{what} does not fit model {model_name}."]
     if missing:
@@ -400,6 +457,9 @@ def misfit_message(
         parts.append(f"It looks like a {guess} checkpoint: pass --model_type {guess}.")
     else:
         parts.append(otherwise)
+    for kind, items in (("missing", missing), ("unused", unused), ("mismatched", mismatched)):
+        if items:
+            logger.debug("%s does not fit %s: %s keys: %s", what, model_name, kind, list(items))
     return " ".join(parts)
 
 
@@ -427,6 +487,8 @@ def resize_pos_embed(
     Returns:
         (1, prefix + new_rows * new_cols, D), same dtype.
     """
+    import scipy.ndimage
+
     prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[0, num_prefix_tokens:]
     if old_grid is None:
         side = round(np.sqrt(grid.shape[0]))
@@ -456,6 +518,8 @@ def load_pretrained(
     `zero_head=True` keeps the head at zero and ignores the checkpoint's head. Position
     embeddings are resized to the model's grid. Every shape mismatch is reported by key.
     """
+    import torch
+
     weights = normalize_keys(weights)
     config = model.config
     if not zero_head and "head/kernel" in weights:

@@ -32,24 +32,28 @@ def no_dropout(monkeypatch: pytest.MonkeyPatch) -> str:
 
 @pytest.fixture
 def best_checkpoint(tmp_path):
-    """Save a model as train.py's `save_best` does: a state-dict `.bin` and its `.json` sidecar.
+    """Save a model as train.py's `save_best` does: a state-dict `.bin` and its `.json` sidecar
+    (with the `.bin`'s SHA-256), or the `.bin` alone.
 
     Returns a function `(model, name="run", sidecar=True, **facts) -> Path`; `facts` (dataset,
     class_names, ...) go into the sidecar with the model type, image size and class count.
     """
-    from utils.file_io import atomic_save, write_sidecar
+    from utils.file_io import atomic_save, save_checkpoint
 
     def save(model, name: str = "run", sidecar: bool = True, **facts):
         path = tmp_path / "output" / f"{name}_checkpoint.bin"
-        atomic_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
-        if sidecar:
-            write_sidecar(
-                path,
-                model_type=model.config.name,
-                img_size=list(model.img_size),
-                num_classes=model.num_classes,
-                **{"step": 10, "accuracy": 0.5, "precision": "fp32", **facts},
-            )
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        if not sidecar:
+            atomic_save(state, path)
+            return path
+        save_checkpoint(
+            state,
+            path,
+            model_type=model.config.name,
+            img_size=list(model.img_size),
+            num_classes=model.num_classes,
+            **{"step": 10, "accuracy": 0.5, "precision": "fp32", **facts},
+        )
         return path
 
     return save

@@ -14,8 +14,10 @@ import io
 import json
 import math
 import pickle
+import struct
 import tarfile
 import threading
+import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -309,6 +311,19 @@ def load_checkpoint(out_dir: Path, name: str) -> tuple[dict, dict[str, torch.Ten
     meta = json.loads((out_dir / f"{name}_checkpoint.json").read_text())
     state = torch.load(out_dir / f"{name}_checkpoint.bin", map_location="cpu", weights_only=True)
     return meta, state
+
+
+def damage(path: Path, nbytes: int = 2000) -> None:
+    """Overwrite `nbytes` in the middle of the largest tensor a torch checkpoint (a zip) holds,
+    as a disk or copy error would: the file still opens and unpickles."""
+    with zipfile.ZipFile(path) as archive:
+        record = max(archive.infolist(), key=lambda info: info.file_size)
+    with open(path, "r+b") as handle:
+        handle.seek(record.header_offset + 26)  # the local header's name and extra lengths
+        name_length, extra_length = struct.unpack("<HH", handle.read(4))
+        start = record.header_offset + 30 + name_length + extra_length
+        handle.seek(start + (record.file_size - nbytes) // 2)
+        handle.write(bytes(range(256)) * (nbytes // 256) + bytes(nbytes % 256))
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,7 +14,9 @@ from models.configs import (
     ALIASES,
     AUGREG_MODELS,
     CONFIGS,
+    ConfigError,
     augreg_name,
+    checked_img_size,
     find_config,
     get_config,
     is_augreg_filename,
@@ -138,6 +140,18 @@ def test_configs_are_frozen_and_validated() -> None:
         get_config("testing").replace(classifier="mean")
     with pytest.raises(ValueError, match="divisible"):
         get_config("testing").replace(num_heads=3)
+
+
+@pytest.mark.parametrize("name", ["testing", "R50+ViT-B_16"])
+@pytest.mark.parametrize("size", [0, -32, (32, 0)])
+def test_an_image_size_that_is_not_positive_is_a_config_error(name: str, size) -> None:
+    with pytest.raises(ConfigError, match="--img_size must be positive"):
+        checked_img_size(get_config(name), size)
+
+
+def test_an_image_smaller_than_one_patch_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="smaller than one 16x16 patch"):  # exit code 2
+        VisionTransformer(get_config("testing"), 8, num_classes=2)
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import http.server
@@ -11,6 +12,8 @@ import socket
 import subprocess
 import sys
 import threading
+import time
+import types
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -92,6 +95,14 @@ class _Server:
         self.httpd.shutdown()
         self.httpd.server_close()
         self.thread.join()
+
+
+@pytest.fixture(autouse=True)
+def waits(monkeypatch) -> list[float]:
+    """Retries do not wait in these tests; the pauses they would make are recorded."""
+    waited: list[float] = []
+    monkeypatch.setattr(dl, "time", types.SimpleNamespace(sleep=waited.append))
+    return waited
 
 
 @pytest.fixture
@@ -185,6 +196,54 @@ def test_unreachable_server_suggests_a_mirror(testing_file, tmp_path) -> None:
         dl.fetch_checkpoint(
             "testing", SOURCE, str(tmp_path), f"http://127.0.0.1:{port}", progress=False, retries=0
         )
+
+
+@contextlib.contextmanager
+def _silent_server() -> Iterator[str]:
+    """A server that accepts connections (the system completes them) and never answers."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(16)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+def test_a_server_that_never_answers_is_given_up_on_after_the_timeout(
+    tmp_path, capsys, waits
+) -> None:
+    argv = ["ViT-B_16", "--dir", str(tmp_path), "--timeout", "0.3", "--retries", "2"]
+    start = time.perf_counter()
+    with _silent_server() as url:
+        err = expect_user_error(dl.main, [*argv, "--base_url", url], capsys)
+    assert time.perf_counter() - start < 10  # 3 attempts of 0.3 s, not minutes
+    assert f"Could not download {url}/imagenet21k/ViT-B_16.npz (3 attempt(s))" in err
+    assert "the server sent nothing for 0.3 s (raise --timeout" in err
+    assert waits == [1.0, 2.0]  # backoff between the attempts
+    assert dl.TIMEOUT == 30.0  # the default: half a minute of silence per attempt
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--base_url", "notaurl"], "argument --base_url: expected an http:// or https://"),
+        (["--timeout", "0"], "argument --timeout: must be above 0, got 0"),
+        (["--timeout", "nan"], "argument --timeout: expected a finite number, got nan"),
+        (["--retries", "-1"], "argument --retries: cannot be negative, got -1"),
+        (["--resolution", "0"], "argument --resolution: must be at least 1, got 0"),
+        (["--dir", "{tmp}/a_file"], "--dir {tmp}/a_file is a file, not a folder"),
+        (["--dir", "{tmp}/a_file/sub"], "--dir {tmp}/a_file/sub cannot be created"),
+    ],
+)
+def test_bad_flags_are_one_message_and_exit_2(tmp_path, capsys, argv, expected) -> None:
+    (tmp_path / "a_file").write_text("not a folder")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    err = expect_user_error(dl.main, ["ViT-B_16", *argv], capsys)
+    assert expected.replace("{tmp}", str(tmp_path)) in err
+
+
+def test_a_bad_base_url_in_the_environment_is_one_message(tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("VIT_BASE_URL", "storage.example/vit")  # no scheme
+    err = expect_user_error(dl.main, ["ViT-B_16", "--dir", str(tmp_path)], capsys)
+    assert "VIT_BASE_URL (or base_url): expected an http:// or https:// address" in err
 
 
 def test_corrupt_download_is_deleted(server, testing_file, tmp_path) -> None:

@@ -171,6 +171,21 @@ def test_img_size_not_divisible_by_patch(tmp_path, capsys) -> None:
     assert "--img_size 40 is not divisible by the 16x16 patches of testing" in err
 
 
+@pytest.mark.parametrize(
+    ("flag", "value", "expected"),
+    [
+        ("--img_size", "0", "argument --img_size: must be at least 1, got 0"),
+        ("--img_size", "-224", "argument --img_size: must be at least 1, got -224"),
+        ("--eval_batch_size", "0", "argument --eval_batch_size: must be at least 1, got 0"),
+        ("--num_workers", "-1", "argument --num_workers: cannot be negative, got -1"),
+        ("--img_size", "big", "argument --img_size: expected a whole number, got 'big'"),
+    ],
+)
+def test_bad_numbers_are_one_line_and_exit_2(tmp_path, capsys, flag, value, expected) -> None:
+    argv = ["--checkpoint", str(tmp_path / "x.bin"), flag, value]
+    assert expected in expect_user_error(eval_script.main, argv, capsys)
+
+
 def test_missing_and_corrupt_checkpoints(tmp_path, capsys) -> None:
     err = expect_user_error(eval_script.main, [f"--checkpoint={tmp_path / 'nope.bin'}"], capsys)
     assert "nope.bin does not exist" in err

@@ -240,6 +240,8 @@ def test_existing_output_is_kept_unless_overwrite(best_checkpoint, capsys, one_t
         (["--format", "npz", "--output", "{tmp}/a_file/model.npz"], "not a writable folder"),
         (["--format", "npz", "--output", "{tmp}"], "is a directory"),
         (["--format", "npz", "--img_size", "30"], "not divisible"),
+        (["--format", "npz", "--img_size", "0"], "argument --img_size: must be at least 1, got 0"),
+        (["--format", "npz", "--img_size", "-32"], "argument --img_size: must be at least 1"),
     ],
 )
 def test_bad_input_is_one_message_and_exit_2(

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import argparse
 import errno
+import hashlib
 import os
+import pickle
+import resource
+import signal
 import subprocess
 import sys
 import textwrap
@@ -16,14 +20,20 @@ import pytest
 import torch
 
 from models.npz import CheckpointError
+from tests.helpers import damage
 from utils import file_io
 from utils.errors import UserError
 from utils.file_io import (
+    CONTENT_SHA256,
     atomic_save,
     atomic_write_text,
+    content_sha256,
+    file_sha256,
     read_sidecar,
     safe_load,
+    save_checkpoint,
     sidecar_path,
+    with_content_sha256,
     write_sidecar,
 )
 
@@ -164,16 +174,160 @@ class _Exploit:
         return (Path.touch, (self.marker,))
 
 
-def test_safe_load_refuses_pickled_code(tmp_path) -> None:
+class _SystemCall:
+    """Unpickling this would call a function of the `os` module (as `os.system` would)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (str(self.marker),))
+
+
+def _plain_pickle(obj, path: Path) -> None:
+    with open(path, "wb") as handle:
+        pickle.dump(obj, handle, protocol=4)
+
+
+@pytest.mark.parametrize("exploit", [_Exploit, _SystemCall])
+@pytest.mark.parametrize("save", [torch.save, _plain_pickle])
+def test_safe_load_refuses_pickled_code_and_says_so_plainly(tmp_path, exploit, save) -> None:
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.bin"
-    torch.save({"w": torch.zeros(1), "x": _Exploit(marker)}, path)
-    with pytest.raises(CheckpointError, match=r"\(getattr, .*could run code, so it is refused"):
+    save({"w": torch.zeros(1), "x": exploit(marker)}, path)
+    with pytest.raises(CheckpointError) as info:
         safe_load(path)
+    message = str(info.value)
+    assert "was not loaded: it holds code or Python objects that are not tensors" in message
+    assert "could run that code" in message
+    assert "weights_only" not in message  # never the advice to switch the safety off
+    assert "truncated" not in message
+    assert "corrupt" not in message
     assert not marker.exists()
     torch.save({"args": argparse.Namespace(lr=0.1)}, path)
-    with pytest.raises(CheckpointError, match=r"\(argparse\.Namespace, e\.g\. a whole model"):
+    with pytest.raises(CheckpointError, match=r"not tensors \(argparse\.Namespace\)"):
         safe_load(path)
+
+
+# --------------------------------------------------------------------------------------------
+# Content hashes: damage after the write is caught on load
+
+
+def test_every_write_returns_the_sha256_that_sha256sum_prints(tmp_path) -> None:
+    path = tmp_path / "x.pt"
+    digest = atomic_save({"w": torch.arange(1000)}, path)
+    assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert digest == file_sha256(path)
+    arrays = tmp_path / "x.npz"  # np.savez seeks back while writing: hashed from the file
+    digest = file_io.atomic_write(arrays, lambda handle: np.savez(handle, a=np.arange(50)))
+    assert digest == hashlib.sha256(arrays.read_bytes()).hexdigest()
+
+
+def _state(seed: int) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return {"w": torch.randn(4000, generator=generator), "b": torch.randn(3, generator=generator)}
+
+
+def test_a_damaged_checkpoint_is_refused_naming_the_file_and_the_recorded_hash(tmp_path) -> None:
+    path = tmp_path / "run_checkpoint.bin"
+    digest = save_checkpoint(_state(0), path, model_type="testing", step=10)
+    assert read_sidecar(path)["sha256"] == digest == file_sha256(path)
+    assert read_sidecar(path)["step"] == 10
+    assert torch.equal(safe_load(path)["w"], _state(0)["w"])
+    damage(path)
+    with pytest.raises(CheckpointError) as info:
+        safe_load(path)
+    message = str(info.value)
+    assert f"{path} is damaged" in message
+    assert f"recorded {digest}" in message
+    assert str(sidecar_path(path)) in message
+    assert file_sha256(path) in message
+
+
+def test_a_checkpoint_without_a_recorded_hash_loads_as_before(tmp_path) -> None:
+    path = tmp_path / "old_checkpoint.bin"
+    atomic_save(_state(0), path)
+    write_sidecar(path, model_type="testing")  # as runs before hashes wrote it
+    assert torch.equal(safe_load(path)["w"], _state(0)["w"])
+
+
+def test_a_save_killed_between_its_two_files_leaves_a_pair_that_loads(
+    tmp_path, monkeypatch, caplog
+) -> None:
+    path = tmp_path / "run_checkpoint.bin"
+    first = save_checkpoint(_state(0), path, step=1)
+
+    commit = file_io._commit
+
+    def killed(tmp: str, target: str) -> None:  # dies after the sidecar, before the checkpoint
+        if target == str(path):
+            raise SystemExit("killed")
+        commit(tmp, target)
+
+    monkeypatch.setattr(file_io, "_commit", killed)
+    with pytest.raises(SystemExit):
+        save_checkpoint(_state(1), path, step=2)
+    monkeypatch.undo()
+    assert read_sidecar(path)["step"] == 2  # the new sidecar, the old checkpoint
+    assert read_sidecar(path)["previous_sha256"] == first
+    with caplog.at_level("WARNING"):
+        assert torch.equal(safe_load(path)["w"], _state(0)["w"])
+    assert "whose save did not complete" in caplog.text
+    second = save_checkpoint(_state(1), path, step=2)  # the next save completes the pair
+    assert torch.equal(safe_load(path)["w"], _state(1)["w"])
+    assert read_sidecar(path)["sha256"] == second
+    assert os.listdir(tmp_path) == sorted(["run_checkpoint.bin", "run_checkpoint.json"])
+
+
+def test_a_state_carries_the_hash_of_its_own_content(tmp_path) -> None:
+    state = {"model": _state(0), "step": 7, "rng": (3, [1.5, None], "x"), "flag": True}
+    path = tmp_path / "run_last.pt"
+    atomic_save(with_content_sha256(state), path)
+    loaded = safe_load(path)
+    assert CONTENT_SHA256 not in loaded
+    assert content_sha256(loaded) == content_sha256(state)
+    assert content_sha256({**state, "step": 8}) != content_sha256(state)
+    damage(path)
+    with pytest.raises(CheckpointError, match=r"run_last\.pt is damaged: what it holds no longer"):
+        safe_load(path)
+
+
+# --------------------------------------------------------------------------------------------
+# The file size limit (`ulimit -f`)
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGXFSZ"), reason="POSIX file size limits only")
+def test_the_file_size_limit_is_one_message_and_keeps_the_previous_file(tmp_path) -> None:
+    path = tmp_path / "run_last.pt"
+    atomic_save({"w": torch.zeros(10)}, path)
+    child = textwrap.dedent(
+        f"""
+        import torch
+        from utils.errors import run_cli
+        from utils.file_io import atomic_save
+        run_cli(lambda: atomic_save({{"w": torch.ones(1_000_000)}}, {str(path)!r}))
+        """
+    )
+    limit = 200_000  # bytes: the new state (4 MB) does not fit
+
+    def limit_file_size() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    result = subprocess.run(
+        [sys.executable, "-c", child],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        preexec_fn=limit_file_size,
+        env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
+        timeout=300,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]  # not killed by SIGXFSZ
+    assert "file size limit was reached while saving" in result.stderr
+    assert "previous file there is unchanged" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert torch.equal(safe_load(path)["w"], torch.zeros(10))
+    assert os.listdir(tmp_path) == ["run_last.pt"]
 
 
 def test_safe_load_errors_name_the_problem(tmp_path) -> None:

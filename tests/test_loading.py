@@ -4,22 +4,25 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
 from models.configs import get_config
 from models.modeling import VisionTransformer
 from models.npz import CheckpointError, state_dict_to_npz
-from tests.helpers import distinct_model
+from tests.helpers import damage, distinct_model
 from utils.errors import USER_ERRORS
-from utils.file_io import save_npz
+from utils.file_io import save_checkpoint, save_npz, save_safetensors
 from utils.loading import (
     assign_weights,
     class_names,
     guess_state_dict_model,
     load_model,
+    pretrained_weights,
     read_state_dict,
 )
+from utils.train_state import TrainState, save_training_state
 
 TESTING = get_config("testing")
 
@@ -144,6 +147,100 @@ def test_state_dicts_of_ours_are_recognised_by_their_shapes(name: str) -> None:
     with torch.device("meta"):  # shapes are all a guess needs
         model = VisionTransformer(name, 64, num_classes=3)
     assert guess_state_dict_model(model.state_dict()) == name
+
+
+def test_a_damaged_best_checkpoint_is_refused_before_it_is_evaluated(tmp_path) -> None:
+    model = distinct_model()
+    path = tmp_path / "run_checkpoint.bin"
+    digest = save_checkpoint(
+        model.state_dict(), path, model_type="testing", img_size=[32, 32], num_classes=5
+    )
+    assert load_model(path).model_type == "testing"
+    damage(path)  # 2,000 bytes of a weight: it would load and evaluate, wrongly
+    with pytest.raises(CheckpointError, match=f"is damaged: .* recorded {digest}"):
+        load_model(path)
+
+
+def _fine_tuned(tmp_path, kind: str, model: VisionTransformer):
+    """`model` saved the ways this project saves models: best `.bin`, `_last.pt`, `.safetensors`."""
+    if kind == "bin":
+        path = tmp_path / "run_checkpoint.bin"
+        save_checkpoint(model.state_dict(), path, model_type=model.config.name)
+    elif kind == "last":
+        path = tmp_path / "run_last.pt"
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        save_training_state(
+            path, model=model, optimizer=optimizer, scheduler=None, scaler=None,
+            state=TrainState(step=3), args={},
+        )  # fmt: skip
+    else:
+        path = tmp_path / "run.safetensors"
+        save_safetensors(path, model.state_dict(), {"model_type": model.config.name})
+    return path
+
+
+@pytest.mark.parametrize("kind", ["bin", "last", "safetensors"])
+def test_a_model_of_ours_starts_another_fine_tune_as_an_official_file_would(tmp_path, kind):
+    tuned = distinct_model(img_size=32, num_classes=5)  # 10 classes, 32 px fine-tune ...
+    path = _fine_tuned(tmp_path, kind, tuned)
+    weights = pretrained_weights(path, "testing")
+    # ... starts a 3-class fine-tune at 48 px: head at zero, position embeddings resized, as
+    # the same model's official .npz would.
+    official = tmp_path / "official.npz"
+    save_npz(official, state_dict_to_npz(tuned.state_dict(), TESTING))
+    expected = VisionTransformer.from_pretrained(
+        TESTING, pretrained_weights(official, "testing"), 48, 3, zero_head=True
+    )
+    model = VisionTransformer.from_pretrained(TESTING, weights, 48, 3, zero_head=True)
+    for name, value in expected.state_dict().items():
+        assert torch.equal(model.state_dict()[name], value), name
+    assert not model.head.weight.any()
+    assert model.state_dict()["embeddings.pos_embed"].shape[1] == 1 + 3 * 3
+    block = "encoder.blocks.0.mlp.fc1.weight"
+    assert torch.equal(model.state_dict()[block], tuned.state_dict()[block])
+    assert pretrained_weights(path, None).keys() == weights.keys()  # type from sidecar or shapes
+
+
+def test_pretrained_weights_of_another_model_or_a_folder_say_what_to_pass(tmp_path) -> None:
+    other = distinct_model(TESTING.replace(name="testing-wide", hidden_size=32, mlp_dim=64))
+    path = tmp_path / "wide_checkpoint.bin"
+    save_checkpoint(other.state_dict(), path)
+    with pytest.raises(CheckpointError, match=r"does not fit model testing.*cls_token"):
+        pretrained_weights(path, "testing")
+    save_checkpoint(distinct_model(get_config("ViT-Ti_16")).state_dict(), path)
+    with pytest.raises(CheckpointError, match="pass --model_type ViT-Ti_16"):
+        pretrained_weights(path, "testing")
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    save_npz(folder / "ViT-B_16.npz", {"a": np.zeros(2, np.float32)})
+    with pytest.raises(CheckpointError) as info:
+        pretrained_weights(folder, "ViT-B_16")
+    message = str(info.value)
+    assert f"{folder} is a folder, not a checkpoint file" in message
+    assert str(folder / "ViT-B_16.npz") in message
+    assert "wget" not in message
+    assert "Download" not in message
+
+
+@pytest.mark.parametrize(
+    ("key", "bad", "named"),
+    [
+        ("embedding/kernel", np.array(["not", "a", "weight"]), "'embedding/kernel'"),
+        ("embedding/kernel", np.zeros((16, 16), np.float32), "'embedding/kernel'"),
+        ("Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel", np.zeros(3, np.float32),
+         "'Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel'"),
+        ("head/bias", np.float32(1.0), "'head/bias'"),
+        ("Transformer/posembed_input/pos_embedding", np.zeros(5, np.float32),
+         "'Transformer/posembed_input/pos_embedding'"),
+    ],
+)  # fmt: skip
+def test_an_npz_with_text_or_wrong_rank_arrays_names_the_key(tmp_path, capsys, key, bad, named):
+    arrays = state_dict_to_npz(distinct_model().state_dict(), TESTING)
+    arrays[key] = bad
+    path = tmp_path / "odd.npz"
+    save_npz(path, arrays)
+    with pytest.raises(CheckpointError, match=named):
+        load_model(path, "testing", 32)
 
 
 def test_model_type_comes_from_an_official_or_augreg_file_name(tmp_path, caplog) -> None:

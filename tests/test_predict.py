@@ -140,7 +140,7 @@ def test_table_without_output_and_globs_in_order(
     ]
     (top,), _ = _expected(model, folder / "d.png", 1)
     assert lines[1].split()[1] == CLASSES[top]
-    assert "unreadable: UnidentifiedImageError" in lines[2]
+    assert "unreadable: PIL cannot identify image file: not an image" in lines[2]
 
 
 def test_1000_class_heads_show_imagenet_names(best_checkpoint, folder, capsys, one_thread) -> None:
@@ -165,6 +165,9 @@ def test_1000_class_heads_show_imagenet_names(best_checkpoint, folder, capsys, o
         (["--image", "{tmp}/images", "--output", "{tmp}/empty.csv"], "is a directory"),
         (["--image", "{tmp}/images", "--top_k", "0"], "at least 1"),
         (["--image", "{tmp}/images", "--img_size", "30"], "not divisible"),
+        (["--image", "{tmp}/images", "--img_size", "0"], "--img_size: must be at least 1, got 0"),
+        (["--image", "{tmp}/images", "--batch_size", "-1"], "--batch_size: must be at least 1"),
+        (["--image", "{tmp}/images", "--num_workers", "-1"], "--num_workers: cannot be negative"),
     ],
 )
 def test_bad_input_is_one_message_and_exit_2(

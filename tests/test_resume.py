@@ -27,7 +27,7 @@ from models.modeling import VisionTransformer
 from tests.helpers import expect_user_error, make_image_folder, scalars, tiny_args
 from utils import train_state
 from utils.data_utils import get_loader
-from utils.file_io import atomic_save, safe_load, sidecar_path
+from utils.file_io import atomic_save, safe_load, sidecar_path, with_content_sha256
 from utils.train_state import last_state_path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -258,7 +258,8 @@ def test_signal_saves_and_exits_cleanly(
     tmp_path: Path, uninterrupted: Path, signum: int, workers: int
 ) -> None:
     """SIGTERM to train.py, or SIGINT to its whole process group with a loader worker (what
-    Ctrl+C in a terminal does): it finishes the step, saves, exits 0 and says how to resume."""
+    Ctrl+C in a terminal does): it finishes the step, saves, says how to resume and exits with
+    128 + the signal (143, 130), so that a scheduler or `make a && make b` sees it stopped."""
     out = tmp_path / "out"
     path = last_state_path(out, "stopped")
     proc, log = start_training(tmp_path, "stopped", num_workers=workers)
@@ -267,7 +268,7 @@ def test_signal_saves_and_exits_cleanly(
         os.killpg(proc.pid, signum)
     else:
         proc.send_signal(signum)
-    assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
+    assert proc.wait(timeout=120) == 128 + signum, log.read_text()[-3000:]
     text = log.read_text()
     found = re.search(
         rf"Stopped by {signal.Signals(signum).name} at step (\d+); saved (\S+)\. Continue "
@@ -292,15 +293,18 @@ def test_signal_saves_and_exits_cleanly(
 def test_non_finite_loss_stops_without_touching_the_best_checkpoint(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    """A learning rate of 1e38 overflows fp32 within a few steps: exit 2, best .bin intact."""
+    """A run whose weights turn infinite (here: written so into its last state, then resumed)
+    stops after 3 non-finite losses with exit 2; its evaluations on the way save nothing."""
     train.main(tiny_args(tmp_path, name="run", num_steps=2, eval_every=2))
     best = tmp_path / "out" / "run_checkpoint.bin"
     sidecar = sidecar_path(best)
     before = (best.read_bytes(), best.stat().st_mtime_ns, sidecar.read_text())
+    path = last_state_path(tmp_path / "out", "run")
+    state = safe_load(path)
+    state["model"]["encoder.norm.weight"][0] = float("inf")
+    atomic_save(with_content_sha256(state), path)
 
-    argv = tiny_args(
-        tmp_path, name="run", learning_rate=1e38, num_steps=20, eval_every=0, save_every=1
-    )
+    argv = tiny_args(tmp_path, name="run", num_steps=20, eval_every=1, save_every=1, resume=True)
     err = expect_user_error(train.main, argv, capsys)
     found = re.search(r"error: Training diverged: the loss was (inf|nan) for 3 consecutive "
                       r"steps \(last: step (\d+)\)", err)  # fmt: skip

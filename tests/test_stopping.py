@@ -21,6 +21,7 @@ def test_graceful_exit_turns_signals_into_a_flag() -> None:
         time.sleep(0.01)
         assert stop.requested
         assert stop.signal_name == "SIGTERM"
+        assert stop.signum == signal.SIGTERM  # train.py exits 128 + signum after saving
         assert stop.should_stop()
         with pytest.raises(KeyboardInterrupt):  # a second Ctrl+C stops at once
             signal.raise_signal(signal.SIGINT)

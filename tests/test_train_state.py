@@ -14,7 +14,7 @@ import train
 from models.configs import get_config
 from models.modeling import VisionTransformer
 from models.npz import CheckpointError
-from tests.helpers import distinct_model, tiny_args
+from tests.helpers import damage, distinct_model, tiny_args
 from utils.dist_utils import DistInfo
 from utils.errors import UserError
 from utils.file_io import atomic_save, safe_load
@@ -154,6 +154,19 @@ def test_resume_with_another_model_is_refused(tmp_path) -> None:
     _save_state(path, distinct_model(num_classes=10))
     with pytest.raises(UserError, match="it has 10 classes, the model 5"):
         load_training_state(path, model=distinct_model(num_classes=5))
+
+
+def test_a_damaged_state_is_refused_by_resume_and_by_the_loaders(tmp_path) -> None:
+    path = tmp_path / "run_last.pt"
+    _save_state(path, distinct_model())
+    assert load_training_state(path, model=distinct_model(seed=1)).step == 2  # intact: loads
+    damage(path)
+    for load in (
+        lambda: load_training_state(path, model=distinct_model()),
+        lambda: read_state_dict(path),  # what eval.py, predict.py and export.py read
+    ):
+        with pytest.raises(CheckpointError, match=r"run_last\.pt is damaged"):
+            load()
 
 
 def test_resume_of_a_best_checkpoint_is_explained(tmp_path) -> None:

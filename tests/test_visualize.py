@@ -15,6 +15,7 @@ from PIL import Image
 import visualize
 from models.modeling import VisionTransformer
 from models.npz import state_dict_to_npz
+from tests.helpers import expect_user_error
 from utils.errors import USER_ERRORS
 from utils.file_io import save_npz
 
@@ -134,3 +135,47 @@ def test_make_figures_writes_small_pngs(tmp_path):
         assert (out / name).stat().st_size < 300_000
     with pytest.raises(USER_ERRORS, match="make demo"):
         make_figures.main(["--checkpoint", str(tmp_path / "none.bin")])
+
+
+def test_figures_go_to_the_output_folder_by_default(tmp_path, monkeypatch, capsys):
+    (tmp_path / "run").mkdir()
+    ckpt = make_bin(tmp_path / "run")
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    visualize.main(["--checkpoint", str(ckpt)])
+    assert sorted(str(p.relative_to(work)) for p in work.rglob("*.png")) == [
+        "output/attention/attention.png"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--dpi", "0"], "argument --dpi: must be at least 1, got 0"),
+        (["--img_size", "0"], "argument --img_size: must be at least 1, got 0"),
+        (["--img_size", "-32"], "argument --img_size: must be at least 1, got -32"),
+        (["--top_k", "0"], "argument --top_k: must be at least 1, got 0"),
+        (["--output", "figure.xyz"], "--output figure.xyz: the file name must end in a figure"),
+        (["--output", "figure"], "--output figure: the file name must end in a figure"),
+    ],
+)
+def test_bad_flag_values_are_one_line_and_exit_2(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as info:
+        visualize.main(["--checkpoint", str(tmp_path / "x.bin"), *flags])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert "Traceback" not in err
+
+
+def test_an_output_that_cannot_be_written_is_one_message(tmp_path, capsys):
+    ckpt = make_bin(tmp_path)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    err = expect_user_error(
+        visualize.main,
+        ["--checkpoint", str(ckpt), "--output", str(blocker / "fig.png")],
+        capsys,
+    )
+    assert f"Cannot write {blocker / 'fig.png'}" in err

@@ -25,11 +25,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from models.modeling import VisionTransformer
 from utils.data_utils import DigitsDataset, build_transforms
 from utils.errors import UserError
+from utils.preprocessing import BadImageError, read_image
 
 __all__ = [
     "DEMO_CHECKPOINT",
@@ -317,16 +318,15 @@ def find_images(paths: Sequence[str | os.PathLike]) -> list[Path]:
 
 
 def open_image(path: str | os.PathLike) -> Image.Image:
-    """Open an image file as RGB.
+    """Open an image file as RGB, as training reads it (`utils.preprocessing.read_image`).
 
     Raises:
         UserError: the file is not an image PIL can read.
     """
     try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (UnidentifiedImageError, OSError) as err:
-        raise UserError(f"Cannot read image {path}: {err}") from None
+        return read_image(path)
+    except BadImageError as err:
+        raise UserError(f"Cannot read image {err}") from None
 
 
 def preprocess(images: Sequence[Image.Image], img_size: tuple[int, int]) -> torch.Tensor:

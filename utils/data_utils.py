@@ -22,11 +22,18 @@ Two training paths, the same function of (seed, epoch, index):
 Training augmentation is seeded per image from (seed, epoch, index), so a run is the same for
 any number of loader workers or processes: `torchrun --nproc_per_node 2` with the same total
 batch sees exactly the images and crops that one process does.
+
+A file of an image folder that cannot be read (truncated, not an image, a decompression bomb) is
+named in a warning once and skipped, never fatal: in training the next readable image of the
+split takes its place (batches keep their size, and a resumed run makes the same choice); in
+evaluation it is left out of the count. `strict_images` checks every file at start-up instead
+and refuses to start, listing the bad ones.
 """
 
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import signal
 from argparse import Namespace
@@ -36,12 +43,20 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, default_collate
 from torchvision import datasets
 
 from utils.dist_utils import main_process_first
 from utils.errors import UserError
-from utils.preprocessing import CROP_AREA, Preprocess, crop_resize_batch, sample_augment
+from utils.flags import DATASETS
+from utils.preprocessing import (
+    CROP_AREA,
+    BadImageError,
+    Preprocess,
+    crop_resize_batch,
+    read_image,
+    sample_augment,
+)
 
 __all__ = [
     "CROP_SCALE",
@@ -51,6 +66,7 @@ __all__ = [
     "IMAGEFOLDER_LAYOUT",
     "CropBatch",
     "DigitsDataset",
+    "ImageFolderFiles",
     "InMemoryAugment",
     "SeededAugment",
     "ShardSampler",
@@ -59,15 +75,16 @@ __all__ = [
     "build_eval_loader",
     "build_test_set",
     "build_transforms",
+    "check_images",
     "get_loader",
     "holdout_split",
     "ignore_stop_signals",
     "prepare_batch",
+    "skip_unreadable",
 ]
 
 logger = logging.getLogger(__name__)
 
-DATASETS = ("cifar10", "cifar100", "imagefolder", "digits")
 IN_MEMORY = ("cifar10", "cifar100", "digits")  # uint8 arrays: cropped and resized on the device
 CROP_SCALE = CROP_AREA  # area fraction of the training crop (official)
 NO_FLIP = ("digits",)  # a mirrored digit is a different (or no) digit
@@ -187,7 +204,15 @@ class SeededAugment(Dataset):
         return len(self.base)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image, target = self.base[index]
+        # An unreadable image (None) is replaced by the next readable one, so the batch keeps
+        # its size; the crop is still drawn for `index`, whoever loads it.
+        item, other = self.base[index], index
+        while item is None:
+            other = (other + 1) % len(self.base)
+            if other == index:
+                raise UserError("No image of the training split can be read (see the warnings).")
+            item = self.base[other]
+        image, target = item
         return self.transform(image, augment_rng(self.seed, self.epoch, index)), target
 
 
@@ -202,8 +227,11 @@ class WithTransform(Dataset):
     def __len__(self) -> int:
         return len(self.base)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image, target = self.base[index]
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | None:
+        item = self.base[index]
+        if item is None:  # unreadable: left out of its batch (`skip_unreadable`)
+            return None
+        image, target = item
         return self.transform(image), target
 
 
@@ -345,6 +373,68 @@ class ShardSampler(torch.utils.data.Sampler[int]):
         return len(self.indices)
 
 
+class ImageFolderFiles(datasets.ImageFolder):
+    """torchvision's `ImageFolder`, read with `read_image`; an unreadable file gives None.
+
+    The file is named in a warning the first time any process meets it (loader workers
+    included: the record of bad files is shared memory) and listed by :meth:`unreadable`.
+    Training (`SeededAugment`) replaces such an item, evaluation leaves it out
+    (`skip_unreadable`).
+    """
+
+    def __init__(self, root: str):
+        super().__init__(root, loader=read_image)
+        self._bad = multiprocessing.RawArray("b", len(self.samples))  # 1: unreadable
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor | Image.Image, int] | None:
+        path, target = self.samples[index]
+        try:
+            image = self.loader(path)
+        except BadImageError as err:
+            if not self._bad[index]:
+                self._bad[index] = 1
+                logger.warning(
+                    "Skipping an unreadable image (%d so far): %s", sum(self._bad), err
+                )
+            return None
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, target
+
+    def unreadable(self) -> list[str]:
+        """The files found unreadable so far, by any process of this run's loaders."""
+        return [path for (path, _), bad in zip(self.samples, self._bad, strict=True) if bad]
+
+
+def skip_unreadable(items: list) -> list | None:
+    """`collate_fn` of evaluation loaders: a batch of the readable items, None if none is."""
+    kept = [item for item in items if item is not None]
+    return default_collate(kept) if kept else None
+
+
+def check_images(dataset: ImageFolderFiles, shown: int = 20) -> None:
+    """Decode every file of an image folder once (JPEGs at 1/8 scale), in this process.
+
+    Raises:
+        UserError: listing the files that cannot be read and why.
+    """
+    logger.info("Checking that the %d images in %s can be read.", len(dataset), dataset.root)
+    bad = []
+    for path, _ in dataset.samples:
+        try:
+            read_image(path, check_only=True)
+        except BadImageError as err:
+            bad.append(str(err))
+    if bad:
+        more = f"\n  ... and {len(bad) - shown} more" if len(bad) > shown else ""
+        raise UserError(
+            f"{len(bad)} of the {len(dataset.samples)} images in {dataset.root} cannot be read:\n  "
+            + "\n  ".join(bad[:shown])
+            + f"{more}\nRemove or replace them, or leave out --strict_images to skip them with a "
+            "warning."
+        )
+
+
 def _cifar(dataset: str, data_dir: str, download: bool, train: bool) -> Dataset:
     cls = datasets.CIFAR10 if dataset == "cifar10" else datasets.CIFAR100
     try:
@@ -380,7 +470,7 @@ def _imagefolder(data_dir: str, train: bool) -> Dataset:
             f"{found}. Expected layout:\n{IMAGEFOLDER_LAYOUT}"
         )
     try:
-        return datasets.ImageFolder(root)
+        return ImageFolderFiles(root)
     except (FileNotFoundError, OSError) as err:
         raise UserError(
             f"{root} does not hold images in the layout --dataset imagefolder needs ({err}). "
@@ -481,7 +571,8 @@ def build_eval_loader(
     """An evaluation loader: this rank's shard of `dataset`, every image on exactly one rank.
 
     Workers persist across passes (evaluation runs many times in training) and ignore Ctrl+C
-    (`ignore_stop_signals`). The private generator keeps `iter(loader)` from drawing on the
+    (`ignore_stop_signals`). Unreadable images are left out of their batch (`skip_unreadable`;
+    a batch of none is None). The private generator keeps `iter(loader)` from drawing on the
     global torch RNG.
     """
     return DataLoader(
@@ -489,6 +580,7 @@ def build_eval_loader(
         batch_size=batch_size,
         sampler=ShardSampler(len(dataset), rank, world_size),
         num_workers=num_workers,
+        collate_fn=skip_unreadable,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=num_workers > 0,
         generator=torch.Generator(),
@@ -503,7 +595,9 @@ def get_loader(args: Namespace) -> tuple[DataLoader, DataLoader | None, DataLoad
     `args.eval_batch_size`, `args.train_batch_size` (total) and `args.micro_batch_size` (per
     process and forward pass; derived from the total, `args.gradient_accumulation_steps` and
     the world size when absent), `args.holdout_fraction` (default `HOLDOUT_FRACTION`; 0: no
-    minival), `args.rank`, `args.local_rank`, `args.world_size` (default 0, rank and 1). The
+    minival), `args.strict_images` (default False: unreadable files of an image folder are
+    skipped with a warning; True: every file is checked first, by the first process of each
+    node), `args.rank`, `args.local_rank`, `args.world_size` (default 0, rank and 1). The
     first process of each node downloads missing data; the others wait.
 
     The training loader shuffles with a `DistributedSampler` (call `set_epoch` on both the
@@ -521,8 +615,8 @@ def get_loader(args: Namespace) -> tuple[DataLoader, DataLoader | None, DataLoad
         held out.
 
     Raises:
-        UserError: bad data (see `build_test_set`), a holdout fraction outside [0, 1) or a
-            training set smaller than one batch.
+        UserError: bad data (see `build_test_set`), a holdout fraction outside [0, 1), a
+            training set smaller than one batch, or unreadable images with `strict_images`.
     """
     rank = getattr(args, "rank", 0)
     world_size = getattr(args, "world_size", 1)
@@ -537,6 +631,9 @@ def get_loader(args: Namespace) -> tuple[DataLoader, DataLoader | None, DataLoad
     with main_process_first(local_rank):
         download = local_rank == 0
         train_raw, test_set, classes = _raw_datasets(args.dataset, args.data_dir, download)
+        if getattr(args, "strict_images", False) and args.dataset == "imagefolder" and download:
+            for split in (train_raw, test_set):
+                check_images(split)
     size = (args.img_size,) * 2 if isinstance(args.img_size, int) else tuple(args.img_size)
     test_transform = build_transforms(size, train=False)
     test_set.transform = test_transform

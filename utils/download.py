@@ -9,10 +9,11 @@
 The file is fetched from `<base_url>/<source>/<file>.npz` (Google's public `vit_models` bucket
 unless `--base_url` or the `VIT_BASE_URL` variable names a mirror with the same layout) into
 `<file>.npz.part`. An interrupted transfer is continued with an HTTP `Range` request, both
-within one run (a few retries) and by running the command again; a server that ignores `Range`
-is handled by starting over. Only a complete file that opens as an `.npz` with every key the
-model needs is renamed to its final name; a complete but unusable download is deleted (resuming
-it could never repair it) and reported.
+within one run (`--retries`, 1, 2, 4, ... s apart) and by running the command again; a server
+that ignores `Range` is handled by starting over. A server that accepts the connection and then
+says nothing is given up on after `--timeout` seconds per attempt. Only a complete file that
+opens as an `.npz` with every key the model needs is renamed to its final name; a complete but
+unusable download is deleted (resuming it could never repair it) and reported.
 
 AugReg checkpoints ("How to train your ViT?", Steiner et al. 2021) are chosen as vit_jax's
 `configs/augreg.py` and `train.py` choose them: a name with a `-` is a file name; a bare model
@@ -53,6 +54,7 @@ from models.configs import (
 )
 from models.npz import BASE_URL, CheckpointError, load_npz, npz_to_state_dict
 from utils.errors import UserError, run_cli
+from utils.flags import HelpFormatter, http_url, non_negative_int, positive_float, positive_int
 
 __all__ = [
     "AUGREG",
@@ -135,6 +137,8 @@ AUGREG_SIZES = {
 }
 CHUNK = 1 << 20
 RETRIES = 3
+TIMEOUT = 30.0  # seconds without a byte from the server before an attempt is given up
+BACKOFF = 1.0  # seconds before the first retry; doubled before each further one (at most 30)
 
 
 def _closest(name: str, choices: Iterable[str], n: int = 5) -> str:
@@ -202,11 +206,15 @@ def default_source(name: str) -> str:
     return found or DEFAULT_SOURCE
 
 
-def _network_error(url: str, err: BaseException) -> UserError:
+def _network_error(url: str, err: BaseException, attempts: int, timeout: float) -> UserError:
+    reason = getattr(err, "reason", err)  # urllib wraps a connect timeout in a URLError
+    timed_out = isinstance(err, TimeoutError) or isinstance(reason, TimeoutError)
+    what = f"the server sent nothing for {timeout:g} s" if timed_out else str(err)
+    hint = " (raise --timeout for a slow connection)" if timed_out else ""
     return UserError(
-        f"Could not download {url}: {err}. Check the network connection, or point --base_url "
-        "(or the VIT_BASE_URL variable) at a mirror with the same <source>/<file>.npz layout. "
-        "Running the command again resumes a partial download."
+        f"Could not download {url} ({attempts} attempt(s)): {what}{hint}. Check the network "
+        "connection, or point --base_url (or the VIT_BASE_URL variable) at a mirror with the "
+        "same <source>/<file>.npz layout. Running the command again resumes a partial download."
     )
 
 
@@ -271,13 +279,21 @@ def download(
     dest: str | os.PathLike,
     *,
     retries: int = RETRIES,
-    timeout: float = 60.0,
+    timeout: float = TIMEOUT,
     progress: bool = True,
 ) -> Path:
     """Fetch `url` to `<dest>.part`, resuming with HTTP Range; returns the `.part` path.
 
     The caller verifies the file and renames it. The `.part` file is kept when all attempts
-    fail, so the next call continues where this one stopped.
+    fail, so the next call continues where this one stopped. Retries wait `BACKOFF` seconds,
+    doubled each time.
+
+    Args:
+        url: what to fetch.
+        dest: the final file (the download goes to `<dest>.part`).
+        retries: further attempts after a network failure or a server error (5xx).
+        timeout: seconds to wait for the connection and for each read.
+        progress: show a progress bar.
 
     Raises:
         UserError: HTTP error (e.g. 404) or a network failure after `retries` retries.
@@ -295,13 +311,13 @@ def download(
                     "(python3 -m utils.download --list), or --base_url if you use a mirror."
                 ) from None
             if attempt == retries or err.code < 500:
-                raise _network_error(url, err) from None
+                raise _network_error(url, err, attempt + 1, timeout) from None
         except (OSError, http.client.HTTPException) as err:
             if attempt == retries:
-                raise _network_error(url, err) from None
+                raise _network_error(url, err, attempt + 1, timeout) from None
             have = part.stat().st_size if part.exists() else 0
             logger.warning("Download interrupted at %d bytes (%s); resuming.", have, err)
-        time.sleep(min(2.0**attempt, 10.0) * 0.1)
+        time.sleep(min(BACKOFF * 2**attempt, 30.0))
     raise AssertionError("unreachable")
 
 
@@ -406,7 +422,11 @@ def read_augreg_index(path: str | os.PathLike) -> list[AugRegRow]:
 
 
 def _base_url(base_url: str | None) -> str:
-    return (base_url or os.environ.get("VIT_BASE_URL") or BASE_URL).rstrip("/")
+    url = base_url or os.environ.get("VIT_BASE_URL") or BASE_URL
+    try:
+        return http_url(url).rstrip("/")
+    except argparse.ArgumentTypeError as err:
+        raise UserError(f"VIT_BASE_URL (or base_url): {err}.") from None
 
 
 def augreg_index(
@@ -415,7 +435,7 @@ def augreg_index(
     *,
     refresh: bool = False,
     retries: int = RETRIES,
-    timeout: float = 60.0,
+    timeout: float = TIMEOUT,
 ) -> list[AugRegRow]:
     """The rows of `augreg/index.csv`, downloaded once into `<directory>/augreg_index.csv`.
 
@@ -638,7 +658,7 @@ def fetch_checkpoint(
     force: bool = False,
     progress: bool = True,
     retries: int = RETRIES,
-    timeout: float = 60.0,
+    timeout: float = TIMEOUT,
 ) -> Path:
     """Download and verify one official checkpoint; returns its local path.
 
@@ -706,8 +726,7 @@ def list_files(source: str | None = None) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python3 -m utils.download",
-        description="Download an official ViT checkpoint (.npz) into checkpoint/.",
+        prog="python3 -m utils.download", description=__doc__, formatter_class=HelpFormatter
     )
     parser.add_argument(
         "model",
@@ -731,15 +750,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--resolution",
-        type=int,
+        type=positive_int,
         default=None,
         help="AugReg with --adapt: only fine-tunings at this resolution (224 or 384)",
     )
-    parser.add_argument("--dir", default="checkpoint", help="where to save (default: checkpoint)")
+    parser.add_argument("--dir", default="checkpoint", help="where to save")
     parser.add_argument(
         "--base_url",
+        type=http_url,
         default=None,
         help=f"mirror with the same layout (default: $VIT_BASE_URL or {BASE_URL})",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=positive_float,
+        default=TIMEOUT,
+        help="seconds to wait for the server to connect or send data before an attempt fails",
+    )
+    parser.add_argument(
+        "--retries",
+        type=non_negative_int,
+        default=RETRIES,
+        help="attempts after the first when the connection fails (1, 2, 4, ... s apart)",
     )
     parser.add_argument("--list", action="store_true", help="list the official files and exit")
     parser.add_argument(
@@ -748,13 +780,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _check_dir(directory: str) -> None:
+    """Create `--dir`, or say why it cannot be."""
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise UserError(f"--dir {directory} is a file, not a folder: pass a folder.")
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as err:
+        raise UserError(
+            f"--dir {directory} cannot be created ({err.strerror or err}): pass a folder you can "
+            "write to."
+        ) from None
+
+
 def main(argv: list[str] | None = None) -> None:
     """Command-line entry point."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(argv)
+    network = {"retries": args.retries, "timeout": args.timeout}
     if args.list:
         if args.source == AUGREG:
-            rows = augreg_index(args.dir, args.base_url, refresh=args.force)
+            _check_dir(args.dir)
+            rows = augreg_index(args.dir, args.base_url, refresh=args.force, **network)
             print(augreg_table(rows, args.model, args.adapt, args.resolution))
         else:
             print(list_files(args.source))
@@ -764,6 +811,7 @@ def main(argv: list[str] | None = None) -> None:
             "Name a checkpoint, e.g. `python3 -m utils.download ViT-B_16`, or list them with "
             "--list."
         )
+    _check_dir(args.dir)
     path = fetch_checkpoint(
         args.model,
         args.source,
@@ -772,6 +820,7 @@ def main(argv: list[str] | None = None) -> None:
         adapt=args.adapt,
         resolution=args.resolution,
         force=args.force,
+        **network,
     )
     print(path)
 

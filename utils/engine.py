@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from utils.dist_utils import DistInfo, all_reduce_sum
 from utils.errors import UserError
+from utils.flags import OPT_LEVELS, PRECISIONS
 
 __all__ = [
     "AUTOCAST_DTYPES",
@@ -40,8 +41,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "fp16", "bf16")
-OPT_LEVELS = ("O0", "O1", "O2", "O3")
 AUTOCAST_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -166,8 +165,10 @@ def evaluate(
     was_training = model.training
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1, top-5, count
-    for images, labels in tqdm(test_loader, desc="Validating", disable=not progress, leave=False):
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+    for batch in tqdm(test_loader, desc="Validating", disable=not progress, leave=False):
+        if batch is None:  # every image of it was unreadable (`skip_unreadable`)
+            continue
+        images, labels = (t.to(device, non_blocking=True) for t in batch)
         with autocast(precision, device):
             logits = model(images)[0]  # (B, classes)
         logits = logits.float()

@@ -1,19 +1,30 @@
 """User-facing errors: one clear paragraph and exit code 2, never a traceback.
 
 `models/` raises plain `ValueError` subclasses (`ConfigError`, `CheckpointError`) worded for the
-user; the scripts' `run_cli` treats them like a `UserError`.
+user; the scripts' `run_cli` treats them like a `UserError`. Exit codes of every script:
+
+    0    done
+    2    a mistake the user can fix (bad flag, missing or damaged file); the message says how
+    130  Ctrl+C (128 + SIGINT): a run that stopped after saving, or a second Ctrl+C at once
+    143  SIGTERM (128 + SIGTERM): a run that stopped after saving
+
+128 + signal is what a shell reports for a process a signal killed, so a scheduler or
+`make a && make b` sees that the run did not finish.
+
+This module imports nothing heavy (no torch), so that `--help` answers at once.
 """
 
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from collections.abc import Callable
 
 from models.configs import ConfigError
 from models.npz import CheckpointError
 
-__all__ = ["USER_ERRORS", "UserError", "run_cli"]
+__all__ = ["USER_ERRORS", "StoppedBySignal", "UserError", "run_cli"]
 
 logger = logging.getLogger(__name__)
 
@@ -28,10 +39,49 @@ class UserError(Exception):
 USER_ERRORS = (UserError, ConfigError, CheckpointError)  # what run_cli turns into a message
 
 
+class StoppedBySignal(Exception):  # noqa: N818 - not an error: a run that stopped as asked
+    """Raised by a `main` that stopped early on a signal (after saving what it had to).
+
+    `run_cli` exits with `128 + signum` (SIGINT 130, SIGTERM 143), the code a shell reports
+    for a process killed by that signal, printing the message, if any, on one line.
+
+    Args:
+        signum: the signal that stopped the run; None when it is not known (under torchrun
+            another process may have received it), which exits as SIGTERM does.
+        message: what to print (e.g. how to resume).
+    """
+
+    def __init__(self, signum: int | None, message: str = ""):
+        super().__init__(message)
+        self.signum = int(signum) if signum is not None else int(signal.SIGTERM)
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
 def run_cli(main: Callable[[], object]) -> None:
-    """Run a command-line `main`, turning a user's mistake into its message and exit code 2."""
+    """Run a command-line `main`; every way it can end becomes one line and an exit code.
+
+    A user's mistake (`USER_ERRORS`) prints its message and exits 2; `StoppedBySignal` exits
+    128 + signal; a Ctrl+C that reaches here (the second one in train.py, the first elsewhere)
+    prints one line and exits 130. (A file larger than `ulimit -f` does not kill the process:
+    Python ignores SIGXFSZ from start-up, the write fails with EFBIG, and the savers of
+    `utils.file_io` report it as a `UserError`.)
+    """
     try:
         main()
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except StoppedBySignal as stop:
+        if str(stop):
+            print(str(stop), file=sys.stderr)
+        sys.exit(stop.exit_code)
+    except KeyboardInterrupt:
+        print(
+            "Interrupted (Ctrl+C): stopped at once. Every file written so far is complete "
+            "(saves are atomic).",
+            file=sys.stderr,
+        )
+        sys.exit(128 + int(signal.SIGINT))

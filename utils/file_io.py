@@ -5,6 +5,11 @@ over the target (`os.replace` is atomic on POSIX and Windows), so a crash or `ki
 instant leaves either the old or the new file, never a torn one. Every read of a PyTorch file
 uses `torch.load(weights_only=True)`: a checkpoint can hold tensors and plain Python values only
 and never runs code.
+
+Damage after the write (a disk or copy error, an edit) is caught on load: a best checkpoint's
+SHA-256 is recorded in its sidecar (`save_checkpoint`; `sha256sum` prints the same value), and a
+training state carries the SHA-256 of its own content (`with_content_sha256`). `safe_load`
+verifies both when present; files written before hashes existed load as before.
 """
 
 from __future__ import annotations
@@ -12,11 +17,14 @@ from __future__ import annotations
 import contextlib
 import errno
 import glob
+import hashlib
 import json
 import logging
 import os
 import pickle
+import pickletools
 import re
+import warnings
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -31,23 +39,30 @@ from models.npz import CheckpointError
 from utils.errors import UserError
 
 __all__ = [
+    "CONTENT_SHA256",
     "SAFETENSORS_SUFFIX",
     "atomic_save",
     "atomic_write",
     "atomic_write_text",
+    "content_sha256",
+    "file_sha256",
     "load_safetensors",
     "read_sidecar",
     "safe_load",
     "safetensors_info",
+    "save_checkpoint",
     "save_npz",
     "save_safetensors",
     "sidecar_path",
+    "with_content_sha256",
     "write_sidecar",
 ]
 
 logger = logging.getLogger(__name__)
 
 _NO_SPACE = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+_TOO_LARGE = (errno.EFBIG,)  # the file size limit (`ulimit -f`; Python ignores SIGXFSZ)
+CONTENT_SHA256 = "content_sha256"  # the key of a training state's own content hash
 
 
 def _fsync_dir(directory: str) -> None:
@@ -69,47 +84,106 @@ def _open_temp(path: str):
     return open(path, "wb")
 
 
-def _no_space_error(err: BaseException) -> OSError | None:
-    """The out-of-space `OSError` behind `err`, if any (torch wraps write errors)."""
+def _write_error(err: BaseException, codes: tuple[int, ...]) -> OSError | None:
+    """The `OSError` with one of `codes` behind `err`, if any (torch wraps write errors)."""
     seen: set[int] = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
-        if isinstance(err, OSError) and err.errno in _NO_SPACE:
+        if isinstance(err, OSError) and err.errno in codes:
             return err
         err = err.__cause__ or err.__context__
     return None
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> None:
-    """Write a file so that a crash at any instant leaves the old or the new one, never a torn one.
+class _HashingWriter:
+    """A file handle that hashes the bytes written through it.
 
-    `write(handle)` fills `<path>.tmp<pid>` in the same directory; it is flushed and fsynced,
-    renamed over `path`, and the directory fsynced. On any error the temporary file is removed
-    and `path` is untouched; a full disk becomes a `UserError` that says so. A successful write
-    also removes temporary files that writers killed mid-save left behind.
+    The hash is the file's only while writes are sequential: a writer that seeks (zip files,
+    `np.savez`) marks it unusable, and the file is hashed again from disk.
     """
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
+
+    def __init__(self, handle: BinaryIO):
+        self.handle = handle
+        self.sha256 = hashlib.sha256()
+        self.sequential = True
+
+    def write(self, data) -> int:
+        self.sha256.update(data)
+        return self.handle.write(data)
+
+    def seek(self, *args) -> int:
+        self.sequential = False
+        return self.handle.seek(*args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.handle, name)
+
+
+@contextlib.contextmanager
+def _cleaned_up(tmp: str, path: str) -> Iterator[None]:
+    """On any error, remove `tmp`; a full disk or the file size limit becomes a `UserError`."""
     try:
-        with _open_temp(tmp) as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        yield
     except BaseException as err:
         if os.path.exists(tmp):
             os.remove(tmp)
-        if _no_space_error(err) is not None:
-            kept = " The previous file there is unchanged." if os.path.exists(path) else ""
+        kept = " The previous file there is unchanged." if os.path.exists(path) else ""
+        if _write_error(err, _NO_SPACE) is not None:
             raise UserError(
                 f"No space left on the device while saving {path}.{kept} Free some disk space "
                 "or choose another --output_dir, then run again (with --resume to continue)."
             ) from None
+        if _write_error(err, _TOO_LARGE) is not None:
+            raise UserError(
+                f"The file size limit was reached while saving {path}.{kept} Raise it "
+                "(`ulimit -f unlimited`, or ask the administrator of the system), then run again "
+                "(with --resume to continue)."
+            ) from None
         raise
-    _fsync_dir(directory)
+
+
+def _write_temp(path: str, write: Callable[[BinaryIO], object]) -> tuple[str, str]:
+    """Fill `<path>.tmp<pid>` with `write(handle)`, flush and fsync it.
+
+    Returns:
+        (the temporary file, the SHA-256 of its bytes).
+    """
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with _cleaned_up(tmp, path):
+        with _open_temp(tmp) as handle:
+            writer = _HashingWriter(handle)
+            write(writer)
+            handle.flush()
+            os.fsync(handle.fileno())
+        digest = writer.sha256.hexdigest() if writer.sequential else file_sha256(tmp)
+    return tmp, digest
+
+
+def _commit(tmp: str, path: str) -> None:
+    """Rename the temporary file over `path` and make the rename durable."""
+    with _cleaned_up(tmp, path):
+        os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
     _remove_orphaned_temps(path)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> str:
+    """Write a file so that a crash at any instant leaves the old or the new one, never a torn one.
+
+    `write(handle)` fills `<path>.tmp<pid>` in the same directory; it is flushed and fsynced,
+    renamed over `path`, and the directory fsynced. On any error the temporary file is removed
+    and `path` is untouched; a full disk or the file size limit (`ulimit -f`) becomes a
+    `UserError` that says so. A successful write also removes temporary files that writers
+    killed mid-save left behind.
+
+    Returns:
+        The SHA-256 (hex) of the bytes written, as `sha256sum` prints it.
+    """
+    path = os.fspath(path)
+    tmp, digest = _write_temp(path, write)
+    _commit(tmp, path)
+    return digest
 
 
 def _pid_alive(pid: int) -> bool:
@@ -132,17 +206,58 @@ def _remove_orphaned_temps(path: str) -> None:
                 logger.info("Removed %s, left by an interrupted save.", stale)
 
 
-def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+def atomic_save(obj: Any, path: str | os.PathLike) -> str:
     """`torch.save(obj, path)` that leaves either the old or the new file, never a torn one.
 
     Writes to `<path>.tmp<pid>` in the same directory, flushes and fsyncs it, renames it over
     `path` and fsyncs the directory. On any error the temporary file is removed and `path` is
     untouched.
 
+    Returns:
+        The SHA-256 (hex) of the file written (hashed while writing).
+
     Raises:
-        UserError: the disk (or quota) is full; names the path and the fix.
+        UserError: the disk (or quota) is full, or the file size limit is reached; names the
+            path and the fix.
     """
-    atomic_write(path, lambda handle: torch.save(obj, handle))
+    return atomic_write(path, lambda handle: torch.save(obj, handle))
+
+
+def save_checkpoint(state: Mapping[str, torch.Tensor], path: str | os.PathLike, **info: Any) -> str:
+    """Write a best checkpoint (`torch.save(state)`) and its sidecar, with the checkpoint's SHA-256.
+
+    A crash at any instant leaves a pair that loads: the checkpoint goes to its temporary file
+    first; then the sidecar (`info`, `sha256` of the new file and `previous_sha256` of the one
+    still in place) replaces the old sidecar; then the checkpoint is renamed into place. Killed
+    between the two renames, the previous checkpoint stays, and its new sidecar still
+    recognises it by `previous_sha256` (`safe_load` then warns that its facts describe a newer
+    save that did not complete).
+
+    Args:
+        state: the model's state dict (tensors on any device).
+        path: e.g. `output/<name>_checkpoint.bin`.
+        **info: the sidecar's facts (see `write_sidecar`).
+
+    Returns:
+        The SHA-256 (hex) of the checkpoint written.
+
+    Raises:
+        UserError: the disk (or quota) is full, or the file size limit is reached.
+    """
+    path = os.fspath(path)
+    previous = None
+    if os.path.isfile(path):
+        with contextlib.suppress(CheckpointError):  # an unreadable old sidecar: hash the file
+            previous = read_sidecar(path).get("sha256")
+        previous = previous or file_sha256(path)
+    tmp, digest = _write_temp(path, lambda handle: torch.save(dict(state), handle))
+    with _cleaned_up(tmp, path):
+        facts = {**info, "sha256": digest}
+        if previous and previous != digest:
+            facts["previous_sha256"] = previous
+        write_sidecar(path, **facts)
+    _commit(tmp, path)
+    return digest
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -159,12 +274,98 @@ def save_npz(path: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -> None:
 # Safe loading
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 (hex) of a file's bytes, as `sha256sum` prints it."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _feed(digest: Any, value: Any) -> None:
+    """Add `value` (tensors and plain values, nested) to `digest`, with types and shapes."""
+    if isinstance(value, torch.Tensor):
+        flat = value.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"tensor {flat.dtype} {tuple(value.shape)};".encode())
+        digest.update(flat.view(torch.uint8).numpy())
+    elif isinstance(value, Mapping):
+        digest.update(f"map {len(value)};".encode())
+        for key, item in value.items():
+            _feed(digest, key)
+            _feed(digest, item)
+    elif isinstance(value, list | tuple):
+        digest.update(f"{type(value).__name__} {len(value)};".encode())
+        for item in value:
+            _feed(digest, item)
+    else:  # numbers, strings, None (numpy scalars as the Python numbers they equal)
+        plain = value.item() if isinstance(value, np.generic) else value
+        digest.update(f"{type(plain).__name__} {plain!r};".encode())
+
+
+def content_sha256(obj: Any) -> str:
+    """SHA-256 (hex) of what a checkpoint holds: every tensor's bytes, dtype and shape, and every
+    plain value, in order. The same after a `torch.save` / `torch.load` round trip."""
+    digest = hashlib.sha256()
+    _feed(digest, obj)
+    return digest.hexdigest()
+
+
+def with_content_sha256(obj: Mapping[str, Any]) -> dict[str, Any]:
+    """`obj` plus its own `content_sha256` (a file cannot hold its own file hash, but it can hold
+    the hash of its content), which `safe_load` verifies and removes."""
+    return {**obj, CONTENT_SHA256: content_sha256(obj)}
+
+
+def _verify_file(path: str) -> None:
+    """Compare a checkpoint with the SHA-256 its sidecar recorded, when it recorded one."""
+    info = read_sidecar(path)
+    expected = info.get("sha256")
+    if not expected:
+        return
+    actual = file_sha256(path)
+    if actual == expected:
+        return
+    if actual == info.get("previous_sha256"):
+        logger.warning(
+            "%s is the checkpoint saved before the last one, whose save did not complete (the "
+            "run was killed mid-save); the step and accuracy in %s describe that newer one.",
+            path,
+            sidecar_path(path),
+        )
+        return
+    raise CheckpointError(
+        f"{path} is damaged: its SHA-256 is {actual}, but {sidecar_path(path)} recorded "
+        f"{expected} when it was saved. The file changed after it was written (a disk or copy "
+        "error, or an edit). Use an intact copy, or train again."
+    )
+
+
+def _verify_content(obj: Any, path: str) -> Any:
+    """`obj` without its `content_sha256`, after checking it (when it has one)."""
+    if not isinstance(obj, dict) or CONTENT_SHA256 not in obj:
+        return obj
+    expected = obj.pop(CONTENT_SHA256)
+    actual = content_sha256(obj)
+    if actual != expected:
+        raise CheckpointError(
+            f"{path} is damaged: what it holds no longer matches the SHA-256 recorded inside it "
+            f"when it was saved ({expected}; now {actual}). The file changed after it was "
+            "written (a disk or copy error, or an edit). Use an intact copy, or start again."
+        )
+    return obj
+
+
 def safe_load(path: str | os.PathLike) -> Any:
-    """`torch.load` restricted to tensors and plain Python values, onto the CPU.
+    """`torch.load` restricted to tensors and plain Python values, onto the CPU, verified.
+
+    A checkpoint whose sidecar records a `sha256`, or that holds a `content_sha256`, is checked
+    against it (the latter is removed from what is returned).
 
     Raises:
-        UserError: the file is missing, truncated or not a PyTorch file, or it holds pickled
-            objects that would need code to rebuild (such a file is never loaded).
+        CheckpointError: the file is missing, truncated, damaged (its hash differs from the
+            recorded one) or not a PyTorch file, or it holds pickled objects that would need
+            code to rebuild (such a file is never loaded).
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -178,19 +379,49 @@ def safe_load(path: str | os.PathLike) -> Any:
             f"{path} is a NumPy .npz checkpoint, not a PyTorch one; load it with "
             "models.npz.load_npz (eval.py and train.py accept it directly)."
         )
+    _verify_file(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")  # refused below
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
-        if found:
+        # torch's restricted unpickler names what it refused; its advice to switch the
+        # restriction off is never passed on.
+        found = re.search(r"GLOBAL (\S+)", str(err))
+        names = [found.group(1)] if found else _pickled_globals(path)
+        if names:
             raise CheckpointError(
-                f"{path} holds pickled Python objects besides tensors ({found.group(1)}, e.g. a "
-                "whole model or custom classes); loading it could run code, so it is refused. "
-                "Re-save only plain data: torch.save(model.state_dict(), path)."
+                f"{path} was not loaded: it holds code or Python objects that are not tensors "
+                f"({', '.join(names[:3])}), e.g. a whole pickled model, and loading it could run "
+                "that code. Only tensors and plain values (numbers, strings, lists, dicts) are "
+                "ever loaded. If you made the file, save the weights alone: "
+                "torch.save(model.state_dict(), path)."
             ) from None
-        raise CheckpointError(_corrupt_message(path, err)) from None
+        refused = re.search(r"Unsupported [^\n]*", str(err))
+        detail = refused.group(0) if refused else err
+        raise CheckpointError(_corrupt_message(path, detail)) from None
     except Exception as err:  # a damaged file fails in many ways (zip, pickle, storage)
         raise CheckpointError(_corrupt_message(path, err)) from None
+    return _verify_content(obj, path)
+
+
+def _pickled_globals(path: str) -> list[str]:
+    """What a plain (not zip) pickle file would import to rebuild its objects, read with
+    `pickletools` (which parses, never runs); [] for anything else."""
+    names: list[str] = []
+    strings: list[str] = []
+    try:
+        with open(path, "rb") as handle:
+            for opcode, arg, _ in pickletools.genops(handle):
+                if opcode.name == "GLOBAL":
+                    names.append(str(arg).replace(" ", "."))
+                elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    names.append(".".join(strings[-2:]))  # module and name, pushed before it
+                elif isinstance(arg, str):
+                    strings.append(arg)
+    except Exception:  # not a pickle, or a damaged one: no names
+        return []
+    return names
 
 
 def _looks_like_npz(path: str) -> bool:
@@ -199,12 +430,13 @@ def _looks_like_npz(path: str) -> bool:
     return bool(names) and all(name.endswith(".npy") for name in names)
 
 
-def _corrupt_message(path: str, err: BaseException) -> str:
-    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+def _corrupt_message(path: str, err: BaseException | str) -> str:
+    if isinstance(err, BaseException):
+        text = str(err).strip()
+        err = f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
     return (
         f"{path} is not a readable PyTorch checkpoint: it is truncated, corrupt or another kind "
-        f"of file ({type(err).__name__}: {first_line[:200]}). Use another checkpoint, e.g. the "
-        "previous one, or train again."
+        f"of file ({err[:200]}). Use another checkpoint, e.g. the previous one, or train again."
     )
 
 

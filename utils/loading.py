@@ -4,7 +4,8 @@ notebook use.
 `load_model` takes an official `.npz` (read by `models.npz`), a train.py `.bin` with its `.json`
 sidecar, or a `_last.pt` training state, builds the model it holds and loads it strictly; it
 returns the model with its model type, image size and class names. Every misfit is named, key by
-key, with both shapes and the likely fix.
+key, with both shapes and the likely fix. `pretrained_weights` reads any of these files as
+official arrays, the starting point of a fine-tune.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from models.npz import (
     load_npz,
     load_pretrained,
     misfit_message,
+    state_dict_to_npz,
 )
 from utils.engine import unwrap
 from utils.errors import UserError
@@ -51,6 +53,7 @@ __all__ = [
     "guess_state_dict_model",
     "load_model",
     "native_img_size",
+    "pretrained_weights",
     "read_state_dict",
 ]
 
@@ -158,7 +161,7 @@ def _check_state_fits(model: nn.Module, state: Mapping[str, torch.Tensor], path:
         otherwise = "Check --model_type, --img_size and the class count against the checkpoint."
     guess = guess_state_dict_model(state)
     raise CheckpointError(
-        misfit_message(path, name, guess, missing, unused, mismatched, otherwise, shown=8)
+        misfit_message(path, name, guess, missing, unused, mismatched, otherwise)
     )
 
 
@@ -317,7 +320,7 @@ def load_model(
             "first, or use an imagenet21k+imagenet2012 checkpoint."
         )
     size = img_size or sidecar.get("img_size")
-    if size is None and pos is not None:
+    if size is None and pos is not None and pos.ndim == 3:  # other ranks: refused when loading
         size = native_img_size(config, pos.shape[1])
     if size is None:
         raise UserError(f"Cannot tell the image size {path} was made for: pass --img_size.")
@@ -339,3 +342,60 @@ def load_model(
         precision=sidecar.get("precision"),
         info={k: sidecar[k] for k in ("step", "accuracy") if k in sidecar},
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Starting a fine-tune
+
+
+def pretrained_weights(path: str | os.PathLike, model_type: str | None) -> dict[str, Any]:
+    """The weights to fine-tune from (`--pretrained_dir`), as official arrays.
+
+    An official `.npz` is read as it is; a checkpoint of ours (a train.py `.bin`, a `_last.pt`,
+    an exported `.safetensors`) is converted to the official layout, so that
+    `VisionTransformer.from_pretrained(..., zero_head=True)` starts from it exactly as from a
+    download: the head at zero (any class count), position embeddings resized to the new image
+    size.
+
+    Args:
+        path: the file.
+        model_type: the model to fine-tune; None to take it, for a checkpoint of ours, from its
+            sidecar or its shapes (for an `.npz`, `models.npz.guess_model_type` of the result).
+
+    Raises:
+        CheckpointError: missing, damaged or unsafe file, a folder, or a model other than
+            `model_type` (naming the one it holds).
+        UserError: no `model_type`, and the checkpoint does not tell.
+    """
+    path = os.fspath(path)
+    if path.endswith(".npz") or os.path.isdir(path):
+        return load_npz(path, model_type)
+    state = read_state_dict(path, model_type)
+    model_type = model_type or read_sidecar(path).get("model_type") or guess_state_dict_model(state)
+    if model_type is None:
+        raise UserError(f"Cannot tell which model {path} holds: pass --model_type.")
+    config = _registered(model_type)
+    with torch.device("meta"):  # shapes only
+        reference = VisionTransformer(config, 2 * config.stride, num_classes=1).state_dict()
+    # The head and the position embeddings may differ: they are replaced and resized.
+    kept = [k for k in {*reference, *state} if not k.startswith("head.") and "pos_embed" not in k]
+    missing = sorted(k for k in kept if k not in state)
+    unused = sorted(k for k in kept if k not in reference)
+    mismatched = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(reference[k].shape)}"
+        for k in sorted(kept)
+        if k in state and k in reference and state[k].shape != reference[k].shape
+    ]
+    if missing or unused or mismatched:
+        raise CheckpointError(
+            misfit_message(
+                path,
+                config.name,
+                guess_state_dict_model(state),
+                missing,
+                unused,
+                mismatched,
+                otherwise="Pass the --model_type it was trained as, or another --pretrained_dir.",
+            )
+        )
+    return state_dict_to_npz(state, config)

@@ -30,6 +30,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
 from utils.errors import UserError
+from utils.flags import DECAY_TYPES, OPTIM_DTYPES
 
 __all__ = [
     "DECAY_TYPES",
@@ -45,9 +46,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-DECAY_TYPES = ("cosine", "linear")
 LINEAR_END = 1e-5  # vit_jax's `linear_end`: the learning rate linear decay ends at
-OPTIM_DTYPES = ("bfloat16", "float32")  # momentum storage: vit_jax's bfloat16, or torch's float32
 
 
 # --------------------------------------------------------------------------------------------

@@ -6,6 +6,10 @@ antialiasing, aspect ratio not kept), then `(x - 127.5) / 127.5`. Train: a box s
 (TF's default `aspect_ratio_range=(0.75, 1.33)`, `max_attempts=100`), the same resize of that
 box, and a horizontal flip with probability 0.5. Pixels are never rounded back to uint8.
 
+Images are decoded by `read_image`: 16-bit files (PNG, TIFF) are scaled to 8 bits rather than
+clipped, and a file that cannot be decoded (truncated, not an image, larger than PIL's
+decompression-bomb limit) raises `BadImageError` naming it.
+
 Two implementations of the same function:
 
 - per image (`Preprocess`, loader workers): PIL image or uint8 array in, (3, H, W) out;
@@ -21,21 +25,27 @@ the border of a crop box; `grid_sample` and `roi_align` are not exact there.
 from __future__ import annotations
 
 import functools
+import os
+import re
+import warnings
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 __all__ = [
     "ASPECT_RATIO",
     "CROP_AREA",
     "MAX_ATTEMPTS",
+    "BadImageError",
     "Preprocess",
     "crop_resize_batch",
+    "read_image",
     "resize",
     "sample_augment",
     "sample_crop",
+    "to_rgb",
 ]
 
 CROP_AREA = (0.05, 1.0)  # `area_range` in vit_jax's training preprocessing
@@ -207,10 +217,89 @@ def _normalize_(pixels: torch.Tensor) -> torch.Tensor:
     return pixels.sub_(127.5).div_(127.5)
 
 
+# --------------------------------------------------------------------------------------------
+# Decoding
+
+
+class BadImageError(ValueError):
+    """An image file that cannot be decoded: `path: reason`.
+
+    Attributes:
+        path: the file.
+        reason: why it cannot be read.
+    """
+
+    def __init__(self, path: str | os.PathLike, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path = os.fspath(path)
+        self.reason = reason
+
+
+SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # "I": 16-bit files in older Pillow
+# JPEGs are checked at 1/8 scale (`draft`): decoding every block finds a truncated file 5-10x
+# faster than full size.
+CHECK_SIZE = (64, 64)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An 8-bit RGB image of any PIL image.
+
+    16-bit grey images (mode `I;16*`, or `I` as older Pillow opens 16-bit PNGs) are scaled by
+    255/65535 (0 -> 0, 65535 -> 255); `convert("RGB")` would clip them, turning all but the
+    darkest 0.4 % of the range white. Other modes convert as PIL converts them.
+    """
+    if image.mode == "RGB":
+        return image
+    if image.mode in SIXTEEN_BIT:
+        values = np.asarray(image, dtype=np.float64).clip(0, 65535)
+        grey = np.rint(values * (255.0 / 65535.0)).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    return image.convert("RGB")
+
+
+def read_image(path: str | os.PathLike, check_only: bool = False) -> Image.Image | None:
+    """Decode an image file to 8-bit RGB (see `to_rgb`), fully, so that damage shows here.
+
+    Args:
+        path: the file.
+        check_only: only check that it decodes (JPEGs at 1/8 scale, faster); returns None.
+
+    Raises:
+        BadImageError: not an image, truncated or damaged, or more pixels than PIL's
+            decompression-bomb limit (`PIL.Image.MAX_IMAGE_PIXELS`; decoding it would take
+            minutes and gigabytes); the message names the file.
+    """
+    try:
+        with warnings.catch_warnings():
+            # PIL only warns up to twice its limit, then decodes for minutes: refuse at once.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                if check_only:
+                    image.draft("RGB", CHECK_SIZE)
+                    image.load()
+                    return None
+                # A decoded copy: the original's pixels are freed when the file closes.
+                return to_rgb(image) if image.mode in SIXTEEN_BIT else image.convert("RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        found = re.search(r"\((\d+) pixels\)", str(err))
+        pixels = f"{int(found.group(1)):,}" if found else "too many"
+        raise BadImageError(
+            path,
+            f"it has {pixels} pixels, more than the {Image.MAX_IMAGE_PIXELS:,} PIL decodes (a "
+            "guard against decompression bombs). Shrink it, e.g. to 4096 pixels a side.",
+        ) from None
+    except UnidentifiedImageError:
+        raise BadImageError(
+            path, "PIL cannot identify image file: not an image, or a format PIL does not read."
+        ) from None
+    except (OSError, ValueError, SyntaxError, EOFError) as err:  # PIL's decoders raise these
+        raise BadImageError(path, f"truncated or damaged ({err}).") from None
+
+
 def _pixels(image: Image.Image | np.ndarray) -> np.ndarray:
     """uint8 (H, W, 3) RGB pixels of a PIL image or array."""
     if isinstance(image, Image.Image):
-        image = np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
+        image = np.asarray(to_rgb(image))
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"Expected uint8 RGB pixels (H, W, 3), got {image.dtype} {image.shape}.")
     return image

@@ -1,8 +1,9 @@
 """Stopping a run on purpose or when it diverges: SIGINT/SIGTERM as a flag, non-finite losses.
 
 The training loop checks both after every optimizer step: a signal makes it finish the step, save
-the last state and exit with a resume hint; a loss that stays NaN or infinite stops it with a clear
-error before anything more is saved.
+the last state and exit with a resume hint and the exit code 128 + signal
+(`utils.errors.StoppedBySignal(stop.signum)`); a loss that stays NaN or infinite stops it with a
+clear error before anything more is saved.
 """
 
 from __future__ import annotations
@@ -29,12 +30,14 @@ class GracefulExit:
     Use as a context manager around the loop. The first signal only sets :attr:`requested`
     (the loop finishes the step, saves the last state and exits with a resume hint); a second
     SIGINT raises `KeyboardInterrupt` at once. The previous handlers come back on exit. Outside
-    the main thread signals cannot be caught and the helper does nothing.
+    the main thread signals cannot be caught and the helper does nothing. `signum` and
+    `signal_name` say which signal came first (None when none reached this process).
     """
 
     def __init__(self, signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)):
         self.signals = signals
         self.requested = False
+        self.signum: int | None = None
         self.signal_name: str | None = None
         self._previous: dict[int, Any] = {}
 
@@ -42,6 +45,7 @@ class GracefulExit:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
+        self.signum = signum
         self.signal_name = signal.Signals(signum).name
         logger.warning(
             "%s received: finishing the current step, then saving the last state "

@@ -2,8 +2,9 @@
 
 `<output_dir>/<name>_last.pt` holds model, optimizer, scheduler, grad scaler, the run's progress
 (:class:`TrainState`), every rank's RNG states, the data-order position, the args and the model
-config. It loads with `torch.load(weights_only=True)`: only tensors and plain Python values are
-stored. A resume refuses a state of another model, image size or class count.
+config, and the SHA-256 of all that (`content_sha256`), checked on load. It loads with
+`torch.load(weights_only=True)`: only tensors and plain Python values are stored. A resume
+refuses a state of another model, image size or class count.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from torch import nn
 
 from utils.engine import unwrap
 from utils.errors import UserError
-from utils.file_io import atomic_save, safe_load
+from utils.file_io import atomic_save, safe_load, with_content_sha256
 from utils.loading import assign_weights
 
 __all__ = [
@@ -193,7 +194,7 @@ def save_training_state(
         "rng": rng_states if rng_states is not None else [get_rng_state()],
         "args": _plain(dict(args_dict or {})),
     }
-    atomic_save(saved, path)
+    atomic_save(with_content_sha256(saved), path)  # verified by safe_load
 
 
 def _check_same_model(saved: Mapping[str, Any], model: nn.Module, path: str) -> None:

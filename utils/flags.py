@@ -1,0 +1,114 @@
+"""What the command lines share: value types that refuse bad numbers, the choices several
+scripts offer, and the help format.
+
+It imports nothing heavy: a script parses its flags with this module and `models.configs`
+alone and imports torch afterwards, so `--help` and a mistyped flag answer at once. A value
+type raises `argparse.ArgumentTypeError`, which argparse prints as one line (`error: argument
+--img_size: must be at least 1, got 0`) before exiting with code 2, the code of every other
+user mistake (`utils.errors`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import urllib.parse
+
+__all__ = [
+    "DATASETS",
+    "DECAY_TYPES",
+    "OPTIM_DTYPES",
+    "OPT_LEVELS",
+    "PRECISIONS",
+    "HelpFormatter",
+    "fraction",
+    "http_url",
+    "non_negative_float",
+    "non_negative_int",
+    "positive_float",
+    "positive_int",
+]
+
+DATASETS = ("cifar10", "cifar100", "imagefolder", "digits")
+PRECISIONS = ("fp32", "fp16", "bf16")
+OPT_LEVELS = ("O0", "O1", "O2", "O3")  # the Apex opt levels `--fp16_opt_level` takes
+DECAY_TYPES = ("cosine", "linear")
+OPTIM_DTYPES = ("bfloat16", "float32")  # momentum storage: vit_jax's bfloat16, or torch's float32
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+
+
+def _float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An integer of at least 1 (sizes, counts, steps)."""
+    value = _int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An integer of at least 0 (worker counts, intervals where 0 means never)."""
+    value = _int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"cannot be negative, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A finite number above 0 (learning rates, timeouts)."""
+    value = _float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """A finite number of at least 0 (weight decay, clipping norm, loss scale: 0 turns off)."""
+    value = _float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"cannot be negative, got {text}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """A number in [0, 1): the share of a split held out."""
+    value = _float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be at least 0 and below 1, got {value}")
+    return value
+
+
+def http_url(text: str) -> str:
+    """An http:// or https:// address with a host (a download mirror)."""
+    parts = urllib.parse.urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise argparse.ArgumentTypeError(
+            f"expected an http:// or https:// address, e.g. https://example.org/vit_models, "
+            f"got {text!r}"
+        )
+    return text
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """`--help` with the description's lines kept as written and every flag's default shown
+    (except where there is none to show: None, or off for a switch)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
