@@ -661,9 +661,15 @@ def _run(args: argparse.Namespace, info: DistInfo) -> dict[str, float]:
                 resume_from,
                 model=trainer.model,
                 optimizer=trainer.optimizer,
-                scheduler=trainer.scheduler,
                 scaler=trainer.scaler,
                 rank=info.rank,
+            )
+            # The schedule of this command's flags, continued from the saved step (the same
+            # rates as the saved run's unless --learning_rate, --num_steps, ... changed).
+            for group in trainer.optimizer.param_groups:
+                group["initial_lr"] = args.learning_rate
+            trainer.scheduler = make_scheduler(
+                trainer.optimizer, args.num_steps, args.warmup_steps, args.decay_type, state.step
             )
             for flag in RESUME_SENSITIVE:
                 saved = state.args.get(flag, getattr(args, flag))

@@ -28,6 +28,7 @@ from tests.helpers import expect_user_error, make_image_folder, scalars, tiny_ar
 from utils import train_state
 from utils.data_utils import get_loader
 from utils.file_io import atomic_save, safe_load, sidecar_path, with_content_sha256
+from utils.optim import applied_lr
 from utils.train_state import last_state_path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -347,6 +348,22 @@ def test_resume_warns_about_changed_flags(tmp_path: Path, caplog: pytest.LogCapt
     assert any("--num_steps 3, but the saved run used 2" in w for w in warnings)
     assert any("--seed 7, but the saved run used 42" in w for w in warnings)
     assert not any("--learning_rate" in w for w in warnings)
+
+
+@pytest.mark.parametrize("changed", [{"num_steps": 12}, {"learning_rate": 0.05, "warmup_steps": 6}])
+def test_a_resumed_schedule_follows_the_flags(tmp_path: Path, changed: dict) -> None:
+    """Changed schedule flags give the schedule they define, continued from the saved step."""
+    flags = {"num_steps": 8, "warmup_steps": 2, "learning_rate": 0.1, "eval_every": 0}
+    train.main(tiny_args(tmp_path, name="run", **{**flags, "num_steps": 4}, save_every=4))
+    flags.update(changed)
+    train.main(tiny_args(tmp_path, name="run", resume=True, **flags))
+    logged = dict(scalars(tmp_path / "logs" / "run")["train/lr"])
+    assert sorted(logged) == list(range(1, flags["num_steps"] + 1))
+    for step in range(5, flags["num_steps"] + 1):
+        want = applied_lr(
+            flags["learning_rate"], step, flags["num_steps"], flags["warmup_steps"], "cosine"
+        )
+        assert logged[step] == pytest.approx(want, rel=1e-6), step
 
 
 def test_resume_flags() -> None:

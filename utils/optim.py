@@ -103,14 +103,22 @@ def applied_lr(
 
 
 def make_scheduler(
-    optimizer: Optimizer, total_steps: int, warmup_steps: int, decay_type: str = "cosine"
+    optimizer: Optimizer,
+    total_steps: int,
+    warmup_steps: int,
+    decay_type: str = "cosine",
+    count: int = 0,
 ) -> LambdaLR:
     """A `LambdaLR` that gives the official schedule with optax's count.
 
     Call `optimizer.step()` and then `scheduler.step()` once per update. LambdaLR's counter is
     the number of updates done, which is optax's count, so the rate in effect for the k-th update
     (k = 1, 2, ...) is ``base * lr_multiplier(k - 1, ...)`` (`applied_lr`), linear decay ending at
-    the absolute rate `LINEAR_END` whatever the base.
+    the absolute rate `LINEAR_END` whatever the base. The base is each group's `initial_lr`
+    (set from its `lr` when missing).
+
+    Args:
+        count: updates already done: a resumed run continues this schedule from there.
     """
     if decay_type not in DECAY_TYPES:
         raise ValueError(f"decay_type must be one of {DECAY_TYPES}, got {decay_type!r}")
@@ -119,7 +127,10 @@ def make_scheduler(
         end = _linear_end_fraction(base_lr)
         return lambda count: lr_multiplier(count, total_steps, warmup_steps, decay_type, end)
 
-    return LambdaLR(optimizer, [schedule(group["lr"]) for group in optimizer.param_groups])
+    for group in optimizer.param_groups:
+        group.setdefault("initial_lr", group["lr"])
+    lambdas = [schedule(group["initial_lr"]) for group in optimizer.param_groups]
+    return LambdaLR(optimizer, lambdas, last_epoch=count - 1)
 
 
 # --------------------------------------------------------------------------------------------
