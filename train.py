@@ -231,7 +231,6 @@ from tqdm import tqdm  # noqa: E402
 from tqdm.contrib.logging import logging_redirect_tqdm  # noqa: E402
 
 from models.modeling import VisionTransformer  # noqa: E402
-from models.npz import guess_model_type  # noqa: E402
 from utils.data_utils import get_loader, prepare_batch  # noqa: E402
 from utils.dist_utils import (  # noqa: E402
     DistInfo,
@@ -294,8 +293,8 @@ def read_checkpoint(args: argparse.Namespace) -> dict[str, np.ndarray] | None:
     layout, so that fine-tuning it zeroes the head and resizes position embeddings alike. A
     missing official file names its download URL.
 
-    Settles `args.model_type` when no flag or file name gave it: from the checkpoint's shapes
-    (ViT-B_16, the original port's default, when training from scratch).
+    Settles `args.model_type` when no flag or file name gave it: from the checkpoint's sidecar
+    or shapes (ViT-B_16, the original port's default, when training from scratch).
     """
     weights = None
     if args.pretrained_dir.lower() == "none":
@@ -306,14 +305,10 @@ def read_checkpoint(args: argparse.Namespace) -> dict[str, np.ndarray] | None:
             args.model_type,
         )
     else:
-        weights = pretrained_weights(args.pretrained_dir, args.model_type)
+        weights, model_type = pretrained_weights(args.pretrained_dir, args.model_type)
         if args.model_type is None:
-            args.model_type = guess_model_type(weights)
-            args.model_type_from = "the shapes in --pretrained_dir"
-            if args.model_type is None:
-                raise UserError(
-                    f"Cannot tell which model {args.pretrained_dir} holds: pass --model_type."
-                )
+            args.model_type = model_type
+            args.model_type_from = "--pretrained_dir (its sidecar or shapes)"
     if args.model_type_from != "--model_type":
         logger.info("Model type %s, inferred from %s.", args.model_type, args.model_type_from)
     checked_img_size(get_config(args.model_type), args.img_size)

@@ -366,7 +366,7 @@ def test_best_checkpoint_is_selected_on_minival_not_test(tmp_path: Path, holdout
     ("file_name", "source"),
     [
         ("Ti_16-i21k-300ep-lr_0.001-aug_none-wd_0.03-do_0.0-sd_0.0.npz", "the file name"),
-        ("my_download.npz", "the shapes"),
+        ("my_download.npz", "--pretrained_dir (its sidecar or shapes)"),
     ],
 )
 def test_model_type_is_inferred_from_the_checkpoint(

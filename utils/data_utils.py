@@ -393,9 +393,7 @@ class ImageFolderFiles(datasets.ImageFolder):
         except BadImageError as err:
             if not self._bad[index]:
                 self._bad[index] = 1
-                logger.warning(
-                    "Skipping an unreadable image (%d so far): %s", sum(self._bad), err
-                )
+                logger.warning("Skipping an unreadable image (%d so far): %s", sum(self._bad), err)
             return None
         if self.transform is not None:
             image = self.transform(image)

@@ -160,9 +160,7 @@ def _check_state_fits(model: nn.Module, state: Mapping[str, torch.Tensor], path:
     else:
         otherwise = "Check --model_type, --img_size and the class count against the checkpoint."
     guess = guess_state_dict_model(state)
-    raise CheckpointError(
-        misfit_message(path, name, guess, missing, unused, mismatched, otherwise)
-    )
+    raise CheckpointError(misfit_message(path, name, guess, missing, unused, mismatched, otherwise))
 
 
 def assign_weights(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
@@ -262,6 +260,12 @@ def _registered(model_type: str) -> ViTConfig:
         raise UserError(str(err.args[0])) from None
 
 
+def _named_model(path: str) -> str | None:
+    """The model an official file name says, if any (no official file holds `testing`/`demo`)."""
+    named = model_type_from_filename(path)
+    return None if named in ("testing", "demo") else named
+
+
 def load_model(
     checkpoint: str | os.PathLike,
     model_type: str | None = None,
@@ -288,10 +292,7 @@ def load_model(
     given = model_type
     if path.endswith(".npz"):
         weights = load_npz(path, model_type)
-        named = model_type_from_filename(path)
-        if named in ("testing", "demo"):  # ours: an official file never holds them
-            named = None
-        model_type = model_type or named or guess_model_type(weights)
+        model_type = model_type or _named_model(path) or guess_model_type(weights)
         num_classes = checkpoint_num_classes(weights)
         pos = weights.get("Transformer/posembed_input/pos_embedding")
     else:
@@ -312,7 +313,7 @@ def load_model(
         )
     config = _registered(model_type)
     if given is None and not sidecar.get("model_type"):
-        how = "its file name" if model_type_from_filename(path) else "its shapes"
+        how = "its file name" if _named_model(path) else "its shapes"
         logger.info("%s holds a %s model (inferred from %s).", path, config.name, how)
     if num_classes is None:
         raise UserError(
@@ -348,8 +349,10 @@ def load_model(
 # Starting a fine-tune
 
 
-def pretrained_weights(path: str | os.PathLike, model_type: str | None) -> dict[str, Any]:
-    """The weights to fine-tune from (`--pretrained_dir`), as official arrays.
+def pretrained_weights(
+    path: str | os.PathLike, model_type: str | None
+) -> tuple[dict[str, Any], str]:
+    """The weights to fine-tune from (`--pretrained_dir`), as official arrays, and their model.
 
     An official `.npz` is read as it is; a checkpoint of ours (a train.py `.bin`, a `_last.pt`,
     an exported `.safetensors`) is converted to the official layout, so that
@@ -359,8 +362,11 @@ def pretrained_weights(path: str | os.PathLike, model_type: str | None) -> dict[
 
     Args:
         path: the file.
-        model_type: the model to fine-tune; None to take it, for a checkpoint of ours, from its
-            sidecar or its shapes (for an `.npz`, `models.npz.guess_model_type` of the result).
+        model_type: the model to fine-tune; None to take it from the file: for a checkpoint of
+            ours its sidecar or its shapes, for an `.npz` its official file name or its shapes.
+
+    Returns:
+        (the arrays, keyed as in an official `.npz`; the registry name of the model).
 
     Raises:
         CheckpointError: missing, damaged or unsafe file, a folder, or a model other than
@@ -369,7 +375,11 @@ def pretrained_weights(path: str | os.PathLike, model_type: str | None) -> dict[
     """
     path = os.fspath(path)
     if path.endswith(".npz") or os.path.isdir(path):
-        return load_npz(path, model_type)
+        weights = load_npz(path, model_type)
+        model_type = model_type or _named_model(path) or guess_model_type(weights)
+        if model_type is None:
+            raise UserError(f"Cannot tell which model {path} holds: pass --model_type.")
+        return weights, model_type
     state = read_state_dict(path, model_type)
     model_type = model_type or read_sidecar(path).get("model_type") or guess_state_dict_model(state)
     if model_type is None:
@@ -398,4 +408,4 @@ def pretrained_weights(path: str | os.PathLike, model_type: str | None) -> dict[
                 otherwise="Pass the --model_type it was trained as, or another --pretrained_dir.",
             )
         )
-    return state_dict_to_npz(state, config)
+    return state_dict_to_npz(state, config), config.name
