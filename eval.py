@@ -26,7 +26,14 @@ from typing import TYPE_CHECKING
 
 from models.configs import model_names
 from utils.errors import UserError, run_cli
-from utils.flags import DATASETS, PRECISIONS, HelpFormatter, non_negative_int, positive_int
+from utils.flags import (
+    DATASETS,
+    PRECISIONS,
+    HelpFormatter,
+    add_verbose,
+    non_negative_int,
+    positive_int,
+)
 
 if TYPE_CHECKING:
     from torch.utils.data import DataLoader
@@ -79,6 +86,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--local_rank", "--local-rank", type=int, default=-1, help="Set by older launchers."
     )
+    add_verbose(p)
     return p.parse_args(argv)
 
 
@@ -151,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
 
     info = init_distributed(args.local_rank)
     try:
-        setup_logging(info)
+        setup_logging(info, args.verbose)
         result = run(args, info)
     finally:
         cleanup()

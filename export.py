@@ -30,6 +30,7 @@ import contextlib
 import inspect
 import io
 import json
+import logging
 import os
 import warnings
 from collections.abc import Iterator, Sequence
@@ -41,7 +42,7 @@ import numpy as np
 from models.configs import ViTConfig, model_names
 from models.npz import clean_state_dict, state_dict_to_npz
 from utils.errors import UserError, run_cli
-from utils.flags import HelpFormatter, positive_int
+from utils.flags import HelpFormatter, add_verbose, log_level, positive_int
 
 if TYPE_CHECKING:
     import torch
@@ -104,6 +105,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--img_size", type=positive_int, default=None, help="Default: the size it was trained at."
     )
+    add_verbose(p)
     return p.parse_args(argv)
 
 
@@ -392,7 +394,9 @@ def export(args: argparse.Namespace) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> list[str]:
     """Parse flags, export, print what was written."""
-    lines = export(parse_args(argv))
+    args = parse_args(argv)
+    logging.basicConfig(level=log_level(args.verbose), format="%(levelname)s %(message)s")
+    lines = export(args)
     print("\n".join(lines))
     return lines
 

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 
 from models.configs import model_names
 from utils.errors import UserError, run_cli
-from utils.flags import HelpFormatter, non_negative_int, positive_int
+from utils.flags import HelpFormatter, add_verbose, log_level, non_negative_int, positive_int
 
 if TYPE_CHECKING:
     import torch
@@ -85,6 +85,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--local_rank", "--local-rank", type=int, default=-1, help="Set by older launchers."
     )
+    add_verbose(p)
     args = p.parse_args(argv)
     if args.output and Path(args.output).suffix.lower() not in OUTPUT_FORMATS:
         p.error(f"--output must end in {' or '.join(OUTPUT_FORMATS)}, got {args.output}")
@@ -330,7 +331,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict] | None:
     info = init_distributed(args.local_rank)
     try:
         logging.basicConfig(
-            level=logging.INFO if info.is_main else logging.WARNING,
+            level=log_level(args.verbose, info.is_main),
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         )
         records, num_classes = predict(args, paths, info)

@@ -59,6 +59,7 @@ from utils.flags import (
     OPTIM_DTYPES,
     PRECISIONS,
     HelpFormatter,
+    add_verbose,
     fraction,
     non_negative_float,
     non_negative_int,
@@ -208,6 +209,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="Check every image of an image folder at start-up and refuse unreadable ones "
         "(without it they are skipped with a warning).",
     )
+    add_verbose(p)
     args = p.parse_args(argv)
     if args.log_dir is None:
         args.log_dir = os.path.join("logs", args.name)
@@ -594,7 +596,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
 
 def _run(args: argparse.Namespace, info: DistInfo) -> dict[str, float]:
     # ---- Set-up: flags, logging, seeds -------------------------------------------------------
-    setup_logging(info)
+    setup_logging(info, args.verbose)
     check_args(args, info)
     resume_from = resolve_resume(args.resume, args.output_dir, args.name) if args.resume else None
     random.seed(args.seed)
@@ -839,9 +841,9 @@ def _run(args: argparse.Namespace, info: DistInfo) -> dict[str, float]:
         }
 
 
-def cli() -> None:
+def cli(argv: Sequence[str] | None = None) -> None:
     """The command line: a run stopped by a signal exits with 128 + signal, after saving."""
-    summary = main()
+    summary = main(argv)
     if summary["stopped"]:
         raise StoppedBySignal(summary["signal"])
 

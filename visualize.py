@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from models.configs import model_names
 from utils.errors import UserError, run_cli
-from utils.flags import HelpFormatter, positive_int
+from utils.flags import HelpFormatter, add_verbose, log_level, positive_int
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -73,6 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Per-layer maps: each layer's head-mean attention, or the rollout up to it.",
     )
     p.add_argument("--dpi", type=positive_int, default=100, help="Figure resolution.")
+    add_verbose(p)
     args = p.parse_args(argv)
     if args.img_size is not None and len(args.img_size) not in (1, 2):
         p.error("--img_size takes one value or two (HEIGHT WIDTH)")
@@ -117,8 +118,10 @@ def gather_images(args: argparse.Namespace, dataset: str | None) -> list[tuple[s
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     args = parse_args(argv)
+    logging.basicConfig(
+        level=log_level(args.verbose), format="%(asctime)s %(levelname)s %(message)s"
+    )
     import matplotlib
 
     matplotlib.use("Agg")  # files only, never a window

@@ -443,7 +443,9 @@ def misfit_message(
     """
 
     def first(items: Sequence[str], sep: str = ", ") -> str:
-        more = f" (and {len(items) - shown} more)" if len(items) > shown else ""
+        more = (
+            f" (and {len(items) - shown} more; --verbose lists them)" if len(items) > shown else ""
+        )
         return sep.join(items[:shown]) + more
 
     parts = [f"{what} does not fit model {model_name}."]

@@ -254,3 +254,27 @@ def test_real_process_exits_2_without_traceback(tmp_path) -> None:
     assert result.stderr.startswith("error: ")
     assert "junk.bin is not a readable PyTorch checkpoint" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_verbose_lists_every_key_of_a_checkpoint_that_does_not_fit(tmp_path) -> None:
+    deeper = VisionTransformer(get_config("testing").replace(num_layers=4), 32, num_classes=10)
+    path = tmp_path / "deeper.bin"
+    torch.save(deeper.state_dict(), path)
+    argv = [f"--checkpoint={path}", "--model_type=testing", "--img_size=32", "--dataset=digits"]
+
+    def run(*extra: str) -> str:
+        proc = subprocess.run(
+            [sys.executable, "eval.py", *argv, *extra],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert proc.returncode == 2
+        assert "Traceback" not in proc.stderr
+        return proc.stderr
+
+    err = run()
+    assert "more; --verbose lists them" in err
+    assert "encoder.blocks.3.mlp.fc2.bias" not in err  # the first keys only
+    assert "encoder.blocks.3.mlp.fc2.bias" in run("--verbose")  # every key, at DEBUG level

@@ -6,6 +6,7 @@ checks the exit code, the one-line message and that nothing of an earlier run wa
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ import torch
 
 import train
 from tests.helpers import expect_user_error, load_checkpoint, make_image_folder, tiny_args
+from utils.errors import run_cli
 from utils.file_io import safe_load
 
 REPO = Path(__file__).resolve().parents[1]
@@ -106,3 +108,26 @@ def test_a_model_of_ours_starts_another_fine_tune(tmp_path: Path) -> None:
     torch.testing.assert_close(state["encoder.norm.weight"], old["encoder.norm.weight"])
     assert state["embeddings.pos_embed"].shape[1] == 1 + 3 * 3  # resized from 2x2 to 3x3
     assert np.abs(state["head.weight"].numpy()).max() < 1e-6
+
+
+def test_a_run_stopped_before_any_evaluation_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """SIGTERM during step 1 of a run that evaluates only at the end: no best checkpoint yet."""
+    real_step = train.train_step
+
+    def step_then_signal(*args, **kwargs):
+        loss = real_step(*args, **kwargs)
+        signal.raise_signal(signal.SIGTERM)  # as a scheduler would, mid-run
+        return loss
+
+    monkeypatch.setattr(train, "train_step", step_then_signal)
+    with pytest.raises(SystemExit) as stopped:
+        run_cli(lambda: train.cli(tiny_args(tmp_path, num_steps=5, eval_every=0)))
+    assert stopped.value.code == 128 + signal.SIGTERM
+    out = capsys.readouterr().out
+    assert "Best checkpoint: none (no evaluation ran)" in out
+    assert "Checkpoint: none written" in out
+    assert "-1.0000" not in out
+    assert not (tmp_path / "out" / "tiny_checkpoint.bin").exists()
+    assert safe_load(tmp_path / "out" / "tiny_last.pt")["step"] == 1

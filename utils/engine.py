@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from utils.dist_utils import DistInfo, all_reduce_sum
 from utils.errors import UserError
-from utils.flags import OPT_LEVELS, PRECISIONS
+from utils.flags import OPT_LEVELS, PRECISIONS, log_level
 
 __all__ = [
     "AUTOCAST_DTYPES",
@@ -292,10 +292,11 @@ def training_memory(
 # Logging
 
 
-def setup_logging(info: DistInfo) -> None:
-    """Log to stderr (INFO on rank 0, warnings only elsewhere), unless logging is set up."""
+def setup_logging(info: DistInfo, verbose: bool = False) -> None:
+    """Log to stderr (INFO on rank 0, DEBUG with `verbose`, warnings only elsewhere), unless
+    logging is set up."""
     logging.basicConfig(
         format=f"%(asctime)s %(levelname)s [rank {info.rank}] %(name)s: %(message)s",
         datefmt="%H:%M:%S",
-        level=logging.INFO if info.is_main else logging.WARNING,
+        level=log_level(verbose, info.is_main),
     )

@@ -11,6 +11,7 @@ user mistake (`utils.errors`).
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import urllib.parse
 
@@ -21,8 +22,10 @@ __all__ = [
     "OPT_LEVELS",
     "PRECISIONS",
     "HelpFormatter",
+    "add_verbose",
     "fraction",
     "http_url",
+    "log_level",
     "non_negative_float",
     "non_negative_int",
     "positive_float",
@@ -83,6 +86,22 @@ def non_negative_float(text: str) -> float:
     if value < 0:
         raise argparse.ArgumentTypeError(f"cannot be negative, got {text}")
     return value
+
+
+def add_verbose(parser: argparse.ArgumentParser) -> None:
+    """`--verbose`: log details too, e.g. every key of a checkpoint that does not fit a model."""
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="Log details too, e.g. every key of a checkpoint that does not fit the model.",
+    )
+
+
+def log_level(verbose: bool, is_main: bool = True) -> int:
+    """DEBUG with --verbose, INFO otherwise; warnings only on processes other than the first."""
+    if not is_main:
+        return logging.WARNING
+    return logging.DEBUG if verbose else logging.INFO
 
 
 def fraction(text: str) -> float:
