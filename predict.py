@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import glob
 import io
 import json
 import logging
@@ -96,47 +95,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 # --------------------------------------------------------------------------------------------
 # Finding and reading images
-
-
-def find_images(patterns: Sequence[str]) -> list[Path]:
-    """Expand files, folders (recursively, image extensions only) and glob patterns, in order.
-
-    A file named explicitly is taken whatever its extension (if it is no image, it is reported
-    as unreadable later).
-
-    Raises:
-        UserError: a path that does not exist, a pattern that matches nothing, a folder without
-            images.
-    """
-    from utils.attention_maps import IMAGE_EXTENSIONS
-
-    def images_in(folder: Path) -> list[Path]:
-        return sorted(
-            p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-        )
-
-    found: list[Path] = []
-    for pattern in patterns:
-        path = Path(pattern)
-        if path.is_dir():
-            images = images_in(path)
-            if not images:
-                raise UserError(
-                    f"Folder {path} has no images (looked for {', '.join(IMAGE_EXTENSIONS)})."
-                )
-            found.extend(images)
-        elif path.is_file():
-            found.append(path)
-        elif glob.has_magic(pattern):
-            matches = [Path(m) for m in sorted(glob.glob(pattern, recursive=True))]
-            files = [m for m in matches if m.is_file()]
-            files += [image for m in matches if m.is_dir() for image in images_in(m)]
-            if not files:
-                raise UserError(f"--image {pattern} matches no file.")
-            found.extend(files)
-        else:
-            raise UserError(f"--image {path} does not exist.")
-    return found
 
 
 @dataclass
@@ -325,8 +283,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict] | None:
         The records in input order on process 0, None on the others.
     """
     args = parse_args(argv)
-    paths = find_images(args.image)  # before joining the group: a typo fails at once
     from utils.dist_utils import cleanup, init_distributed
+    from utils.preprocessing import find_images
+
+    paths = find_images(args.image, recursive=True)  # before joining: a typo fails at once
 
     info = init_distributed(args.local_rank)
     try:

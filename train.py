@@ -36,7 +36,9 @@ import logging
 import math
 import os
 import random
+import re
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -484,9 +486,12 @@ def train_step(
             scaler.update()
         else:
             trainer.optimizer.step()
+        trainer.scheduler.step()
     else:
         trainer.optimizer.zero_grad(set_to_none=True)
-    trainer.scheduler.step()
+        with warnings.catch_warnings():  # a skipped update still counts; torch would call it a bug
+            warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()`"))
+            trainer.scheduler.step()
     return loss
 
 

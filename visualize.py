@@ -111,7 +111,9 @@ def gather_images(args: argparse.Namespace, dataset: str | None) -> list[tuple[s
             digit, label = am.sample_digit()
             images.append((f"digit_{label}", digit))
         return images
-    paths = am.find_images(args.image)
+    from utils.preprocessing import find_images
+
+    paths = find_images(args.image)
     stems = [p.stem for p in paths]
     names = [p.stem if stems.count(p.stem) == 1 else f"{p.stem}_{i}" for i, p in enumerate(paths)]
     return [(name, am.open_image(p)) for name, p in zip(names, paths, strict=True)]

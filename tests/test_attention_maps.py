@@ -11,6 +11,7 @@ from models.configs import CONFIGS, ResNetConfig, get_config
 from models.modeling import VisionTransformer
 from utils import attention_maps as am
 from utils.errors import UserError
+from utils.preprocessing import find_images
 
 # Two layers, two heads, three tokens. Every row of every head sums to 1.
 LAYER_1 = [
@@ -177,13 +178,13 @@ def test_find_images_and_errors(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "b.png")
     Image.new("RGB", (8, 8)).save(tmp_path / "a.jpg")
     (tmp_path / "notes.txt").write_text("x")
-    assert [p.name for p in am.find_images([tmp_path])] == ["a.jpg", "b.png"]
+    assert [p.name for p in find_images([tmp_path])] == ["a.jpg", "b.png"]
     with pytest.raises(UserError, match="does not exist"):
-        am.find_images([tmp_path / "missing.jpg"])
+        find_images([tmp_path / "missing.jpg"])
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(UserError, match="no images"):
-        am.find_images([empty])
+        find_images([empty])
     with pytest.raises(UserError, match="Cannot read image"):
         am.open_image(tmp_path / "notes.txt")
 

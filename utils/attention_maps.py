@@ -19,7 +19,6 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -34,11 +33,9 @@ from utils.preprocessing import BadImageError, read_image
 
 __all__ = [
     "DEMO_CHECKPOINT",
-    "IMAGE_EXTENSIONS",
     "AttentionMaps",
     "attention_rollout",
     "compute_attention_maps",
-    "find_images",
     "layer_attention",
     "map_description",
     "open_image",
@@ -58,7 +55,6 @@ logger = logging.getLogger(__name__)
 # Where `make demo` leaves its model (train.py writes <output_dir>/<name>_checkpoint.bin).
 DEMO_CHECKPOINT = "output/digits-demo_checkpoint.bin"
 MIN_DISPLAY_SIZE = 128  # smaller images are enlarged in figures
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 # --------------------------------------------------------------------------------------------
 # Attention maps (pure tensor functions)
@@ -290,31 +286,6 @@ def sample_digit(index: int = 0) -> tuple[Image.Image, int]:
     """A held-out handwritten digit (8x8, RGB) from scikit-learn and its label."""
     image, label = DigitsDataset(train=False)[index]
     return image.convert("RGB"), label
-
-
-def find_images(paths: Sequence[str | os.PathLike]) -> list[Path]:
-    """Expand image files and folders (their images, sorted, not recursive) to files.
-
-    Raises:
-        UserError: a path that does not exist, or a folder with no images.
-    """
-    found: list[Path] = []
-    for raw in paths:
-        path = Path(raw)
-        if path.is_dir():
-            images = sorted(
-                p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-            )
-            if not images:
-                raise UserError(
-                    f"Folder {path} has no images (looked for {', '.join(IMAGE_EXTENSIONS)})."
-                )
-            found.extend(images)
-        elif path.is_file():
-            found.append(path)
-        else:
-            raise UserError(f"Image {path} does not exist.")
-    return found
 
 
 def open_image(path: str | os.PathLike) -> Image.Image:

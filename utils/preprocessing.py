@@ -25,22 +25,29 @@ the border of a crop box; `grid_sample` and `roi_align` are not exact there.
 from __future__ import annotations
 
 import functools
+import glob
 import os
 import re
 import warnings
+from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
+from utils.errors import UserError
+
 __all__ = [
     "ASPECT_RATIO",
     "CROP_AREA",
+    "IMAGE_EXTENSIONS",
     "MAX_ATTEMPTS",
     "BadImageError",
     "Preprocess",
     "crop_resize_batch",
+    "find_images",
     "read_image",
     "resize",
     "sample_augment",
@@ -255,6 +262,48 @@ def to_rgb(image: Image.Image) -> Image.Image:
         grey = np.rint(values * (255.0 / 65535.0)).astype(np.uint8)
         return Image.fromarray(grey).convert("RGB")
     return image.convert("RGB")
+
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def find_images(patterns: Sequence[str | os.PathLike], recursive: bool = False) -> list[Path]:
+    """Expand files, folders (their images, sorted) and glob patterns to files, in order.
+
+    A file named explicitly is taken whatever its extension (if it is no image, reading it says
+    so). Folders are searched for `IMAGE_EXTENSIONS`, with their sub-folders when `recursive`.
+
+    Raises:
+        UserError: a path that does not exist, a pattern that matches nothing, a folder without
+            images.
+    """
+
+    def images_in(folder: Path) -> list[Path]:
+        files = folder.rglob("*") if recursive else folder.iterdir()
+        return sorted(p for p in files if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+    found: list[Path] = []
+    for pattern in map(str, patterns):
+        path = Path(pattern)
+        if path.is_dir():
+            images = images_in(path)
+            if not images:
+                raise UserError(
+                    f"Folder {path} has no images (looked for {', '.join(IMAGE_EXTENSIONS)})."
+                )
+            found.extend(images)
+        elif path.is_file():
+            found.append(path)
+        elif glob.has_magic(pattern):
+            matches = [Path(m) for m in sorted(glob.glob(pattern, recursive=True))]
+            files = [m for m in matches if m.is_file()]
+            files += [image for m in matches if m.is_dir() for image in images_in(m)]
+            if not files:
+                raise UserError(f"{pattern} matches no file.")
+            found.extend(files)
+        else:
+            raise UserError(f"Image {path} does not exist.")
+    return found
 
 
 def read_image(path: str | os.PathLike, check_only: bool = False) -> Image.Image | None:
