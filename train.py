@@ -269,14 +269,10 @@ from utils.train_state import (  # noqa: E402
 
 
 def check_args(args: argparse.Namespace, info: DistInfo) -> None:
-    """Validate the flags; sets `args.micro_batch_size`, `rank`, `local_rank`, `world_size`."""
+    """Check what the flags' types cannot see alone; sets `args.micro_batch_size`, `rank`,
+    `local_rank`, `world_size`."""
     if args.model_type is not None:  # else settled by read_checkpoint, which checks it again
         checked_img_size(get_config(args.model_type), args.img_size)
-    for flag in ("train_batch_size", "eval_batch_size", "num_steps", "gradient_accumulation_steps"):
-        if getattr(args, flag) < 1:
-            raise UserError(f"--{flag} must be at least 1, got {getattr(args, flag)}.")
-    if args.warmup_steps < 0 or args.num_workers < 0 or args.save_every < 0:
-        raise UserError("--warmup_steps, --num_workers and --save_every cannot be negative.")
     per_step = info.world_size * args.gradient_accumulation_steps
     if args.train_batch_size % per_step:
         suggestion = max(per_step, args.train_batch_size // per_step * per_step)
