@@ -34,7 +34,10 @@ clean:
 # scikit-learn (offline, CPU, ~1-2 minutes of training on 2 cores; reaches >= 0.95 accuracy).
 # One intra-op thread: this model's ops are too small to gain from more, and extra threads
 # collapse when the CPU is shared (measured 20x slower per step on a busy 2-core machine).
+# Run again, it continues the demo's run (a finished one just prints its summary) instead of
+# overwriting it; delete output/digits-demo_* and logs/digits-demo to train it afresh.
+DEMO_RESUME = $(if $(wildcard output/digits-demo_last.pt),--resume)
 demo: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) train.py --name digits-demo --dataset digits --model_type demo \
 		--pretrained_dir none --img_size 32 --train_batch_size 128 --learning_rate 0.1 \
-		--num_steps 800 --warmup_steps 50 --eval_every 200 --num_workers 1
+		--num_steps 800 --warmup_steps 50 --eval_every 200 --num_workers 1 $(DEMO_RESUME)

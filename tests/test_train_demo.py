@@ -31,7 +31,8 @@ def demo_command() -> str:
     recipe = match.group(1).replace("\\\n", " ")
     lines = [line.strip() for line in recipe.splitlines() if "train.py" in line]
     assert len(lines) == 1, recipe
-    return lines[0].replace("$(PY)", shlex.quote(sys.executable))
+    # A fresh output folder here: the demo starts a new run (no --resume).
+    return lines[0].replace("$(PY)", shlex.quote(sys.executable)).replace("$(DEMO_RESUME)", "")
 
 
 @pytest.mark.slow
