@@ -11,7 +11,6 @@ from models.configs import CONFIGS, ResNetConfig, get_config
 from models.modeling import VisionTransformer
 from utils import attention_maps as am
 from utils.errors import UserError
-from utils.preprocessing import find_images
 
 # Two layers, two heads, three tokens. Every row of every head sums to 1.
 LAYER_1 = [
@@ -174,17 +173,8 @@ def test_top_k():
     assert sum(p for _, p in preds) == pytest.approx(1.0)
 
 
-def test_find_images_and_errors(tmp_path):
-    Image.new("RGB", (8, 8)).save(tmp_path / "b.png")
-    Image.new("RGB", (8, 8)).save(tmp_path / "a.jpg")
+def test_open_image_names_a_file_that_is_no_image(tmp_path):
     (tmp_path / "notes.txt").write_text("x")
-    assert [p.name for p in find_images([tmp_path])] == ["a.jpg", "b.png"]
-    with pytest.raises(UserError, match="does not exist"):
-        find_images([tmp_path / "missing.jpg"])
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    with pytest.raises(UserError, match="no images"):
-        find_images([empty])
     with pytest.raises(UserError, match="Cannot read image"):
         am.open_image(tmp_path / "notes.txt")
 

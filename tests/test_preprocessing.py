@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,7 +20,15 @@ from scipy.stats import ks_2samp
 from torchvision import transforms
 
 from utils.data_utils import build_transforms
-from utils.preprocessing import Preprocess, crop_resize_batch, resize, sample_augment, sample_crop
+from utils.errors import UserError
+from utils.preprocessing import (
+    Preprocess,
+    crop_resize_batch,
+    find_images,
+    resize,
+    sample_augment,
+    sample_crop,
+)
 
 
 def noise(height: int, width: int, seed: int = 0) -> np.ndarray:
@@ -267,3 +276,22 @@ def test_batched_path_on_cuda() -> None:
     cpu = crop_resize_batch(pixels, boxes, flips, (384, 384))
     cuda = crop_resize_batch(pixels.cuda(), boxes, flips, (384, 384))
     torch.testing.assert_close(cuda.cpu(), cpu, atol=1e-5, rtol=0)
+
+
+def test_find_images_folders_globs_and_errors(tmp_path: Path) -> None:
+    Image.new("RGB", (8, 8)).save(tmp_path / "b.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.jpg")
+    (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / "sub").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "sub" / "c.png")
+    assert [p.name for p in find_images([tmp_path])] == ["a.jpg", "b.png"]
+    assert [p.name for p in find_images([tmp_path], recursive=True)] == ["a.jpg", "b.png", "c.png"]
+    assert [p.name for p in find_images([str(tmp_path / "*.png")])] == ["b.png"]
+    with pytest.raises(UserError, match="does not exist"):
+        find_images([tmp_path / "missing.jpg"])
+    with pytest.raises(UserError, match="matches no file"):
+        find_images([str(tmp_path / "*.gif")])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(UserError, match="no images"):
+        find_images([empty])
