@@ -46,6 +46,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, default_collate
 from torchvision import datasets
 
+from models.configs import to_pair
 from utils.dist_utils import main_process_first
 from utils.errors import UserError
 from utils.flags import DATASETS
@@ -121,7 +122,7 @@ def build_transforms(
         flip: random horizontal flip in training.
         crop_scale: area fraction range of the training crop.
     """
-    size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    size = to_pair(img_size)
     return Preprocess(size, train=train, flip=flip, area_range=crop_scale)
 
 
@@ -632,7 +633,7 @@ def get_loader(args: Namespace) -> tuple[DataLoader, DataLoader | None, DataLoad
         if getattr(args, "strict_images", False) and args.dataset == "imagefolder" and download:
             for split in (train_raw, test_set):
                 check_images(split)
-    size = (args.img_size,) * 2 if isinstance(args.img_size, int) else tuple(args.img_size)
+    size = to_pair(args.img_size)
     test_transform = build_transforms(size, train=False)
     test_set.transform = test_transform
 

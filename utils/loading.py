@@ -47,6 +47,7 @@ from utils.file_io import SAFETENSORS_SUFFIX, load_safetensors, read_sidecar, sa
 __all__ = [
     "CIFAR10_CLASSES",
     "CIFAR100_CLASSES",
+    "STATE_FORMAT",
     "LoadedModel",
     "assign_weights",
     "class_names",
@@ -59,7 +60,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-STATE_FORMAT = "vit-pytorch-training-state"  # what utils.train_state writes
+STATE_FORMAT = "vit-pytorch-training-state"  # marks a training state (utils.train_state)
 
 CIFAR10_CLASSES = (
     "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",

@@ -25,7 +25,7 @@ from torch import nn
 from utils.engine import unwrap
 from utils.errors import UserError
 from utils.file_io import atomic_save, safe_load, with_content_sha256
-from utils.loading import assign_weights
+from utils.loading import STATE_FORMAT, assign_weights
 
 __all__ = [
     "STATE_FORMAT",
@@ -40,7 +40,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-STATE_FORMAT = "vit-pytorch-training-state"
 STATE_VERSION = 1
 
 
