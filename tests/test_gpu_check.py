@@ -1,0 +1,90 @@
+"""tools/gpu_check.py: its CPU dry run goes through every step the GPU check runs (pytest, bench.py,
+train.py in bf16 and fp16, a real SIGTERM and its resume, eval.py), and it reports what failed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "tools" / "gpu_check.py"
+STEPS = [
+    "pytest: CUDA tests",
+    "pytest: fast selection",
+    "bench 32",
+    "train bf16",
+    "eval.py agrees with the run",
+    "train fp16, SIGTERM",
+    "train fp16, --resume",
+]
+
+
+def run_check(out: Path, *flags: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), "--out", str(out), *flags],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.mark.slow
+def test_dry_run_passes_every_step(tmp_path: Path) -> None:
+    proc = run_check(tmp_path, "--dry-run")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    steps = {step["name"]: step for step in report["steps"]}
+    assert list(steps) == STEPS
+    assert all(step["status"] == "passed" for step in steps.values()), steps
+    assert report["versions"]["torch"] == torch.__version__
+
+    # The CUDA tests were selected and skipped (no GPU here); the fast selection ran.
+    assert steps["pytest: CUDA tests"]["figures"]["skipped"] >= 1
+    assert steps["pytest: fast selection"]["figures"]["passed"] >= 1
+    bench = steps["bench 32"]["figures"]
+    assert bench["train_img_s"]["ours"] > 0
+    assert bench["train_img_s"]["ours_over_timm"] == pytest.approx(
+        bench["train_img_s"]["ours"] / bench["train_img_s"]["timm"]
+    )
+    # eval.py re-scores the bf16 run's best checkpoint to the run's own test accuracy.
+    agree = steps["eval.py agrees with the run"]["figures"]
+    assert agree["eval_accuracy"] == pytest.approx(agree["run_accuracy"], abs=1e-4)
+    # The fp16 run was stopped by SIGTERM part-way (exit 143) and its resume reached the end.
+    stopped = steps["train fp16, SIGTERM"]
+    assert stopped["returncode"] == 143
+    assert 4 <= stopped["figures"]["stopped_at"] < 12
+    assert steps["train fp16, --resume"]["figures"]["step"] == 12
+    assert steps["train bf16"]["figures"]["step"] == 12
+    assert report["projections"]
+
+    summary = (tmp_path / "gpu_check.md").read_text()
+    for name in STEPS:
+        assert f"| {name} | passed" in summary
+    log = (tmp_path / "gpu_check.log").read_text()
+    for name in STEPS:  # every step's output is in the one log, under its command
+        assert f"===== {name}: " in log
+
+
+def test_spent_budget_skips_steps_and_fails(tmp_path: Path) -> None:
+    """A budget too small for any step: every step is recorded as skipped, and the exit code
+    says the check did not pass (a check that ran nothing never reports success)."""
+    proc = run_check(tmp_path, "--dry-run", "--budget", "1", timeout=120)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert [step["status"] for step in report["steps"]] == ["skipped"] * len(STEPS)
+    assert report["passed"] == 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")
+def test_without_a_gpu_it_says_so(tmp_path: Path) -> None:
+    proc = run_check(tmp_path, timeout=120)
+    assert proc.returncode == 2
+    assert "no CUDA GPU is visible" in proc.stderr
+    assert "--dry-run" in proc.stderr
+    assert not (tmp_path / "gpu_check.json").exists()
