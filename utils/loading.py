@@ -232,7 +232,11 @@ def read_folder(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[
         known = {timm: ours for ours, timm in TIMM_NAMES.items()}.get(architecture)
         if known and guess_state_dict_model(state) == known:
             facts["model_type"] = known
-        mean = (config.get("pretrained_cfg") or {}).get("mean")
+        pretrained_cfg = config.get("pretrained_cfg") or {}
+        size = pretrained_cfg.get("input_size")
+        if isinstance(size, list) and len(size) == 3:
+            facts["img_size"] = [int(size[1]), int(size[2])]
+        mean = pretrained_cfg.get("mean")
         if mean is not None and [round(float(m), 4) for m in mean] != [0.5, 0.5, 0.5]:
             logger.warning(
                 "%s was trained on pixels normalised with mean %s; this project feeds "
