@@ -20,7 +20,15 @@ import predict
 import train
 from models import configs
 from models.configs import ResNetConfig, get_config
-from models.foreign import from_hf, from_timm, hf_state_dict, state_dict_format, timm_state_dict
+from models.foreign import (
+    from_hf,
+    from_timm,
+    hf_config,
+    hf_config_model,
+    hf_state_dict,
+    state_dict_format,
+    timm_state_dict,
+)
 from models.modeling import VisionTransformer
 from tests.helpers import (
     distinct_model,
@@ -114,6 +122,28 @@ def test_ours_to_hf_and_timm_and_back_is_bit_exact(name, img_size) -> None:
     timm_state = timm_state_dict(state)
     assert state_dict_format(timm_state) == "timm"
     _same_state(state, from_timm(timm_state))
+
+
+PLAIN = [
+    pytest.param(n, marks=[pytest.mark.slow] if c.num_layers > 12 else [])  # L and H: seconds
+    for n, c in configs.CONFIGS.items()
+    if c.resnet is None and c.classifier == "token"
+]
+
+
+@pytest.mark.parametrize("name", PLAIN)
+def test_every_plain_vit_has_its_transformers_twin(name) -> None:
+    transformers = pytest.importorskip("transformers")
+    config = get_config(name)
+    hf = hf_config(config, (64, 96), None, 7)
+    assert hf_config_model(hf, "config.json")[0] == name  # and back to the same registry entry
+    with torch.device("meta"):
+        ours = VisionTransformer(name, (64, 96), 7)
+        theirs = transformers.ViTForImageClassification(transformers.ViTConfig(**hf))
+    # transformers 5 names the parts otherwise in memory than on the hub: both read back.
+    assert {k: v.shape for k, v in from_hf(theirs.state_dict()).items()} == {
+        k: v.shape for k, v in ours.state_dict().items()
+    }
 
 
 # --------------------------------------------------------------------------------------------
