@@ -88,15 +88,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--checkpoint",
         required=True,
-        help="train.py's output/<name>_checkpoint.bin (or _last.pt), an official .npz, or a "
-        ".safetensors.",
+        help="train.py's output/<name>_checkpoint.bin (or _last.pt), an official .npz, a "
+        ".safetensors, a Hugging Face folder or a timm state dict.",
     )
     p.add_argument("--format", required=True, choices=tuple(SUFFIXES), help="What to write.")
     p.add_argument(
         "--output",
         default=None,
-        help="File to write. Default: next to the checkpoint, e.g. NAME_checkpoint.npz, "
-        "NAME_checkpoint_timm.pth.",
+        help="File (for --format hf: folder) to write. Default: next to the checkpoint, e.g. "
+        "NAME_checkpoint.npz, NAME_checkpoint_timm.pth, NAME_checkpoint_hf.",
     )
     p.add_argument("--overwrite", action="store_true", help="Replace an existing output file.")
     p.add_argument(

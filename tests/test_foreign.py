@@ -442,3 +442,10 @@ def test_fine_tune_from_hf_folder_equals_fine_tune_from_npz(tmp_path: Path, caps
     # And it did start from those weights: the first block's MLP moved little from them.
     start = from_hf(theirs.state_dict())["encoder.blocks.0.mlp.fc1.weight"]
     assert (hf_state["encoder.blocks.0.mlp.fc1.weight"] - start).abs().max() < 0.1
+    # Its export's model card lists the run's recipe, read from its `_last.pt`.
+    export.main(
+        ["--checkpoint", str(tmp_path / "out" / "from_hf_checkpoint.bin"), "--format", "hf"]
+    )
+    card = (tmp_path / "out" / "from_hf_checkpoint_hf" / "README.md").read_text()
+    assert f"| `--pretrained_dir` | {folder} |" in card
+    assert "| `--num_steps` | 3 |" in card
