@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--output_dir", default="img")
     p.add_argument("--dpi", type=int, default=90)
     args = p.parse_args(argv)
-    if not Path(args.checkpoint).is_file():
+    if not Path(args.checkpoint).exists():  # a file, or a Hugging Face folder
         raise UserError(
             f"Checkpoint {args.checkpoint} does not exist: run `make demo` first, or pass "
             "--checkpoint (an official .npz or a .bin that train.py saved)."
