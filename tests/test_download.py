@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import functools
+import hashlib
 import http.server
 import io
 import math
@@ -12,6 +13,7 @@ import re
 import socket
 import subprocess
 import sys
+import tarfile
 import threading
 import time
 import types
@@ -26,8 +28,16 @@ import tqdm
 from models.configs import CHECKPOINT_FOLDERS, get_config, model_type_from_filename
 from models.modeling import VisionTransformer
 from models.npz import load_npz, state_dict_to_npz
-from tests.helpers import expect_user_error, fake_checkpoint
+from tests.helpers import (
+    CIFAR_LAYOUT,
+    QuietHandler,
+    expect_user_error,
+    fake_checkpoint,
+    make_cifar_files,
+    serve_cifar,
+)
 from utils import download as dl
+from utils.data_utils import build_test_set
 from utils.errors import UserError
 from utils.file_io import save_npz
 
@@ -784,3 +794,146 @@ def test_sam_and_gsam_folders() -> None:
     assert "imagenet21k" not in listing.split("Base URL")[0]
     with pytest.raises(UserError, match="--adapt and --resolution choose among AugReg files"):
         dl.fetch_checkpoint("ViT-B_16", "sam", adapt="imagenet2012")
+
+
+# ---------------------------------------------------------------------------------------------
+# CIFAR archives: the machinery above (timeout, retries, one message), a mirror, MD5, safe unpack.
+
+CIFAR10 = CIFAR_LAYOUT["cifar10"][0]
+ARCHIVE = f"/mirror/{CIFAR10.filename}"
+
+
+@pytest.fixture
+def cifar(server, monkeypatch, tmp_path) -> Iterator[tuple[_Server, Path]]:
+    """A tiny CIFAR-10 (8 images per file) on the mirror `VIT_CIFAR_URL` names; torchvision's
+    own address (another loopback server) must never be asked."""
+    with serve_cifar("cifar10", monkeypatch, tmp_path):
+        server.files[ARCHIVE] = (tmp_path / "www" / CIFAR10.filename).read_bytes()
+        monkeypatch.setenv("VIT_CIFAR_URL", f"{server.url}/mirror/")
+        yield server, tmp_path / "data"
+        assert QuietHandler.requests == []
+
+
+def test_cifar_comes_from_the_mirror_variable(cifar) -> None:
+    server, data = cifar
+    test_set, classes = build_test_set("cifar10", str(data), 32)
+    assert len(test_set) == 8
+    assert classes == [f"class_{i:03d}" for i in range(10)]
+    assert server.requests == [(ARCHIVE, None)]
+    assert sorted(p.name for p in data.iterdir()) == [CIFAR10.base_folder, CIFAR10.filename]
+    build_test_set("cifar10", str(data), 32)
+    assert len(server.requests) == 1  # found locally the second time
+
+
+def test_a_cifar_server_that_never_answers_times_out(tmp_path, waits) -> None:
+    start = time.perf_counter()
+    with _silent_server() as url, pytest.raises(UserError) as info:
+        dl.fetch_archive(
+            f"{url}/{CIFAR10.filename}",
+            tmp_path / CIFAR10.filename,
+            CIFAR10.tgz_md5,
+            CIFAR10.base_folder,
+            mirror="the VIT_CIFAR_URL variable at a mirror",
+            retries=1,
+            timeout=0.3,
+        )
+    assert time.perf_counter() - start < 10
+    assert str(info.value) == (
+        f"Could not download {url}/{CIFAR10.filename} (2 attempt(s)): the server sent nothing "
+        "for 0.3 s. Check the network connection, or point the VIT_CIFAR_URL variable at a "
+        "mirror. Running the command again resumes a partial download."
+    )
+    assert waits == [1.0]
+
+
+def test_a_damaged_cifar_folder_is_named_not_called_a_network_failure(cifar) -> None:
+    server, data = cifar
+    build_test_set("cifar10", str(data), 32)
+    damaged = data / CIFAR10.base_folder / "data_batch_2"
+    damaged.write_bytes(damaged.read_bytes()[:-10])
+    with pytest.raises(UserError) as info:
+        build_test_set("cifar10", str(data), 32)
+    assert str(info.value).startswith(
+        f"{data / CIFAR10.base_folder} is damaged: data_batch_2 missing or not the published "
+        f"file(s) (MD5). Delete the folder {data / CIFAR10.base_folder}"
+    )
+    assert len(server.requests) == 1  # nothing downloaded again, nothing replaced
+    assert damaged.exists()
+
+
+def test_a_damaged_cifar_archive_is_named_and_kept(cifar) -> None:
+    server, data = cifar
+    data.mkdir()
+    archive = data / CIFAR10.filename
+    archive.write_bytes(server.files[ARCHIVE][:-100])
+    with pytest.raises(UserError) as info:
+        build_test_set("cifar10", str(data), 32)
+    assert str(info.value) == (
+        f"{archive} is damaged: its MD5 is not the published {CIFAR10.tgz_md5}. Delete it to "
+        "download it again."
+    )
+    assert server.requests == []
+    assert archive.exists()
+
+
+def test_a_download_that_is_not_the_cifar_archive_is_deleted(cifar) -> None:
+    server, data = cifar
+    server.files[ARCHIVE] = b"<html>mirror maintenance</html>"
+    with pytest.raises(UserError, match=r"is not the published cifar-10-python\.tar\.gz .*deleted"):
+        build_test_set("cifar10", str(data), 32)
+    assert list(data.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("name", "link"),
+    [
+        ("../escaped", None),
+        ("{tmp}/escaped", None),  # an absolute path
+        (f"{CIFAR10.base_folder}/../../escaped", None),
+        ("elsewhere/data_batch_1", None),
+        (f"{CIFAR10.base_folder}/data_batch_1", "/etc/passwd"),
+    ],
+)
+def test_an_archive_member_outside_its_folder_is_never_unpacked(
+    cifar, monkeypatch, name, link
+) -> None:
+    server, data = cifar
+    name = name.replace("{tmp}", str(data.parent))
+    files = make_cifar_files("cifar10")
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for file, payload in files.items():
+            info = tarfile.TarInfo(f"{CIFAR10.base_folder}/{file}")
+            info.size = len(payload)
+            if f"{CIFAR10.base_folder}/{file}" != name:
+                tar.addfile(info, io.BytesIO(payload))
+        info = tarfile.TarInfo(name)
+        if link:
+            info.type, info.linkname = tarfile.SYMTYPE, link
+            tar.addfile(info)
+        else:
+            info.size = 4
+            tar.addfile(info, io.BytesIO(b"evil"))
+    server.files[ARCHIVE] = buffer.getvalue()
+    monkeypatch.setattr(CIFAR10, "tgz_md5", hashlib.md5(buffer.getvalue()).hexdigest())
+    with pytest.raises(UserError) as info:
+        build_test_set("cifar10", str(data), 32)
+    assert str(info.value) == (
+        f"{data / CIFAR10.filename} holds {name!r}, not a file inside {CIFAR10.base_folder}/: it "
+        "is not the published archive and was not unpacked. Delete it to download it again."
+    )
+    assert sorted(p.name for p in data.iterdir()) == [CIFAR10.filename]
+    assert not list(data.parent.rglob("escaped"))
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_an_unwritable_cifar_folder_is_said_so_without_retries(cifar, waits) -> None:
+    server, _ = cifar
+    with pytest.raises(UserError) as info:
+        build_test_set("cifar10", "/proc", 32)
+    assert str(info.value).startswith(
+        f"Cannot write /proc/{CIFAR10.filename}.part (No such file or directory): this is not a "
+        "network problem."
+    )
+    assert waits == []
+    assert len(server.requests) == 1

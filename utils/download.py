@@ -38,12 +38,15 @@ import logging
 import math
 import os
 import re
+import shutil
+import tarfile
+import tempfile
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from tqdm import tqdm
 
@@ -72,6 +75,7 @@ __all__ = [
     "checkpoint_path",
     "default_source",
     "download",
+    "fetch_archive",
     "fetch_checkpoint",
     "list_files",
     "mirror_url",
@@ -398,6 +402,85 @@ def download(
             logger.warning("Download interrupted at %d bytes (%s); resuming.", have, err)
         time.sleep(min(BACKOFF * 2**attempt, 30.0))
     raise AssertionError("unreachable")
+
+
+def _extract(archive: Path, folder: str) -> None:
+    """Unpack `archive`, which must hold only files and folders under `folder/`, next to it.
+
+    Unpacked into a temporary folder first: `folder` appears whole, or not at all.
+    """
+    with tarfile.open(archive) as tar:
+        members = tar.getmembers()
+        for member in members:
+            parts = PurePosixPath(member.name).parts
+            if not (member.isfile() or member.isdir()) or parts[:1] != (folder,) or ".." in parts:
+                raise UserError(
+                    f"{archive} holds {member.name!r}, not a file inside {folder}/: it is not the "
+                    "published archive and was not unpacked. Delete it to download it again."
+                )
+        unpacked = tempfile.mkdtemp(prefix=f".{folder}-", dir=archive.parent)
+        try:
+            safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+            tar.extractall(unpacked, members=members, **safe)
+            os.replace(os.path.join(unpacked, folder), archive.parent / folder)
+        finally:
+            shutil.rmtree(unpacked, ignore_errors=True)
+
+
+def fetch_archive(
+    url: str,
+    archive: str | os.PathLike,
+    md5: str,
+    folder: str,
+    *,
+    mirror: str,
+    retries: int = RETRIES,
+    timeout: float = TIMEOUT,
+    limit: int = MAX_CHECKPOINT,
+) -> None:
+    """Download `url` to `archive` unless it is there, check its published MD5, unpack `folder/`.
+
+    A download whose MD5 differs is deleted; an archive that was already there is never
+    replaced: a damaged one is reported, naming it.
+
+    Raises:
+        UserError: network failure (after `retries`), a damaged archive, one that holds anything
+            but files under `folder/` (links, absolute paths, `..`), or a folder that cannot be
+            written to.
+    """
+    from torchvision.datasets.utils import check_integrity  # torch: not for --help
+
+    archive = Path(archive)
+    if not archive.exists():
+        logger.info("Downloading %s to %s", url, archive)
+        part = download(
+            url,
+            archive,
+            retries=retries,
+            timeout=timeout,
+            limit=limit,
+            mirror=mirror,
+            timeout_flag="",
+        )
+        if not check_integrity(part, md5):
+            part.unlink()
+            raise UserError(
+                f"The file downloaded from {url} is not the published {archive.name} (its MD5 is "
+                f"not {md5}) and was deleted. If you use a mirror, point {mirror}."
+            )
+        os.replace(part, archive)
+    elif not check_integrity(archive, md5):
+        raise UserError(
+            f"{archive} is damaged: its MD5 is not the published {md5}. Delete it to download it "
+            "again."
+        )
+    try:
+        _extract(archive, folder)
+    except (OSError, tarfile.TarError, EOFError) as err:
+        raise UserError(
+            f"Could not unpack {archive} into {archive.parent} ({err}): not a network problem. "
+            "Free space there, or pass a folder you can write to."
+        ) from None
 
 
 def verify(path: str | os.PathLike, model: str) -> None:
