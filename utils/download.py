@@ -956,7 +956,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--timeout",
         type=positive_float,
         default=TIMEOUT,
-        help="seconds to wait for the server to connect or send data before an attempt fails",
+        help="seconds to wait for the server to connect or send data before an attempt fails; "
+        "also the span over which at least 1 KiB/s must arrive",
     )
     parser.add_argument(
         "--retries",
