@@ -625,7 +625,11 @@ def augreg_index(
         return read_augreg_index(path)
     url = f"{mirror_url(base_url)}/{AUGREG}/index.csv"
     logger.info("Downloading the AugReg index %s to %s", url, path)
-    Path(f"{path}.part").unlink(missing_ok=True)  # small: always fetched whole
+    stale = Path(f"{path}.part")
+    try:
+        stale.unlink(missing_ok=True)  # small: always fetched whole
+    except OSError as err:
+        raise _not_writable(stale, err) from None
     part = download(url, path, retries=retries, timeout=timeout, progress=False, limit=MAX_INDEX)
     try:
         rows = read_augreg_index(part)
