@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import subprocess
@@ -429,3 +430,17 @@ def test_help_answers_without_torch_and_a_missing_file_exits_2(tmp_path):
     assert result.returncode == 2
     assert result.stderr.startswith("error: ")
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_make_figures_draws_figure7_of_a_digits_model(tmp_path, best_checkpoint):
+    spec = importlib.util.spec_from_file_location("make_figures", ROOT / "tools/make_figures.py")
+    make_figures = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_figures)
+    model = distinct_model("demo", img_size=32, num_classes=10)
+    ckpt = best_checkpoint(model, name="digits-demo", dataset="digits")
+    out = tmp_path / "img"
+    make_figures.main(["--checkpoint", str(ckpt), "--output_dir", str(out)])
+    width, height = figure_size(out / "figure7.png")
+    assert width > 2.5 * height > 250
+    assert (out / "figure7.png").stat().st_size < 300_000
