@@ -19,10 +19,18 @@ import analyze
 from models import configs
 from models.configs import ResNetConfig, get_config
 from models.modeling import VisionTransformer
-from tests.helpers import distinct_model, expect_user_error, fake_checkpoint
+from models.npz import state_dict_to_npz
+from tests.helpers import (
+    BIG_VISION,
+    VIT_JAX,
+    distinct_model,
+    expect_user_error,
+    fake_checkpoint,
+)
 from utils import analysis
 from utils.attention_maps import DEMO_CHECKPOINT
-from utils.file_io import save_npz
+from utils.file_io import save_npz, save_safetensors
+from utils.loading import STATE_FORMAT
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -444,3 +452,49 @@ def test_make_figures_draws_figure7_of_a_digits_model(tmp_path, best_checkpoint)
     width, height = figure_size(out / "figure7.png")
     assert width > 2.5 * height > 250
     assert (out / "figure7.png").stat().st_size < 300_000
+
+
+def save_kind(kind: str, directory: Path, model: VisionTransformer) -> Path:
+    """`model` saved as one of the checkpoint kinds load_model reads."""
+    state = model.state_dict()
+    if kind == "big_vision.npz":
+        path = directory / "bv.npz"
+        save_npz(path, state_dict_to_npz(state, model.config))
+        arrays = dict(np.load(path))  # rename the blocks as big_vision does
+        for old, new in zip(VIT_JAX, BIG_VISION, strict=True):
+            arrays = {k.replace(f"/{old}/", f"/{new}/"): v for k, v in arrays.items()}
+        save_npz(path, {f"params/{k}": v for k, v in arrays.items()})
+    elif kind == ".safetensors":
+        path = directory / "model.safetensors"
+        save_safetensors(path, state, {"model_type": "testing", "img_size": [32, 32]})
+    else:  # a training state, as train.py's _last.pt
+        path = directory / "run_last.pt"
+        torch.save({"format": STATE_FORMAT, "model_type": "testing", "model": state}, path)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["big_vision.npz", ".safetensors", "_last.pt"])
+def test_every_checkpoint_kind(tmp_path, kind):
+    model = distinct_model("testing", img_size=32, seed=1)
+    path = save_kind(kind, tmp_path, model)
+    out = tmp_path / "out"
+    analyze.main(
+        [
+            "--checkpoint",
+            str(path),
+            "--model_type",
+            "testing",
+            "--img_size",
+            "32",
+            "--panels",
+            "position",
+            "filters",
+            "--output_dir",
+            str(out),
+        ]
+    )
+    facts = read_json(out / "analysis.json")
+    pos = model.embeddings.pos_embed.detach()[0, 1:].double().numpy()
+    unit = pos / np.linalg.norm(pos, axis=1, keepdims=True)
+    np.testing.assert_allclose(facts["position_similarity"], unit @ unit.T, atol=1e-5)
+    assert np.array(facts["embedding_components"]).shape == (16, 3, 16, 16)
