@@ -335,6 +335,7 @@ def test_gap_and_hybrid_models(tmp_path, monkeypatch, one_thread):
     )
     facts = read_json(out / "analysis.json")
     assert facts["num_prefix_tokens"] == 0
+    assert facts["class_token"] == "none (gap model)"
     assert facts["num_images"] == 2  # the two bundled photos
     assert np.array(facts["position_similarity"]).shape == (4, 4)
 
@@ -422,6 +423,7 @@ def test_bad_input_is_one_message_and_exit_2(tmp_path, monkeypatch, capsys):
     assert "make demo" in expect_user_error(analyze.main, [], capsys)
 
 
+@pytest.mark.slow
 def test_help_answers_without_torch_and_a_missing_file_exits_2(tmp_path):
     code = "import sys, analyze; analyze.parse_args([]); print('torch' in sys.modules)"
     result = subprocess.run(

@@ -255,7 +255,11 @@ class Analysis:
             "patch_size": list(self.patch_size),
             "grid": list(self.grid),
             "num_prefix_tokens": self.num_prefix_tokens,
-            "class_token_excluded": "row and column left out, rows not renormalised",
+            "class_token": (
+                "left out of the distance (its row and column), rows not renormalised"
+                if self.num_prefix_tokens
+                else "none (gap model)"
+            ),
             "num_images": self.num_images,
             "mean_attention_distance": listed(self.mean_attention_distance),
             "position_similarity": listed(self.position_similarity),
