@@ -1,11 +1,14 @@
-"""Make the README figures in `img/`: attention maps of a checkpoint, an image cut into patches.
+"""Make the README figures in `img/`: attention maps, an image cut into patches, Figure 7.
 
     python3 tools/make_figures.py                      # the demo model (`make demo` first)
     python3 tools/make_figures.py --checkpoint checkpoint/ViT-B_16-224.npz --model_type ViT-B_16
 
 Writes `img/attention_map.png` (prediction, attention rollout and per-layer maps; for the digits
 demo model on a held-out digit, otherwise on a photo bundled with scikit-learn) and
-`img/patches.png` (that photo resized to 224x224 and cut into the 16x16 patches ViT-B_16 sees).
+`img/patches.png` (that photo resized to 224x224 and cut into the 16x16 patches ViT-B_16 sees)
+and `img/figure7.png` (the paper's Figure 7 as `analyze.py` draws it: embedding filters, position
+similarity, mean attention distance over 128 held-out digits for a digits model, otherwise over
+the two bundled photos).
 PNGs over 250 KB are palette-quantised to stay small.
 """
 
@@ -27,6 +30,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere
 
 from models.configs import model_names
+from utils import analysis
 from utils import attention_maps as am
 from utils.errors import UserError, run_cli
 from utils.loading import load_model
@@ -79,6 +83,13 @@ def main(argv: list[str] | None = None) -> None:
     title = f"{name}: {loaded.model_type} ({Path(args.checkpoint).name})"
     fig = am.plot_attention(image, maps, predictions=predictions, title=title)
     save_png(fig, out / "attention_map.png", args.dpi)
+
+    batches, described = analysis.bundled_batches(loaded.dataset, num_images=128, batch_size=8)
+    logger.info("Figure 7: attention distance over %s", described)
+    label = Path(args.checkpoint).name
+    result = analysis.analyze_model(loaded.model, label, batches(loaded.img_size))
+    fig = analysis.plot_figure7([result], title=f"{loaded.model_type} ({label})")
+    save_png(fig, out / "figure7.png", args.dpi)
 
 
 if __name__ == "__main__":
