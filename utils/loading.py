@@ -416,6 +416,7 @@ def load_model(
     checkpoint: str | os.PathLike,
     model_type: str | None = None,
     img_size: int | tuple[int, int] | list[int] | None = None,
+    keep_pre_logits: bool = False,
 ) -> LoadedModel:
     """Build the model a checkpoint holds and load it strictly, ready for inference.
 
@@ -429,6 +430,9 @@ def load_model(
         model_type: registry name; overrides the sidecar. Guessed from the shapes when omitted.
         img_size: input size (int or (H, W)); overrides the sidecar. Defaults to the size the
             checkpoint's position embeddings were made for.
+        keep_pre_logits: keep the Dense + tanh `pre_logits` layer of an `.npz` that has one
+            (ImageNet-21k files), as big_vision's few-shot evaluation does; by default an
+            `.npz`'s is dropped, as the official fine-tuning drops it (other files keep theirs).
 
     Raises:
         UserError: missing or unreadable file, unknown model, no classifier head, an image
@@ -461,6 +465,8 @@ def load_model(
     config = _registered(model_type)
     if not path.endswith(".npz"):
         config = _with_pre_logits(config, state)
+    elif keep_pre_logits and "pre_logits/kernel" in weights and not config.representation_size:
+        config = config.replace(representation_size=int(weights["pre_logits/kernel"].shape[-1]))
     if given is None and not sidecar.get("model_type"):
         how = "its file name" if _named_model(path) else "its shapes"
         logger.info("%s holds a %s model (inferred from %s).", path, config.name, how)
