@@ -372,6 +372,18 @@ def split_features(
 # Evaluation and reporting
 
 
+def checkpoint_sha256(path: str) -> str:
+    """The SHA-256 of a checkpoint file (as `sha256sum` prints it); of a Hugging Face folder,
+    that of its `config.json` and weight files' hashes."""
+    from utils.file_io import content_sha256, file_sha256
+    from utils.loading import folder_weight_files, is_model_folder
+
+    if not is_model_folder(path):
+        return file_sha256(path)
+    files = [os.path.join(path, "config.json"), *folder_weight_files(path)]
+    return content_sha256([[os.path.basename(f), file_sha256(f)] for f in files])
+
+
 def evaluate_checkpoint(
     path: str,
     splits: tuple[Dataset, Dataset, list[str]],
@@ -380,12 +392,11 @@ def evaluate_checkpoint(
 ) -> list[dict[str, Any]] | None:
     """One checkpoint's entries of the results (one per l2 value), on process 0."""
     from utils.fewshot import fewshot_evaluate
-    from utils.file_io import file_sha256
     from utils.loading import load_model
 
     train, test, classes = splits
     loaded = load_model(path, args.model_type, args.img_size, keep_pre_logits=True)
-    sha256 = file_sha256(path) if info.is_main else ""
+    sha256 = checkpoint_sha256(path) if info.is_main else ""
     width = loaded.model.head.in_features
     if info.is_main:
         logger.info(

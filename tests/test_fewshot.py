@@ -152,6 +152,43 @@ def test_an_i21k_npz_keeps_its_pre_logits(tmp_path) -> None:
     np.testing.assert_allclose(features.numpy(), expected, rtol=1e-5, atol=1e-6)
 
 
+def test_a_headless_transformers_folder_gives_its_pooler_output(tmp_path, one_thread) -> None:
+    transformers = pytest.importorskip("transformers")
+    hf_config = transformers.ViTConfig(
+        hidden_size=TESTING.hidden_size,
+        num_hidden_layers=TESTING.num_layers,
+        num_attention_heads=TESTING.num_heads,
+        intermediate_size=TESTING.mlp_dim,
+        patch_size=TESTING.patch_size[0],
+        image_size=32,
+        hidden_act="gelu_pytorch_tanh",
+        layer_norm_eps=1e-6,
+    )
+    torch.manual_seed(0)
+    theirs = transformers.ViTModel(hf_config, add_pooling_layer=True).eval()  # no head: in21k
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    folder = tmp_path / "vit-in21k"
+    theirs.save_pretrained(folder)
+    images = torch.randn(2, 3, 32, 32)
+    ours = load_model(folder, keep_pre_logits=True).model
+    with torch.no_grad():
+        torch.testing.assert_close(
+            ours.forward_features(images)[0],
+            theirs(pixel_values=images).pooler_output,
+            atol=1e-5,
+            rtol=0,
+        )
+    document = fewshot_script.main(
+        [f"--checkpoint={folder}", "--dataset=digits", "--shots=2", "--seeds=1", "--num_workers=0"]
+    )
+    (entry,) = document["evaluations"]
+    assert entry["pre_logits"]
+    assert entry["representation_width"] == TESTING.hidden_size
+    assert entry["results"][0]["count"] == 360
+
+
 def test_big_vision_preprocessing() -> None:
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
