@@ -71,11 +71,13 @@ __all__ = [
     "DigitsDataset",
     "ImageFolderFiles",
     "InMemoryAugment",
+    "Indexed",
     "SeededAugment",
     "ShardSampler",
     "WithTransform",
     "augment_rng",
     "build_eval_loader",
+    "build_split",
     "build_test_set",
     "build_transforms",
     "check_images",
@@ -236,6 +238,15 @@ class WithTransform(Dataset):
             return None
         image, target = item
         return self.transform(image), target
+
+
+class Indexed(WithTransform):
+    """(transform(image), label, index), or None for an unreadable image: each image's position
+    in `base` travels with it, e.g. through the shards of several processes."""
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int] | None:
+        item = super().__getitem__(index)
+        return None if item is None else (*item, index)
 
 
 @dataclass
@@ -551,6 +562,19 @@ def build_test_set(
     test_set = _raw_split(dataset, data_dir, download, train=False)
     test_set.transform = build_transforms(img_size, train=False)
     return test_set, list(test_set.classes)
+
+
+def build_split(
+    dataset: str, data_dir: str, train: bool, download: bool = True
+) -> tuple[Dataset, list[str]]:
+    """One whole split (nothing held out) without a transform: items are (PIL image, label).
+
+    Wrap it in `WithTransform` for a preprocessing of your own, e.g. the test one on the
+    training split (few-shot evaluation embeds both splits that way). Arguments and errors as
+    `build_test_set`; `train` picks the split (an image folder's `train/`).
+    """
+    split = _raw_split(dataset, data_dir, download, train=train)
+    return split, list(split.classes)
 
 
 def holdout_split(

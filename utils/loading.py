@@ -416,6 +416,7 @@ def load_model(
     checkpoint: str | os.PathLike,
     model_type: str | None = None,
     img_size: int | tuple[int, int] | list[int] | None = None,
+    keep_pre_logits: bool = False,
 ) -> LoadedModel:
     """Build the model a checkpoint holds and load it strictly, ready for inference.
 
@@ -429,6 +430,11 @@ def load_model(
         model_type: registry name; overrides the sidecar. Guessed from the shapes when omitted.
         img_size: input size (int or (H, W)); overrides the sidecar. Defaults to the size the
             checkpoint's position embeddings were made for.
+        keep_pre_logits: for features (few-shot evaluation): keep the Dense + tanh
+            `pre_logits` layer of an `.npz` that has one (ImageNet-21k files), as big_vision
+            does (by default an `.npz`'s is dropped, as the official fine-tuning drops it;
+            other files keep theirs), and accept a file without a head (e.g. a transformers
+            `ViTModel` folder): the model then gets a 1-class zero head.
 
     Raises:
         UserError: missing or unreadable file, unknown model, no classifier head, an image
@@ -461,9 +467,14 @@ def load_model(
     config = _registered(model_type)
     if not path.endswith(".npz"):
         config = _with_pre_logits(config, state)
+    elif keep_pre_logits and "pre_logits/kernel" in weights and not config.representation_size:
+        config = config.replace(representation_size=int(weights["pre_logits/kernel"].shape[-1]))
     if given is None and not sidecar.get("model_type"):
         how = "its file name" if _named_model(path) else "its shapes"
         logger.info("%s holds a %s model (inferred from %s).", path, config.name, how)
+    headless = num_classes is None and keep_pre_logits
+    if headless:
+        num_classes = 1  # a zero head stands in: only the features are wanted
     if num_classes is None:
         raise UserError(
             f"{path} has no classifier head, so it cannot predict: fine-tune it with train.py "
@@ -478,8 +489,11 @@ def load_model(
         config, checked_img_size(config, size), num_classes
     )  # every weight loaded
     if path.endswith(".npz"):
-        load_pretrained(model, weights)
+        load_pretrained(model, weights, zero_head=headless)
     else:
+        if headless:
+            state = {**state, "head.weight": model.head.weight.new_zeros(model.head.weight.shape)}
+            state["head.bias"] = model.head.bias.new_zeros(1)
         assign_weights(model, state, path)
     dataset = sidecar.get("dataset") or ("imagenet2012" if num_classes == 1000 else None)
     return LoadedModel(
