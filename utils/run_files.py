@@ -294,18 +294,17 @@ def _check_name(name: str) -> None:
             f"and its log folder, and this one would put them elsewhere. Use e.g. --name "
             f"{_suggestion(name)} (and --output_dir for the folder)."
         )
-    for encoding, encode in [
-        (sys.getfilesystemencoding(), os.fsencode),
-        ("UTF-8", lambda text: text.encode("utf-8")),
-    ]:
+    locale = sys.getfilesystemencoding()
+    for encoding, encode in [(locale, os.fsencode), ("utf-8", lambda text: text.encode("utf-8"))]:
         try:
             encode(name)
         except UnicodeEncodeError as err:
+            utf8 = locale.lower().replace("-", "") == "utf8"
+            other = "" if utf8 else ", or a UTF-8 locale (e.g. LC_ALL=C.UTF-8)"
             raise UserError(
                 f"--name {name!r} cannot name a file: {err.object[err.start : err.end]!r} is not "
-                f"text in {encoding} (the bytes given are not text in this locale, "
-                f"{sys.getfilesystemencoding()}). Use e.g. --name {_suggestion(name)}, or a "
-                "UTF-8 locale (e.g. LC_ALL=C.UTF-8)."
+                f"text in {encoding} (bytes that this locale, {locale}, cannot decode). Use e.g. "
+                f"--name {_suggestion(name)}{other}."
             ) from None
     if len(os.fsencode(name + LONGEST_SUFFIX)) > NAME_MAX:
         raise UserError(
