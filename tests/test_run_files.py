@@ -317,7 +317,7 @@ def test_a_folder_where_a_run_file_goes_is_found_at_start_up(tmp_path, where) ->
 @pytest.mark.parametrize("name", ["\udcff", "a\ud800b"])
 def test_a_name_that_is_not_text_is_one_message(tmp_path, name) -> None:
     with pytest.raises(
-        UserError, match=r"--name .* cannot name a file.*Use e\.g\. --name (run|a-b),"
+        UserError, match=r"--name .* cannot name a file.*Use e\.g\. --name (run|a-b)\."
     ):
         _claim(tmp_path, name=name)
     assert sorted(os.listdir(tmp_path)) == []

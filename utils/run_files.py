@@ -19,6 +19,9 @@ lock, so only :class:`RunLock` opens it, and a second claim of a held lock in on
 refused before its file is opened. A lock path is opened without following a symbolic link and
 written only when it holds a lock record (or nothing): a link, a hard link, a folder or another
 file there is one message, and stays untouched.
+
+:class:`EventLog` writes the TensorBoard log so that its failures (a full disk) end the run with
+one message after the last state is saved, instead of tracebacks from TensorBoard's thread.
 """
 
 from __future__ import annotations
@@ -64,20 +67,18 @@ RECORD_MAX = 300  # bytes: a lock file larger than this is not one
 
 # The locks this process holds, by (folder device, folder inode, file name): opening one of
 # them again and closing it would drop the lock.
-_HELD: dict[tuple[int, int, str], int] = {}
+_HELD: set[tuple[int, int, str]] = set()
 
 
 class RunLock:
     """A run's exclusive claim on its files, held until :meth:`release` (or the `with` block's end).
 
     Attributes:
-        paths: the lock files held (none for a process that claims nothing).
         earlier: the files of an earlier run of this name that `--overwrite` replaces; they are
             deleted only by :meth:`delete_earlier_run`, once every start-up check has passed.
     """
 
     def __init__(self) -> None:
-        self.paths: list[Path] = []
         self.earlier: list[Path] = []
         self._held: list[tuple[Path, int, tuple[int, int, str]]] = []
 
@@ -85,7 +86,6 @@ class RunLock:
         """Lock `path` for this process too; `refuse(holder)` is raised when another holds it."""
         fd, key = _lock(path, refuse, fix)
         self._held.append((path, fd, key))
-        self.paths.append(path)
 
     def delete_earlier_run(self) -> None:
         """Delete the earlier run's files that `--overwrite` replaces (logged). Idempotent."""
@@ -102,8 +102,7 @@ class RunLock:
             with contextlib.suppress(OSError):
                 os.unlink(path)  # first: nobody may lock this file once it is unlinked
             os.close(fd)  # releases the lock
-            _HELD.pop(key, None)
-        self.paths = []
+            _HELD.discard(key)
 
     def __enter__(self) -> RunLock:
         return self
@@ -302,9 +301,9 @@ def _check_name(name: str) -> None:
             utf8 = locale.lower().replace("-", "") == "utf8"
             other = "" if utf8 else ", or a UTF-8 locale (e.g. LC_ALL=C.UTF-8)"
             raise UserError(
-                f"--name {name!r} cannot name a file: {err.object[err.start : err.end]!r} is not "
-                f"text in {encoding} (bytes that this locale, {locale}, cannot decode). Use e.g. "
-                f"--name {_suggestion(name)}{other}."
+                f"--name {name!r} cannot name a file: {err.object[err.start : err.end]!r} has no "
+                f"{encoding} form (it stands for bytes this locale, {locale}, could not read as "
+                f"text). Use e.g. --name {_suggestion(name)}{other}."
             ) from None
     if len(os.fsencode(name + LONGEST_SUFFIX)) > NAME_MAX:
         raise UserError(
@@ -451,5 +450,5 @@ def _lock(path: Path, refuse: Callable[[str], UserError], fix: str) -> tuple[int
     os.ftruncate(fd, 0)
     os.lseek(fd, 0, os.SEEK_SET)
     os.write(fd, f"{os.getpid()} on {socket.gethostname()}\n".encode())
-    _HELD[key] = fd
+    _HELD.add(key)
     return fd, key
