@@ -475,7 +475,9 @@ def _disk_fills_up(log_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 def test_a_log_that_cannot_be_written_stops_the_run_after_saving(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys, fault
 ) -> None:
-    """The log fails during step 3; the flush of the evaluation at step 4 finds it for sure."""
+    """The log fails from step 3 on. TensorBoard's thread reports it at the run's next call:
+    in step 3 when it has already failed on step 2's records, else at step 4's evaluation flush,
+    which waits for it."""
     log_dir = tmp_path / "logs" / "tiny"
     real = train.train_step
 
@@ -490,7 +492,8 @@ def test_a_log_that_cannot_be_written_stops_the_run_after_saving(
     assert "Exception in thread" not in err  # nor from TensorBoard's writer thread
     assert f"TensorBoard could not write to --log_dir {log_dir} (" in err
     assert "continue with the same command plus --resume" in err
-    assert last_state(tmp_path / "out", "tiny")["step"] == 4  # saved on the output disk
+    saved = last_state(tmp_path / "out", "tiny")["step"]
+    assert saved in (3, 4)  # saved on the output disk at the step that found it
 
     monkeypatch.undo()  # room again
     for folder in log_dir.glob("events.out.tfevents.*"):
@@ -498,4 +501,5 @@ def test_a_log_that_cannot_be_written_stops_the_run_after_saving(
             folder.rmdir()
     summary = train.main(tiny_args(tmp_path, **flags, resume=True))
     assert summary["step"] == 10
-    assert [step for step, _ in scalars(log_dir)["train/loss"]][-6:] == [5, 6, 7, 8, 9, 10]
+    logged = [step for step, _ in scalars(log_dir)["train/loss"]]
+    assert logged[-(10 - saved) :] == list(range(saved + 1, 11))
