@@ -256,7 +256,7 @@ from utils.engine import (  # noqa: E402
 from utils.file_io import read_sidecar, save_checkpoint, write_sidecar  # noqa: E402
 from utils.loading import pretrained_weights  # noqa: E402
 from utils.optim import make_optimizer, make_scheduler  # noqa: E402
-from utils.run_files import claim_run  # noqa: E402
+from utils.run_files import EventLog, claim_run  # noqa: E402
 from utils.stopping import GracefulExit, NonFiniteGuard  # noqa: E402
 from utils.train_state import (  # noqa: E402
     TrainState,
@@ -582,16 +582,26 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
             if evaluated
             else "none (no evaluation ran)"
         )
-        print(
-            f"Best checkpoint: {selected}\n"
-            f"Steps: {summary['step']} of {args.num_steps}"
-            f"{' (stopped; continue with --resume)' if summary['stopped'] else ''}\n"
-            f"Training time: {summary['wall_time']:.1f} s "
-            f"({summary['images_per_second']:.0f} images/s)\n"
-            f"Checkpoint: {summary['checkpoint'] if evaluated else 'none written'}\n"
-            f"Last state: {last_state_path(args.output_dir, args.name)}\n"
-            f"TensorBoard: tensorboard --logdir {args.log_dir}"
-        )
+        checkpoint = summary["checkpoint"] or "none written"
+        if evaluated and summary["checkpoint"] is None:  # only the last state was copied here
+            checkpoint = (
+                f"none in {args.output_dir} (the run that saved the resumed state wrote it)"
+            )
+        last = last_state_path(args.output_dir, args.name)
+        try:
+            print(
+                f"Best checkpoint: {selected}\n"
+                f"Steps: {summary['step']} of {args.num_steps}"
+                f"{' (stopped; continue with --resume)' if summary['stopped'] else ''}\n"
+                f"Training time: {summary['wall_time']:.1f} s "
+                f"({summary['images_per_second']:.0f} images/s)\n"
+                f"Checkpoint: {checkpoint}\n"
+                f"Last state: {last if last.is_file() else 'none written'}\n"
+                f"TensorBoard: tensorboard --logdir {args.log_dir}",
+                flush=True,
+            )
+        except OSError as err:  # e.g. stdout on a full disk: the run itself has finished
+            logger.error("Could not print the summary (%s); the run's files are saved.", err)
     return summary
 
 
@@ -599,25 +609,29 @@ def _run(args: argparse.Namespace, info: DistInfo) -> dict[str, float]:
     # ---- Set-up: flags, logging, seeds -------------------------------------------------------
     setup_logging(info, args.verbose)
     check_args(args, info)
-    resume_from = resolve_resume(args.resume, args.output_dir, args.name) if args.resume else None
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-
-    # ---- The pre-trained weights, then the run's files --------------------------------------
-    # Read first to fail fast, before downloads; a resume reads it only to learn the model type.
-    weights = read_checkpoint(args) if resume_from is None or args.model_type is None else None
-    if resume_from is not None:
-        weights = None  # the saved state holds the weights
-    # Checked and locked before any work: a new run never replaces an earlier run's files.
+    # The run's files are checked and locked before any work: a new run never replaces an
+    # earlier run's files, and --overwrite deletes them only once every other check has passed.
     with claim_run(
         args.output_dir,
         args.log_dir,
         args.name,
-        resume=resume_from is not None,
+        resume=args.resume is not None,
         overwrite=args.overwrite,
         is_main=info.is_main,
-    ):
+    ) as run:
+        resume_from = (
+            resolve_resume(args.resume, args.output_dir, args.name) if args.resume else None
+        )
+        random.seed(args.seed)
+        np.random.seed(args.seed)
+        torch.manual_seed(args.seed)
+
+        # ---- The pre-trained weights ------------------------------------------------------
+        # Read first to fail fast, before downloads; a resume reads it only for the model type.
+        weights = read_checkpoint(args) if resume_from is None or args.model_type is None else None
+        if resume_from is not None:
+            weights = None  # the saved state holds the weights
+
         # ---- Data and model --------------------------------------------------------------
         train_loader, minival_loader, test_loader = get_loader(args)
         class_names = list(train_loader.dataset.classes)
@@ -627,6 +641,11 @@ def _run(args: argparse.Namespace, info: DistInfo) -> dict[str, float]:
                 "--holdout_fraction 0: the best checkpoint is selected on the test set, so its "
                 "test accuracy is an optimistic estimate (the original port did this)."
             )
+        split = {  # what a resume must not change (minival would hold trained-on images)
+            "holdout_fraction": args.holdout_fraction,
+            "train_images": len(train_loader.dataset),
+            "minival_images": len(minival_loader.dataset) if minival_loader is not None else 0,
+        }
         model = build_model(args, len(class_names), weights)
         del weights
         trainer = make_trainer(args, model, info)
@@ -636,8 +655,8 @@ def _run(args: argparse.Namespace, info: DistInfo) -> dict[str, float]:
             "pass; the best checkpoint is selected on %s.",
             args.model_type,
             args.dataset,
-            len(train_loader.dataset),
-            len(minival_loader.dataset) if minival_loader is not None else 0,
+            split["train_images"],
+            split["minival_images"],
             len(test_loader.dataset),
             len(class_names),
             args.img_size,
@@ -653,7 +672,7 @@ def _run(args: argparse.Namespace, info: DistInfo) -> dict[str, float]:
         logger.info("TensorBoard logs: %s; best checkpoint: %s", args.log_dir, args.output_dir)
 
         # ---- Resume (last: it restores the RNG state) ------------------------------------------
-        state = TrainState()
+        state = TrainState(split=split, precision=trainer.precision)
         if resume_from:
             state = load_training_state(
                 resume_from,
@@ -661,7 +680,10 @@ def _run(args: argparse.Namespace, info: DistInfo) -> dict[str, float]:
                 optimizer=trainer.optimizer,
                 scaler=trainer.scaler,
                 rank=info.rank,
+                split=split,  # refused when another
             )
+            saved_precision = state.precision
+            state.split, state.precision = split, trainer.precision
             # The schedule of this command's flags, continued from the saved step (the same
             # rates as the saved run's unless --learning_rate, --num_steps, ... changed).
             for group in trainer.optimizer.param_groups:
@@ -679,6 +701,13 @@ def _run(args: argparse.Namespace, info: DistInfo) -> dict[str, float]:
                         getattr(args, flag),
                         saved,
                     )
+            if info.is_main and saved_precision not in (None, trainer.precision):
+                logger.warning(
+                    "Resuming in %s, but the saved run trained in %s: the result will differ "
+                    "from an uninterrupted run.",
+                    trainer.precision,
+                    saved_precision,
+                )
             logger.info(
                 "Resumed from %s at step %d (epoch %d, batch %d; best accuracy %.4f).",
                 resume_from,
@@ -689,15 +718,12 @@ def _run(args: argparse.Namespace, info: DistInfo) -> dict[str, float]:
             )
 
         # ---- Train loop --------------------------------------------------------------------------
+        run.delete_earlier_run()  # --overwrite: every check has passed
         writer = None
         if info.is_main:
-            from torch.utils.tensorboard import SummaryWriter  # TensorBoard: only when training
-
             # A resumed run continues the same log, dropping what the interrupted run logged after
             # its last state (it is logged again).
-            writer = SummaryWriter(
-                log_dir=args.log_dir, purge_step=state.step + 1 if state.step else None
-            )
+            writer = EventLog(args.log_dir, purge_step=state.step + 1 if state.step else None)
         best_path = Path(args.output_dir) / f"{args.name}_checkpoint.bin"
         stream = micro_batches(train_loader, state, skip=state.batches_in_epoch)
         guard = None if trainer.scaler else NonFiniteGuard(NON_FINITE_PATIENCE)
@@ -792,6 +818,8 @@ def _run(args: argparse.Namespace, info: DistInfo) -> dict[str, float]:
                     eval_time += time.perf_counter() - t0
 
                 # Save the last state every --save_every steps, at the end, and when stopping.
+                if writer is not None and writer.error is not None:  # e.g. a full log disk
+                    stop.requested, stop.signal_name = True, f"a failed write to {args.log_dir}"
                 stopped = stop.should_stop(info.device)  # every rank, every step, same point
                 periodic = args.save_every > 0 and state.step % args.save_every == 0
                 if stopped or periodic or last:
@@ -808,6 +836,8 @@ def _run(args: argparse.Namespace, info: DistInfo) -> dict[str, float]:
                             last_state_path(args.output_dir, args.name),
                         )
                     break
+        if writer is not None:
+            writer.check()
         wall = time.perf_counter() - start
         images = (state.step - first_step) * args.train_batch_size
 
@@ -838,7 +868,7 @@ def _run(args: argparse.Namespace, info: DistInfo) -> dict[str, float]:
             "signal": stop.signum if stopped else None,
             "wall_time": wall,
             "images_per_second": images / max(wall - eval_time, 1e-9),
-            "checkpoint": str(best_path),
+            "checkpoint": str(best_path) if best_path.is_file() else None,
         }
 
 
