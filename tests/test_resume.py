@@ -164,7 +164,7 @@ def test_resume_path_and_finished_run(tmp_path: Path) -> None:
     assert last_state(tmp_path / "out", "second")["step"] == 3
     before = path.stat().st_mtime_ns
     again = train.main(tiny_args(tmp_path, name="first", num_steps=2, resume=True))
-    assert again["step"] == 2
+    assert again.step == 2
     assert path.stat().st_mtime_ns == before
 
 
