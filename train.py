@@ -41,9 +41,10 @@ import time
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from models.configs import (
     AUGREG_DROPOUT,
@@ -68,6 +69,9 @@ from utils.flags import (
     positive_float,
     positive_int,
 )
+
+if TYPE_CHECKING:
+    from utils.run_files import RunLock
 
 logger = logging.getLogger("train")
 
@@ -514,6 +518,69 @@ def micro_batches(
 
 
 # --------------------------------------------------------------------------------------------
+# Evaluation and checkpoint selection
+
+
+def is_better(result: dict[str, float], best_accuracy: float, best_loss: float) -> bool:
+    """The selection rule: a higher accuracy on the selection split, or as high with a lower loss
+    (a small minival ties often). A result whose loss is not finite is never better."""
+    if not math.isfinite(result["loss"]):
+        return False
+    return (result["accuracy"], -result["loss"]) > (best_accuracy, -best_loss)
+
+
+def evaluate_splits(run: Run) -> dict[str, dict[str, float]]:
+    """Every evaluation split (test, then minival), each on every rank's shard; logged."""
+    trainer, info, step = run.trainer, run.info, run.state.step
+    results = {
+        split: evaluate(trainer.eval_net, loader, info.device, trainer.precision, info.is_main)
+        for split, loader in run.eval_loaders.items()
+    }
+    for split, result in results.items():
+        top5 = f", top-5 {result['top5']:.4f}" if "top5" in result else ""
+        logger.info(
+            "Step %d: %s loss %.4f, accuracy %.4f%s (%d images).",
+            step,
+            split,
+            result["loss"],
+            result["accuracy"],
+            top5,
+            result["count"],
+        )
+        if run.writer is not None:
+            for key in ("loss", "accuracy", "top5"):
+                if key in result:
+                    run.writer.add_scalar(f"{split}/{key}", result[key], step)
+    if run.writer is not None:
+        run.writer.flush()
+    run.final = {f"{split}_accuracy": r["accuracy"] for split, r in results.items()}
+    return results
+
+
+def select(run: Run, results: dict[str, dict[str, float]]) -> None:
+    """Keep the model as the best checkpoint when `is_better` says so. A model whose loss is not
+    finite on any split never replaces a checkpoint."""
+    state, chosen = run.state, results[run.selected_by]
+    if not all(math.isfinite(r["loss"]) for r in results.values()):
+        logger.warning(
+            "Step %d: the evaluation loss is not finite; the model is not saved.", state.step
+        )
+        return
+    if not is_better(chosen, state.best_accuracy, state.best_loss):
+        return
+    state.best_accuracy, state.best_loss = chosen["accuracy"], chosen["loss"]
+    state.best_test_accuracy = results["test"]["accuracy"]
+    state.best_step = state.step
+    if run.info.is_main:
+        facts = {"step": state.step, "selected_by": run.selected_by, **run.final}
+        facts["accuracy"] = facts.pop("test_accuracy")
+        save_best(run.best_path, run.args, run.trainer, run.class_names, facts)
+        logger.info(
+            "Saved the best model so far (by %s accuracy) to %s.", run.selected_by, run.best_path
+        )
+
+
+# --------------------------------------------------------------------------------------------
 # Saving
 
 
@@ -563,10 +630,319 @@ def save_last_state(
 
 
 # --------------------------------------------------------------------------------------------
+# Set-up: what one run is made of
+
+
+@dataclass
+class Run:
+    """The objects of one training run, built by `set_up`, advanced by `train`.
+
+    Attributes:
+        eval_loaders: the evaluation splits, "test" then "minival" (when one is held out).
+        selected_by: the split the best checkpoint is selected on ("minival", else "test").
+        final: the accuracies of the latest evaluation, `{split}_accuracy`.
+        eval_time: seconds spent evaluating (left out of the images/s figure).
+    """
+
+    args: argparse.Namespace
+    info: DistInfo
+    trainer: Trainer
+    state: TrainState
+    train_loader: DataLoader
+    eval_loaders: dict[str, DataLoader]
+    selected_by: str
+    class_names: list[str]
+    writer: EventLog | None
+    best_path: Path
+    final: dict[str, float] = field(default_factory=dict)
+    eval_time: float = 0.0
+
+
+def resume(
+    args: argparse.Namespace, trainer: Trainer, path: str, info: DistInfo, split: dict
+) -> TrainState:
+    """The saved training state, restored into `trainer`; the schedule is the one of this
+    command's flags, continued from the saved step (the saved run's rates unless
+    --learning_rate, --num_steps, ... changed, which is warned about). Another training /
+    minival `split` is refused: minival would then hold images the model trained on."""
+    state = load_training_state(
+        path,
+        model=trainer.model,
+        optimizer=trainer.optimizer,
+        scaler=trainer.scaler,
+        rank=info.rank,
+        split=split,
+    )
+    saved_precision = state.precision
+    state.split, state.precision = split, trainer.precision
+    for group in trainer.optimizer.param_groups:
+        group["initial_lr"] = args.learning_rate
+    trainer.scheduler = make_scheduler(
+        trainer.optimizer, args.num_steps, args.warmup_steps, args.decay_type, state.step
+    )
+    for flag in RESUME_SENSITIVE:
+        saved = state.args.get(flag, getattr(args, flag))
+        if info.is_main and saved != getattr(args, flag):
+            logger.warning(
+                "Resuming with --%s %s, but the saved run used %s: the result will differ from "
+                "an uninterrupted run.",
+                flag,
+                getattr(args, flag),
+                saved,
+            )
+    if info.is_main and saved_precision not in (None, trainer.precision):
+        logger.warning(
+            "Resuming in %s, but the saved run trained in %s: the result will differ from an "
+            "uninterrupted run.",
+            trainer.precision,
+            saved_precision,
+        )
+    logger.info(
+        "Resumed from %s at step %d (epoch %d, batch %d; best accuracy %.4f).",
+        path,
+        state.step,
+        state.epoch,
+        state.batches_in_epoch,
+        state.best_accuracy,
+    )
+    return state
+
+
+def set_up(
+    args: argparse.Namespace,
+    info: DistInfo,
+    weights: dict[str, np.ndarray] | None,
+    resume_from: str | None,
+    claim: RunLock,
+) -> Run:
+    """Data, model, trainer, the resumed state (last: it restores the RNG state) and the
+    TensorBoard writer of one run. Only then, every check passed, does --overwrite delete the
+    earlier run's files (`claim`)."""
+    train_loader, minival_loader, test_loader = get_loader(args)
+    class_names = list(train_loader.dataset.classes)
+    eval_loaders = {"test": test_loader}
+    if minival_loader is not None:
+        eval_loaders["minival"] = minival_loader
+    else:
+        logger.warning(
+            "--holdout_fraction 0: the best checkpoint is selected on the test set, so its "
+            "test accuracy is an optimistic estimate (the original port did this)."
+        )
+    selected_by = "minival" if minival_loader is not None else "test"
+    split = {  # what a resume must not change (minival would hold trained-on images)
+        "holdout_fraction": args.holdout_fraction,
+        "train_images": len(train_loader.dataset),
+        "minival_images": len(minival_loader.dataset) if minival_loader is not None else 0,
+    }
+    model = build_model(args, len(class_names), weights)
+    if weights:
+        weights.clear()  # the arrays are in the model now: free them before the memory probe
+    trainer = make_trainer(args, model, info)
+    logger.info(
+        "Training %s on %s (%d train / %d minival / %d test images, %d classes) at %dx%d, %s, "
+        "%d steps, total batch %d = %d process(es) x %d accumulation step(s) x %d per forward "
+        "pass; the best checkpoint is selected on %s.",
+        args.model_type,
+        args.dataset,
+        split["train_images"],
+        split["minival_images"],
+        len(test_loader.dataset),
+        len(class_names),
+        args.img_size,
+        args.img_size,
+        trainer.precision,
+        args.num_steps,
+        args.train_batch_size,
+        info.world_size,
+        args.gradient_accumulation_steps,
+        args.micro_batch_size,
+        selected_by,
+    )
+    logger.info("TensorBoard logs: %s; best checkpoint: %s", args.log_dir, args.output_dir)
+    if resume_from:
+        state = resume(args, trainer, resume_from, info, split)
+    else:
+        state = TrainState(split=split, precision=trainer.precision)
+    claim.delete_earlier_run()  # --overwrite: every check has passed
+    writer = None
+    if info.is_main:
+        # A resumed run continues the same log, dropping what the interrupted run logged after
+        # its last state (it is logged again).
+        writer = EventLog(args.log_dir, purge_step=state.step + 1 if state.step else None)
+    return Run(
+        args=args,
+        info=info,
+        trainer=trainer,
+        state=state,
+        train_loader=train_loader,
+        eval_loaders=eval_loaders,
+        selected_by=selected_by,
+        class_names=class_names,
+        writer=writer,
+        best_path=Path(args.output_dir) / f"{args.name}_checkpoint.bin",
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+
+
+def due(step: int, every: int) -> bool:
+    return every > 0 and step % every == 0
+
+
+def train(run: Run) -> Summary:
+    """The training loop: step, log, evaluate and select, save, stop; then the summary."""
+    args, trainer, state, info = run.args, run.trainer, run.state, run.info
+    stream = micro_batches(run.train_loader, state, skip=state.batches_in_epoch)
+    guard = None if trainer.scaler else NonFiniteGuard(NON_FINITE_PATIENCE)
+    bar = tqdm(
+        initial=state.step,
+        total=args.num_steps,
+        desc="Training",
+        disable=not info.is_main,
+        dynamic_ncols=True,
+    )
+    first_step, stopped, start = state.step, False, time.perf_counter()
+    with logging_redirect_tqdm(), bar, run.writer or nullcontext(), GracefulExit() as stop:
+        while state.step < args.num_steps:
+            batches = [next(stream) for _ in range(args.gradient_accumulation_steps)]
+            lr = trainer.scheduler.get_last_lr()[0]  # the rate this update applies
+            state.step += 1
+            loss = train_step(args, trainer, batches, guard, state.step, info)
+            log_step(run, bar, loss, lr)
+            last = state.step == args.num_steps
+            if last or due(state.step, args.eval_every):
+                began = time.perf_counter()
+                select(run, evaluate_splits(run))
+                run.eval_time += time.perf_counter() - began
+            if run.writer is not None and run.writer.error is not None:  # e.g. a full log disk
+                stop.requested, stop.signal_name = True, f"a failed write to {args.log_dir}"
+            stopped = stop.should_stop(info.device)  # every rank, every step, same point
+            if stopped or last or due(state.step, args.save_every):
+                if run.writer is not None:
+                    run.writer.flush()  # TensorBoard is never behind the last state
+                save_last_state(args, trainer, state, info)
+            if stopped:
+                log_stop(run, stop)
+                break
+    if run.writer is not None:
+        run.writer.check()  # a failed log write: one message, after the last state was saved
+    wall = time.perf_counter() - start
+    return report(run, stopped, stop.signum if stopped else None, wall, state.step - first_step)
+
+
+def log_step(run: Run, bar: tqdm, loss: torch.Tensor, lr: float) -> None:
+    if run.writer is not None:
+        loss_value = loss.item()
+        run.writer.add_scalar("train/loss", loss_value, run.state.step)
+        run.writer.add_scalar("train/lr", lr, run.state.step)
+        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", refresh=False)
+    bar.update(1)
+
+
+def log_stop(run: Run, stop: GracefulExit) -> None:
+    if run.info.is_main:
+        logger.warning(
+            "Stopped by %s at step %d; saved %s. Continue with the same command plus --resume.",
+            stop.signal_name or "a signal to another process",
+            run.state.step,
+            last_state_path(run.args.output_dir, run.args.name),
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# The report
+
+
+@dataclass
+class Summary:
+    """How a run ended. `selected_*` describe the best checkpoint (the step chosen on
+    `selected_by`), `final_*` the last evaluation; accuracies are None where none ran."""
+
+    step: int
+    stopped: bool
+    signal: int | None
+    selected_by: str
+    selected_step: int  # 0: no evaluation ran, no checkpoint written
+    selected_accuracy: float | None  # on the selection split
+    selected_test_accuracy: float | None
+    final_test_accuracy: float | None
+    final_minival_accuracy: float | None
+    wall_time: float
+    images_per_second: float
+    checkpoint: str | None  # None when no best checkpoint is in --output_dir
+
+
+def report(run: Run, stopped: bool, signum: int | None, wall: float, steps: int) -> Summary:
+    """Log the selected and the final step (also into the checkpoint's sidecar); the summary."""
+    state, final = run.state, run.final
+    if final and state.best_step and not stopped and run.info.is_main:
+        logger.info(
+            "Selected step %d by %s accuracy %.4f; its test accuracy %.4f. Final step %d: %s.",
+            state.best_step,
+            run.selected_by,
+            state.best_accuracy,
+            state.best_test_accuracy,
+            state.step,
+            ", ".join(f"{k} {v:.4f}" for k, v in final.items()),
+        )
+        if run.best_path.is_file():  # the sidecar also tells how the run ended
+            facts = read_sidecar(run.best_path)
+            facts.update({f"final_{k}": v for k, v in final.items()}, final_step=state.step)
+            write_sidecar(run.best_path, **facts)
+    evaluated = state.best_step > 0
+    return Summary(
+        step=state.step,
+        stopped=stopped,
+        signal=signum,
+        selected_by=run.selected_by,
+        selected_step=state.best_step,
+        selected_accuracy=state.best_accuracy if evaluated else None,
+        selected_test_accuracy=state.best_test_accuracy if evaluated else None,
+        final_test_accuracy=final.get("test_accuracy"),
+        final_minival_accuracy=final.get("minival_accuracy"),
+        wall_time=wall,
+        images_per_second=steps * run.args.train_batch_size / max(wall - run.eval_time, 1e-9),
+        checkpoint=str(run.best_path) if run.best_path.is_file() else None,
+    )
+
+
+def print_summary(summary: Summary, args: argparse.Namespace) -> None:
+    """The summary on stdout, naming only files that exist. A run that finished stays a success
+    when stdout cannot take it (e.g. a full disk): the failure is logged."""
+    evaluated = summary.selected_step > 0
+    selected = (
+        f"step {summary.selected_step} by {summary.selected_by} accuracy "
+        f"{summary.selected_accuracy:.4f}; test accuracy {summary.selected_test_accuracy:.4f}"
+        if evaluated
+        else "none (no evaluation ran)"
+    )
+    checkpoint = summary.checkpoint or "none written"
+    if evaluated and summary.checkpoint is None:  # only the last state was copied here
+        checkpoint = f"none in {args.output_dir} (the run that saved the resumed state wrote it)"
+    last = last_state_path(args.output_dir, args.name)
+    try:
+        print(
+            f"Best checkpoint: {selected}\n"
+            f"Steps: {summary.step} of {args.num_steps}"
+            f"{' (stopped; continue with --resume)' if summary.stopped else ''}\n"
+            f"Training time: {summary.wall_time:.1f} s ({summary.images_per_second:.0f} "
+            "images/s)\n"
+            f"Checkpoint: {checkpoint}\n"
+            f"Last state: {last if last.is_file() else 'none written'}\n"
+            f"TensorBoard: tensorboard --logdir {args.log_dir}",
+            flush=True,
+        )
+    except OSError as err:  # the run itself has finished
+        logger.error("Could not print the summary (%s); the run's files are saved.", err)
+
+
+# --------------------------------------------------------------------------------------------
 # Entry point
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, float]:
+def main(argv: Sequence[str] | None = None) -> Summary:
     """Parse flags, set up, run the training loop, print the summary; returns the summary."""
     args = parse_args(argv)
     info = init_distributed(args.local_rank)
@@ -575,38 +951,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     finally:
         cleanup()
     if info.is_main:
-        evaluated = summary["best_step"] > 0
-        selected = (
-            f"step {summary['best_step']} by {summary['selected_by']} accuracy "
-            f"{summary['selected_accuracy']:.4f}; test accuracy {summary['best_accuracy']:.4f}"
-            if evaluated
-            else "none (no evaluation ran)"
-        )
-        checkpoint = summary["checkpoint"] or "none written"
-        if evaluated and summary["checkpoint"] is None:  # only the last state was copied here
-            checkpoint = (
-                f"none in {args.output_dir} (the run that saved the resumed state wrote it)"
-            )
-        last = last_state_path(args.output_dir, args.name)
-        try:
-            print(
-                f"Best checkpoint: {selected}\n"
-                f"Steps: {summary['step']} of {args.num_steps}"
-                f"{' (stopped; continue with --resume)' if summary['stopped'] else ''}\n"
-                f"Training time: {summary['wall_time']:.1f} s "
-                f"({summary['images_per_second']:.0f} images/s)\n"
-                f"Checkpoint: {checkpoint}\n"
-                f"Last state: {last if last.is_file() else 'none written'}\n"
-                f"TensorBoard: tensorboard --logdir {args.log_dir}",
-                flush=True,
-            )
-        except OSError as err:  # e.g. stdout on a full disk: the run itself has finished
-            logger.error("Could not print the summary (%s); the run's files are saved.", err)
+        print_summary(summary, args)
     return summary
 
 
-def _run(args: argparse.Namespace, info: DistInfo) -> dict[str, float]:
-    # ---- Set-up: flags, logging, seeds -------------------------------------------------------
+def _run(args: argparse.Namespace, info: DistInfo) -> Summary:
     setup_logging(info, args.verbose)
     check_args(args, info)
     # The run's files are checked and locked before any work: a new run never replaces an
@@ -618,265 +967,26 @@ def _run(args: argparse.Namespace, info: DistInfo) -> dict[str, float]:
         resume=args.resume is not None,
         overwrite=args.overwrite,
         is_main=info.is_main,
-    ) as run:
+    ) as claim:
         resume_from = (
             resolve_resume(args.resume, args.output_dir, args.name) if args.resume else None
         )
         random.seed(args.seed)
         np.random.seed(args.seed)
         torch.manual_seed(args.seed)
-
-        # ---- The pre-trained weights ------------------------------------------------------
-        # Read first to fail fast, before downloads; a resume reads it only for the model type.
+        # Read first to fail fast, before downloads; a resume reads it only to learn the model
+        # type (the saved state holds the weights).
         weights = read_checkpoint(args) if resume_from is None or args.model_type is None else None
         if resume_from is not None:
-            weights = None  # the saved state holds the weights
-
-        # ---- Data and model --------------------------------------------------------------
-        train_loader, minival_loader, test_loader = get_loader(args)
-        class_names = list(train_loader.dataset.classes)
-        selected_by = "minival" if minival_loader is not None else "test"
-        if minival_loader is None:
-            logger.warning(
-                "--holdout_fraction 0: the best checkpoint is selected on the test set, so its "
-                "test accuracy is an optimistic estimate (the original port did this)."
-            )
-        split = {  # what a resume must not change (minival would hold trained-on images)
-            "holdout_fraction": args.holdout_fraction,
-            "train_images": len(train_loader.dataset),
-            "minival_images": len(minival_loader.dataset) if minival_loader is not None else 0,
-        }
-        model = build_model(args, len(class_names), weights)
-        del weights
-        trainer = make_trainer(args, model, info)
-        logger.info(
-            "Training %s on %s (%d train / %d minival / %d test images, %d classes) at %dx%d, %s, "
-            "%d steps, total batch %d = %d process(es) x %d accumulation step(s) x %d per forward "
-            "pass; the best checkpoint is selected on %s.",
-            args.model_type,
-            args.dataset,
-            split["train_images"],
-            split["minival_images"],
-            len(test_loader.dataset),
-            len(class_names),
-            args.img_size,
-            args.img_size,
-            trainer.precision,
-            args.num_steps,
-            args.train_batch_size,
-            info.world_size,
-            args.gradient_accumulation_steps,
-            args.micro_batch_size,
-            selected_by,
-        )
-        logger.info("TensorBoard logs: %s; best checkpoint: %s", args.log_dir, args.output_dir)
-
-        # ---- Resume (last: it restores the RNG state) ------------------------------------------
-        state = TrainState(split=split, precision=trainer.precision)
-        if resume_from:
-            state = load_training_state(
-                resume_from,
-                model=trainer.model,
-                optimizer=trainer.optimizer,
-                scaler=trainer.scaler,
-                rank=info.rank,
-                split=split,  # refused when another
-            )
-            saved_precision = state.precision
-            state.split, state.precision = split, trainer.precision
-            # The schedule of this command's flags, continued from the saved step (the same
-            # rates as the saved run's unless --learning_rate, --num_steps, ... changed).
-            for group in trainer.optimizer.param_groups:
-                group["initial_lr"] = args.learning_rate
-            trainer.scheduler = make_scheduler(
-                trainer.optimizer, args.num_steps, args.warmup_steps, args.decay_type, state.step
-            )
-            for flag in RESUME_SENSITIVE:
-                saved = state.args.get(flag, getattr(args, flag))
-                if info.is_main and saved != getattr(args, flag):
-                    logger.warning(
-                        "Resuming with --%s %s, but the saved run used %s: the result will differ "
-                        "from an uninterrupted run.",
-                        flag,
-                        getattr(args, flag),
-                        saved,
-                    )
-            if info.is_main and saved_precision not in (None, trainer.precision):
-                logger.warning(
-                    "Resuming in %s, but the saved run trained in %s: the result will differ "
-                    "from an uninterrupted run.",
-                    trainer.precision,
-                    saved_precision,
-                )
-            logger.info(
-                "Resumed from %s at step %d (epoch %d, batch %d; best accuracy %.4f).",
-                resume_from,
-                state.step,
-                state.epoch,
-                state.batches_in_epoch,
-                state.best_accuracy,
-            )
-
-        # ---- Train loop --------------------------------------------------------------------------
-        run.delete_earlier_run()  # --overwrite: every check has passed
-        writer = None
-        if info.is_main:
-            # A resumed run continues the same log, dropping what the interrupted run logged after
-            # its last state (it is logged again).
-            writer = EventLog(args.log_dir, purge_step=state.step + 1 if state.step else None)
-        best_path = Path(args.output_dir) / f"{args.name}_checkpoint.bin"
-        stream = micro_batches(train_loader, state, skip=state.batches_in_epoch)
-        guard = None if trainer.scaler else NonFiniteGuard(NON_FINITE_PATIENCE)
-        first_step, stopped, final = state.step, False, {}
-        eval_time, start = 0.0, time.perf_counter()
-        bar = tqdm(
-            initial=state.step,
-            total=args.num_steps,
-            desc="Training",
-            disable=not info.is_main,
-            dynamic_ncols=True,
-        )
-        with logging_redirect_tqdm(), bar, writer or nullcontext(), GracefulExit() as stop:
-            while state.step < args.num_steps:
-                # Accumulate and update.
-                batches = [next(stream) for _ in range(args.gradient_accumulation_steps)]
-                lr = trainer.scheduler.get_last_lr()[0]  # the rate this update applies
-                state.step += 1
-                loss = train_step(args, trainer, batches, guard, state.step, info)
-                if writer is not None:
-                    loss_value = loss.item()
-                    writer.add_scalar("train/loss", loss_value, state.step)
-                    writer.add_scalar("train/lr", lr, state.step)
-                    bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", refresh=False)
-                bar.update(1)
-
-                # Evaluate minival and test (every rank, its shard); select on minival, else test.
-                last = state.step == args.num_steps
-                if last or (args.eval_every > 0 and state.step % args.eval_every == 0):
-                    t0 = time.perf_counter()
-                    results = {
-                        "test": evaluate(
-                            trainer.eval_net,
-                            test_loader,
-                            info.device,
-                            trainer.precision,
-                            info.is_main,
-                        )
-                    }
-                    if minival_loader is not None:
-                        results["minival"] = evaluate(
-                            trainer.eval_net,
-                            minival_loader,
-                            info.device,
-                            trainer.precision,
-                            info.is_main,
-                        )
-                    for split, result in results.items():
-                        top5 = f", top-5 {result['top5']:.4f}" if "top5" in result else ""
-                        logger.info(
-                            "Step %d: %s loss %.4f, accuracy %.4f%s (%d images).",
-                            state.step,
-                            split,
-                            result["loss"],
-                            result["accuracy"],
-                            top5,
-                            result["count"],
-                        )
-                        if writer is not None:
-                            for key in ("loss", "accuracy", "top5"):
-                                if key in result:
-                                    writer.add_scalar(f"{split}/{key}", result[key], state.step)
-                    if writer is not None:
-                        writer.flush()
-                    final = {f"{split}_accuracy": r["accuracy"] for split, r in results.items()}
-                    # Better: higher accuracy, or as high with a lower loss (a small minival ties
-                    # often). A model whose loss is not finite never replaces a checkpoint.
-                    chosen = results[selected_by]
-                    finite = all(math.isfinite(r["loss"]) for r in results.values())
-                    better = (chosen["accuracy"], -chosen["loss"]) > (
-                        state.best_accuracy,
-                        -state.best_loss,
-                    )
-                    if not finite:
-                        logger.warning(
-                            "Step %d: the evaluation loss is not finite; the model is not saved.",
-                            state.step,
-                        )
-                    elif better:
-                        state.best_accuracy, state.best_loss = chosen["accuracy"], chosen["loss"]
-                        state.best_test_accuracy = results["test"]["accuracy"]
-                        state.best_step = state.step
-                        if info.is_main:
-                            facts = {"step": state.step, "selected_by": selected_by, **final}
-                            facts["accuracy"] = facts.pop("test_accuracy")
-                            save_best(best_path, args, trainer, class_names, facts)
-                            logger.info(
-                                "Saved the best model so far (by %s accuracy) to %s.",
-                                selected_by,
-                                best_path,
-                            )
-                    eval_time += time.perf_counter() - t0
-
-                # Save the last state every --save_every steps, at the end, and when stopping.
-                if writer is not None and writer.error is not None:  # e.g. a full log disk
-                    stop.requested, stop.signal_name = True, f"a failed write to {args.log_dir}"
-                stopped = stop.should_stop(info.device)  # every rank, every step, same point
-                periodic = args.save_every > 0 and state.step % args.save_every == 0
-                if stopped or periodic or last:
-                    if writer is not None:
-                        writer.flush()  # TensorBoard is never behind the last state
-                    save_last_state(args, trainer, state, info)
-                if stopped:
-                    if info.is_main:
-                        logger.warning(
-                            "Stopped by %s at step %d; saved %s. Continue with the same command "
-                            "plus --resume.",
-                            stop.signal_name or "a signal to another process",
-                            state.step,
-                            last_state_path(args.output_dir, args.name),
-                        )
-                    break
-        if writer is not None:
-            writer.check()
-        wall = time.perf_counter() - start
-        images = (state.step - first_step) * args.train_batch_size
-
-        # ---- Report the selected and the final step ------------------------------------------
-        if final and state.best_step and not stopped and info.is_main:
-            selected = f"{selected_by} accuracy {state.best_accuracy:.4f}"
-            logger.info(
-                "Selected step %d by %s; its test accuracy %.4f. Final step %d: %s.",
-                state.best_step,
-                selected,
-                state.best_test_accuracy,
-                state.step,
-                ", ".join(f"{k} {v:.4f}" for k, v in final.items()),
-            )
-            if best_path.is_file():  # the sidecar also tells how the run ended
-                facts = read_sidecar(best_path)
-                facts.update({f"final_{k}": v for k, v in final.items()}, final_step=state.step)
-                write_sidecar(best_path, **facts)
-        return {
-            "best_accuracy": state.best_test_accuracy,
-            "best_step": state.best_step,
-            "selected_by": selected_by,
-            "selected_accuracy": state.best_accuracy,
-            "final_accuracy": final.get("test_accuracy"),
-            "final_minival_accuracy": final.get("minival_accuracy"),
-            "step": state.step,
-            "stopped": stopped,
-            "signal": stop.signum if stopped else None,
-            "wall_time": wall,
-            "images_per_second": images / max(wall - eval_time, 1e-9),
-            "checkpoint": str(best_path) if best_path.is_file() else None,
-        }
+            weights = None
+        return train(set_up(args, info, weights, resume_from, claim))
 
 
 def cli(argv: Sequence[str] | None = None) -> None:
     """The command line: a run stopped by a signal exits with 128 + signal, after saving."""
     summary = main(argv)
-    if summary["stopped"]:
-        raise StoppedBySignal(summary["signal"])
+    if summary.stopped:
+        raise StoppedBySignal(summary.signal)
 
 
 if __name__ == "__main__":

@@ -189,12 +189,39 @@ def test_preprocess_scales_pixels_to_minus_one_one():
 
 
 def test_plots_build_figures():
+    """The panels show what they say: the image itself, the rollout and each layer's map laid
+    over it at the image's size (their brightest spot where the map's largest patch is), and
+    the patches panel holds the resized image's patches, separated by white gaps."""
     model = VisionTransformer("testing", (32, 48), num_classes=3)
-    image = Image.new("RGB", (60, 40), (200, 100, 50))
+    gen = np.random.default_rng(0)
+    pixels = gen.integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels)
     maps = am.compute_attention_maps(model, am.preprocess([image], model.img_size))
     fig = am.plot_attention(image, maps, predictions=[("x", 0.5)], title="t")
-    titles = [ax.get_title() for ax in fig.axes]
-    assert "attention rollout" in titles
-    assert "layer 2" in titles
+    panels = {ax.get_title(): ax for ax in fig.axes if ax.get_title()}
+    assert set(panels) == {"image", "attention rollout", "layer 1", "layer 2"}
+    shown = np.asarray(panels["image"].images[0].get_array())
+    scale = shown.shape[0] // 40  # small images are enlarged by a whole factor, pixels kept
+    np.testing.assert_array_equal(shown[::scale, ::scale], pixels)
+    for title, grid in [("attention rollout", maps.rollout[0])] + [
+        (f"layer {i + 1}", layer) for i, layer in enumerate(maps.layers[0])
+    ]:
+        base, overlay = panels[title].images
+        np.testing.assert_array_equal(np.asarray(base.get_array()), shown)
+        heat = np.asarray(overlay.get_array())
+        assert heat.shape == shown.shape[:2]
+        row, col = np.unravel_index(np.argmax(np.asarray(grid)), np.asarray(grid).shape)
+        cell = heat[
+            row * heat.shape[0] // grid.shape[0] : (row + 1) * heat.shape[0] // grid.shape[0],
+            col * heat.shape[1] // grid.shape[1] : (col + 1) * heat.shape[1] // grid.shape[1],
+        ]
+        assert cell.max() == pytest.approx(heat.max(), rel=1e-3), title
+
     fig = am.plot_patches(image, (32, 48), (16, 16))
+    resized, cut = (np.asarray(ax.images[0].get_array()) for ax in fig.axes)
+    np.testing.assert_array_equal(resized, np.asarray(image.resize((48, 32), Image.BILINEAR)))
+    assert cut.shape == (2 * 16 + 2, 3 * 16 + 2 * 2, 3)
+    np.testing.assert_array_equal(cut[18:34, 36:52], resized[16:32, 32:48])  # patch (1, 2)
+    assert (cut[16:18] == 255).all()  # the gaps between rows ...
+    assert (cut[:, 16:18] == 255).all()  # ... and columns
     assert "2x3 = 6 patches" in fig.axes[1].get_title()

@@ -62,7 +62,7 @@ def test_accuracy_equals_what_train_logged(tmp_path, capsys) -> None:
     )
     checkpoint = tmp_path / "tiny_checkpoint.bin"
     logged = json.loads((tmp_path / "tiny_checkpoint.json").read_text())["accuracy"]
-    assert logged == summary["best_accuracy"]
+    assert logged == summary.selected_test_accuracy
     capsys.readouterr()
     # Everything from the sidecar, and a different batch size: the same accuracy.
     result = eval_script.main([f"--checkpoint={checkpoint}", "--num_workers=0"])

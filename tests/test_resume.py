@@ -131,9 +131,9 @@ def test_crash_then_resume_equals_uninterrupted(
     out = tmp_path / "out"
     assert_same_training(out, "straight", out, "resumed")
     assert_same_best(out, "straight", "resumed")
-    assert (resumed["best_accuracy"], resumed["best_step"]) == (
-        straight["best_accuracy"],
-        straight["best_step"],
+    assert (resumed.selected_test_accuracy, resumed.selected_step) == (
+        straight.selected_test_accuracy,
+        straight.selected_step,
     )
     # TensorBoard: the events the crashed run logged after step 4 are replaced, not repeated.
     want = scalars(tmp_path / "logs" / "straight")
@@ -161,11 +161,11 @@ def test_resume_path_and_finished_run(tmp_path: Path) -> None:
     path = last_state_path(tmp_path / "out", "first")
     assert safe_load(path)["step"] == 2  # saved at the end even with --save_every 0
     summary = train.main(tiny_args(tmp_path, name="second", num_steps=3, eval_every=0, resume=path))
-    assert summary["step"] == 3
+    assert summary.step == 3
     assert last_state(tmp_path / "out", "second")["step"] == 3
     before = path.stat().st_mtime_ns
     again = train.main(tiny_args(tmp_path, name="first", num_steps=2, resume=True))
-    assert again["step"] == 2
+    assert again.step == 2
     assert path.stat().st_mtime_ns == before
 
 
@@ -241,7 +241,7 @@ def test_kill_9_then_resume_equals_uninterrupted(tmp_path: Path, uninterrupted: 
     time.sleep(1.1)
 
     summary = train.main(tiny_args(tmp_path, name="killed", resume=True, **PROCESS_FLAGS))
-    assert summary["step"] == PROCESS_FLAGS["num_steps"]
+    assert summary.step == PROCESS_FLAGS["num_steps"]
     assert_same_training(uninterrupted, "straight", out, "killed")
     want = scalars(uninterrupted.parent / "logs" / "straight")["train/loss"]
     got = scalars(tmp_path / "logs" / "killed")["train/loss"]
@@ -367,13 +367,6 @@ def test_a_resumed_schedule_follows_the_flags(tmp_path: Path, changed: dict) -> 
         assert logged[step] == pytest.approx(want, rel=1e-6), step
 
 
-def test_resume_flags() -> None:
-    assert train.parse_args(["--name", "x"]).resume is None
-    assert train.parse_args(["--name", "x"]).save_every == 100
-    assert train.parse_args(["--name", "x", "--resume"]).resume == "auto"
-    assert train.parse_args(["--name", "x", "--resume", "a/b_last.pt"]).resume == "a/b_last.pt"
-
-
 def test_loader_workers_leave_ctrl_c_to_the_trainer(tmp_path: Path) -> None:
     """Ctrl+C reaches the workers too; a persistent test-loader worker must survive it, or the
     evaluation train.py finishes before saving fails with "worker exited unexpectedly"."""
@@ -417,7 +410,7 @@ def test_resume_of_a_state_written_before_bfloat16_momentum(
     _as_written_before_bfloat16_momentum(path)
     with caplog.at_level(logging.WARNING):
         summary = train.main(tiny_args(tmp_path, num_steps=4, eval_every=0, resume=True))
-    assert summary["step"] == 4
+    assert summary.step == 4
     assert "float32 momentum" in caplog.text  # continued with its momentum, and said so
     momentum = last_state(tmp_path / "out", "tiny")["optimizer"]["state"][0]["momentum_buffer"]
     assert momentum.dtype == torch.bfloat16
@@ -500,6 +493,6 @@ def test_a_log_that_cannot_be_written_stops_the_run_after_saving(
         if folder.is_dir():
             folder.rmdir()
     summary = train.main(tiny_args(tmp_path, **flags, resume=True))
-    assert summary["step"] == 10
+    assert summary.step == 10
     logged = [step for step, _ in scalars(log_dir)["train/loss"]]
     assert logged[-(10 - saved) :] == list(range(saved + 1, 11))

@@ -38,7 +38,7 @@ def test_rerunning_a_name_never_overwrites_the_earlier_run(tmp_path: Path, capsy
     assert "--overwrite" in err
     assert best.read_bytes() == before  # refused before any work
     summary = train.main(tiny_args(tmp_path, num_steps=2, eval_every=2, overwrite=True))
-    assert summary["step"] == 2
+    assert summary.step == 2
 
 
 @pytest.mark.parametrize(
