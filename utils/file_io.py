@@ -378,9 +378,21 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
 
 
-def save_npz(path: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -> None:
-    """Write arrays as an uncompressed `.npz` (the official checkpoint format), atomically."""
-    atomic_write(path, lambda handle: np.savez(handle, **arrays))
+def _writer(flag: str | None) -> Callable[..., str]:
+    """`write_output` for a script's output named by `flag`, else `atomic_write`."""
+    if flag is None:
+        return atomic_write
+    return lambda path, write: write_output(path, write, flag)
+
+
+def save_npz(
+    path: str | os.PathLike, arrays: Mapping[str, np.ndarray], flag: str | None = None
+) -> None:
+    """Write arrays as an uncompressed `.npz` (the official checkpoint format), atomically.
+
+    `flag`: for a script's output, the flag that names it (see `write_output`).
+    """
+    _writer(flag)(path, lambda handle: np.savez(handle, **arrays))
 
 
 # --------------------------------------------------------------------------------------------
@@ -738,7 +750,10 @@ SAFETENSORS_SUFFIX = ".safetensors"
 
 
 def save_safetensors(
-    path: str | os.PathLike, state: Mapping[str, torch.Tensor], info: Mapping[str, Any]
+    path: str | os.PathLike,
+    state: Mapping[str, torch.Tensor],
+    info: Mapping[str, Any],
+    flag: str | None = None,
 ) -> None:
     """Write a state dict and its description as one `.safetensors` file, atomically.
 
@@ -747,11 +762,12 @@ def save_safetensors(
         state: tensors by name (each stored contiguous, on the CPU).
         info: JSON-serialisable facts (model_type, img_size, class_names, ...); each value is
             stored as its JSON text.
+        flag: for a script's output, the flag that names it (see `write_output`).
     """
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     metadata = {"format": "pt", **{k: json.dumps(v) for k, v in info.items() if v is not None}}
     data = safetensors.torch.save(tensors, metadata=metadata)
-    atomic_write(path, lambda handle: handle.write(data))
+    _writer(flag)(path, lambda handle: handle.write(data))
 
 
 @contextlib.contextmanager
