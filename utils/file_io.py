@@ -226,7 +226,7 @@ def check_output(path: str | os.PathLike, flag: str = "--output", overwrite: boo
     """
     path = Path(path)
     if path.is_dir():
-        raise cannot_write(path, "it is a folder; pass a file name", flag)
+        raise cannot_write(path, "it is a directory, not a file", flag)
     if path.exists() and not overwrite:
         raise UserError(
             f"{path} already exists; pass --overwrite to replace it, or another {flag}."

@@ -52,17 +52,22 @@ def _int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
 
 
-def _float(text: str) -> float:
+def _finite(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"expected a finite number, got {text}")
+    return value
+
+
+def _float(text: str) -> float:
+    """A number that stays finite as a float32 (what the training step computes in)."""
+    value = _finite(text)
     if abs(value) > FLOAT32_MAX:
         raise argparse.ArgumentTypeError(
-            f"must be at most {FLOAT32_MAX:.4g} in size (larger is infinite in float32), "
-            f"got {text}"
+            f"must be at most {FLOAT32_MAX:.4g} in size (larger is infinite in float32), got {text}"
         )
     return value
 
@@ -93,7 +98,9 @@ def positive_float(text: str) -> float:
 
 def seconds(text: str) -> float:
     """A duration above 0 that the clock and the socket layer can wait for (timeouts)."""
-    value = positive_float(text)
+    value = _finite(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
     if value > threading.TIMEOUT_MAX:
         raise argparse.ArgumentTypeError(
             f"must be at most {threading.TIMEOUT_MAX:.0f} seconds (the longest wait the "
