@@ -124,7 +124,7 @@ def test_command_line_exits_2_with_a_clear_message(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_make_figures_writes_small_pngs(tmp_path):
+def test_make_figures_writes_small_pngs_atomically(tmp_path, monkeypatch, capsys):
     spec = importlib.util.spec_from_file_location("make_figures", ROOT / "tools/make_figures.py")
     make_figures = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(make_figures)
@@ -137,6 +137,15 @@ def test_make_figures_writes_small_pngs(tmp_path):
         assert (out / name).stat().st_size < 300_000
     with pytest.raises(USER_ERRORS, match="make demo"):
         make_figures.main(["--checkpoint", str(tmp_path / "none.bin")])
+    # A full disk keeps the previous figures (each is written atomically).
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    _full_disk(monkeypatch)
+    argv = ["--checkpoint", str(ckpt), "--output_dir", str(out), "--dpi", "60"]
+    err = expect_user_error(make_figures.main, argv, capsys)
+    monkeypatch.undo()
+    assert "No space left" in err
+    assert "--output_dir" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
 def test_figures_go_to_the_output_folder_by_default(tmp_path, monkeypatch, capsys):
@@ -210,23 +219,6 @@ def test_a_full_disk_keeps_the_previous_figure_and_names_the_scripts_own_flag(
     assert "--resume" not in err
     assert out.read_bytes() == before
     assert os.listdir(out.parent) == ["fig.png"]  # no temporary file left
-
-
-def test_make_figures_writes_atomically_too(tmp_path, monkeypatch, capsys):
-    spec = importlib.util.spec_from_file_location("make_figures", ROOT / "tools/make_figures.py")
-    make_figures = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(make_figures)
-    ckpt = make_bin(tmp_path, dataset="digits")
-    out = tmp_path / "img"
-    make_figures.main(["--checkpoint", str(ckpt), "--output_dir", str(out)])
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
-    _full_disk(monkeypatch)
-    argv = ["--checkpoint", str(ckpt), "--output_dir", str(out), "--dpi", "60"]
-    err = expect_user_error(make_figures.main, argv, capsys)
-    monkeypatch.undo()
-    assert "No space left" in err
-    assert "--output_dir" in err
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
 @pytest.mark.parametrize("limit", ["size", "memory"])
