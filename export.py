@@ -34,14 +34,13 @@ unless `--overwrite` is given. Formats:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import inspect
 import io
 import json
 import logging
 import os
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -122,45 +121,6 @@ def output_path(checkpoint: str, fmt: str, output: str | None) -> Path:
         return Path(output)
     path = Path(checkpoint)
     return path.with_name(path.stem + SUFFIXES[fmt])
-
-
-def check_writable(path: Path, overwrite: bool, folder: bool = False) -> None:
-    """Refuse, before any work, an output that exists (without `--overwrite`) or cannot be made.
-
-    Args:
-        path: the output.
-        overwrite: `--overwrite`.
-        folder: the output is a folder (`--format hf`), not a file.
-
-    Raises:
-        UserError: naming the path and the fix.
-    """
-    if path.is_dir() and not folder:
-        raise UserError(f"--output {path} is a directory; pass a file name, e.g. {path}/model.")
-    if path.exists() and folder and not path.is_dir():
-        raise UserError(f"--output {path} is a file; --format hf writes a folder: pass a new name.")
-    if path.exists() and not overwrite:
-        raise UserError(
-            f"{path} already exists; pass --overwrite to replace it, or another --output."
-        )
-    parent = path.absolute().parent
-    while not parent.exists():  # atomic_write creates the missing folders
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise UserError(
-            f"Cannot write {path}: {parent} is not a writable folder. Pass another --output."
-        )
-
-
-@contextlib.contextmanager
-def writing(path: Path) -> Iterator[None]:
-    """Turn a failed write (permissions, a file where a folder should be) into a UserError."""
-    try:
-        yield
-    except OSError as err:
-        raise UserError(
-            f"Cannot write {path}: {err.strerror or err}. Pass another --output."
-        ) from None
 
 
 def describe(loaded: LoadedModel) -> dict[str, Any]:
@@ -472,7 +432,7 @@ def check_against_transformers(folder: Path, model: nn.Module, img_size: tuple[i
 
 def export_hf(args: argparse.Namespace, loaded: LoadedModel, path: Path) -> list[str]:
     """Write the Hugging Face folder: config.json, model.safetensors, preprocessor config, card."""
-    from utils.file_io import atomic_write_text, read_sidecar, save_safetensors
+    from utils.file_io import atomic_write_text, read_sidecar, save_safetensors, writing
 
     model = loaded.model
     refusal = hf_refusal(model.config)
@@ -604,11 +564,11 @@ def export(args: argparse.Namespace) -> list[str]:
     """Write the export; returns the lines to print."""
     import torch
 
-    from utils.file_io import atomic_write, save_npz, save_safetensors
+    from utils.file_io import check_output, save_npz, save_safetensors, write_output
     from utils.loading import load_model
 
     path = output_path(args.checkpoint, args.format, args.output)
-    check_writable(path, args.overwrite, folder=args.format == "hf")
+    check_output(path, overwrite=args.overwrite, folder=args.format == "hf")
     loaded = load_model(args.checkpoint, args.model_type, args.img_size)
     if args.format == "hf":
         return export_hf(args, loaded, path)
@@ -619,19 +579,16 @@ def export(args: argparse.Namespace) -> list[str]:
     lines = []
     if args.format == "npz":
         arrays = state_dict_to_npz(state, model.config)
-        with writing(path):
-            save_npz(path, arrays)
+        save_npz(path, arrays, flag="--output")
         lines.append(f"Wrote {path} ({what}): {len(arrays)} arrays in the official vit_jax layout.")
     elif args.format == "safetensors":
-        with writing(path):
-            save_safetensors(path, state, describe(loaded))
+        save_safetensors(path, state, describe(loaded), flag="--output")
         lines.append(f"Wrote {path} ({what}): state dict, description in its metadata.")
     elif args.format == "timm":
         name, kwargs = timm_model_args(model.config, loaded.img_size, model.num_classes)
         timm_state = timm_state_dict(state)
         checked = check_against_timm(name, kwargs, timm_state)
-        with writing(path):
-            atomic_write(path, lambda handle: torch.save(timm_state, handle))
+        write_output(path, lambda handle: torch.save(timm_state, handle))
         lines += [
             f"Wrote {path} ({what}): state dict for timm's {name}. {checked}",
             "Load it with:",
@@ -645,8 +602,7 @@ def export(args: argparse.Namespace) -> list[str]:
         info = describe(loaded)
         data = onnx_bytes(model, loaded.img_size, info)
         difference = onnx_max_difference(data, model, loaded.img_size)
-        with writing(path):
-            atomic_write(path, lambda handle: handle.write(data))
+        write_output(path, lambda handle: handle.write(data))
         lines += [
             f"Wrote {path} ({what}): ONNX opset {ONNX_OPSET}, input 'images' "
             f"(batch, 3, {loaded.img_size[0]}, {loaded.img_size[1]}) in [-1, 1], output "

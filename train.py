@@ -37,6 +37,7 @@ import math
 import os
 import random
 import re
+import signal
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -54,7 +55,7 @@ from models.configs import (
     model_names,
     model_type_from_filename,
 )
-from utils.errors import StoppedBySignal, UserError, run_cli
+from utils.errors import StoppedBySignal, UserError, exit_interrupted, run_cli
 from utils.flags import (
     DATASETS,
     DECAY_TYPES,
@@ -68,6 +69,7 @@ from utils.flags import (
     non_negative_int,
     positive_float,
     positive_int,
+    random_seed,
 )
 
 if TYPE_CHECKING:
@@ -153,7 +155,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=-1,
         help="Set by older launchers; torchrun sets LOCAL_RANK instead (both work).",
     )
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--seed", type=random_seed, default=42)
     p.add_argument("--gradient_accumulation_steps", type=positive_int, default=1)
     p.add_argument("--fp16", action="store_true", help="Alias of --precision fp16.")
     p.add_argument(
@@ -228,6 +230,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 if __name__ == "__main__":
     parse_args()  # --help and a mistyped flag answer now, not after torch is imported (seconds)
+    signal.signal(signal.SIGINT, exit_interrupted)  # Ctrl+C meanwhile: one line, as run_cli
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -990,4 +993,5 @@ def cli(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # run_cli's from here on
     run_cli(cli)

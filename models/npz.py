@@ -586,6 +586,30 @@ def resize_pos_embed(
 # Loading into a model
 
 
+def _check_head(weights: Mapping[str, np.ndarray], num_classes: int) -> None:
+    """Refuse a head that is not a (hidden, classes) kernel and a (classes,) bias of
+    `num_classes` classes, telling malformed arrays (a damaged file: no argument helps) from a
+    head of another class count."""
+    kernel, bias = weights["head/kernel"], weights.get("head/bias")
+    if kernel.ndim != 2 or (
+        bias is not None and (bias.ndim != 1 or bias.shape[0] != kernel.shape[-1])
+    ):
+        shapes = f"'head/kernel' {kernel.shape}" + (
+            f", 'head/bias' {bias.shape}" if bias is not None else ""
+        )
+        raise CheckpointError(
+            f"The checkpoint's head has the wrong shape ({shapes}); a ViT checkpoint of this "
+            "layout has a (hidden, classes) kernel and a (classes,) bias. The file is damaged "
+            "or not a ViT checkpoint of this layout."
+        )
+    if kernel.shape[-1] != num_classes:
+        raise CheckpointError(
+            f"The checkpoint's head has {kernel.shape[-1]} classes but the model has "
+            f"{num_classes}. To fine-tune on {num_classes} classes, pass zero_head=True (the "
+            "head then starts at zero and is not loaded)."
+        )
+
+
 def load_pretrained(
     model: torch.nn.Module, weights: Mapping[str, np.ndarray], zero_head: bool = False
 ) -> None:
@@ -600,13 +624,7 @@ def load_pretrained(
     weights = normalize_keys(weights)
     config = model.config
     if not zero_head and "head/kernel" in weights:
-        ckpt_classes = weights["head/kernel"].shape[-1]
-        if ckpt_classes != model.num_classes:
-            raise CheckpointError(
-                f"The checkpoint's head has {ckpt_classes} classes but the model has "
-                f"{model.num_classes}. To fine-tune on {model.num_classes} classes, pass "
-                "zero_head=True (the head then starts at zero and is not loaded)."
-            )
+        _check_head(weights, model.num_classes)
     state = npz_to_state_dict(weights, config, include_head=not zero_head)
     target = model.state_dict()
     pos = state["embeddings.pos_embed"]

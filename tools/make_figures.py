@@ -33,23 +33,27 @@ from models.configs import model_names
 from utils import analysis
 from utils import attention_maps as am
 from utils.errors import UserError, run_cli
+from utils.file_io import check_output, render_figure, write_output
+from utils.flags import positive_int
 from utils.loading import load_model
 
 logger = logging.getLogger("make_figures")
 
 
 def save_png(fig: Figure, path: Path, dpi: int, max_bytes: int = 250_000) -> None:
-    """Save `fig` as a PNG; fall back to 256 colours when the RGB file exceeds `max_bytes`."""
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi)
-    buffer.seek(0)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with Image.open(buffer) as image:
+    """Save `fig` as a PNG, atomically; 256 colours when the RGB file would exceed `max_bytes`."""
+    with Image.open(io.BytesIO(render_figure(fig, "png", dpi))) as image:
         rgb = image.convert("RGB")
-    rgb.save(path, optimize=True)
-    if path.stat().st_size > max_bytes:
-        rgb.quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
-    logger.info("wrote %s (%.0f KB)", path, path.stat().st_size / 1024)
+    encoded = io.BytesIO()
+    rgb.save(encoded, format="png", optimize=True)
+    if encoded.tell() > max_bytes:
+        encoded = io.BytesIO()
+        rgb.quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(
+            encoded, format="png", optimize=True
+        )
+    data = encoded.getvalue()
+    write_output(path, lambda handle: handle.write(data), flag="--output_dir")
+    logger.info("wrote %s (%.0f KB)", path, len(data) / 1024)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -59,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model_type", choices=model_names(), default=None)
     p.add_argument("--image", default=None, help="Image for the attention figure.")
     p.add_argument("--output_dir", default="img")
-    p.add_argument("--dpi", type=int, default=90)
+    p.add_argument("--dpi", type=positive_int, default=90)
     args = p.parse_args(argv)
     if not Path(args.checkpoint).exists():  # a file, or a Hugging Face folder
         raise UserError(
@@ -67,6 +71,8 @@ def main(argv: list[str] | None = None) -> None:
             "--checkpoint (an official .npz or a .bin that train.py saved)."
         )
     out = Path(args.output_dir)
+    for name in ("patches.png", "attention_map.png"):
+        check_output(out / name, flag="--output_dir")
     photo = am.sample_image("china.jpg")
     save_png(am.plot_patches(photo, (224, 224), (16, 16)), out / "patches.png", args.dpi)
 

@@ -62,7 +62,7 @@ from models.configs import (
 )
 from models.npz import BASE_URL, CheckpointError, load_npz, npz_to_state_dict
 from utils.errors import UserError, run_cli
-from utils.flags import HelpFormatter, http_url, non_negative_int, positive_float, positive_int
+from utils.flags import HelpFormatter, http_url, non_negative_int, positive_int, seconds
 from utils.run_files import _check_folder
 
 __all__ = [
@@ -958,7 +958,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--timeout",
-        type=positive_float,
+        type=seconds,
         default=TIMEOUT,
         help="seconds to wait for the server to connect or send data before an attempt fails; "
         "also the span over which at least 1 KiB/s must arrive",

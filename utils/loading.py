@@ -47,7 +47,14 @@ from models.npz import (
 )
 from utils.engine import unwrap
 from utils.errors import UserError
-from utils.file_io import SAFETENSORS_SUFFIX, load_safetensors, read_sidecar, safe_load
+from utils.file_io import (
+    SAFETENSORS_SUFFIX,
+    description_error,
+    load_safetensors,
+    read_sidecar,
+    safe_load,
+    sidecar_path,
+)
 
 __all__ = [
     "CIFAR10_CLASSES",
@@ -151,7 +158,8 @@ def _read_tensors(path: str | os.PathLike, model_type: str | None = None) -> dic
     if os.fspath(path).endswith(SAFETENSORS_SUFFIX):
         return clean_state_dict(load_safetensors(path))
     obj = safe_load(path)
-    if isinstance(obj, Mapping) and obj.get("format") == STATE_FORMAT:
+    training_state = isinstance(obj, Mapping) and obj.get("format") == STATE_FORMAT
+    if training_state:
         saved = obj.get("model_type")
         if model_type and saved and get_config(model_type).name != saved:
             raise CheckpointError(
@@ -164,6 +172,13 @@ def _read_tensors(path: str | os.PathLike, model_type: str | None = None) -> dic
         raise CheckpointError(
             f"{path} is not a model checkpoint (expected a state_dict of tensors, found "
             f"{type(obj).__name__}). Pass the output/<name>_checkpoint.bin train.py wrote."
+        )
+    if not training_state and not sidecar_path(path).is_file():  # a state verifies itself
+        logger.warning(
+            "%s has no sidecar (%s), so its SHA-256, model type and class names could not be "
+            "checked: damage to the file would go unnoticed.",
+            path,
+            sidecar_path(path).name,
         )
     return clean_state_dict(obj)
 
@@ -298,7 +313,14 @@ def _check_state_fits(model: nn.Module, state: Mapping[str, torch.Tensor], path:
     config = getattr(model, "config", None)
     name = getattr(config, "name", type(model).__name__)
     wrong = {m.split(":")[0] for m in mismatched}
-    if not (missing or unused) and wrong <= {"head.weight", "head.bias"}:
+    ranks = [k for k in target if k in state and state[k].ndim != target[k].ndim]
+    if ranks:
+        otherwise = (
+            f"{ranks[0]} has {state[ranks[0]].ndim} dimension(s) where this model's has "
+            f"{target[ranks[0]].ndim}: the file is damaged or not a ViT checkpoint of this "
+            "layout."
+        )
+    elif not (missing or unused) and wrong <= {"head.weight", "head.bias"}:
         classes = state["head.bias"].shape[0]
         otherwise = f"Its head has {classes} classes: use a dataset with {classes} classes."
     elif not (missing or unused) and wrong == {"embeddings.pos_embed"}:
@@ -412,6 +434,17 @@ def _named_model(path: str) -> str | None:
     return None if named in ("testing", "demo") else named
 
 
+def _check_head_facts(sidecar: Mapping[str, Any], num_classes: int, path: str) -> None:
+    """Refuse a description whose class count or names disagree with the weights' head."""
+    source = path if path.endswith(SAFETENSORS_SUFFIX) else sidecar_path(path)
+    wanted = f"{num_classes}, the classes of the checkpoint's head"
+    if sidecar.get("num_classes") not in (None, num_classes):
+        raise description_error(source, "num_classes", sidecar["num_classes"], wanted)
+    names = sidecar.get("class_names")
+    if names is not None and len(names) != num_classes:
+        raise description_error(source, "class_names", names, f"a list of {wanted}")
+
+
 def load_model(
     checkpoint: str | os.PathLike,
     model_type: str | None = None,
@@ -480,6 +513,7 @@ def load_model(
             f"{path} has no classifier head, so it cannot predict: fine-tune it with train.py "
             "first, or use an imagenet21k+imagenet2012 checkpoint."
         )
+    _check_head_facts(sidecar, num_classes, path)
     size = img_size or sidecar.get("img_size")
     if size is None and pos is not None and pos.ndim == 3:  # other ranks: refused when loading
         size = native_img_size(config, pos.shape[1])
