@@ -53,7 +53,7 @@ from models.configs import (
     model_names,
     model_type_from_filename,
 )
-from utils.errors import StoppedBySignal, UserError, run_cli
+from utils.errors import LoaderError, StoppedBySignal, UserError, run_cli
 from utils.flags import (
     DATASETS,
     DECAY_TYPES,
@@ -235,7 +235,7 @@ from tqdm import tqdm  # noqa: E402
 from tqdm.contrib.logging import logging_redirect_tqdm  # noqa: E402
 
 from models.modeling import VisionTransformer  # noqa: E402
-from utils.data_utils import get_loader, prepare_batch  # noqa: E402
+from utils.data_utils import get_loader, prepare_batch, unreadable_images  # noqa: E402
 from utils.dist_utils import (  # noqa: E402
     DistInfo,
     all_reduce_sum,
@@ -562,6 +562,27 @@ def save_last_state(
     barrier()
 
 
+def stopped_by_loader(
+    failure: LoaderError,
+    args: argparse.Namespace,
+    trainer: Trainer,
+    state: TrainState,
+    info: DistInfo,
+) -> LoaderError:
+    """Save the last state after a data-loader failure; the error to end the run with.
+
+    Nothing is saved before the first step, nor under torch.distributed, where the other ranks
+    are not at this point (the last periodic save stands).
+    """
+    if info.distributed or state.step == 0:
+        return failure
+    save_last_state(args, trainer, state, info)
+    return LoaderError(
+        f"{failure} Saved the last state at step {state.step}; continue with the same command "
+        "plus --resume."
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # Entry point
 
@@ -589,6 +610,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
             f"Training time: {summary['wall_time']:.1f} s "
             f"({summary['images_per_second']:.0f} images/s)\n"
             f"Checkpoint: {summary['checkpoint'] if evaluated else 'none written'}\n"
+            f"Unreadable images skipped: {summary['unreadable_images']} (named in the log)\n"
             f"Last state: {last_state_path(args.output_dir, args.name)}\n"
             f"TensorBoard: tensorboard --logdir {args.log_dir}"
         )
@@ -713,7 +735,12 @@ def _run(args: argparse.Namespace, info: DistInfo) -> dict[str, float]:
         with logging_redirect_tqdm(), bar, writer or nullcontext(), GracefulExit() as stop:
             while state.step < args.num_steps:
                 # Accumulate and update.
-                batches = [next(stream) for _ in range(args.gradient_accumulation_steps)]
+                position = (state.epoch, state.batches_in_epoch)
+                try:
+                    batches = [next(stream) for _ in range(args.gradient_accumulation_steps)]
+                except LoaderError as failure:  # a worker died, hung or raised
+                    state.epoch, state.batches_in_epoch = position  # as after the last step
+                    raise stopped_by_loader(failure, args, trainer, state, info) from None
                 lr = trainer.scheduler.get_last_lr()[0]  # the rate this update applies
                 state.step += 1
                 loss = train_step(args, trainer, batches, guard, state.step, info)
@@ -728,23 +755,21 @@ def _run(args: argparse.Namespace, info: DistInfo) -> dict[str, float]:
                 last = state.step == args.num_steps
                 if last or (args.eval_every > 0 and state.step % args.eval_every == 0):
                     t0 = time.perf_counter()
-                    results = {
-                        "test": evaluate(
-                            trainer.eval_net,
-                            test_loader,
-                            info.device,
-                            trainer.precision,
-                            info.is_main,
-                        )
-                    }
-                    if minival_loader is not None:
-                        results["minival"] = evaluate(
-                            trainer.eval_net,
-                            minival_loader,
-                            info.device,
-                            trainer.precision,
-                            info.is_main,
-                        )
+                    loaders = {"test": test_loader, "minival": minival_loader}
+                    try:
+                        results = {
+                            split: evaluate(
+                                trainer.eval_net,
+                                loader,
+                                info.device,
+                                trainer.precision,
+                                info.is_main,
+                            )
+                            for split, loader in loaders.items()
+                            if loader is not None
+                        }
+                    except LoaderError as failure:  # the step is done; its evaluation is lost
+                        raise stopped_by_loader(failure, args, trainer, state, info) from None
                     for split, result in results.items():
                         top5 = f", top-5 {result['top5']:.4f}" if "top5" in result else ""
                         logger.info(
@@ -839,6 +864,7 @@ def _run(args: argparse.Namespace, info: DistInfo) -> dict[str, float]:
             "wall_time": wall,
             "images_per_second": images / max(wall - eval_time, 1e-9),
             "checkpoint": str(best_path),
+            "unreadable_images": unreadable_images(train_loader, minival_loader, test_loader),
         }
 
 
