@@ -7,6 +7,7 @@ found through /proc and killed with SIGKILL, as the out-of-memory killer does.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -52,10 +53,8 @@ def start(tmp_path: Path, **flags) -> tuple[subprocess.Popen, Path]:
 def children(pid: int) -> list[int]:
     found = []
     for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
+        with contextlib.suppress(OSError):  # the thread ended
             found += [int(c) for c in (task / "children").read_text().split()]
-        except OSError:
-            pass
     return found
 
 

@@ -696,7 +696,7 @@ class WatchedLoader(DataLoader):
             except StopIteration:
                 return
             except Exception as err:
-                failure = loader_error(err)
+                failure = loader_error(err) if self.num_workers > 0 else None
                 if failure is None:
                     raise
                 raise failure from None
@@ -760,7 +760,8 @@ def loader_error(err: BaseException) -> LoaderError | None:
 
     torch words them so: "DataLoader worker (pid N) is killed by signal: Killed.", "...
     exited unexpectedly", "DataLoader timed out after N seconds.", "Too many open files.
-    Communication with the workers is no longer possible", and an exception raised in a worker
+    Communication with the workers is no longer possible", an EOFError when a batch's shared
+    memory could not be passed (too few file descriptors), and an exception raised in a worker
     comes back as its type with "Caught X in DataLoader worker process N" and the worker's
     traceback as its message.
     """
@@ -774,6 +775,10 @@ def loader_error(err: BaseException) -> LoaderError | None:
             return LoaderError(f"A data-loading worker failed: {last}. {_limits_hint()}")
         return LoaderError(
             f"A data-loading worker failed: {last}. Run with --num_workers 0 to see where."
+        )
+    if isinstance(err, (EOFError, ConnectionError)):  # a batch's file descriptors were lost
+        return LoaderError(
+            f"The data-loading workers could not pass a batch ({err!r}). {_limits_hint()}"
         )
     if not isinstance(err, RuntimeError):
         return None
