@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -110,7 +111,10 @@ def test_a_killed_worker_ends_the_run_with_one_message_after_saving(tmp_path: Pa
     code, text = finish(proc, log, timeout=60)
     assert code == 2, text[-3000:]
     message = assert_one_message(text)
-    assert f"worker (pid {workers[0]}) is killed by signal: Killed" in message
+    # torch reports the signal when its SIGCHLD check sees the death first, else only the death.
+    assert re.search(
+        rf"worker \(pid {workers[0]}\) (is killed by signal: Killed|exited unexpectedly)", message
+    ), message
     assert "out-of-memory killer" in message
     saved = int(message.split("Saved the last state at step ")[1].split(";")[0])
     assert safe_load(path)["step"] == saved  # what a stop saves: the step it ended on

@@ -789,8 +789,11 @@ def loader_error(err: BaseException) -> LoaderError | None:
             cause = "the shared memory (/dev/shm) is likely too small. " + _limits_hint()
         elif "Killed" in what:
             cause = f"usually the out-of-memory killer: {fewer}, or a smaller batch"
-        else:
-            cause = f"see the messages above; {fewer}"
+        else:  # torch found it dead without its exit status
+            cause = (
+                f"killed (the out-of-memory killer kills the largest process) or crashed: {fewer}, "
+                "or a smaller batch"
+            )
         return LoaderError(f"A data-loading worker (pid {pids}) {what}: {cause}.")
     if text.startswith("DataLoader timed out"):
         return LoaderError(
