@@ -21,11 +21,10 @@ import pytest
 from PIL import Image
 
 import train
-from tests.helpers import make_image_folder, tiny_args
+from tests.helpers import make_image_folder, start_train, tiny_args
 from utils.file_io import safe_load
 from utils.train_state import last_state_path
 
-REPO = Path(__file__).resolve().parents[1]
 DEADLINE = 180  # s: a regression fails here instead of hanging the suite
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.skipif(
@@ -34,21 +33,8 @@ pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.skipif(
 
 
 def start(tmp_path: Path, **flags) -> tuple[subprocess.Popen, Path]:
-    """train.py in its own session (so every process it starts can be found); output to a log."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
-        env.pop(var, None)
     log = tmp_path / "run.log"
-    with log.open("w") as handle:
-        proc = subprocess.Popen(
-            [sys.executable, "train.py", *tiny_args(tmp_path, num_workers=2, **flags)],
-            cwd=REPO,
-            env=env,
-            stdout=handle,
-            stderr=handle,
-            start_new_session=True,
-        )
-    return proc, log
+    return start_train(tiny_args(tmp_path, num_workers=2, **flags), log), log
 
 
 def children(pid: int) -> list[int]:
