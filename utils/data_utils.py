@@ -795,9 +795,10 @@ def loader_error(err: BaseException) -> LoaderError | None:
                 "or a smaller batch"
             )
         return LoaderError(f"A data-loading worker (pid {pids}) {what}: {cause}.")
-    if text.startswith("DataLoader timed out"):
+    if text.startswith("DataLoader timed out after "):
+        seconds = text.removeprefix("DataLoader timed out after ").split()[0]
         return LoaderError(
-            f"No batch came from the data-loading workers in {LOADER_TIMEOUT:.0f} s: one is "
+            f"No batch came from the data-loading workers in {seconds} s: one is "
             f"stuck (a hung network file system?). Check the data folder's storage, or "
             f"{fewer}."
         )
