@@ -603,6 +603,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
             if evaluated
             else "none (no evaluation ran)"
         )
+        skipped = (
+            f"Unreadable images skipped: {summary['unreadable_images']} (named in the log)\n"
+            if args.dataset == "imagefolder"
+            else ""
+        )
         print(
             f"Best checkpoint: {selected}\n"
             f"Steps: {summary['step']} of {args.num_steps}"
@@ -610,7 +615,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
             f"Training time: {summary['wall_time']:.1f} s "
             f"({summary['images_per_second']:.0f} images/s)\n"
             f"Checkpoint: {summary['checkpoint'] if evaluated else 'none written'}\n"
-            f"Unreadable images skipped: {summary['unreadable_images']} (named in the log)\n"
+            f"{skipped}"
             f"Last state: {last_state_path(args.output_dir, args.name)}\n"
             f"TensorBoard: tensorboard --logdir {args.log_dir}"
         )
