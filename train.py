@@ -55,7 +55,7 @@ from models.configs import (
     model_names,
     model_type_from_filename,
 )
-from utils.errors import StoppedBySignal, UserError, exit_interrupted, run_cli
+from utils.errors import LoaderError, StoppedBySignal, UserError, exit_interrupted, run_cli
 from utils.flags import (
     DATASETS,
     DECAY_TYPES,
@@ -242,7 +242,7 @@ from tqdm import tqdm  # noqa: E402
 from tqdm.contrib.logging import logging_redirect_tqdm  # noqa: E402
 
 from models.modeling import VisionTransformer  # noqa: E402
-from utils.data_utils import get_loader, prepare_batch  # noqa: E402
+from utils.data_utils import get_loader, prepare_batch, unreadable_images  # noqa: E402
 from utils.dist_utils import (  # noqa: E402
     DistInfo,
     all_reduce_sum,
@@ -535,10 +535,13 @@ def is_better(result: dict[str, float], best_accuracy: float, best_loss: float) 
 def evaluate_splits(run: Run) -> dict[str, dict[str, float]]:
     """Every evaluation split (test, then minival), each on every rank's shard; logged."""
     trainer, info, step = run.trainer, run.info, run.state.step
-    results = {
-        split: evaluate(trainer.eval_net, loader, info.device, trainer.precision, info.is_main)
-        for split, loader in run.eval_loaders.items()
-    }
+    try:
+        results = {
+            split: evaluate(trainer.eval_net, loader, info.device, trainer.precision, info.is_main)
+            for split, loader in run.eval_loaders.items()
+        }
+    except LoaderError as failure:  # the step is done; its evaluation is lost
+        raise stopped_by_loader(failure, run) from None
     for split, result in results.items():
         top5 = f", top-5 {result['top5']:.4f}" if "top5" in result else ""
         logger.info(
@@ -630,6 +633,21 @@ def save_last_state(
             rng_states=rng,
         )
     barrier()
+
+
+def stopped_by_loader(failure: LoaderError, run: Run) -> LoaderError:
+    """Save the last state after a data-loader failure; the error to end the run with.
+
+    Nothing is saved before the first step, nor under torch.distributed, where the other ranks
+    are not at this point (the last periodic save stands).
+    """
+    if run.info.distributed or run.state.step == 0:
+        return failure
+    save_last_state(run.args, run.trainer, run.state, run.info)
+    return LoaderError(
+        f"{failure} Saved the last state at step {run.state.step}; continue with the same "
+        "command plus --resume."
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -794,6 +812,18 @@ def due(step: int, every: int) -> bool:
     return every > 0 and step % every == 0
 
 
+def next_batches(run: Run, stream: Iterator[tuple[torch.Tensor, ...]]) -> list:
+    """The micro-batches of the next step. A loader that fails (a worker died, hung or raised)
+    ends the run, its last state saved as after the last step."""
+    state = run.state
+    position = (state.epoch, state.batches_in_epoch)
+    try:
+        return [next(stream) for _ in range(run.args.gradient_accumulation_steps)]
+    except LoaderError as failure:
+        state.epoch, state.batches_in_epoch = position
+        raise stopped_by_loader(failure, run) from None
+
+
 def train(run: Run) -> Summary:
     """The training loop: step, log, evaluate and select, save, stop; then the summary."""
     args, trainer, state, info = run.args, run.trainer, run.state, run.info
@@ -809,7 +839,7 @@ def train(run: Run) -> Summary:
     first_step, stopped, start = state.step, False, time.perf_counter()
     with logging_redirect_tqdm(), bar, run.writer or nullcontext(), GracefulExit() as stop:
         while state.step < args.num_steps:
-            batches = [next(stream) for _ in range(args.gradient_accumulation_steps)]
+            batches = next_batches(run, stream)
             lr = trainer.scheduler.get_last_lr()[0]  # the rate this update applies
             state.step += 1
             loss = train_step(args, trainer, batches, guard, state.step, info)
@@ -875,6 +905,7 @@ class Summary:
     wall_time: float
     images_per_second: float
     checkpoint: str | None  # None when no best checkpoint is in --output_dir
+    unreadable_images: int  # skipped image-folder files, each named once in the log
 
 
 def report(run: Run, stopped: bool, signum: int | None, wall: float, steps: int) -> Summary:
@@ -908,6 +939,7 @@ def report(run: Run, stopped: bool, signum: int | None, wall: float, steps: int)
         wall_time=wall,
         images_per_second=steps * run.args.train_batch_size / max(wall - run.eval_time, 1e-9),
         checkpoint=str(run.best_path) if run.best_path.is_file() else None,
+        unreadable_images=unreadable_images(run.train_loader, *run.eval_loaders.values()),
     )
 
 
@@ -925,6 +957,11 @@ def print_summary(summary: Summary, args: argparse.Namespace) -> None:
     if evaluated and summary.checkpoint is None:  # only the last state was copied here
         checkpoint = f"none in {args.output_dir} (the run that saved the resumed state wrote it)"
     last = last_state_path(args.output_dir, args.name)
+    skipped = (
+        f"Unreadable images skipped: {summary.unreadable_images} (named in the log)\n"
+        if args.dataset == "imagefolder"
+        else ""
+    )
     try:
         print(
             f"Best checkpoint: {selected}\n"
@@ -933,6 +970,7 @@ def print_summary(summary: Summary, args: argparse.Namespace) -> None:
             f"Training time: {summary.wall_time:.1f} s ({summary.images_per_second:.0f} "
             "images/s)\n"
             f"Checkpoint: {checkpoint}\n"
+            f"{skipped}"
             f"Last state: {last if last.is_file() else 'none written'}\n"
             f"TensorBoard: tensorboard --logdir {args.log_dir}",
             flush=True,

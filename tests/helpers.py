@@ -13,8 +13,11 @@ import http.server
 import io
 import json
 import math
+import os
 import pickle
 import struct
+import subprocess
+import sys
 import tarfile
 import threading
 import zipfile
@@ -33,6 +36,8 @@ from torchvision import datasets
 from models.configs import ViTConfig
 from models.modeling import VisionTransformer
 from utils.errors import run_cli
+
+REPO = Path(__file__).resolve().parents[1]
 
 # --------------------------------------------------------------------------------------------
 # Fake official checkpoints
@@ -298,6 +303,23 @@ def tiny_args(tmp_path: Path, name: str = "tiny", **flags) -> list[str]:
         elif value is not False:
             argv += [f"--{key}", str(value)]
     return argv
+
+
+def start_train(argv: Sequence[str], log: Path) -> subprocess.Popen:
+    """train.py as a subprocess of one thread, not distributed, in a new session (so that a
+    test can signal or find every process it starts); stdout and stderr go to `log`."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        env.pop(var, None)
+    with log.open("w") as handle:
+        return subprocess.Popen(
+            [sys.executable, "train.py", *argv],
+            cwd=REPO,
+            env=env,
+            stdout=handle,
+            stderr=handle,
+            start_new_session=True,
+        )
 
 
 def scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:

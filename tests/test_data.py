@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import time
 from argparse import Namespace
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import Subset
 
 from tests.helpers import (
     CIFAR_LAYOUT,
@@ -33,6 +35,7 @@ from utils.data_utils import (
     InMemoryAugment,
     SeededAugment,
     ShardSampler,
+    WatchedLoader,
     build_eval_loader,
     build_test_set,
     build_transforms,
@@ -40,7 +43,7 @@ from utils.data_utils import (
     holdout_split,
     prepare_batch,
 )
-from utils.errors import UserError
+from utils.errors import LoaderError, UserError
 
 
 def loader_args(dataset: str, data_dir: Path | str = "unused", **overrides) -> Namespace:
@@ -395,3 +398,30 @@ def test_unknown_dataset() -> None:
     assert set(DATASETS) == {"cifar10", "cifar100", "imagefolder", "digits"}
     with pytest.raises(UserError, match="Unknown dataset"):
         build_test_set("mnist", ".", 32)
+
+
+class _Stuck(torch.utils.data.Dataset):
+    """Item 0 never arrives (a worker stuck on a hung file system); the others raise."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int):
+        if index == 0:
+            time.sleep(3600)
+        raise ValueError(f"item {index} is broken")
+
+
+@pytest.mark.slow  # ~11 s: torch waits 5 s for the stuck worker, twice, before leaving it
+def test_a_stuck_or_failing_worker_is_one_loader_error_not_a_wait() -> None:
+    start = time.monotonic()
+    with pytest.raises(LoaderError, match=r"No batch came from the data-loading workers in 1 s"):
+        next(iter(WatchedLoader(_Stuck(), num_workers=1, timeout=1)))
+    assert time.monotonic() - start < 30
+    failing = WatchedLoader(Subset(_Stuck(), [1, 2]), num_workers=1)
+    with pytest.raises(LoaderError) as info:
+        next(iter(failing))
+    message = str(info.value)
+    assert message.startswith("A data-loading worker failed: ValueError: item 1 is broken.")
+    assert "Traceback" not in message
+    assert "--num_workers 0" in message

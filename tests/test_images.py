@@ -17,10 +17,10 @@ from PIL import Image
 
 from models.modeling import VisionTransformer
 from tests.helpers import make_image_folder
-from utils.data_utils import build_transforms, get_loader
+from utils.data_utils import ImageFolderFiles, build_transforms, get_loader
 from utils.engine import evaluate
 from utils.errors import UserError
-from utils.preprocessing import BadImageError, read_image, to_rgb
+from utils.preprocessing import BadImageError, find_images, read_image, to_rgb
 
 
 def _png_header_only(path: Path, width: int, height: int) -> None:
@@ -175,3 +175,43 @@ def test_strict_images_refuses_at_start_up_listing_every_bad_file(tmp_path) -> N
     assert "more than the" in message
     assert "cannot identify image file" in message
     assert "leave out --strict_images" in message
+
+
+def test_hidden_entries_and_links_to_folders_are_left_out_and_counted(tmp_path, caplog) -> None:
+    """A symlink loop would multiply images (under wrong labels), `.ipynb_checkpoints` would be
+    a class: both are left out, with one warning; a link to a file counts as that file."""
+    root = tmp_path / "flowers"
+    make_image_folder(root, n=2)
+    train_dir = root / "train"
+    (train_dir / ".ipynb_checkpoints").mkdir()
+    Image.new("RGB", (8, 8)).save(train_dir / ".ipynb_checkpoints" / "0.png")
+    Image.new("RGB", (8, 8)).save(train_dir / "cat" / ".hidden.png")
+    (train_dir / "cat" / "loop").symlink_to(train_dir)  # back into the tree: a cycle
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    Image.new("RGB", (8, 8)).save(outside / "far.png")
+    (train_dir / "dog" / "out").symlink_to(outside)  # a folder out of the tree
+    (train_dir / "dog" / "linked.png").symlink_to(outside / "far.png")  # a file: kept
+    (train_dir / "dog" / "broken.png").symlink_to(tmp_path / "missing.png")
+    want = sorted(
+        [str(train_dir / c / f"{i}.png") for c in ("cat", "dog") for i in range(2)]
+        + [str(train_dir / "dog" / "linked.png")]
+    )
+    with caplog.at_level(logging.WARNING):
+        files = ImageFolderFiles(str(train_dir))
+    assert files.classes == ["cat", "dog"]
+    assert sorted(path for path, _ in files.samples) == want
+    assert [t for p, t in files.samples if "linked" in p] == [1]
+    lines = [r.getMessage() for r in caplog.records if "Left out of" in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert "2 hidden entries" in lines[0]
+    assert ".ipynb_checkpoints" in lines[0]
+    assert "2 links to folders (not followed)" in lines[0]
+    assert "1 broken links" in lines[0]
+
+    # predict.py and visualize.py walk folders by the same rules.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        found = find_images([train_dir], recursive=True)
+    assert sorted(map(str, found)) == want
+    assert sum("Left out of" in r.getMessage() for r in caplog.records) == 1

@@ -15,7 +15,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -25,14 +24,12 @@ import torch
 import train
 from models.configs import get_config
 from models.modeling import VisionTransformer
-from tests.helpers import expect_user_error, make_image_folder, scalars, tiny_args
+from tests.helpers import expect_user_error, make_image_folder, scalars, start_train, tiny_args
 from utils import train_state
 from utils.data_utils import get_loader
 from utils.file_io import atomic_save, safe_load, sidecar_path, with_content_sha256
 from utils.optim import applied_lr
 from utils.train_state import last_state_path
-
-REPO = Path(__file__).resolve().parents[1]
 
 # Long enough that a poller sees a save and stops the process well before the end.
 PROCESS_FLAGS = {
@@ -188,21 +185,8 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def start_training(tmp_path: Path, name: str, **flags) -> tuple[subprocess.Popen, Path]:
     """train.py in a new process group; stdout and stderr go to `<name>.log`."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
-        env.pop(var, None)
     log = tmp_path / f"{name}.log"
-    argv = tiny_args(tmp_path, name=name, **PROCESS_FLAGS, **flags)
-    with log.open("w") as handle:
-        proc = subprocess.Popen(
-            [sys.executable, "train.py", *argv],
-            cwd=REPO,
-            env=env,
-            stdout=handle,
-            stderr=handle,
-            start_new_session=True,
-        )
-    return proc, log
+    return start_train(tiny_args(tmp_path, name=name, **PROCESS_FLAGS, **flags), log), log
 
 
 def wait_for_save(proc: subprocess.Popen, log: Path, path: Path, step: int) -> int:

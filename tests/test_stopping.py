@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from utils.errors import UserError
+from utils.errors import UserError, run_cli
 from utils.stopping import GracefulExit, NonFiniteGuard, NonFiniteLossError
 
 
@@ -26,6 +26,27 @@ def test_graceful_exit_turns_signals_into_a_flag() -> None:
         with pytest.raises(KeyboardInterrupt):  # a second Ctrl+C stops at once
             signal.raise_signal(signal.SIGINT)
     assert signal.getsignal(signal.SIGTERM) is previous
+
+
+@pytest.mark.parametrize("first", [signal.SIGTERM, signal.SIGINT])
+def test_a_second_signal_stops_at_once_with_its_exit_code(first: int, capsys) -> None:
+    """SIGTERM twice (a scheduler's stop, repeated) stops at once as Ctrl+C twice does: while a
+    step waits (for a stuck loader worker, say), the first signal alone cannot end it."""
+
+    def waiting_step() -> None:
+        with GracefulExit():
+            signal.raise_signal(first)
+            signal.raise_signal(signal.SIGTERM)
+            time.sleep(60)  # never reached
+
+    start = time.monotonic()
+    with pytest.raises(SystemExit) as info:
+        run_cli(waiting_step)
+    assert time.monotonic() - start < 10
+    assert info.value.code == 128 + signal.SIGTERM
+    err = capsys.readouterr().err
+    assert "Interrupted (SIGTERM): stopped at once." in err
+    assert "Traceback" not in err
 
 
 def test_non_finite_guard() -> None:

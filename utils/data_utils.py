@@ -32,10 +32,16 @@ and refuses to start, listing the bad ones.
 
 from __future__ import annotations
 
+import atexit
+import ctypes
 import logging
 import multiprocessing
+import multiprocessing.util  # registers its exit handler before ours
 import os
+import re
 import signal
+import sys
+import threading
 from argparse import Namespace
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -50,15 +56,17 @@ from torchvision.datasets.utils import check_integrity
 from models.configs import to_pair
 from utils.dist_utils import main_process_first
 from utils.download import fetch_archive, mirror_url
-from utils.errors import UserError
+from utils.errors import USER_ERRORS, LoaderError, UserError
 from utils.flags import DATASETS
 from utils.preprocessing import (
     CROP_AREA,
     BadImageError,
     Preprocess,
+    Walk,
     crop_resize_batch,
     read_image,
     sample_augment,
+    walk_files,
 )
 
 __all__ = [
@@ -67,6 +75,7 @@ __all__ = [
     "DATASETS",
     "HOLDOUT_FRACTION",
     "IMAGEFOLDER_LAYOUT",
+    "LOADER_TIMEOUT",
     "CropBatch",
     "DigitsDataset",
     "ImageFolderFiles",
@@ -74,6 +83,7 @@ __all__ = [
     "Indexed",
     "SeededAugment",
     "ShardSampler",
+    "WatchedLoader",
     "WithTransform",
     "augment_rng",
     "build_eval_loader",
@@ -83,9 +93,11 @@ __all__ = [
     "check_images",
     "get_loader",
     "holdout_split",
-    "ignore_stop_signals",
+    "init_worker",
+    "loader_error",
     "prepare_batch",
     "skip_unreadable",
+    "unreadable_images",
 ]
 
 logger = logging.getLogger(__name__)
@@ -388,30 +400,74 @@ class ShardSampler(torch.utils.data.Sampler[int]):
 
 
 class ImageFolderFiles(datasets.ImageFolder):
-    """torchvision's `ImageFolder`, read with `read_image`; an unreadable file gives None.
+    """torchvision's `ImageFolder`, walked by `walk_files` and read with `read_image`; an
+    unreadable file gives None.
 
-    The file is named in a warning the first time any process meets it (loader workers
-    included: the record of bad files is shared memory) and listed by :meth:`unreadable`.
-    Training (`SeededAugment`) replaces such an item, evaluation leaves it out
-    (`skip_unreadable`).
+    Class folders and their images follow `walk_files`' rules: hidden entries
+    (`.ipynb_checkpoints`) and links to folders are left out, with one warning that counts them.
+    An unreadable file is recorded in shared memory by whichever process meets it (a loader
+    worker, or this one) and named in a warning once, by the training process: workers only
+    record it, and the loaders of `get_loader` call :meth:`report_unreadable` after each batch.
+    :meth:`unreadable` lists them. Training (`SeededAugment`) replaces such an item,
+    evaluation leaves it out (`skip_unreadable`).
     """
 
     def __init__(self, root: str):
+        self.walk = Walk()
         super().__init__(root, loader=read_image)
+        self.walk.report(root)
         self._bad = multiprocessing.RawArray("b", len(self.samples))  # 1: unreadable
+        self._named: set[int] = set()  # named in this process's log
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        walk = walk_files(directory, (), recursive=False)
+        self.walk.hidden += walk.hidden
+        self.walk.linked_folders += walk.linked_folders
+        classes = [folder.name for folder in walk.folders]
+        if not classes:
+            raise FileNotFoundError(f"no class folder in {directory}")
+        return classes, {name: i for i, name in enumerate(classes)}
+
+    def make_dataset(
+        self, directory: str, class_to_idx: dict[str, int], **unused
+    ) -> list[tuple[str, int]]:
+        samples = []
+        for name, target in class_to_idx.items():
+            walk = walk_files(os.path.join(directory, name), datasets.folder.IMG_EXTENSIONS)
+            if not walk.files:
+                raise FileNotFoundError(f"no image in class folder {name}")
+            samples += [(str(path), target) for path in walk.files]
+            for kind in ("hidden", "linked_folders", "broken_links"):
+                getattr(self.walk, kind).extend(getattr(walk, kind))
+        return samples
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor | Image.Image, int] | None:
         path, target = self.samples[index]
         try:
             image = self.loader(path)
-        except BadImageError as err:
-            if not self._bad[index]:
-                self._bad[index] = 1
-                logger.warning("Skipping an unreadable image (%d so far): %s", sum(self._bad), err)
+        except BadImageError:
+            self._bad[index] = 1
+            if torch.utils.data.get_worker_info() is None:
+                self.report_unreadable()
             return None
         if self.transform is not None:
             image = self.transform(image)
         return image, target
+
+    def report_unreadable(self) -> None:
+        """Name in a warning, once, each file found unreadable since the last call (by any
+        process of this run's loaders)."""
+        for index in np.flatnonzero(np.frombuffer(self._bad, dtype=np.int8)):
+            if index in self._named:
+                continue
+            self._named.add(int(index))
+            path = self.samples[index][0]
+            try:  # the worker that found it keeps its reason: find it again, once
+                read_image(path)
+                reason = f"{path}: cannot be read"
+            except BadImageError as err:
+                reason = str(err)
+            logger.warning("Skipping an unreadable image (%d so far): %s", len(self._named), reason)
 
     def unreadable(self) -> list[str]:
         """The files found unreadable so far, by any process of this run's loaders."""
@@ -600,16 +656,211 @@ def holdout_split(
     return np.sort(train).tolist(), np.sort(minival).tolist()
 
 
-def ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader `worker_init_fn`: leave SIGINT/SIGTERM to the training process.
+# The longest one batch may take to arrive from the loader workers before the run gives up on
+# them as stuck (a hung network file system): 100x what a batch of 512 large JPEGs takes.
+LOADER_TIMEOUT = 600.0
+
+
+def init_worker(worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: leave SIGINT/SIGTERM to the training process, die with it.
 
     Ctrl+C in a terminal signals the whole foreground process group, workers included. A
     worker that died of it would break the batch or evaluation the training process finishes
     before it saves and exits (`train.py` stops cleanly on those signals); the training process
-    shuts its workers down itself.
+    shuts its workers down itself (or kills them at exit: `_kill_leftover_workers`). On Linux a
+    worker is also killed when the training process dies (`prctl(PR_SET_PDEATHSIG)`), so that a
+    `kill -9` of the run leaves no worker behind.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL))
+        if os.getppid() == 1:  # the parent died before prctl took effect
+            os._exit(1)
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+@atexit.register  # after multiprocessing's own exit handler is registered: runs before it
+def _kill_leftover_workers() -> None:
+    """Kill the loader workers still alive when the process exits (after an error, say).
+
+    multiprocessing's exit handler stops daemonic children with SIGTERM, which workers ignore
+    (`init_worker`), then waits for them: forever.
+    """
+    children = [p for p in multiprocessing.active_children() if p.daemon]
+    for child in children:
+        child.kill()
+    for child in children:
+        child.join(timeout=5)
+
+
+class WatchedLoader(DataLoader):
+    """A DataLoader whose worker failures end the run with one message (`LoaderError`).
+
+    - A worker that dies (the out-of-memory killer, a bus error on a full /dev/shm) or raises
+      is reported by torch as a RuntimeError or the worker's exception with its traceback in
+      the message; `loader_error` turns either into one `LoaderError`. torch's SIGCHLD handler
+      raises its error at whatever the main process is doing (mid optimizer step, mid save);
+      here it acts only while the main process waits for a batch (`_on_child_exit`), so the
+      error comes out of `next()`, where a run can still save a consistent state.
+    - A batch that takes longer than `LOADER_TIMEOUT` (a stuck worker) is such an error too.
+    - Unreadable images its workers met are named in this process's log after each batch
+      (`ImageFolderFiles.report_unreadable`).
+    """
+
+    def __init__(self, dataset: Dataset, **options):
+        if options.get("num_workers", 0) > 0:
+            options.setdefault("timeout", LOADER_TIMEOUT)
+            options.setdefault("worker_init_fn", init_worker)
+        super().__init__(dataset, **options)
+        self.image_folders = _image_folders(dataset)
+
+    def __iter__(self):
+        global _awaiting_batch
+        _awaiting_batch = True  # starting workers: their death is an error now
+        try:
+            iterator = super().__iter__()
+            if self.num_workers > 0:
+                _watch_child_exits()
+        except Exception as err:
+            failure = loader_error(err)
+            if failure is None:
+                raise
+            raise failure from None
+        finally:
+            _awaiting_batch = False
+        return self._batches(iterator)
+
+    def _batches(self, iterator):
+        global _awaiting_batch
+        while True:
+            _awaiting_batch = True
+            try:
+                _raise_deferred_child_exit()
+                batch = next(iterator)
+            except StopIteration:
+                return
+            except Exception as err:
+                failure = loader_error(err) if self.num_workers > 0 else None
+                if failure is None:
+                    raise
+                raise failure from None
+            finally:
+                _awaiting_batch = False
+                for folder in self.image_folders:
+                    folder.report_unreadable()
+            yield batch
+
+
+def unreadable_images(*loaders: DataLoader | None) -> int:
+    """How many distinct files of these loaders' image folders were found unreadable."""
+    folders = {
+        id(f): f for loader in loaders if loader is not None for f in _image_folders(loader.dataset)
+    }
+    return sum(len(folder.unreadable()) for folder in folders.values())
+
+
+def _image_folders(dataset: Dataset) -> list[ImageFolderFiles]:
+    """The `ImageFolderFiles` a dataset reads from (through `Subset`, `SeededAugment`, ...)."""
+    while not isinstance(dataset, ImageFolderFiles):
+        dataset = getattr(dataset, "base", getattr(dataset, "dataset", None))
+        if dataset is None:
+            return []
+    return [dataset]
+
+
+_awaiting_batch = False  # the main process is inside `WatchedLoader`'s `next()`
+_child_exited = False  # a child exited while it was not
+_torch_sigchld = None  # torch's SIGCHLD handler: raises if a loader worker failed
+
+
+def _on_child_exit(signum: int, frame: object) -> None:
+    global _child_exited
+    if _awaiting_batch:
+        _torch_sigchld(signum, frame)
+    else:
+        _child_exited = True  # checked when the next batch is awaited
+
+
+def _watch_child_exits() -> None:
+    """Put `_on_child_exit` in front of the SIGCHLD handler torch installed (main thread)."""
+    global _torch_sigchld
+    current = signal.getsignal(signal.SIGCHLD)
+    if current is _on_child_exit or not callable(current):
+        return
+    if threading.current_thread() is threading.main_thread():
+        _torch_sigchld = current
+        signal.signal(signal.SIGCHLD, _on_child_exit)
+
+
+def _raise_deferred_child_exit() -> None:
+    global _child_exited
+    if _child_exited:
+        _child_exited = False
+        _torch_sigchld(signal.SIGCHLD, None)
+
+
+def loader_error(err: BaseException) -> LoaderError | None:
+    """The one message for an error torch reports about its loader workers, else None.
+
+    torch words them so: "DataLoader worker (pid N) is killed by signal: Killed.", "...
+    exited unexpectedly", "DataLoader timed out after N seconds.", "Too many open files.
+    Communication with the workers is no longer possible", an EOFError when a batch's shared
+    memory could not be passed (too few file descriptors), and an exception raised in a worker
+    comes back as its type with "Caught X in DataLoader worker process N" and the worker's
+    traceback as its message.
+    """
+    text = str(err)
+    fewer = "lower --num_workers, or use --num_workers 0 to load in the training process"
+    if "in DataLoader worker process" in text:
+        last = [line for line in text.strip().splitlines() if line.strip()][-1]
+        if isinstance(err, USER_ERRORS):  # ours, raised in a worker: its own message
+            return LoaderError(last.split(": ", 1)[-1])
+        if "Too many open files" in text or "No space left on device" in text:
+            return LoaderError(f"A data-loading worker failed: {last}. {_limits_hint()}")
+        return LoaderError(
+            f"A data-loading worker failed: {last}. Run with --num_workers 0 to see where."
+        )
+    if isinstance(err, (EOFError, ConnectionError)):  # a batch's file descriptors were lost
+        return LoaderError(
+            f"The data-loading workers could not pass a batch ({err!r}). {_limits_hint()}"
+        )
+    if not isinstance(err, RuntimeError):
+        return None
+    found = re.search(r"DataLoader worker \(pid\(?s?\)? ([\d, ]+)\) (.*?)(\. |\.$|$)", text)
+    if found:
+        pids, what = found.group(1), found.group(2)
+        if "Bus error" in what:
+            cause = "the shared memory (/dev/shm) is likely too small. " + _limits_hint()
+        elif "Killed" in what:
+            cause = f"usually the out-of-memory killer: {fewer}, or a smaller batch"
+        else:  # torch found it dead without its exit status
+            cause = (
+                f"killed (the out-of-memory killer kills the largest process) or crashed: {fewer}, "
+                "or a smaller batch"
+            )
+        return LoaderError(f"A data-loading worker (pid {pids}) {what}: {cause}.")
+    if text.startswith("DataLoader timed out after "):
+        seconds = text.removeprefix("DataLoader timed out after ").split()[0]
+        return LoaderError(
+            f"No batch came from the data-loading workers in {seconds} s: one is "
+            f"stuck (a hung network file system?). Check the data folder's storage, or "
+            f"{fewer}."
+        )
+    if "Too many open files" in text:
+        return LoaderError(f"The data loader ran out of file descriptors. {_limits_hint()}")
+    return None
+
+
+def _limits_hint() -> str:
+    return (
+        "Workers pass batches through shared memory (/dev/shm, e.g. `docker run --shm-size 8g`) "
+        "and file descriptors (`ulimit -n`, raise it to 4096 or more): raise those limits, or "
+        "use --num_workers 0."
+    )
 
 
 def build_eval_loader(
@@ -618,11 +869,11 @@ def build_eval_loader(
     """An evaluation loader: this rank's shard of `dataset`, every image on exactly one rank.
 
     Workers persist across passes (evaluation runs many times in training) and ignore Ctrl+C
-    (`ignore_stop_signals`). Unreadable images are left out of their batch (`skip_unreadable`;
-    a batch of none is None). The private generator keeps `iter(loader)` from drawing on the
-    global torch RNG.
+    (`init_worker`); their failures are one `LoaderError` (`WatchedLoader`). Unreadable images
+    are left out of their batch (`skip_unreadable`; a batch of none is None). The private
+    generator keeps `iter(loader)` from drawing on the global torch RNG.
     """
-    return DataLoader(
+    return WatchedLoader(
         dataset,
         batch_size=batch_size,
         sampler=ShardSampler(len(dataset), rank, world_size),
@@ -631,7 +882,6 @@ def build_eval_loader(
         pin_memory=torch.cuda.is_available(),
         persistent_workers=num_workers > 0,
         generator=torch.Generator(),
-        worker_init_fn=ignore_stop_signals,
     )
 
 
@@ -720,7 +970,7 @@ def get_loader(args: Namespace) -> tuple[DataLoader, DataLoader | None, DataLoad
         train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed
     )
     # Not persistent: workers are re-created each epoch and so see `train_set.set_epoch`.
-    train_loader = DataLoader(
+    train_loader = WatchedLoader(
         train_set,
         batch_size=micro_batch,
         sampler=train_sampler,
@@ -729,7 +979,6 @@ def get_loader(args: Namespace) -> tuple[DataLoader, DataLoader | None, DataLoad
         drop_last=True,
         pin_memory=torch.cuda.is_available(),
         generator=torch.Generator(),
-        worker_init_fn=ignore_stop_signals,
     )
 
     def eval_loader(dataset: Dataset) -> DataLoader:

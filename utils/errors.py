@@ -6,7 +6,7 @@ user; the scripts' `run_cli` treats them like a `UserError`. Exit codes of every
     0    done
     2    a mistake the user can fix (bad flag, missing or damaged file); the message says how
     130  Ctrl+C (128 + SIGINT): a run that stopped after saving, or a second Ctrl+C at once
-    143  SIGTERM (128 + SIGTERM): a run that stopped after saving
+    143  SIGTERM (128 + SIGTERM): a run that stopped after saving, or a second SIGTERM at once
 
 128 + signal is what a shell reports for a process a signal killed, so a scheduler or
 `make a && make b` sees that the run did not finish.
@@ -24,7 +24,15 @@ from collections.abc import Callable
 from models.configs import ConfigError
 from models.npz import CheckpointError
 
-__all__ = ["USER_ERRORS", "StoppedBySignal", "UserError", "exit_interrupted", "run_cli"]
+__all__ = [
+    "USER_ERRORS",
+    "LoaderError",
+    "StopAtOnce",
+    "StoppedBySignal",
+    "UserError",
+    "exit_interrupted",
+    "run_cli",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +44,19 @@ class UserError(Exception):
     """
 
 
+class LoaderError(UserError):
+    """The data loader failed: a worker died, hung or raised (one message, not its traceback)."""
+
+
 USER_ERRORS = (UserError, ConfigError, CheckpointError)  # what run_cli turns into a message
+
+
+class StopAtOnce(KeyboardInterrupt):
+    """A second SIGINT or SIGTERM: stop now, without saving (`run_cli` exits 128 + signal)."""
+
+    def __init__(self, signum: int):
+        super().__init__()
+        self.signum = int(signum)
 
 
 class StoppedBySignal(Exception):  # noqa: N818 - not an error: a run that stopped as asked
@@ -65,7 +85,8 @@ def run_cli(main: Callable[[], object]) -> None:
 
     A user's mistake (`USER_ERRORS`) prints its message and exits 2; `StoppedBySignal` exits
     128 + signal; a Ctrl+C that reaches here (the second one in train.py, the first elsewhere)
-    prints one line and exits 130. (A file larger than `ulimit -f` does not kill the process:
+    prints one line and exits 130, a second SIGTERM in train.py (`StopAtOnce`) 143. (A file
+    larger than `ulimit -f` does not kill the process:
     Python ignores SIGXFSZ from start-up, the write fails with EFBIG, and the savers of
     `utils.file_io` report it as a `UserError`.)
     """
@@ -78,16 +99,18 @@ def run_cli(main: Callable[[], object]) -> None:
         if str(stop):
             print(str(stop), file=sys.stderr)
         sys.exit(stop.exit_code)
-    except KeyboardInterrupt:
-        exit_interrupted()
+    except KeyboardInterrupt as err:  # a second Ctrl+C (or SIGTERM: `StopAtOnce`)
+        exit_interrupted(getattr(err, "signum", int(signal.SIGINT)))
 
 
-def exit_interrupted(*_: object) -> None:
-    """Print the one line of a Ctrl+C and exit 130. Also a SIGINT handler, for the seconds a
-    script spends importing torch before `run_cli` runs (`signal.signal(SIGINT, ...)`)."""
+def exit_interrupted(signum: int = int(signal.SIGINT), *_: object) -> None:
+    """Print the one line of an interrupt and exit with 128 + `signum`. Also a SIGINT handler,
+    for the seconds a script spends importing torch before `run_cli` runs
+    (`signal.signal(SIGINT, exit_interrupted)`)."""
+    how = "Ctrl+C" if signum == signal.SIGINT else signal.Signals(signum).name
     print(
-        "Interrupted (Ctrl+C): stopped at once. Every file written so far is complete "
+        f"Interrupted ({how}): stopped at once. Every file written so far is complete "
         "(saves are atomic).",
         file=sys.stderr,
     )
-    sys.exit(128 + int(signal.SIGINT))
+    sys.exit(128 + signum)

@@ -26,10 +26,12 @@ from __future__ import annotations
 
 import functools
 import glob
+import logging
 import os
 import re
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +49,7 @@ __all__ = [
     "BadImageError",
     "Preprocess",
     "ResizeCentralCrop",
+    "Walk",
     "crop_resize_batch",
     "find_images",
     "read_image",
@@ -54,7 +57,10 @@ __all__ = [
     "sample_augment",
     "sample_crop",
     "to_rgb",
+    "walk_files",
 ]
+
+logger = logging.getLogger(__name__)
 
 CROP_AREA = (0.05, 1.0)  # `area_range` in vit_jax's training preprocessing
 ASPECT_RATIO = (0.75, 1.33)  # TF's default `aspect_ratio_range` (width / height)
@@ -268,11 +274,75 @@ def to_rgb(image: Image.Image) -> Image.Image:
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
+@dataclass
+class Walk:
+    """What `walk_files` found under a folder, and what it left out (paths as strings)."""
+
+    files: list[Path] = field(default_factory=list)
+    folders: list[Path] = field(default_factory=list)
+    hidden: list[str] = field(default_factory=list)
+    linked_folders: list[str] = field(default_factory=list)
+    broken_links: list[str] = field(default_factory=list)
+
+    def report(self, root: str | os.PathLike, shown: int = 3) -> None:
+        """One log line with what was left out under `root`, if anything."""
+        parts = []
+        for what, paths in (
+            ("hidden entries", self.hidden),
+            ("links to folders (not followed)", self.linked_folders),
+            ("broken links", self.broken_links),
+        ):
+            if paths:
+                more = ", ..." if len(paths) > shown else ""
+                parts.append(f"{len(paths)} {what} ({', '.join(paths[:shown])}{more})")
+        if parts:
+            logger.warning("Left out of %s: %s.", root, "; ".join(parts))
+
+
+def walk_files(root: str | os.PathLike, extensions: Sequence[str], recursive: bool = True) -> Walk:
+    """The files under `root` whose names end in `extensions` (any case), and its folders, sorted.
+
+    The rules of every folder walk here (image folders for training, folders given to
+    predict.py and visualize.py): names starting with "." (`.ipynb_checkpoints`, `.DS_Store`)
+    are left out, files and folders alike; a link to a file counts as that file (links cannot
+    form a loop, and folders of links into one collection are a common way to build a split);
+    a link to a folder is never followed, wherever it points: inside the tree it would count
+    its images twice, under two labels or endlessly (a loop), outside it the tree is no longer
+    the data set the folder shows. Left-out entries are listed in the result (`Walk.report`).
+    """
+    walk = Walk()
+    suffixes = tuple(e.lower() for e in extensions)
+    pending = [Path(root)]
+    while pending:
+        folder = pending.pop()
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                path = Path(entry.path)
+                if entry.name.startswith("."):
+                    walk.hidden.append(str(path))
+                elif entry.is_dir(follow_symlinks=False):
+                    walk.folders.append(path)
+                    if recursive:
+                        pending.append(path)
+                elif entry.is_symlink() and entry.is_dir():
+                    walk.linked_folders.append(str(path))
+                elif entry.is_symlink() and not path.exists():
+                    walk.broken_links.append(str(path))
+                elif entry.is_file() and entry.name.lower().endswith(suffixes):
+                    walk.files.append(path)
+    walk.files.sort()
+    walk.folders.sort()
+    for paths in (walk.hidden, walk.linked_folders, walk.broken_links):
+        paths.sort()
+    return walk
+
+
 def find_images(patterns: Sequence[str | os.PathLike], recursive: bool = False) -> list[Path]:
     """Expand files, folders (their images, sorted) and glob patterns to files, in order.
 
     A file named explicitly is taken whatever its extension (if it is no image, reading it says
-    so). Folders are searched for `IMAGE_EXTENSIONS`, with their sub-folders when `recursive`.
+    so). Folders are searched for `IMAGE_EXTENSIONS`, with their sub-folders when `recursive`,
+    by the rules of `walk_files` (hidden entries and links to folders left out, and said so).
 
     Raises:
         UserError: a path that does not exist, a pattern that matches nothing, a folder without
@@ -280,8 +350,9 @@ def find_images(patterns: Sequence[str | os.PathLike], recursive: bool = False) 
     """
 
     def images_in(folder: Path) -> list[Path]:
-        files = folder.rglob("*") if recursive else folder.iterdir()
-        return sorted(p for p in files if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        walk = walk_files(folder, IMAGE_EXTENSIONS, recursive)
+        walk.report(folder)
+        return walk.files
 
     found: list[Path] = []
     for pattern in map(str, patterns):

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from utils.dist_utils import all_reduce_sum
-from utils.errors import UserError
+from utils.errors import StopAtOnce, UserError
 
 __all__ = ["GracefulExit", "NonFiniteGuard", "NonFiniteLossError"]
 
@@ -29,7 +29,8 @@ class GracefulExit:
 
     Use as a context manager around the loop. The first signal only sets :attr:`requested`
     (the loop finishes the step, saves the last state and exits with a resume hint); a second
-    SIGINT raises `KeyboardInterrupt` at once. The previous handlers come back on exit. Outside
+    SIGINT or SIGTERM raises `StopAtOnce` (a `KeyboardInterrupt`) at once, also in a step
+    that waits (for a stuck loader worker, say). The previous handlers come back on exit. Outside
     the main thread signals cannot be caught and the helper does nothing. `signum` and
     `signal_name` say which signal came first (None when none reached this process).
     """
@@ -42,14 +43,15 @@ class GracefulExit:
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
+        if self.requested:
+            raise StopAtOnce(signum)
         self.requested = True
         self.signum = signum
         self.signal_name = signal.Signals(signum).name
         logger.warning(
             "%s received: finishing the current step, then saving the last state "
-            "(press Ctrl+C again to stop at once, losing the steps since the last save).",
+            "(press Ctrl+C again, or send SIGTERM again, to stop at once, losing the steps since "
+            "the last save).",
             self.signal_name,
         )
 

@@ -1,0 +1,147 @@
+"""Data-loading workers: a worker that dies or fails ends the run with one message, after saving,
+and leaves no process behind; what a worker finds unreadable reaches the run's log.
+
+Real processes, real signals: train.py runs as a subprocess with `--num_workers 2`, a worker is
+found through /proc and killed with SIGKILL, as the out-of-memory killer does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+import train
+from tests.helpers import make_image_folder, start_train, tiny_args
+from utils.file_io import safe_load
+from utils.train_state import last_state_path
+
+DEADLINE = 180  # s: a regression fails here instead of hanging the suite
+
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="reads /proc"
+)]  # fmt: skip
+
+
+def start(tmp_path: Path, **flags) -> tuple[subprocess.Popen, Path]:
+    log = tmp_path / "run.log"
+    return start_train(tiny_args(tmp_path, num_workers=2, **flags), log), log
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):  # the thread ended
+            found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def session_processes(sid: int) -> list[int]:
+    """The live processes of session `sid` (zombies are already dead)."""
+    alive = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":  # state, ppid, pgrp, session
+            alive.append(int(stat.parent.name))
+    return alive
+
+
+def finish(proc: subprocess.Popen, log: Path, timeout: float) -> tuple[int, str]:
+    """Wait for train.py to exit; kill its session and fail if it does not in `timeout`."""
+    try:
+        code = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        pytest.fail(f"train.py still running after {timeout} s:\n{log.read_text()[-3000:]}")
+    deadline = time.monotonic() + 10  # workers die with their parent (PR_SET_PDEATHSIG)
+    while session_processes(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = session_processes(proc.pid)
+    if left:
+        os.killpg(proc.pid, signal.SIGKILL)
+    assert not left, f"processes left behind: {left}"
+    return code, log.read_text()
+
+
+def assert_one_message(text: str) -> str:
+    assert "Traceback" not in text, text[-3000:]
+    errors = [line for line in text.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, text[-3000:]
+    return errors[0]
+
+
+@pytest.mark.slow
+def test_a_killed_worker_ends_the_run_with_one_message_after_saving(tmp_path: Path) -> None:
+    proc, log = start(tmp_path, num_steps=100_000, eval_every=0, save_every=2)
+    path = last_state_path(tmp_path / "out", "tiny")
+    deadline = time.monotonic() + DEADLINE
+    while not (path.exists() and children(proc.pid)):  # training, with its workers
+        assert proc.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.05)
+    workers = children(proc.pid)
+    os.kill(workers[0], signal.SIGKILL)
+    code, text = finish(proc, log, timeout=60)
+    assert code == 2, text[-3000:]
+    message = assert_one_message(text)
+    # torch reports the signal when its SIGCHLD check sees the death first, else only the death.
+    assert re.search(
+        rf"worker \(pid {workers[0]}\) (is killed by signal: Killed|exited unexpectedly)", message
+    ), message
+    assert "out-of-memory killer" in message
+    saved = int(message.split("Saved the last state at step ")[1].split(";")[0])
+    assert safe_load(path)["step"] == saved  # what a stop saves: the step it ended on
+    assert "--resume" in message
+
+
+@pytest.mark.slow
+def test_an_error_in_every_worker_is_one_message_and_exit_2(tmp_path: Path) -> None:
+    """Every training image unreadable: the workers raise; the run says so once and exits."""
+    root = tmp_path / "pics"
+    make_image_folder(root, n=4)
+    for image in (root / "train").rglob("*.png"):
+        image.write_text("not an image")
+    proc, log = start(tmp_path, dataset="imagefolder", data_dir=root, train_batch_size=4)
+    code, text = finish(proc, log, timeout=DEADLINE)
+    assert code == 2, text[-3000:]
+    message = assert_one_message(text)
+    assert message == "error: No image of the training split can be read (see the warnings)."
+    for image in (root / "train").rglob("*.png"):
+        named = [line for line in text.splitlines() if f"{image}: PIL cannot identify" in line]
+        assert len(named) == 1, (image, text[-3000:])  # by the training process, once
+
+
+def test_what_a_worker_finds_unreadable_reaches_the_log_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A truncated JPEG in train/, two workers, three epochs: named once, counted in the summary."""
+    root = tmp_path / "pics"
+    make_image_folder(root, n=4)
+    good = root / "train" / "cat" / "0.png"
+    truncated = root / "train" / "cat" / "9.jpg"
+    Image.open(good).save(truncated, quality=90)
+    truncated.write_bytes(truncated.read_bytes()[:100])
+    argv = tiny_args(
+        tmp_path, dataset="imagefolder", data_dir=root, num_workers=2, train_batch_size=4
+    )
+    argv += ["--num_steps", "6", "--eval_every", "3", "--holdout_fraction", "0"]
+    with caplog.at_level(logging.WARNING):
+        summary = train.main(argv)
+    named = [r.getMessage() for r in caplog.records if str(truncated) in r.getMessage()]
+    assert len(named) == 1, named  # 6 steps of 2 batches: 3 epochs, each with new workers
+    assert "Skipping an unreadable image" in named[0]
+    assert "truncated or damaged" in named[0]
+    assert summary.unreadable_images == 1
