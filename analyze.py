@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 
 from models.configs import model_names
 from utils.errors import UserError, run_cli
-from utils.flags import DATASETS, HelpFormatter, add_verbose, log_level, positive_int
+from utils.flags import DATASETS, HelpFormatter, add_verbose, positive_int, setup_logging
 
 if TYPE_CHECKING:
     from utils.analysis import Analysis
@@ -275,9 +275,7 @@ def write_outputs(
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    logging.basicConfig(
-        level=log_level(args.verbose), format="%(asctime)s %(levelname)s %(message)s"
-    )
+    setup_logging(args.verbose)
     import matplotlib
 
     matplotlib.use("Agg")  # files only, never a window

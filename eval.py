@@ -33,6 +33,7 @@ from utils.flags import (
     add_verbose,
     non_negative_int,
     positive_int,
+    setup_logging,
 )
 
 if TYPE_CHECKING:
@@ -155,11 +156,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     """Parse flags, evaluate (sharded under torchrun), print the summary on rank 0."""
     args = parse_args(argv)
     from utils.dist_utils import cleanup, init_distributed
-    from utils.engine import setup_logging
 
     info = init_distributed(args.local_rank)
     try:
-        setup_logging(info, args.verbose)
+        setup_logging(args.verbose, info.rank, info.world_size)
         result = run(args, info)
     finally:
         cleanup()

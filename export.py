@@ -57,7 +57,7 @@ from models.foreign import (
 )
 from models.npz import clean_state_dict, state_dict_to_npz
 from utils.errors import UserError, run_cli
-from utils.flags import HelpFormatter, add_verbose, log_level, positive_int
+from utils.flags import HelpFormatter, add_verbose, positive_int, setup_logging
 
 if TYPE_CHECKING:
     import torch
@@ -615,7 +615,7 @@ def export(args: argparse.Namespace) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> list[str]:
     """Parse flags, export, print what was written."""
     args = parse_args(argv)
-    logging.basicConfig(level=log_level(args.verbose), format="%(levelname)s %(message)s")
+    setup_logging(args.verbose)
     lines = export(args)
     print("\n".join(lines))
     return lines

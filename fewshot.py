@@ -42,6 +42,7 @@ from utils.flags import (
     non_negative_int,
     positive_float,
     positive_int,
+    setup_logging,
 )
 
 if TYPE_CHECKING:
@@ -540,11 +541,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     """Parse flags, evaluate (embedding sharded under torchrun), print and write on process 0."""
     args = parse_args(argv)
     from utils.dist_utils import cleanup, init_distributed
-    from utils.engine import setup_logging
 
     info = init_distributed(args.local_rank)
     try:
-        setup_logging(info, args.verbose)
+        setup_logging(args.verbose, info.rank, info.world_size)
         document = run(args, info)
     finally:
         cleanup()

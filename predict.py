@@ -31,7 +31,13 @@ from typing import TYPE_CHECKING
 
 from models.configs import model_names
 from utils.errors import run_cli
-from utils.flags import HelpFormatter, add_verbose, log_level, non_negative_int, positive_int
+from utils.flags import (
+    HelpFormatter,
+    add_verbose,
+    non_negative_int,
+    positive_int,
+    setup_logging,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -277,10 +283,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict] | None:
 
     info = init_distributed(args.local_rank)
     try:
-        logging.basicConfig(
-            level=log_level(args.verbose, info.is_main),
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        )
+        setup_logging(args.verbose, info.rank, info.world_size)
         records, num_classes = predict(args, paths, info)
         everything = gather(records, info)
     finally:

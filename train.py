@@ -70,6 +70,7 @@ from utils.flags import (
     positive_float,
     positive_int,
     random_seed,
+    setup_logging,
 )
 
 if TYPE_CHECKING:
@@ -257,7 +258,6 @@ from utils.engine import (  # noqa: E402
     evaluate,
     make_scaler,
     resolve_precision,
-    setup_logging,
     training_memory,
 )
 from utils.file_io import read_sidecar, save_checkpoint, write_sidecar  # noqa: E402
@@ -997,7 +997,7 @@ def main(argv: Sequence[str] | None = None) -> Summary:
 
 
 def _run(args: argparse.Namespace, info: DistInfo) -> Summary:
-    setup_logging(info, args.verbose)
+    setup_logging(args.verbose, info.rank, info.world_size)
     check_args(args, info)
     # The run's files are checked and locked before any work: a new run never replaces an
     # earlier run's files, and --overwrite deletes them only once every other check has passed.

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from models.configs import model_names
 from utils.errors import UserError, run_cli
-from utils.flags import HelpFormatter, add_verbose, log_level, positive_int
+from utils.flags import HelpFormatter, add_verbose, positive_int, setup_logging
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -121,9 +121,7 @@ def gather_images(args: argparse.Namespace, dataset: str | None) -> list[tuple[s
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    logging.basicConfig(
-        level=log_level(args.verbose), format="%(asctime)s %(levelname)s %(message)s"
-    )
+    setup_logging(args.verbose)
     import matplotlib
 
     matplotlib.use("Agg")  # files only, never a window

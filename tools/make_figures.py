@@ -34,7 +34,7 @@ from utils import analysis
 from utils import attention_maps as am
 from utils.errors import UserError, run_cli
 from utils.file_io import check_output, render_figure, write_output
-from utils.flags import positive_int
+from utils.flags import positive_int, setup_logging
 from utils.loading import load_model
 
 logger = logging.getLogger("make_figures")
@@ -57,7 +57,7 @@ def save_png(fig: Figure, path: Path, dpi: int, max_bytes: int = 250_000) -> Non
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    setup_logging()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--checkpoint", default=am.DEMO_CHECKPOINT, help="Official .npz or .bin.")
     p.add_argument("--model_type", choices=model_names(), default=None)

@@ -62,7 +62,14 @@ from models.configs import (
 )
 from models.npz import BASE_URL, CheckpointError, load_npz, npz_to_state_dict
 from utils.errors import UserError, run_cli
-from utils.flags import HelpFormatter, http_url, non_negative_int, positive_int, seconds
+from utils.flags import (
+    HelpFormatter,
+    http_url,
+    non_negative_int,
+    positive_int,
+    seconds,
+    setup_logging,
+)
 from utils.run_files import _check_folder
 
 __all__ = [
@@ -978,7 +985,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     """Command-line entry point."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    setup_logging()
     args = parse_args(argv)
     network = {"retries": args.retries, "timeout": args.timeout}
     if args.list:

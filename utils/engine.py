@@ -19,14 +19,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from utils.dist_utils import DistInfo, all_reduce_sum
+from utils.dist_utils import all_reduce_sum
 from utils.errors import UserError
-from utils.flags import OPT_LEVELS, PRECISIONS, log_level
 
 __all__ = [
     "AUTOCAST_DTYPES",
-    "OPT_LEVELS",
-    "PRECISIONS",
     "LiveTensorBytes",
     "StaticGradScaler",
     "autocast",
@@ -34,7 +31,6 @@ __all__ = [
     "evaluate",
     "make_scaler",
     "resolve_precision",
-    "setup_logging",
     "training_memory",
     "unwrap",
 ]
@@ -290,13 +286,3 @@ def training_memory(
 
 # --------------------------------------------------------------------------------------------
 # Logging
-
-
-def setup_logging(info: DistInfo, verbose: bool = False) -> None:
-    """Log to stderr (INFO on rank 0, DEBUG with `verbose`, warnings only elsewhere), unless
-    logging is set up."""
-    logging.basicConfig(
-        format=f"%(asctime)s %(levelname)s [rank {info.rank}] %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-        level=log_level(verbose, info.is_main),
-    )

@@ -33,6 +33,7 @@ __all__ = [
     "positive_int",
     "random_seed",
     "seconds",
+    "setup_logging",
 ]
 
 DATASETS = ("cifar10", "cifar100", "imagefolder", "digits")
@@ -139,6 +140,18 @@ def log_level(verbose: bool, is_main: bool = True) -> int:
     if not is_main:
         return logging.WARNING
     return logging.DEBUG if verbose else logging.INFO
+
+
+def setup_logging(verbose: bool = False, rank: int = 0, world_size: int = 1) -> None:
+    """Every script's logging: to stderr, one format (time, level, the rank under torchrun, the
+    logger, the message), `log_level`'s level. Nothing changes where logging is set up already
+    (a test, a notebook, a script calling another's function)."""
+    where = f"[rank {rank}] " if world_size > 1 else ""
+    logging.basicConfig(
+        format=f"%(asctime)s %(levelname)s {where}%(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        level=log_level(verbose, rank == 0),
+    )
 
 
 def fraction(text: str) -> float:
