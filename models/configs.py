@@ -204,11 +204,13 @@ def get_config(name: str) -> ViTConfig:
     """The registered config called `name` (aliases accepted).
 
     Raises:
-        KeyError: with the list of known names when `name` is not registered.
+        ConfigError: with the list of known names when `name` is not registered.
     """
     key = ALIASES.get(name, name)
     if key not in CONFIGS:
-        raise KeyError(f"unknown model type {name!r}; choose one of: {', '.join(model_names())}")
+        raise ConfigError(
+            f"unknown model type {name!r}; choose one of: {', '.join(model_names())}"
+        )
     return CONFIGS[key]
 
 

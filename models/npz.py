@@ -46,7 +46,6 @@ __all__ = [
 ]
 
 BASE_URL = "https://storage.googleapis.com/vit_models"
-SOURCES = ("imagenet21k", "imagenet21k+imagenet2012")
 PREFIXES = ("opt/target/", "params/")
 SCANNED_BLOCK = "Transformer/encoderblock/"
 SHOWN_KEYS = 8  # keys of each kind a misfit message names; the debug log has them all

@@ -129,7 +129,7 @@ def test_hybrid_spellings_and_choices() -> None:
 
 
 def test_unknown_name_lists_the_choices() -> None:
-    with pytest.raises(KeyError, match="ViT-B_16"):
+    with pytest.raises(ConfigError, match="ViT-B_16"):
         get_config("ViT-X_99")
 
 

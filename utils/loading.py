@@ -421,13 +421,6 @@ def native_img_size(config: ViTConfig, pos_embed_tokens: int) -> tuple[int, int]
     return side * config.stride, side * config.stride
 
 
-def _registered(model_type: str) -> ViTConfig:
-    try:
-        return get_config(model_type)
-    except KeyError as err:
-        raise UserError(str(err.args[0])) from None
-
-
 def _named_model(path: str) -> str | None:
     """The model an official file name says, if any (no official file holds `testing`/`demo`)."""
     named = model_type_from_filename(path)
@@ -497,7 +490,7 @@ def load_model(
             f"Cannot tell which model {path} holds: pass --model_type "
             f"(one of {', '.join(model_names())})."
         )
-    config = _registered(model_type)
+    config = get_config(model_type)
     if not path.endswith(".npz"):
         config = _with_pre_logits(config, state)
     elif keep_pre_logits and "pre_logits/kernel" in weights and not config.representation_size:
@@ -583,7 +576,7 @@ def pretrained_weights(
     model_type = model_type or facts.get("model_type") or guess_state_dict_model(state)
     if model_type is None:
         raise UserError(f"Cannot tell which model {path} holds: pass --model_type.")
-    config = _with_pre_logits(_registered(model_type), state)
+    config = _with_pre_logits(get_config(model_type), state)
     with torch.device("meta"):  # shapes only
         reference = VisionTransformer(config, 2 * config.stride, num_classes=1).state_dict()
     # The head and the position embeddings may differ: they are replaced and resized.
