@@ -258,9 +258,9 @@ from utils.engine import (  # noqa: E402
     evaluate,
     is_out_of_memory,
     make_scaler,
+    measure_memory,
     resolve_precision,
     setup_logging,
-    training_memory,
 )
 from utils.file_io import read_sidecar, save_checkpoint, write_sidecar  # noqa: E402
 from utils.loading import pretrained_weights  # noqa: E402
@@ -427,13 +427,13 @@ def probe_memory(
     grad_checkpointing: bool,
     budget: float,
 ) -> MemoryFit | None:
-    """`training_memory` of the model with or without checkpointing (restored after)."""
+    """`measure_memory` of the model with or without checkpointing (restored after)."""
     was = model.encoder.grad_checkpointing
     model.set_grad_checkpointing(grad_checkpointing)
     cuda = [info.device.index or 0] if info.device.type == "cuda" else []
     try:
         with torch.random.fork_rng(devices=cuda):
-            return training_memory(model, precision, info.device, budget)
+            return measure_memory(model, precision, info.device, budget)
     finally:
         model.set_grad_checkpointing(was)
 

@@ -4,7 +4,10 @@ run), the op-by-op count of live tensor bytes, and the memory plan driven with a
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,9 +17,11 @@ import train
 from models.configs import ResNetConfig, get_config
 from models.modeling import Block, VisionTransformer
 from tests.helpers import expect_user_error, fake_checkpoint, tiny_args
-from utils.engine import LiveTensorBytes, MemoryFit, training_memory
+from utils.engine import LiveTensorBytes, MemoryFit, measure_memory
 from utils.file_io import safe_load, save_npz
 from utils.train_state import last_state_path
+
+REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -91,9 +96,9 @@ def test_peak_memory_of_a_training_step_is_lower() -> None:
     assert peaks[True] < 0.5 * peaks[False], peaks
     # The memory plan's own probe measures the same difference.
     model.set_grad_checkpointing(False)
-    without = training_memory(model, "fp32", torch.device("cpu"), budget=2**40)
+    without = measure_memory(model, "fp32", torch.device("cpu"), budget=2**40)
     model.set_grad_checkpointing(True)
-    with_it = training_memory(model, "fp32", torch.device("cpu"), budget=2**40)
+    with_it = measure_memory(model, "fp32", torch.device("cpu"), budget=2**40)
     # ... and predicts each peak from passes of 2 and 3 images.
     assert without.need(64) == pytest.approx(peaks[False], rel=1e-3)
     assert with_it.need(64) == pytest.approx(peaks[True], rel=1e-3)
@@ -158,7 +163,7 @@ def probe(grad_checkpointing: bool) -> MemoryFit:
     torch.manual_seed(0)
     model = VisionTransformer("demo", 32, num_classes=10).train()
     model.set_grad_checkpointing(grad_checkpointing)
-    return training_memory(model, "fp32", torch.device("cpu"), budget=2**40)
+    return measure_memory(model, "fp32", torch.device("cpu"), budget=2**40)
 
 
 def test_the_memory_plan_proposes_checkpointing_when_it_fits(
@@ -228,3 +233,63 @@ def test_an_out_of_memory_step_proposes_what_fits(
     assert "ran out of memory on a micro-batch of 64 images" in err
     assert "--grad_checkpointing (micro-batches of 64 as now" in err
     assert "Traceback" not in err
+
+
+# Runs a script under an address-space limit of what it has mapped after importing torch plus
+# HEADROOM.
+HEADROOM = 1536 * 2**20
+LIMITED = """
+import re, resource, runpy, sys
+import torch  # mapped first: the limit leaves HEADROOM beyond what the run maps to start
+size = int(re.search(r"VmSize:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (size + {headroom}, resource.RLIM_INFINITY))
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def run_limited(script: str, argv: list[str]) -> str:
+    """The last line `script` writes to stderr; it must exit 2 without a traceback."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [sys.executable, "-c", LIMITED.format(headroom=HEADROOM), script, *argv],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    return proc.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_an_address_space_limit_is_part_of_the_memory_plan(tmp_path: Path) -> None:
+    """`ulimit -v`: the plan stops the run with one message (it used to pass, then the first
+    step failed with a traceback from the allocator). The demo model's micro-batch of 512
+    images at 224 needs about 4.6 GB."""
+    argv = tiny_args(
+        tmp_path, model_type="demo", img_size=224, train_batch_size=512, num_steps=1, eval_every=0
+    )
+    message = run_limited("train.py", argv)
+    assert "A micro-batch of 512 images at 224x224 needs about 4." in message
+    available = re.search(r"but about ([\d.]+) (GB|MB) are available", message)
+    assert available.group(2) == "MB" or float(available.group(1)) < 1.5
+    assert "--gradient_accumulation_steps" in message
+
+
+@pytest.mark.slow
+def test_an_image_size_whose_probe_cannot_be_allocated_in_a_process(tmp_path: Path) -> None:
+    """One image at 16384x16384 is 3 GB: train.py's probe, and eval.py's batch, used to fail in
+    the allocator with a traceback; now nothing that large is allocated."""
+    argv = tiny_args(tmp_path, img_size=16384, train_batch_size=2, num_steps=1, eval_every=0)
+    message = run_limited("train.py", argv)
+    assert message.startswith("error: Not even one image at 16384x16384"), message
+    assert "smaller --img_size" in message
+    path = tmp_path / "model.npz"
+    save_npz(path, fake_checkpoint(get_config("testing"), num_classes=10, img_size=32))
+    argv = [f"--checkpoint={path}", "--model_type=testing", "--img_size=16384"]
+    argv += ["--dataset=digits", f"--data_dir={tmp_path / 'data'}", "--num_workers=0"]
+    message = run_limited("eval.py", argv)
+    assert message.startswith("error: Not even one image at 16384x16384 fits for evaluation")

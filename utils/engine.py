@@ -36,9 +36,9 @@ __all__ = [
     "evaluate",
     "is_out_of_memory",
     "make_scaler",
+    "measure_memory",
     "resolve_precision",
     "setup_logging",
-    "training_memory",
     "unwrap",
 ]
 
@@ -319,12 +319,13 @@ class MemoryFit:
         return int(((budget - self.fixed[grows]) / self.per_image[grows]).floor().min().item())
 
 
-def _training_trace(
-    model: nn.Module, batch: int, precision: str, device: torch.device
+def _pass_trace(
+    model: nn.Module, batch: int, precision: str, device: torch.device, training: bool
 ) -> tuple[list[int], int]:
-    """Live bytes after each op of one forward and backward pass of `batch` zero images (inputs
-    and gradients included, beyond what existed before), and their peak: on CUDA the
-    allocator's (which rounds and caches), on CPU the trace's."""
+    """Live bytes after each op of one pass of `batch` zero images (training: forward and
+    backward, gradients included; else a forward pass without autograd), beyond what existed
+    before, and their peak: on CUDA the allocator's (which rounds and caches), on CPU the
+    trace's."""
     size = unwrap(model).img_size
     trace: list[int] = []
     if device.type == "cuda":
@@ -333,20 +334,25 @@ def _training_trace(
         torch.cuda.reset_peak_memory_stats(device)
     with LiveTensorBytes(trace) as tracker:
         images = torch.zeros(batch, 3, *size, device=device)
-        labels = torch.zeros(batch, dtype=torch.long, device=device)
-        with autocast(precision, device):
-            loss = model(images, labels)
-        loss.backward()
+        if training:
+            labels = torch.zeros(batch, dtype=torch.long, device=device)
+            with autocast(precision, device):
+                loss = model(images, labels)
+            loss.backward()
+        else:
+            with torch.inference_mode(), autocast(precision, device):
+                model(images)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         return trace, torch.cuda.max_memory_allocated(device) - before
     return trace, tracker.peak
 
 
-def training_memory(
-    model: nn.Module, precision: str, device: torch.device, budget: float
+def measure_memory(
+    model: nn.Module, precision: str, device: torch.device, budget: float, training: bool = True
 ) -> MemoryFit | None:
-    """Measure the memory a training micro-batch needs, from passes of two and three images.
+    """Measure the memory a batch needs, from passes of two and three images: training passes
+    (forward and backward, as the model is set: `grad_checkpointing`), or inference passes.
 
     The same ops run for any batch of two or more (one image takes a few others); each op's
     live bytes are a line in the batch size, so two passes give every line and the peak of any
@@ -360,16 +366,16 @@ def training_memory(
     """
     bare = unwrap(model)
     (height, width), (rows, cols) = bare.img_size, bare.grid_size
-    # At least the float32 input and each block's input tokens (2 bytes each, or more): a probe
-    # that cannot fit is not run.
-    blocks = len(bare.encoder.blocks)
-    if 4 * 3 * height * width + 2 * rows * cols * bare.config.hidden_size * blocks > budget:
+    # At least the float32 input and the tokens (2 bytes each, or more), kept for every block in
+    # training: a probe that cannot fit is not run.
+    kept = len(bare.encoder.blocks) if training else 1
+    if 4 * 3 * height * width + 2 * rows * cols * bare.config.hidden_size * kept > budget:
         return None
 
     def measure(batch: int) -> tuple[list[int], int] | None:
         model.zero_grad(set_to_none=True)  # every pass allocates its gradients
         try:
-            return _training_trace(model, batch, precision, device)
+            return _pass_trace(model, batch, precision, device, training)
         except RuntimeError as error:
             if not is_out_of_memory(error):
                 raise
