@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -66,6 +67,19 @@ def test_gradients_equal_with_dropout(config) -> None:
     assert max((plain[n] - g).abs().max().item() for n, g in other.items()) > 1e-4
 
 
+def test_gradients_equal_under_bf16_autocast() -> None:
+    """The recomputation runs under the autocast state of the forward pass."""
+    torch.manual_seed(0)
+    model = VisionTransformer(PLAIN, 32, num_classes=5).train()
+    torch.nn.init.normal_(model.head.weight, std=0.1)
+    images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = gradients(model, images, labels, seed=1)
+        model.set_grad_checkpointing(True)
+        checkpointed = gradients(model, images, labels, seed=1)
+    assert max((plain[n] - g).abs().max().item() for n, g in checkpointed.items()) <= 1e-6
+
+
 def test_not_used_outside_training() -> None:
     """Evaluation (eval mode or no_grad) runs each block once; the outputs are unchanged."""
     torch.manual_seed(0)
@@ -120,6 +134,8 @@ def test_fine_tuning_steps_give_the_same_weights(tmp_path: Path) -> None:
     diff = max((a[k] - b[k]).abs().max().item() for k in a)
     assert diff <= 1e-6
     assert a["head.weight"].abs().max() > 0  # the steps did train (the head starts at zero)
+    args = train.parse_args(tiny_args(tmp_path, name="ckpt", grad_checkpointing=True, **common))
+    assert train.build_model(args, 7).encoder.grad_checkpointing  # the flag reaches the model
 
 
 def test_resumed_run_equals_uninterrupted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -150,6 +166,32 @@ def test_resumed_run_equals_uninterrupted(tmp_path: Path, monkeypatch: pytest.Mo
 
 # The `demo` model (17 tokens at 32x32): activations outweigh the input images.
 PLAN_RUN = {"model_type": "demo", "train_batch_size": 64, "num_steps": 1, "eval_every": 0}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_data_parallel_with_checkpointing_equals_without(tmp_path: Path) -> None:
+    """torchrun, 2 processes on gloo, dropout on, 2 accumulation steps: the same weights."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env.pop("WORLD_SIZE", None)
+    flags = {"num_steps": 3, "eval_every": 0, "gradient_accumulation_steps": 2, "num_workers": 1}
+    for name, extra in (("plain", {}), ("ckpt", {"grad_checkpointing": True})):
+        cmd = [
+            sys.executable,
+            *("-m", "torch.distributed.run", "--nproc_per_node", "2"),
+            *("--master_addr", "127.0.0.1", "--master_port", str(free_port())),
+            "train.py",
+            *tiny_args(tmp_path, name=name, **flags, **extra),
+        ]
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = last_weights(tmp_path / "out", "plain"), last_weights(tmp_path / "out", "ckpt")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
 
 
 def plan_message(tmp_path, monkeypatch, capsys, budget: int, **flags) -> str:
