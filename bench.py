@@ -520,14 +520,21 @@ def build_optimizer(name: str, model: nn.Module, optim_dtype: str) -> torch.opti
     return torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
 
 
+def training_batch(
+    args: argparse.Namespace, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The seeded training batch (images, labels) the memory figures are measured on."""
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(args.train_batch_size, 3, args.img_size, args.img_size, generator=gen)
+    labels = torch.randint(0, args.num_classes, (args.train_batch_size,), generator=gen)
+    return images.to(device), labels.to(device)
+
+
 def optimizer_memory(
     args: argparse.Namespace, config: ViTConfig, device: torch.device, dtype: torch.dtype
 ) -> dict[str, Any]:
     """Momentum bytes and peak memory of one training step of our model, per momentum dtype."""
-    gen = torch.Generator().manual_seed(0)
-    images = torch.randn(args.train_batch_size, 3, args.img_size, args.img_size, generator=gen)
-    labels = torch.randint(0, args.num_classes, (args.train_batch_size,), generator=gen)
-    images, labels = images.to(device), labels.to(device)
+    images, labels = training_batch(args, device)
     result: dict[str, Any] = {}
     for optim_dtype in OPTIM_DTYPES:
         torch.manual_seed(0)
@@ -556,10 +563,7 @@ def checkpointing_figures(
     Four models (ours and timm's, each with `set_grad_checkpointing` off and on) train in the
     same interleaved rounds. Ratios: with / without for each, and ours / timm with it.
     """
-    gen = torch.Generator().manual_seed(0)
-    images = torch.randn(args.train_batch_size, 3, args.img_size, args.img_size, generator=gen)
-    labels = torch.randint(0, args.num_classes, (args.train_batch_size,), generator=gen)
-    images, labels = images.to(device), labels.to(device)
+    images, labels = training_batch(args, device)
     fns = {
         "ours": (build_ours, ours_loss, ours_logits),
         "timm": (build_timm, timm_loss, timm_logits),
