@@ -380,9 +380,9 @@ def check_memory(
 ) -> None:
     """Stop before the first step if one micro-batch cannot fit on the device.
 
-    Forward and backward passes of one and two images give the peak memory as a line in the
-    micro-batch size (gradients and weight casts fixed, activations per image); the
-    micro-batch's peak (plus 5 %) is compared with 90 % of the memory the device has left.
+    Forward and backward passes of two and three images give every op's live memory as a line
+    in the micro-batch size (`measure_memory`), hence the micro-batch's peak; that (plus 5 %) is
+    compared with 90 % of the memory the device has left.
     When it does not fit, the message lists what fits: `--grad_checkpointing`, more
     accumulation, both. Draws nothing from the random generators a run (or its resume)
     depends on.
