@@ -16,6 +16,9 @@ models step by step so that machine noise hits both alike:
   bfloat16 and with float32 momentum;
 - optionally (`--compile`) the throughput of `torch.compile`d copies, timed in the same
   interleaved rounds, and their gain over eager;
+- optionally (`--grad_checkpointing`) training throughput and peak memory with and without
+  activation checkpointing, ours (`set_grad_checkpointing`) and timm's own
+  (`set_grad_checkpointing`), four models in the same interleaved rounds, and the ratios;
 - checkpoint load time: official-layout `.npz` -> ready model, ours vs timm's loader;
 - the data pipeline on CIFAR-sized (32 x 32) images at 224 and 384: images/s of one loader
   worker with the old PIL transforms and with the float preprocessing, of the batched device
@@ -517,14 +520,21 @@ def build_optimizer(name: str, model: nn.Module, optim_dtype: str) -> torch.opti
     return torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
 
 
+def training_batch(
+    args: argparse.Namespace, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The seeded training batch (images, labels) the memory figures are measured on."""
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(args.train_batch_size, 3, args.img_size, args.img_size, generator=gen)
+    labels = torch.randint(0, args.num_classes, (args.train_batch_size,), generator=gen)
+    return images.to(device), labels.to(device)
+
+
 def optimizer_memory(
     args: argparse.Namespace, config: ViTConfig, device: torch.device, dtype: torch.dtype
 ) -> dict[str, Any]:
     """Momentum bytes and peak memory of one training step of our model, per momentum dtype."""
-    gen = torch.Generator().manual_seed(0)
-    images = torch.randn(args.train_batch_size, 3, args.img_size, args.img_size, generator=gen)
-    labels = torch.randint(0, args.num_classes, (args.train_batch_size,), generator=gen)
-    images, labels = images.to(device), labels.to(device)
+    images, labels = training_batch(args, device)
     result: dict[str, Any] = {}
     for optim_dtype in OPTIM_DTYPES:
         torch.manual_seed(0)
@@ -538,6 +548,61 @@ def optimizer_memory(
             "momentum_mb": _storage_bytes(momentum) / MB,
             "train_peak_mem_mb": peak / MB,
         }
+    return result
+
+
+def checkpointing_figures(
+    args: argparse.Namespace,
+    config: ViTConfig,
+    device: torch.device,
+    dtype: torch.dtype,
+    gemm: Callable[[], float],
+) -> dict[str, Any]:
+    """Training img/s and peak memory without and with activation checkpointing.
+
+    Four models (ours and timm's, each with `set_grad_checkpointing` off and on) train in the
+    same interleaved rounds. Ratios: with / without for each, and ours / timm with it.
+    """
+    images, labels = training_batch(args, device)
+    fns = {
+        "ours": (build_ours, ours_loss, ours_logits),
+        "timm": (build_timm, timm_loss, timm_logits),
+    }
+    runners = {}
+    for name, (build, loss_fn, logits_fn) in fns.items():
+        for checkpointing in (False, True):
+            torch.manual_seed(0)
+            model = build(config, args.img_size, args.num_classes).to(device).train()
+            model.set_grad_checkpointing(checkpointing)
+            optimizer = build_optimizer(name, model, args.optim_dtype)
+            runners[name, checkpointing] = Runner(name, model, loss_fn, logits_fn, optimizer)
+    logger.info("checkpointing: %d warm-up + %d timed training rounds", args.warmup, args.iters)
+    interleaved(
+        list(runners.values()),
+        lambda r: train_step(r, images, labels, dtype),
+        "train_times",
+        args.warmup,
+        args.iters,
+        device,
+        gemm,
+        [],
+    )
+    result: dict[str, Any] = {}
+    for (name, checkpointing), r in runners.items():
+        peak = peak_memory(r, lambda r=r: train_step(r, images, labels, dtype), images)
+        result.setdefault(name, {})["with" if checkpointing else "without"] = {
+            "train_img_s": args.train_batch_size / statistics.median(r.train_times),
+            "train_img_s_best": args.train_batch_size / min(r.train_times),
+            "train_peak_mem_mb": peak / MB,
+            "train_times_s": [round(t, 4) for t in r.train_times],
+        }
+    keys = ("train_img_s", "train_img_s_best", "train_peak_mem_mb")
+    for name in fns:
+        with_it, without = result[name]["with"], result[name]["without"]
+        result[name]["ratio_with_over_without"] = {k: _ratio(with_it[k], without[k]) for k in keys}
+    result["ratio_ours_over_timm_with"] = {
+        k: _ratio(result["ours"]["with"][k], result["timm"]["with"][k]) for k in keys
+    }
     return result
 
 
@@ -703,6 +768,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             }
             for name in ("ours", "timm")
         }
+    if args.grad_checkpointing:
+        results["grad_checkpointing"] = checkpointing_figures(args, config, device, dtype, gemm)
     logger.info("optimizer memory")
     results["optimizer"] = optimizer_memory(args, config, device, dtype)
     if args.load_iters:
@@ -784,6 +851,28 @@ def format_table(results: dict[str, Any]) -> str:
                 f"| compile gain, {label} | {_fmt(gain['ours'][key])}x "
                 f"| {_fmt(gain['timm'][key])}x | - |"
             )
+    if "grad_checkpointing" in results:
+        ckpt = results["grad_checkpointing"]
+        for key, label, digits in (
+            ("train_img_s", "training img/s (median)", 2),
+            ("train_img_s_best", "training img/s (best round)", 2),
+            ("train_peak_mem_mb", "training peak memory MB", 1),
+        ):
+            ours, theirs = ckpt["ours"]["with"][key], ckpt["timm"]["with"][key]
+            lines.append(
+                f"| {label}, checkpointing | {_fmt(ours, digits)} | {_fmt(theirs, digits)} "
+                f"| {_fmt(ckpt['ratio_ours_over_timm_with'][key])} |"
+            )
+        for key, label in (
+            ("train_img_s", "training img/s (median)"),
+            ("train_img_s_best", "training img/s (best round)"),
+            ("train_peak_mem_mb", "training peak memory"),
+        ):
+            ours = ckpt["ours"]["ratio_with_over_without"][key]
+            theirs = ckpt["timm"]["ratio_with_over_without"][key]
+            lines.append(
+                f"| checkpointing / without: {label} | {_fmt(ours)}x | {_fmt(theirs)}x | - |"
+            )
     if "checkpoint_load" in results:
         load = results["checkpoint_load"]
         lines.append(
@@ -852,6 +941,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--infer_iters", type=int, default=None, help="timed inference rounds (default: 3 x iters)"
     )
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile")
+    parser.add_argument(
+        "--grad_checkpointing",
+        action="store_true",
+        help="also measure training with activation checkpointing (ours and timm's)",
+    )
     parser.add_argument(
         "--load_iters", type=int, default=2, help="checkpoint load repetitions (0: skip)"
     )

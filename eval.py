@@ -37,6 +37,7 @@ from utils.flags import (
 )
 
 if TYPE_CHECKING:
+    from torch import nn
     from torch.utils.data import DataLoader
 
     from utils.dist_utils import DistInfo
@@ -108,6 +109,34 @@ def build_test_loader(
     return loader, class_names
 
 
+def check_memory(model: nn.Module, batch_size: int, precision: str, info: DistInfo) -> None:
+    """Stop before evaluating if one batch cannot fit on the device: inference passes of two
+    and three images give its peak (as train.py's plan does for training)."""
+    from utils.engine import available_bytes, measure_memory
+
+    available = available_bytes(info.device)
+    if available is None:
+        return
+    budget = 0.9 * available
+    model.eval()
+    fit = measure_memory(model, precision, info.device, budget, training=False)
+    most = 0 if fit is None else fit.largest_batch(budget / 1.05)
+    if most >= batch_size:
+        return
+    size = "x".join(map(str, model.img_size))
+    gb = f"{available / 2**30:.1f} GB"
+    if most == 0:
+        raise UserError(
+            f"Not even one image at {size} fits for evaluation on {info.device} (about {gb} "
+            "available); evaluate at a smaller --img_size."
+        )
+    raise UserError(
+        f"A batch of {batch_size} images at {size} needs about "
+        f"{1.05 * fit.need(batch_size) / 2**30:.1f} GB on {info.device}, but about {gb} are "
+        f"available; use --eval_batch_size {most} or less."
+    )
+
+
 def run(args: argparse.Namespace, info: DistInfo) -> dict[str, float]:
     """Load, check against the dataset, evaluate; returns train.evaluate's result + throughput."""
     from utils.engine import evaluate
@@ -140,8 +169,9 @@ def run(args: argparse.Namespace, info: DistInfo) -> dict[str, float]:
         info.world_size,
     )
     model.to(info.device)
-    start = time.perf_counter()
     precision = args.precision or loaded.precision or "fp32"
+    check_memory(model, args.eval_batch_size, precision, info)
+    start = time.perf_counter()
     result = evaluate(model, loader, info.device, precision, progress=info.is_main)
     seconds = time.perf_counter() - start
     result.update(

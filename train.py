@@ -194,6 +194,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--precision", choices=PRECISIONS, default=None, help="Default fp32.")
     p.add_argument("--compile", action="store_true", help="torch.compile the model.")
     p.add_argument(
+        "--grad_checkpointing",
+        action="store_true",
+        help="Recompute the encoder blocks' activations in the backward pass instead of keeping "
+        "them: much less memory per image, one more forward pass of the blocks, the same "
+        "gradients.",
+    )
+    p.add_argument(
         "--resume",
         nargs="?",
         const="auto",
@@ -252,13 +259,15 @@ from utils.dist_utils import (  # noqa: E402
     init_distributed,
 )
 from utils.engine import (  # noqa: E402
+    MemoryFit,
     StaticGradScaler,
     autocast,
     available_bytes,
     evaluate,
+    is_out_of_memory,
     make_scaler,
+    measure_memory,
     resolve_precision,
-    training_memory,
 )
 from utils.file_io import read_sidecar, save_checkpoint, write_sidecar  # noqa: E402
 from utils.loading import pretrained_weights  # noqa: E402
@@ -340,6 +349,7 @@ def build_model(
             config, weights, args.img_size, num_classes=num_classes, zero_head=True
         )
         logger.info("Loaded %s (head re-initialised to zero).", args.pretrained_dir)
+    model.set_grad_checkpointing(args.grad_checkpointing)
     params = sum(p.numel() for p in model.parameters())
     logger.info("%s: %.2fM parameters, %d classes.", config.name, params / 1e6, num_classes)
     return model
@@ -377,39 +387,171 @@ def check_memory(
 ) -> None:
     """Stop before the first step if one micro-batch cannot fit on the device.
 
-    One image goes forward and backward: what the forward pass keeps for the backward pass
-    grows linearly with the batch, the gradients do not. The micro-batch's peak is taken as the
-    larger of that pass's peak and the micro-batch's kept activations (plus 5 %), and compared
-    with the memory the device has left. Draws nothing from the random generators a run (or
-    its resume) depends on.
+    Forward and backward passes of two and three images give every op's live memory as a line
+    in the micro-batch size (`measure_memory`), hence the micro-batch's peak; that (plus 5 %) is
+    compared with 90 % of the memory the device has left.
+    When it does not fit, the message lists what fits: `--grad_checkpointing`, more
+    accumulation, both. Draws nothing from the random generators a run (or its resume)
+    depends on.
     """
     available = available_bytes(info.device)
     if available is None:
         return
-    images = torch.zeros(1, 3, *model.img_size, device=info.device)
-    labels = torch.zeros(1, dtype=torch.long, device=info.device)
-    cuda = [info.device.index or 0] if info.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda):
-        per_image, peak = training_memory(model, images, labels, precision)
-    model.zero_grad(set_to_none=True)
-    micro_batch = args.train_batch_size // (info.world_size * args.gradient_accumulation_steps)
     budget = 0.9 * available
-    need = max(peak, 1.05 * micro_batch * per_image)
-    if need <= budget:
+    fits = {
+        args.grad_checkpointing: probe_memory(
+            model, precision, info, args.grad_checkpointing, budget
+        )
+    }
+    micro_batch = args.train_batch_size // (info.world_size * args.gradient_accumulation_steps)
+    current = fits[args.grad_checkpointing]
+    need = None if current is None else 1.05 * current.need(micro_batch)
+    if need is not None and need <= budget:
         return
-    fits = max(int(budget / (1.05 * per_image)), 1)
-    per_process = args.train_batch_size // info.world_size
-    steps = next(
-        (k for k in range(1, per_process + 1) if per_process % k == 0 and per_process // k <= fits),
-        per_process,
-    )
-    gb = 2.0**30
+    if not args.grad_checkpointing:
+        fits[True] = probe_memory(model, precision, info, True, budget)
+    mode = " with --grad_checkpointing" if args.grad_checkpointing else ""
+    if need is None:
+        problem = (
+            f"Not even one image at {args.img_size}x{args.img_size} can be measured going "
+            f"forward and backward on {info.device}{mode}"
+        )
+    else:
+        problem = (
+            f"A micro-batch of {micro_batch} images at {args.img_size}x{args.img_size} needs "
+            f"{amount(need)} on {info.device} for activations and gradients{mode}"
+        )
     raise UserError(
-        f"A micro-batch of {micro_batch} images at {args.img_size}x{args.img_size} "
-        f"needs about {need / gb:.1f} GB on {info.device} for activations and gradients, but "
-        f"about {available / gb:.1f} GB are available. Use --gradient_accumulation_steps "
-        f"{steps} (micro-batches of {per_process // steps}, the same total batch), or a smaller "
-        "--train_batch_size."
+        f"{problem}, but {amount(available)} are available. "
+        f"{memory_options(args, fits, budget, info)}"
+    )
+
+
+def probe_memory(
+    model: VisionTransformer,
+    precision: str,
+    info: DistInfo,
+    grad_checkpointing: bool,
+    budget: float,
+) -> MemoryFit | None:
+    """`measure_memory` of the model with or without checkpointing (restored after)."""
+    was = model.encoder.grad_checkpointing
+    model.set_grad_checkpointing(grad_checkpointing)
+    cuda = [info.device.index or 0] if info.device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=cuda):
+            return measure_memory(model, precision, info.device, budget)
+    finally:
+        model.set_grad_checkpointing(was)
+
+
+def memory_options(
+    args: argparse.Namespace,
+    fits: dict[bool, MemoryFit | None],
+    budget: float,
+    info: DistInfo,
+    failed: int | None = None,
+) -> str:
+    """What fits in `budget` bytes instead of this run's micro-batch, with the figures.
+
+    `fits` holds the measured line without (False) and with (True) checkpointing. Options keep
+    the total batch: checkpointing at this micro-batch, the fewest accumulation steps that fit
+    without it, and the largest micro-batch that fits with it. A micro-batch of `failed`
+    images ran out of memory as this run is set (whatever the measurement says).
+    """
+    per_process = args.train_batch_size // info.world_size
+    micro_batch = per_process // args.gradient_accumulation_steps
+
+    def largest(checkpointing: bool) -> int:
+        fit = fits.get(checkpointing)
+        most = 0 if fit is None else fit.largest_batch(budget / 1.05)
+        if failed is not None and checkpointing == args.grad_checkpointing:
+            most = min(most, failed - 1)
+        return most
+
+    def fewest_steps(checkpointing: bool) -> int | None:
+        """The fewest accumulation steps whose micro-batch fits (None: no micro-batch fits)."""
+        most = largest(checkpointing)
+        return next(
+            (
+                k
+                for k in range(1, per_process + 1)
+                if per_process % k == 0 and per_process // k <= most
+            ),
+            None,
+        )
+
+    options = []
+    with_ckpt, without = fits.get(True), fits.get(False)
+    if not args.grad_checkpointing and largest(True) >= micro_batch:
+        need = 1.05 * with_ckpt.need(micro_batch)
+        options.append(
+            f"--grad_checkpointing (micro-batches of {micro_batch} as now: {amount(need)}; "
+            "the blocks run forward twice, so each step is slower)"
+        )
+    steps = fewest_steps(False)
+    if (
+        not args.grad_checkpointing
+        and steps is not None
+        and steps != args.gradient_accumulation_steps
+    ):
+        micro = per_process // steps
+        options.append(
+            f"--gradient_accumulation_steps {steps} (micro-batches of {micro}: "
+            f"{amount(1.05 * without.need(micro))})"
+        )
+    steps_ckpt = fewest_steps(True)
+    if steps_ckpt is not None and (args.grad_checkpointing or largest(True) < micro_batch):
+        micro = per_process // steps_ckpt
+        options.append(
+            f"--grad_checkpointing --gradient_accumulation_steps {steps_ckpt} (micro-batches of "
+            f"{micro}, the largest that fits with checkpointing: "
+            f"{amount(1.05 * with_ckpt.need(micro))})"
+        )
+    if not options:
+        return (
+            "Not even one image fits, with or without --grad_checkpointing: use a smaller "
+            "--img_size (or a device with more memory)."
+        )
+    most = largest(True)
+    return (
+        "These fit, with the same total batch: "
+        + "; or ".join(options)
+        + (f". With --grad_checkpointing, micro-batches of up to {most} images fit" if most else "")
+        + ". Or use a smaller --train_batch_size."
+    )
+
+
+def amount(nbytes: float) -> str:
+    """`nbytes` for a message: "about 1.5 GB", or MB below one GB."""
+    if nbytes >= 2**30:
+        return f"about {nbytes / 2**30:.1f} GB"
+    return f"about {nbytes / 2**20:.1f} MB"
+
+
+def out_of_memory(
+    args: argparse.Namespace, trainer: Trainer, info: DistInfo, failed: int
+) -> UserError:
+    """The message for a micro-batch of `failed` images that ran out of memory: what fits,
+    measured again now that the failed pass's memory is free."""
+    trainer.optimizer.zero_grad(set_to_none=True)
+    if info.device.type == "cuda":
+        torch.cuda.empty_cache()
+    available = available_bytes(info.device)
+    advice = (
+        "Use more --gradient_accumulation_steps (the total batch stays the same), "
+        "--grad_checkpointing, or a smaller --train_batch_size or --img_size."
+    )
+    if available is not None:
+        budget = 0.9 * available
+        fits = {
+            mode: probe_memory(trainer.model, trainer.precision, info, mode, budget)
+            for mode in (False, True)
+        }
+        advice = memory_options(args, fits, budget, info, failed)
+    with_ckpt = " with --grad_checkpointing" if args.grad_checkpointing else ""
+    return UserError(
+        f"{info.device} ran out of memory on a micro-batch of {failed} images{with_ckpt}. {advice}"
     )
 
 
@@ -465,18 +607,20 @@ def train_step(
         sync = (
             nullcontext() if last or not isinstance(net, DistributedDataParallel) else net.no_sync()
         )
+        failed = None
         try:
             with sync:
                 with autocast(trainer.precision, device):
                     loss = net(images, labels)
                 scaled = loss.float() / len(batches)
                 (scaler.scale(scaled) if scaler else scaled).backward()
-        except torch.cuda.OutOfMemoryError:
-            raise UserError(
-                f"{device} ran out of memory on a micro-batch of {len(labels)} images. Use more "
-                f"--gradient_accumulation_steps (now {args.gradient_accumulation_steps}; the total "
-                "batch stays the same), or a smaller --train_batch_size or --img_size."
-            ) from None
+        except RuntimeError as error:
+            if not is_out_of_memory(error):
+                raise
+            failed = len(labels)
+        if failed is not None:  # out of the handler: the failed pass's tensors are freed now
+            loss = scaled = None
+            raise out_of_memory(args, trainer, info, failed)
         total += loss.detach().float()
     loss = all_reduce_sum(total / len(batches)) / info.world_size
     if guard is None or guard.check(loss, step):

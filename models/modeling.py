@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from models.configs import CONFIGS, ConfigError, ViTConfig, get_config, to_pair
 from models.modeling_resnet import ResNetV2
@@ -143,12 +144,19 @@ class Embeddings(nn.Module):
 
 
 class Encoder(nn.Module):
-    """The encoder blocks followed by the final LayerNorm (`encoder_norm`)."""
+    """The encoder blocks followed by the final LayerNorm (`encoder_norm`).
+
+    With `grad_checkpointing`, a training forward pass keeps only each block's input; the
+    block runs again in the backward pass (as big_vision's `remat_policy`). The random state is
+    restored for that second run, so dropout draws the same masks and the gradients are those
+    of the plain pass; the cost is one more forward pass of the blocks.
+    """
 
     def __init__(self, config: ViTConfig):
         super().__init__()
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
         self.norm = nn.LayerNorm(config.hidden_size, eps=LN_EPS)
+        self.grad_checkpointing = False
 
     def forward(
         self, x: torch.Tensor, need_weights: bool = False, num_outputs: int | None = None
@@ -165,8 +173,15 @@ class Encoder(nn.Module):
         """
         maps = []
         last = len(self.blocks) - 1
+        recompute = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
-            x, probs = block(x, need_weights, num_outputs if i == last else None)
+            outputs = num_outputs if i == last else None
+            if recompute:
+                x, probs = checkpoint(
+                    block, x, need_weights, outputs, use_reentrant=False, preserve_rng_state=True
+                )
+            else:
+                x, probs = block(x, need_weights, outputs)
             if need_weights:
                 maps.append(probs)
         return self.norm(x), maps
@@ -231,6 +246,12 @@ class VisionTransformer(nn.Module):
         model = cls.empty(config, *args, **kwargs)
         model.load_from(weights)
         return model
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute the encoder blocks in the backward pass instead of keeping their
+        activations (timm's name for it): less memory, one more forward pass of the blocks, the
+        same gradients."""
+        self.encoder.grad_checkpointing = enable
 
     @property
     def grid_size(self) -> tuple[int, int]:

@@ -53,6 +53,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict, str]:
         "64",
         "--device",
         "cpu",
+        "--grad_checkpointing",
         "--out",
         str(out),
     ]
@@ -99,6 +100,29 @@ def test_json_has_every_figure(results: tuple[dict, dict, str]) -> None:
         feed["train_img_s"] / data["sizes"]["384"]["float_img_s"]
     )
     assert "compiled" not in written
+
+
+def test_checkpointing_figures(results: tuple[dict, dict, str]) -> None:
+    """Ours and timm's, with and without checkpointing, timed in the same rounds."""
+    _, written, table = results
+    ckpt = written["grad_checkpointing"]
+    for name in ("ours", "timm"):
+        for mode in ("with", "without"):
+            figures = ckpt[name][mode]
+            assert len(figures["train_times_s"]) == 2
+            assert figures["train_img_s"] > 0
+            assert figures["train_peak_mem_mb"] > 0
+        ratios = ckpt[name]["ratio_with_over_without"]
+        assert ratios["train_peak_mem_mb"] == pytest.approx(
+            ckpt[name]["with"]["train_peak_mem_mb"] / ckpt[name]["without"]["train_peak_mem_mb"]
+        )
+    # 5 tokens, 2 blocks: the peak is the weights' and gradients' (the optimizer step), so no
+    # lower with checkpointing; tests/test_grad_checkpointing.py measures a model where it is.
+    assert ckpt["ours"]["ratio_with_over_without"]["train_peak_mem_mb"] <= 1
+    assert any(
+        row.startswith("| checkpointing / without: training peak memory |")
+        for row in table.splitlines()
+    )
 
 
 def test_table_shape(results: tuple[dict, dict, str]) -> None:
