@@ -284,9 +284,13 @@ from utils.train_state import (  # noqa: E402
 )
 
 
+def micro_batch_size(args: argparse.Namespace, world_size: int) -> int:
+    """Images per process and forward pass: the total batch over processes and accumulation."""
+    return args.train_batch_size // (world_size * args.gradient_accumulation_steps)
+
+
 def check_args(args: argparse.Namespace, info: DistInfo) -> None:
-    """Check what the flags' types cannot see alone; sets `args.micro_batch_size`, `rank`,
-    `local_rank`, `world_size`."""
+    """Check what the flags' types cannot see alone (the total batch must divide evenly)."""
     if args.model_type is not None:  # else settled by read_checkpoint, which checks it again
         checked_img_size(get_config(args.model_type), args.img_size)
     per_step = info.world_size * args.gradient_accumulation_steps
@@ -298,8 +302,6 @@ def check_args(args: argparse.Namespace, info: DistInfo) -> None:
             f"{args.gradient_accumulation_steps} accumulation step(s) = {per_step}; use a "
             f"multiple of {per_step}, e.g. {suggestion}."
         )
-    args.micro_batch_size = args.train_batch_size // per_step
-    args.rank, args.local_rank, args.world_size = info.rank, info.local_rank, info.world_size
 
 
 def read_checkpoint(args: argparse.Namespace) -> dict[str, np.ndarray] | None:
@@ -403,7 +405,7 @@ def check_memory(
             model, precision, info, args.grad_checkpointing, budget
         )
     }
-    micro_batch = args.train_batch_size // (info.world_size * args.gradient_accumulation_steps)
+    micro_batch = micro_batch_size(args, info.world_size)
     current = fits[args.grad_checkpointing]
     need = None if current is None else 1.05 * current.need(micro_batch)
     if need is not None and need <= budget:
@@ -460,7 +462,7 @@ def memory_options(
     images ran out of memory as this run is set (whatever the measurement says).
     """
     per_process = args.train_batch_size // info.world_size
-    micro_batch = per_process // args.gradient_accumulation_steps
+    micro_batch = micro_batch_size(args, info.world_size)
 
     def largest(checkpointing: bool) -> int:
         fit = fits.get(checkpointing)
@@ -883,7 +885,20 @@ def set_up(
     """Data, model, trainer, the resumed state (last: it restores the RNG state) and the
     TensorBoard writer of one run. Only then, every check passed, does --overwrite delete the
     earlier run's files (`claim`)."""
-    train_loader, minival_loader, test_loader = get_loader(args)
+    train_loader, minival_loader, test_loader = get_loader(
+        args.dataset,
+        args.data_dir,
+        args.img_size,
+        args.seed,
+        micro_batch_size(args, info.world_size),
+        args.eval_batch_size,
+        args.num_workers,
+        args.holdout_fraction,
+        args.strict_images,
+        info.rank,
+        info.local_rank,
+        info.world_size,
+    )
     class_names = list(train_loader.dataset.classes)
     eval_loaders = {"test": test_loader}
     if minival_loader is not None:
@@ -920,7 +935,7 @@ def set_up(
         args.train_batch_size,
         info.world_size,
         args.gradient_accumulation_steps,
-        args.micro_batch_size,
+        micro_batch_size(args, info.world_size),
         selected_by,
     )
     logger.info("TensorBoard logs: %s; best checkpoint: %s", args.log_dir, args.output_dir)

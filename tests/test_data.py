@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import pickle
 import time
-from argparse import Namespace
 from pathlib import Path
 
 import numpy as np
@@ -46,20 +45,20 @@ from utils.data_utils import (
 from utils.errors import LoaderError, UserError
 
 
-def loader_args(dataset: str, data_dir: Path | str = "unused", **overrides) -> Namespace:
-    """The flags `get_loader` reads, as train.py passes them (one process)."""
+def loader_args(dataset: str, data_dir: Path | str = "unused", **overrides) -> dict:
+    """The parameters of `get_loader`, as train.py passes them (one process)."""
     args = {
         "dataset": dataset,
         "data_dir": str(data_dir),
         "img_size": 32,
         "seed": 0,
         "num_workers": 0,
-        "train_batch_size": 8,
+        "micro_batch_size": 8,
         "eval_batch_size": 16,
         "holdout_fraction": 0.02,
     }
     args.update(overrides)
-    return Namespace(**args)
+    return args
 
 
 def to_uint8(image: torch.Tensor) -> np.ndarray:
@@ -73,10 +72,10 @@ def test_cifar_download_over_http(
 ) -> None:
     args = loader_args(dataset, tmp_path / "data", holdout_fraction=0.0)
     with serve_cifar(dataset, monkeypatch, tmp_path) as files:
-        train_loader, minival_loader, test_loader = get_loader(args)
+        train_loader, minival_loader, test_loader = get_loader(**args)
         served = len(QuietHandler.requests)
         assert served >= 1  # downloaded (torchvision probes redirects with a GET first) ...
-        get_loader(args)
+        get_loader(**args)
         assert len(QuietHandler.requests) == served  # ... and found locally the second time
     layout = CIFAR_LAYOUT[dataset]
     train_files, test_files, label_key, num_classes = layout[2], layout[3], layout[6], layout[7]
@@ -101,7 +100,7 @@ def test_cifar_minival_is_the_last_2_percent(
 ) -> None:
     """250 training images: the first 245 train, the last 5 are minival (test preprocessing)."""
     with serve_cifar("cifar10", monkeypatch, tmp_path, per_file=50) as files:
-        train_loader, minival_loader, test_loader = get_loader(loader_args("cifar10", tmp_path))
+        train_loader, minival_loader, test_loader = get_loader(**loader_args("cifar10", tmp_path))
     batches = [pickle.loads(files[name]) for name in CIFAR_LAYOUT["cifar10"][2]]
     rows = np.concatenate([b["data"] for b in batches])
     labels = [label for b in batches for label in b["labels"]]
@@ -136,12 +135,12 @@ def test_holdout_split() -> None:
 @pytest.mark.parametrize("fraction", [1.0, -0.1])
 def test_holdout_fraction_out_of_range(fraction: float) -> None:
     with pytest.raises(UserError, match="--holdout_fraction"):
-        get_loader(loader_args("digits", holdout_fraction=fraction))
+        get_loader(**loader_args("digits", holdout_fraction=fraction))
 
 
 def test_missing_minival_warns(caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
     make_image_folder(tmp_path, n=4)
-    _, minival_loader, _ = get_loader(loader_args("imagefolder", tmp_path))
+    _, minival_loader, _ = get_loader(**loader_args("imagefolder", tmp_path))
     assert minival_loader is None
     assert "no minival" in caplog.text
 
@@ -235,8 +234,8 @@ def test_seeded_augment_depends_on_seed_epoch_index_only() -> None:
 def test_digits_train_loader_matches_the_per_image_path() -> None:
     """The loader's uint8 batches, finished on the device by `prepare_batch`, equal the per-image
     transform of the same images with the same seeds (digits: no flip, crops of 30%-100%)."""
-    args = loader_args("digits", img_size=16, train_batch_size=32, seed=5)
-    train_loader, minival_loader, test_loader = get_loader(args)
+    args = loader_args("digits", img_size=16, micro_batch_size=32, seed=5)
+    train_loader, minival_loader, test_loader = get_loader(**args)
     assert (len(train_loader.dataset), len(minival_loader.dataset)) == (1408, 29)
     assert len(test_loader.dataset) == 360
     assert train_loader.dataset.classes == [str(d) for d in range(10)]
@@ -265,7 +264,7 @@ def test_digits_train_loader_matches_the_per_image_path() -> None:
 
 def test_train_batches_do_not_depend_on_the_number_of_workers() -> None:
     def epoch(workers: int, number: int) -> list[CropBatch]:
-        loader = get_loader(loader_args("digits", num_workers=workers, train_batch_size=64))[0]
+        loader = get_loader(**loader_args("digits", num_workers=workers, micro_batch_size=64))[0]
         loader.sampler.set_epoch(number)
         loader.dataset.set_epoch(number)
         return list(loader)
@@ -289,7 +288,7 @@ def test_minival_and_test_loaders_are_sharded() -> None:
     seen: dict[str, list[int]] = {"minival": [], "test": []}
     for rank in range(2):
         args = loader_args("digits", rank=rank, local_rank=rank, world_size=2)
-        _, minival_loader, test_loader = get_loader(args)
+        _, minival_loader, test_loader = get_loader(**args)
         for name, loader in (("minival", minival_loader), ("test", test_loader)):
             assert isinstance(loader.sampler, ShardSampler)
             seen[name] += list(loader.sampler)
@@ -328,7 +327,7 @@ def test_in_memory_items_are_seeded_like_the_per_image_path() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_pinned_batches_prepared_on_cuda() -> None:
     """With a GPU the loader pins every tensor of a `CropBatch`; the result is the CPU one."""
-    loader = get_loader(loader_args("digits", num_workers=1, train_batch_size=16))[0]
+    loader = get_loader(**loader_args("digits", num_workers=1, micro_batch_size=16))[0]
     assert loader.pin_memory
     batch = next(iter(loader))
     assert all(getattr(batch, name).is_pinned() for name in ("images", "labels", "boxes", "flips"))
@@ -352,8 +351,8 @@ def test_shards_cover_every_index_once(length: int, world: int) -> None:
 @pytest.mark.parametrize("test_name", ["val", "test"])
 def test_imagefolder(tmp_path: Path, test_name: str) -> None:
     make_image_folder(tmp_path, test_name, classes=("cat", "dog", "eel"))
-    args = loader_args("imagefolder", tmp_path, holdout_fraction=0.0, train_batch_size=4)
-    train_loader, _, test_loader = get_loader(args)
+    args = loader_args("imagefolder", tmp_path, holdout_fraction=0.0, micro_batch_size=4)
+    train_loader, _, test_loader = get_loader(**args)
     train, test = train_loader.dataset, test_loader.dataset
     assert train.classes == ["cat", "dog", "eel"]
     assert (len(train), len(test)) == (12, 6)
@@ -370,7 +369,7 @@ def test_imagefolder(tmp_path: Path, test_name: str) -> None:
 def test_imagefolder_minival_is_the_end_of_each_class(tmp_path: Path) -> None:
     make_image_folder(tmp_path, classes=("cat", "dog", "eel"), n=10)
     args = loader_args("imagefolder", tmp_path, holdout_fraction=0.2)
-    train_loader, minival_loader, _ = get_loader(args)
+    train_loader, minival_loader, _ = get_loader(**args)
     assert (len(train_loader.dataset), len(minival_loader.dataset)) == (24, 6)
     held_out = [minival_loader.dataset[i] for i in range(6)]
     assert [label for _, label in held_out] == [0, 0, 1, 1, 2, 2]
@@ -382,16 +381,16 @@ def test_imagefolder_minival_is_the_end_of_each_class(tmp_path: Path) -> None:
 def test_imagefolder_wrong_layout(tmp_path: Path) -> None:
     (tmp_path / "cats").mkdir()
     with pytest.raises(UserError, match=r"train/(.|\n)*val/"):
-        get_loader(loader_args("imagefolder", tmp_path))
+        get_loader(**loader_args("imagefolder", tmp_path))
     with pytest.raises(UserError, match="does not exist"):
-        get_loader(loader_args("imagefolder", os.fspath(tmp_path / "missing")))
+        get_loader(**loader_args("imagefolder", os.fspath(tmp_path / "missing")))
 
 
 def test_imagefolder_class_mismatch(tmp_path: Path) -> None:
     make_image_folder(tmp_path)
     (tmp_path / "val" / "dog").rename(tmp_path / "val" / "doge")
     with pytest.raises(UserError, match="differ"):
-        get_loader(loader_args("imagefolder", tmp_path))
+        get_loader(**loader_args("imagefolder", tmp_path))
 
 
 def test_unknown_dataset() -> None:

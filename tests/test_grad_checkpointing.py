@@ -229,7 +229,7 @@ def test_the_memory_plan_proposes_checkpointing_when_it_fits(
         ("accumulated", ["--gradient_accumulation_steps", str(steps)]),
     ):
         argv = tiny_args(tmp_path, name=name, **PLAN_RUN)
-        assert train.main([*argv, *extra])["step"] == 1
+        assert train.main([*argv, *extra]).step == 1
 
 
 def test_the_memory_plan_with_checkpointing_needs_accumulation_too(

@@ -7,7 +7,6 @@ import logging
 import struct
 import time
 import zlib
-from argparse import Namespace
 from pathlib import Path
 
 import numpy as np
@@ -56,18 +55,18 @@ def _add_bad_files(folder: Path) -> list[Path]:
     return [truncated, text, huge]
 
 
-def _args(root: Path, **overrides) -> Namespace:
+def _args(root: Path, **overrides) -> dict:
     args = {
         "dataset": "imagefolder",
         "data_dir": str(root),
         "img_size": 32,
         "seed": 0,
         "num_workers": 0,
-        "train_batch_size": 4,
+        "micro_batch_size": 4,
         "eval_batch_size": 4,
         "holdout_fraction": 0.0,
     }
-    return Namespace(**{**args, **overrides})
+    return {**args, **overrides}
 
 
 def test_a_16_bit_png_becomes_the_8_bit_image_it_shows(tmp_path) -> None:
@@ -109,7 +108,7 @@ def test_bad_images_are_named_once_and_skipped_and_batches_keep_their_size(
     bad = _add_bad_files(root / "train" / "cat")
     bad_val = _add_bad_files(root / "val" / "dog")
     with caplog.at_level(logging.WARNING):
-        train_loader, _, test_loader = get_loader(_args(root))
+        train_loader, _, test_loader = get_loader(**_args(root))
         epochs = []
         for epoch in range(2):
             train_loader.sampler.set_epoch(epoch)
@@ -130,7 +129,7 @@ def test_bad_images_are_named_once_and_skipped_and_batches_keep_their_size(
 
     # Substitutes and crops depend on (seed, epoch, index) only: loader workers (which share
     # the record of bad files) and a resumed run see the same batches.
-    again, _, _ = get_loader(_args(root, num_workers=2))
+    again, _, _ = get_loader(**_args(root, num_workers=2))
     again.sampler.set_epoch(1)
     again.dataset.set_epoch(1)
     for (images, labels), (expected, expected_labels) in zip(again, epochs[1], strict=True):
@@ -149,7 +148,7 @@ def test_bad_images_held_out_as_minival_are_left_out_of_its_count(tmp_path) -> N
     root = tmp_path / "flowers"
     make_image_folder(root, n=6)
     bad = _add_bad_files(root / "train" / "cat")  # sorted last: the held-out end of the class
-    _, minival_loader, _ = get_loader(_args(root, holdout_fraction=0.3))
+    _, minival_loader, _ = get_loader(**_args(root, holdout_fraction=0.3))
     held_out = [
         minival_loader.dataset.base.dataset.samples[i][0]
         for i in minival_loader.dataset.base.indices
@@ -163,10 +162,10 @@ def test_bad_images_held_out_as_minival_are_left_out_of_its_count(tmp_path) -> N
 def test_strict_images_refuses_at_start_up_listing_every_bad_file(tmp_path) -> None:
     root = tmp_path / "flowers"
     make_image_folder(root, n=6)
-    assert get_loader(_args(root, strict_images=True))[0] is not None  # all readable: fine
+    assert get_loader(**_args(root, strict_images=True))[0] is not None  # all readable: fine
     bad = _add_bad_files(root / "train" / "cat")
     with pytest.raises(UserError) as info:
-        get_loader(_args(root, strict_images=True))
+        get_loader(**_args(root, strict_images=True))
     message = str(info.value)
     assert "3 of the 15 images in" in message
     for path in bad:

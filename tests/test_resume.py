@@ -7,7 +7,6 @@ best checkpoint, and real processes killed with real signals.
 
 from __future__ import annotations
 
-import argparse
 import errno
 import json
 import logging
@@ -354,16 +353,15 @@ def test_a_resumed_schedule_follows_the_flags(tmp_path: Path, changed: dict) -> 
 def test_loader_workers_leave_ctrl_c_to_the_trainer(tmp_path: Path) -> None:
     """Ctrl+C reaches the workers too; a persistent test-loader worker must survive it, or the
     evaluation train.py finishes before saving fails with "worker exited unexpectedly"."""
-    args = argparse.Namespace(
+    _, _, test_loader = get_loader(
         dataset="digits",
         data_dir=tmp_path,
         img_size=16,
         seed=0,
-        num_workers=1,
-        train_batch_size=8,
+        micro_batch_size=8,
         eval_batch_size=120,
+        num_workers=1,
     )
-    _, _, test_loader = get_loader(args)
     assert sum(len(labels) for _, labels in test_loader) == 360
     worker = test_loader._iterator._workers[0]  # persistent: reused by the next pass
     os.kill(worker.pid, signal.SIGINT)

@@ -42,7 +42,6 @@ import re
 import signal
 import sys
 import threading
-from argparse import Namespace
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
@@ -885,17 +884,34 @@ def build_eval_loader(
     )
 
 
-def get_loader(args: Namespace) -> tuple[DataLoader, DataLoader | None, DataLoader]:
+def get_loader(
+    dataset: str,
+    data_dir: str,
+    img_size: int | tuple[int, int],
+    seed: int,
+    micro_batch_size: int,
+    eval_batch_size: int,
+    num_workers: int,
+    holdout_fraction: float = HOLDOUT_FRACTION,
+    strict_images: bool = False,
+    rank: int = 0,
+    local_rank: int | None = None,
+    world_size: int = 1,
+) -> tuple[DataLoader, DataLoader | None, DataLoader]:
     """Training, minival and test loaders for this process (the original port's entry point).
 
-    Reads `args.dataset`, `args.data_dir`, `args.img_size`, `args.seed`, `args.num_workers`,
-    `args.eval_batch_size`, `args.train_batch_size` (total) and `args.micro_batch_size` (per
-    process and forward pass; derived from the total, `args.gradient_accumulation_steps` and
-    the world size when absent), `args.holdout_fraction` (default `HOLDOUT_FRACTION`; 0: no
-    minival), `args.strict_images` (default False: unreadable files of an image folder are
-    skipped with a warning; True: every file is checked first, by the first process of each
-    node), `args.rank`, `args.local_rank`, `args.world_size` (default 0, rank and 1). The
-    first process of each node downloads missing data; the others wait.
+    Args:
+        dataset, data_dir: what to load, and where (CIFAR is downloaded there when missing).
+        img_size: the model's input size.
+        seed: seeds the shuffling and the augmentation.
+        micro_batch_size: images per process and forward pass (the training loader's batch).
+        eval_batch_size: images per process and batch of the minival and test loaders.
+        num_workers: loader worker processes, per loader.
+        holdout_fraction: the last fraction of the training split held out as minival (0: none).
+        strict_images: check every file of an image folder first (on the first process of each
+            node) and refuse unreadable ones; otherwise they are skipped with a warning.
+        rank, local_rank, world_size: this process among all (`local_rank` defaults to `rank`);
+            the first process of each node downloads missing data, the others wait.
 
     The training loader shuffles with a `DistributedSampler` (call `set_epoch` on both the
     sampler and the dataset each epoch) and drops the last incomplete batch; pass each of its
@@ -915,51 +931,46 @@ def get_loader(args: Namespace) -> tuple[DataLoader, DataLoader | None, DataLoad
         UserError: bad data (see `build_test_set`), a holdout fraction outside [0, 1), a
             training set smaller than one batch, or unreadable images with `strict_images`.
     """
-    rank = getattr(args, "rank", 0)
-    world_size = getattr(args, "world_size", 1)
-    fraction = getattr(args, "holdout_fraction", HOLDOUT_FRACTION)
+    fraction = holdout_fraction
     if not 0.0 <= fraction < 1.0:
         raise UserError(
             f"--holdout_fraction {fraction} must be in [0, 1): the fraction of the training "
             f"split held out as minival ({HOLDOUT_FRACTION} officially, 0 for none)."
         )
     # One download per node (the first process of each), as the original port did.
-    local_rank = max(getattr(args, "local_rank", rank), 0)
+    local_rank = max(rank if local_rank is None else local_rank, 0)
     with main_process_first(local_rank):
         download = local_rank == 0
-        train_raw, test_set, classes = _raw_datasets(args.dataset, args.data_dir, download)
-        if getattr(args, "strict_images", False) and args.dataset == "imagefolder" and download:
+        train_raw, test_set, classes = _raw_datasets(dataset, data_dir, download)
+        if strict_images and dataset == "imagefolder" and download:
             for split in (train_raw, test_set):
                 check_images(split)
-    size = to_pair(args.img_size)
+    size = to_pair(img_size)
     test_transform = build_transforms(size, train=False)
     test_set.transform = test_transform
 
     # Image folders are sorted by class: hold out the end of each class, not the last class.
-    by_class = train_raw.targets if args.dataset == "imagefolder" else None
+    by_class = train_raw.targets if dataset == "imagefolder" else None
     train_idx, minival_idx = holdout_split(len(train_raw), fraction, by_class)
-    if args.dataset in IN_MEMORY:
+    if dataset in IN_MEMORY:
         cut = len(train_idx)  # a prefix: the arrays are sliced, not copied
         train_set = InMemoryAugment(
             train_raw.data[:cut],
             train_raw.targets[:cut],
             classes,
             size,
-            args.seed,
-            **_augment_options(args.dataset),
+            seed,
+            **_augment_options(dataset),
         )
     else:
         train_set = SeededAugment(
             Subset(train_raw, train_idx),
-            build_transforms(size, train=True, **_augment_options(args.dataset)),
-            args.seed,
+            build_transforms(size, train=True, **_augment_options(dataset)),
+            seed,
             classes,
         )
 
-    accumulation = getattr(args, "gradient_accumulation_steps", 1)
-    micro_batch = getattr(args, "micro_batch_size", None) or args.train_batch_size // (
-        world_size * accumulation
-    )
+    micro_batch = micro_batch_size
     if len(train_set) < micro_batch * world_size:
         raise UserError(
             f"The training set has {len(train_set)} images, fewer than one batch of "
@@ -967,22 +978,22 @@ def get_loader(args: Namespace) -> tuple[DataLoader, DataLoader | None, DataLoad
             "--gradient_accumulation_steps."
         )
     train_sampler = DistributedSampler(
-        train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed
+        train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=seed
     )
     # Not persistent: workers are re-created each epoch and so see `train_set.set_epoch`.
     train_loader = WatchedLoader(
         train_set,
         batch_size=micro_batch,
         sampler=train_sampler,
-        num_workers=args.num_workers,
+        num_workers=num_workers,
         collate_fn=_as_is if isinstance(train_set, InMemoryAugment) else None,
         drop_last=True,
         pin_memory=torch.cuda.is_available(),
         generator=torch.Generator(),
     )
 
-    def eval_loader(dataset: Dataset) -> DataLoader:
-        return build_eval_loader(dataset, args.eval_batch_size, args.num_workers, rank, world_size)
+    def eval_loader(split: Dataset) -> DataLoader:
+        return build_eval_loader(split, eval_batch_size, num_workers, rank, world_size)
 
     minival_loader = None
     if minival_idx:
