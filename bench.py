@@ -60,14 +60,14 @@ from models.configs import ViTConfig, get_config, model_names
 from models.modeling import VisionTransformer
 from models.npz import load_npz, state_dict_to_npz
 from utils.data_utils import InMemoryAugment, augment_rng, build_transforms
-from utils.engine import LiveTensorBytes
+from utils.engine import LiveTensorBytes, autocast, autocast_dtype
 from utils.file_io import save_npz
+from utils.flags import PRECISIONS
 from utils.optim import OPTIM_DTYPES, make_optimizer
 from utils.preprocessing import crop_resize_batch
 
 logger = logging.getLogger("bench")
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MB = 2**20
 # Medians, and the best round: on a shared machine noise only ever slows a step down, so the
 # fastest of several interleaved rounds is the steadier estimate of what the code costs.
@@ -166,17 +166,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
-
-
-def train_step(
-    runner: Runner, images: torch.Tensor, labels: torch.Tensor, dtype: torch.dtype
+def update_step(
+    runner: Runner, images: torch.Tensor, labels: torch.Tensor, precision: str
 ) -> None:
-    """One optimisation step as train.py takes it (mixed precision via autocast)."""
-    with _autocast(images.device, dtype):
+    """Forward, loss, backward, global-norm clipping at 1.0, the optimizer's step: the work of
+    one train.py update without accumulation, loss scaling or the non-finite guard, the same
+    for our model and timm's (mixed precision as train.py's `autocast`)."""
+    with autocast(precision, images.device):
         loss = runner.loss_fn(runner.model, images, labels)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(runner.model.parameters(), 1.0)
@@ -184,8 +180,8 @@ def train_step(
     runner.optimizer.zero_grad(set_to_none=True)
 
 
-def infer_step(runner: Runner, images: torch.Tensor, dtype: torch.dtype) -> None:
-    with torch.inference_mode(), _autocast(images.device, dtype):
+def infer_step(runner: Runner, images: torch.Tensor, precision: str) -> None:
+    with torch.inference_mode(), autocast(precision, images.device):
         runner.logits_fn(runner.model, images)
 
 
@@ -197,8 +193,10 @@ def _timed(fn: Callable[[], Any], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def matmul_flops_per_s(size: int, dtype: torch.dtype, device: torch.device) -> Callable[[], float]:
-    """A closure timing one (size x size) @ (size x size) GEMM; returns FLOP/s."""
+def matmul_flops_per_s(size: int, precision: str, device: torch.device) -> Callable[[], float]:
+    """A closure timing one (size x size) @ (size x size) GEMM in the dtype autocast computes in
+    for `precision`; returns FLOP/s."""
+    dtype = autocast_dtype(precision, device) or torch.float32
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     torch.mm(a, b)
@@ -531,7 +529,7 @@ def training_batch(
 
 
 def optimizer_memory(
-    args: argparse.Namespace, config: ViTConfig, device: torch.device, dtype: torch.dtype
+    args: argparse.Namespace, config: ViTConfig, device: torch.device, precision: str
 ) -> dict[str, Any]:
     """Momentum bytes and peak memory of one training step of our model, per momentum dtype."""
     images, labels = training_batch(args, device)
@@ -541,9 +539,11 @@ def optimizer_memory(
         model = build_ours(config, args.img_size, args.num_classes).to(device).train()
         optimizer = build_optimizer("ours", model, optim_dtype)
         runner = Runner("ours", model, ours_loss, ours_logits, optimizer)
-        train_step(runner, images, labels, dtype)  # creates the momentum
+        update_step(runner, images, labels, precision)  # creates the momentum
         momentum = (state["momentum_buffer"] for state in optimizer.state.values())
-        peak = peak_memory(runner, lambda r=runner: train_step(r, images, labels, dtype), images)
+        peak = peak_memory(
+            runner, lambda r=runner: update_step(r, images, labels, precision), images
+        )
         result[optim_dtype] = {
             "momentum_mb": _storage_bytes(momentum) / MB,
             "train_peak_mem_mb": peak / MB,
@@ -555,7 +555,7 @@ def checkpointing_figures(
     args: argparse.Namespace,
     config: ViTConfig,
     device: torch.device,
-    dtype: torch.dtype,
+    precision: str,
     gemm: Callable[[], float],
 ) -> dict[str, Any]:
     """Training img/s and peak memory without and with activation checkpointing.
@@ -579,7 +579,7 @@ def checkpointing_figures(
     logger.info("checkpointing: %d warm-up + %d timed training rounds", args.warmup, args.iters)
     interleaved(
         list(runners.values()),
-        lambda r: train_step(r, images, labels, dtype),
+        lambda r: update_step(r, images, labels, precision),
         "train_times",
         args.warmup,
         args.iters,
@@ -589,7 +589,7 @@ def checkpointing_figures(
     )
     result: dict[str, Any] = {}
     for (name, checkpointing), r in runners.items():
-        peak = peak_memory(r, lambda r=r: train_step(r, images, labels, dtype), images)
+        peak = peak_memory(r, lambda r=r: update_step(r, images, labels, precision), images)
         result.setdefault(name, {})["with" if checkpointing else "without"] = {
             "train_img_s": args.train_batch_size / statistics.median(r.train_times),
             "train_img_s_best": args.train_batch_size / min(r.train_times),
@@ -610,7 +610,7 @@ def measure_models(
     args: argparse.Namespace,
     config: ViTConfig,
     device: torch.device,
-    dtype: torch.dtype,
+    precision: str,
     gemm: Callable[[], float],
 ) -> dict[str, Any]:
     """Throughput, FLOPs and peak memory of ours vs timm: `eager`, and `compiled` if asked.
@@ -652,7 +652,7 @@ def measure_models(
     gemm_rates: list[float] = []
     interleaved(
         runners,
-        lambda r: infer_step(r, infer_x, dtype),
+        lambda r: infer_step(r, infer_x, precision),
         "infer_times",
         args.warmup,
         args.infer_iters,
@@ -665,7 +665,7 @@ def measure_models(
     logger.info("training: %d warm-up + %d timed rounds", args.warmup, args.iters)
     interleaved(
         runners,
-        lambda r: train_step(r, train_x, train_y, dtype),
+        lambda r: update_step(r, train_x, train_y, precision),
         "train_times",
         args.warmup,
         args.iters,
@@ -680,15 +680,15 @@ def measure_models(
     for r in eager_runners:
         r.model.eval()
         cost[r.name] = {
-            "infer_flops": count_flops(lambda r=r: infer_step(r, infer_x, dtype)),
-            "infer_mem": peak_memory(r, lambda r=r: infer_step(r, infer_x, dtype), infer_x),
+            "infer_flops": count_flops(lambda r=r: infer_step(r, infer_x, precision)),
+            "infer_mem": peak_memory(r, lambda r=r: infer_step(r, infer_x, precision), infer_x),
         }
         r.model.train()
         cost[r.name]["train_flops"] = count_flops(
-            lambda r=r: train_step(r, train_x, train_y, dtype)
+            lambda r=r: update_step(r, train_x, train_y, precision)
         )
         cost[r.name]["train_mem"] = peak_memory(
-            r, lambda r=r: train_step(r, train_x, train_y, dtype), train_x
+            r, lambda r=r: update_step(r, train_x, train_y, precision), train_x
         )
         tokens = _num_tokens(models["ours"])
         cost[r.name]["nxn"] = saved_attention_maps(r.model, r.loss_fn, train_x, train_y, tokens)
@@ -733,9 +733,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
         device = torch.device(args.device)
-    dtype = DTYPES[args.dtype]
+    precision = args.dtype
     matmul_size = args.matmul_size or (8192 if device.type == "cuda" else 2048)
-    gemm = matmul_flops_per_s(matmul_size, dtype, device)
+    gemm = matmul_flops_per_s(matmul_size, precision, device)
     results: dict[str, Any] = {
         "command": " ".join([os.path.basename(sys.argv[0]) or "bench.py", *sys.argv[1:]]),
         "settings": {
@@ -759,7 +759,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         },
         "machine": machine_info(device),
     }
-    results.update(measure_models(args, config, device, dtype, gemm))
+    results.update(measure_models(args, config, device, precision, gemm))
     if args.compile:
         results["compile_gain"] = {
             name: {
@@ -769,9 +769,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for name in ("ours", "timm")
         }
     if args.grad_checkpointing:
-        results["grad_checkpointing"] = checkpointing_figures(args, config, device, dtype, gemm)
+        results["grad_checkpointing"] = checkpointing_figures(args, config, device, precision, gemm)
     logger.info("optimizer memory")
-    results["optimizer"] = optimizer_memory(args, config, device, dtype)
+    results["optimizer"] = optimizer_memory(args, config, device, precision)
     if args.load_iters:
         logger.info("checkpoint load time")
         results["checkpoint_load"] = checkpoint_load_times(
@@ -925,7 +925,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--train_batch_size", type=int, default=None, help="training batch (default: --batch_size)"
     )
     parser.add_argument("--num_classes", type=int, default=10)
-    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
+    parser.add_argument(
+        "--dtype", choices=PRECISIONS, default="fp32", help="autocast precision, as train.py's"
+    )
     parser.add_argument(
         "--optim_dtype",
         choices=OPTIM_DTYPES,

@@ -29,6 +29,7 @@ __all__ = [
     "MemoryFit",
     "StaticGradScaler",
     "autocast",
+    "autocast_dtype",
     "available_bytes",
     "evaluate",
     "is_out_of_memory",
@@ -72,13 +73,19 @@ def resolve_precision(args: argparse.Namespace, device: torch.device) -> str:
     return precision
 
 
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The dtype `autocast` computes in for `precision` on `device` (None: fp32, no autocast)."""
+    dtype = AUTOCAST_DTYPES[precision]
+    if dtype == torch.float16 and device.type != "cuda":
+        return torch.bfloat16  # the CPU has no fp16 autocast worth using
+    return dtype
+
+
 def autocast(precision: str, device: torch.device):
     """The autocast context for `precision` (a no-op for fp32)."""
-    dtype = AUTOCAST_DTYPES[precision]
+    dtype = autocast_dtype(precision, device)
     if dtype is None:
         return nullcontext()
-    if dtype == torch.float16 and device.type != "cuda":
-        dtype = torch.bfloat16  # the CPU has no fp16 autocast worth using
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
