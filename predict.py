@@ -162,8 +162,8 @@ def predict(
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 
-    from utils.attention_maps import top_k
     from utils.data_utils import build_transforms
+    from utils.engine import top_k
     from utils.loading import load_model
 
     loaded = load_model(args.checkpoint, args.model_type, args.img_size)

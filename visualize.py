@@ -126,6 +126,7 @@ def main(argv: list[str] | None = None) -> None:
 
     matplotlib.use("Agg")  # files only, never a window
     from utils import attention_maps as am
+    from utils.engine import top_k
     from utils.file_io import check_output, save_figure
     from utils.loading import load_model
 
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     for (name, image), path in zip(images, paths, strict=True):
         batch = am.preprocess([image], loaded.img_size)  # (1, 3, H, W)
         maps = am.compute_attention_maps(loaded.model, batch, layer_kind=args.layer_maps)
-        predictions = am.top_k(maps.logits, args.top_k, loaded.class_names)[0]
+        predictions = top_k(maps.logits, args.top_k, loaded.class_names)[0]
         print(f"{name}:")
         for rank, (label, prob) in enumerate(predictions, start=1):
             print(f"  {rank}. {prob:6.1%}  {label}")

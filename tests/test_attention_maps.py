@@ -164,15 +164,6 @@ def test_small_hybrid_non_square():
     assert maps.rollout.shape == (1, *model.grid_size) == (1, 16, 24)
 
 
-def test_top_k():
-    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]])
-    assert [label for label, _ in am.top_k(logits, 2)[0]] == ["1", "3"]
-    names = ["a", "b", "c", "d"]
-    preds = am.top_k(logits, 10, names)[0]
-    assert [label for label, _ in preds] == ["b", "d", "c", "a"]
-    assert sum(p for _, p in preds) == pytest.approx(1.0)
-
-
 def test_open_image_names_a_file_that_is_no_image(tmp_path):
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(UserError, match="Cannot read image"):

@@ -21,6 +21,7 @@ import predict
 from models.modeling import VisionTransformer
 from tests.helpers import expect_user_error
 from utils.data_utils import build_transforms
+from utils.engine import top_k
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["cat", "dog", "bird", "fish"]
@@ -242,3 +243,12 @@ def test_a_full_disk_keeps_the_previous_output_and_names_only_predicts_flags(
     assert "--output_dir" not in err  # train.py's flags, which predict.py does not have
     assert "--resume" not in err
     assert out.read_text() == "the previous predictions\n"
+
+
+def test_top_k():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]])
+    assert [label for label, _ in top_k(logits, 2)[0]] == ["1", "3"]
+    names = ["a", "b", "c", "d"]
+    preds = top_k(logits, 10, names)[0]
+    assert [label for label, _ in preds] == ["b", "d", "c", "a"]
+    assert sum(p for _, p in preds) == pytest.approx(1.0)

@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anyw
 from models.configs import model_names
 from utils import analysis
 from utils import attention_maps as am
+from utils.engine import top_k
 from utils.errors import UserError, run_cli
 from utils.file_io import check_output, render_figure, write_output
 from utils.flags import positive_int, setup_logging
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         image, name = photo, "scikit-learn sample photo"
     maps = am.compute_attention_maps(loaded.model, am.preprocess([image], loaded.img_size))
-    predictions = am.top_k(maps.logits, 5, loaded.class_names)[0]
+    predictions = top_k(maps.logits, 5, loaded.class_names)[0]
     title = f"{name}: {loaded.model_type} ({Path(args.checkpoint).name})"
     fig = am.plot_attention(image, maps, predictions=predictions, title=title)
     save_png(fig, out / "attention_map.png", args.dpi)

@@ -46,7 +46,6 @@ __all__ = [
     "sample_digit",
     "sample_image",
     "token_scores",
-    "top_k",
     "upsample_map",
 ]
 
@@ -251,24 +250,6 @@ def compute_attention_maps(
         description=map_description(prefix),
         attentions=list(attentions),
     )
-
-
-def top_k(
-    logits: torch.Tensor, k: int = 5, names: Sequence[str] | None = None
-) -> list[list[tuple[str, float]]]:
-    """The `k` most probable classes of every image, as (label, probability) pairs.
-
-    Labels are class names when `names` is given, else the class indices as strings.
-    """
-    probs = logits.float().softmax(dim=-1)  # (B, classes)
-    values, indices = probs.topk(min(k, probs.shape[-1]), dim=-1)
-    return [
-        [
-            (names[i] if names is not None else str(i), float(p))
-            for p, i in zip(row_p.tolist(), row_i.tolist(), strict=True)
-        ]
-        for row_p, row_i in zip(values, indices, strict=True)
-    ]
 
 
 # --------------------------------------------------------------------------------------------

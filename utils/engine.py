@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 import weakref
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -36,6 +37,7 @@ __all__ = [
     "make_scaler",
     "measure_memory",
     "resolve_precision",
+    "top_k",
     "unwrap",
 ]
 
@@ -417,3 +419,21 @@ def _fit_line(
 
 # --------------------------------------------------------------------------------------------
 # Logging
+
+
+def top_k(
+    logits: torch.Tensor, k: int = 5, names: Sequence[str] | None = None
+) -> list[list[tuple[str, float]]]:
+    """The `k` most probable classes of every image, as (label, probability) pairs.
+
+    Labels are class names when `names` is given, else the class indices as strings.
+    """
+    probs = logits.float().softmax(dim=-1)  # (B, classes)
+    values, indices = probs.topk(min(k, probs.shape[-1]), dim=-1)
+    return [
+        [
+            (names[i] if names is not None else str(i), float(p))
+            for p, i in zip(row_p.tolist(), row_i.tolist(), strict=True)
+        ]
+        for row_p, row_i in zip(values, indices, strict=True)
+    ]
