@@ -772,7 +772,6 @@ def save_last_state(
             last_state_path(args.output_dir, args.name),
             model=trainer.model,
             optimizer=trainer.optimizer,
-            scheduler=trainer.scheduler,
             scaler=trainer.scaler,
             state=state,
             args=args,

@@ -170,7 +170,7 @@ def _fine_tuned(tmp_path, kind: str, model: VisionTransformer):
         path = tmp_path / "run_last.pt"
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         save_training_state(
-            path, model=model, optimizer=optimizer, scheduler=None, scaler=None,
+            path, model=model, optimizer=optimizer, scaler=None,
             state=TrainState(step=3), args={},
         )  # fmt: skip
     else:

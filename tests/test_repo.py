@@ -1,5 +1,6 @@
 """The repo's promises: the dev container's files exist, has_cuda.py, requirements."""
 
+import ast
 import json
 import re
 import subprocess
@@ -65,7 +66,14 @@ def test_every_third_party_import_is_a_requirement() -> None:
     for path in ROOT.rglob("*.py"):
         if ".venv" in path.parts:
             continue
-        for module in re.findall(r"^\s*(?:from|import) (\w+)", path.read_text(), re.M):
-            if module not in stdlib and module not in local and module != "__future__":
-                found.add(module_to_package.get(module, module).lower())
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                modules = [node.module]
+            else:
+                continue
+            for module in (name.split(".")[0] for name in modules):
+                if module not in stdlib and module not in local and module != "__future__":
+                    found.add(module_to_package.get(module, module).lower())
     assert found <= wanted, f"imported but not in requirements: {sorted(found - wanted)}"

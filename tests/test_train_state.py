@@ -78,7 +78,6 @@ def test_n_steps_equal_half_then_resume_half(tmp_path) -> None:
         path,
         model=first[0],
         optimizer=first[1],
-        scheduler=first[2],
         scaler=first[3],
         state=TrainState(step=3, best_accuracy=0.25, epoch=1, batches_in_epoch=7),
         args=args,
@@ -86,9 +85,9 @@ def test_n_steps_equal_half_then_resume_half(tmp_path) -> None:
 
     _seed_all(99)  # a new process: other seeds, fresh objects
     resumed = _training_objects(5)
-    state = load_training_state(
-        path, model=resumed[0], optimizer=resumed[1], scheduler=resumed[2], scaler=resumed[3]
-    )
+    state = load_training_state(path, model=resumed[0], optimizer=resumed[1], scaler=resumed[3])
+    # The schedule is rebuilt at the saved step, as train.py does.
+    resumed = (*resumed[:2], make_scheduler(resumed[1], 8, 2, count=state.step), resumed[3])
     assert (state.step, state.best_accuracy, state.epoch, state.batches_in_epoch) == (
         3,
         0.25,
@@ -117,7 +116,6 @@ def test_state_of_a_wrapped_model_loads_into_a_bare_one(tmp_path) -> None:
         path,
         model=wrapped,
         optimizer=optimizer,
-        scheduler=None,
         scaler=object(),  # a fixed-scale scaler has no state to save
         state=TrainState(step=1, best_accuracy=0.0, epoch=0, batches_in_epoch=1),
         args={},
@@ -132,7 +130,6 @@ def _save_state(path: Path, model: VisionTransformer) -> None:
         path,
         model=model,
         optimizer=optimizer,
-        scheduler=None,
         scaler=None,
         state=TrainState(step=2, best_accuracy=0.5, epoch=0, batches_in_epoch=2),
         args={"model_type": model.config.name},
@@ -247,7 +244,6 @@ def test_resume_mid_epoch_with_real_loader(tmp_path) -> None:
         path,
         model=first.model,
         optimizer=first.optimizer,
-        scheduler=first.scheduler,
         scaler=None,
         state=position,
         args=args,
@@ -256,9 +252,8 @@ def test_resume_mid_epoch_with_real_loader(tmp_path) -> None:
     _seed_all(123)
     resumed, _ = _trainer(9, tmp_path)
     loader = _digits_loader(torch.Generator())
-    state = load_training_state(
-        path, model=resumed.model, optimizer=resumed.optimizer, scheduler=resumed.scheduler
-    )
+    state = load_training_state(path, model=resumed.model, optimizer=resumed.optimizer)
+    resumed.scheduler = make_scheduler(resumed.optimizer, 8, 2, count=state.step)
     _run(loader, resumed, args, state, stop_at=5)
     for key, value in straight.model.state_dict().items():
         assert torch.equal(resumed.model.state_dict()[key], value), key
@@ -268,7 +263,7 @@ def test_a_state_remembers_its_split_and_refuses_another(tmp_path) -> None:
     split = {"holdout_fraction": 0.02, "train_images": 98, "minival_images": 2}
     model, optimizer, _, _ = _training_objects(0)
     path = tmp_path / "s.pt"
-    save_training_state(path, model=model, optimizer=optimizer, scheduler=None, scaler=None,
+    save_training_state(path, model=model, optimizer=optimizer, scaler=None,
                         state=TrainState(step=2, split=split, precision="bf16"),
                         args={"holdout_fraction": 0.02})  # fmt: skip
     state = load_training_state(path, model=_training_objects(1)[0], split=split)

@@ -1,6 +1,6 @@
 """The training state: everything `--resume` needs to continue a run exactly.
 
-`<output_dir>/<name>_last.pt` holds model, optimizer, scheduler, grad scaler, the run's progress
+`<output_dir>/<name>_last.pt` holds model, optimizer, grad scaler, the run's progress
 (:class:`TrainState`), every rank's RNG states, the data-order position, the args and the model
 config, what split the training images into training and minival, the precision, and the
 SHA-256 of all that (`content_sha256`), checked on load. It loads with
@@ -41,7 +41,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-STATE_VERSION = 1
+STATE_VERSION = 1  # a state of a later version is refused, not misread
+# TrainState fields saved under another key than their own (the layout of earlier versions).
+SAVED_UNDER = {"epoch": "data_position", "batches_in_epoch": "data_position"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -154,7 +156,6 @@ def save_training_state(
     *,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    scheduler: Any | None,
     scaler: Any | None,
     state: TrainState,
     args: Any,
@@ -166,8 +167,8 @@ def save_training_state(
         path: usually :func:`last_state_path`.
         model: the model, possibly wrapped in DDP / torch.compile; its config, image size and
             class count are stored so that a resume with another model is refused.
-        optimizer: its `state_dict` is saved.
-        scheduler: an LR scheduler or None.
+        optimizer: its `state_dict` is saved. The schedule is not: it is a function of the
+            step, rebuilt on resume from the command's flags (`make_scheduler(..., step)`).
         scaler: a `torch.amp.GradScaler` (saved), or None / a stateless fixed-scale scaler.
         state: the run's progress (its `args` field is not used; `args` is).
         args: an `argparse.Namespace` or a mapping; stored as plain values.
@@ -186,22 +187,16 @@ def save_training_state(
         "num_classes": getattr(bare, "num_classes", None),
         "model": bare.state_dict(),
         "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "scaler": scaler.state_dict() if hasattr(scaler, "state_dict") else None,
-        "step": int(state.step),
-        "best_accuracy": float(state.best_accuracy),
-        "best_step": int(state.best_step),
-        "best_loss": float(state.best_loss),
-        "best_test_accuracy": float(state.best_test_accuracy),
-        "data_position": {
-            "epoch": int(state.epoch),
-            "batches_in_epoch": int(state.batches_in_epoch),
-        },
         "rng": rng_states if rng_states is not None else [get_rng_state()],
-        "split": _plain(state.split),
-        "precision": state.precision,
         "args": _plain(dict(args_dict or {})),
     }
+    for field in dataclasses.fields(TrainState):
+        if field.name != "args":  # the run's own flags are `args`, above
+            group = SAVED_UNDER.get(field.name)
+            (saved.setdefault(group, {}) if group else saved)[field.name] = _plain(
+                getattr(state, field.name)
+            )
     atomic_save(with_content_sha256(saved), path)  # verified by safe_load
 
 
@@ -256,22 +251,20 @@ def load_training_state(
     *,
     model: nn.Module,
     optimizer: torch.optim.Optimizer | None = None,
-    scheduler: Any | None = None,
     scaler: Any | None = None,
     rank: int = 0,
     split: Mapping[str, Any] | None = None,
 ) -> TrainState:
     """Restore a :func:`save_training_state` file into freshly built training objects.
 
-    Call on every rank after building the model, optimizer, scheduler, scaler and data loaders,
+    Call on every rank after building the model, optimizer, scaler and data loaders,
     and before the first batch (restoring the RNG must be the last thing before training goes
     on, so that nothing else draws random numbers in between).
 
     Args:
         path: the state file.
         model: same architecture, image size and class count as the saved one.
-        optimizer: restored when given.
-        scheduler: restored when given.
+        optimizer: restored when given (then rebuild the schedule at the returned step).
         scaler: restored when given and saved.
         rank: this process's rank; selects its RNG state when one per rank was saved (Python,
             NumPy, torch and CUDA RNGs are restored).
@@ -291,14 +284,17 @@ def load_training_state(
             "one. A best checkpoint (*_checkpoint.bin) holds weights only and can be evaluated "
             "with eval.py or used as --pretrained_dir, but not resumed."
         )
+    if not isinstance(saved.get("version", 1), int) or saved.get("version", 1) > STATE_VERSION:
+        raise UserError(
+            f"{path} is a training state of format version {saved.get('version')!r}, newer than "
+            f"this code reads ({STATE_VERSION}): resume it with the version that wrote it."
+        )
     _check_same_model(saved, model, path)
     if split is not None:
         _check_same_split(saved, split, path)
     assign_weights(model, saved["model"], path)
     if optimizer is not None:
         optimizer.load_state_dict(saved["optimizer"])
-    if scheduler is not None and saved.get("scheduler") is not None:
-        scheduler.load_state_dict(saved["scheduler"])
     if hasattr(scaler, "load_state_dict") and saved.get("scaler") is not None:
         scaler.load_state_dict(saved["scaler"])
     states = saved["rng"]
@@ -310,16 +306,13 @@ def load_training_state(
             rank,
         )
     set_rng_state(states[rank] if rank < len(states) else states[0])
-    position = saved["data_position"]
-    return TrainState(
-        step=int(saved["step"]),
-        epoch=int(position["epoch"]),
-        batches_in_epoch=int(position["batches_in_epoch"]),
-        best_accuracy=float(saved["best_accuracy"]),
-        best_step=int(saved.get("best_step", 0)),
-        best_loss=float(saved.get("best_loss", math.inf)),
-        best_test_accuracy=float(saved.get("best_test_accuracy", saved["best_accuracy"])),
-        args=dict(saved.get("args") or {}),
-        split=dict(saved.get("split") or {}),
-        precision=saved.get("precision"),
-    )
+    progress = {"args": dict(saved.get("args") or {})}
+    for field in dataclasses.fields(TrainState):
+        group = SAVED_UNDER.get(field.name)
+        source = (saved.get(group) or {}) if group else saved
+        if field.name != "args" and source.get(field.name) is not None:
+            progress[field.name] = source[field.name]
+    # States written before the test accuracy at the best step was kept: the selection split
+    # was the test set then.
+    progress.setdefault("best_test_accuracy", progress.get("best_accuracy", -1.0))
+    return TrainState(**progress)
