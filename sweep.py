@@ -75,7 +75,13 @@ PRESETS = {
     ),
     # Table 4's small datasets (Pets, Flowers) train 500 steps; 2 % held out, as for CIFAR.
     "imagefolder": Preset(
-        500, 100, 512, 384, 0.02, PAPER_GRID, "the paper's Table 4 for Pets and Flowers"
+        500,
+        100,
+        512,
+        384,
+        0.02,
+        PAPER_GRID,
+        "the paper's Table 4 for Pets and Flowers; warmup ours",
     ),
     # Not the paper's: the schedule of `make demo` (from scratch at 32x32). 10 % held out as
     # for the paper's small datasets: 2 % of 1,437 images would be 29, too few to rank rates.
@@ -578,6 +584,7 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     args, train_argv = parse_args(argv)
     from utils.dist_utils import DistInfo
     from utils.engine import setup_logging
+    from utils.file_io import atomic_write_text
 
     is_main = int(os.environ.get("RANK", "0")) == 0
     setup_logging(DistInfo(rank=0 if is_main else 1), args.verbose)
@@ -591,6 +598,10 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     check_same_protocol(json_path, protocol)
     if is_main:
         log_protocol(common, preset, grid, seeds)
+        if not args.collect and not json_path.is_file():  # what a rerun must keep, from now on
+            out.mkdir(parents=True, exist_ok=True)
+            plan_text = json.dumps({"name": args.name, "protocol": protocol, "status": "planned"})
+            atomic_write_text(json_path, plan_text + "\n")
 
     output_dir, steps, log_root = common.output_dir, common.num_steps, common.log_dir
     grid_trials = plan(args.name, base_argv, log_root, grid, common.seed, common.holdout_fraction)
@@ -615,8 +626,6 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
 
     summary = summarise(args.name, protocol, grid_trials, finals, chosen, why)
     if is_main:
-        from utils.file_io import atomic_write_text
-
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(json_path, json.dumps(summary, indent=2) + "\n")
         table = markdown(summary)

@@ -933,16 +933,16 @@ def report(run: Run, stopped: bool, signum: int | None, wall: float, steps: int)
 
 def print_summary(summary: Summary, args: argparse.Namespace) -> None:
     evaluated = summary.selected_step > 0
-    by = (
-        "(the final step, selected on nothing)"
-        if summary.selected_by == "final"
-        else f"by {summary.selected_by} accuracy {summary.selected_accuracy:.4f}"
-    )
-    selected = (
-        f"step {summary.selected_step} {by}; test accuracy {summary.selected_test_accuracy:.4f}"
-        if evaluated
-        else "none (no evaluation ran)"
-    )
+    selected = "none (no evaluation ran)"
+    if evaluated:
+        by = (
+            "(the final step, selected on nothing)"
+            if summary.selected_by == "final"
+            else f"by {summary.selected_by} accuracy {summary.selected_accuracy:.4f}"
+        )
+        selected = (
+            f"step {summary.selected_step} {by}; test accuracy {summary.selected_test_accuracy:.4f}"
+        )
     print(
         f"Best checkpoint: {selected}\n"
         f"Steps: {summary.step} of {args.num_steps}"
