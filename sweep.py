@@ -179,6 +179,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, l
         p.add_argument(f"--{flag}", nargs="?", const=True, default=None, help=argparse.SUPPRESS)
     add_verbose(p)
     args, train_argv = p.parse_known_args(argv)
+    if args.verbose:
+        train_argv.append("--verbose")  # train.py's too
     for flag, why in SET_BY_SWEEP.items():
         if getattr(args, flag) is not None:
             raise UserError(f"--{flag} is not a sweep flag: {why}.")
@@ -439,7 +441,7 @@ def markdown(summary: dict) -> str:
         "",
         f"{p['num_steps']} steps ({p['warmup_steps']} warmup, {p['decay_type']}), batch "
         f"{p['train_batch_size']}, {p['img_size']}x{p['img_size']}, from {p['pretrained_dir']}. "
-        f"Grid on the training split minus its last {p['holdout_fraction']:.0%} (the "
+        f"Grid on the training split minus its last {p['holdout_fraction'] * 100:g} % (the "
         "development split), scored at the final step; the chosen rate retrained on 100 % of "
         "the training split; the final step's test accuracy.",
         "",
