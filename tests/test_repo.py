@@ -56,6 +56,7 @@ def test_every_third_party_import_is_a_requirement() -> None:
         "conftest",
         "export",
         "predict",
+        "sweep",
     }
     local |= {"export", "predict"}
     stdlib = set(sys.stdlib_module_names)
