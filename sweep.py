@@ -371,7 +371,14 @@ def choose(grid: Sequence[Trial]) -> tuple[Trial, str]:
             "--learning_rates."
         )
     why = f"the best development accuracy, {best.dev_accuracy:.4f}"
-    tied = [t for t in grid if t is not best and t.dev_accuracy == best.dev_accuracy]
+    tied = [
+        t
+        for t in grid
+        if t is not best
+        and t.status == "finished"
+        and t.dev_accuracy == best.dev_accuracy
+        and math.isfinite(t.dev_loss)
+    ]
     if tied:
         rates = ", ".join(rate_text(t.learning_rate) for t in tied)
         same_loss = [t for t in tied if t.dev_loss == best.dev_loss]
