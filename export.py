@@ -1,15 +1,18 @@
-"""Export a checkpoint to the formats other tools read: official .npz, safetensors, timm, ONNX.
+"""Export a checkpoint to the formats other tools read: official .npz, safetensors, timm,
+Hugging Face, ONNX.
 
     python3 export.py --checkpoint output/NAME_checkpoint.bin --format npz
     python3 export.py --checkpoint output/NAME_checkpoint.bin --format safetensors
     python3 export.py --checkpoint output/NAME_checkpoint.bin --format timm
+    python3 export.py --checkpoint output/NAME_checkpoint.bin --format hf
     python3 export.py --checkpoint output/NAME_checkpoint.bin --format onnx --output model.onnx
 
 `--checkpoint` takes anything eval.py takes (a train.py `.bin` with its `.json` sidecar, a
-`_last.pt`, an official `.npz`, an exported `.safetensors`); model type, image size and class
-names come from it, `--model_type`/`--img_size` override them. The output goes next to the
-checkpoint unless `--output` says otherwise (`NAME_checkpoint.npz`, `.safetensors`,
-`_timm.pth`, `.onnx`); an existing file is kept unless `--overwrite` is given. Formats:
+`_last.pt`, an official `.npz`, an exported `.safetensors`, a Hugging Face folder, a timm state
+dict); model type, image size and class names come from it, `--model_type`/`--img_size`
+override them. The output goes next to the checkpoint unless `--output` says otherwise
+(`NAME_checkpoint.npz`, `.safetensors`, `_timm.pth`, `_hf/`, `.onnx`); an existing file is kept
+unless `--overwrite` is given. Formats:
 
 - `npz`: the official vit_jax layout (`vit_jax/checkpoint.py` keys, Flax kernel layouts), as
   the downloads are; this project's loaders read it back bit-exactly.
@@ -18,6 +21,11 @@ checkpoint unless `--output` says otherwise (`NAME_checkpoint.npz`, `.safetensor
 - `timm`: a state dict for `timm.create_model(<timm name>, ..., act_layer='gelu_tanh')`, loaded
   with strict=True (the call is printed). Official plain ViTs only: timm's hybrids standardise
   weights and normalise groups with other epsilons, and `testing`/`demo` are ours alone.
+- `hf`: a folder `transformers.ViTForImageClassification.from_pretrained` loads with no
+  missing or unexpected keys: `config.json` with the official numerics (tanh GELU, LayerNorm
+  eps 1e-6), `model.safetensors`, `preprocessor_config.json` for `ViTImageProcessor` and a
+  model card (`README.md`). Checked with transformers itself when it is installed. Plain ViTs
+  with the class token and no `pre_logits` only (what ViTForImageClassification computes).
 - `onnx`: the logits graph, input `images` (batch, 3, H, W), output `logits` (batch, classes),
   dynamic batch axis, opset 17 (TorchScript exporter); checked with onnxruntime after export.
   Needs `pip install onnx onnxruntime`.
@@ -26,20 +34,27 @@ checkpoint unless `--output` says otherwise (`NAME_checkpoint.npz`, `.safetensor
 from __future__ import annotations
 
 import argparse
-import contextlib
 import inspect
 import io
 import json
 import logging
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from models.configs import ViTConfig, model_names
+from models.foreign import (
+    TIMM_NAMES,
+    hf_config,
+    hf_preprocessor_config,
+    hf_refusal,
+    hf_state_dict,
+    timm_state_dict,
+)
 from models.npz import clean_state_dict, state_dict_to_npz
 from utils.errors import UserError, run_cli
 from utils.flags import HelpFormatter, add_verbose, log_level, positive_int
@@ -50,34 +65,21 @@ if TYPE_CHECKING:
 
     from utils.loading import LoadedModel
 
+logger = logging.getLogger(__name__)
+
 # torch, and every module of ours that imports it, is imported inside the functions that use
 # it, after the flags are parsed: `--help` and a mistyped flag answer at once.
 
 # Output file name: the checkpoint's path with its suffix replaced by this.
-SUFFIXES = {"npz": ".npz", "safetensors": ".safetensors", "timm": "_timm.pth", "onnx": ".onnx"}
+SUFFIXES = {
+    "npz": ".npz",
+    "safetensors": ".safetensors",
+    "timm": "_timm.pth",
+    "onnx": ".onnx",
+    "hf": "_hf",  # a folder
+}
 ONNX_OPSET = 17  # LayerNormalization is a single ONNX op from opset 17 on
 ONNX_MAX_BYTES = 2**31  # protobuf's limit for one .onnx file
-
-# Our registry name -> timm's model of the same architecture (`timm/models/vision_transformer.py`).
-# The `_224` is only timm's default input size: `img_size=` overrides it.
-TIMM_NAMES = {
-    "ViT-Ti_16": "vit_tiny_patch16_224",
-    "ViT-S_16": "vit_small_patch16_224",
-    "ViT-S_32": "vit_small_patch32_224",
-    "ViT-B_16": "vit_base_patch16_224",
-    "ViT-B_32": "vit_base_patch32_224",
-    "ViT-B_8": "vit_base_patch8_224",
-    "ViT-L_16": "vit_large_patch16_224",
-    "ViT-L_32": "vit_large_patch32_224",
-    "ViT-H_14": "vit_huge_patch14_224",
-}
-# Key prefixes, ours -> timm's; the rest of each key (norm1, attn.qkv, mlp.fc1, head) is the same.
-TIMM_PREFIXES = (
-    ("embeddings.patch_embed.", "patch_embed.proj."),
-    ("embeddings.", ""),  # cls_token, pos_embed
-    ("encoder.blocks.", "blocks."),
-    ("encoder.norm.", "norm."),
-)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -85,15 +87,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--checkpoint",
         required=True,
-        help="train.py's output/<name>_checkpoint.bin (or _last.pt), an official .npz, or a "
-        ".safetensors.",
+        help="train.py's output/<name>_checkpoint.bin (or _last.pt), an official .npz, a "
+        ".safetensors, a Hugging Face folder or a timm state dict.",
     )
     p.add_argument("--format", required=True, choices=tuple(SUFFIXES), help="What to write.")
     p.add_argument(
         "--output",
         default=None,
-        help="File to write. Default: next to the checkpoint, e.g. NAME_checkpoint.npz, "
-        "NAME_checkpoint_timm.pth.",
+        help="File (for --format hf: folder) to write. Default: next to the checkpoint, e.g. "
+        "NAME_checkpoint.npz, NAME_checkpoint_timm.pth, NAME_checkpoint_hf.",
     )
     p.add_argument("--overwrite", action="store_true", help="Replace an existing output file.")
     p.add_argument(
@@ -119,38 +121,6 @@ def output_path(checkpoint: str, fmt: str, output: str | None) -> Path:
         return Path(output)
     path = Path(checkpoint)
     return path.with_name(path.stem + SUFFIXES[fmt])
-
-
-def check_writable(path: Path, overwrite: bool) -> None:
-    """Refuse, before any work, an output that exists (without `--overwrite`) or cannot be made.
-
-    Raises:
-        UserError: naming the path and the fix.
-    """
-    if path.is_dir():
-        raise UserError(f"--output {path} is a directory; pass a file name, e.g. {path}/model.")
-    if path.exists() and not overwrite:
-        raise UserError(
-            f"{path} already exists; pass --overwrite to replace it, or another --output."
-        )
-    parent = path.absolute().parent
-    while not parent.exists():  # atomic_write creates the missing folders
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise UserError(
-            f"Cannot write {path}: {parent} is not a writable folder. Pass another --output."
-        )
-
-
-@contextlib.contextmanager
-def writing(path: Path) -> Iterator[None]:
-    """Turn a failed write (permissions, a file where a folder should be) into a UserError."""
-    try:
-        yield
-    except OSError as err:
-        raise UserError(
-            f"Cannot write {path}: {err.strerror or err}. Pass another --output."
-        ) from None
 
 
 def describe(loaded: LoadedModel) -> dict[str, Any]:
@@ -208,18 +178,6 @@ def timm_model_args(
     return TIMM_NAMES[config.name], kwargs
 
 
-def timm_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Our state dict under timm's `VisionTransformer` key names (the tensors are the same)."""
-    renamed = {}
-    for key, value in clean_state_dict(state).items():
-        for ours, theirs in TIMM_PREFIXES:
-            if key.startswith(ours):
-                key = theirs + key[len(ours) :]
-                break
-        renamed[key] = value
-    return renamed
-
-
 def create_model_call(name: str, kwargs: dict[str, Any]) -> str:
     """The `timm.create_model(...)` line a user can paste."""
     args = ", ".join([repr(name), *(f"{k}={v!r}" for k, v in kwargs.items())])
@@ -245,6 +203,270 @@ def check_against_timm(name: str, kwargs: dict[str, Any], state: dict[str, torch
             f"differences: {', '.join(differ[:5])}); export --format npz or onnx instead."
         )
     return f"Checked against timm {timm.__version__}: every key and shape matches."
+
+
+# --------------------------------------------------------------------------------------------
+# Hugging Face
+
+# train.py flags a model card lists, when the run's `_last.pt` still holds them.
+RECIPE_FLAGS = (
+    "pretrained_dir",
+    "dataset",
+    "img_size",
+    "num_steps",
+    "warmup_steps",
+    "decay_type",
+    "learning_rate",
+    "weight_decay",
+    "train_batch_size",
+    "gradient_accumulation_steps",
+    "max_grad_norm",
+    "optim_dtype",
+    "precision",
+    "holdout_fraction",
+    "seed",
+)
+CHECK_IMAGES = 3  # random images each check runs (logits; pipeline top-1)
+
+
+def source_sha256(checkpoint: str) -> tuple[str, str]:
+    """(the file hashed, its SHA-256): the checkpoint, or a folder's first weight file."""
+    from utils.file_io import file_sha256
+    from utils.loading import folder_weight_files, is_model_folder
+
+    path = folder_weight_files(checkpoint)[0] if is_model_folder(checkpoint) else checkpoint
+    return path, file_sha256(path)
+
+
+def recipe(checkpoint: str) -> dict[str, Any]:
+    """The training flags of the run that wrote `checkpoint`, from its `_last.pt` ({} if gone)."""
+    from models.npz import CheckpointError
+    from utils.file_io import safe_load
+
+    path = Path(checkpoint)
+    last = path if path.name.endswith("_last.pt") else None
+    if path.name.endswith("_checkpoint.bin"):
+        last = path.with_name(path.name.removesuffix("_checkpoint.bin") + "_last.pt")
+    if last is None or not last.is_file():
+        return {}
+    try:
+        saved = safe_load(last)
+    except CheckpointError as err:
+        logger.warning("The model card has no recipe: %s", err)
+        return {}
+    flags = saved.get("args") if isinstance(saved, dict) else None
+    return {k: flags[k] for k in RECIPE_FLAGS if isinstance(flags, dict) and k in flags}
+
+
+def _cell(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value)
+    return text.replace("|", "\\|")
+
+
+def model_card(
+    loaded: LoadedModel,
+    sidecar: dict[str, Any],
+    flags: dict[str, Any],
+    source: tuple[str, str],
+    checked: str,
+) -> str:
+    """The folder's README.md in the hub's format: YAML front matter, then what is known."""
+    model = loaded.model
+    height, width = loaded.img_size
+    dataset = loaded.dataset
+    front = ["---", "library_name: transformers", "pipeline_tag: image-classification"]
+    front += ["tags:", "- vision", "- image-classification", "- vit"]
+    if dataset:
+        front += ["datasets:", f"- {dataset}"]
+    if "accuracy" in sidecar:
+        front += ["metrics:", "- accuracy"]
+    front.append("---")
+    title = f"{loaded.model_type}" + (f" fine-tuned on {dataset}" if dataset else "")
+    lines = [
+        *front,
+        "",
+        f"# {title}, {height}x{width}",
+        "",
+        "A Vision Transformer (Dosovitskiy et al., ICLR 2021) exported by ViT-pytorch's "
+        "`export.py --format hf`. It computes what Google's official model computes: tanh GELU "
+        "(`hidden_act: gelu_pytorch_tanh`) and LayerNorm eps 1e-6, which `config.json` says "
+        "(transformers' own defaults, exact GELU and eps 1e-12, differ).",
+        "",
+        "## Source",
+        "",
+        f"- Checkpoint: `{os.path.basename(source[0])}`, SHA-256 `{source[1]}`",
+        f"- Model type: {loaded.model_type}; input {height}x{width}; {model.num_classes} classes",
+    ]
+    if dataset:
+        lines.append(f"- Fine-tuning dataset: {dataset}")
+    if loaded.precision:
+        lines.append(f"- Training precision: {loaded.precision}")
+    if "step" in sidecar:
+        lines += [
+            "",
+            "## Results",
+            "",
+            "| selected step | selected by | minival accuracy | test accuracy |",
+            "|---|---|---|---|",
+            f"| {sidecar['step']} | {sidecar.get('selected_by', 'test')} accuracy | "
+            f"{_cell(sidecar.get('minival_accuracy', 'not measured'))} | "
+            f"{_cell(sidecar.get('accuracy', 'not measured'))} |",
+            "",
+            "Measured by train.py during fine-tuning: top-1 accuracy over every image of the test "
+            "split and of the minival split (held out of the training images, never trained "
+            "on), preprocessed as vit_jax does (float bilinear resize to the full input size, no "
+            "crop, pixels (x - 127.5) / 127.5). The selected step is the evaluation with the "
+            "best accuracy on the split named above. The numbers were not measured again on "
+            f"this folder; {checked}",
+        ]
+    if flags:
+        lines += ["", "## Recipe (train.py flags)", "", "| flag | value |", "|---|---|"]
+        lines += [f"| `--{k}` | {_cell(v)} |" for k, v in flags.items()]
+    if sidecar:
+        lines += ["", "## Everything the checkpoint's sidecar records", ""]
+        lines += ["| key | value |", "|---|---|"]
+        lines += [f"| {k} | {_cell(v)} |" for k, v in sorted(sidecar.items())]
+    lines += [
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from transformers import pipeline",
+        'classify = pipeline("image-classification", model="path/to/this/folder")',
+        'print(classify("image.jpg"))',
+        "```",
+        "",
+        f"`ViTImageProcessor` resizes to {height}x{width} with PIL (bilinear, antialiased when "
+        "shrinking, rounded to uint8) and maps pixels to (x - 127.5) / 127.5. The official "
+        "pipeline (and eval.py / predict.py) resizes in float without antialiasing, so on "
+        "images of another size the two inputs differ slightly; at the model's own size they "
+        "agree.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_folder(path: Path, fill: Callable[[Path], None], check: Callable[[Path], str]) -> str:
+    """Fill a fresh folder beside `path`, check it, then move it into place.
+
+    An earlier folder at `path` (`--overwrite`) is replaced only once the new one is complete
+    and checked; a failure leaves it as it was. Returns what `check` says.
+    """
+    import shutil
+
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    old = path.with_name(f".{path.name}.old-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        fill(tmp)
+        said = check(tmp)
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+    return said
+
+
+def check_against_transformers(folder: Path, model: nn.Module, img_size: tuple[int, int]) -> str:
+    """Load `folder` with transformers (when installed) and compare it with `model`.
+
+    Its logits on random images must equal ours within 1e-4; `pipeline("image-classification")`
+    is compared with predict.py's top-1 on random images at the model's size.
+
+    Raises:
+        UserError: transformers reports missing or unexpected keys, or its logits differ.
+    """
+    import torch
+    from PIL import Image
+
+    try:
+        import transformers
+    except ImportError:
+        return "transformers is not installed here: the folder was not loaded by it."
+    from utils.data_utils import build_transforms
+
+    transformers.logging.disable_progress_bar()  # its weight-loading bars, between our lines
+    theirs, info = transformers.ViTForImageClassification.from_pretrained(
+        folder, output_loading_info=True
+    )
+    wrong = {k: v for k, v in info.items() if k != "error_msgs" and v}
+    if wrong:
+        raise UserError(
+            f"transformers {transformers.__version__} does not load the folder exactly "
+            f"({wrong}); export --format npz or safetensors instead."
+        )
+    images = torch.randn(CHECK_IMAGES, 3, *img_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        difference = float(
+            (theirs.eval()(pixel_values=images).logits - model(images)[0]).abs().max()
+        )
+    if not difference <= 1e-4:
+        raise UserError(
+            f"transformers {transformers.__version__} computes other logits from the exported "
+            f"folder (max difference {difference:.2e} > 1e-4); export --format npz instead."
+        )
+    rng = np.random.default_rng(0)
+    height, width = img_size
+    photos = [
+        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        for _ in range(CHECK_IMAGES)
+    ]
+    classify = transformers.pipeline("image-classification", model=str(folder), device="cpu")
+    labels = [found[0]["label"] for found in classify(photos, top_k=1)]
+    preprocess = build_transforms(img_size, train=False)
+    with torch.no_grad():
+        ours = model(torch.stack([preprocess(p) for p in photos]))[0].argmax(-1).tolist()
+    names = theirs.config.id2label
+    agree = sum(label == names[i] for label, i in zip(labels, ours, strict=True))
+    return (
+        f"transformers {transformers.__version__} loads it with no missing or unexpected keys; "
+        f"its logits on {CHECK_IMAGES} random images equal ours within {difference:.1e} (max "
+        f"|difference|), and pipeline('image-classification') gives predict.py's top-1 on "
+        f"{agree}/{CHECK_IMAGES} random {height}x{width} images (at other sizes its PIL resize, "
+        "antialiased and rounded to uint8, can differ from our float resize)."
+    )
+
+
+def export_hf(args: argparse.Namespace, loaded: LoadedModel, path: Path) -> list[str]:
+    """Write the Hugging Face folder: config.json, model.safetensors, preprocessor config, card."""
+    from utils.file_io import atomic_write_text, read_sidecar, save_safetensors, writing
+
+    model = loaded.model
+    refusal = hf_refusal(model.config)
+    if refusal:
+        raise UserError(refusal)
+    state = hf_state_dict(model.state_dict())
+    config = hf_config(model.config, loaded.img_size, loaded.class_names, model.num_classes)
+    preprocessor = hf_preprocessor_config(loaded.img_size)
+    sidecar = {} if os.path.isdir(args.checkpoint) else read_sidecar(args.checkpoint)
+    source = source_sha256(args.checkpoint)
+
+    def fill(folder: Path) -> None:
+        for name, content in (("config.json", config), ("preprocessor_config.json", preprocessor)):
+            atomic_write_text(folder / name, json.dumps(content, indent=2) + "\n")
+        save_safetensors(folder / "model.safetensors", state, describe(loaded))
+
+    def check(folder: Path) -> str:
+        checked = check_against_transformers(folder, model, loaded.img_size)
+        card = model_card(loaded, sidecar, recipe(args.checkpoint), source, checked)
+        atomic_write_text(folder / "README.md", card)
+        return checked
+
+    with writing(path):
+        checked = write_folder(path, fill, check)
+    return [
+        f"Wrote {path}/ ({loaded.model_type}, {loaded.img_size[0]}x{loaded.img_size[1]}, "
+        f"{model.num_classes} classes): config.json, model.safetensors, "
+        "preprocessor_config.json, README.md (model card).",
+        checked,
+        "Load it with:",
+        "    from transformers import ViTForImageClassification, pipeline",
+        f"    model = ViTForImageClassification.from_pretrained({str(path)!r})",
+        f"    classify = pipeline('image-classification', model={str(path)!r})",
+    ]
 
 
 # --------------------------------------------------------------------------------------------
@@ -342,12 +564,14 @@ def export(args: argparse.Namespace) -> list[str]:
     """Write the export; returns the lines to print."""
     import torch
 
-    from utils.file_io import atomic_write, save_npz, save_safetensors
+    from utils.file_io import check_output, save_npz, save_safetensors, write_output
     from utils.loading import load_model
 
     path = output_path(args.checkpoint, args.format, args.output)
-    check_writable(path, args.overwrite)
+    check_output(path, overwrite=args.overwrite, folder=args.format == "hf")
     loaded = load_model(args.checkpoint, args.model_type, args.img_size)
+    if args.format == "hf":
+        return export_hf(args, loaded, path)
     model = loaded.model
     state = clean_state_dict(model.state_dict())
     what = f"{loaded.model_type}, {loaded.img_size[0]}x{loaded.img_size[1]}, "
@@ -355,19 +579,16 @@ def export(args: argparse.Namespace) -> list[str]:
     lines = []
     if args.format == "npz":
         arrays = state_dict_to_npz(state, model.config)
-        with writing(path):
-            save_npz(path, arrays)
+        save_npz(path, arrays, flag="--output")
         lines.append(f"Wrote {path} ({what}): {len(arrays)} arrays in the official vit_jax layout.")
     elif args.format == "safetensors":
-        with writing(path):
-            save_safetensors(path, state, describe(loaded))
+        save_safetensors(path, state, describe(loaded), flag="--output")
         lines.append(f"Wrote {path} ({what}): state dict, description in its metadata.")
     elif args.format == "timm":
         name, kwargs = timm_model_args(model.config, loaded.img_size, model.num_classes)
         timm_state = timm_state_dict(state)
         checked = check_against_timm(name, kwargs, timm_state)
-        with writing(path):
-            atomic_write(path, lambda handle: torch.save(timm_state, handle))
+        write_output(path, lambda handle: torch.save(timm_state, handle))
         lines += [
             f"Wrote {path} ({what}): state dict for timm's {name}. {checked}",
             "Load it with:",
@@ -381,8 +602,7 @@ def export(args: argparse.Namespace) -> list[str]:
         info = describe(loaded)
         data = onnx_bytes(model, loaded.img_size, info)
         difference = onnx_max_difference(data, model, loaded.img_size)
-        with writing(path):
-            atomic_write(path, lambda handle: handle.write(data))
+        write_output(path, lambda handle: handle.write(data))
         lines += [
             f"Wrote {path} ({what}): ONNX opset {ONNX_OPSET}, input 'images' "
             f"(batch, 3, {loaded.img_size[0]}, {loaded.img_size[1]}) in [-1, 1], output "

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from models.configs import model_names
-from utils.errors import UserError, run_cli
+from utils.errors import run_cli
 from utils.flags import HelpFormatter, add_verbose, log_level, non_negative_int, positive_int
 
 if TYPE_CHECKING:
@@ -256,22 +256,6 @@ def to_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_output(path: str, text: str) -> None:
-    """Write `text` atomically.
-
-    Raises:
-        UserError: the file cannot be written.
-    """
-    from utils.file_io import atomic_write
-
-    try:
-        atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
-    except OSError as err:
-        raise UserError(
-            f"Cannot write {path}: {err.strerror or err}. Pass another --output."
-        ) from None
-
-
 # --------------------------------------------------------------------------------------------
 # Entry point
 
@@ -284,9 +268,12 @@ def main(argv: Sequence[str] | None = None) -> list[dict] | None:
     """
     args = parse_args(argv)
     from utils.dist_utils import cleanup, init_distributed
+    from utils.file_io import check_output, write_output
     from utils.preprocessing import find_images
 
     paths = find_images(args.image, recursive=True)  # before joining: a typo fails at once
+    if args.output:
+        check_output(args.output)
 
     info = init_distributed(args.local_rank)
     try:
@@ -307,7 +294,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict] | None:
         suffix = Path(args.output).suffix.lower()
         k = min(args.top_k, num_classes)
         text = to_csv(everything, k) if suffix == ".csv" else to_json(everything, args)
-        write_output(args.output, text)
+        write_output(args.output, lambda handle: handle.write(text.encode("utf-8")))
         print(
             f"Wrote predictions for {len(everything) - len(skipped)} image(s) to {args.output}"
             + (f"; {len(skipped)} unreadable file(s) skipped (listed there)." if skipped else ".")

@@ -37,6 +37,7 @@ import math
 import os
 import random
 import re
+import signal
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -54,7 +55,7 @@ from models.configs import (
     model_names,
     model_type_from_filename,
 )
-from utils.errors import StoppedBySignal, UserError, run_cli
+from utils.errors import StoppedBySignal, UserError, exit_interrupted, run_cli
 from utils.flags import (
     DATASETS,
     DECAY_TYPES,
@@ -68,10 +69,11 @@ from utils.flags import (
     non_negative_int,
     positive_float,
     positive_int,
+    random_seed,
 )
 
 if TYPE_CHECKING:
-    from torch.utils.tensorboard import SummaryWriter
+    from utils.run_files import RunLock
 
 logger = logging.getLogger("train")
 
@@ -154,7 +156,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=-1,
         help="Set by older launchers; torchrun sets LOCAL_RANK instead (both work).",
     )
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--seed", type=random_seed, default=42)
     p.add_argument("--gradient_accumulation_steps", type=positive_int, default=1)
     p.add_argument("--fp16", action="store_true", help="Alias of --precision fp16.")
     p.add_argument(
@@ -237,6 +239,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 if __name__ == "__main__":
     parse_args()  # --help and a mistyped flag answer now, not after torch is imported (seconds)
+    signal.signal(signal.SIGINT, exit_interrupted)  # Ctrl+C meanwhile: one line, as run_cli
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -269,7 +272,7 @@ from utils.engine import (  # noqa: E402
 from utils.file_io import read_sidecar, save_checkpoint, write_sidecar  # noqa: E402
 from utils.loading import pretrained_weights  # noqa: E402
 from utils.optim import make_optimizer, make_scheduler  # noqa: E402
-from utils.run_files import claim_run  # noqa: E402
+from utils.run_files import EventLog, claim_run  # noqa: E402
 from utils.stopping import GracefulExit, NonFiniteGuard  # noqa: E402
 from utils.train_state import (  # noqa: E402
     TrainState,
@@ -686,23 +689,29 @@ class Run:
     eval_loaders: dict[str, DataLoader]
     selected_by: str
     class_names: list[str]
-    writer: SummaryWriter | None
+    writer: EventLog | None
     best_path: Path
     final: dict[str, float] = field(default_factory=dict)
     eval_time: float = 0.0
 
 
-def resume(args: argparse.Namespace, trainer: Trainer, path: str, info: DistInfo) -> TrainState:
+def resume(
+    args: argparse.Namespace, trainer: Trainer, path: str, info: DistInfo, split: dict
+) -> TrainState:
     """The saved training state, restored into `trainer`; the schedule is the one of this
     command's flags, continued from the saved step (the saved run's rates unless
-    --learning_rate, --num_steps, ... changed, which is warned about)."""
+    --learning_rate, --num_steps, ... changed, which is warned about). Another training /
+    minival `split` is refused: minival would then hold images the model trained on."""
     state = load_training_state(
         path,
         model=trainer.model,
         optimizer=trainer.optimizer,
         scaler=trainer.scaler,
         rank=info.rank,
+        split=split,
     )
+    saved_precision = state.precision
+    state.split, state.precision = split, trainer.precision
     for group in trainer.optimizer.param_groups:
         group["initial_lr"] = args.learning_rate
     trainer.scheduler = make_scheduler(
@@ -718,6 +727,13 @@ def resume(args: argparse.Namespace, trainer: Trainer, path: str, info: DistInfo
                 getattr(args, flag),
                 saved,
             )
+    if info.is_main and saved_precision not in (None, trainer.precision):
+        logger.warning(
+            "Resuming in %s, but the saved run trained in %s: the result will differ from an "
+            "uninterrupted run.",
+            trainer.precision,
+            saved_precision,
+        )
     logger.info(
         "Resumed from %s at step %d (epoch %d, batch %d; best accuracy %.4f).",
         path,
@@ -751,15 +767,22 @@ def set_up(
     info: DistInfo,
     weights: dict[str, np.ndarray] | None,
     resume_from: str | None,
+    claim: RunLock,
 ) -> Run:
     """Data, model, trainer, the resumed state (last: it restores the RNG state) and the
-    TensorBoard writer of one run."""
+    TensorBoard writer of one run. Only then, every check passed, does --overwrite delete the
+    earlier run's files (`claim`)."""
     train_loader, minival_loader, test_loader = get_loader(args)
     class_names = list(train_loader.dataset.classes)
     eval_loaders = {"test": test_loader}
     if minival_loader is not None:
         eval_loaders["minival"] = minival_loader
     selected_by = selection(args.select, minival_loader is not None)
+    split = {  # what a resume must not change (minival would hold trained-on images)
+        "holdout_fraction": args.holdout_fraction,
+        "train_images": len(train_loader.dataset),
+        "minival_images": len(minival_loader.dataset) if minival_loader is not None else 0,
+    }
     model = build_model(args, len(class_names), weights)
     if weights:
         weights.clear()  # the arrays are in the model now: free them before the memory probe
@@ -770,8 +793,8 @@ def set_up(
         "pass; the checkpoint is selected by %s.",
         args.model_type,
         args.dataset,
-        len(train_loader.dataset),
-        len(minival_loader.dataset) if minival_loader is not None else 0,
+        split["train_images"],
+        split["minival_images"],
         len(test_loader.dataset),
         len(class_names),
         args.img_size,
@@ -785,15 +808,16 @@ def set_up(
         selected_by,
     )
     logger.info("TensorBoard logs: %s; best checkpoint: %s", args.log_dir, args.output_dir)
-    state = resume(args, trainer, resume_from, info) if resume_from else TrainState()
+    if resume_from:
+        state = resume(args, trainer, resume_from, info, split)
+    else:
+        state = TrainState(split=split, precision=trainer.precision)
+    claim.delete_earlier_run()  # --overwrite: every check has passed
     writer = None
     if info.is_main:
-        from torch.utils.tensorboard import SummaryWriter  # TensorBoard: only when training
-
         # A resumed run continues the same log, dropping what the interrupted run logged after
         # its last state (it is logged again).
-        purge = state.step + 1 if state.step else None
-        writer = SummaryWriter(log_dir=args.log_dir, purge_step=purge)
+        writer = EventLog(args.log_dir, purge_step=state.step + 1 if state.step else None)
     return Run(
         args=args,
         info=info,
@@ -841,6 +865,8 @@ def train(run: Run) -> Summary:
                 began = time.perf_counter()
                 select(run, evaluate_splits(run))
                 run.eval_time += time.perf_counter() - began
+            if run.writer is not None and run.writer.error is not None:  # e.g. a full log disk
+                stop.requested, stop.signal_name = True, f"a failed write to {args.log_dir}"
             stopped = stop.should_stop(info.device)  # every rank, every step, same point
             if stopped or last or due(state.step, args.save_every):
                 if run.writer is not None:
@@ -849,6 +875,8 @@ def train(run: Run) -> Summary:
             if stopped:
                 log_stop(run, stop)
                 break
+    if run.writer is not None:
+        run.writer.check()  # a failed log write: one message, after the last state was saved
     wall = time.perf_counter() - start
     return report(run, stopped, stop.signum if stopped else None, wall, state.step - first_step)
 
@@ -892,7 +920,7 @@ class Summary:
     final_minival_accuracy: float | None
     wall_time: float
     images_per_second: float
-    checkpoint: str
+    checkpoint: str | None  # None when no best checkpoint is in --output_dir
 
 
 def report(run: Run, stopped: bool, signum: int | None, wall: float, steps: int) -> Summary:
@@ -927,11 +955,13 @@ def report(run: Run, stopped: bool, signum: int | None, wall: float, steps: int)
         final_minival_accuracy=final.get("minival_accuracy"),
         wall_time=wall,
         images_per_second=steps * run.args.train_batch_size / max(wall - run.eval_time, 1e-9),
-        checkpoint=str(run.best_path),
+        checkpoint=str(run.best_path) if run.best_path.is_file() else None,
     )
 
 
 def print_summary(summary: Summary, args: argparse.Namespace) -> None:
+    """The summary on stdout, naming only files that exist. A run that finished stays a success
+    when stdout cannot take it (e.g. a full disk): the failure is logged."""
     evaluated = summary.selected_step > 0
     selected = "none (no evaluation ran)"
     if evaluated:
@@ -943,15 +973,24 @@ def print_summary(summary: Summary, args: argparse.Namespace) -> None:
         selected = (
             f"step {summary.selected_step} {by}; test accuracy {summary.selected_test_accuracy:.4f}"
         )
-    print(
-        f"Best checkpoint: {selected}\n"
-        f"Steps: {summary.step} of {args.num_steps}"
-        f"{' (stopped; continue with --resume)' if summary.stopped else ''}\n"
-        f"Training time: {summary.wall_time:.1f} s ({summary.images_per_second:.0f} images/s)\n"
-        f"Checkpoint: {summary.checkpoint if evaluated else 'none written'}\n"
-        f"Last state: {last_state_path(args.output_dir, args.name)}\n"
-        f"TensorBoard: tensorboard --logdir {args.log_dir}"
-    )
+    checkpoint = summary.checkpoint or "none written"
+    if evaluated and summary.checkpoint is None:  # only the last state was copied here
+        checkpoint = f"none in {args.output_dir} (the run that saved the resumed state wrote it)"
+    last = last_state_path(args.output_dir, args.name)
+    try:
+        print(
+            f"Best checkpoint: {selected}\n"
+            f"Steps: {summary.step} of {args.num_steps}"
+            f"{' (stopped; continue with --resume)' if summary.stopped else ''}\n"
+            f"Training time: {summary.wall_time:.1f} s ({summary.images_per_second:.0f} "
+            "images/s)\n"
+            f"Checkpoint: {checkpoint}\n"
+            f"Last state: {last if last.is_file() else 'none written'}\n"
+            f"TensorBoard: tensorboard --logdir {args.log_dir}",
+            flush=True,
+        )
+    except OSError as err:  # the run itself has finished
+        logger.error("Could not print the summary (%s); the run's files are saved.", err)
 
 
 # --------------------------------------------------------------------------------------------
@@ -974,25 +1013,28 @@ def main(argv: Sequence[str] | None = None) -> Summary:
 def _run(args: argparse.Namespace, info: DistInfo) -> Summary:
     setup_logging(info, args.verbose)
     check_args(args, info)
-    resume_from = resolve_resume(args.resume, args.output_dir, args.name) if args.resume else None
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    # Read first to fail fast, before downloads; a resume reads it only to learn the model type
-    # (the saved state holds the weights).
-    weights = read_checkpoint(args) if resume_from is None or args.model_type is None else None
-    if resume_from is not None:
-        weights = None
-    # Checked and locked before any work: a new run never replaces an earlier run's files.
+    # The run's files are checked and locked before any work: a new run never replaces an
+    # earlier run's files, and --overwrite deletes them only once every other check has passed.
     with claim_run(
         args.output_dir,
         args.log_dir,
         args.name,
-        resume=resume_from is not None,
+        resume=args.resume is not None,
         overwrite=args.overwrite,
         is_main=info.is_main,
-    ):
-        return train(set_up(args, info, weights, resume_from))
+    ) as claim:
+        resume_from = (
+            resolve_resume(args.resume, args.output_dir, args.name) if args.resume else None
+        )
+        random.seed(args.seed)
+        np.random.seed(args.seed)
+        torch.manual_seed(args.seed)
+        # Read first to fail fast, before downloads; a resume reads it only to learn the model
+        # type (the saved state holds the weights).
+        weights = read_checkpoint(args) if resume_from is None or args.model_type is None else None
+        if resume_from is not None:
+            weights = None
+        return train(set_up(args, info, weights, resume_from, claim))
 
 
 def cli(argv: Sequence[str] | None = None) -> None:
@@ -1003,4 +1045,5 @@ def cli(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # run_cli's from here on
     run_cli(cli)

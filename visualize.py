@@ -128,6 +128,7 @@ def main(argv: list[str] | None = None) -> None:
 
     matplotlib.use("Agg")  # files only, never a window
     from utils import attention_maps as am
+    from utils.file_io import check_output, save_figure
     from utils.loading import load_model
 
     checkpoint = args.checkpoint or am.DEMO_CHECKPOINT
@@ -149,6 +150,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     images = gather_images(args, loaded.dataset)
     paths = output_paths(args.output, [name for name, _ in images])
+    for path in paths:
+        check_output(path)  # before any work
     for (name, image), path in zip(images, paths, strict=True):
         batch = am.preprocess([image], loaded.img_size)  # (1, 3, H, W)
         maps = am.compute_attention_maps(loaded.model, batch, layer_kind=args.layer_maps)
@@ -159,13 +162,7 @@ def main(argv: list[str] | None = None) -> None:
         fig = am.plot_attention(
             image, maps, predictions=predictions, title=f"{name} — {loaded.model_type}"
         )
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fig.savefig(path, dpi=args.dpi)
-        except OSError as err:
-            raise UserError(
-                f"Cannot write {path}: {err.strerror or err}. Pass another --output."
-            ) from None
+        save_figure(path, fig, args.dpi)
         logger.info("wrote %s", path)
 
 

@@ -11,6 +11,7 @@ the keys and shapes involved and says what to do.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
@@ -31,6 +32,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "BASE_URL",
     "CheckpointError",
+    "check_npz_sizes",
     "checkpoint_num_classes",
     "checkpoint_url",
     "guess_model_type",
@@ -69,6 +71,76 @@ def checkpoint_url(model_type: str, source: str = "imagenet21k", base_url: str =
 
 # --------------------------------------------------------------------------------------------
 # Reading files
+
+# Deflate expands at most about 1032-fold (RFC 1951: a 258-byte match costs 2 bits at best).
+DEFLATE_RATIO = 1032
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**30:,.1f} GiB" if nbytes >= 2**30 else f"{nbytes} bytes"
+
+
+def check_npz_sizes(path: str | os.PathLike) -> None:
+    """Refuse an `.npz` whose arrays declare more data than the file holds, reading only headers.
+
+    `np.load` allocates what an array's `.npy` header declares before reading it, so a file of a
+    few hundred bytes can ask for terabytes. Each member's stored size must fit in the file, its
+    uncompressed size must be one its compression can produce, and its header's shape times
+    item size must fit in that.
+
+    Raises:
+        CheckpointError: a member that is not a NumPy array, or declares more than it holds.
+        zipfile.BadZipFile, OSError, EOFError: not a readable zip.
+    """
+    path = os.fspath(path)
+    file_size = os.path.getsize(path)
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            key = info.filename.removesuffix(".npy")
+            if info.compress_type == zipfile.ZIP_STORED:
+                possible = info.compress_size
+            elif info.compress_type == zipfile.ZIP_DEFLATED:
+                possible = info.compress_size * DEFLATE_RATIO
+            else:
+                possible = -1
+            if info.header_offset + info.compress_size > file_size or info.file_size > possible:
+                raise CheckpointError(
+                    f"{path} is not a readable .npz checkpoint: its member {info.filename!r} "
+                    f"declares {_size(info.file_size)}, more than the {_size(file_size)} file "
+                    "can hold (damaged, or compressed other than np.savez does). Delete it and "
+                    "download it again."
+                )
+            with archive.open(info) as member:
+                if member.read(6) != np.lib.format.MAGIC_PREFIX:
+                    raise CheckpointError(
+                        f"{path} is not a ViT checkpoint: its member {info.filename!r} is not a "
+                        "NumPy array. Pass an official .npz (or one export.py wrote)."
+                    )
+                member.seek(0)
+                try:
+                    version = np.lib.format.read_magic(member)
+                    read = (
+                        np.lib.format.read_array_header_1_0
+                        if version == (1, 0)
+                        else np.lib.format.read_array_header_2_0
+                    )
+                    shape, _, dtype = read(member)
+                except ValueError as err:
+                    raise CheckpointError(
+                        f"{path} is not a readable .npz checkpoint: the header of its array "
+                        f"{key!r} is damaged ({err}). Delete it and download it again."
+                    ) from None
+                held = info.file_size - member.tell()
+            if dtype.hasobject:
+                continue  # pickled objects: load_npz refuses them before reading any
+            declared = math.prod(shape) * dtype.itemsize
+            if declared > held:
+                raise CheckpointError(
+                    f"{path} is not a readable .npz checkpoint: its array {key!r} declares "
+                    f"shape {tuple(shape)} of {dtype} ({_size(declared)}), but the file holds "
+                    f"{_size(held)} for it. It is damaged or not a checkpoint: delete it and "
+                    "download it again."
+                )
 
 
 def load_npz(path: str | os.PathLike, model_type: str | None = None) -> dict[str, np.ndarray]:
@@ -115,8 +187,11 @@ def load_npz(path: str | os.PathLike, model_type: str | None = None) -> dict[str
             "Delete it and download the checkpoint again."
         )
     try:
+        check_npz_sizes(path)
         with np.load(path, allow_pickle=False) as archive:
             weights = {key: archive[key] for key in archive.files}
+    except CheckpointError:
+        raise
     except ValueError as err:
         if "allow_pickle" in str(err):
             raise CheckpointError(
@@ -511,6 +586,30 @@ def resize_pos_embed(
 # Loading into a model
 
 
+def _check_head(weights: Mapping[str, np.ndarray], num_classes: int) -> None:
+    """Refuse a head that is not a (hidden, classes) kernel and a (classes,) bias of
+    `num_classes` classes, telling malformed arrays (a damaged file: no argument helps) from a
+    head of another class count."""
+    kernel, bias = weights["head/kernel"], weights.get("head/bias")
+    if kernel.ndim != 2 or (
+        bias is not None and (bias.ndim != 1 or bias.shape[0] != kernel.shape[-1])
+    ):
+        shapes = f"'head/kernel' {kernel.shape}" + (
+            f", 'head/bias' {bias.shape}" if bias is not None else ""
+        )
+        raise CheckpointError(
+            f"The checkpoint's head has the wrong shape ({shapes}); a ViT checkpoint of this "
+            "layout has a (hidden, classes) kernel and a (classes,) bias. The file is damaged "
+            "or not a ViT checkpoint of this layout."
+        )
+    if kernel.shape[-1] != num_classes:
+        raise CheckpointError(
+            f"The checkpoint's head has {kernel.shape[-1]} classes but the model has "
+            f"{num_classes}. To fine-tune on {num_classes} classes, pass zero_head=True (the "
+            "head then starts at zero and is not loaded)."
+        )
+
+
 def load_pretrained(
     model: torch.nn.Module, weights: Mapping[str, np.ndarray], zero_head: bool = False
 ) -> None:
@@ -525,13 +624,7 @@ def load_pretrained(
     weights = normalize_keys(weights)
     config = model.config
     if not zero_head and "head/kernel" in weights:
-        ckpt_classes = weights["head/kernel"].shape[-1]
-        if ckpt_classes != model.num_classes:
-            raise CheckpointError(
-                f"The checkpoint's head has {ckpt_classes} classes but the model has "
-                f"{model.num_classes}. To fine-tune on {model.num_classes} classes, pass "
-                "zero_head=True (the head then starts at zero and is not loaded)."
-            )
+        _check_head(weights, model.num_classes)
     state = npz_to_state_dict(weights, config, include_head=not zero_head)
     target = model.state_dict()
     pos = state["embeddings.pos_embed"]

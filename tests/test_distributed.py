@@ -20,6 +20,7 @@ import train
 from models import configs
 from models.configs import get_config
 from utils.dist_utils import init_distributed
+from utils.errors import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 NO_DROPOUT = "testing-nodrop"
@@ -96,6 +97,32 @@ def test_single_process_without_torchrun(monkeypatch: pytest.MonkeyPatch) -> Non
     assert (info.rank, info.world_size, info.is_main, info.distributed) == (0, 1, True, False)
     monkeypatch.setenv("LOCAL_RANK", "0")
     assert init_distributed(-1).local_rank == 0
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"WORLD_SIZE": "two"}, "WORLD_SIZE='two'"),
+        ({"WORLD_SIZE": "0"}, "WORLD_SIZE='0' must be a whole number of at least 1"),
+        ({"LOCAL_RANK": "1.5"}, "LOCAL_RANK='1.5'"),
+        ({"LOCAL_RANK": "-2"}, "LOCAL_RANK='-2'"),
+        ({"RANK": "first", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1"}, "RANK='first'"),
+        ({"RANK": "2", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1"}, "RANK=2 must be below"),
+    ],
+)
+def test_launcher_variables_that_are_not_ranks_are_one_message(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, env, named
+) -> None:
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit) as info:
+        run_cli(lambda: init_distributed(-1))
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: The environment variable {named}")
+    assert err.count("\n") == 1
 
 
 if __name__ == "__main__":  # a torchrun worker

@@ -5,15 +5,19 @@ from __future__ import annotations
 import contextlib
 import csv
 import functools
+import hashlib
 import http.server
 import io
+import math
 import re
 import socket
 import subprocess
 import sys
+import tarfile
 import threading
 import time
 import types
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,8 +28,16 @@ import tqdm
 from models.configs import CHECKPOINT_FOLDERS, get_config, model_type_from_filename
 from models.modeling import VisionTransformer
 from models.npz import load_npz, state_dict_to_npz
-from tests.helpers import expect_user_error, fake_checkpoint
+from tests.helpers import (
+    CIFAR_LAYOUT,
+    QuietHandler,
+    expect_user_error,
+    fake_checkpoint,
+    make_cifar_files,
+    serve_cifar,
+)
 from utils import download as dl
+from utils.data_utils import build_test_set
 from utils.errors import UserError
 from utils.file_io import save_npz
 
@@ -53,6 +65,8 @@ class _Server:
         self.requests: list[tuple[str, str | None]] = []
         self.cut_after: int | None = None  # send only this many bytes of the next response
         self.ignore_range = False
+        self.trickle = False  # one byte every 20 ms
+        self.no_length = False  # no Content-Length: the body ends when the connection does
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -76,7 +90,8 @@ class _Server:
                         self.end_headers()
                         return
                 self.send_response(status)
-                self.send_header("Content-Length", str(len(body) - start))
+                if not server.no_length:
+                    self.send_header("Content-Length", str(len(body) - start))
                 if status == 206:
                     self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
                 self.end_headers()
@@ -84,7 +99,15 @@ class _Server:
                 if server.cut_after is not None:
                     payload, server.cut_after = payload[: server.cut_after], None
                     self.close_connection = True
-                self.wfile.write(payload)
+                if server.trickle:
+                    with contextlib.suppress(OSError):  # until the client hangs up
+                        for byte in payload[:2000]:
+                            self.wfile.write(bytes([byte]))
+                            self.wfile.flush()
+                            time.sleep(0.02)
+                    return
+                with contextlib.suppress(OSError):
+                    self.wfile.write(payload)
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
@@ -101,7 +124,9 @@ class _Server:
 def waits(monkeypatch) -> list[float]:
     """Retries do not wait in these tests; the pauses they would make are recorded."""
     waited: list[float] = []
-    monkeypatch.setattr(dl, "time", types.SimpleNamespace(sleep=waited.append))
+    monkeypatch.setattr(
+        dl, "time", types.SimpleNamespace(sleep=waited.append, monotonic=time.monotonic)
+    )
     return waited
 
 
@@ -221,6 +246,106 @@ def test_a_server_that_never_answers_is_given_up_on_after_the_timeout(
     assert dl.TIMEOUT == 30.0  # the default: half a minute of silence per attempt
 
 
+def test_a_trickle_is_given_up_on_and_resumed_later(server, testing_file, tmp_path, waits) -> None:
+    body = _fake_npz_bytes(tmp_path)
+    server.files[testing_file] = body
+    server.trickle = True  # 50 bytes/s: each read returns within the timeout, forever
+    start = time.perf_counter()
+    with pytest.raises(UserError) as info:
+        _fetch(server, tmp_path, retries=1, timeout=0.3)
+    assert time.perf_counter() - start < 5
+    assert re.search(
+        r"\(2 attempt\(s\)\): the server sent \d+ bytes in 0\.\d s, less than 1024 bytes/s "
+        r"\(the connection is too slow to finish the file\)",
+        str(info.value),
+    )
+    assert waits == [1.0]
+    # Nothing at the final path; what arrived is kept and the next run continues from it.
+    ckpt = tmp_path / "ckpt"
+    part = ckpt / "testing.npz.part"
+    kept = part.stat().st_size
+    assert not (ckpt / "testing.npz").exists()
+    assert 0 < kept < 100
+    assert part.read_bytes() == body[:kept]
+    server.trickle = False
+    assert _fetch(server, tmp_path).read_bytes() == body
+    assert server.requests[-1] == (testing_file, f"bytes={kept}-")
+
+
+@pytest.mark.parametrize("no_length", [False, True])
+def test_a_body_larger_than_the_file_can_be_is_stopped_and_deleted(
+    server, testing_file, tmp_path, monkeypatch, no_length
+) -> None:
+    # The listed size bounds the download: an announced or an endless larger body is refused.
+    monkeypatch.setitem(dl.OFFICIAL_FILES[SOURCE], "testing", "1 MiB")
+    server.files[testing_file] = bytes(64 << 20)
+    server.no_length = no_length
+    with pytest.raises(UserError) as info:
+        _fetch(server, tmp_path)
+    limit = math.ceil(1.02 * 2**20)
+    found = re.match(
+        rf"{re.escape(server.url + testing_file)} is larger than the file can be: (\d+) bytes or "
+        rf"more, at most {limit} expected\.",
+        str(info.value),
+    )
+    assert found
+    # Announced: refused before a byte is written; endless: stopped within a read past the limit.
+    if no_length:
+        assert limit < int(found.group(1)) <= limit + dl.CHUNK
+    else:
+        assert int(found.group(1)) == 64 << 20
+    assert list((tmp_path / "ckpt").iterdir()) == []
+    assert len(server.requests) == 1  # not retried
+
+
+def test_size_limits_come_from_the_listed_sizes() -> None:
+    assert dl._limit("393.7 MiB") == math.ceil(393.7 * 1.02 * 2**20)
+    assert dl._limit("2.46 GiB") == math.ceil(2.46 * 1.02 * 2**30) < dl.MAX_CHECKPOINT
+    assert dl._limit("") == dl.MAX_CHECKPOINT
+    for files in (*dl.OFFICIAL_FILES.values(), dl.AUGREG_SIZES):
+        for listed in files.values():
+            assert not listed or dl._limit(listed) < dl.MAX_CHECKPOINT
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_an_unwritable_folder_is_said_so_without_retries(server, testing_file, tmp_path, capsys,
+                                                         waits) -> None:  # fmt: skip
+    # /proc refuses new files to every user, root included (a chmod would not stop root).
+    for argv in (["ViT-B_16"], ["--list", "--source", "augreg"]):
+        err = expect_user_error(
+            dl.main, [*argv, "--dir", "/proc", "--base_url", server.url], capsys
+        )
+        assert "--dir /proc is not writable" in err
+    assert server.requests == []
+    # Found while downloading, too: one message, no "network" retries.
+    server.files[testing_file] = _fake_npz_bytes(tmp_path)
+    with pytest.raises(UserError) as info:
+        dl.download(server.url + testing_file, "/proc/testing.npz", progress=False)
+    assert str(info.value).startswith(
+        "Cannot write /proc/testing.npz.part (No such file or directory): this is not a network "
+        "problem."
+    )
+    assert waits == []
+    assert len(server.requests) == 1
+
+
+def test_a_download_declaring_terabytes_is_refused_and_deleted(
+    server, testing_file, tmp_path
+) -> None:
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": "<f4", "fortran_order": False, "shape": (10**6, 10**6)}
+    )
+    path = tmp_path / "huge.npz"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("cls.npy", header.getvalue() + bytes(16))
+    server.files[testing_file] = path.read_bytes()
+    with pytest.raises(UserError, match=r"not a usable testing checkpoint and was deleted: .*"
+                       r"declares shape \(1000000, 1000000\) of float32"):  # fmt: skip
+        _fetch(server, tmp_path)
+    assert list((tmp_path / "ckpt").iterdir()) == []
+
+
 @pytest.mark.parametrize(
     ("argv", "expected"),
     [
@@ -243,7 +368,7 @@ def test_bad_flags_are_one_message_and_exit_2(tmp_path, capsys, argv, expected) 
 def test_a_bad_base_url_in_the_environment_is_one_message(tmp_path, monkeypatch, capsys) -> None:
     monkeypatch.setenv("VIT_BASE_URL", "storage.example/vit")  # no scheme
     err = expect_user_error(dl.main, ["ViT-B_16", "--dir", str(tmp_path)], capsys)
-    assert "VIT_BASE_URL (or base_url): expected an http:// or https:// address" in err
+    assert "VIT_BASE_URL: expected an http:// or https:// address" in err
 
 
 def test_corrupt_download_is_deleted(server, testing_file, tmp_path) -> None:
@@ -588,6 +713,28 @@ def test_a_download_that_is_not_the_index_is_refused(server, tmp_path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize(
+    "name", [f"Ti_16-x/../../{TI_BEST}", "../escaped", "..", ".hidden", "a\\b", "a b", "x" * 201]
+)
+def test_an_index_naming_files_outside_dir_is_refused(augreg, tmp_path, capsys, name) -> None:
+    server, _ = augreg
+    server.files["/augreg/index.csv"] = _index_bytes().replace(
+        f"{TI_BEST},".encode(), f"{name},".encode(), 1
+    )
+    ckpt = tmp_path / "a" / "ckpt"
+    argv = ["Ti_16", "--source", "augreg", "--dir", str(ckpt), "--base_url", server.url]
+    err = expect_user_error(dl.main, argv, capsys)
+    assert f"names the file {name!r}, which is not a plain file name" in err
+    assert "could be written outside --dir" in err
+    assert _requested(server) == ["/augreg/index.csv"]  # no checkpoint fetched
+    assert list(ckpt.iterdir()) == []  # and the index not kept
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "index.csv"]
+    # A cached copy is refused the same way.
+    (ckpt / dl.AUGREG_INDEX).write_bytes(server.files["/augreg/index.csv"])
+    with pytest.raises(UserError, match="not a plain file name"):
+        dl.augreg_index(str(ckpt), server.url)
+
+
 def test_list_augreg_table(augreg, tmp_path, capsys) -> None:
     server, _ = augreg
     base = ["--list", "--source", "augreg", "--dir", str(tmp_path), "--base_url", server.url]
@@ -647,3 +794,146 @@ def test_sam_and_gsam_folders() -> None:
     assert "imagenet21k" not in listing.split("Base URL")[0]
     with pytest.raises(UserError, match="--adapt and --resolution choose among AugReg files"):
         dl.fetch_checkpoint("ViT-B_16", "sam", adapt="imagenet2012")
+
+
+# ---------------------------------------------------------------------------------------------
+# CIFAR archives: the machinery above (timeout, retries, one message), a mirror, MD5, safe unpack.
+
+CIFAR10 = CIFAR_LAYOUT["cifar10"][0]
+ARCHIVE = f"/mirror/{CIFAR10.filename}"
+
+
+@pytest.fixture
+def cifar(server, monkeypatch, tmp_path) -> Iterator[tuple[_Server, Path]]:
+    """A tiny CIFAR-10 (8 images per file) on the mirror `VIT_CIFAR_URL` names; torchvision's
+    own address (another loopback server) must never be asked."""
+    with serve_cifar("cifar10", monkeypatch, tmp_path):
+        server.files[ARCHIVE] = (tmp_path / "www" / CIFAR10.filename).read_bytes()
+        monkeypatch.setenv("VIT_CIFAR_URL", f"{server.url}/mirror/")
+        yield server, tmp_path / "data"
+        assert QuietHandler.requests == []
+
+
+def test_cifar_comes_from_the_mirror_variable(cifar) -> None:
+    server, data = cifar
+    test_set, classes = build_test_set("cifar10", str(data), 32)
+    assert len(test_set) == 8
+    assert classes == [f"class_{i:03d}" for i in range(10)]
+    assert server.requests == [(ARCHIVE, None)]
+    assert sorted(p.name for p in data.iterdir()) == [CIFAR10.base_folder, CIFAR10.filename]
+    build_test_set("cifar10", str(data), 32)
+    assert len(server.requests) == 1  # found locally the second time
+
+
+def test_a_cifar_server_that_never_answers_times_out(tmp_path, waits) -> None:
+    start = time.perf_counter()
+    with _silent_server() as url, pytest.raises(UserError) as info:
+        dl.fetch_archive(
+            f"{url}/{CIFAR10.filename}",
+            tmp_path / CIFAR10.filename,
+            CIFAR10.tgz_md5,
+            CIFAR10.base_folder,
+            mirror="the VIT_CIFAR_URL variable at a mirror",
+            retries=1,
+            timeout=0.3,
+        )
+    assert time.perf_counter() - start < 10
+    assert str(info.value) == (
+        f"Could not download {url}/{CIFAR10.filename} (2 attempt(s)): the server sent nothing "
+        "for 0.3 s. Check the network connection, or point the VIT_CIFAR_URL variable at a "
+        "mirror. Running the command again resumes a partial download."
+    )
+    assert waits == [1.0]
+
+
+def test_a_damaged_cifar_folder_is_named_not_called_a_network_failure(cifar) -> None:
+    server, data = cifar
+    build_test_set("cifar10", str(data), 32)
+    damaged = data / CIFAR10.base_folder / "data_batch_2"
+    damaged.write_bytes(damaged.read_bytes()[:-10])
+    with pytest.raises(UserError) as info:
+        build_test_set("cifar10", str(data), 32)
+    assert str(info.value).startswith(
+        f"{data / CIFAR10.base_folder} is damaged: data_batch_2 missing or not the published "
+        f"file(s) (MD5). Delete the folder {data / CIFAR10.base_folder}"
+    )
+    assert len(server.requests) == 1  # nothing downloaded again, nothing replaced
+    assert damaged.exists()
+
+
+def test_a_damaged_cifar_archive_is_named_and_kept(cifar) -> None:
+    server, data = cifar
+    data.mkdir()
+    archive = data / CIFAR10.filename
+    archive.write_bytes(server.files[ARCHIVE][:-100])
+    with pytest.raises(UserError) as info:
+        build_test_set("cifar10", str(data), 32)
+    assert str(info.value) == (
+        f"{archive} is damaged: its MD5 is not the published {CIFAR10.tgz_md5}. Delete it to "
+        "download it again."
+    )
+    assert server.requests == []
+    assert archive.exists()
+
+
+def test_a_download_that_is_not_the_cifar_archive_is_deleted(cifar) -> None:
+    server, data = cifar
+    server.files[ARCHIVE] = b"<html>mirror maintenance</html>"
+    with pytest.raises(UserError, match=r"is not the published cifar-10-python\.tar\.gz .*deleted"):
+        build_test_set("cifar10", str(data), 32)
+    assert list(data.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("name", "link"),
+    [
+        ("../escaped", None),
+        ("{tmp}/escaped", None),  # an absolute path
+        (f"{CIFAR10.base_folder}/../../escaped", None),
+        ("elsewhere/data_batch_1", None),
+        (f"{CIFAR10.base_folder}/data_batch_1", "/etc/passwd"),
+    ],
+)
+def test_an_archive_member_outside_its_folder_is_never_unpacked(
+    cifar, monkeypatch, name, link
+) -> None:
+    server, data = cifar
+    name = name.replace("{tmp}", str(data.parent))
+    files = make_cifar_files("cifar10")
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for file, payload in files.items():
+            info = tarfile.TarInfo(f"{CIFAR10.base_folder}/{file}")
+            info.size = len(payload)
+            if f"{CIFAR10.base_folder}/{file}" != name:
+                tar.addfile(info, io.BytesIO(payload))
+        info = tarfile.TarInfo(name)
+        if link:
+            info.type, info.linkname = tarfile.SYMTYPE, link
+            tar.addfile(info)
+        else:
+            info.size = 4
+            tar.addfile(info, io.BytesIO(b"evil"))
+    server.files[ARCHIVE] = buffer.getvalue()
+    monkeypatch.setattr(CIFAR10, "tgz_md5", hashlib.md5(buffer.getvalue()).hexdigest())
+    with pytest.raises(UserError) as info:
+        build_test_set("cifar10", str(data), 32)
+    assert str(info.value) == (
+        f"{data / CIFAR10.filename} holds {name!r}, not a file inside {CIFAR10.base_folder}/: it "
+        "is not the published archive and was not unpacked. Delete it to download it again."
+    )
+    assert sorted(p.name for p in data.iterdir()) == [CIFAR10.filename]
+    assert not list(data.parent.rglob("escaped"))
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_an_unwritable_cifar_folder_is_said_so_without_retries(cifar, waits) -> None:
+    server, _ = cifar
+    with pytest.raises(UserError) as info:
+        build_test_set("cifar10", "/proc", 32)
+    assert str(info.value).startswith(
+        f"Cannot write /proc/{CIFAR10.filename}.part (No such file or directory): this is not a "
+        "network problem."
+    )
+    assert waits == []
+    assert len(server.requests) == 1

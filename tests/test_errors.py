@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -20,6 +22,8 @@ from utils.flags import (
     non_negative_int,
     positive_float,
     positive_int,
+    random_seed,
+    seconds,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,6 +101,10 @@ def test_a_second_ctrl_c_exits_130_with_one_line_and_no_traceback() -> None:
         (positive_float, "3e-2", 0.03),
         (non_negative_float, "0", 0.0),
         (http_url, "http://127.0.0.1:8000/vit", "http://127.0.0.1:8000/vit"),
+        (random_seed, "0", 0),
+        (random_seed, "4294967295", 2**32 - 1),
+        (positive_float, "3.4e38", 3.4e38),
+        (seconds, "86400", 86400.0),
     ],
 )
 def test_flag_types_take_good_values(convert, text, value) -> None:
@@ -117,6 +125,16 @@ def test_flag_types_take_good_values(convert, text, value) -> None:
         (non_negative_float, "inf", "expected a finite number, got inf"),
         (http_url, "notaurl", "expected an http:// or https:// address"),
         (http_url, "ftp://host/x", "expected an http:// or https:// address"),
+        (random_seed, "4294967296", "must be from 0 to 2**32 - 1 = 4294967295, got 4294967296"),
+        (random_seed, "-1", "must be from 0 to 2**32 - 1"),
+        (
+            positive_float,
+            "1e39",
+            "must be at most 3.403e+38 in size (larger is inf",
+        ),
+        (non_negative_float, "1e300", "must be at most 3.403e+38 in size"),
+        (seconds, "1e300", "must be at most 9223372036 seconds"),
+        (seconds, "1e10", "must be at most 9223372036 seconds"),
     ],
 )
 def test_flag_types_refuse_bad_values_with_exit_code_2(capsys, convert, text, message) -> None:
@@ -142,3 +160,55 @@ def test_help_shows_defaults_but_not_empty_ones() -> None:
     assert "(default: None)" not in text
     assert "(default: False)" not in text
     assert "\n    indented example" in text  # examples keep their lines
+
+
+@pytest.mark.parametrize(
+    ("script", "argv", "message"),
+    [
+        ("train", ["--name", "x", "--seed", "4294967296"], "argument --seed: must be from 0"),
+        ("train", ["--name", "x", "--learning_rate", "1e39"], "argument --learning_rate: must"),
+        ("utils.download", ["ViT-B_16", "--timeout", "1e300"], "argument --timeout: must be at"),
+    ],
+)
+def test_numbers_that_later_break_are_refused_by_the_scripts_flags(
+    capsys, script, argv, message
+) -> None:
+    module = importlib.import_module(script)
+    with pytest.raises(SystemExit) as info:
+        module.parse_args(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert "Traceback" not in err
+
+
+def test_the_largest_seed_and_timeout_the_flags_take_work(tmp_path) -> None:
+    import socket
+
+    import numpy as np
+
+    np.random.seed(random_seed(str(2**32 - 1)))
+    with socket.socket() as sock:
+        sock.settimeout(seconds(str(threading.TIMEOUT_MAX)))  # the socket layer can hold it
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/<pid>/maps")
+def test_ctrl_c_while_train_py_imports_torch_is_one_line_and_exit_130(tmp_path) -> None:
+    argv = ["train.py", "--name", "x", "--dataset", "digits", "--output_dir", str(tmp_path)]
+    proc = subprocess.Popen(
+        [sys.executable, *argv], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    maps = Path(f"/proc/{proc.pid}/maps")
+    deadline = time.monotonic() + 60
+    # Wait until torch's shared library is being loaded: `import torch` is under way.
+    while (
+        proc.poll() is None and time.monotonic() < deadline and "libtorch" not in maps.read_text()
+    ):
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert err.splitlines() == [
+        "Interrupted (Ctrl+C): stopped at once. Every file written so far is complete "
+        "(saves are atomic)."
+    ]

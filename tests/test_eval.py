@@ -278,3 +278,19 @@ def test_verbose_lists_every_key_of_a_checkpoint_that_does_not_fit(tmp_path) -> 
     assert "more; --verbose lists them" in err
     assert "encoder.blocks.3.mlp.fc2.bias" not in err  # the first keys only
     assert "encoder.blocks.3.mlp.fc2.bias" in run("--verbose")  # every key, at DEBUG level
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("model_type", ["testing"]), ("img_size", -32), ("precision", "fp64"), ("step", "last")],
+)
+def test_a_sidecar_field_of_a_wrong_type_or_value_is_one_message(
+    tmp_path, capsys, field, value
+) -> None:
+    path = tmp_path / "run_checkpoint.bin"
+    torch.save(_random_model().state_dict(), path)
+    sidecar = {"model_type": "testing", "img_size": [32, 32], "dataset": "digits", field: value}
+    path.with_suffix(".json").write_text(json.dumps(sidecar))
+    err = expect_user_error(eval_script.main, [f"--checkpoint={path}"], capsys)
+    assert err.startswith(f"error: {path.with_suffix('.json')}: the field {field!r} is ")
+    assert err.count("\n") == 1

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import re
 import sys
 
@@ -261,3 +263,25 @@ def test_missing_checkpoint_is_one_message(tmp_path, capsys) -> None:
         export.main, ["--checkpoint", str(missing), "--format", "safetensors"], capsys
     )
     assert "does not exist" in err
+
+
+@pytest.mark.parametrize("fmt", ["npz", "safetensors", "timm"])
+def test_a_full_disk_keeps_the_previous_export_and_names_only_exports_flags(
+    best_checkpoint, capsys, monkeypatch, one_thread, fmt
+) -> None:
+    ckpt = best_checkpoint(_model("ViT-Ti_16" if fmt == "timm" else "testing"))
+    argv = ["--checkpoint", str(ckpt), "--format", fmt, "--overwrite"]
+    target = ckpt.with_name(ckpt.stem + export.SUFFIXES[fmt])
+    target.write_bytes(b"the previous export")
+
+    def fsync(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    err = expect_user_error(export.main, argv, capsys)
+    monkeypatch.undo()
+    assert f"No space left on the device while saving {target}" in err
+    assert "or pass another --output, then run again." in err
+    assert "--output_dir" not in err  # train.py's flags, which export.py does not have
+    assert "--resume" not in err
+    assert target.read_bytes() == b"the previous export"

@@ -9,10 +9,12 @@ import os
 import pickle
 import resource
 import signal
+import struct
 import subprocess
 import sys
 import textwrap
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -259,10 +261,11 @@ def test_a_save_killed_between_its_two_files_leaves_a_pair_that_loads(
 
     commit = file_io._commit
 
-    def killed(tmp: str, target: str) -> None:  # dies after the sidecar, before the checkpoint
+    # dies after the sidecar, before the checkpoint
+    def killed(tmp: str, target: str, *then: str) -> None:
         if target == str(path):
             raise SystemExit("killed")
-        commit(tmp, target)
+        commit(tmp, target, *then)
 
     monkeypatch.setattr(file_io, "_commit", killed)
     with pytest.raises(SystemExit):
@@ -349,3 +352,33 @@ def test_safe_load_errors_name_the_problem(tmp_path) -> None:
     np.savez(npz.open("wb"), a=np.zeros(3))
     with pytest.raises(CheckpointError, match=r"NumPy \.npz checkpoint"):
         safe_load(npz)
+
+
+def _pickle_span(path: Path) -> tuple[int, int]:
+    """Where the bytes of a torch file's pickle (`<archive>/data.pkl`) lie in the file."""
+    with zipfile.ZipFile(path) as archive:
+        record = next(i for i in archive.infolist() if i.filename.endswith("data.pkl"))
+    with open(path, "rb") as handle:
+        handle.seek(record.header_offset + 26)  # the local header's name and extra lengths
+        name_length, extra_length = struct.unpack("<HH", handle.read(4))
+    start = record.header_offset + 30 + name_length + extra_length
+    return start, record.file_size
+
+
+def test_a_flipped_bit_in_a_states_pickle_is_called_damage_never_code(tmp_path) -> None:
+    path = tmp_path / "run_last.pt"
+    state = {"format": "x", "step": 3, "model": _state(0), "args": {"lr": 0.1, "name": "run"}}
+    atomic_save(with_content_sha256(state), path)
+    good = path.read_bytes()
+    start, size = _pickle_span(path)
+    flipped = tmp_path / "flipped_last.pt"
+    for offset in range(0, size, 3):  # a third of the pickle's bytes, each bit in turn
+        data = bytearray(good)
+        data[start + offset] ^= 1 << (offset % 8)
+        flipped.write_bytes(data)
+        with pytest.raises(CheckpointError) as info:
+            safe_load(flipped)
+        message = str(info.value)
+        assert message.startswith(f"{flipped} is damaged: "), (offset, message)
+        assert "data.pkl" in message
+        assert "holds code" not in message

@@ -255,3 +255,160 @@ def test_model_type_comes_from_an_official_or_augreg_file_name(tmp_path, caplog)
         loaded = load_model(path)
     assert loaded.model_type == "ViT-Ti_16"
     assert "inferred from its file name" in caplog.text
+
+
+# --------------------------------------------------------------------------------------------
+# Descriptions (a sidecar, a .safetensors file's metadata): every field checked
+
+GOOD_SHA = "0" * 64
+
+# (field, a value of the wrong type, a value of the right type that is wrong) for each field.
+BAD_FIELDS = [
+    ("model_type", 16, "ViT-Z_99"),
+    ("img_size", "32", 0),
+    ("img_size", [32, "48"], [32, 48, 64]),
+    ("num_classes", "5", 0),
+    ("dataset", 10, " "),
+    ("class_names", "abcde", [1, 2, 3, 4, 5]),
+    ("precision", 16, "fp8"),
+    ("step", "ten", -1),
+    ("step", 2.5, True),
+    ("final_step", "ten", -3),
+    ("accuracy", "high", 1.5),
+    ("minival_accuracy", [0.5], -0.1),
+    ("final_test_accuracy", {"x": 1}, float("nan")),
+    ("selected_by", 1, ""),
+    ("sha256", 123, "ab" * 31),
+    ("previous_sha256", 123, "G" * 64),
+]
+
+
+def _bad_cases() -> list:
+    return [
+        pytest.param(field, value, id=f"{field}-{kind}")
+        for field, *values in BAD_FIELDS
+        for kind, value in zip(("type", "value"), values, strict=True)
+    ]
+
+
+def _described_bin(tmp_path, field, value):
+    """A good `.bin` whose sidecar has `field` set to `value` (its hash kept right unless the
+    field is the hash)."""
+    model = distinct_model(num_classes=5)
+    path = tmp_path / "run_checkpoint.bin"
+    save_checkpoint(
+        model.state_dict(),
+        path,
+        model_type="testing",
+        img_size=[32, 32],
+        num_classes=5,
+        dataset="digits",
+        class_names=list("abcde"),
+        precision="fp32",
+        step=3,
+        accuracy=0.5,
+    )
+    sidecar = path.with_suffix(".json")
+    info = json.loads(sidecar.read_text())
+    info[field] = value
+    sidecar.write_text(json.dumps(info))
+    return path, sidecar
+
+
+@pytest.mark.parametrize(("field", "value"), _bad_cases())
+def test_each_sidecar_field_of_a_wrong_type_or_value_is_one_message(tmp_path, field, value):
+    path, sidecar = _described_bin(tmp_path, field, value)
+    with pytest.raises(CheckpointError) as info:
+        load_model(path)
+    message = str(info.value)
+    assert message.startswith(f"{sidecar}: the field {field!r} is ")
+    assert "but it must be" in message
+
+
+@pytest.mark.parametrize(("field", "value"), _bad_cases())
+def test_each_safetensors_field_of_a_wrong_type_or_value_is_one_message(tmp_path, field, value):
+    path = tmp_path / "model.safetensors"
+    info = {"model_type": "testing", "img_size": [32, 32], "num_classes": 5, field: value}
+    save_safetensors(path, distinct_model(num_classes=5).state_dict(), info)
+    with pytest.raises(CheckpointError) as raised:
+        load_model(path)
+    message = str(raised.value)
+    assert message.startswith(f"{path}: the field {field!r} is ")
+    assert "export it again" in message
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("num_classes", 4), ("class_names", list("abcd"))],  # the head has 5 classes
+)
+def test_a_description_that_disagrees_with_the_head_is_refused(tmp_path, field, value):
+    path, sidecar = _described_bin(tmp_path, field, value)
+    info = json.loads(sidecar.read_text())  # the sidecar agrees with itself, not the head
+    if field == "num_classes":
+        info["class_names"] = list("abcd")
+    else:
+        del info["num_classes"]
+    sidecar.write_text(json.dumps(info))
+    with pytest.raises(CheckpointError, match="the classes of the checkpoint's head") as raised:
+        load_model(path)
+    assert str(raised.value).startswith(f"{sidecar}: the field {field!r}")
+
+
+def test_a_sidecar_that_is_not_an_object_is_one_message(tmp_path):
+    path, sidecar = _described_bin(tmp_path, "step", 3)
+    sidecar.write_text("[1, 2, 3]")
+    with pytest.raises(CheckpointError, match="must be a JSON object"):
+        load_model(path)
+
+
+def test_a_good_description_of_every_field_loads(tmp_path):
+    path, _ = _described_bin(tmp_path, "minival_accuracy", None)  # null: not measured
+    loaded = load_model(path)
+    assert loaded.class_names == list("abcde")
+    assert loaded.info == {"step": 3, "accuracy": 0.5}
+
+
+# --------------------------------------------------------------------------------------------
+# Messages that say what is wrong
+
+
+def test_a_wrong_rank_head_is_called_a_wrong_shape_not_a_class_count(tmp_path):
+    arrays = state_dict_to_npz(distinct_model(num_classes=5).state_dict(), TESTING)
+    arrays["head/kernel"] = arrays["head/kernel"][..., None]  # (hidden, classes, 1)
+    path = tmp_path / "odd.npz"
+    save_npz(path, arrays)
+    with pytest.raises(CheckpointError) as info:
+        load_model(path, "testing", 32)
+    message = str(info.value)
+    assert "'head/kernel' (16, 5, 1)" in message
+    assert "not a ViT checkpoint of this layout" in message
+    assert "zero_head" not in message  # no Python argument for a command-line user
+    assert "classes but the model" not in message
+
+
+def test_a_wrong_rank_tensor_in_a_bin_is_called_so(tmp_path):
+    state = distinct_model(num_classes=5).state_dict()
+    state["head.weight"] = state["head.weight"][..., None]  # (classes, hidden, 1)
+    path = tmp_path / "odd.bin"
+    torch.save(state, path)
+    with pytest.raises(CheckpointError) as info:
+        load_model(path, "testing", 32)
+    message = str(info.value)
+    assert "head.weight has 3 dimension(s) where this model's has 2" in message
+    assert "use a dataset with" not in message
+
+
+def test_a_bin_without_its_sidecar_loads_with_a_warning(tmp_path, caplog):
+    path = tmp_path / "run_checkpoint.bin"
+    torch.save(distinct_model(num_classes=5).state_dict(), path)
+    with caplog.at_level("WARNING", logger="utils.loading"):
+        load_model(path)
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1
+    assert "has no sidecar (run_checkpoint.json)" in warned[0]
+    assert "SHA-256, model type and class names could not be checked" in warned[0]
+    caplog.clear()
+    _described_bin(tmp_path, "step", 3)  # with one: no warning
+    with caplog.at_level("WARNING", logger="utils.loading"):
+        load_model(path)
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]

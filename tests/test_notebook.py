@@ -82,7 +82,9 @@ def test_notebook_runs_on_a_bin_checkpoint(tmp_path):
     assert "testing from" in text
     assert "1. " in text
     assert text.count("name_") >= 5
-    assert images_shown(nb) == 3  # patches, rollout + per-layer figure, chosen layer
+    assert images_shown(nb) == 4  # patches, rollout + per-layer figure, chosen layer, Figure 7
+    assert "mean attention distance over 2 scikit-learn sample photos" in text
+    assert "top 16 filter components" in text  # at most D = 16 for the testing model
 
 
 @pytest.mark.slow
@@ -101,7 +103,7 @@ def test_notebook_runs_on_an_npz_with_an_image_and_explains_a_missing_checkpoint
     text = outputs_text(nb)
     assert "input (32, 64), patch grid (2, 4)" in text
     assert "unknown" in text  # a 5-class npz has no known class names
-    assert images_shown(nb) == 3
+    assert images_shown(nb) == 4
 
     missing = tmp_path / "nothing.bin"
     params = f"CHECKPOINT = {str(missing)!r}\nMODEL_TYPE = None\nIMAGE = None\nIMG_SIZE = None\n"

@@ -1,6 +1,7 @@
 """Checkpoint conversion: every official layout loads, tensors land where they should, the
 round trip is bit-exact, and every bad input gives one clear error."""
 
+import io
 import logging
 import zipfile
 
@@ -226,6 +227,48 @@ def test_not_an_npz_is_a_clear_error(tmp_path) -> None:
         pass
     with pytest.raises(CheckpointError, match="holds no arrays"):
         load_npz(empty)
+
+
+def _npz_declaring(path, shape, data: bytes, compression: int = zipfile.ZIP_STORED) -> None:
+    """An `.npz` with one float32 array whose header declares `shape` but holds `data`."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": "<f4", "fortran_order": False, "shape": shape}
+    )
+    with zipfile.ZipFile(path, "w", compression) as archive:
+        archive.writestr("Transformer/encoder_norm/scale.npy", header.getvalue() + data)
+
+
+@pytest.mark.parametrize("compression", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED])
+def test_an_array_declaring_more_than_the_file_holds_is_refused_unread(
+    tmp_path, compression
+) -> None:
+    # A few hundred bytes that ask numpy for 3.6 TiB.
+    path = tmp_path / "huge.npz"
+    _npz_declaring(path, (10**6, 10**6), bytes(16), compression)
+    assert path.stat().st_size < 400
+    with pytest.raises(CheckpointError) as info:
+        load_npz(path)
+    assert str(info.value) == (
+        f"{path} is not a readable .npz checkpoint: its array 'Transformer/encoder_norm/scale' "
+        "declares shape (1000000, 1000000) of float32 (3,725.3 GiB), but the file holds 16 bytes "
+        "for it. It is damaged or not a checkpoint: delete it and download it again."
+    )
+    # One element short is refused too; the exact size loads, stored or compressed.
+    _npz_declaring(path, (5,), bytes(16), compression)
+    with pytest.raises(CheckpointError, match=r"declares shape \(5,\) of float32 \(20 bytes\)"):
+        load_npz(path)
+    _npz_declaring(path, (4,), np.arange(4, dtype="<f4").tobytes(), compression)
+    np.testing.assert_array_equal(load_npz(path)["Transformer/encoder_norm/scale"], np.arange(4))
+
+
+def test_a_member_that_is_not_an_array_is_refused(tmp_path) -> None:
+    path = tmp_path / "mixed.npz"
+    save_npz(path, {"cls": np.zeros((1, 1, 4), np.float32)})
+    with zipfile.ZipFile(path, "a") as archive:
+        archive.writestr("notes.txt", b"not an array")
+    with pytest.raises(CheckpointError, match=r"its member 'notes\.txt' is not a NumPy array"):
+        load_npz(path)
 
 
 def test_pickled_arrays_are_refused(tmp_path) -> None:

@@ -654,13 +654,25 @@ def test_train_step_equals_optax(optax, tmp_path, no_dropout: str, momentum_dtyp
     )
     assert all(torch.equal(p, p0) for p, p0 in zip(history[0][0], init, strict=True))
     assert all(torch.count_nonzero(t) > 0 for t in history[0][1])
-    worst = 0.0
+    worst, flips, compared = 0.0, 0, 0
     for (params, traces), (want_params, want_traces) in zip(history, oracle, strict=True):
         for p, want in zip(params, want_params, strict=True):
             worst = max(worst, float(np.abs(p.numpy() - want).max()))
         for t, want in zip(traces, want_traces, strict=True):
             assert str(t.dtype) == f"torch.{momentum_dtype}"
-            np.testing.assert_allclose(t.float().numpy(), want.astype(np.float32), 1e-5, 1e-6)
+            ours, want = t.float().numpy(), want.astype(np.float32)
+            if momentum_dtype == "float32":
+                np.testing.assert_allclose(ours, want, 1e-5, 1e-6)
+                continue
+            # The micro-batch gradients sum to the big batch's only up to float32 rounding (the
+            # CPU's matmul kernels decide which way), and a trace within that noise of a
+            # bfloat16 rounding boundary may round either way: one bfloat16 step apart, rarely.
+            off = ~np.isclose(ours, want, 1e-5, 1e-6)
+            ulp = np.abs(want) * 2.0**-7
+            assert (np.abs(ours - want)[off] <= ulp[off]).all()
+            flips += int(off.sum())
+            compared += off.size
+    assert flips <= 1e-3 * compared, (flips, compared)
     assert worst <= 1e-6, worst
     moved = max(float((p - p0).abs().max()) for p, p0 in zip(history[1][0], init, strict=True))
     assert moved > 1e-3  # the second update moved the parameters far beyond the tolerance

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import logging
 import os
@@ -220,3 +221,24 @@ def test_torchrun_splits_the_files_and_writes_one_output_in_order(
         np.testing.assert_allclose(
             a.get("probabilities", []), b.get("probabilities", []), atol=1e-6
         )
+
+
+def test_a_full_disk_keeps_the_previous_output_and_names_only_predicts_flags(
+    best_checkpoint, folder, tmp_path, capsys, monkeypatch, one_thread
+) -> None:
+    ckpt = best_checkpoint(_model(), class_names=CLASSES)
+    out = tmp_path / "preds.csv"
+    out.write_text("the previous predictions\n")
+
+    def fsync(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    argv = ["--checkpoint", str(ckpt), "--image", str(folder), "--output", str(out)]
+    err = expect_user_error(predict.main, [*argv, "--num_workers", "0"], capsys)
+    monkeypatch.undo()
+    assert f"No space left on the device while saving {out}" in err
+    assert "or pass another --output, then run again." in err
+    assert "--output_dir" not in err  # train.py's flags, which predict.py does not have
+    assert "--resume" not in err
+    assert out.read_text() == "the previous predictions\n"

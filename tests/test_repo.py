@@ -57,6 +57,8 @@ def test_every_third_party_import_is_a_requirement() -> None:
         "export",
         "predict",
         "sweep",
+        "fewshot",
+        "analyze",
     }
     local |= {"export", "predict"}
     stdlib = set(sys.stdlib_module_names)

@@ -8,6 +8,7 @@ best checkpoint, and real processes killed with real signals.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -420,3 +421,78 @@ def test_resume_of_a_state_written_before_bfloat16_momentum(
         train.main, tiny_args(tmp_path, num_steps=6, eval_every=0, resume=True), capsys
     )
     assert "resum" in err.lower()
+
+
+# --------------------------------------------------------------------------------------------
+# What a resume must not change, and a log that cannot be written
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.0])
+def test_a_resume_with_another_split_is_refused(tmp_path: Path, capsys, fraction: float) -> None:
+    train.main(tiny_args(tmp_path, num_steps=2, eval_every=2))
+    saved = last_state_path(tmp_path / "out", "tiny").read_bytes()
+    argv = tiny_args(tmp_path, num_steps=4, holdout_fraction=fraction, resume=True)
+    err = expect_user_error(train.main, argv, capsys)
+    assert "with --holdout_fraction 0.02 (1408 training / 29 minival images)" in err
+    assert f"this command with --holdout_fraction {fraction} (" in err
+    assert last_state_path(tmp_path / "out", "tiny").read_bytes() == saved
+
+
+def test_a_resume_in_another_precision_is_warned_about(tmp_path: Path, caplog) -> None:
+    train.main(tiny_args(tmp_path, num_steps=2, eval_every=0))
+    with caplog.at_level(logging.WARNING):
+        train.main(tiny_args(tmp_path, num_steps=3, eval_every=0, precision="bf16", resume=True))
+    assert "Resuming in bf16, but the saved run trained in fp32" in caplog.text
+    assert last_state(tmp_path / "out", "tiny")["precision"] == "bf16"
+
+
+def _event_file_becomes_a_folder(log_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """TensorBoard reopens its event file for every record: the next one fails (EISDIR)."""
+    for events in log_dir.glob("events.out.tfevents.*"):
+        events.unlink()
+        events.mkdir()
+
+
+def _disk_fills_up(log_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What TensorBoard's writer meets on a full disk: ENOSPC from its next write."""
+    from tensorboard.compat.tensorflow_stub.io import gfile
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(gfile.LocalFileSystem, "append", full)
+
+
+@pytest.mark.parametrize("fault", [_event_file_becomes_a_folder, _disk_fills_up])
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")  # its traceback
+def test_a_log_that_cannot_be_written_stops_the_run_after_saving(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys, fault
+) -> None:
+    """The log fails from step 3 on. TensorBoard's thread reports it at the run's next call:
+    in step 3 when it has already failed on step 2's records, else at step 4's evaluation flush,
+    which waits for it."""
+    log_dir = tmp_path / "logs" / "tiny"
+    real = train.train_step
+
+    def failing(args, trainer, batches, guard, number, info):
+        if number == 3:
+            fault(log_dir, monkeypatch)
+        return real(args, trainer, batches, guard, number, info)
+
+    monkeypatch.setattr(train, "train_step", failing)
+    flags = {"num_steps": 10, "eval_every": 4, "save_every": 100}
+    err = expect_user_error(train.cli, tiny_args(tmp_path, **flags), capsys)
+    assert "Exception in thread" not in err  # nor from TensorBoard's writer thread
+    assert f"TensorBoard could not write to --log_dir {log_dir} (" in err
+    assert "continue with the same command plus --resume" in err
+    saved = last_state(tmp_path / "out", "tiny")["step"]
+    assert saved in (3, 4)  # saved on the output disk at the step that found it
+
+    monkeypatch.undo()  # room again
+    for folder in log_dir.glob("events.out.tfevents.*"):
+        if folder.is_dir():
+            folder.rmdir()
+    summary = train.main(tiny_args(tmp_path, **flags, resume=True))
+    assert summary.step == 10
+    logged = [step for step, _ in scalars(log_dir)["train/loss"]]
+    assert logged[-(10 - saved) :] == list(range(saved + 1, 11))

@@ -58,9 +58,11 @@ def test_a_new_run_never_overwrites_an_earlier_run_of_its_name(tmp_path) -> None
         pass
 
 
-def test_overwrite_deletes_the_earlier_run_first(tmp_path, caplog) -> None:
+def test_overwrite_deletes_the_earlier_run_when_asked(tmp_path, caplog) -> None:
     files = _earlier_run(tmp_path)
-    with caplog.at_level(logging.WARNING), _claim(tmp_path, overwrite=True):
+    with caplog.at_level(logging.WARNING), _claim(tmp_path, overwrite=True) as lock:
+        assert {p: p.read_bytes() for p in files} == files  # kept until every check has passed
+        lock.delete_earlier_run()
         assert not any(path.exists() for path in files)
     assert "--overwrite: deleted the earlier run's" in caplog.text
     with pytest.raises(UserError, match="pass one of them"):
@@ -168,3 +170,154 @@ def test_other_processes_under_torchrun_claim_nothing(tmp_path) -> None:
                      is_main=False)  # fmt: skip
     lock.release()
     assert not (tmp_path / "x").exists()
+
+
+_FORKING_HOLDER = textwrap.dedent(
+    """
+    import multiprocessing, os, sys, time
+    from utils.run_files import claim_run
+    lock = claim_run(sys.argv[1], sys.argv[2], "run", resume=False, overwrite=False)
+    # As a DataLoader worker is: forked while the lock is held, and outliving its parent.
+    child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(120,))
+    child.start()
+    print(os.getpid(), child.pid, flush=True)
+    os.kill(os.getpid(), 9)
+    """
+)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="needs fork")
+def test_children_of_a_killed_run_do_not_keep_its_lock(tmp_path, caplog) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _FORKING_HOLDER, str(tmp_path / "out"), str(tmp_path / "logs")],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    pid, child = map(int, proc.stdout.readline().split())
+    try:
+        assert proc.wait(timeout=60) == -signal.SIGKILL
+        os.kill(child, 0)  # the forked child still runs and still has the lock file open
+        with (
+            caplog.at_level(logging.INFO),
+            claim_run(tmp_path / "out", tmp_path / "logs", "run", resume=True, overwrite=False),
+        ):
+            pass
+        assert f"from process {pid} on" in caplog.text
+    finally:
+        os.kill(child, signal.SIGKILL)
+        proc.stdout.close()
+
+
+def test_a_dead_process_is_never_named_as_running(tmp_path) -> None:
+    proc, _ = _holder(tmp_path, "release")
+    try:
+        dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True, check=True)  # fmt: skip
+        dead_pid = int(dead.stdout)
+        # A record that names a process that has ended (as a holder that has not yet written
+        # its own PID leaves it); the lock itself is held by a live process.
+        with open(tmp_path / "out" / "run.lock", "r+") as record:
+            record.write(f"{dead_pid} on {os.uname().nodename}\n")
+            record.truncate()
+        with pytest.raises(UserError) as info:
+            claim_run(tmp_path / "out", tmp_path / "logs", "run", resume=True, overwrite=False)
+        message = str(info.value)
+        assert "Another run named run is running" in message
+        assert f"PID {dead_pid}" not in message
+        assert f"{dead_pid} no longer runs" in message
+    finally:
+        proc.communicate("go\n", timeout=60)
+
+
+def test_one_log_folder_belongs_to_one_run(tmp_path) -> None:
+    """A run of the same name in another --output_dir but the same --log_dir is refused, and
+    its --overwrite deletes nothing of the live run's log."""
+    proc, pid = _holder(tmp_path, "release")
+    events = tmp_path / "logs" / "events.out.tfevents.1.host.1.0"
+    events.write_bytes(b"live run's curves")
+    try:
+        for name, overwrite in [("run", True), ("other", False)]:
+            with pytest.raises(UserError) as info:
+                claim_run(tmp_path / "out2", tmp_path / "logs", name, resume=False,
+                          overwrite=overwrite)  # fmt: skip
+            message = str(info.value)
+            assert f"PID {pid} on " in message
+            assert f"--log_dir {tmp_path / 'logs'}" in message
+            assert "mix their curves" in message
+        assert events.read_bytes() == b"live run's curves"
+        assert sorted(os.listdir(tmp_path / "out2")) == []  # the refused runs hold nothing
+    finally:
+        proc.communicate("go\n", timeout=60)
+    with claim_run(
+        tmp_path / "out2", tmp_path / "logs", "run", resume=False, overwrite=True
+    ) as lock:
+        lock.delete_earlier_run()
+    assert not events.exists()  # once the other run has ended, --overwrite may delete it
+
+
+def test_one_process_cannot_claim_a_run_twice(tmp_path) -> None:
+    with _claim(tmp_path):
+        with pytest.raises(UserError, match=f"is running \\(PID {os.getpid()} on "):
+            _claim(tmp_path)
+        with pytest.raises(UserError, match="mix their curves"):
+            claim_run(tmp_path / "out2", tmp_path / "logs" / "run", "run", resume=False,
+                      overwrite=False)  # fmt: skip
+        # The refusals left the first claim intact: another process is still refused.
+        proc = subprocess.run([sys.executable, "-c", _HOLDER, str(tmp_path / "out"),
+                               str(tmp_path / "logs" / "run"), "release"], cwd=ROOT,
+                              input="go\n", capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert proc.returncode == 1
+        assert f"is running (PID {os.getpid()} on " in proc.stderr
+
+
+def _make_symlink(path: Path, victim: Path) -> None:
+    path.symlink_to(victim)
+
+
+def _make_hard_link(path: Path, victim: Path) -> None:
+    os.link(victim, path)
+
+
+def _make_copy(path: Path, victim: Path) -> None:
+    path.write_bytes(victim.read_bytes())  # e.g. a poetry.lock in --output_dir .
+
+
+@pytest.mark.skipif(os.name != "posix", reason="symbolic and hard links")
+@pytest.mark.parametrize(
+    ("make", "says"),
+    [
+        (_make_symlink, "is a symbolic link"),
+        (_make_hard_link, "is a hard link"),
+        (_make_copy, "is not a lock file"),
+    ],
+    ids=["symlink", "hard link", "foreign file"],
+)
+def test_a_lock_path_that_is_not_a_lock_file_is_never_written(tmp_path, make, says) -> None:
+    victim = tmp_path / "precious.txt"
+    victim.write_text("the user's data\n")
+    (tmp_path / "out").mkdir()
+    make(tmp_path / "out" / "run.lock", victim)
+    with pytest.raises(UserError, match=f"run.lock {says}.*choose another --name"):
+        _claim(tmp_path)
+    assert victim.read_text() == "the user's data\n"
+    assert (tmp_path / "out" / "run.lock").read_text() == "the user's data\n"
+
+
+@pytest.mark.parametrize("where", ["run.lock", "run_checkpoint.bin", "run_checkpoint.json",
+                                   "run_last.pt"])  # fmt: skip
+def test_a_folder_where_a_run_file_goes_is_found_at_start_up(tmp_path, where) -> None:
+    (tmp_path / "out" / where).mkdir(parents=True)
+    for resume in (False, True):
+        with pytest.raises(UserError, match=f"{where} is a folder, not a file.*another --name"):
+            _claim(tmp_path, resume=resume)
+    assert not (tmp_path / "out" / "run.lock").is_file()
+
+
+@pytest.mark.parametrize("name", ["\udcff", "a\ud800b"])
+def test_a_name_that_is_not_text_is_one_message(tmp_path, name) -> None:
+    with pytest.raises(
+        UserError, match=r"--name .* cannot name a file.*Use e\.g\. --name (run|a-b)\."
+    ):
+        _claim(tmp_path, name=name)
+    assert sorted(os.listdir(tmp_path)) == []

@@ -6,6 +6,9 @@ checks the exit code, the one-line message and that nothing of an earlier run wa
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,6 +22,7 @@ import train
 from tests.helpers import expect_user_error, load_checkpoint, make_image_folder, tiny_args
 from utils.errors import run_cli
 from utils.file_io import safe_load
+from utils.run_files import run_files
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -131,3 +135,85 @@ def test_a_run_stopped_before_any_evaluation_says_so(
     assert "-1.0000" not in out
     assert not (tmp_path / "out" / "tiny_checkpoint.bin").exists()
     assert safe_load(tmp_path / "out" / "tiny_last.pt")["step"] == 1
+
+
+def _bad_data_dir(root: Path) -> dict:
+    return {"dataset": "imagefolder", "data_dir": root / "no_such_folder"}
+
+
+def _bad_image(root: Path) -> dict:
+    make_image_folder(root / "pics")
+    (root / "pics" / "train" / "cat" / "9.png").write_bytes(b"not an image")
+    return {"dataset": "imagefolder", "data_dir": root / "pics", "strict_images": True}
+
+
+@pytest.mark.parametrize("typo", [_bad_data_dir, _bad_image], ids=["data_dir", "strict_images"])
+def test_overwrite_deletes_nothing_when_a_check_fails(tmp_path: Path, capsys, typo) -> None:
+    """--overwrite with a mistake found at start-up: the earlier run is still all there."""
+    train.main(tiny_args(tmp_path, num_steps=2, eval_every=2))
+    files = run_files(tmp_path / "out", tmp_path / "logs" / "tiny", "tiny")
+    assert len(files) == 4  # .bin, .json, _last.pt, an event file
+    before = {path: path.read_bytes() for path in files}
+    expect_user_error(train.main, tiny_args(tmp_path, overwrite=True, **typo(tmp_path)), capsys)
+    assert {path: path.read_bytes() for path in files} == before
+    assert not (tmp_path / "out" / "tiny.lock").exists()  # released
+
+
+def test_a_folder_where_the_last_state_goes_is_refused_at_start_up(tmp_path: Path, capsys) -> None:
+    (tmp_path / "out" / "tiny_last.pt").mkdir(parents=True)
+    for resume in (False, True):
+        err = expect_user_error(train.main, tiny_args(tmp_path, resume=resume), capsys)
+        assert "tiny_last.pt is a folder, not a file" in err
+    assert not (tmp_path / "logs" / "tiny").exists() or not any(
+        (tmp_path / "logs" / "tiny").glob("events.*")
+    )  # no training started
+
+
+@pytest.mark.parametrize("name", ["\udcff", "x\ud800"])
+def test_a_name_that_is_not_text_is_one_message(tmp_path: Path, capsys, name: str) -> None:
+    err = expect_user_error(train.main, tiny_args(tmp_path, name=name, log_dir=tmp_path), capsys)
+    assert "cannot name a file" in err
+
+
+@pytest.mark.slow
+def test_a_name_the_locale_cannot_encode_is_one_message(tmp_path: Path) -> None:
+    """Non-ASCII bytes under a plain C locale (no UTF-8 mode): not text to Python there."""
+    env = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    argv = [os.fsencode(a) for a in tiny_args(tmp_path)]
+    argv[argv.index(b"--name") + 1] = "café".encode()
+    proc = subprocess.run(
+        [sys.executable, "train.py", *argv], cwd=REPO, env=env, capture_output=True, timeout=120
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert b"Traceback" not in proc.stderr
+    assert b"cannot name a file" in proc.stderr
+    assert b"LC_ALL=C.UTF-8" in proc.stderr
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_a_finished_run_whose_summary_cannot_be_printed_succeeds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog
+) -> None:
+    """stdout on a full device (`train.py ... > /dev/full`): the run finished, exit 0."""
+    full = open("/dev/full", "w")  # noqa: SIM115 - closed below
+    monkeypatch.setattr(sys, "stdout", full)
+    run_cli(lambda: train.cli(tiny_args(tmp_path, num_steps=2, eval_every=2)))  # no exit
+    with contextlib.suppress(OSError):  # what could not be written is still buffered
+        full.close()
+    assert "Could not print the summary" in caplog.text
+    assert "No space left on device" in caplog.text
+    assert safe_load(tmp_path / "out" / "tiny_last.pt")["step"] == 2
+
+
+def test_the_summary_names_only_files_that_exist(tmp_path: Path, capsys) -> None:
+    """Only the last state was copied to another output folder, then resumed there."""
+    train.main(tiny_args(tmp_path, num_steps=2, eval_every=2))
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    shutil.copy(tmp_path / "out" / "tiny_last.pt", copy / "tiny_last.pt")
+    capsys.readouterr()
+    train.main(tiny_args(tmp_path, num_steps=2, output_dir=copy, resume=True))
+    out = capsys.readouterr().out
+    assert "Best checkpoint: step 2 by minival" in out  # what the state remembers
+    assert f"\nCheckpoint: none in {copy} (" in out  # not the missing copy/tiny_checkpoint.bin
+    assert f"\nLast state: {copy / 'tiny_last.pt'}\n" in out

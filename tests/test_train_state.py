@@ -17,7 +17,7 @@ from models.npz import CheckpointError
 from tests.helpers import damage, distinct_model, tiny_args
 from utils.dist_utils import DistInfo
 from utils.errors import UserError
-from utils.file_io import atomic_save, safe_load
+from utils.file_io import atomic_save, safe_load, with_content_sha256
 from utils.loading import read_state_dict
 from utils.optim import make_scheduler
 from utils.train_state import (
@@ -262,3 +262,31 @@ def test_resume_mid_epoch_with_real_loader(tmp_path) -> None:
     _run(loader, resumed, args, state, stop_at=5)
     for key, value in straight.model.state_dict().items():
         assert torch.equal(resumed.model.state_dict()[key], value), key
+
+
+def test_a_state_remembers_its_split_and_refuses_another(tmp_path) -> None:
+    split = {"holdout_fraction": 0.02, "train_images": 98, "minival_images": 2}
+    model, optimizer, _, _ = _training_objects(0)
+    path = tmp_path / "s.pt"
+    save_training_state(path, model=model, optimizer=optimizer, scheduler=None, scaler=None,
+                        state=TrainState(step=2, split=split, precision="bf16"),
+                        args={"holdout_fraction": 0.02})  # fmt: skip
+    state = load_training_state(path, model=_training_objects(1)[0], split=split)
+    assert (state.split, state.precision) == (split, "bf16")
+    for other in [{**split, "holdout_fraction": 0.1}, {**split, "train_images": 97}]:
+        with pytest.raises(UserError) as info:
+            load_training_state(path, model=_training_objects(1)[0], split=other)
+        message = str(info.value)
+        assert "--holdout_fraction 0.02 (98 training / 2 minival images)" in message
+        assert f"this command with --holdout_fraction {other['holdout_fraction']} (" in message
+    # A state written before the split was kept: its --holdout_fraction still decides.
+    older = safe_load(path)
+    del older["split"], older["precision"]
+    atomic_save(with_content_sha256(older), path)
+    state = load_training_state(path, model=_training_objects(1)[0], split=split)
+    assert (state.split, state.precision) == ({}, None)
+    with pytest.raises(
+        UserError, match=r"split its training images with --holdout_fraction 0\.02, "
+    ):
+        load_training_state(path, model=_training_objects(1)[0], split={**split,
+                            "holdout_fraction": 0.0})  # fmt: skip

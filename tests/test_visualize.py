@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -122,7 +124,7 @@ def test_command_line_exits_2_with_a_clear_message(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_make_figures_writes_small_pngs(tmp_path):
+def test_make_figures_writes_small_pngs_atomically(tmp_path, monkeypatch, capsys):
     spec = importlib.util.spec_from_file_location("make_figures", ROOT / "tools/make_figures.py")
     make_figures = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(make_figures)
@@ -135,6 +137,15 @@ def test_make_figures_writes_small_pngs(tmp_path):
         assert (out / name).stat().st_size < 300_000
     with pytest.raises(USER_ERRORS, match="make demo"):
         make_figures.main(["--checkpoint", str(tmp_path / "none.bin")])
+    # A full disk keeps the previous figures (each is written atomically).
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    _full_disk(monkeypatch)
+    argv = ["--checkpoint", str(ckpt), "--output_dir", str(out), "--dpi", "60"]
+    err = expect_user_error(make_figures.main, argv, capsys)
+    monkeypatch.undo()
+    assert "No space left" in err
+    assert "--output_dir" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
 def test_figures_go_to_the_output_folder_by_default(tmp_path, monkeypatch, capsys):
@@ -179,3 +190,55 @@ def test_an_output_that_cannot_be_written_is_one_message(tmp_path, capsys):
         capsys,
     )
     assert f"Cannot write {blocker / 'fig.png'}" in err
+
+
+def _full_disk(monkeypatch) -> None:
+    """Every fsync fails as on a full disk (a write that never fsyncs is not noticed)."""
+
+    def fsync(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", fsync)
+
+
+def test_a_full_disk_keeps_the_previous_figure_and_names_the_scripts_own_flag(
+    tmp_path, monkeypatch, capsys
+):
+    ckpt = make_bin(tmp_path)
+    out = tmp_path / "figs" / "fig.png"
+    argv = ["--checkpoint", str(ckpt), "--output", str(out)]
+    visualize.main(argv)
+    before = out.read_bytes()
+    _full_disk(monkeypatch)
+    err = expect_user_error(visualize.main, [*argv, "--dpi", "120"], capsys)
+    monkeypatch.undo()
+    assert f"No space left on the device while saving {out}" in err
+    assert "previous file there is unchanged" in err
+    assert "--output," in err
+    assert "--output_dir" not in err
+    assert "--resume" not in err
+    assert out.read_bytes() == before
+    assert os.listdir(out.parent) == ["fig.png"]  # no temporary file left
+
+
+@pytest.mark.parametrize("limit", ["size", "memory"])
+def test_a_dpi_whose_figure_cannot_be_drawn_is_one_message(tmp_path, monkeypatch, capsys, limit):
+    from utils import file_io
+
+    ckpt = make_bin(tmp_path)
+    out = tmp_path / "fig.png"
+    dpi = "100000"  # beyond the 2**16 pixels a side matplotlib's Agg draws
+    if limit == "memory":
+        dpi = "100"
+        monkeypatch.setattr(file_io, "available_bytes", lambda device: 10**6)
+    err = expect_user_error(
+        visualize.main, ["--checkpoint", str(ckpt), "--output", str(out), "--dpi", dpi], capsys
+    )
+    largest = int(err.split("Pass --dpi ")[1].split()[0])
+    assert f"At --dpi {dpi} the figure would be" in err
+    assert 1 <= largest < int(dpi)
+    assert not out.exists()
+    monkeypatch.undo()
+    if limit == "memory":  # the figure it names does fit
+        visualize.main(["--checkpoint", str(ckpt), "--output", str(out), "--dpi", str(largest)])
+        assert out.stat().st_size > 0

@@ -45,9 +45,11 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, default_collate
 from torchvision import datasets
+from torchvision.datasets.utils import check_integrity
 
 from models.configs import to_pair
 from utils.dist_utils import main_process_first
+from utils.download import fetch_archive, mirror_url
 from utils.errors import UserError
 from utils.flags import DATASETS
 from utils.preprocessing import (
@@ -69,11 +71,13 @@ __all__ = [
     "DigitsDataset",
     "ImageFolderFiles",
     "InMemoryAugment",
+    "Indexed",
     "SeededAugment",
     "ShardSampler",
     "WithTransform",
     "augment_rng",
     "build_eval_loader",
+    "build_split",
     "build_test_set",
     "build_transforms",
     "check_images",
@@ -234,6 +238,15 @@ class WithTransform(Dataset):
             return None
         image, target = item
         return self.transform(image), target
+
+
+class Indexed(WithTransform):
+    """(transform(image), label, index), or None for an unreadable image: each image's position
+    in `base` travels with it, e.g. through the shards of several processes."""
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int] | None:
+        item = super().__getitem__(index)
+        return None if item is None else (*item, index)
 
 
 @dataclass
@@ -434,21 +447,43 @@ def check_images(dataset: ImageFolderFiles, shown: int = 20) -> None:
         )
 
 
+CIFAR_URL = "VIT_CIFAR_URL"  # the variable naming a mirror of the CIFAR archives
+MAX_CIFAR = 1 << 30  # bytes; each archive is about 163 MiB
+
+
 def _cifar(dataset: str, data_dir: str, download: bool, train: bool) -> Dataset:
+    """One CIFAR split; the archive is downloaded (`utils.download.fetch_archive`) if missing."""
     cls = datasets.CIFAR10 if dataset == "cifar10" else datasets.CIFAR100
     try:
-        return cls(data_dir, train=train, download=download)
-    except RuntimeError as err:
+        return cls(data_dir, train=train, download=False)
+    except RuntimeError:
+        pass  # missing or damaged: which one is said below
+    folder = os.path.join(data_dir, cls.base_folder)
+    if os.path.isdir(folder):
+        published = [*cls.train_list, *cls.test_list, [cls.meta["filename"], cls.meta["md5"]]]
+        bad = [n for n, md5 in published if not check_integrity(os.path.join(folder, n), md5)]
         raise UserError(
-            f"{dataset} is not in {data_dir} ({err}). Let train.py download it (it does unless "
-            f"another process does), or place the extracted `{cls.base_folder}` folder from "
-            f"{cls.url} inside --data_dir."
-        ) from None
-    except OSError as err:  # URLError is an OSError
+            f"{folder} is damaged: {', '.join(bad)} missing or not the published file(s) (MD5). "
+            f"Delete the folder {folder} (and {cls.filename} next to it, if damaged) to download "
+            f"{dataset} again."
+        )
+    if not download:
         raise UserError(
-            f"Could not download {dataset} from {cls.url} into {data_dir}: {err}. Check the "
-            f"network, or download and extract the archive into --data_dir yourself."
-        ) from None
+            f"{dataset} is not in {data_dir}. Let train.py download it (it does unless another "
+            f"process does), or place the extracted `{cls.base_folder}` folder from {cls.url} "
+            "inside --data_dir."
+        )
+    # torchvision's own address unless the variable names a mirror with the same file names.
+    base = mirror_url(None, CIFAR_URL, cls.url.rsplit("/", 1)[0])
+    fetch_archive(
+        f"{base}/{cls.filename}",
+        os.path.join(data_dir, cls.filename),
+        cls.tgz_md5,
+        cls.base_folder,
+        mirror=f"the {CIFAR_URL} variable at a mirror that holds {cls.filename}",
+        limit=MAX_CIFAR,
+    )
+    return cls(data_dir, train=train, download=False)
 
 
 def _imagefolder(data_dir: str, train: bool) -> Dataset:
@@ -527,6 +562,19 @@ def build_test_set(
     test_set = _raw_split(dataset, data_dir, download, train=False)
     test_set.transform = build_transforms(img_size, train=False)
     return test_set, list(test_set.classes)
+
+
+def build_split(
+    dataset: str, data_dir: str, train: bool, download: bool = True
+) -> tuple[Dataset, list[str]]:
+    """One whole split (nothing held out) without a transform: items are (PIL image, label).
+
+    Wrap it in `WithTransform` for a preprocessing of your own, e.g. the test one on the
+    training split (few-shot evaluation embeds both splits that way). Arguments and errors as
+    `build_test_set`; `train` picks the split (an image folder's `train/`).
+    """
+    split = _raw_split(dataset, data_dir, download, train=train)
+    return split, list(split.classes)
 
 
 def holdout_split(

@@ -59,9 +59,26 @@ class DistInfo:
         return self.world_size > 1
 
 
-def _env_int(name: str, default: int) -> int:
+def _env_int(name: str, default: int, least: int = 0) -> int:
+    """An integer environment variable (set by `torchrun`), or `default` when unset.
+
+    Raises:
+        UserError: it is set to something other than a whole number of at least `least`.
+    """
     value = os.environ.get(name)
-    return default if value in (None, "") else int(value)
+    if value is None or not value.strip():
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        number = None
+    if number is None or number < least:
+        raise UserError(
+            f"The environment variable {name}={value!r} must be a whole number of at least "
+            f"{least}: unset it, or launch with torchrun, which sets RANK, WORLD_SIZE and "
+            "LOCAL_RANK itself."
+        )
+    return number
 
 
 def init_distributed(local_rank: int = -1, timeout_minutes: float = 30.0) -> DistInfo:
@@ -77,7 +94,13 @@ def init_distributed(local_rank: int = -1, timeout_minutes: float = 30.0) -> Dis
     """
     if local_rank < 0:
         local_rank = _env_int("LOCAL_RANK", -1)
-    world_size = _env_int("WORLD_SIZE", 1)
+    world_size = _env_int("WORLD_SIZE", 1, least=1)
+    rank = _env_int("RANK", 0)  # read again by init_process_group, which would raise on it
+    if world_size > 1 and rank >= world_size:
+        raise UserError(
+            f"The environment variable RANK={rank} must be below WORLD_SIZE={world_size}: "
+            "launch with torchrun, which sets both."
+        )
     if world_size > 1 and "MASTER_ADDR" not in os.environ:
         raise UserError(
             f"WORLD_SIZE={world_size} is set but MASTER_ADDR is not: launch distributed runs "

@@ -10,16 +10,21 @@ The file is fetched from `<base_url>/<source>/<file>.npz` (Google's public `vit_
 unless `--base_url` or the `VIT_BASE_URL` variable names a mirror with the same layout) into
 `<file>.npz.part`. An interrupted transfer is continued with an HTTP `Range` request, both
 within one run (`--retries`, 1, 2, 4, ... s apart) and by running the command again; a server
-that ignores `Range` is handled by starting over. A server that accepts the connection and then
-says nothing is given up on after `--timeout` seconds per attempt. Only a complete file that
-opens as an `.npz` with every key the model needs is renamed to its final name; a complete but
-unusable download is deleted (resuming it could never repair it) and reported.
+that ignores `Range` is handled by starting over. An attempt is given up on when the server
+sends nothing for `--timeout` seconds, or less than `MIN_RATE` (1 KiB/s) over any `--timeout`
+seconds (a trickle); a download larger than the file can be (its listed size, else
+`MAX_CHECKPOINT`, 4 GiB) is stopped and deleted, whether the server says so in advance or sends
+an endless body. A folder that cannot be written to is reported as such, without retries. Only a
+complete file that opens as an `.npz` with every key the model needs is renamed to its final
+name; a complete but unusable download is deleted (resuming it could never repair it) and
+reported.
 
 AugReg checkpoints ("How to train your ViT?", Steiner et al. 2021) are chosen as vit_jax's
 `configs/augreg.py` and `train.py` choose them: a name with a `-` is a file name; a bare model
 (`B_16`, or a registry name such as `ViT-B_16`) takes, among the ImageNet-21k pre-trainings
 (`ds == "i21k"`) of `augreg/index.csv`, the one with the best `final_val`. The index is
-downloaded once and cached next to the checkpoints (`checkpoint/augreg_index.csv`).
+downloaded once and cached next to the checkpoints (`checkpoint/augreg_index.csv`); an index
+that names a file other than by a plain file name (`../x`) is refused.
 """
 
 from __future__ import annotations
@@ -33,12 +38,15 @@ import logging
 import math
 import os
 import re
+import shutil
+import tarfile
+import tempfile
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from tqdm import tqdm
 
@@ -54,7 +62,8 @@ from models.configs import (
 )
 from models.npz import BASE_URL, CheckpointError, load_npz, npz_to_state_dict
 from utils.errors import UserError, run_cli
-from utils.flags import HelpFormatter, http_url, non_negative_int, positive_float, positive_int
+from utils.flags import HelpFormatter, http_url, non_negative_int, positive_int, seconds
+from utils.run_files import _check_folder
 
 __all__ = [
     "AUGREG",
@@ -66,8 +75,10 @@ __all__ = [
     "checkpoint_path",
     "default_source",
     "download",
+    "fetch_archive",
     "fetch_checkpoint",
     "list_files",
+    "mirror_url",
     "read_augreg_index",
     "resolve_file",
     "select_augreg",
@@ -138,7 +149,17 @@ AUGREG_SIZES = {
 CHUNK = 1 << 20
 RETRIES = 3
 TIMEOUT = 30.0  # seconds without a byte from the server before an attempt is given up
+MIN_RATE = 1024  # bytes/s: an attempt that averages less over TIMEOUT seconds has stalled
 BACKOFF = 1.0  # seconds before the first retry; doubled before each further one (at most 30)
+# The most a download may be where no size is listed: the largest official file (ViT-H_14) is
+# 2.46 GiB, the AugReg index a few MiB.
+MAX_CHECKPOINT = 4 << 30
+MAX_INDEX = 256 << 20
+CHECKPOINT_MIRROR = (
+    "--base_url (or the VIT_BASE_URL variable) at a mirror with the same <source>/<file>.npz layout"
+)
+# A name from a server becomes a local file name: letters, digits and `_.+=-`, no path.
+PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+=-]{0,199}")
 
 
 def _closest(name: str, choices: Iterable[str], n: int = 5) -> str:
@@ -206,15 +227,38 @@ def default_source(name: str) -> str:
     return found or DEFAULT_SOURCE
 
 
-def _network_error(url: str, err: BaseException, attempts: int, timeout: float) -> UserError:
+class _StalledError(OSError):
+    """The server sends, but too slowly to ever finish (a network failure: retried)."""
+
+
+def _network_error(
+    url: str, err: BaseException, attempts: int, timeout: float, mirror: str, timeout_flag: str
+) -> UserError:
     reason = getattr(err, "reason", err)  # urllib wraps a connect timeout in a URLError
     timed_out = isinstance(err, TimeoutError) or isinstance(reason, TimeoutError)
     what = f"the server sent nothing for {timeout:g} s" if timed_out else str(err)
-    hint = " (raise --timeout for a slow connection)" if timed_out else ""
+    hint = f" (raise {timeout_flag} for a slow connection)" if timed_out and timeout_flag else ""
+    if isinstance(err, _StalledError):
+        hint = " (the connection is too slow to finish the file)"
     return UserError(
         f"Could not download {url} ({attempts} attempt(s)): {what}{hint}. Check the network "
-        "connection, or point --base_url (or the VIT_BASE_URL variable) at a mirror with the "
-        "same <source>/<file>.npz layout. Running the command again resumes a partial download."
+        f"connection, or point {mirror}. Running the command again resumes a partial download."
+    )
+
+
+def _too_large(url: str, part: Path, size: int, limit: int) -> UserError:
+    part.unlink(missing_ok=True)
+    return UserError(
+        f"{url} is larger than the file can be: {size} bytes or more, at most {limit} expected. "
+        "It is not the file asked for, and what had arrived was deleted. If you use a mirror "
+        "(--base_url), check that it serves the official files."
+    )
+
+
+def _not_writable(path: Path, err: OSError) -> UserError:
+    return UserError(
+        f"Cannot write {path} ({err.strerror or err}): this is not a network problem. Pass a "
+        "folder you can write to, or free space there; a partial download is kept and resumed."
     )
 
 
@@ -238,8 +282,12 @@ def _open(url: str, offset: int, timeout: float) -> tuple[http.client.HTTPRespon
     return response, 0, length
 
 
-def _transfer(url: str, part: Path, timeout: float, progress: bool) -> None:
-    """One attempt: continue `part` from its current size up to the end of `url`."""
+def _transfer(url: str, part: Path, timeout: float, progress: bool, limit: int) -> None:
+    """One attempt: continue `part` from its current size up to the end of `url`.
+
+    Fails when less than `MIN_RATE` bytes/s arrive over `timeout` seconds, and (deleting `part`)
+    when the file grows or is announced beyond `limit` bytes.
+    """
     offset = part.stat().st_size if part.exists() else 0
     try:
         response, start, total = _open(url, offset, timeout)
@@ -253,22 +301,47 @@ def _transfer(url: str, part: Path, timeout: float, progress: bool) -> None:
         logger.info("The partial file does not match the server's file: starting over.")
         part.unlink()
         response, start, total = _open(url, 0, timeout)
-    with (
-        response,
-        open(part, "ab" if start else "wb") as handle,
-        tqdm(
-            total=total if total > 0 else None,
-            initial=start,
-            unit="B",
-            unit_scale=True,
-            unit_divisor=1024,
-            desc=part.name.removesuffix(".part"),
-            disable=not progress,
-        ) as bar,
-    ):
-        while chunk := response.read(CHUNK):
-            handle.write(chunk)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(response)
+        if total > limit:
+            raise _too_large(url, part, total, limit)
+        try:
+            handle = stack.enter_context(open(part, "ab" if start else "wb"))
+        except OSError as err:
+            raise _not_writable(part, err) from None
+        bar = stack.enter_context(
+            tqdm(
+                total=total if total > 0 else None,
+                initial=start,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc=part.name.removesuffix(".part"),
+                disable=not progress,
+            )
+        )
+        size, since, received = start, time.monotonic(), 0
+        # read1 returns what has arrived: read(CHUNK) would wait for a whole chunk of a trickle.
+        while chunk := response.read1(CHUNK):
+            size += len(chunk)
+            if size > limit:
+                handle.close()
+                raise _too_large(url, part, size, limit)
+            try:
+                handle.write(chunk)
+                handle.flush()  # a full disk shows here, not later as a "network" error
+            except OSError as err:
+                raise _not_writable(part, err) from None
             bar.update(len(chunk))
+            received += len(chunk)
+            elapsed = time.monotonic() - since
+            if elapsed >= timeout:
+                if received < MIN_RATE * elapsed:
+                    raise _StalledError(
+                        f"the server sent {received} bytes in {elapsed:.1f} s, less than "
+                        f"{MIN_RATE} bytes/s"
+                    )
+                since, received = time.monotonic(), 0
     size = part.stat().st_size
     if total > 0 and size < total:
         raise http.client.IncompleteRead(b"", total - size)
@@ -281,6 +354,9 @@ def download(
     retries: int = RETRIES,
     timeout: float = TIMEOUT,
     progress: bool = True,
+    limit: int = MAX_CHECKPOINT,
+    mirror: str = CHECKPOINT_MIRROR,
+    timeout_flag: str = "--timeout",
 ) -> Path:
     """Fetch `url` to `<dest>.part`, resuming with HTTP Range; returns the `.part` path.
 
@@ -292,33 +368,119 @@ def download(
         url: what to fetch.
         dest: the final file (the download goes to `<dest>.part`).
         retries: further attempts after a network failure or a server error (5xx).
-        timeout: seconds to wait for the connection and for each read.
+        timeout: seconds to wait for the connection and for each read; also the window over
+            which at least `MIN_RATE` bytes/s must arrive.
         progress: show a progress bar.
+        limit: the most bytes the file can have; a larger one is deleted and refused.
+        mirror: how to use a mirror, for the messages ("--base_url ... at a mirror ...").
+        timeout_flag: the flag that sets `timeout`, for the messages ('' where none does).
 
     Raises:
-        UserError: HTTP error (e.g. 404) or a network failure after `retries` retries.
+        UserError: HTTP error (e.g. 404), a network failure after `retries` retries, a file
+            over `limit`, or a folder that cannot be written to (not retried).
     """
     part = Path(f"{os.fspath(dest)}.part")
-    part.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        part.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise _not_writable(part.parent, err) from None
     for attempt in range(retries + 1):
         try:
-            _transfer(url, part, timeout, progress)
+            _transfer(url, part, timeout, progress, limit)
             return part
         except urllib.error.HTTPError as err:
             if err.code == 404:
                 raise UserError(
-                    f"{url} does not exist (HTTP 404). Check the model name and --source "
-                    "(python3 -m utils.download --list), or --base_url if you use a mirror."
+                    f"{url} does not exist (HTTP 404). Check the name, or point {mirror}."
                 ) from None
             if attempt == retries or err.code < 500:
-                raise _network_error(url, err, attempt + 1, timeout) from None
+                raise _network_error(url, err, attempt + 1, timeout, mirror, timeout_flag) from None
         except (OSError, http.client.HTTPException) as err:
             if attempt == retries:
-                raise _network_error(url, err, attempt + 1, timeout) from None
+                raise _network_error(url, err, attempt + 1, timeout, mirror, timeout_flag) from None
             have = part.stat().st_size if part.exists() else 0
             logger.warning("Download interrupted at %d bytes (%s); resuming.", have, err)
         time.sleep(min(BACKOFF * 2**attempt, 30.0))
     raise AssertionError("unreachable")
+
+
+def _extract(archive: Path, folder: str) -> None:
+    """Unpack `archive`, which must hold only files and folders under `folder/`, next to it.
+
+    Unpacked into a temporary folder first: `folder` appears whole, or not at all.
+    """
+    with tarfile.open(archive) as tar:
+        members = tar.getmembers()
+        for member in members:
+            parts = PurePosixPath(member.name).parts
+            if not (member.isfile() or member.isdir()) or parts[:1] != (folder,) or ".." in parts:
+                raise UserError(
+                    f"{archive} holds {member.name!r}, not a file inside {folder}/: it is not the "
+                    "published archive and was not unpacked. Delete it to download it again."
+                )
+        unpacked = tempfile.mkdtemp(prefix=f".{folder}-", dir=archive.parent)
+        try:
+            safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+            tar.extractall(unpacked, members=members, **safe)
+            os.replace(os.path.join(unpacked, folder), archive.parent / folder)
+        finally:
+            shutil.rmtree(unpacked, ignore_errors=True)
+
+
+def fetch_archive(
+    url: str,
+    archive: str | os.PathLike,
+    md5: str,
+    folder: str,
+    *,
+    mirror: str,
+    retries: int = RETRIES,
+    timeout: float = TIMEOUT,
+    limit: int = MAX_CHECKPOINT,
+) -> None:
+    """Download `url` to `archive` unless it is there, check its published MD5, unpack `folder/`.
+
+    A download whose MD5 differs is deleted; an archive that was already there is never
+    replaced: a damaged one is reported, naming it.
+
+    Raises:
+        UserError: network failure (after `retries`), a damaged archive, one that holds anything
+            but files under `folder/` (links, absolute paths, `..`), or a folder that cannot be
+            written to.
+    """
+    from torchvision.datasets.utils import check_integrity  # torch: not for --help
+
+    archive = Path(archive)
+    if not archive.exists():
+        logger.info("Downloading %s to %s", url, archive)
+        part = download(
+            url,
+            archive,
+            retries=retries,
+            timeout=timeout,
+            limit=limit,
+            mirror=mirror,
+            timeout_flag="",
+        )
+        if not check_integrity(part, md5):
+            part.unlink()
+            raise UserError(
+                f"The file downloaded from {url} is not the published {archive.name} (its MD5 is "
+                f"not {md5}) and was deleted. If you use a mirror, point {mirror}."
+            )
+        os.replace(part, archive)
+    elif not check_integrity(archive, md5):
+        raise UserError(
+            f"{archive} is damaged: its MD5 is not the published {md5}. Delete it to download it "
+            "again."
+        )
+    try:
+        _extract(archive, folder)
+    except (OSError, tarfile.TarError, EOFError) as err:
+        raise UserError(
+            f"Could not unpack {archive} into {archive.parent} ({err}): not a network problem. "
+            "Free space there, or pass a folder you can write to."
+        ) from None
 
 
 def verify(path: str | os.PathLike, model: str) -> None:
@@ -395,7 +557,7 @@ def read_augreg_index(path: str | os.PathLike) -> list[AugRegRow]:
                     f"{path} is not the AugReg index: it has no column(s) {', '.join(missing)}. "
                     "Delete it (or pass --force) to download augreg/index.csv again."
                 )
-            return [
+            rows = [
                 AugRegRow(
                     name=row.get("name", ""),
                     ds=row["ds"],
@@ -419,14 +581,30 @@ def read_augreg_index(path: str | os.PathLike) -> list[AugRegRow]:
             f"{path} is not a readable AugReg index ({err}). Delete it (or pass --force) to "
             "download augreg/index.csv again."
         ) from None
+    for line, row in enumerate(rows, start=2):
+        for name in (row.filename, row.adapt_filename):
+            if name and not PLAIN_NAME.fullmatch(name):
+                raise UserError(
+                    f"{path} is not a usable AugReg index: line {line} names the file {name!r}, "
+                    "which is not a plain file name (letters, digits, '_.+=-'; no folders) and "
+                    "could be written outside --dir. Delete it (or pass --force) to download "
+                    "augreg/index.csv again; if it comes from a mirror (--base_url), the mirror "
+                    "does not serve the official index."
+                )
+    return rows
 
 
-def _base_url(base_url: str | None) -> str:
-    url = base_url or os.environ.get("VIT_BASE_URL") or BASE_URL
+def mirror_url(given: str | None, variable: str = "VIT_BASE_URL", default: str = BASE_URL) -> str:
+    """The mirror to download from: `given`, else the environment `variable`, else `default`.
+
+    Raises:
+        UserError: not an http(s) address.
+    """
+    url = given or os.environ.get(variable) or default
     try:
         return http_url(url).rstrip("/")
     except argparse.ArgumentTypeError as err:
-        raise UserError(f"VIT_BASE_URL (or base_url): {err}.") from None
+        raise UserError(f"{'base_url' if given else variable}: {err}.") from None
 
 
 def augreg_index(
@@ -445,10 +623,14 @@ def augreg_index(
     path = Path(directory) / AUGREG_INDEX
     if path.exists() and not refresh:
         return read_augreg_index(path)
-    url = f"{_base_url(base_url)}/{AUGREG}/index.csv"
+    url = f"{mirror_url(base_url)}/{AUGREG}/index.csv"
     logger.info("Downloading the AugReg index %s to %s", url, path)
-    Path(f"{path}.part").unlink(missing_ok=True)  # small: always fetched whole
-    part = download(url, path, retries=retries, timeout=timeout, progress=False)
+    stale = Path(f"{path}.part")
+    try:
+        stale.unlink(missing_ok=True)  # small: always fetched whole
+    except OSError as err:
+        raise _not_writable(stale, err) from None
+    part = download(url, path, retries=retries, timeout=timeout, progress=False, limit=MAX_INDEX)
     try:
         rows = read_augreg_index(part)
     except UserError:
@@ -647,6 +829,15 @@ def augreg_table(
 # Fetching
 
 
+def _limit(listed: str) -> int:
+    """The most bytes a file of listed size `"393.7 MiB"` can have (2% over, for the rounding);
+    `MAX_CHECKPOINT` where none is listed."""
+    match = re.fullmatch(r"([\d.]+) ([MG])iB", listed)
+    if not match:
+        return MAX_CHECKPOINT
+    return math.ceil(float(match.group(1)) * 1.02 * (1 << (20 if match.group(2) == "M" else 30)))
+
+
 def fetch_checkpoint(
     name: str,
     source: str | None = None,
@@ -674,6 +865,7 @@ def fetch_checkpoint(
     if source == AUGREG:
         rows = augreg_index(directory, base_url, refresh=force, retries=retries, timeout=timeout)
         stem = select_augreg(rows, name, adapt, resolution)
+        listed = AUGREG_SIZES.get(stem, "")
         logger.info("AugReg file for %s: %s", name, stem)
         model = model_type_from_filename(f"{stem}.npz")
         if model is None:
@@ -682,13 +874,16 @@ def fetch_checkpoint(
         raise UserError("--adapt and --resolution choose among AugReg files: add --source augreg.")
     else:
         stem, model = resolve_file(name, source)
+        listed = OFFICIAL_FILES[source][stem]
     dest = checkpoint_path(stem, source, directory)
     if dest.exists() and not force:
         logger.info("%s already exists; pass --force to download it again.", dest)
         return dest
-    url = f"{_base_url(base_url)}/{source}/{stem}.npz"
+    url = f"{mirror_url(base_url)}/{source}/{stem}.npz"
     logger.info("Downloading %s to %s", url, dest)
-    part = download(url, dest, retries=retries, timeout=timeout, progress=progress)
+    part = download(
+        url, dest, retries=retries, timeout=timeout, progress=progress, limit=_limit(listed)
+    )
     try:
         verify(part, model)
     except CheckpointError as err:
@@ -763,9 +958,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--timeout",
-        type=positive_float,
+        type=seconds,
         default=TIMEOUT,
-        help="seconds to wait for the server to connect or send data before an attempt fails",
+        help="seconds to wait for the server to connect or send data before an attempt fails; "
+        "also the span over which at least 1 KiB/s must arrive",
     )
     parser.add_argument(
         "--retries",
@@ -780,19 +976,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _check_dir(directory: str) -> None:
-    """Create `--dir`, or say why it cannot be."""
-    if os.path.exists(directory) and not os.path.isdir(directory):
-        raise UserError(f"--dir {directory} is a file, not a folder: pass a folder.")
-    try:
-        os.makedirs(directory, exist_ok=True)
-    except OSError as err:
-        raise UserError(
-            f"--dir {directory} cannot be created ({err.strerror or err}): pass a folder you can "
-            "write to."
-        ) from None
-
-
 def main(argv: list[str] | None = None) -> None:
     """Command-line entry point."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -800,7 +983,7 @@ def main(argv: list[str] | None = None) -> None:
     network = {"retries": args.retries, "timeout": args.timeout}
     if args.list:
         if args.source == AUGREG:
-            _check_dir(args.dir)
+            _check_folder(Path(args.dir), "--dir")
             rows = augreg_index(args.dir, args.base_url, refresh=args.force, **network)
             print(augreg_table(rows, args.model, args.adapt, args.resolution))
         else:
@@ -811,7 +994,7 @@ def main(argv: list[str] | None = None) -> None:
             "Name a checkpoint, e.g. `python3 -m utils.download ViT-B_16`, or list them with "
             "--list."
         )
-    _check_dir(args.dir)
+    _check_folder(Path(args.dir), "--dir")
     path = fetch_checkpoint(
         args.model,
         args.source,

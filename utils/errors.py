@@ -24,7 +24,7 @@ from collections.abc import Callable
 from models.configs import ConfigError
 from models.npz import CheckpointError
 
-__all__ = ["USER_ERRORS", "StoppedBySignal", "UserError", "run_cli"]
+__all__ = ["USER_ERRORS", "StoppedBySignal", "UserError", "exit_interrupted", "run_cli"]
 
 logger = logging.getLogger(__name__)
 
@@ -79,9 +79,15 @@ def run_cli(main: Callable[[], object]) -> None:
             print(str(stop), file=sys.stderr)
         sys.exit(stop.exit_code)
     except KeyboardInterrupt:
-        print(
-            "Interrupted (Ctrl+C): stopped at once. Every file written so far is complete "
-            "(saves are atomic).",
-            file=sys.stderr,
-        )
-        sys.exit(128 + int(signal.SIGINT))
+        exit_interrupted()
+
+
+def exit_interrupted(*_: object) -> None:
+    """Print the one line of a Ctrl+C and exit 130. Also a SIGINT handler, for the seconds a
+    script spends importing torch before `run_cli` runs (`signal.signal(SIGINT, ...)`)."""
+    print(
+        "Interrupted (Ctrl+C): stopped at once. Every file written so far is complete "
+        "(saves are atomic).",
+        file=sys.stderr,
+    )
+    sys.exit(128 + int(signal.SIGINT))

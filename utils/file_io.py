@@ -18,8 +18,10 @@ import contextlib
 import errno
 import glob
 import hashlib
+import io
 import json
 import logging
+import math
 import os
 import pickle
 import pickletools
@@ -28,15 +30,21 @@ import warnings
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 import safetensors
 import safetensors.torch
 import torch
 
+from models.configs import model_names
 from models.npz import CheckpointError
+from utils.engine import available_bytes
 from utils.errors import UserError
+from utils.flags import PRECISIONS
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = [
     "CONTENT_SHA256",
@@ -44,17 +52,24 @@ __all__ = [
     "atomic_save",
     "atomic_write",
     "atomic_write_text",
+    "cannot_write",
+    "check_description",
+    "check_output",
     "content_sha256",
+    "description_error",
     "file_sha256",
     "load_safetensors",
     "read_sidecar",
+    "render_figure",
     "safe_load",
     "safetensors_info",
     "save_checkpoint",
+    "save_figure",
     "save_npz",
     "save_safetensors",
     "sidecar_path",
     "with_content_sha256",
+    "write_output",
     "write_sidecar",
 ]
 
@@ -63,6 +78,8 @@ logger = logging.getLogger(__name__)
 _NO_SPACE = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
 _TOO_LARGE = (errno.EFBIG,)  # the file size limit (`ulimit -f`; Python ignores SIGXFSZ)
 CONTENT_SHA256 = "content_sha256"  # the key of a training state's own content hash
+_MAX_FIGURE_SIDE = 2**16  # Agg, matplotlib's raster renderer, refuses larger images
+_FIGURE_BYTES_PER_PIXEL = 8  # Agg's RGBA buffer, plus the copy the PNG encoder reads
 
 
 def _fsync_dir(directory: str) -> None:
@@ -119,9 +136,14 @@ class _HashingWriter:
         return getattr(self.handle, name)
 
 
+# What to do after a full disk, when the caller does not say: a training run's files.
+RUN_AGAIN = "choose another --output_dir, then run again (with --resume to continue)"
+
+
 @contextlib.contextmanager
-def _cleaned_up(tmp: str, path: str) -> Iterator[None]:
-    """On any error, remove `tmp`; a full disk or the file size limit becomes a `UserError`."""
+def _cleaned_up(tmp: str, path: str, then: str = RUN_AGAIN) -> Iterator[None]:
+    """On any error, remove `tmp`; a full disk or the file size limit becomes a `UserError`
+    whose advice ends with `then` (the flags of the script that writes)."""
     try:
         yield
     except BaseException as err:
@@ -131,26 +153,27 @@ def _cleaned_up(tmp: str, path: str) -> Iterator[None]:
         if _write_error(err, _NO_SPACE) is not None:
             raise UserError(
                 f"No space left on the device while saving {path}.{kept} Free some disk space "
-                "or choose another --output_dir, then run again (with --resume to continue)."
+                f"or {then}."
             ) from None
         if _write_error(err, _TOO_LARGE) is not None:
             raise UserError(
                 f"The file size limit was reached while saving {path}.{kept} Raise it "
-                "(`ulimit -f unlimited`, or ask the administrator of the system), then run again "
-                "(with --resume to continue)."
+                f"(`ulimit -f unlimited`, or ask the administrator of the system) or {then}."
             ) from None
         raise
 
 
-def _write_temp(path: str, write: Callable[[BinaryIO], object]) -> tuple[str, str]:
+def _write_temp(
+    path: str, write: Callable[[BinaryIO], object], then: str = RUN_AGAIN
+) -> tuple[str, str]:
     """Fill `<path>.tmp<pid>` with `write(handle)`, flush and fsync it.
 
     Returns:
         (the temporary file, the SHA-256 of its bytes).
     """
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
-    with _cleaned_up(tmp, path):
+    with _cleaned_up(tmp, path, then):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with _open_temp(tmp) as handle:
             writer = _HashingWriter(handle)
             write(writer)
@@ -160,30 +183,135 @@ def _write_temp(path: str, write: Callable[[BinaryIO], object]) -> tuple[str, st
     return tmp, digest
 
 
-def _commit(tmp: str, path: str) -> None:
+def _commit(tmp: str, path: str, then: str = RUN_AGAIN) -> None:
     """Rename the temporary file over `path` and make the rename durable."""
-    with _cleaned_up(tmp, path):
+    with _cleaned_up(tmp, path, then):
         os.replace(tmp, path)
     _fsync_dir(os.path.dirname(os.path.abspath(path)))
     _remove_orphaned_temps(path)
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> str:
+def atomic_write(
+    path: str | os.PathLike, write: Callable[[BinaryIO], object], then: str = RUN_AGAIN
+) -> str:
     """Write a file so that a crash at any instant leaves the old or the new one, never a torn one.
 
     `write(handle)` fills `<path>.tmp<pid>` in the same directory; it is flushed and fsynced,
     renamed over `path`, and the directory fsynced. On any error the temporary file is removed
     and `path` is untouched; a full disk or the file size limit (`ulimit -f`) becomes a
-    `UserError` that says so. A successful write also removes temporary files that writers
-    killed mid-save left behind.
+    `UserError` that says so and advises to free space or `then` (the default names
+    train.py's flags). A successful write also removes temporary files that writers killed
+    mid-save left behind.
 
     Returns:
         The SHA-256 (hex) of the bytes written, as `sha256sum` prints it.
     """
     path = os.fspath(path)
-    tmp, digest = _write_temp(path, write)
-    _commit(tmp, path)
+    tmp, digest = _write_temp(path, write, then)
+    _commit(tmp, path, then)
     return digest
+
+
+def cannot_write(path: str | os.PathLike, why: str, flag: str = "--output") -> UserError:
+    """The error of an output file that cannot be written: what, why, and the flag to change."""
+    return UserError(f"Cannot write {os.fspath(path)}: {why}. Pass another {flag}.")
+
+
+def check_output(
+    path: str | os.PathLike, flag: str = "--output", overwrite: bool = True, folder: bool = False
+) -> None:
+    """Refuse, before any work, an output that cannot be written where `flag` says.
+
+    Args:
+        folder: the output is a folder (a Hugging Face export), not a file.
+
+    Raises:
+        UserError: `path` is of the other kind (folder or file), exists (with
+            `overwrite=False`), or its nearest existing folder is not a writable folder.
+    """
+    path = Path(path)
+    if path.is_dir() and not folder:
+        raise cannot_write(path, "it is a directory, not a file", flag)
+    if folder and path.exists() and not path.is_dir():
+        raise cannot_write(path, "it is a file, and a folder is written there", flag)
+    if path.exists() and not overwrite:
+        raise UserError(
+            f"{path} already exists; pass --overwrite to replace it, or another {flag}."
+        )
+    parent = path.absolute().parent
+    while not parent.exists():  # the writers create the missing folders
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise cannot_write(path, f"{parent} is not a writable folder", flag)
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike, flag: str = "--output") -> Iterator[None]:
+    """Turn a failed write under it (permissions, a file where a folder should be, a full
+    disk) into one `UserError` naming the output and the `flag` to change."""
+    try:
+        yield
+    except OSError as err:
+        raise cannot_write(path, err.strerror or str(err), flag) from None
+
+
+def write_output(
+    path: str | os.PathLike, write: Callable[[BinaryIO], object], flag: str = "--output"
+) -> str:
+    """Write an output file of a script (a prediction table, an export, a figure) atomically, or
+    explain why not: every failure is one `UserError` naming the file and the `flag` to change.
+
+    Returns:
+        The SHA-256 (hex) of the bytes written.
+    """
+    with writing(path, flag):
+        return atomic_write(path, write, then=f"pass another {flag}, then run again")
+
+
+def _largest_dpi(figure: Figure) -> int:
+    """The highest resolution at which `figure` can be drawn here: below Agg's size limit and
+    within the memory this process can still take."""
+    width, height = figure.get_size_inches()
+    largest = (_MAX_FIGURE_SIDE - 1) / max(width, height)
+    available = available_bytes(torch.device("cpu"))
+    if available is not None:
+        largest = min(largest, math.sqrt(available / _FIGURE_BYTES_PER_PIXEL / (width * height)))
+    return max(int(largest), 1)
+
+
+def render_figure(figure: Figure, fmt: str, dpi: int, flag: str = "--dpi") -> bytes:
+    """A matplotlib figure drawn as a `fmt` file (png, pdf, svg, ...), in memory.
+
+    Raises:
+        UserError: at `dpi` the figure is larger than matplotlib draws (below 2**16 pixels a
+            side) or than this machine has memory for; names the largest `flag` that fits.
+    """
+    largest = _largest_dpi(figure)
+    if dpi <= largest:
+        buffer = io.BytesIO()
+        try:
+            figure.savefig(buffer, format=fmt, dpi=dpi)
+            return buffer.getvalue()
+        except MemoryError:
+            largest = dpi // 2
+    width, height = (round(inches * dpi) for inches in figure.get_size_inches())
+    raise UserError(
+        f"At {flag} {dpi} the figure would be {width}x{height} pixels: more than can be drawn "
+        f"here (matplotlib draws below {_MAX_FIGURE_SIDE} pixels a side, and needs about "
+        f"{_FIGURE_BYTES_PER_PIXEL} bytes of memory a pixel). Pass {flag} {largest} or less."
+    )
+
+
+def save_figure(path: str | os.PathLike, figure: Figure, dpi: int, flag: str = "--output") -> None:
+    """Draw a matplotlib figure and write it atomically (its format from the file's suffix).
+
+    Raises:
+        UserError: the figure cannot be drawn at `dpi` (see `render_figure`), or the file
+            cannot be written (see `write_output`).
+    """
+    fmt = Path(path).suffix.lower().lstrip(".") or "png"
+    data = render_figure(figure, fmt, dpi)
+    write_output(path, lambda handle: handle.write(data), flag)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -265,9 +393,21 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
 
 
-def save_npz(path: str | os.PathLike, arrays: Mapping[str, np.ndarray]) -> None:
-    """Write arrays as an uncompressed `.npz` (the official checkpoint format), atomically."""
-    atomic_write(path, lambda handle: np.savez(handle, **arrays))
+def _writer(flag: str | None) -> Callable[..., str]:
+    """`write_output` for a script's output named by `flag`, else `atomic_write`."""
+    if flag is None:
+        return atomic_write
+    return lambda path, write: write_output(path, write, flag)
+
+
+def save_npz(
+    path: str | os.PathLike, arrays: Mapping[str, np.ndarray], flag: str | None = None
+) -> None:
+    """Write arrays as an uncompressed `.npz` (the official checkpoint format), atomically.
+
+    `flag`: for a script's output, the flag that names it (see `write_output`).
+    """
+    _writer(flag)(path, lambda handle: np.savez(handle, **arrays))
 
 
 # --------------------------------------------------------------------------------------------
@@ -341,6 +481,41 @@ def _verify_file(path: str) -> None:
     )
 
 
+def _damaged_part(path: str, everything: bool) -> str | None:
+    """The part of a PyTorch (zip) file whose bytes no longer match the CRC-32 the zip recorded
+    for it, or None: the pickle alone (small, so always checked), or every part.
+
+    The checks that follow (the sidecar's SHA-256, the content hash inside a training state)
+    cover the tensors; a flipped bit in the pickle can otherwise look like anything, e.g. a
+    reference to code, or remove the content hash it holds.
+    """
+    name = "its directory"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if everything or info.filename.endswith(".pkl"):
+                    name = info.filename
+                    with archive.open(info) as part:
+                        while part.read(1 << 24):
+                            pass
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as err:
+        return f"{name} ({err})"
+    return None
+
+
+def _check_parts(path: str, everything: bool) -> None:
+    """Refuse a PyTorch (zip) file whose parts fail their CRC-32 check (see `_damaged_part`)."""
+    if not zipfile.is_zipfile(path):
+        return
+    damaged = _damaged_part(path, everything)
+    if damaged:
+        raise CheckpointError(
+            f"{path} is damaged: {damaged} no longer matches the CRC-32 checksum recorded when "
+            "the file was written (a disk or copy error, or an edit). Use an intact copy, e.g. "
+            "the previous checkpoint, or train again."
+        )
+
+
 def _verify_content(obj: Any, path: str) -> Any:
     """`obj` without its `content_sha256`, after checking it (when it has one)."""
     if not isinstance(obj, dict) or CONTENT_SHA256 not in obj:
@@ -362,10 +537,14 @@ def safe_load(path: str | os.PathLike) -> Any:
     A checkpoint whose sidecar records a `sha256`, or that holds a `content_sha256`, is checked
     against it (the latter is removed from what is returned).
 
+    Damage is told apart from a file that references code: the CRC-32 checksums the zip
+    recorded for its parts are checked first (the pickle's always, every part's when loading
+    fails).
+
     Raises:
-        CheckpointError: the file is missing, truncated, damaged (its hash differs from the
-            recorded one) or not a PyTorch file, or it holds pickled objects that would need
-            code to rebuild (such a file is never loaded).
+        CheckpointError: the file is missing, truncated, damaged (its hash or checksum differs
+            from the recorded one) or not a PyTorch file, or it holds pickled objects that
+            would need code to rebuild (such a file is never loaded).
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -379,12 +558,14 @@ def safe_load(path: str | os.PathLike) -> Any:
             f"{path} is a NumPy .npz checkpoint, not a PyTorch one; load it with "
             "models.npz.load_npz (eval.py and train.py accept it directly)."
         )
+    _check_parts(path, everything=False)
     _verify_file(path)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Detected pickle protocol")  # refused below
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
+        _check_parts(path, everything=True)  # damage first: it can look like anything
         # torch's restricted unpickler names what it refused; its advice to switch the
         # restriction off is never passed on.
         found = re.search(r"GLOBAL (\S+)", str(err))
@@ -401,6 +582,7 @@ def safe_load(path: str | os.PathLike) -> Any:
         detail = refused.group(0) if refused else err
         raise CheckpointError(_corrupt_message(path, detail)) from None
     except Exception as err:  # a damaged file fails in many ways (zip, pickle, storage)
+        _check_parts(path, everything=True)
         raise CheckpointError(_corrupt_message(path, err)) from None
     return _verify_content(obj, path)
 
@@ -458,11 +640,12 @@ def write_sidecar(checkpoint: str | os.PathLike, **info: Any) -> None:
 
 
 def read_sidecar(checkpoint: str | os.PathLike) -> dict[str, Any]:
-    """The sidecar of `checkpoint`, or {} when there is none (a `.safetensors` file carries its
-    own, in its metadata).
+    """The sidecar of `checkpoint`, checked by `check_description`, or {} when there is none (a
+    `.safetensors` file carries its own, in its metadata).
 
     Raises:
-        CheckpointError: the sidecar exists but is not valid JSON.
+        CheckpointError: the sidecar exists but is not a JSON object, or one of its fields has
+            the wrong type or value.
     """
     if os.fspath(checkpoint).endswith(SAFETENSORS_SUFFIX):
         return safetensors_info(checkpoint)
@@ -476,7 +659,100 @@ def read_sidecar(checkpoint: str | os.PathLike) -> dict[str, Any]:
             f"{path} (the description next to the checkpoint) is not valid JSON ({err}); delete "
             "it and pass --model_type, --img_size and --dataset explicitly."
         ) from None
-    return info if isinstance(info, dict) else {}
+    return check_description(info, path)
+
+
+# The fields a description (a sidecar, a `.safetensors` file's metadata) may hold, each with
+# the test of its value and what the test asks for; fields not listed are kept unchecked.
+
+
+def _is_int(value: Any, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def _is_size(value: Any) -> bool:
+    return _is_int(value, 1) or (
+        isinstance(value, list) and len(value) == 2 and all(_is_int(v, 1) for v in value)
+    )
+
+
+def _is_text(value: Any) -> bool:
+    return isinstance(value, str) and bool(value.strip())
+
+
+def _is_names(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(n, str) for n in value)
+
+
+def _or_unknown(test: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda value: value is None or test(value)
+
+
+def _is_fraction(value: Any) -> bool:
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    return value is None or (number and 0.0 <= value <= 1.0)
+
+
+def _is_sha256(value: Any) -> bool:
+    return isinstance(value, str) and re.fullmatch(r"[0-9a-f]{64}", value) is not None
+
+
+_DESCRIPTION_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "model_type": (lambda v: v in model_names(), "a model name, e.g. ViT-B_16"),
+    "img_size": (_is_size, "a positive whole number or a [height, width] pair of them"),
+    "num_classes": (lambda v: _is_int(v, 1), "a whole number of at least 1"),
+    "dataset": (_or_unknown(_is_text), "a dataset name, e.g. cifar10, or null"),
+    "class_names": (_or_unknown(_is_names), "a list of class names (strings), or null"),
+    "precision": (_or_unknown(PRECISIONS.__contains__), f"one of {', '.join(PRECISIONS)}, or null"),
+    "step": (lambda v: _is_int(v, 0), "a whole number of at least 0"),
+    "final_step": (lambda v: _is_int(v, 0), "a whole number of at least 0"),
+    "selected_by": (_is_text, "the split the step was selected on, e.g. minival"),
+    "sha256": (_is_sha256, "64 hexadecimal digits (what sha256sum prints)"),
+    "previous_sha256": (_is_sha256, "64 hexadecimal digits (what sha256sum prints)"),
+}
+_FRACTION = (_is_fraction, "a number from 0 to 1, or null")  # every `*accuracy` field
+
+
+def description_error(source: str | os.PathLike, field: str, value: Any, wanted: str) -> Exception:
+    """The one message for a description field that is wrong: the file, the field, its value,
+    what it must be, and the fix."""
+    shown = repr(value)
+    shown = shown if len(shown) <= 80 else shown[:77] + "..."
+    source = os.fspath(source)
+    fix = (
+        "export it again"
+        if source.endswith(SAFETENSORS_SUFFIX)
+        else "correct it, or delete the file and pass --model_type, --img_size and --dataset"
+    )
+    return CheckpointError(
+        f"{source}: the field {field!r} is {shown}, but it must be {wanted}. The description "
+        f"was damaged, edited or written by another program: {fix}."
+    )
+
+
+def check_description(info: Any, source: str | os.PathLike) -> dict[str, Any]:
+    """`info`, a checkpoint's description (sidecar or `.safetensors` metadata), checked field by
+    field: model_type a known model, img_size positive, num_classes at least 1, class_names
+    strings (as many as num_classes when both are given), precision a known one, steps at
+    least 0, accuracies in [0, 1] or null, hashes of 64 hex digits.
+
+    Raises:
+        CheckpointError: naming `source`, the field and what it must be.
+    """
+    if not isinstance(info, dict):
+        raise description_error(source, "(the whole file)", info, "a JSON object of fields")
+    for field, value in info.items():
+        test, wanted = _DESCRIPTION_FIELDS.get(field) or (
+            _FRACTION if field.endswith("accuracy") else (None, "")
+        )
+        if test is not None and not test(value):
+            raise description_error(source, field, value, wanted)
+    names, count = info.get("class_names"), info.get("num_classes")
+    if names is not None and count is not None and len(names) != count:
+        raise description_error(
+            source, "class_names", names, f"a list of {count} names (num_classes is {count})"
+        )
+    return info
 
 
 # --------------------------------------------------------------------------------------------
@@ -489,7 +765,10 @@ SAFETENSORS_SUFFIX = ".safetensors"
 
 
 def save_safetensors(
-    path: str | os.PathLike, state: Mapping[str, torch.Tensor], info: Mapping[str, Any]
+    path: str | os.PathLike,
+    state: Mapping[str, torch.Tensor],
+    info: Mapping[str, Any],
+    flag: str | None = None,
 ) -> None:
     """Write a state dict and its description as one `.safetensors` file, atomically.
 
@@ -498,11 +777,12 @@ def save_safetensors(
         state: tensors by name (each stored contiguous, on the CPU).
         info: JSON-serialisable facts (model_type, img_size, class_names, ...); each value is
             stored as its JSON text.
+        flag: for a script's output, the flag that names it (see `write_output`).
     """
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     metadata = {"format": "pt", **{k: json.dumps(v) for k, v in info.items() if v is not None}}
     data = safetensors.torch.save(tensors, metadata=metadata)
-    atomic_write(path, lambda handle: handle.write(data))
+    _writer(flag)(path, lambda handle: handle.write(data))
 
 
 @contextlib.contextmanager
@@ -539,7 +819,8 @@ def safetensors_info(path: str | os.PathLike) -> dict[str, Any]:
     values another writer stored as plain text stay strings. `"format"` is left out.
 
     Raises:
-        CheckpointError: missing, truncated or not a safetensors file.
+        CheckpointError: missing, truncated or not a safetensors file, or a field of the
+            description has the wrong type or value (`check_description`).
     """
     path = os.fspath(path)
     with _reading(path), safetensors.safe_open(path, framework="pt", device="cpu") as handle:
@@ -552,4 +833,4 @@ def safetensors_info(path: str | os.PathLike) -> dict[str, Any]:
             info[key] = json.loads(text)
         except ValueError:
             info[key] = text
-    return info
+    return check_description(info, path)

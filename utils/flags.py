@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import threading
 import urllib.parse
 
 __all__ = [
@@ -30,6 +31,8 @@ __all__ = [
     "non_negative_int",
     "positive_float",
     "positive_int",
+    "random_seed",
+    "seconds",
 ]
 
 DATASETS = ("cifar10", "cifar100", "imagefolder", "digits")
@@ -37,6 +40,9 @@ PRECISIONS = ("fp32", "fp16", "bf16")
 OPT_LEVELS = ("O0", "O1", "O2", "O3")  # the Apex opt levels `--fp16_opt_level` takes
 DECAY_TYPES = ("cosine", "linear")
 OPTIM_DTYPES = ("bfloat16", "float32")  # momentum storage: vit_jax's bfloat16, or torch's float32
+
+FLOAT32_MAX = 3.4028234663852886e38  # a larger number is inf as a float32 (learning rates are)
+SEED_MAX = 2**32 - 1  # NumPy's seeds are 32-bit (`np.random.seed`)
 
 
 def _int(text: str) -> int:
@@ -46,13 +52,23 @@ def _int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
 
 
-def _float(text: str) -> float:
+def _finite(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"expected a finite number, got {text}")
+    return value
+
+
+def _float(text: str) -> float:
+    """A number that stays finite as a float32 (what the training step computes in)."""
+    value = _finite(text)
+    if abs(value) > FLOAT32_MAX:
+        raise argparse.ArgumentTypeError(
+            f"must be at most {FLOAT32_MAX:.4g} in size (larger is infinite in float32), got {text}"
+        )
     return value
 
 
@@ -77,6 +93,27 @@ def positive_float(text: str) -> float:
     value = _float(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+    return value
+
+
+def seconds(text: str) -> float:
+    """A duration above 0 that the clock and the socket layer can wait for (timeouts)."""
+    value = _finite(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+    if value > threading.TIMEOUT_MAX:
+        raise argparse.ArgumentTypeError(
+            f"must be at most {threading.TIMEOUT_MAX:.0f} seconds (the longest wait the "
+            f"system's clock can hold), got {text}"
+        )
+    return value
+
+
+def random_seed(text: str) -> int:
+    """A random seed: a whole number from 0 to 2**32 - 1, the range NumPy takes."""
+    value = _int(text)
+    if not 0 <= value <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"must be from 0 to 2**32 - 1 = {SEED_MAX}, got {value}")
     return value
 
 

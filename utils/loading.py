@@ -2,20 +2,24 @@
 notebook use.
 
 `load_model` takes an official `.npz` (read by `models.npz`), a train.py `.bin` with its `.json`
-sidecar, or a `_last.pt` training state, builds the model it holds and loads it strictly; it
-returns the model with its model type, image size and class names. Every misfit is named, key by
-key, with both shapes and the likely fix. `pretrained_weights` reads any of these files as
-official arrays, the starting point of a fine-tune.
+sidecar, a `_last.pt` training state, a Hugging Face ViT folder (`config.json` and
+`model.safetensors` or `pytorch_model.bin`: what `save_pretrained` writes, or a hub cache
+snapshot) or a timm state dict (converted by `models.foreign`), builds the model it holds and
+loads it strictly; it returns the model with its model type, image size and class names. Every
+misfit is named, key by key, with both shapes and the likely fix. `pretrained_weights` reads any
+of these as official arrays, the starting point of a fine-tune.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
 import re
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,6 +33,7 @@ from models.configs import (
     model_names,
     model_type_from_filename,
 )
+from models.foreign import TIMM_NAMES, hf_config_model, to_ours
 from models.modeling import VisionTransformer
 from models.npz import (
     CheckpointError,
@@ -42,25 +47,43 @@ from models.npz import (
 )
 from utils.engine import unwrap
 from utils.errors import UserError
-from utils.file_io import SAFETENSORS_SUFFIX, load_safetensors, read_sidecar, safe_load
+from utils.file_io import (
+    SAFETENSORS_SUFFIX,
+    description_error,
+    load_safetensors,
+    read_sidecar,
+    safe_load,
+    sidecar_path,
+)
 
 __all__ = [
     "CIFAR10_CLASSES",
     "CIFAR100_CLASSES",
+    "FOLDER_WEIGHTS",
     "STATE_FORMAT",
     "LoadedModel",
     "assign_weights",
     "class_names",
+    "folder_weight_files",
     "guess_state_dict_model",
+    "is_model_folder",
     "load_model",
     "native_img_size",
     "pretrained_weights",
+    "read_folder",
     "read_state_dict",
+    "read_weights",
 ]
 
 logger = logging.getLogger(__name__)
 
 STATE_FORMAT = "vit-pytorch-training-state"  # marks a training state (utils.train_state)
+
+# Where a Hugging Face folder (transformers' or timm's `save_pretrained`) keeps its weights, in
+# order of preference; a sharded one lists its files in the index.
+FOLDER_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+SHARD_INDEX = "model.safetensors.index.json"
+LAYOUTS = {"hf": "Hugging Face transformers", "timm": "timm"}
 
 CIFAR10_CLASSES = (
     "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
@@ -108,21 +131,35 @@ def guess_state_dict_model(state: Mapping[str, torch.Tensor]) -> str | None:
 
 
 def read_state_dict(path: str | os.PathLike, model_type: str | None = None) -> dict:
-    """The model `state_dict` in a checkpoint of ours: best `.bin`, last `.pt` or `.safetensors`.
+    """The model `state_dict` in a checkpoint: best `.bin`, last `.pt`, `.safetensors`, a timm or
+    transformers state dict, or a Hugging Face folder; always under our key names.
 
     `module.` (DDP) and `_orig_mod.` (torch.compile) prefixes are stripped.
 
     Args:
-        path: a plain state dict or a training state (a dict with a "model" entry).
+        path: a plain state dict, a training state (a dict with a "model" entry) or a folder.
         model_type: when given, a training state of another model is refused.
 
     Raises:
         CheckpointError: missing, corrupt or unsafe file; not a model checkpoint; another model.
     """
+    if is_model_folder(path):
+        return read_folder(path)[0]
+    state, layout = to_ours(_read_tensors(path, model_type))
+    if layout in LAYOUTS:
+        logger.info(
+            "%s is a %s state dict: converted to this project's names.", path, LAYOUTS[layout]
+        )
+    return state
+
+
+def _read_tensors(path: str | os.PathLike, model_type: str | None = None) -> dict:
+    """The tensors of one file, as they are named there."""
     if os.fspath(path).endswith(SAFETENSORS_SUFFIX):
         return clean_state_dict(load_safetensors(path))
     obj = safe_load(path)
-    if isinstance(obj, Mapping) and obj.get("format") == STATE_FORMAT:
+    training_state = isinstance(obj, Mapping) and obj.get("format") == STATE_FORMAT
+    if training_state:
         saved = obj.get("model_type")
         if model_type and saved and get_config(model_type).name != saved:
             raise CheckpointError(
@@ -136,7 +173,130 @@ def read_state_dict(path: str | os.PathLike, model_type: str | None = None) -> d
             f"{path} is not a model checkpoint (expected a state_dict of tensors, found "
             f"{type(obj).__name__}). Pass the output/<name>_checkpoint.bin train.py wrote."
         )
+    if not training_state and not sidecar_path(path).is_file():  # a state verifies itself
+        logger.warning(
+            "%s has no sidecar (%s), so its SHA-256, model type and class names could not be "
+            "checked: damage to the file would go unnoticed.",
+            path,
+            sidecar_path(path).name,
+        )
     return clean_state_dict(obj)
+
+
+# --------------------------------------------------------------------------------------------
+# Hugging Face folders (transformers' and timm's)
+
+
+def is_model_folder(path: str | os.PathLike) -> bool:
+    """Whether `path` is a folder with a `config.json` (a Hugging Face model folder)."""
+    return os.path.isdir(path) and os.path.isfile(os.path.join(path, "config.json"))
+
+
+def folder_weight_files(path: str | os.PathLike) -> list[str]:
+    """The weight files of a Hugging Face folder (several when it is sharded).
+
+    Raises:
+        CheckpointError: none there, or an unreadable shard index.
+    """
+    path = os.fspath(path)
+    index = os.path.join(path, SHARD_INDEX)
+    if os.path.isfile(index):
+        try:
+            weight_map = json.loads(Path(index).read_text(encoding="utf-8"))["weight_map"]
+            return [os.path.join(path, name) for name in sorted(set(weight_map.values()))]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            raise CheckpointError(f"{index} is not a readable shard index ({err}).") from None
+    for name in FOLDER_WEIGHTS:
+        if os.path.isfile(os.path.join(path, name)):
+            return [os.path.join(path, name)]
+    raise CheckpointError(
+        f"{path} has a config.json but no {' or '.join(FOLDER_WEIGHTS)}: pass the whole folder "
+        "save_pretrained wrote (or a hub snapshot whose weights were downloaded)."
+    )
+
+
+def read_folder(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A Hugging Face folder's weights (our key names) and what its `config.json` tells.
+
+    transformers' `ViTForImageClassification`/`ViTModel` folders give the model type, image
+    size and class names; timm's (`config.json` with an `architecture`) give the class names
+    when they list them, and the model type is read from the shapes.
+
+    Raises:
+        CheckpointError: an unreadable config.json or weight file, or a model that is not an
+            official-architecture ViT.
+    """
+    path = os.fspath(path)
+    where = os.path.join(path, "config.json")
+    try:
+        config = json.loads(Path(where).read_text(encoding="utf-8"))
+        if not isinstance(config, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{where} is not a readable config.json ({err}).") from None
+    tensors: dict[str, torch.Tensor] = {}
+    for file in folder_weight_files(path):
+        tensors.update(_read_tensors(file))
+    state, layout = to_ours(tensors)
+    if "architecture" in config:  # timm's save_for_hf
+        facts: dict[str, Any] = {}
+        names = config.get("label_names")
+        if isinstance(names, list) and names:
+            facts["class_names"] = [str(n) for n in names]
+        architecture = str(config["architecture"]).split(".")[0]
+        known = {timm: ours for ours, timm in TIMM_NAMES.items()}.get(architecture)
+        if known and guess_state_dict_model(state) == known:
+            facts["model_type"] = known
+        pretrained_cfg = config.get("pretrained_cfg") or {}
+        size = pretrained_cfg.get("input_size")
+        if isinstance(size, list) and len(size) == 3:
+            facts["img_size"] = [int(size[1]), int(size[2])]
+        mean = pretrained_cfg.get("mean")
+        if mean is not None and [round(float(m), 4) for m in mean] != [0.5, 0.5, 0.5]:
+            logger.warning(
+                "%s was trained on pixels normalised with mean %s; this project feeds "
+                "(x - 127.5) / 127.5 (mean and std 0.5), as the official models take.",
+                path,
+                mean,
+            )
+        how = f"timm {config['architecture']}"
+    else:
+        model_type, facts = hf_config_model(config, where)
+        facts["model_type"] = model_type
+        for note in facts.pop("notes"):
+            logger.info("%s: %s, as the official model computes.", path, note)
+        how = "Hugging Face transformers ViT"
+    if layout == "unknown":
+        raise CheckpointError(
+            f"{path} holds no ViT weights this project knows ({len(tensors)} tensors, e.g. "
+            f"{', '.join(sorted(tensors)[:3])})."
+        )
+    logger.info(
+        "%s is a %s folder: model %s (from its %s).",
+        path,
+        how,
+        facts.get("model_type") or guess_state_dict_model(state),
+        "config.json" if "architecture" not in config else "shapes",
+    )
+    return state, facts
+
+
+def read_weights(
+    path: str | os.PathLike, model_type: str | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Any checkpoint but an `.npz` as a state dict of ours, and what is known about it (the
+    sidecar, a `.safetensors` file's metadata, a Hugging Face folder's `config.json`)."""
+    if is_model_folder(path):
+        return read_folder(path)
+    return read_state_dict(path, model_type), read_sidecar(path)
+
+
+def _with_pre_logits(config: ViTConfig, state: Mapping[str, torch.Tensor]) -> ViTConfig:
+    """`config` with the `pre_logits` layer a checkpoint holds (an in21k file's pooler)."""
+    weight = state.get("pre_logits.weight")
+    if weight is None or config.representation_size:
+        return config
+    return config.replace(representation_size=int(weight.shape[0]))
 
 
 def _check_state_fits(model: nn.Module, state: Mapping[str, torch.Tensor], path: str) -> None:
@@ -153,7 +313,14 @@ def _check_state_fits(model: nn.Module, state: Mapping[str, torch.Tensor], path:
     config = getattr(model, "config", None)
     name = getattr(config, "name", type(model).__name__)
     wrong = {m.split(":")[0] for m in mismatched}
-    if not (missing or unused) and wrong <= {"head.weight", "head.bias"}:
+    ranks = [k for k in target if k in state and state[k].ndim != target[k].ndim]
+    if ranks:
+        otherwise = (
+            f"{ranks[0]} has {state[ranks[0]].ndim} dimension(s) where this model's has "
+            f"{target[ranks[0]].ndim}: the file is damaged or not a ViT checkpoint of this "
+            "layout."
+        )
+    elif not (missing or unused) and wrong <= {"head.weight", "head.bias"}:
         classes = state["head.bias"].shape[0]
         otherwise = f"Its head has {classes} classes: use a dataset with {classes} classes."
     elif not (missing or unused) and wrong == {"embeddings.pos_embed"}:
@@ -267,10 +434,22 @@ def _named_model(path: str) -> str | None:
     return None if named in ("testing", "demo") else named
 
 
+def _check_head_facts(sidecar: Mapping[str, Any], num_classes: int, path: str) -> None:
+    """Refuse a description whose class count or names disagree with the weights' head."""
+    source = path if path.endswith(SAFETENSORS_SUFFIX) else sidecar_path(path)
+    wanted = f"{num_classes}, the classes of the checkpoint's head"
+    if sidecar.get("num_classes") not in (None, num_classes):
+        raise description_error(source, "num_classes", sidecar["num_classes"], wanted)
+    names = sidecar.get("class_names")
+    if names is not None and len(names) != num_classes:
+        raise description_error(source, "class_names", names, f"a list of {wanted}")
+
+
 def load_model(
     checkpoint: str | os.PathLike,
     model_type: str | None = None,
     img_size: int | tuple[int, int] | list[int] | None = None,
+    keep_pre_logits: bool = False,
 ) -> LoadedModel:
     """Build the model a checkpoint holds and load it strictly, ready for inference.
 
@@ -278,10 +457,17 @@ def load_model(
 
     Args:
         checkpoint: an official `.npz`, a train.py `.bin` (its `.json` sidecar, when present,
-            gives model type, image size, dataset, class names and precision) or a `_last.pt`.
+            gives model type, image size, dataset, class names and precision), a `_last.pt`,
+            a timm or transformers state dict, or a Hugging Face folder (its `config.json`
+            gives model type, image size and class names).
         model_type: registry name; overrides the sidecar. Guessed from the shapes when omitted.
         img_size: input size (int or (H, W)); overrides the sidecar. Defaults to the size the
             checkpoint's position embeddings were made for.
+        keep_pre_logits: for features (few-shot evaluation): keep the Dense + tanh
+            `pre_logits` layer of an `.npz` that has one (ImageNet-21k files), as big_vision
+            does (by default an `.npz`'s is dropped, as the official fine-tuning drops it;
+            other files keep theirs), and accept a file without a head (e.g. a transformers
+            `ViTModel` folder): the model then gets a 1-class zero head.
 
     Raises:
         UserError: missing or unreadable file, unknown model, no classifier head, an image
@@ -297,8 +483,7 @@ def load_model(
         num_classes = checkpoint_num_classes(weights)
         pos = weights.get("Transformer/posembed_input/pos_embedding")
     else:
-        sidecar = read_sidecar(path)
-        state = read_state_dict(path, model_type)
+        state, sidecar = read_weights(path, model_type)
         model_type = (
             model_type
             or sidecar.get("model_type")
@@ -313,14 +498,22 @@ def load_model(
             f"(one of {', '.join(model_names())})."
         )
     config = _registered(model_type)
+    if not path.endswith(".npz"):
+        config = _with_pre_logits(config, state)
+    elif keep_pre_logits and "pre_logits/kernel" in weights and not config.representation_size:
+        config = config.replace(representation_size=int(weights["pre_logits/kernel"].shape[-1]))
     if given is None and not sidecar.get("model_type"):
         how = "its file name" if _named_model(path) else "its shapes"
         logger.info("%s holds a %s model (inferred from %s).", path, config.name, how)
+    headless = num_classes is None and keep_pre_logits
+    if headless:
+        num_classes = 1  # a zero head stands in: only the features are wanted
     if num_classes is None:
         raise UserError(
             f"{path} has no classifier head, so it cannot predict: fine-tune it with train.py "
             "first, or use an imagenet21k+imagenet2012 checkpoint."
         )
+    _check_head_facts(sidecar, num_classes, path)
     size = img_size or sidecar.get("img_size")
     if size is None and pos is not None and pos.ndim == 3:  # other ranks: refused when loading
         size = native_img_size(config, pos.shape[1])
@@ -330,8 +523,11 @@ def load_model(
         config, checked_img_size(config, size), num_classes
     )  # every weight loaded
     if path.endswith(".npz"):
-        load_pretrained(model, weights)
+        load_pretrained(model, weights, zero_head=headless)
     else:
+        if headless:
+            state = {**state, "head.weight": model.head.weight.new_zeros(model.head.weight.shape)}
+            state["head.bias"] = model.head.bias.new_zeros(1)
         assign_weights(model, state, path)
     dataset = sidecar.get("dataset") or ("imagenet2012" if num_classes == 1000 else None)
     return LoadedModel(
@@ -356,7 +552,9 @@ def pretrained_weights(
     """The weights to fine-tune from (`--pretrained_dir`), as official arrays, and their model.
 
     An official `.npz` is read as it is; a checkpoint of ours (a train.py `.bin`, a `_last.pt`,
-    an exported `.safetensors`) is converted to the official layout, so that
+    an exported `.safetensors`), a timm state dict or a Hugging Face folder is converted to the
+    official layout (an in21k folder's pooler becomes `pre_logits`, dropped by a model without
+    one, as the official fine-tuning does), so that
     `VisionTransformer.from_pretrained(..., zero_head=True)` starts from it exactly as from a
     download: the head at zero (any class count), position embeddings resized to the new image
     size.
@@ -375,17 +573,17 @@ def pretrained_weights(
         UserError: no `model_type`, and the checkpoint does not tell.
     """
     path = os.fspath(path)
-    if path.endswith(".npz") or os.path.isdir(path):
+    if path.endswith(".npz") or (os.path.isdir(path) and not is_model_folder(path)):
         weights = load_npz(path, model_type)
         model_type = model_type or _named_model(path) or guess_model_type(weights)
         if model_type is None:
             raise UserError(f"Cannot tell which model {path} holds: pass --model_type.")
         return weights, model_type
-    state = read_state_dict(path, model_type)
-    model_type = model_type or read_sidecar(path).get("model_type") or guess_state_dict_model(state)
+    state, facts = read_weights(path, model_type)
+    model_type = model_type or facts.get("model_type") or guess_state_dict_model(state)
     if model_type is None:
         raise UserError(f"Cannot tell which model {path} holds: pass --model_type.")
-    config = _registered(model_type)
+    config = _with_pre_logits(_registered(model_type), state)
     with torch.device("meta"):  # shapes only
         reference = VisionTransformer(config, 2 * config.stride, num_classes=1).state_dict()
     # The head and the position embeddings may differ: they are replaced and resized.

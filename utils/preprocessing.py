@@ -46,6 +46,7 @@ __all__ = [
     "MAX_ATTEMPTS",
     "BadImageError",
     "Preprocess",
+    "ResizeCentralCrop",
     "crop_resize_batch",
     "find_images",
     "read_image",
@@ -406,6 +407,64 @@ class Preprocess:
     def __repr__(self) -> str:
         kind = f"train, area {self.area_range}, flip {self.flip}" if self.train else "test"
         return f"Preprocess(size={self.size}, {kind})"
+
+
+def _tf_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Taps and weights of TF's bilinear `ResizeBilinear` with half-pixel centres, in its
+    float32 arithmetic (`tensorflow/core/kernels/image/resize_bilinear_op.cc`)."""
+    f32 = np.float32
+    scale = f32(in_size) / f32(out_size)
+    source = (np.arange(out_size, dtype=f32) + f32(0.5)) * scale - f32(0.5)
+    floor = np.floor(source)
+    lower = np.maximum(floor, 0).astype(np.int64)
+    upper = np.minimum(np.ceil(source), in_size - 1).astype(np.int64)
+    return lower, upper, source - floor
+
+
+class ResizeCentralCrop:
+    """big_vision's `resize(R)|central_crop(C)|value_range(-1, 1)`: its few-shot evaluation's.
+
+    The square resize to R is `tf.image.resize` (bilinear, half-pixel centres, no
+    antialiasing), computed as TF's kernel does (`top + (bottom - top) * y_lerp` of the two
+    row interpolations): big_vision's `resize` op casts the result back to uint8 (clip, then
+    truncate), and that truncation would turn the last-bit differences of another formula
+    (`resize` above) into whole uint8 steps, e.g. 255 into 254 on a white area. Then the centre
+    C is cut out at offset `(R - C) // 2` and `x / 255 * 2 - 1` maps it to [-1, 1]
+    (`big_vision/pp/ops_image.py`, `ops_general.py`).
+
+    Args:
+        resize_size: (height, width) R.
+        crop_size: (height, width) C, at most R.
+    """
+
+    def __init__(self, resize_size: tuple[int, int], crop_size: tuple[int, int]):
+        if crop_size[0] > resize_size[0] or crop_size[1] > resize_size[1]:
+            raise UserError(
+                f"A {crop_size[0]}x{crop_size[1]} crop does not fit in a "
+                f"{resize_size[0]}x{resize_size[1]} resize; resize to at least the crop size."
+            )
+        self.resize_size = tuple(resize_size)
+        self.size = tuple(crop_size)
+
+    def __call__(self, image: Image.Image | np.ndarray) -> torch.Tensor:
+        pixels = torch.from_numpy(_pixels(image).astype(np.float32)).permute(2, 0, 1)  # (3, h, w)
+        y0, y1, y_lerp = (
+            torch.from_numpy(t) for t in _tf_taps(pixels.shape[1], self.resize_size[0])
+        )
+        x0, x1, x_lerp = (
+            torch.from_numpy(t) for t in _tf_taps(pixels.shape[2], self.resize_size[1])
+        )
+        top, bottom = pixels[:, y0], pixels[:, y1]  # (3, R_h, w)
+        top = top[:, :, x0] + (top[:, :, x1] - top[:, :, x0]) * x_lerp
+        bottom = bottom[:, :, x0] + (bottom[:, :, x1] - bottom[:, :, x0]) * x_lerp
+        resized = (top + (bottom - top) * y_lerp[:, None]).clamp_(0.0, 255.0).trunc_()
+        row = (self.resize_size[0] - self.size[0]) // 2
+        col = (self.resize_size[1] - self.size[1]) // 2
+        crop = resized[:, row : row + self.size[0], col : col + self.size[1]]
+        return (crop / 255.0 * 2.0 - 1.0).contiguous()
+
+    def __repr__(self) -> str:
+        return f"ResizeCentralCrop(resize={self.resize_size}, crop={self.size})"
 
 
 def crop_resize_batch(

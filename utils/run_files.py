@@ -2,14 +2,26 @@
 that one run at a time writes them.
 
 A run named NAME owns `<output_dir>/NAME_checkpoint.bin` (+ `.json`), `<output_dir>/NAME_last.pt`
-and the TensorBoard event files in its log folder. :func:`claim_run`, called before any work,
-checks every location (a file where a folder should be, a read-only or uncreatable folder, a
-name that leaves the output folder), refuses a new run whose name already has files unless it
-resumes them or overwrites them on purpose, and holds `<output_dir>/NAME.lock` for the run's
-lifetime, so that a second run of the same name refuses to start, naming the first one's PID.
-The lock is an `fcntl.flock` on that file (`msvcrt.locking` on Windows), which the system
-releases when its holder dies in any way (`kill -9` included): a lock file left by a dead process
-is taken over without asking, never by guessing from PIDs.
+and its log folder (`--log_dir`, TensorBoard's event files). :func:`claim_run`, called before any
+work, checks every location (a file where a folder should be, a folder where a file goes, a
+read-only or uncreatable folder, a name that leaves the output folder or is not text), refuses a
+new run whose name already has files unless it resumes them or overwrites them on purpose, and
+holds two locks for the run's lifetime: `<output_dir>/NAME.lock` (one run of a name per output
+folder) and `<log_dir>/.tensorboard-lock` (one run per log folder, whatever its name or output
+folder). A second run refuses to start, naming the first one's PID.
+
+The locks are POSIX record locks (`fcntl.lockf`; `msvcrt.locking` on Windows). They belong to the
+process that took them: the system releases them when it dies in any way (`kill -9` included),
+and processes it forks (DataLoader workers) never hold them, even when they outlive it (an
+`flock` would be shared with them). A lock file left by a dead process is taken over without
+asking. Their pitfall: closing any descriptor of a lock file in the holding process drops its
+lock, so only :class:`RunLock` opens it, and a second claim of a held lock in one process is
+refused before its file is opened. A lock path is opened without following a symbolic link and
+written only when it holds a lock record (or nothing): a link, a hard link, a folder or another
+file there is one message, and stays untouched.
+
+:class:`EventLog` writes the TensorBoard log so that its failures (a full disk) end the run with
+one message after the last state is saved, instead of tracebacks from TensorBoard's thread.
 """
 
 from __future__ import annotations
@@ -20,7 +32,11 @@ import logging
 import os
 import re
 import socket
+import stat
+import sys
 import tempfile
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from utils.errors import UserError
@@ -32,7 +48,7 @@ except ImportError:  # Windows locks a byte of the file instead
 
     fcntl = None
 
-__all__ = ["RunLock", "claim_run", "run_files"]
+__all__ = ["EventLog", "RunLock", "claim_run", "run_files"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,35 +59,132 @@ OUTPUT_FILES = {
     "_last.pt": "the last training state",
 }
 EVENTS = "events.out.tfevents.*"  # TensorBoard's event files in the log folder
+LOG_LOCK = ".tensorboard-lock"  # never a run's own lock, `<name>.lock`, in a shared folder
 LONGEST_SUFFIX = "_checkpoint.json.tmp4194304"  # the longest name a run writes (a temp file)
 NAME_MAX = 255  # bytes of one file name on common file systems
+RECORD = re.compile(r"(\d+) on (\S*)\n?")  # what a lock file holds: "PID on HOST"
+RECORD_MAX = 300  # bytes: a lock file larger than this is not one
+
+# The locks this process holds, by (folder device, folder inode, file name): opening one of
+# them again and closing it would drop the lock.
+_HELD: set[tuple[int, int, str]] = set()
 
 
 class RunLock:
     """A run's exclusive claim on its files, held until :meth:`release` (or the `with` block's end).
 
     Attributes:
-        path: the lock file, `<output_dir>/<name>.lock` (None for a process that claims nothing).
+        earlier: the files of an earlier run of this name that `--overwrite` replaces; they are
+            deleted only by :meth:`delete_earlier_run`, once every start-up check has passed.
     """
 
-    def __init__(self, path: Path | None = None, fd: int | None = None):
-        self.path = path
-        self._fd = fd
+    def __init__(self) -> None:
+        self.earlier: list[Path] = []
+        self._held: list[tuple[Path, int, tuple[int, int, str]]] = []
+
+    def take(self, path: Path, refuse: Callable[[str], UserError], fix: str) -> None:
+        """Lock `path` for this process too; `refuse(holder)` is raised when another holds it."""
+        fd, key = _lock(path, refuse, fix)
+        self._held.append((path, fd, key))
+
+    def delete_earlier_run(self) -> None:
+        """Delete the earlier run's files that `--overwrite` replaces (logged). Idempotent."""
+        for path in self.earlier:
+            path.unlink(missing_ok=True)
+        if self.earlier:
+            logger.warning("--overwrite: deleted the earlier run's %s.", _describe(self.earlier))
+        self.earlier = []
 
     def release(self) -> None:
-        """Give the run's files up: the lock file is removed, then unlocked. Idempotent."""
-        if self._fd is None:
-            return
-        with contextlib.suppress(OSError):
-            os.unlink(self.path)  # first: nobody may lock this file once it is unlinked
-        os.close(self._fd)  # releases the flock
-        self._fd = None
+        """Give the run's files up: each lock file is removed, then unlocked. Idempotent."""
+        while self._held:
+            path, fd, key = self._held.pop()
+            with contextlib.suppress(OSError):
+                os.unlink(path)  # first: nobody may lock this file once it is unlinked
+            os.close(fd)  # releases the lock
+            _HELD.discard(key)
 
     def __enter__(self) -> RunLock:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+class EventLog:
+    """The run's TensorBoard log: `SummaryWriter`'s `add_scalar`, `flush` and `close`, whose write
+    failures (a full disk, a folder gone) are kept in :attr:`error` instead of raised.
+
+    TensorBoard writes from a thread of its own, which prints its traceback and makes every later
+    call from the run raise the same error. Here the first error ends the logging: later calls do
+    nothing, and the thread's traceback is not printed (until :meth:`close`), so that the run can
+    save its last state and end with one message (:meth:`check`).
+
+    Args:
+        log_dir: the log folder (`--log_dir`).
+        purge_step: TensorBoard drops the events logged from this step on (for a resume).
+    """
+
+    def __init__(self, log_dir: str | os.PathLike, purge_step: int | None = None):
+        from torch.utils.tensorboard import SummaryWriter  # TensorBoard: only when training
+
+        self.log_dir = Path(log_dir)
+        self.error: OSError | None = None
+        self._excepthook = threading.excepthook
+        threading.excepthook = self._quiet_writer_thread
+        self._writer = self._call(SummaryWriter, log_dir=str(log_dir), purge_step=purge_step)
+
+    def _quiet_writer_thread(self, failure: threading.ExceptHookArgs) -> None:
+        writer_thread = type(failure.thread).__module__.startswith("tensorboard.")
+        if not (writer_thread and issubclass(failure.exc_type, OSError)):
+            self._excepthook(failure)  # the run reports it at its next call
+
+    def _call(self, method: Callable, *args: object, **kwargs: object) -> object:
+        if self.error is None:
+            try:
+                return method(*args, **kwargs)
+            except OSError as err:
+                self.error = err
+        return None
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        if self._writer is not None:
+            self._call(self._writer.add_scalar, tag, value, step)
+
+    def flush(self) -> None:
+        if self._writer is not None:
+            self._call(self._writer.flush)
+
+    def close(self) -> None:
+        """Close the log (its thread ends); errors here are kept too. Idempotent."""
+        if self._writer is not None:
+            if self.error is None:
+                self._call(self._writer.close)
+            else:  # end its thread; what it could not write stays unwritten
+                with contextlib.suppress(Exception):
+                    self._writer.close()
+            self._writer = None
+        threading.excepthook = self._excepthook
+
+    def check(self) -> None:
+        """Raise what went wrong, as one message.
+
+        Raises:
+            UserError: a write failed; the run stopped after saving its last state.
+        """
+        if self.error is not None:
+            raise UserError(
+                f"TensorBoard could not write to --log_dir {self.log_dir} "
+                f"({self.error.strerror or self.error}), so training stopped after saving the "
+                "last state. Make room there (or fix the folder), then continue with the same "
+                "command plus --resume."
+            )
+
+    def __enter__(self) -> EventLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def run_files(output_dir: str | os.PathLike, log_dir: str | os.PathLike, name: str) -> list[Path]:
@@ -99,7 +212,8 @@ def claim_run(
         name: the run's name (`--name`): a plain file name.
         resume: the run continues its files (`--resume`).
         overwrite: a new run may replace the files of an earlier run of this name
-            (`--overwrite`): they are deleted here, before it starts.
+            (`--overwrite`): they are listed in the lock's `earlier`, to delete with
+            :meth:`RunLock.delete_earlier_run` once the run's other checks have passed.
         is_main: False on every process but the first under torchrun: it checks and claims
             nothing (only the first process writes the run's files).
 
@@ -107,11 +221,13 @@ def claim_run(
         The lock, to release when the run ends (use it as a context manager).
 
     Raises:
-        UserError: a bad name or location; another live run of this name; files of an
-            earlier run of this name (without `resume` or `overwrite`); or both flags.
+        UserError: a bad name or location; another live run of this name or in this log
+            folder; files of an earlier run of this name (without `resume` or `overwrite`);
+            or both flags.
     """
+    lock = RunLock()
     if not is_main:
-        return RunLock()
+        return lock
     _check_name(name)
     if resume and overwrite:
         raise UserError(
@@ -120,8 +236,28 @@ def claim_run(
     output_dir, log_dir = Path(output_dir), Path(log_dir)
     _check_folder(output_dir, "--output_dir")
     _check_folder(log_dir, "--log_dir")
-    lock = _lock(output_dir / f"{name}.lock", name)
+    for suffix, what in OUTPUT_FILES.items():  # found now, not at the first save hours later
+        _check_not_folder(output_dir / f"{name}{suffix}", what, "choose another --name")
     try:
+        lock.take(
+            output_dir / f"{name}.lock",
+            lambda holder: UserError(
+                f"Another run named {name} is running ({holder}; it holds {output_dir}/"
+                f"{name}.lock). Two runs of one name would mix their files: wait for it to end "
+                "or stop it, or choose another --name."
+            ),
+            "choose another --name",
+        )
+        lock.take(
+            log_dir / LOG_LOCK,
+            lambda holder: UserError(
+                f"Another run ({holder}) writes its TensorBoard log to --log_dir {log_dir}. Two "
+                "runs in one log folder would mix their curves (and an --overwrite would delete "
+                "the other's): wait for it to end or stop it, or pass another --log_dir (its "
+                "default, logs/<name>, follows --name)."
+            ),
+            "pass another --log_dir",
+        )
         earlier = [] if resume else run_files(output_dir, log_dir, name)
         if earlier and not overwrite:
             raise UserError(
@@ -129,18 +265,21 @@ def claim_run(
                 f"overwrite them. To continue that run, add --resume; to start again and delete "
                 f"them, add --overwrite; to keep them, choose another --name."
             )
-        for path in earlier:
-            path.unlink()
-        if earlier:
-            logger.warning("--overwrite: deleted the earlier run's %s.", _describe(earlier))
+        lock.earlier = earlier
     except BaseException:
         lock.release()
         raise
     return lock
 
 
+def _suggestion(name: str) -> str:
+    """A plain ASCII name close to `name`, for the messages."""
+    return re.sub(r"[^\w.-]+", "-", name, flags=re.ASCII).strip(".-") or "run"
+
+
 def _check_name(name: str) -> None:
-    """`name` must name files inside the output folder: no separators, no `..`, not empty."""
+    """`name` must name files inside the output folder: no separators, no `..`, not empty, text
+    that file names (and the UTF-8 of the run's state) can hold."""
     separators = {"/", os.sep, os.altsep or "/"}
     plain = (
         name not in ("", ".", "..")
@@ -149,15 +288,26 @@ def _check_name(name: str) -> None:
         and not Path(name).is_absolute()
     )
     if not plain:
-        suggestion = re.sub(r"[^\w.-]+", "-", name).strip(".-") or "run"
         raise UserError(
             f"--name {name!r} must be a plain name: it names the run's files inside --output_dir "
             f"and its log folder, and this one would put them elsewhere. Use e.g. --name "
-            f"{suggestion} (and --output_dir for the folder)."
+            f"{_suggestion(name)} (and --output_dir for the folder)."
         )
-    if len((name + LONGEST_SUFFIX).encode()) > NAME_MAX:
+    locale = sys.getfilesystemencoding()
+    for encoding, encode in [(locale, os.fsencode), ("utf-8", lambda text: text.encode("utf-8"))]:
+        try:
+            encode(name)
+        except UnicodeEncodeError as err:
+            utf8 = locale.lower().replace("-", "") == "utf8"
+            other = "" if utf8 else ", or a UTF-8 locale (e.g. LC_ALL=C.UTF-8)"
+            raise UserError(
+                f"--name {name!r} cannot name a file: {err.object[err.start : err.end]!r} has no "
+                f"{encoding} form (it stands for bytes this locale, {locale}, could not read as "
+                f"text). Use e.g. --name {_suggestion(name)}{other}."
+            ) from None
+    if len(os.fsencode(name + LONGEST_SUFFIX)) > NAME_MAX:
         raise UserError(
-            f"--name is {len(name.encode())} bytes long; file names cannot hold more than "
+            f"--name is {len(os.fsencode(name))} bytes long; file names cannot hold more than "
             f"{NAME_MAX - len(LONGEST_SUFFIX)} of it. Choose a shorter --name."
         )
 
@@ -184,6 +334,14 @@ def _check_folder(folder: Path, flag: str) -> None:
         ) from None
 
 
+def _check_not_folder(path: Path, what: str, fix: str) -> None:
+    if path.is_dir():
+        raise UserError(
+            f"{path} is a folder, not a file: the run writes {what} there. Move the folder "
+            f"away, or {fix}."
+        )
+
+
 def _describe(paths: list[Path]) -> str:
     events = [p for p in paths if p.match(EVENTS)]
     parts = [f"{p} ({OUTPUT_FILES[s]})" for p in paths for s in OUTPUT_FILES if p.name.endswith(s)]
@@ -192,22 +350,35 @@ def _describe(paths: list[Path]) -> str:
     return ", ".join(parts)
 
 
-def _refuse(path: Path, name: str) -> UserError:
+def _holder(record: str) -> str:
+    """Who holds a lock, from its record; a recorded process that has ended is not named."""
+    match = RECORD.fullmatch(record)
+    if match is None:
+        return "a process whose PID is not recorded"
+    pid, host = int(match[1]), match[2]
+    if os.name == "posix" and host == socket.gethostname() and pid > 0:
+        try:
+            os.kill(pid, 0)  # signal 0: only asks whether the process exists
+        except ProcessLookupError:
+            return f"its PID is not yet recorded; the recorded process {pid} no longer runs"
+        except PermissionError:
+            pass  # it exists, under another user
+    return f"PID {pid} on {host}"
+
+
+def _read_record(fd: int) -> str:
     try:
-        holder = path.read_text(encoding="utf-8").strip() or "unknown"
-    except OSError:
-        holder = "unknown"
-    return UserError(
-        f"Another run named {name} is running (PID {holder}; it holds {path}). Two runs of one "
-        "name would mix their files: wait for it to end or stop it, or choose another --name."
-    )
+        os.lseek(fd, 0, os.SEEK_SET)
+        return os.read(fd, RECORD_MAX + 1).decode("utf-8", "replace")
+    except OSError:  # Windows: the locked byte cannot be read
+        return ""
 
 
 def _try_lock(fd: int) -> bool:
     """Lock an open file for this process without waiting; False when another one holds it."""
     try:
         if fcntl is not None:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # from offset 0 to the end, any size
         else:
             msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
     except OSError as err:
@@ -217,24 +388,67 @@ def _try_lock(fd: int) -> bool:
     return True
 
 
-def _lock(path: Path, name: str) -> RunLock:
-    """Take `path` for this process, or raise naming the live process that holds it."""
+def _open_lock_file(path: Path, fix: str) -> int:
+    """Open (or create) a lock file that is this path's own: never through a symbolic link, never
+    a folder, a device or a file with another name (a hard link)."""
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        fd = os.open(path, flags | getattr(os, "O_BINARY", 0), 0o644)
+    except OSError as err:
+        if path.is_symlink():
+            problem = "is a symbolic link (the lock would write the file it points to)"
+        elif path.is_dir():
+            problem = "is a folder, not a file: the run keeps its lock there"
+        else:
+            problem = f"cannot be opened ({err.strerror or err})"
+        raise UserError(f"{path} {problem}. Remove it, or {fix}.") from None
+    info = os.fstat(fd)
+    problem = None
+    if not stat.S_ISREG(info.st_mode):
+        problem = "is not a regular file"
+    elif info.st_nlink > 1:
+        problem = "is a hard link to another file (the lock would write that file too)"
+    elif info.st_size > RECORD_MAX:
+        problem = "is not a lock file (it holds other data, which the lock would overwrite)"
+    if problem:
+        os.close(fd)
+        raise UserError(f"{path} {problem}. Move it away, or {fix}.")
+    return fd
+
+
+def _lock(path: Path, refuse: Callable[[str], UserError], fix: str) -> tuple[int, tuple]:
+    """Take `path` for this process, or raise `refuse(holder)` naming the live process that holds
+    it. Returns the open lock file and its key in `_HELD`."""
+    folder = os.stat(path.parent)
+    key = (folder.st_dev, folder.st_ino, path.name)
+    if key in _HELD:  # opening it again would drop the lock when closed
+        raise refuse(f"PID {os.getpid()} on {socket.gethostname()}: this process")
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        if not _try_lock(fd):
+        fd = _open_lock_file(path, fix)
+        try:
+            if not _try_lock(fd):
+                raise refuse(_holder(_read_record(fd)))
+            try:  # the file we locked may have been released and removed since we opened it
+                opened, now = os.fstat(fd), os.stat(path, follow_symlinks=False)
+                same = (opened.st_dev, opened.st_ino) == (now.st_dev, now.st_ino)
+            except FileNotFoundError:
+                same = False
+            previous = _read_record(fd) if same else ""
+            if previous and not RECORD.fullmatch(previous):
+                raise UserError(
+                    f"{path} is not a lock file (it holds other data, which the lock would "
+                    f"overwrite). Move it away, or {fix}."
+                )
+        except BaseException:
             os.close(fd)
-            raise _refuse(path, name)
-        try:  # the file we locked may have been released and removed since we opened it
-            same = os.fstat(fd).st_ino == os.stat(path).st_ino
-        except FileNotFoundError:
-            same = False
+            raise
         if same:
             break
         os.close(fd)
-    previous = os.read(fd, 100).decode("utf-8", "replace").strip()
     if previous:  # a holder that died without releasing it (kill -9, power loss)
-        logger.info("Took over %s from process %s, which no longer runs.", path, previous)
+        logger.info("Took over %s from process %s, which no longer runs.", path, previous.strip())
     os.ftruncate(fd, 0)
     os.lseek(fd, 0, os.SEEK_SET)
     os.write(fd, f"{os.getpid()} on {socket.gethostname()}\n".encode())
-    return RunLock(path, fd)
+    _HELD.add(key)
+    return fd, key

@@ -2,9 +2,10 @@
 
 `<output_dir>/<name>_last.pt` holds model, optimizer, scheduler, grad scaler, the run's progress
 (:class:`TrainState`), every rank's RNG states, the data-order position, the args and the model
-config, and the SHA-256 of all that (`content_sha256`), checked on load. It loads with
+config, what split the training images into training and minival, the precision, and the
+SHA-256 of all that (`content_sha256`), checked on load. It loads with
 `torch.load(weights_only=True)`: only tensors and plain Python values are stored. A resume
-refuses a state of another model, image size or class count.
+refuses a state of another model, image size, class count or data split.
 """
 
 from __future__ import annotations
@@ -96,6 +97,10 @@ class TrainState:
         best_test_accuracy: the test accuracy at `best_step`.
         args: the command-line arguments of the run that saved it (plain values; empty for a
             new run).
+        split: what defines the minival split (`holdout_fraction`, `train_images`,
+            `minival_images`): a resume with another split is refused, since minival would
+            then hold images the model trained on (empty in states written before it was kept).
+        precision: the precision the run trains in ("fp32", "fp16", "bf16"; None when unknown).
     """
 
     step: int = 0
@@ -106,6 +111,8 @@ class TrainState:
     best_loss: float = math.inf
     best_test_accuracy: float = -1.0
     args: dict[str, Any] = dataclasses.field(default_factory=dict)
+    split: dict[str, Any] = dataclasses.field(default_factory=dict)
+    precision: str | None = None
 
 
 def last_state_path(output_dir: str | os.PathLike, name: str) -> Path:
@@ -191,6 +198,8 @@ def save_training_state(
             "batches_in_epoch": int(state.batches_in_epoch),
         },
         "rng": rng_states if rng_states is not None else [get_rng_state()],
+        "split": _plain(state.split),
+        "precision": state.precision,
         "args": _plain(dict(args_dict or {})),
     }
     atomic_save(with_content_sha256(saved), path)  # verified by safe_load
@@ -219,6 +228,29 @@ def _check_same_model(saved: Mapping[str, Any], model: nn.Module, path: str) -> 
         )
 
 
+def _describe_split(split: Mapping[str, Any]) -> str:
+    counts = ""
+    if "train_images" in split:
+        counts = f" ({split['train_images']} training / {split['minival_images']} minival images)"
+    return f"--holdout_fraction {split['holdout_fraction']}{counts}"
+
+
+def _check_same_split(saved: Mapping[str, Any], split: Mapping[str, Any], path: str) -> None:
+    saved_split = saved.get("split") or {}
+    if not saved_split and "holdout_fraction" in (saved.get("args") or {}):  # an older state
+        saved_split = {"holdout_fraction": saved["args"]["holdout_fraction"]}
+    if all(saved_split.get(key, value) == value for key, value in split.items()):
+        return
+    raise UserError(
+        f"Cannot resume from {path}: the saved run split its training images with "
+        f"{_describe_split(saved_split)}, this command with {_describe_split(split)}. Another "
+        "split would put images the model trained on into minival, and compare the best so far "
+        "with accuracies on another split. Resume with --holdout_fraction "
+        f"{saved_split['holdout_fraction']} and the same images, or start a new run with "
+        "another --name."
+    )
+
+
 def load_training_state(
     path: str | os.PathLike,
     *,
@@ -227,6 +259,7 @@ def load_training_state(
     scheduler: Any | None = None,
     scaler: Any | None = None,
     rank: int = 0,
+    split: Mapping[str, Any] | None = None,
 ) -> TrainState:
     """Restore a :func:`save_training_state` file into freshly built training objects.
 
@@ -242,12 +275,13 @@ def load_training_state(
         scaler: restored when given and saved.
         rank: this process's rank; selects its RNG state when one per rank was saved (Python,
             NumPy, torch and CUDA RNGs are restored).
+        split: this run's :attr:`TrainState.split`; another than the saved one is refused.
 
     Returns:
         The saved progress, with the saved args.
 
     Raises:
-        UserError: unreadable file, not a training state, or a different model.
+        UserError: unreadable file, not a training state, a different model or split.
     """
     path = os.fspath(path)
     saved = safe_load(path)
@@ -258,6 +292,8 @@ def load_training_state(
             "with eval.py or used as --pretrained_dir, but not resumed."
         )
     _check_same_model(saved, model, path)
+    if split is not None:
+        _check_same_split(saved, split, path)
     assign_weights(model, saved["model"], path)
     if optimizer is not None:
         optimizer.load_state_dict(saved["optimizer"])
@@ -284,4 +320,6 @@ def load_training_state(
         best_loss=float(saved.get("best_loss", math.inf)),
         best_test_accuracy=float(saved.get("best_test_accuracy", saved["best_accuracy"])),
         args=dict(saved.get("args") or {}),
+        split=dict(saved.get("split") or {}),
+        precision=saved.get("precision"),
     )

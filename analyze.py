@@ -1,0 +1,335 @@
+"""Figure 7 of the paper for a checkpoint: embedding filters, position embeddings, distances.
+
+    python3 analyze.py                          # the demo model (`make demo` first), offline
+    python3 analyze.py --checkpoint checkpoint/ViT-B_16.npz --image photos/ --num_images 128
+    python3 analyze.py --checkpoint checkpoint/ViT-B_16.npz output/NAME_checkpoint.bin \\
+        --dataset cifar10                       # before and after fine-tuning, in one figure
+
+Section 4.5 and Appendix D.7 of Dosovitskiy et al. (ICLR 2021): the principal components of the
+patch-embedding filters, the cosine similarity of the position embeddings, and each head's mean
+attention distance in pixels over `--num_images` images (128, as the paper). The class token's
+row and column are left out of the distance without renormalising; see `utils/analysis.py`.
+
+`--checkpoint` takes one file or two (any file `utils.loading.load_model` reads: an official or
+AugReg `.npz`, a train.py `.bin`, a `_last.pt`, a `.safetensors`); with two, every figure shows
+both (same image size and patch grid needed for the side-by-side). `none` with `--model_type`
+analyses a randomly initialised model (for timing, or as a baseline). Images come from
+`--image` (files, folders, globs) or `--dataset` (its test split); without either, a digits
+model gets held-out digits and any other model scikit-learn's two sample photos.
+
+Writes to `--output_dir`: `figure7.png` (the panels side by side), `embedding_filters.png`,
+`position_similarity.png`, `attention_distance.png` (`--format` picks another matplotlib
+format) and `analysis.json` with the numbers (with two checkpoints, one
+`analysis_<file stem>.json` each).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from models.configs import model_names
+from utils.errors import UserError, run_cli
+from utils.flags import DATASETS, HelpFormatter, add_verbose, log_level, positive_int
+
+if TYPE_CHECKING:
+    from utils.analysis import Analysis
+    from utils.loading import LoadedModel
+
+# torch and matplotlib (and every module of ours that imports them) are imported inside the
+# functions that use them, after the flags are parsed: `--help` and a mistyped flag answer at once.
+
+logger = logging.getLogger("analyze")
+
+PANELS = ("filters", "position", "distance")
+FIGURES = {  # file stem -> the panel it needs
+    "embedding_filters": "filters",
+    "position_similarity": "position",
+    "attention_distance": "distance",
+}
+DEFAULT_OUTPUT_DIR = "output/analysis"  # output/ is kept out of git
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument(
+        "--checkpoint",
+        nargs="+",
+        default=None,
+        metavar="FILE",
+        help="One checkpoint, or two (before and after fine-tuning); `none` for random weights. "
+        "Default: the demo model `make demo` trains.",
+    )
+    p.add_argument(
+        "--model_type",
+        choices=model_names(),
+        default=None,
+        help="Model architecture (default: from the .bin's sidecar, or guessed from the file).",
+    )
+    p.add_argument(
+        "--img_size",
+        type=positive_int,
+        nargs="+",
+        default=None,
+        metavar="SIZE",
+        help="Input size, one value or HEIGHT WIDTH (default: the checkpoint's own).",
+    )
+    p.add_argument(
+        "--image", nargs="+", default=None, help="Image files, folders or globs for the distance."
+    )
+    p.add_argument(
+        "--dataset",
+        choices=DATASETS,
+        default=None,
+        help="Take the distance's images from its test split.",
+    )
+    p.add_argument("--data_dir", default="./data", help="Where --dataset lives (as eval.py).")
+    p.add_argument(
+        "--num_images", type=positive_int, default=128, help="Images for the attention distance."
+    )
+    p.add_argument("--batch_size", type=positive_int, default=8, help="Images per forward pass.")
+    p.add_argument(
+        "--num_components", type=positive_int, default=28, help="Embedding-filter components."
+    )
+    p.add_argument(
+        "--panels",
+        nargs="+",
+        choices=PANELS,
+        default=None,
+        help="Default: every panel the model has.",
+    )
+    p.add_argument("--output_dir", default=DEFAULT_OUTPUT_DIR, help="Where figures and JSON go.")
+    p.add_argument("--format", default="png", help="Figure format (png, pdf, svg, jpg, ...).")
+    p.add_argument("--dpi", type=positive_int, default=100, help="Figure resolution.")
+    add_verbose(p)
+    args = p.parse_args(argv)
+    if args.img_size is not None and len(args.img_size) not in (1, 2):
+        p.error("--img_size takes one value or two (HEIGHT WIDTH)")
+    if args.checkpoint is not None and len(args.checkpoint) > 2:
+        p.error("--checkpoint takes one file or two (before and after fine-tuning)")
+    if args.image and args.dataset:
+        p.error("--image and --dataset both give images: pass one of them")
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = FigureCanvasBase.get_supported_filetypes()
+    args.format = args.format.lower().lstrip(".")
+    if args.format not in formats:
+        p.error(
+            f"--format {args.format}: not a format matplotlib writes; one of "
+            f"{', '.join(sorted(formats))}"
+        )
+    return args
+
+
+def is_random(checkpoint: str) -> bool:
+    return checkpoint.lower() == "none"
+
+
+def load(checkpoint: str, args: argparse.Namespace) -> LoadedModel:
+    """The model of a checkpoint, or a randomly initialised one for `none`."""
+    from utils.loading import LoadedModel, load_model
+
+    img_size = args.img_size[0] if args.img_size and len(args.img_size) == 1 else args.img_size
+    if not is_random(checkpoint):
+        return load_model(checkpoint, args.model_type, img_size)
+    if args.model_type is None:
+        raise UserError("--checkpoint none (random weights) needs --model_type.")
+    import torch
+
+    from models.modeling import VisionTransformer
+
+    logger.warning(
+        "--checkpoint none: %s with random weights; its numbers describe no trained model.",
+        args.model_type,
+    )
+    torch.manual_seed(0)
+    model = VisionTransformer(args.model_type, img_size or 224, num_classes=1000)
+    return LoadedModel(model.eval(), args.model_type, model.img_size, source="none")
+
+
+def labels_of(checkpoints: list[str]) -> list[str]:
+    """Figure labels: the file names, with the folder too when two names are the same."""
+    names = [Path(c).name for c in checkpoints]
+    if len(set(names)) < len(names):
+        names = [str(Path(c)) for c in checkpoints]
+    return [
+        "random weights" if is_random(c) else n for c, n in zip(checkpoints, names, strict=True)
+    ]
+
+
+def json_paths(output_dir: Path, checkpoints: list[str]) -> list[Path]:
+    """`analysis.json` for one checkpoint; `analysis_<stem>.json` each for two."""
+    if len(checkpoints) == 1:
+        return [output_dir / "analysis.json"]
+    stems = [Path(c).stem for c in checkpoints]
+    if stems[0] == stems[1]:
+        stems = [f"{s}_{i}" for i, s in enumerate(stems, start=1)]
+    return [output_dir / f"analysis_{s}.json" for s in stems]
+
+
+def chosen_panels(args: argparse.Namespace, loaded: list[LoadedModel]) -> tuple[str, ...]:
+    """The panels asked for, or all that every model has; a hybrid has no RGB filters."""
+    from utils.analysis import embeds_rgb
+
+    hybrids = [m.model_type for m in loaded if not embeds_rgb(m.model)]
+    if args.panels is None:
+        if hybrids:
+            logger.info(
+                "%s embeds ResNet features, not RGB patches: no embedding-filter panel.",
+                hybrids[0],
+            )
+        return tuple(p for p in PANELS if p != "filters" or not hybrids)
+    if "filters" in args.panels and hybrids:
+        raise UserError(
+            f"--panels filters: {hybrids[0]} is a hybrid, whose patch embedding sees ResNet "
+            "features, not RGB pixels, so it has no RGB filters to show. Leave out filters."
+        )
+    return tuple(p for p in PANELS if p in args.panels)
+
+
+def check_side_by_side(
+    loaded: list[LoadedModel], labels: list[str], panels: tuple[str, ...]
+) -> None:
+    """Two checkpoints drawn side by side must share their patch grid (and filter shape)."""
+    if len(loaded) < 2:
+        return
+    (a, b), (la, lb) = loaded, labels
+    if "position" in panels and a.model.grid_size != b.model.grid_size:
+        raise UserError(
+            f"{la} has a {'x'.join(map(str, a.model.grid_size))} patch grid and {lb} a "
+            f"{'x'.join(map(str, b.model.grid_size))} one, so their position embeddings cannot "
+            "be compared: pass --img_size so that both load at one size (position embeddings "
+            "are resized to it)."
+        )
+    shapes = [tuple(m.model.embeddings.patch_embed.weight.shape[1:]) for m in loaded]
+    if "filters" in panels and shapes[0] != shapes[1]:
+        raise UserError(
+            f"{la} has {shapes[0]} embedding filters and {lb} {shapes[1]}: they cannot be "
+            "compared side by side. Pass --panels position distance."
+        )
+
+
+def image_source(args: argparse.Namespace, loaded: list[LoadedModel]):
+    """A function img_size -> batches of the distance's images, and a description."""
+    from utils import analysis
+
+    if args.image:
+        from utils.preprocessing import find_images
+
+        paths = find_images(args.image)[: args.num_images]
+        described = f"{len(paths)} image file(s)"
+        return lambda size: analysis.image_batches(paths, size, args.batch_size), described
+    if args.dataset:
+        described = f"the first {args.num_images} images of the {args.dataset} test split"
+        return (
+            lambda size: analysis.dataset_batches(
+                args.dataset, args.data_dir, size, args.num_images, args.batch_size
+            ),
+            described,
+        )
+    dataset = "digits" if any(m.dataset == "digits" for m in loaded) else None
+    return analysis.bundled_batches(dataset, args.num_images, args.batch_size)
+
+
+def write_outputs(
+    results: list[Analysis],
+    args: argparse.Namespace,
+    checkpoints: list[str],
+    panels: tuple[str, ...],
+) -> None:
+    from utils import analysis
+    from utils.file_io import atomic_write_text
+
+    out = Path(args.output_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(
+            f"Cannot create --output_dir {out}: {err.strerror or err}. Pass another --output_dir."
+        ) from None
+    for result, path, checkpoint in zip(
+        results, json_paths(out, checkpoints), checkpoints, strict=True
+    ):
+        facts = {"checkpoint": None if is_random(checkpoint) else checkpoint, **result.to_json()}
+        atomic_write_text(path, json.dumps(facts) + "\n")
+        logger.info("wrote %s", path)
+    plots = {
+        "embedding_filters": analysis.plot_embedding_filters,
+        "position_similarity": analysis.plot_position_similarity,
+        "attention_distance": analysis.plot_attention_distance,
+    }
+    title = " vs ".join(r.label for r in results) + f" ({results[0].model_type})"
+    figures = {"figure7": analysis.plot_figure7(results, title=title)}
+    figures.update(
+        {stem: plots[stem](results) for stem, panel in FIGURES.items() if panel in panels}
+    )
+    for stem, fig in figures.items():
+        path = out / f"{stem}.{args.format}"
+        analysis.save_figure(fig, path, dpi=args.dpi)
+        logger.info("wrote %s", path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=log_level(args.verbose), format="%(asctime)s %(levelname)s %(message)s"
+    )
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, never a window
+    import torch
+
+    from utils import analysis
+    from utils.attention_maps import DEMO_CHECKPOINT
+
+    checkpoints = args.checkpoint or [DEMO_CHECKPOINT]
+    if args.checkpoint is None and not Path(DEMO_CHECKPOINT).is_file():
+        raise UserError(
+            f"The demo checkpoint {DEMO_CHECKPOINT} does not exist yet: run `make demo` first, "
+            "or pass --checkpoint with an official .npz (see checkpoint/README.md) or a .bin "
+            "that train.py saved."
+        )
+    if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
+        raise UserError(f"--output_dir {args.output_dir} is a file: pass a folder.")
+    labels = labels_of(checkpoints)
+    loaded = [load(c, args) for c in checkpoints]
+    panels = chosen_panels(args, loaded)
+    check_side_by_side(loaded, labels, panels)
+    batches, described = image_source(args, loaded) if "distance" in panels else (None, "")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    results = []
+    for model, label in zip(loaded, labels, strict=True):
+        logger.info(
+            "%s: %s at %dx%d, %dx%d patch grid",
+            label,
+            model.model_type,
+            *model.img_size,
+            *model.model.grid_size,
+        )
+        if batches is not None:
+            logger.info("attention distance over %s, on %s", described, device)
+        start = time.perf_counter()
+        result = analysis.analyze_model(
+            model.model.to(device),
+            label,
+            batches(model.img_size) if batches is not None else None,
+            num_components=args.num_components,
+            panels=panels,
+        )
+        if result.num_images:
+            logger.info(
+                "mean attention distance over %d images in %.1f s",
+                result.num_images,
+                time.perf_counter() - start,
+            )
+        model.model.cpu()
+        results.append(result)
+    write_outputs(results, args, checkpoints, panels)
+
+
+if __name__ == "__main__":
+    run_cli(main)
