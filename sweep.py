@@ -591,12 +591,21 @@ def check_same_protocol(path: Path, protocol: dict) -> None:
 def main(argv: Sequence[str] | None = None) -> dict | None:
     """Run (or print, or collect) the sweep; returns the summary (None for --print_commands)."""
     args, train_argv = parse_args(argv)
-    from utils.dist_utils import DistInfo
+    from utils.dist_utils import cleanup, init_distributed
     from utils.engine import setup_logging
+
+    # Under torchrun one process group serves every run (train.py joins it).
+    info = init_distributed()
+    try:
+        setup_logging(info, args.verbose)
+        return _sweep(args, train_argv, info.is_main)
+    finally:
+        cleanup()
+
+
+def _sweep(args: argparse.Namespace, train_argv: list[str], is_main: bool) -> dict | None:
     from utils.file_io import atomic_write_text
 
-    is_main = int(os.environ.get("RANK", "0")) == 0
-    setup_logging(DistInfo(rank=0 if is_main else 1), args.verbose)
     common, base_argv, preset, grid = resolve(args, train_argv)
     check_test_split(common)
     seeds = [common.seed + i for i in range(args.seeds)]

@@ -11,8 +11,12 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shlex
 import shutil
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +25,8 @@ import sweep
 import train
 from tests.helpers import expect_user_error, make_image_folder, scalars, tiny_args
 from utils.errors import StoppedBySignal
+
+REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -301,3 +307,26 @@ def test_an_interrupted_sweep_continues_and_print_commands_then_collect_agree(
     assert capsys.readouterr().out == ""  # nothing left to run
     collected = sweep.main([*argv, "--collect"])
     assert sweep.markdown(collected) == sweep.markdown(straight)
+
+
+@pytest.mark.slow
+def test_under_torchrun_every_process_runs_the_sweep_in_one_process_group(tmp_path: Path) -> None:
+    """Two processes, three runs: each an ordinary 2-process train.py run (one process group
+    serves them all: re-created, it could read the last one's rendezvous keys)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [
+        sys.executable,
+        *("-m", "torch.distributed.run", "--nproc_per_node", "2"),
+        *("--master_addr", "127.0.0.1", "--master_port", str(port)),
+        str(REPO / "sweep.py"),
+        *sweep_args(tmp_path, learning_rates=[0.03, 0.3], seeds=1),
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("= 2 process(es)") == 3
+    summary = json.loads((tmp_path / "out" / "s_sweep.json").read_text())
+    assert [run["status"] for run in summary["grid"] + summary["final"]] == ["finished"] * 3
+    assert proc.stdout.count("## Sweep s:") == 1  # the first process alone reports
