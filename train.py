@@ -78,6 +78,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("train")
 
+SELECTIONS = ("minival", "test", "final")  # what --select can make the checkpoint
 NON_FINITE_PATIENCE = 3  # consecutive NaN/inf losses (without a grad scaler) before giving up
 # Flags whose change between a run and its resume makes it differ from an uninterrupted run.
 RESUME_SENSITIVE = (
@@ -182,7 +183,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=fraction,
         default=0.02,
         help="Last fraction of the training split held out as minival, to select the best "
-        "checkpoint on (the official train[:98%%]); 0 selects on the test set (optimistic).",
+        "checkpoint on (the official train[:98%%]); 0 holds none out (see --select).",
+    )
+    p.add_argument(
+        "--select",
+        choices=SELECTIONS,
+        default=None,
+        help="What the checkpoint is: the step best on minival; the step best on the test set "
+        "(optimistic: the test set chooses); or the final step, selected on nothing (the "
+        "paper's final model). Default: minival when one is held out, else final.",
     )
     p.add_argument(
         "--num_workers",
@@ -705,21 +714,40 @@ def evaluate_splits(run: Run) -> dict[str, dict[str, float]]:
                     run.writer.add_scalar(f"{split}/{key}", result[key], step)
     if run.writer is not None:
         run.writer.flush()
-    run.final = {f"{split}_accuracy": r["accuracy"] for split, r in results.items()}
+    run.final = {
+        f"{split}_{key}": r[key] for split, r in results.items() for key in ("accuracy", "loss")
+    }
     return results
 
 
 def select(run: Run, results: dict[str, dict[str, float]]) -> None:
-    """Keep the model as the best checkpoint when `is_better` says so. A model whose loss is not
-    finite on any split never replaces a checkpoint."""
-    state, chosen = run.state, results[run.selected_by]
-    if not all(math.isfinite(r["loss"]) for r in results.values()):
-        logger.warning(
-            "Step %d: the evaluation loss is not finite; the model is not saved.", state.step
-        )
-        return
-    if not is_better(chosen, state.best_accuracy, state.best_loss):
-        return
+    """Keep the model as the best checkpoint when `is_better` says so on the selection split.
+    A model whose loss is not finite on any split never replaces a checkpoint.
+
+    With `--select final` nothing is compared: the last step's model is the checkpoint, whatever
+    its loss (the paper's final model; its figures on minival, if held out, are what a
+    learning-rate grid ranks)."""
+    state = run.state
+    finite = all(math.isfinite(r["loss"]) for r in results.values())
+    if run.selected_by == "final":
+        if state.step != run.args.num_steps:
+            return
+        chosen = results.get("minival", results["test"])
+        if not finite:
+            logger.warning(
+                "Step %d: the evaluation loss is not finite; saved as the final model anyway "
+                "(--select final).",
+                state.step,
+            )
+    else:
+        chosen = results[run.selected_by]
+        if not finite:
+            logger.warning(
+                "Step %d: the evaluation loss is not finite; the model is not saved.", state.step
+            )
+            return
+        if not is_better(chosen, state.best_accuracy, state.best_loss):
+            return
     state.best_accuracy, state.best_loss = chosen["accuracy"], chosen["loss"]
     state.best_test_accuracy = results["test"]["accuracy"]
     state.best_step = state.step
@@ -728,7 +756,11 @@ def select(run: Run, results: dict[str, dict[str, float]]) -> None:
         facts["accuracy"] = facts.pop("test_accuracy")
         save_best(run.best_path, run.args, run.trainer, run.class_names, facts)
         logger.info(
-            "Saved the best model so far (by %s accuracy) to %s.", run.selected_by, run.best_path
+            "Saved the %s to %s.",
+            "final model"
+            if run.selected_by == "final"
+            else f"best model so far (by {run.selected_by} accuracy)",
+            run.best_path,
         )
 
 
@@ -805,8 +837,10 @@ class Run:
 
     Attributes:
         eval_loaders: the evaluation splits, "test" then "minival" (when one is held out).
-        selected_by: the split the best checkpoint is selected on ("minival", else "test").
-        final: the accuracies of the latest evaluation, `{split}_accuracy`.
+        selected_by: what the checkpoint is selected by: "minival", "test" or "final" (the
+            last step, `--select`).
+        final: the accuracies and losses of the latest evaluation, `{split}_accuracy` and
+            `{split}_loss`.
         eval_time: seconds spent evaluating (left out of the images/s figure).
     """
 
@@ -874,6 +908,23 @@ def resume(
     return state
 
 
+def selection(select: str | None, has_minival: bool) -> str:
+    """What the checkpoint is selected by (`--select`): minival when one is held out, else the
+    final step (the paper's final model); the test set only when asked, with a warning."""
+    chosen = select or ("minival" if has_minival else "final")
+    if chosen == "minival" and not has_minival:
+        raise UserError(
+            "--select minival needs a minival split, but --holdout_fraction holds none out; "
+            "raise --holdout_fraction (0.02 officially), or use --select final."
+        )
+    if chosen == "test":
+        logger.warning(
+            "--select test: the best checkpoint is selected on the test set, so its test "
+            "accuracy is an optimistic estimate (the original port did this)."
+        )
+    return chosen
+
+
 def set_up(
     args: argparse.Namespace,
     info: DistInfo,
@@ -902,12 +953,7 @@ def set_up(
     eval_loaders = {"test": test_loader}
     if minival_loader is not None:
         eval_loaders["minival"] = minival_loader
-    else:
-        logger.warning(
-            "--holdout_fraction 0: the best checkpoint is selected on the test set, so its "
-            "test accuracy is an optimistic estimate (the original port did this)."
-        )
-    selected_by = "minival" if minival_loader is not None else "test"
+    selected_by = selection(args.select, minival_loader is not None)
     split = {  # what a resume must not change (minival would hold trained-on images)
         "holdout_fraction": args.holdout_fraction,
         "train_images": len(train_loader.dataset),
@@ -920,7 +966,7 @@ def set_up(
     logger.info(
         "Training %s on %s (%d train / %d minival / %d test images, %d classes) at %dx%d, %s, "
         "%d steps, total batch %d = %d process(es) x %d accumulation step(s) x %d per forward "
-        "pass; the best checkpoint is selected on %s.",
+        "pass; the checkpoint is selected by %s.",
         args.model_type,
         args.dataset,
         split["train_images"],
@@ -1071,9 +1117,11 @@ def report(run: Run, stopped: bool, signum: int | None, wall: float, steps: int)
     state, final = run.state, run.final
     if final and state.best_step and not stopped and run.info.is_main:
         logger.info(
-            "Selected step %d by %s accuracy %.4f; its test accuracy %.4f. Final step %d: %s.",
+            "Selected step %d by %s %.4f; its test accuracy %.4f. Final step %d: %s.",
             state.best_step,
-            run.selected_by,
+            "being the final step: accuracy"
+            if run.selected_by == "final"
+            else f"{run.selected_by} accuracy",
             state.best_accuracy,
             state.best_test_accuracy,
             state.step,
@@ -1105,12 +1153,16 @@ def print_summary(summary: Summary, args: argparse.Namespace) -> None:
     """The summary on stdout, naming only files that exist. A run that finished stays a success
     when stdout cannot take it (e.g. a full disk): the failure is logged."""
     evaluated = summary.selected_step > 0
-    selected = (
-        f"step {summary.selected_step} by {summary.selected_by} accuracy "
-        f"{summary.selected_accuracy:.4f}; test accuracy {summary.selected_test_accuracy:.4f}"
-        if evaluated
-        else "none (no evaluation ran)"
-    )
+    selected = "none (no evaluation ran)"
+    if evaluated:
+        by = (
+            "(the final step, selected on nothing)"
+            if summary.selected_by == "final"
+            else f"by {summary.selected_by} accuracy {summary.selected_accuracy:.4f}"
+        )
+        selected = (
+            f"step {summary.selected_step} {by}; test accuracy {summary.selected_test_accuracy:.4f}"
+        )
     checkpoint = summary.checkpoint or "none written"
     if evaluated and summary.checkpoint is None:  # only the last state was copied here
         checkpoint = f"none in {args.output_dir} (the run that saved the resumed state wrote it)"

@@ -57,6 +57,7 @@ def test_every_third_party_import_is_a_requirement() -> None:
         "conftest",
         "export",
         "predict",
+        "sweep",
         "fewshot",
         "analyze",
     }

@@ -34,6 +34,7 @@ from tests.helpers import (
 )
 from utils.data_utils import DigitsDataset, build_transforms
 from utils.errors import USER_ERRORS
+from utils.file_io import safe_load
 from utils.optim import applied_lr
 
 REPO = Path(__file__).resolve().parents[1]
@@ -366,6 +367,7 @@ def test_best_checkpoint_is_selected_on_minival_not_test(tmp_path: Path, holdout
         dataset="imagefolder",
         data_dir=tmp_path / "data",
         holdout_fraction=holdout,
+        select="minival" if holdout else "test",  # with nothing held out the default is final
         num_steps=6,
         warmup_steps=3,
         eval_every=1,
@@ -393,6 +395,57 @@ def test_best_checkpoint_is_selected_on_minival_not_test(tmp_path: Path, holdout
         assert meta["selected_by"] == "test"
         loss = dict(logged["test/loss"])
         assert meta["step"] == max(test, key=lambda s: (test[s], -loss[s]))
+
+
+@pytest.mark.parametrize("holdout", [0.2, 0.0])
+def test_select_final_keeps_the_last_step(
+    tmp_path: Path, holdout: float, caplog: pytest.LogCaptureFixture
+) -> None:
+    """--select final (the default without minival): the checkpoint is the last step's model,
+    written once, although minival (or test) was best earlier; its sidecar has the last
+    evaluation's figures, losses included. No warning about selecting on the test set."""
+    _colour_folder(tmp_path / "data", swap_test=True)
+    flags = {"select": "final"} if holdout else {}
+    args = tiny_args(
+        tmp_path,
+        dataset="imagefolder",
+        data_dir=tmp_path / "data",
+        holdout_fraction=holdout,
+        num_steps=6,
+        warmup_steps=3,
+        eval_every=1,
+        train_batch_size=8,
+        learning_rate=0.1,
+        **flags,
+    )
+    with caplog.at_level(logging.INFO, logger="train"):
+        summary = train.main(args)
+    assert "selected on the test set" not in caplog.text
+    assert caplog.text.count("Saved the final model") == 1
+    logged = scalars(tmp_path / "logs" / "tiny")
+    meta, state = load_checkpoint(tmp_path / "out", "tiny")
+    assert meta["selected_by"] == summary.selected_by == "final"
+    assert meta["step"] == summary.selected_step == 6
+    split = "minival" if holdout else "test"
+    saved = {"accuracy": meta["minival_accuracy" if holdout else "accuracy"]}
+    saved["loss"] = meta[f"{split}_loss"]
+    for key, value in saved.items():
+        assert value == pytest.approx(dict(logged[f"{split}/{key}"])[6], abs=1e-6)
+    assert summary.selected_accuracy == saved["accuracy"]
+    assert meta["accuracy"] == summary.final_test_accuracy == summary.selected_test_accuracy
+    test = dict(logged["test/accuracy"])
+    assert test[6] < max(test.values())  # the test set would have chosen an earlier step
+    # The checkpoint is the model of the last training state, the step-6 model.
+    last = safe_load(tmp_path / "out" / "tiny_last.pt")
+    assert last["step"] == 6
+    for key, value in last["model"].items():
+        assert torch.equal(state[key], value), key
+
+
+def test_select_minival_needs_a_minival(tmp_path: Path) -> None:
+    argv = tiny_args(tmp_path, holdout_fraction=0, select="minival")
+    with pytest.raises(USER_ERRORS, match="--select minival needs a minival split"):
+        train.main(argv)
 
 
 @pytest.mark.parametrize(

@@ -31,6 +31,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 CPU = torch.device("cpu")
+_joined = 0  # init_distributed calls not yet matched by cleanup, under torchrun
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,10 @@ def init_distributed(local_rank: int = -1, timeout_minutes: float = 30.0) -> Dis
     else:
         device = torch.device("cpu")
         backend = "gloo"
+    global _joined
+    _joined += 1
+    if dist.is_initialized():  # an outer caller's group (a sweep's run): join it
+        return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
     dist.init_process_group(
         backend=backend,
         init_method="env://",
@@ -168,6 +173,10 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def cleanup() -> None:
-    """Leave the process group, if one was joined."""
-    if dist.is_available() and dist.is_initialized():
+    """Leave the process group, if one was joined, once every `init_distributed` that joined it
+    has called `cleanup` (a group re-created under torchrun could read the last one's stale
+    rendezvous keys, so nested callers share one)."""
+    global _joined
+    _joined = max(_joined - 1, 0)
+    if _joined == 0 and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
