@@ -46,7 +46,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from utils.errors import StoppedBySignal, UserError, run_cli
-from utils.flags import HelpFormatter, add_verbose, positive_float, positive_int
+from utils.flags import (
+    HelpFormatter,
+    add_verbose,
+    positive_float,
+    positive_int,
+    setup_logging,
+)
 
 logger = logging.getLogger("sweep")
 
@@ -592,12 +598,11 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     """Run (or print, or collect) the sweep; returns the summary (None for --print_commands)."""
     args, train_argv = parse_args(argv)
     from utils.dist_utils import cleanup, init_distributed
-    from utils.engine import setup_logging
 
     # Under torchrun one process group serves every run (train.py joins it).
     info = init_distributed()
     try:
-        setup_logging(info, args.verbose)
+        setup_logging(args.verbose, info.rank, info.world_size)
         return _sweep(args, train_argv, info.is_main)
     finally:
         cleanup()
