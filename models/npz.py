@@ -14,8 +14,8 @@ import logging
 import math
 import os
 import zipfile
-from collections.abc import Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -35,6 +35,7 @@ __all__ = [
     "check_npz_sizes",
     "checkpoint_num_classes",
     "checkpoint_url",
+    "compare_keys",
     "guess_model_type",
     "load_npz",
     "load_pretrained",
@@ -403,12 +404,11 @@ def npz_to_state_dict(
     """
     weights = normalize_keys(weights)
     entries = _key_map(config, _block_names(weights), include_head)
-    missing = [k for _, keys, _ in entries for k in _as_tuple(keys) if k not in weights]
-    used = {k for _, keys, _ in entries for k in _as_tuple(keys)}
+    used = {k: None for _, keys, _ in entries for k in _as_tuple(keys)}
     ignorable = ("head/",) if not include_head else ()
     if not config.representation_size:
         ignorable += ("pre_logits/",)
-    unused = sorted(k for k in weights if k not in used and not k.startswith(ignorable))
+    missing, unused, _ = compare_keys(weights, used, skip=lambda k: k.startswith(ignorable))
     if missing or unused:
         raise CheckpointError(
             misfit_message(
@@ -498,6 +498,38 @@ def guess_model_type(weights: Mapping[str, np.ndarray]) -> str | None:
         exclude=("testing",),
         classifier="token" if "cls" in weights else "gap",
     )
+
+
+def compare_keys(
+    have: Mapping[str, Any],
+    want: Mapping[str, Any],
+    skip: Callable[[str], bool] = lambda key: False,
+    label: Callable[[str], str] = lambda key: key,
+) -> tuple[list[str], list[str], list[str]]:
+    """How a checkpoint's keys fit a model's: the one comparison behind every misfit message.
+
+    Args:
+        have: the checkpoint's arrays or tensors by key.
+        want: the model's, by key; a value of None compares the key alone, not its shape.
+        skip: keys left out of all three lists (a head to be replaced, say).
+        label: how a mismatched key is named (e.g. with the `.npz` keys it comes from).
+
+    Returns:
+        (missing, unused, mismatched): keys `want` has and `have` lacks, in `want`'s order;
+        keys only `have` has, sorted; and "label: checkpoint (shape) vs model (shape)" for
+        every shared key whose shapes differ, in `want`'s order.
+    """
+    missing = [k for k in want if not skip(k) and k not in have]
+    unused = sorted(k for k in have if not skip(k) and k not in want)
+    mismatched = [
+        f"{label(k)}: checkpoint {tuple(have[k].shape)} vs model {tuple(want[k].shape)}"
+        for k in want
+        if not skip(k)
+        and k in have
+        and want[k] is not None
+        and tuple(have[k].shape) != tuple(want[k].shape)
+    ]
+    return missing, unused, mismatched
 
 
 def misfit_message(
@@ -635,12 +667,11 @@ def load_pretrained(
         state["head.weight"] = torch.zeros_like(target["head.weight"])
         state["head.bias"] = torch.zeros_like(target["head.bias"])
     npz_names = {name: keys for name, keys, _ in _key_map(config, _block_names(weights))}
-    mismatches = [
-        f"{name} (from {'+'.join(_as_tuple(npz_names.get(name, name)))}): checkpoint "
-        f"{tuple(tensor.shape)} vs model {tuple(target[name].shape)}"
-        for name, tensor in state.items()
-        if tuple(tensor.shape) != tuple(target[name].shape)
-    ]
+    _, _, mismatches = compare_keys(
+        state,
+        {name: target[name] for name in state},
+        label=lambda name: f"{name} (from {'+'.join(_as_tuple(npz_names.get(name, name)))})",
+    )
     if mismatches:
         raise CheckpointError(
             misfit_message(

@@ -15,6 +15,7 @@ from models.modeling import VisionTransformer
 from models.npz import (
     CheckpointError,
     checkpoint_num_classes,
+    compare_keys,
     guess_model_type,
     load_npz,
     npz_to_state_dict,
@@ -338,3 +339,25 @@ def test_from_pretrained_equals_construct_then_load(config, zero_head) -> None:
     assert all(p.device.type == "cpu" for p in model.parameters())
     with pytest.raises(CheckpointError, match="zero_head=True"):
         VisionTransformer.from_pretrained(SMALL, fake_checkpoint(SMALL, 21, 32), 32, 10)
+
+
+def test_compare_keys_names_each_kind_of_misfit() -> None:
+    """The one key comparison: missing keys in the model's order, unused ones sorted, shape
+    mismatches labelled with both shapes; `None` compares a key alone, `skip` leaves keys out."""
+    have = {"z": np.zeros(2), "b": np.zeros((3, 4)), "head": np.zeros(5), "x": np.zeros(1)}
+    want = {"c": None, "b": torch.zeros(4, 3), "a": torch.zeros(1), "head": torch.zeros(6)}
+    missing, unused, mismatched = compare_keys(have, want)
+    assert (missing, unused) == (["c", "a"], ["x", "z"])
+    assert mismatched == [
+        "b: checkpoint (3, 4) vs model (4, 3)",
+        "head: checkpoint (5,) vs model (6,)",
+    ]
+    missing, unused, mismatched = compare_keys(
+        have, want, skip=lambda k: k in ("head", "z"), label=lambda k: f"<{k}>"
+    )
+    assert (missing, unused, mismatched) == (
+        ["c", "a"],
+        ["x"],
+        ["<b>: checkpoint (3, 4) vs model (4, 3)"],
+    )
+    assert compare_keys({"b": np.zeros(3)}, {"b": None}) == ([], [], [])  # key only

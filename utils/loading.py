@@ -39,6 +39,7 @@ from models.npz import (
     CheckpointError,
     checkpoint_num_classes,
     clean_state_dict,
+    compare_keys,
     guess_model_type,
     load_npz,
     load_pretrained,
@@ -301,13 +302,8 @@ def _with_pre_logits(config: ViTConfig, state: Mapping[str, torch.Tensor]) -> Vi
 
 def _check_state_fits(model: nn.Module, state: Mapping[str, torch.Tensor], path: str) -> None:
     target = model.state_dict()
-    missing = sorted(set(target) - set(state))
-    unused = sorted(set(state) - set(target))
-    mismatched = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(target[k].shape)}"
-        for k in target
-        if k in state and tuple(state[k].shape) != tuple(target[k].shape)
-    ]
+    missing, unused, mismatched = compare_keys(state, target)
+    missing = sorted(missing)
     if not (missing or unused or mismatched):
         return
     config = getattr(model, "config", None)
@@ -580,14 +576,10 @@ def pretrained_weights(
     with torch.device("meta"):  # shapes only
         reference = VisionTransformer(config, 2 * config.stride, num_classes=1).state_dict()
     # The head and the position embeddings may differ: they are replaced and resized.
-    kept = [k for k in {*reference, *state} if not k.startswith("head.") and "pos_embed" not in k]
-    missing = sorted(k for k in kept if k not in state)
-    unused = sorted(k for k in kept if k not in reference)
-    mismatched = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(reference[k].shape)}"
-        for k in sorted(kept)
-        if k in state and k in reference and state[k].shape != reference[k].shape
-    ]
+    missing, unused, mismatched = compare_keys(
+        state, reference, skip=lambda k: k.startswith("head.") or "pos_embed" in k
+    )
+    missing = sorted(missing)
     if missing or unused or mismatched:
         raise CheckpointError(
             misfit_message(
