@@ -242,7 +242,7 @@ def write_outputs(
     panels: tuple[str, ...],
 ) -> None:
     from utils import analysis
-    from utils.file_io import atomic_write_text
+    from utils.file_io import save_figure, write_output
 
     out = Path(args.output_dir)
     try:
@@ -255,7 +255,8 @@ def write_outputs(
         results, json_paths(out, checkpoints), checkpoints, strict=True
     ):
         facts = {"checkpoint": None if is_random(checkpoint) else checkpoint, **result.to_json()}
-        atomic_write_text(path, json.dumps(facts) + "\n")
+        text = (json.dumps(facts) + "\n").encode()
+        write_output(path, lambda handle, text=text: handle.write(text), "--output_dir")
         logger.info("wrote %s", path)
     plots = {
         "embedding_filters": analysis.plot_embedding_filters,
@@ -269,7 +270,7 @@ def write_outputs(
     )
     for stem, fig in figures.items():
         path = out / f"{stem}.{args.format}"
-        analysis.save_figure(fig, path, dpi=args.dpi)
+        save_figure(path, fig, args.dpi, "--output_dir")
         logger.info("wrote %s", path)
 
 

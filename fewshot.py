@@ -490,14 +490,10 @@ def to_table(evaluations: Sequence[dict[str, Any]], args: argparse.Namespace) ->
 
 
 def write_results(path: str, document: dict[str, Any]) -> None:
-    from utils.file_io import atomic_write_text
+    from utils.file_io import write_output
 
-    try:
-        atomic_write_text(path, json.dumps(document, indent=2) + "\n")
-    except OSError as err:
-        raise UserError(
-            f"Cannot write {path}: {err.strerror or err}. Pass another --output."
-        ) from None
+    text = (json.dumps(document, indent=2) + "\n").encode()
+    write_output(path, lambda handle: handle.write(text), "--output")
 
 
 # --------------------------------------------------------------------------------------------

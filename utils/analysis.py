@@ -22,13 +22,11 @@ and `visualize_attention_map.ipynb`. Figures are built as `matplotlib.figure.Fig
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -39,7 +37,6 @@ from PIL import Image
 from models.modeling import VisionTransformer
 from utils.data_utils import build_test_set
 from utils.errors import UserError
-from utils.file_io import atomic_write
 
 __all__ = [
     "BUNDLED_PHOTOS",
@@ -57,7 +54,6 @@ __all__ = [
     "plot_figure7",
     "plot_position_similarity",
     "position_similarity",
-    "save_figure",
     "token_spacing",
 ]
 
@@ -494,8 +490,3 @@ def plot_figure7(results: Sequence[Analysis], title: str | None = None) -> Figur
     return fig
 
 
-def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 100) -> None:
-    """Write a figure atomically; the format is the file's suffix (.png, .pdf, .svg, ...)."""
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format=Path(path).suffix.lower().lstrip("."), dpi=dpi)
-    atomic_write(path, lambda handle: handle.write(buffer.getvalue()))
