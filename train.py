@@ -53,7 +53,6 @@ from models.configs import (
     get_config,
     is_augreg_filename,
     model_names,
-    model_type_from_filename,
 )
 from utils.errors import LoaderError, StoppedBySignal, UserError, exit_interrupted, run_cli
 from utils.flags import (
@@ -107,8 +106,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--model_type",
         choices=model_names(),
         default=None,
-        help="Default: from the --pretrained_dir file name (official or AugReg), else from the "
-        "checkpoint's shapes; ViT-B_16 when training from scratch.",
+        help="Default: the model --pretrained_dir holds (its description, official or AugReg "
+        "file name, or shapes), the saved state's on --resume, ViT-B_16 from scratch.",
     )
     p.add_argument(
         "--pretrained_dir",
@@ -238,10 +237,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.log_dir is None:
         args.log_dir = os.path.join("logs", args.name)
-    args.model_type_from = "--model_type"
-    if args.model_type is None and args.pretrained_dir.lower() != "none":
-        args.model_type = model_type_from_filename(args.pretrained_dir)
-        args.model_type_from = "the file name of --pretrained_dir"
     return args
 
 
@@ -279,7 +274,7 @@ from utils.engine import (  # noqa: E402
     resolve_precision,
 )
 from utils.file_io import read_sidecar, save_checkpoint, write_sidecar  # noqa: E402
-from utils.loading import pretrained_weights  # noqa: E402
+from utils.loading import pretrained_weights, which_model  # noqa: E402
 from utils.optim import make_optimizer, make_scheduler  # noqa: E402
 from utils.run_files import EventLog, claim_run  # noqa: E402
 from utils.stopping import GracefulExit, NonFiniteGuard  # noqa: E402
@@ -290,6 +285,7 @@ from utils.train_state import (  # noqa: E402
     load_training_state,
     resolve_resume,
     save_training_state,
+    saved_model_type,
 )
 
 
@@ -300,7 +296,7 @@ def micro_batch_size(args: argparse.Namespace, world_size: int) -> int:
 
 def check_args(args: argparse.Namespace, info: DistInfo) -> None:
     """Check what the flags' types cannot see alone (the total batch must divide evenly)."""
-    if args.model_type is not None:  # else settled by read_checkpoint, which checks it again
+    if args.model_type is not None:  # else read_checkpoint checks it, knowing the model
         checked_img_size(get_config(args.model_type), args.img_size)
     per_step = info.world_size * args.gradient_accumulation_steps
     if args.train_batch_size % per_step:
@@ -313,43 +309,38 @@ def check_args(args: argparse.Namespace, info: DistInfo) -> None:
         )
 
 
-def read_checkpoint(args: argparse.Namespace) -> dict[str, np.ndarray] | None:
-    """The weights of `--pretrained_dir` in the official layout (None for 'none').
+def read_checkpoint(args: argparse.Namespace) -> tuple[dict[str, np.ndarray] | None, str]:
+    """The weights of `--pretrained_dir` in the official layout (None for 'none'), and the model.
 
     An official `.npz`, or a model of ours (`.bin`, `_last.pt`, `.safetensors`) converted to that
     layout, so that fine-tuning it zeroes the head and resizes position embeddings alike. A
-    missing official file names its download URL.
-
-    Settles `args.model_type` when no flag or file name gave it: from the checkpoint's sidecar
-    or shapes (ViT-B_16, the original port's default, when training from scratch).
+    missing official file names its download URL. The model is `--model_type`, else the one the
+    file holds (`utils.loading.which_model`), else ViT-B_16 (the original port's default) when
+    training from scratch.
     """
-    weights = None
-    if args.pretrained_dir.lower() == "none":
-        args.model_type = args.model_type or "ViT-B_16"
+    if args.pretrained_dir.lower() != "none":
+        weights, model_type = pretrained_weights(args.pretrained_dir, args.model_type)
+    else:
+        weights, model_type = None, args.model_type or "ViT-B_16"
         logger.warning(
             "--pretrained_dir none: training %s from scratch (random initialisation). ViT needs "
             "pre-training to do well on small datasets; fine-tune an official checkpoint instead.",
-            args.model_type,
+            model_type,
         )
-    else:
-        weights, model_type = pretrained_weights(args.pretrained_dir, args.model_type)
-        if args.model_type is None:
-            args.model_type = model_type
-            args.model_type_from = "--pretrained_dir (its sidecar or shapes)"
-    if args.model_type_from != "--model_type":
-        logger.info("Model type %s, inferred from %s.", args.model_type, args.model_type_from)
-    checked_img_size(get_config(args.model_type), args.img_size)
-    return weights
+    return weights, model_type
 
 
 def build_model(
-    args: argparse.Namespace, num_classes: int, weights: dict[str, np.ndarray] | None = None
+    args: argparse.Namespace,
+    model_type: str,
+    num_classes: int,
+    weights: dict[str, np.ndarray] | None = None,
 ) -> VisionTransformer:
     """The model, with official `weights` loaded (head zeroed, position embeddings resized).
 
     AugReg checkpoints are fine-tuned without dropout, as vit_jax's AugReg config does.
     """
-    config = get_config(args.model_type)
+    config = get_config(model_type)
     if is_augreg_filename(args.pretrained_dir) and config.dropout_rate != AUGREG_DROPOUT:
         config = config.replace(dropout_rate=AUGREG_DROPOUT)
         logger.info("AugReg checkpoint: fine-tuning with dropout %g.", AUGREG_DROPOUT)
@@ -928,6 +919,7 @@ def selection(select: str | None, has_minival: bool) -> str:
 def set_up(
     args: argparse.Namespace,
     info: DistInfo,
+    model_type: str,
     weights: dict[str, np.ndarray] | None,
     resume_from: str | None,
     claim: RunLock,
@@ -959,7 +951,7 @@ def set_up(
         "train_images": len(train_loader.dataset),
         "minival_images": len(minival_loader.dataset) if minival_loader is not None else 0,
     }
-    model = build_model(args, len(class_names), weights)
+    model = build_model(args, model_type, len(class_names), weights)
     if weights:
         weights.clear()  # the arrays are in the model now: free them before the memory probe
     trainer = make_trainer(args, model, info)
@@ -967,7 +959,7 @@ def set_up(
         "Training %s on %s (%d train / %d minival / %d test images, %d classes) at %dx%d, %s, "
         "%d steps, total batch %d = %d process(es) x %d accumulation step(s) x %d per forward "
         "pass; the checkpoint is selected by %s.",
-        args.model_type,
+        model_type,
         args.dataset,
         split["train_images"],
         split["minival_images"],
@@ -1225,12 +1217,15 @@ def _run(args: argparse.Namespace, info: DistInfo) -> Summary:
         random.seed(args.seed)
         np.random.seed(args.seed)
         torch.manual_seed(args.seed)
-        # Read first to fail fast, before downloads; a resume reads it only to learn the model
-        # type (the saved state holds the weights).
-        weights = read_checkpoint(args) if resume_from is None or args.model_type is None else None
-        if resume_from is not None:
+        if resume_from is None:  # read first to fail fast, before downloads
+            weights, model_type = read_checkpoint(args)
+        else:  # the saved state holds the weights, and says which model they are
             weights = None
-        return train(set_up(args, info, weights, resume_from, claim))
+            model_type = args.model_type or which_model(
+                resume_from, None, saved_model_type(resume_from)
+            )
+        checked_img_size(get_config(model_type), args.img_size)
+        return train(set_up(args, info, model_type, weights, resume_from, claim))
 
 
 def cli(argv: Sequence[str] | None = None) -> None:

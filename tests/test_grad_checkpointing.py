@@ -135,7 +135,7 @@ def test_fine_tuning_steps_give_the_same_weights(tmp_path: Path) -> None:
     assert diff <= 1e-6
     assert a["head.weight"].abs().max() > 0  # the steps did train (the head starts at zero)
     args = train.parse_args(tiny_args(tmp_path, name="ckpt", grad_checkpointing=True, **common))
-    assert train.build_model(args, 7).encoder.grad_checkpointing  # the flag reaches the model
+    assert train.build_model(args, "testing", 7).encoder.grad_checkpointing  # the flag reaches it
 
 
 def test_resumed_run_equals_uninterrupted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

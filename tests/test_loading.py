@@ -21,6 +21,7 @@ from utils.loading import (
     load_model,
     pretrained_weights,
     read_state_dict,
+    which_model,
 )
 from utils.train_state import TrainState, save_training_state
 
@@ -243,6 +244,34 @@ def test_an_npz_with_text_or_wrong_rank_arrays_names_the_key(tmp_path, capsys, k
     save_npz(path, arrays)
     with pytest.raises(CheckpointError, match=named):
         load_model(path, "testing", 32)
+
+
+def test_which_model_asks_the_flag_then_the_description_then_the_name_then_the_shapes(
+    caplog,
+) -> None:
+    calls = []
+
+    def shapes() -> str:
+        calls.append(1)
+        return "ViT-S_16"
+
+    name = "imagenet21k_ViT-B_16.npz"
+    with caplog.at_level("INFO"):
+        assert which_model(name, "ViT-L_16", "ViT-Ti_16", shapes) == "ViT-L_16"
+        assert not caplog.text
+        assert which_model(name, None, "ViT-Ti_16", shapes) == "ViT-Ti_16"
+        assert which_model(name, None, None, shapes) == "ViT-B_16"
+        assert not calls  # the shapes are looked at only when nothing else tells
+        assert which_model("mine.npz", None, None, shapes) == "ViT-S_16"
+        assert which_model("testing.npz", None, None, shapes) == "ViT-S_16"  # not an official name
+    assert calls == [1, 1]
+    assert "imagenet21k_ViT-B_16.npz holds a ViT-Ti_16 model (inferred from its description)" in (
+        caplog.text
+    )
+    assert "holds a ViT-B_16 model (inferred from its file name)" in caplog.text
+    assert "mine.npz holds a ViT-S_16 model (inferred from its shapes)" in caplog.text
+    with pytest.raises(USER_ERRORS, match=r"Cannot tell which model mine\.npz holds: pass --model"):
+        which_model("mine.npz", None, None, lambda: None)
 
 
 def test_model_type_comes_from_an_official_or_augreg_file_name(tmp_path, caplog) -> None:

@@ -23,10 +23,17 @@ import torch
 import train
 from models.configs import get_config
 from models.modeling import VisionTransformer
-from tests.helpers import expect_user_error, make_image_folder, scalars, start_train, tiny_args
+from tests.helpers import (
+    expect_user_error,
+    fake_checkpoint,
+    make_image_folder,
+    scalars,
+    start_train,
+    tiny_args,
+)
 from utils import train_state
 from utils.data_utils import get_loader
-from utils.file_io import atomic_save, safe_load, sidecar_path, with_content_sha256
+from utils.file_io import atomic_save, safe_load, save_npz, sidecar_path, with_content_sha256
 from utils.optim import applied_lr
 from utils.train_state import last_state_path
 
@@ -162,6 +169,23 @@ def test_resume_path_and_finished_run(tmp_path: Path) -> None:
     again = train.main(tiny_args(tmp_path, name="first", num_steps=2, resume=True))
     assert again.step == 2
     assert path.stat().st_mtime_ns == before
+
+
+def test_a_resume_takes_the_model_from_its_state(tmp_path: Path, caplog) -> None:
+    """Without --model_type, a resume builds the model its state holds, even when the checkpoint
+    it started from is gone (and its name tells nothing)."""
+    path = tmp_path / "start.npz"
+    save_npz(path, fake_checkpoint(get_config("testing"), num_classes=3, img_size=32))
+    flags = {"pretrained_dir": path, "eval_every": 0, "save_every": 2}
+    train.main(tiny_args(tmp_path, num_steps=2, **flags))  # testing: no shapes tell it
+    path.unlink()
+    last = last_state_path(tmp_path / "out", "tiny")
+    with caplog.at_level(logging.INFO):
+        summary = train.main(
+            tiny_args(tmp_path, num_steps=3, resume=True, model_type=False, **flags)
+        )
+    assert summary.step == 3
+    assert f"{last} holds a testing model (inferred from its description)" in caplog.text
 
 
 # --------------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from tests.helpers import (
 from utils.data_utils import DigitsDataset, build_transforms
 from utils.errors import USER_ERRORS
 from utils.file_io import safe_load
+from utils.loading import which_model
 from utils.optim import applied_lr
 
 REPO = Path(__file__).resolve().parents[1]
@@ -151,7 +152,8 @@ def test_pretrained_checkpoint_is_loaded(tmp_path: Path) -> None:
     path = tmp_path / "testing.npz"
     np.savez(path, **weights)
     args = train.parse_args(tiny_args(tmp_path, pretrained_dir=path))
-    model = train.build_model(args, 10, train.read_checkpoint(args))
+    weights, model_type = train.read_checkpoint(args)
+    model = train.build_model(args, model_type, 10, weights)
     kernel = weights["embedding/kernel"]  # (16, 16, 3, D) HWIO
     torch.testing.assert_close(
         model.embeddings.patch_embed.weight, torch.from_numpy(kernel.transpose(3, 2, 0, 1))
@@ -195,9 +197,10 @@ def test_original_flags_and_defaults() -> None:
     args = train.parse_args(["--name", "cifar10-100_500"])
     assert (args.dataset, args.model_type, args.pretrained_dir) == (
         "cifar10",
-        "ViT-B_16",
+        None,  # the model of --pretrained_dir: ViT-B_16, as its name says
         "checkpoint/ViT-B_16.npz",
     )
+    assert which_model(args.pretrained_dir, args.model_type) == "ViT-B_16"
     assert (args.output_dir, args.img_size, args.train_batch_size, args.eval_batch_size) == (
         "output",
         224,
@@ -451,8 +454,8 @@ def test_select_minival_needs_a_minival(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("file_name", "source"),
     [
-        ("Ti_16-i21k-300ep-lr_0.001-aug_none-wd_0.03-do_0.0-sd_0.0.npz", "the file name"),
-        ("my_download.npz", "--pretrained_dir (its sidecar or shapes)"),
+        ("Ti_16-i21k-300ep-lr_0.001-aug_none-wd_0.03-do_0.0-sd_0.0.npz", "its file name"),
+        ("my_download.npz", "its shapes"),
     ],
 )
 def test_model_type_is_inferred_from_the_checkpoint(
@@ -461,11 +464,11 @@ def test_model_type_is_inferred_from_the_checkpoint(
     path = tmp_path / file_name
     np.savez(path, **fake_checkpoint(get_config("ViT-Ti_16"), num_classes=5, img_size=32))
     argv = tiny_args(tmp_path, model_type=False, pretrained_dir=path, num_steps=1, eval_every=0)
-    with caplog.at_level(logging.INFO, logger="train"):
+    with caplog.at_level(logging.INFO):
         train.main(argv)
     meta, _ = load_checkpoint(tmp_path / "out", "tiny")
     assert meta["model_type"] == "ViT-Ti_16"
-    assert f"Model type ViT-Ti_16, inferred from {source}" in caplog.text
+    assert f"{path} holds a ViT-Ti_16 model (inferred from {source})" in caplog.text
 
 
 def test_augreg_checkpoints_are_fine_tuned_without_dropout(
@@ -480,8 +483,9 @@ def test_augreg_checkpoints_are_fine_tuned_without_dropout(
     augreg = "L_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.1-sd_0.1.npz"
     for pretrained, dropout in ((augreg, 0.0), ("ViT-L_16.npz", 0.1)):
         args = train.parse_args(tiny_args(tmp_path, model_type=False, pretrained_dir=pretrained))
-        assert args.model_type == "ViT-L_16"
-        assert train.build_model(args, 10).config.dropout_rate == dropout
+        model_type = which_model(args.pretrained_dir, args.model_type)
+        assert model_type == "ViT-L_16"
+        assert train.build_model(args, model_type, 10).config.dropout_rate == dropout
 
 
 def test_a_diverged_model_is_never_saved_as_best(tmp_path: Path) -> None:

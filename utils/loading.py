@@ -18,7 +18,7 @@ import logging
 import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +74,7 @@ __all__ = [
     "read_folder",
     "read_state_dict",
     "read_weights",
+    "which_model",
 ]
 
 logger = logging.getLogger(__name__)
@@ -272,13 +273,7 @@ def read_folder(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[
             f"{path} holds no ViT weights this project knows ({len(tensors)} tensors, e.g. "
             f"{', '.join(sorted(tensors)[:3])})."
         )
-    logger.info(
-        "%s is a %s folder: model %s (from its %s).",
-        path,
-        how,
-        facts.get("model_type") or guess_state_dict_model(state),
-        "config.json" if "architecture" not in config else "shapes",
-    )
+    logger.info("%s is a %s folder.", path, how)
     return state, facts
 
 
@@ -423,6 +418,39 @@ def _named_model(path: str) -> str | None:
     return None if named in ("testing", "demo") else named
 
 
+def which_model(
+    path: str,
+    given: str | None,
+    described: str | None = None,
+    shapes: Callable[[], str | None] = lambda: None,
+) -> str:
+    """Which model a checkpoint holds: the one answer for every script.
+
+    `given` (`--model_type`) when there is one; else the model its description names (a
+    sidecar, `.safetensors` metadata, a `config.json`); else its official or AugReg file name;
+    else the registry model whose architecture its `shapes` match. How it was inferred is
+    logged once.
+
+    Raises:
+        UserError: nothing tells.
+    """
+    if given:
+        return given
+    for how, model in (
+        ("its description", lambda: described),
+        ("its file name", lambda: _named_model(path)),
+        ("its shapes", shapes),
+    ):
+        name = model()
+        if name:
+            logger.info("%s holds a %s model (inferred from %s).", path, name, how)
+            return name
+    raise UserError(
+        f"Cannot tell which model {path} holds: pass --model_type (one of "
+        f"{', '.join(model_names())})."
+    )
+
+
 def _check_head_facts(sidecar: Mapping[str, Any], num_classes: int, path: str) -> None:
     """Refuse a description whose class count or names disagree with the weights' head."""
     source = path if path.endswith(SAFETENSORS_SUFFIX) else sidecar_path(path)
@@ -449,7 +477,7 @@ def load_model(
             gives model type, image size, dataset, class names and precision), a `_last.pt`,
             a timm or transformers state dict, or a Hugging Face folder (its `config.json`
             gives model type, image size and class names).
-        model_type: registry name; overrides the sidecar. Guessed from the shapes when omitted.
+        model_type: registry name; overrides the sidecar. None: :func:`which_model` tells.
         img_size: input size (int or (H, W)); overrides the sidecar. Defaults to the size the
             checkpoint's position embeddings were made for.
         keep_pre_logits: for features (few-shot evaluation): keep the Dense + tanh
@@ -465,35 +493,23 @@ def load_model(
     """
     path = os.fspath(checkpoint)
     sidecar: dict[str, Any] = {}
-    given = model_type
     if path.endswith(".npz"):
         weights = load_npz(path, model_type)
-        model_type = model_type or _named_model(path) or guess_model_type(weights)
+        model_type = which_model(path, model_type, shapes=lambda: guess_model_type(weights))
         num_classes = checkpoint_num_classes(weights)
         pos = weights.get("Transformer/posembed_input/pos_embedding")
     else:
         state, sidecar = read_weights(path, model_type)
-        model_type = (
-            model_type
-            or sidecar.get("model_type")
-            or model_type_from_filename(path)
-            or guess_state_dict_model(state)
+        model_type = which_model(
+            path, model_type, sidecar.get("model_type"), lambda: guess_state_dict_model(state)
         )
         num_classes = int(state["head.bias"].shape[0]) if "head.bias" in state else None
         pos = state.get("embeddings.pos_embed")
-    if model_type is None:
-        raise UserError(
-            f"Cannot tell which model {path} holds: pass --model_type "
-            f"(one of {', '.join(model_names())})."
-        )
     config = get_config(model_type)
     if not path.endswith(".npz"):
         config = _with_pre_logits(config, state)
     elif keep_pre_logits and "pre_logits/kernel" in weights and not config.representation_size:
         config = config.replace(representation_size=int(weights["pre_logits/kernel"].shape[-1]))
-    if given is None and not sidecar.get("model_type"):
-        how = "its file name" if _named_model(path) else "its shapes"
-        logger.info("%s holds a %s model (inferred from %s).", path, config.name, how)
     headless = num_classes is None and keep_pre_logits
     if headless:
         num_classes = 1  # a zero head stands in: only the features are wanted
@@ -550,8 +566,7 @@ def pretrained_weights(
 
     Args:
         path: the file.
-        model_type: the model to fine-tune; None to take it from the file: for a checkpoint of
-            ours its sidecar or its shapes, for an `.npz` its official file name or its shapes.
+        model_type: the model to fine-tune; None to take it from the file (:func:`which_model`).
 
     Returns:
         (the arrays, keyed as in an official `.npz`; the registry name of the model).
@@ -564,14 +579,11 @@ def pretrained_weights(
     path = os.fspath(path)
     if path.endswith(".npz") or (os.path.isdir(path) and not is_model_folder(path)):
         weights = load_npz(path, model_type)
-        model_type = model_type or _named_model(path) or guess_model_type(weights)
-        if model_type is None:
-            raise UserError(f"Cannot tell which model {path} holds: pass --model_type.")
-        return weights, model_type
+        return weights, which_model(path, model_type, shapes=lambda: guess_model_type(weights))
     state, facts = read_weights(path, model_type)
-    model_type = model_type or facts.get("model_type") or guess_state_dict_model(state)
-    if model_type is None:
-        raise UserError(f"Cannot tell which model {path} holds: pass --model_type.")
+    model_type = which_model(
+        path, model_type, facts.get("model_type"), lambda: guess_state_dict_model(state)
+    )
     config = _with_pre_logits(get_config(model_type), state)
     with torch.device("meta"):  # shapes only
         reference = VisionTransformer(config, 2 * config.stride, num_classes=1).state_dict()

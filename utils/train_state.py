@@ -36,6 +36,7 @@ __all__ = [
     "load_training_state",
     "resolve_resume",
     "save_training_state",
+    "saved_model_type",
     "set_rng_state",
 ]
 
@@ -198,6 +199,12 @@ def save_training_state(
                 getattr(state, field.name)
             )
     atomic_save(with_content_sha256(saved), path)  # verified by safe_load
+
+
+def saved_model_type(path: str | os.PathLike) -> str | None:
+    """The model a training state says it was trained as (None when it says nothing)."""
+    saved = safe_load(path)
+    return saved.get("model_type") if isinstance(saved, Mapping) else None
 
 
 def _check_same_model(saved: Mapping[str, Any], model: nn.Module, path: str) -> None:
