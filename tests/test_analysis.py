@@ -30,7 +30,7 @@ from tests.helpers import (
 from utils import analysis
 from utils.attention_maps import DEMO_CHECKPOINT
 from utils.file_io import save_npz, save_safetensors
-from utils.loading import STATE_FORMAT
+from utils.train_state import STATE_FORMAT
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -56,12 +56,12 @@ from utils.file_io import (
     safe_load,
     sidecar_path,
 )
+from utils.train_state import STATE_FORMAT
 
 __all__ = [
     "CIFAR10_CLASSES",
     "CIFAR100_CLASSES",
     "FOLDER_WEIGHTS",
-    "STATE_FORMAT",
     "LoadedModel",
     "assign_weights",
     "class_names",
@@ -79,7 +79,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-STATE_FORMAT = "vit-pytorch-training-state"  # marks a training state (utils.train_state)
 
 # Where a Hugging Face folder (transformers' or timm's `save_pretrained`) keeps its weights, in
 # order of preference; a sharded one lists its files in the index.

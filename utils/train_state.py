@@ -26,7 +26,6 @@ from torch import nn
 from utils.engine import unwrap
 from utils.errors import UserError
 from utils.file_io import atomic_save, safe_load, with_content_sha256
-from utils.loading import STATE_FORMAT, assign_weights
 
 __all__ = [
     "STATE_FORMAT",
@@ -42,6 +41,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+STATE_FORMAT = "vit-pytorch-training-state"  # marks a training state (read by utils.loading too)
 STATE_VERSION = 1  # a state of a later version is refused, not misread
 # TrainState fields saved under another key than their own (the layout of earlier versions).
 SAVED_UNDER = {"epoch": "data_position", "batches_in_epoch": "data_position"}
@@ -299,7 +299,7 @@ def load_training_state(
     _check_same_model(saved, model, path)
     if split is not None:
         _check_same_split(saved, split, path)
-    assign_weights(model, saved["model"], path)
+    unwrap(model).load_state_dict(saved["model"])  # the same model: checked above
     if optimizer is not None:
         optimizer.load_state_dict(saved["optimizer"])
     if hasattr(scaler, "load_state_dict") and saved.get("scaler") is not None:
