@@ -33,7 +33,6 @@ from utils.flags import (
     add_verbose,
     non_negative_int,
     positive_int,
-    setup_logging,
 )
 
 if TYPE_CHECKING:
@@ -185,14 +184,9 @@ def run(args: argparse.Namespace, info: DistInfo) -> dict[str, float]:
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     """Parse flags, evaluate (sharded under torchrun), print the summary on rank 0."""
     args = parse_args(argv)
-    from utils.dist_utils import cleanup, init_distributed
+    from utils.dist_utils import run_distributed
 
-    info = init_distributed(args.local_rank)
-    try:
-        setup_logging(args.verbose, info.rank, info.world_size)
-        result = run(args, info)
-    finally:
-        cleanup()
+    info, result = run_distributed(lambda info: run(args, info), args.verbose, args.local_rank)
     if info.is_main:
         lines = [
             f"Checkpoint: {args.checkpoint} ({result['model_type']})",

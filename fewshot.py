@@ -42,7 +42,6 @@ from utils.flags import (
     non_negative_int,
     positive_float,
     positive_int,
-    setup_logging,
 )
 
 if TYPE_CHECKING:
@@ -536,14 +535,9 @@ def run(args: argparse.Namespace, info: DistInfo) -> dict[str, Any] | None:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     """Parse flags, evaluate (embedding sharded under torchrun), print and write on process 0."""
     args = parse_args(argv)
-    from utils.dist_utils import cleanup, init_distributed
+    from utils.dist_utils import run_distributed
 
-    info = init_distributed(args.local_rank)
-    try:
-        setup_logging(args.verbose, info.rank, info.world_size)
-        document = run(args, info)
-    finally:
-        cleanup()
+    _, document = run_distributed(lambda info: run(args, info), args.verbose, args.local_rank)
     if document is None:
         return None
     if args.output:

@@ -36,7 +36,6 @@ from utils.flags import (
     add_verbose,
     non_negative_int,
     positive_int,
-    setup_logging,
 )
 
 if TYPE_CHECKING:
@@ -156,8 +155,9 @@ def collate_readable(items: list[Item]) -> tuple[list[int], torch.Tensor | None,
 
 def predict(
     args: argparse.Namespace, paths: list[Path], info: DistInfo
-) -> tuple[dict[int, dict], int]:
-    """This process's share of the predictions, {input index: record}, and the class count."""
+) -> tuple[list[dict] | None, int]:
+    """Every process's records in input order on process 0 (None elsewhere), and the class
+    count; each process predicts its share."""
     import torch
     from torch.utils.data import DataLoader
     from tqdm import tqdm
@@ -207,7 +207,7 @@ def predict(
                     "labels": [label for label, _ in best],
                     "probabilities": [prob for _, prob in best],
                 }
-    return records, model.num_classes
+    return gather(records, info), model.num_classes
 
 
 def gather(records: dict[int, dict], info: DistInfo) -> list[dict] | None:
@@ -273,7 +273,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict] | None:
         The records in input order on process 0, None on the others.
     """
     args = parse_args(argv)
-    from utils.dist_utils import cleanup, init_distributed
+    from utils.dist_utils import run_distributed
     from utils.file_io import check_output, write_output
     from utils.preprocessing import find_images
 
@@ -281,13 +281,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict] | None:
     if args.output:
         check_output(args.output)
 
-    info = init_distributed(args.local_rank)
-    try:
-        setup_logging(args.verbose, info.rank, info.world_size)
-        records, num_classes = predict(args, paths, info)
-        everything = gather(records, info)
-    finally:
-        cleanup()
+    _, (everything, num_classes) = run_distributed(
+        lambda info: predict(args, paths, info), args.verbose, args.local_rank
+    )
     if everything is None:
         return None
     skipped = [record for record in everything if "error" in record]

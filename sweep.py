@@ -51,7 +51,6 @@ from utils.flags import (
     add_verbose,
     positive_float,
     positive_int,
-    setup_logging,
 )
 
 logger = logging.getLogger("sweep")
@@ -597,15 +596,10 @@ def check_same_protocol(path: Path, protocol: dict) -> None:
 def main(argv: Sequence[str] | None = None) -> dict | None:
     """Run (or print, or collect) the sweep; returns the summary (None for --print_commands)."""
     args, train_argv = parse_args(argv)
-    from utils.dist_utils import cleanup, init_distributed
+    from utils.dist_utils import run_distributed
 
     # Under torchrun one process group serves every run (train.py joins it).
-    info = init_distributed()
-    try:
-        setup_logging(args.verbose, info.rank, info.world_size)
-        return _sweep(args, train_argv, info.is_main)
-    finally:
-        cleanup()
+    return run_distributed(lambda info: _sweep(args, train_argv, info.is_main), args.verbose)[1]
 
 
 def _sweep(args: argparse.Namespace, train_argv: list[str], is_main: bool) -> dict | None:

@@ -15,10 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 
+import eval as eval_script
 import train
 from models import configs
 from models.configs import get_config
+from models.npz import CheckpointError
 from utils.dist_utils import init_distributed
 from utils.errors import run_cli
 
@@ -123,6 +126,25 @@ def test_launcher_variables_that_are_not_ranks_are_one_message(
     err = capsys.readouterr().err
     assert err.startswith(f"error: The environment variable {named}")
     assert err.count("\n") == 1
+
+
+def test_a_script_that_fails_still_leaves_the_process_group(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A one-process gloo group stands for torchrun's; eval.py joins it as a sweep's runs join
+    # the sweep's, fails on a missing file, and must leave it (the next run creates its own).
+    for name, value in {"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    store = f"file://{tmp_path / 'store'}"
+    dist.init_process_group("gloo", init_method=store, rank=0, world_size=1)
+    try:
+        with pytest.raises(CheckpointError, match="missing.bin does not exist"):
+            eval_script.main(["--checkpoint", str(tmp_path / "missing.bin")])
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":  # a torchrun worker

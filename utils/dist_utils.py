@@ -10,14 +10,16 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
 from utils.errors import UserError
+from utils.flags import setup_logging
 
 __all__ = [
     "DistInfo",
@@ -26,12 +28,14 @@ __all__ = [
     "cleanup",
     "init_distributed",
     "main_process_first",
+    "run_distributed",
 ]
 
 logger = logging.getLogger(__name__)
 
 CPU = torch.device("cpu")
 _joined = 0  # init_distributed calls not yet matched by cleanup, under torchrun
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -180,3 +184,17 @@ def cleanup() -> None:
     _joined = max(_joined - 1, 0)
     if _joined == 0 and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def run_distributed(
+    work: Callable[[DistInfo], T], verbose: bool = False, local_rank: int = -1
+) -> tuple[DistInfo, T]:
+    """A script's body under torchrun (or alone): join the process group, set up this rank's
+    logging, run `work`, and leave the group, also when `work` fails. Returns this process's
+    `DistInfo` (print only where `is_main`) and what `work` returned."""
+    info = init_distributed(local_rank)
+    try:
+        setup_logging(verbose, info.rank, info.world_size)
+        return info, work(info)
+    finally:
+        cleanup()
