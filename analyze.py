@@ -32,9 +32,15 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from models.configs import model_names
 from utils.errors import UserError, run_cli
-from utils.flags import DATASETS, HelpFormatter, add_verbose, positive_int, setup_logging
+from utils.flags import (
+    DATASETS,
+    HelpFormatter,
+    add_model_flags,
+    add_verbose,
+    positive_int,
+    setup_logging,
+)
 
 if TYPE_CHECKING:
     from utils.analysis import Analysis
@@ -64,20 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="One checkpoint, or two (before and after fine-tuning); `none` for random weights. "
         "Default: the demo model `make demo` trains.",
     )
-    p.add_argument(
-        "--model_type",
-        choices=model_names(),
-        default=None,
-        help="Model architecture (default: from the .bin's sidecar, or guessed from the file).",
-    )
-    p.add_argument(
-        "--img_size",
-        type=positive_int,
-        nargs="+",
-        default=None,
-        metavar="SIZE",
-        help="Input size, one value or HEIGHT WIDTH (default: the checkpoint's own).",
-    )
+    add_model_flags(p, height_width=True)
     p.add_argument(
         "--image", nargs="+", default=None, help="Image files, folders or globs for the distance."
     )

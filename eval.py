@@ -24,12 +24,12 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from models.configs import model_names
 from utils.errors import UserError, run_cli
 from utils.flags import (
     DATASETS,
     PRECISIONS,
     HelpFormatter,
+    add_model_flags,
     add_verbose,
     non_negative_int,
     positive_int,
@@ -54,12 +54,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         required=True,
         help="train.py's output/<name>_checkpoint.bin (or _last.pt), or an official .npz.",
     )
-    p.add_argument(
-        "--model_type",
-        choices=model_names(),
-        default=None,
-        help="Default: from the checkpoint's .json sidecar or its shapes.",
-    )
+    add_model_flags(p)
     p.add_argument(
         "--dataset", choices=DATASETS, default=None, help="Default: the one it was trained on."
     )
@@ -67,9 +62,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--data_dir",
         default="./data",
         help="CIFAR folder, or an image folder root with val/ (or test/), one folder per class.",
-    )
-    p.add_argument(
-        "--img_size", type=positive_int, default=None, help="Default: the size it was trained at."
     )
     p.add_argument("--eval_batch_size", type=positive_int, default=64, help="Per process.")
     p.add_argument(

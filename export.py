@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from models.configs import ViTConfig, model_names
+from models.configs import ViTConfig
 from models.foreign import (
     TIMM_NAMES,
     hf_config,
@@ -57,7 +57,7 @@ from models.foreign import (
 )
 from models.npz import clean_state_dict, state_dict_to_npz
 from utils.errors import UserError, run_cli
-from utils.flags import HelpFormatter, add_verbose, positive_int, setup_logging
+from utils.flags import HelpFormatter, add_model_flags, add_verbose, setup_logging
 
 if TYPE_CHECKING:
     import torch
@@ -98,15 +98,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "NAME_checkpoint.npz, NAME_checkpoint_timm.pth, NAME_checkpoint_hf.",
     )
     p.add_argument("--overwrite", action="store_true", help="Replace an existing output file.")
-    p.add_argument(
-        "--model_type",
-        choices=model_names(),
-        default=None,
-        help="Default: from the checkpoint's sidecar or its shapes.",
-    )
-    p.add_argument(
-        "--img_size", type=positive_int, default=None, help="Default: the size it was trained at."
-    )
+    add_model_flags(p)
     add_verbose(p)
     return p.parse_args(argv)
 

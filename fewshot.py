@@ -32,12 +32,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from models.configs import model_names
 from utils.errors import UserError, run_cli
 from utils.flags import (
     DATASETS,
     PRECISIONS,
     HelpFormatter,
+    add_model_flags,
     add_verbose,
     non_negative_int,
     positive_float,
@@ -70,23 +70,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         required=True,
         help="One or more: official .npz files, train.py's <name>_checkpoint.bin (or _last.pt).",
     )
-    p.add_argument(
-        "--model_type",
-        choices=model_names(),
-        default=None,
-        help="For every checkpoint. Default: each one's .json sidecar, file name or shapes.",
+    add_model_flags(
+        p, model_type_help="For every checkpoint. Default: each one's sidecar, file name or shapes."
     )
     p.add_argument("--dataset", choices=DATASETS, required=True)
     p.add_argument(
         "--data_dir",
         default="./data",
         help="CIFAR folder, or an image folder root with train/ and val/ (or test/).",
-    )
-    p.add_argument(
-        "--img_size",
-        type=positive_int,
-        default=None,
-        help="Model input size. Default: each checkpoint's own (sidecar or position embeddings).",
     )
     p.add_argument(
         "--preprocess",

@@ -29,10 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from models.configs import model_names
 from utils.errors import run_cli
 from utils.flags import (
     HelpFormatter,
+    add_model_flags,
     add_verbose,
     non_negative_int,
     positive_int,
@@ -77,15 +77,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=min(4, os.cpu_count() or 1),
         help="Image-reading worker processes per process.",
     )
-    p.add_argument(
-        "--model_type",
-        choices=model_names(),
-        default=None,
-        help="Default: from the checkpoint's sidecar or its shapes.",
-    )
-    p.add_argument(
-        "--img_size", type=positive_int, default=None, help="Default: the size it was trained at."
-    )
+    add_model_flags(p)
     p.add_argument(
         "--local_rank", "--local-rank", type=int, default=-1, help="Set by older launchers."
     )

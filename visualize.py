@@ -19,9 +19,8 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from models.configs import model_names
 from utils.errors import UserError, run_cli
-from utils.flags import HelpFormatter, add_verbose, positive_int, setup_logging
+from utils.flags import HelpFormatter, add_model_flags, add_verbose, positive_int, setup_logging
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -42,12 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="Official .npz or train.py .bin. Default: the demo model `make demo` trains.",
     )
-    p.add_argument(
-        "--model_type",
-        choices=model_names(),
-        default=None,
-        help="Model architecture (default: from the .bin's sidecar, or guessed from the .npz).",
-    )
+    add_model_flags(p, height_width=True)
     p.add_argument(
         "--image",
         nargs="+",
@@ -56,14 +50,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--output", default=DEFAULT_OUTPUT, help="Figure file (.png, .jpg, .pdf, .svg, ...)."
-    )
-    p.add_argument(
-        "--img_size",
-        type=positive_int,
-        nargs="+",
-        default=None,
-        metavar="SIZE",
-        help="Input size, one value or HEIGHT WIDTH (default: the checkpoint's own).",
     )
     p.add_argument("--top_k", type=positive_int, default=5, help="Predictions to print per image.")
     p.add_argument(

@@ -139,7 +139,7 @@ def test_a_script_that_fails_still_leaves_the_process_group(
     store = f"file://{tmp_path / 'store'}"
     dist.init_process_group("gloo", init_method=store, rank=0, world_size=1)
     try:
-        with pytest.raises(CheckpointError, match="missing.bin does not exist"):
+        with pytest.raises(CheckpointError, match="does not exist"):
             eval_script.main(["--checkpoint", str(tmp_path / "missing.bin")])
         assert not dist.is_initialized()
     finally:

@@ -181,3 +181,24 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
         if action.default is None or action.default is False:
             return action.help
         return super()._get_help_string(action)
+
+
+def add_model_flags(
+    parser: argparse.ArgumentParser,
+    height_width: bool = False,
+    model_type_help: str = "Default: from the checkpoint's sidecar or its shapes.",
+) -> None:
+    """`--model_type` and `--img_size` of a script that reads a checkpoint: both None unless
+    given (the checkpoint says). With `height_width`, `--img_size` takes HEIGHT WIDTH too."""
+    from models.configs import model_names
+
+    parser.add_argument("--model_type", choices=model_names(), default=None, help=model_type_help)
+    if height_width:
+        size = {
+            "nargs": "+",
+            "metavar": "SIZE",
+            "help": "Input size, one value or HEIGHT WIDTH (default: the checkpoint's own).",
+        }
+    else:
+        size = {"help": "Default: the size it was trained at."}
+    parser.add_argument("--img_size", type=positive_int, default=None, **size)
