@@ -367,3 +367,22 @@ def expect_user_error(
     err = capsys.readouterr().err
     assert "Traceback" not in err
     return err
+
+
+def script_error(argv: Sequence[str], timeout: float = 120, **options: object) -> str:
+    """Run `python ARGV` in the repository as a user does; it must exit 2 without a traceback.
+
+    Returns:
+        What it wrote to stderr.
+    """
+    proc = subprocess.run(
+        [sys.executable, *argv],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **options,
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    return proc.stderr

@@ -16,7 +16,7 @@ import train
 from models.configs import get_config
 from models.modeling import VisionTransformer
 from models.npz import state_dict_to_npz
-from tests.helpers import expect_user_error
+from tests.helpers import expect_user_error, script_error
 from utils.data_utils import DigitsDataset, build_transforms
 from utils.file_io import save_npz
 
@@ -243,17 +243,9 @@ def test_missing_dataset_and_wrong_layout(tmp_path, capsys) -> None:
 def test_real_process_exits_2_without_traceback(tmp_path) -> None:
     junk = tmp_path / "junk.bin"
     junk.write_bytes(b"garbage")
-    result = subprocess.run(
-        [sys.executable, "eval.py", f"--checkpoint={junk}"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 2
-    assert result.stderr.startswith("error: ")
-    assert "junk.bin is not a readable PyTorch checkpoint" in result.stderr
-    assert "Traceback" not in result.stderr
+    err = script_error(["eval.py", f"--checkpoint={junk}"])
+    assert err.startswith("error: ")
+    assert "junk.bin is not a readable PyTorch checkpoint" in err
 
 
 def test_verbose_lists_every_key_of_a_checkpoint_that_does_not_fit(tmp_path) -> None:
@@ -263,16 +255,7 @@ def test_verbose_lists_every_key_of_a_checkpoint_that_does_not_fit(tmp_path) -> 
     argv = [f"--checkpoint={path}", "--model_type=testing", "--img_size=32", "--dataset=digits"]
 
     def run(*extra: str) -> str:
-        proc = subprocess.run(
-            [sys.executable, "eval.py", *argv, *extra],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert proc.returncode == 2
-        assert "Traceback" not in proc.stderr
-        return proc.stderr
+        return script_error(["eval.py", *argv, *extra])
 
     err = run()
     assert "more; --verbose lists them" in err

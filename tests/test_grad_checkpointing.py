@@ -17,7 +17,7 @@ import torch
 import train
 from models.configs import ResNetConfig, get_config
 from models.modeling import Block, VisionTransformer
-from tests.helpers import expect_user_error, fake_checkpoint, tiny_args
+from tests.helpers import expect_user_error, fake_checkpoint, script_error, tiny_args
 from utils.engine import LiveTensorBytes, MemoryFit, measure_memory
 from utils.file_io import safe_load, save_npz
 from utils.train_state import last_state_path
@@ -293,17 +293,8 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 def run_limited(script: str, argv: list[str]) -> str:
     """The last line `script` writes to stderr; it must exit 2 without a traceback."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(
-        [sys.executable, "-c", LIMITED.format(headroom=HEADROOM), script, *argv],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr
-    return proc.stderr.strip().splitlines()[-1]
+    limited = ["-c", LIMITED.format(headroom=HEADROOM), script, *argv]
+    return script_error(limited, timeout=300, env=env).strip().splitlines()[-1]
 
 
 @pytest.mark.slow

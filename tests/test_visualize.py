@@ -6,8 +6,6 @@ import errno
 import importlib.util
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +15,7 @@ from PIL import Image
 import visualize
 from models.modeling import VisionTransformer
 from models.npz import state_dict_to_npz
-from tests.helpers import expect_user_error
+from tests.helpers import expect_user_error, script_error
 from utils.errors import USER_ERRORS
 from utils.file_io import save_npz
 
@@ -112,16 +110,8 @@ def test_user_errors(tmp_path, monkeypatch):
 
 
 def test_command_line_exits_2_with_a_clear_message(tmp_path):
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "visualize.py"), "--checkpoint", str(tmp_path / "no.npz")],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=120,
-    )
-    assert result.returncode == 2
-    assert "error: Checkpoint" in result.stderr
-    assert "Traceback" not in result.stderr
+    err = script_error([str(ROOT / "visualize.py"), "--checkpoint", str(tmp_path / "no.npz")])
+    assert "error: Checkpoint" in err
 
 
 def test_make_figures_writes_small_pngs_atomically(tmp_path, monkeypatch, capsys):
