@@ -80,6 +80,7 @@ SUFFIXES = {
 }
 ONNX_OPSET = 17  # LayerNormalization is a single ONNX op from opset 17 on
 ONNX_MAX_BYTES = 2**31  # protobuf's limit for one .onnx file
+NO_ONNX = "--format onnx needs the onnx and onnxruntime packages: pip install onnx onnxruntime"
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -486,9 +487,7 @@ def onnx_bytes(model: nn.Module, img_size: tuple[int, int], info: dict[str, Any]
     try:
         import onnx
     except ImportError:
-        raise UserError(
-            "--format onnx needs the onnx and onnxruntime packages: pip install onnx onnxruntime"
-        ) from None
+        raise UserError(NO_ONNX) from None
     size = sum(p.numel() * p.element_size() for p in model.parameters())
     if size >= ONNX_MAX_BYTES:
         raise UserError(
@@ -537,9 +536,7 @@ def onnx_max_difference(data: bytes, model: nn.Module, img_size: tuple[int, int]
     try:
         import onnxruntime
     except ImportError:
-        raise UserError(
-            "--format onnx needs the onnx and onnxruntime packages: pip install onnx onnxruntime"
-        ) from None
+        raise UserError(NO_ONNX) from None
     images = torch.randn(3, 3, *img_size, generator=torch.Generator().manual_seed(0))
     session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
     (theirs,) = session.run(["logits"], {"images": images.numpy()})

@@ -305,7 +305,6 @@ def plot_attention(
     index: int = 0,
     predictions: Sequence[tuple[str, float]] | None = None,
     title: str | None = None,
-    max_cols: int = 6,
 ) -> Figure:
     """One figure: the image, the rollout overlay, and a grid of per-layer maps.
 
@@ -315,7 +314,6 @@ def plot_attention(
         index: which image of the batch.
         predictions: (label, probability) pairs listed beside the image.
         title: figure title; the map description is added below it.
-        max_cols: columns of the per-layer grid.
     """
     image = image.convert("RGB")
     if min(image.size) < MIN_DISPLAY_SIZE:  # e.g. 8x8 digits: enlarge, keeping the pixels sharp
@@ -326,7 +324,7 @@ def plot_attention(
     rollout = upsample_map(maps.rollout[index], size)  # (H, W)
     layers = upsample_map(maps.layers[index], size)  # (L, H, W)
     num_layers = layers.shape[0]
-    cols = max(min(max_cols, num_layers), 3)  # at least as many as the top row
+    cols = max(min(6, num_layers), 3)  # at most 6; at least as many as the top row
     layer_rows = math.ceil(num_layers / cols)
     width = max(cols * 1.8, 7.5)  # inches
     aspect = size[0] / size[1]

@@ -34,20 +34,15 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 CPU = torch.device("cpu")
+TIMEOUT = datetime.timedelta(minutes=30)  # of a collective
 _joined = 0  # init_distributed calls not yet matched by cleanup, under torchrun
 T = TypeVar("T")
 
 
 @dataclass(frozen=True)
 class DistInfo:
-    """Where this process stands.
-
-    Attributes:
-        rank: global rank (0 for a single process).
-        world_size: number of processes.
-        local_rank: rank on this node; picks the GPU.
-        device: the device this process computes on.
-    """
+    """Where this process stands: its global rank (0 alone), the number of processes, its rank
+    on this node (which picks the GPU) and its device."""
 
     rank: int = 0
     world_size: int = 1
@@ -86,17 +81,9 @@ def _env_int(name: str, default: int, least: int = 0) -> int:
     return number
 
 
-def init_distributed(local_rank: int = -1, timeout_minutes: float = 30.0) -> DistInfo:
-    """Join the process group when launched by `torchrun`, pick the device.
-
-    Args:
-        local_rank: `--local_rank`/`--local-rank` from the command line, or -1 to read
-            LOCAL_RANK from the environment.
-        timeout_minutes: collective timeout.
-
-    Returns:
-        This process's `DistInfo`.
-    """
+def init_distributed(local_rank: int = -1) -> DistInfo:
+    """Join the process group when launched by `torchrun`, pick the device. `local_rank` is
+    `--local_rank`/`--local-rank` from the command line, or -1 to read LOCAL_RANK."""
     if local_rank < 0:
         local_rank = _env_int("LOCAL_RANK", -1)
     world_size = _env_int("WORLD_SIZE", 1, least=1)
@@ -112,31 +99,18 @@ def init_distributed(local_rank: int = -1, timeout_minutes: float = 30.0) -> Dis
             "with torchrun (e.g. `torchrun --nproc_per_node 2 train.py ...`), which sets "
             "RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT."
         )
-    has_cuda = torch.cuda.is_available()
-    if world_size <= 1:
-        if has_cuda:
-            device = torch.device("cuda", max(local_rank, 0))
-            torch.cuda.set_device(device)
-        else:
-            device = torch.device("cpu")
-        return DistInfo(0, 1, max(local_rank, 0), device)
     local_rank = max(local_rank, 0)
-    if has_cuda:
-        device = torch.device("cuda", local_rank)
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else CPU
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-        backend = "nccl"
-    else:
-        device = torch.device("cpu")
-        backend = "gloo"
+    if world_size <= 1:
+        return DistInfo(0, 1, local_rank, device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
     global _joined
     _joined += 1
     if dist.is_initialized():  # an outer caller's group (a sweep's run): join it
         return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
-    dist.init_process_group(
-        backend=backend,
-        init_method="env://",
-        timeout=datetime.timedelta(minutes=timeout_minutes),
-    )
+    dist.init_process_group(backend=backend, init_method="env://", timeout=TIMEOUT)
     info = DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
     logger.info(
         "process group: %s backend, rank %d of %d, device %s",

@@ -35,8 +35,7 @@ class GracefulExit:
     `signal_name` say which signal came first (None when none reached this process).
     """
 
-    def __init__(self, signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)):
-        self.signals = signals
+    def __init__(self):
         self.requested = False
         self.signum: int | None = None
         self.signal_name: str | None = None
@@ -57,7 +56,7 @@ class GracefulExit:
 
     def __enter__(self) -> GracefulExit:
         try:
-            for signum in self.signals:
+            for signum in (signal.SIGINT, signal.SIGTERM):
                 self._previous[signum] = signal.signal(signum, self._handle)
         except ValueError:  # not the main thread
             self._restore()
