@@ -276,15 +276,9 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     from utils import analysis
-    from utils.attention_maps import DEMO_CHECKPOINT
+    from utils.attention_maps import demo_checkpoint
 
-    checkpoints = args.checkpoint or [DEMO_CHECKPOINT]
-    if args.checkpoint is None and not Path(DEMO_CHECKPOINT).is_file():
-        raise UserError(
-            f"The demo checkpoint {DEMO_CHECKPOINT} does not exist yet: run `make demo` first, "
-            "or pass --checkpoint with an official .npz (see checkpoint/README.md) or a .bin "
-            "that train.py saved."
-        )
+    checkpoints = args.checkpoint or [demo_checkpoint()]
     if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
         raise UserError(f"--output_dir {args.output_dir} is a file: pass a folder.")
     labels = labels_of(checkpoints)

@@ -19,7 +19,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from utils.errors import UserError, run_cli
+from utils.errors import run_cli
 from utils.flags import HelpFormatter, add_model_flags, add_verbose, positive_int, setup_logging
 
 if TYPE_CHECKING:
@@ -116,13 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     from utils.file_io import check_output, save_figure
     from utils.loading import load_model
 
-    checkpoint = args.checkpoint or am.DEMO_CHECKPOINT
-    if args.checkpoint is None and not Path(checkpoint).is_file():
-        raise UserError(
-            f"The demo checkpoint {checkpoint} does not exist yet: run `make demo` first, "
-            "or pass --checkpoint with an official .npz (see checkpoint/README.md) or a .bin "
-            "that train.py saved."
-        )
+    checkpoint = args.checkpoint or am.demo_checkpoint()
     img_size = args.img_size[0] if args.img_size and len(args.img_size) == 1 else args.img_size
     loaded = load_model(checkpoint, args.model_type, img_size)
     logger.info(

@@ -36,6 +36,7 @@ __all__ = [
     "AttentionMaps",
     "attention_rollout",
     "compute_attention_maps",
+    "demo_checkpoint",
     "layer_attention",
     "map_description",
     "open_image",
@@ -54,6 +55,18 @@ logger = logging.getLogger(__name__)
 # Where `make demo` leaves its model (train.py writes <output_dir>/<name>_checkpoint.bin).
 DEMO_CHECKPOINT = "output/digits-demo_checkpoint.bin"
 MIN_DISPLAY_SIZE = 128  # smaller images are enlarged in figures
+
+
+def demo_checkpoint() -> str:
+    """`DEMO_CHECKPOINT`, what a script without `--checkpoint` shows, once `make demo` made it."""
+    if not os.path.isfile(DEMO_CHECKPOINT):
+        raise UserError(
+            f"The demo checkpoint {DEMO_CHECKPOINT} does not exist yet: run `make demo` first, "
+            "or pass --checkpoint with an official .npz (see checkpoint/README.md) or a .bin "
+            "that train.py saved."
+        )
+    return DEMO_CHECKPOINT
+
 
 # --------------------------------------------------------------------------------------------
 # Attention maps (pure tensor functions)
