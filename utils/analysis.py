@@ -279,8 +279,7 @@ def analyze_model(
     """Compute the requested panels of Figure 7 for one model.
 
     Args:
-        model: the model.
-        label: its name in figures.
+        label: the model's name in figures.
         batches: preprocessed images for the attention distance (needed for "distance").
         num_components: principal components of the embedding filters.
         panels: any of "filters", "position", "distance". "filters" is skipped (with a log

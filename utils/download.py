@@ -372,12 +372,10 @@ def download(
     doubled each time.
 
     Args:
-        url: what to fetch.
         dest: the final file (the download goes to `<dest>.part`).
         retries: further attempts after a network failure or a server error (5xx).
         timeout: seconds to wait for the connection and for each read; also the window over
             which at least `MIN_RATE` bytes/s must arrive.
-        progress: show a progress bar.
         limit: the most bytes the file can have; a larger one is deleted and refused.
         mirror: how to use a mirror, for the messages ("--base_url ... at a mirror ...").
         timeout_flag: the flag that sets `timeout`, for the messages ('' where none does).

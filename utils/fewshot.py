@@ -223,9 +223,7 @@ def fewshot_evaluate(
     Args:
         train_features, test_features: (N, D) and (M, D) representations.
         train_labels, test_labels: (N,) and (M,) class indices.
-        shots: shot counts.
         seeds: the seeds, or a count n for `range(n)`.
-        l2_regs: regularisation strengths.
         num_classes: default: what the labels imply.
         batch_size: test rows scored at a time (bounds the memory of `X_test W`).
 

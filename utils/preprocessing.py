@@ -133,7 +133,6 @@ def sample_crop(
 
     Args:
         height, width: image size in pixels.
-        rng: the random source.
         area_range: range of the crop's area as a fraction of the image's.
         aspect_ratio_range: range of the crop's width / height.
         max_attempts: attempts before falling back to the whole image.
@@ -236,12 +235,7 @@ def _normalize_(pixels: torch.Tensor) -> torch.Tensor:
 
 
 class BadImageError(ValueError):
-    """An image file that cannot be decoded: `path: reason`.
-
-    Attributes:
-        path: the file.
-        reason: why it cannot be read.
-    """
+    """An image file that cannot be decoded: `path: reason` (both kept as attributes)."""
 
     def __init__(self, path: str | os.PathLike, reason: str):
         super().__init__(f"{path}: {reason}")
@@ -382,7 +376,6 @@ def read_image(path: str | os.PathLike, check_only: bool = False) -> Image.Image
     """Decode an image file to 8-bit RGB (see `to_rgb`), fully, so that damage shows here.
 
     Args:
-        path: the file.
         check_only: only check that it decodes (JPEGs at 1/8 scale, faster); returns None.
 
     Raises:
