@@ -238,12 +238,6 @@ def write_outputs(
     from utils.file_io import save_figure, write_output
 
     out = Path(args.output_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(
-            f"Cannot create --output_dir {out}: {err.strerror or err}. Pass another --output_dir."
-        ) from None
     for result, path, checkpoint in zip(
         results, json_paths(out, checkpoints), checkpoints, strict=True
     ):
@@ -277,10 +271,10 @@ def main(argv: list[str] | None = None) -> None:
 
     from utils import analysis
     from utils.attention_maps import demo_checkpoint
+    from utils.run_files import check_folder
 
     checkpoints = args.checkpoint or [demo_checkpoint()]
-    if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
-        raise UserError(f"--output_dir {args.output_dir} is a file: pass a folder.")
+    check_folder(Path(args.output_dir), "--output_dir")
     labels = labels_of(checkpoints)
     loaded = [load(c, args) for c in checkpoints]
     panels = chosen_panels(args, loaded)

@@ -70,7 +70,7 @@ from utils.flags import (
     seconds,
     setup_logging,
 )
-from utils.run_files import _check_folder
+from utils.run_files import check_folder
 
 __all__ = [
     "AUGREG",
@@ -988,7 +988,7 @@ def main(argv: list[str] | None = None) -> None:
     network = {"retries": args.retries, "timeout": args.timeout}
     if args.list:
         if args.source == AUGREG:
-            _check_folder(Path(args.dir), "--dir")
+            check_folder(Path(args.dir), "--dir")
             rows = augreg_index(args.dir, args.base_url, refresh=args.force, **network)
             print(augreg_table(rows, args.model, args.adapt, args.resolution))
         else:
@@ -999,7 +999,7 @@ def main(argv: list[str] | None = None) -> None:
             "Name a checkpoint, e.g. `python3 -m utils.download ViT-B_16`, or list them with "
             "--list."
         )
-    _check_folder(Path(args.dir), "--dir")
+    check_folder(Path(args.dir), "--dir")
     path = fetch_checkpoint(
         args.model,
         args.source,

@@ -48,7 +48,7 @@ except ImportError:  # Windows locks a byte of the file instead
 
     fcntl = None
 
-__all__ = ["EventLog", "RunLock", "claim_run", "run_files"]
+__all__ = ["EventLog", "RunLock", "check_folder", "claim_run", "run_files"]
 
 logger = logging.getLogger(__name__)
 
@@ -234,8 +234,8 @@ def claim_run(
             "--resume continues the run's files and --overwrite deletes them: pass one of them."
         )
     output_dir, log_dir = Path(output_dir), Path(log_dir)
-    _check_folder(output_dir, "--output_dir")
-    _check_folder(log_dir, "--log_dir")
+    check_folder(output_dir, "--output_dir")
+    check_folder(log_dir, "--log_dir")
     for suffix, what in OUTPUT_FILES.items():  # found now, not at the first save hours later
         _check_not_folder(output_dir / f"{name}{suffix}", what, "choose another --name")
     try:
@@ -312,7 +312,7 @@ def _check_name(name: str) -> None:
         )
 
 
-def _check_folder(folder: Path, flag: str) -> None:
+def check_folder(folder: Path, flag: str) -> None:
     """Create `folder` and make sure a file can be written in it."""
     if folder.exists() and not folder.is_dir():
         raise UserError(f"{flag} {folder} is a file, not a folder: pass a folder.")
