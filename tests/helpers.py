@@ -33,7 +33,7 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torchvision import datasets
 
-from models.configs import ViTConfig
+from models.configs import ViTConfig, get_config
 from models.modeling import VisionTransformer
 from utils.errors import run_cli
 
@@ -275,6 +275,39 @@ def distinct_model(
     with torch.no_grad():
         model.head.weight.normal_()
     return model
+
+
+def hf_model(
+    name: str,
+    img_size: tuple[int, int],
+    num_labels: int = 3,
+    official: bool = True,
+    pooler: bool = False,
+    seed: int = 0,
+) -> torch.nn.Module:
+    """A transformers ViT of a registry architecture, every parameter random."""
+    transformers = pytest.importorskip("transformers")
+    c = get_config(name)
+    hf_config = transformers.ViTConfig(
+        hidden_size=c.hidden_size,
+        num_hidden_layers=c.num_layers,
+        num_attention_heads=c.num_heads,
+        intermediate_size=c.mlp_dim,
+        patch_size=c.patch_size[0],
+        image_size=list(img_size),
+        num_labels=num_labels,
+        hidden_act="gelu_pytorch_tanh" if official else "gelu",
+        layer_norm_eps=1e-6 if official else 1e-12,
+    )
+    torch.manual_seed(seed)
+    if pooler:
+        model = transformers.ViTModel(hf_config, add_pooling_layer=True)
+    else:
+        model = transformers.ViTForImageClassification(hf_config)
+    with torch.no_grad():  # its init leaves biases at zero and LayerNorms at 1: perturb all
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
 
 
 def tiny_args(tmp_path: Path, name: str = "tiny", **flags) -> list[str]:

@@ -18,7 +18,13 @@ from sklearn.linear_model import Ridge
 import fewshot as fewshot_script
 from models.configs import get_config
 from models.modeling import VisionTransformer
-from tests.helpers import distinct_model, expect_user_error, fake_checkpoint, make_image_folder
+from tests.helpers import (
+    distinct_model,
+    expect_user_error,
+    fake_checkpoint,
+    hf_model,
+    make_image_folder,
+)
 from utils.data_utils import DigitsDataset, build_transforms
 from utils.fewshot import (
     fewshot_accuracy,
@@ -153,22 +159,7 @@ def test_an_i21k_npz_keeps_its_pre_logits(tmp_path) -> None:
 
 
 def test_a_headless_transformers_folder_gives_its_pooler_output(tmp_path, one_thread) -> None:
-    transformers = pytest.importorskip("transformers")
-    hf_config = transformers.ViTConfig(
-        hidden_size=TESTING.hidden_size,
-        num_hidden_layers=TESTING.num_layers,
-        num_attention_heads=TESTING.num_heads,
-        intermediate_size=TESTING.mlp_dim,
-        patch_size=TESTING.patch_size[0],
-        image_size=32,
-        hidden_act="gelu_pytorch_tanh",
-        layer_norm_eps=1e-6,
-    )
-    torch.manual_seed(0)
-    theirs = transformers.ViTModel(hf_config, add_pooling_layer=True).eval()  # no head: in21k
-    with torch.no_grad():
-        for p in theirs.parameters():
-            p.add_(0.1 * torch.randn_like(p))
+    theirs = hf_model("testing", (32, 32), pooler=True)  # no head, as an in21k folder
     folder = tmp_path / "vit-in21k"
     theirs.save_pretrained(folder)
     images = torch.randn(2, 3, 32, 32)

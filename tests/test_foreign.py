@@ -34,6 +34,7 @@ from tests.helpers import (
     distinct_model,
     expect_user_error,
     fake_checkpoint,
+    hf_model,
     load_checkpoint,
     scalars,
     tiny_args,
@@ -61,39 +62,6 @@ def _same_state(ours: dict, theirs: dict) -> None:
     assert ours.keys() == theirs.keys()
     for key, value in ours.items():
         assert torch.equal(value, theirs[key]), key
-
-
-def _hf_model(
-    name: str,
-    img_size: tuple[int, int],
-    num_labels: int = 3,
-    official: bool = True,
-    pooler: bool = False,
-    seed: int = 0,
-) -> torch.nn.Module:
-    """A transformers ViT of a registry architecture, every parameter random."""
-    transformers = pytest.importorskip("transformers")
-    c = get_config(name)
-    hf_config = transformers.ViTConfig(
-        hidden_size=c.hidden_size,
-        num_hidden_layers=c.num_layers,
-        num_attention_heads=c.num_heads,
-        intermediate_size=c.mlp_dim,
-        patch_size=c.patch_size[0],
-        image_size=list(img_size),
-        num_labels=num_labels,
-        hidden_act="gelu_pytorch_tanh" if official else "gelu",
-        layer_norm_eps=1e-6 if official else 1e-12,
-    )
-    torch.manual_seed(seed)
-    if pooler:
-        model = transformers.ViTModel(hf_config, add_pooling_layer=True)
-    else:
-        model = transformers.ViTForImageClassification(hf_config)
-    with torch.no_grad():  # its init leaves biases at zero and LayerNorms at 1: perturb all
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return model.eval()
 
 
 def _timm_model(name: str, img_size: tuple[int, int], num_classes: int = 3, **kwargs):
@@ -302,7 +270,7 @@ def test_timm_export_gives_our_logits_in_timm(best_checkpoint, tmp_path, img_siz
 @pytest.mark.parametrize("shards", [False, True])
 @pytest.mark.parametrize(("name", "img_size"), SHAPES)
 def test_a_folder_transformers_saved_gives_its_logits(tmp_path, name, img_size, shards) -> None:
-    theirs = _hf_model(name, img_size, num_labels=4)
+    theirs = hf_model(name, img_size, num_labels=4)
     folder = tmp_path / "hf"
     theirs.save_pretrained(folder, **({"max_shard_size": "20KB"} if shards else {}))
     assert (folder / "model.safetensors.index.json").exists() == shards
@@ -316,7 +284,7 @@ def test_a_folder_transformers_saved_gives_its_logits(tmp_path, name, img_size, 
 
 
 def test_an_in21k_folder_maps_its_pooler_to_pre_logits(tmp_path) -> None:
-    theirs = _hf_model("testing", (32, 32), pooler=True)
+    theirs = hf_model("testing", (32, 32), pooler=True)
     folder = tmp_path / "in21k"
     theirs.save_pretrained(folder)
     state = read_state_dict(folder)
@@ -339,7 +307,7 @@ def test_an_in21k_folder_maps_its_pooler_to_pre_logits(tmp_path) -> None:
 
 
 def test_hf_numerics_of_a_folder_are_named_when_they_differ(tmp_path, caplog) -> None:
-    theirs = _hf_model("testing", (32, 32), official=False)
+    theirs = hf_model("testing", (32, 32), official=False)
     theirs.save_pretrained(tmp_path / "hf")
     with caplog.at_level(logging.INFO, logger="utils.loading"):
         loaded = load_model(tmp_path / "hf")
@@ -383,7 +351,7 @@ def test_timm_parts_the_official_vit_lacks_are_one_message(tmp_path, capsys) -> 
 
 
 def test_a_folder_of_another_model_or_with_code_is_refused(tmp_path, capsys) -> None:
-    theirs = _hf_model("testing", (32, 32))
+    theirs = hf_model("testing", (32, 32))
     theirs.save_pretrained(tmp_path / "deit")
     config = (tmp_path / "deit" / "config.json").read_text()
     (tmp_path / "deit" / "config.json").write_text(config.replace('"vit"', '"deit"'))
@@ -400,7 +368,7 @@ def test_a_folder_of_another_model_or_with_code_is_refused(tmp_path, capsys) -> 
 
 
 def test_predict_takes_a_hugging_face_folder(tmp_path) -> None:
-    theirs = _hf_model("testing", (32, 32))
+    theirs = hf_model("testing", (32, 32))
     theirs.config.id2label = dict(enumerate(["cat", "dog", "bird"]))
     theirs.save_pretrained(tmp_path / "hf")
     image = tmp_path / "x.png"
@@ -419,7 +387,7 @@ def test_predict_takes_a_hugging_face_folder(tmp_path) -> None:
 
 
 def test_fine_tune_from_hf_folder_equals_fine_tune_from_npz(tmp_path: Path, capsys) -> None:
-    theirs = _hf_model("testing", (64, 64), num_labels=7)  # other classes and size: both change
+    theirs = hf_model("testing", (64, 64), num_labels=7)  # other classes and size: both change
     folder = tmp_path / "hf"
     theirs.save_pretrained(folder)
     npz = tmp_path / "weights.npz"
