@@ -599,7 +599,8 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     from utils.dist_utils import run_distributed
 
     # Under torchrun one process group serves every run (train.py joins it).
-    return run_distributed(lambda info: _sweep(args, train_argv, info.is_main), args.verbose)[1]
+    _, summary = run_distributed(lambda info: _sweep(args, train_argv, info.is_main), args.verbose)
+    return summary
 
 
 def _sweep(args: argparse.Namespace, train_argv: list[str], is_main: bool) -> dict | None:
