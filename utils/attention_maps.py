@@ -239,7 +239,6 @@ def compute_attention_maps(
     """Run `model` in eval mode on preprocessed images and collect its attention maps.
 
     Args:
-        model: any registered ViT or hybrid.
         images: (B, 3, H, W) preprocessed as for evaluation (see :func:`preprocess`).
         layer_kind: per-layer maps as "raw" head-mean attention of each layer, or the
             "rollout" through each layer (as the original notebook showed).
@@ -382,7 +381,6 @@ def plot_patches(
     """The image resized as the model sees it, and the same image cut into its patches.
 
     Args:
-        image: any RGB image.
         img_size: (height, width) the model takes.
         patch_size: (height, width) of one patch in input pixels.
         gap: white pixels between patches in the right panel.

@@ -200,8 +200,7 @@ class SeededAugment(Dataset):
     Args:
         base: yields (image, label) without a transform.
         transform: e.g. `build_transforms(..., train=True)`.
-        seed: the run's seed.
-        classes: class names (default: `base.classes`).
+        classes: default: `base.classes`.
     """
 
     def __init__(
@@ -306,10 +305,7 @@ class InMemoryAugment(Dataset):
 
     Args:
         images: (N, H, W, 3) or grey (N, H, W) uint8.
-        targets: N labels.
-        classes: class names.
         size: output (height, width).
-        seed: the run's seed.
         flip: mirror half of the images.
         crop_scale: area fraction range of the crop.
     """

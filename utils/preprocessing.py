@@ -447,7 +447,6 @@ class Preprocess:
         """Preprocess `image` (PIL image or uint8 (H, W, 3) array).
 
         Args:
-            image: the decoded image.
             rng: random source of the training crop and flip (see `sample_augment`); a fresh
                 one from OS entropy when None, so loader workers never share a stream.
         """
