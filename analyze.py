@@ -33,8 +33,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from models.configs import model_names
+from utils.datasets import DATASETS
 from utils.errors import UserError, run_cli
-from utils.flags import DATASETS, HelpFormatter, add_verbose, positive_int, setup_logging
+from utils.flags import HelpFormatter, add_verbose, positive_int, setup_logging
 
 if TYPE_CHECKING:
     from utils.analysis import Analysis

@@ -25,16 +25,16 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from models.configs import model_names
+from utils.datasets import DATASETS
 from utils.errors import UserError, run_cli
 from utils.flags import (
-    DATASETS,
-    PRECISIONS,
     HelpFormatter,
     add_verbose,
     non_negative_int,
     positive_int,
     setup_logging,
 )
+from utils.precision import PRECISIONS
 
 if TYPE_CHECKING:
     from torch import nn

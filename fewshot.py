@@ -33,10 +33,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from models.configs import model_names
+from utils.datasets import DATASETS
 from utils.errors import UserError, run_cli
 from utils.flags import (
-    DATASETS,
-    PRECISIONS,
     HelpFormatter,
     add_verbose,
     non_negative_int,
@@ -44,6 +43,7 @@ from utils.flags import (
     positive_int,
     setup_logging,
 )
+from utils.precision import PRECISIONS
 
 if TYPE_CHECKING:
     import numpy as np

@@ -54,13 +54,9 @@ from models.configs import (
     is_augreg_filename,
     model_names,
 )
+from utils.datasets import DATASETS
 from utils.errors import LoaderError, StoppedBySignal, UserError, exit_interrupted, run_cli
 from utils.flags import (
-    DATASETS,
-    DECAY_TYPES,
-    OPT_LEVELS,
-    OPTIM_DTYPES,
-    PRECISIONS,
     HelpFormatter,
     add_verbose,
     fraction,
@@ -71,6 +67,8 @@ from utils.flags import (
     random_seed,
     setup_logging,
 )
+from utils.precision import OPT_LEVELS, PRECISIONS, resolve_precision
+from utils.update_rule import DECAY_TYPES, OPTIM_DTYPES
 
 if TYPE_CHECKING:
     from utils.run_files import RunLock
@@ -271,7 +269,6 @@ from utils.engine import (  # noqa: E402
     is_out_of_memory,
     make_scaler,
     measure_memory,
-    resolve_precision,
 )
 from utils.file_io import read_sidecar, save_checkpoint, write_sidecar  # noqa: E402
 from utils.loading import pretrained_weights, which_model  # noqa: E402

@@ -1,7 +1,7 @@
-"""What the command lines share: value types that refuse bad numbers, the choices several
-scripts offer, and the help format.
+"""What the command lines share: value types that refuse bad numbers, the help format, logging.
 
-It imports nothing heavy: a script parses its flags with this module and `models.configs`
+It imports nothing heavy: a script parses its flags with this module, `models.configs` and the
+torch-free owners of its choices (`utils.datasets`, `utils.precision`, `utils.update_rule`)
 alone and imports torch afterwards, so `--help` and a mistyped flag answer at once. A value
 type raises `argparse.ArgumentTypeError`, which argparse prints as one line (`error: argument
 --img_size: must be at least 1, got 0`) before exiting with code 2, the code of every other
@@ -17,11 +17,6 @@ import threading
 import urllib.parse
 
 __all__ = [
-    "DATASETS",
-    "DECAY_TYPES",
-    "OPTIM_DTYPES",
-    "OPT_LEVELS",
-    "PRECISIONS",
     "HelpFormatter",
     "add_verbose",
     "fraction",
@@ -35,12 +30,6 @@ __all__ = [
     "seconds",
     "setup_logging",
 ]
-
-DATASETS = ("cifar10", "cifar100", "imagefolder", "digits")
-PRECISIONS = ("fp32", "fp16", "bf16")
-OPT_LEVELS = ("O0", "O1", "O2", "O3")  # the Apex opt levels `--fp16_opt_level` takes
-DECAY_TYPES = ("cosine", "linear")
-OPTIM_DTYPES = ("bfloat16", "float32")  # momentum storage: vit_jax's bfloat16, or torch's float32
 
 FLOAT32_MAX = 3.4028234663852886e38  # a larger number is inf as a float32 (learning rates are)
 SEED_MAX = 2**32 - 1  # NumPy's seeds are 32-bit (`np.random.seed`)
