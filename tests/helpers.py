@@ -322,6 +322,20 @@ def start_train(argv: Sequence[str], log: Path) -> subprocess.Popen:
         )
 
 
+def run_script(*argv: str, importtime: bool = False) -> subprocess.CompletedProcess:
+    """`python SCRIPT ARGS...` in the repository, its output captured; with `importtime`,
+    stderr also lists every module the script imported (see `imports_torch`)."""
+    flags = ["-X", "importtime"] if importtime else []
+    return subprocess.run(
+        [sys.executable, *flags, *argv], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+
+
+def imports_torch(proc: subprocess.CompletedProcess) -> bool:
+    """Whether a `run_script(..., importtime=True)` imported torch."""
+    return "| torch\n" in proc.stderr
+
+
 def scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
     """Every scalar series in `log_dir`, read by TensorBoard's own event reader."""
     acc = EventAccumulator(str(log_dir))

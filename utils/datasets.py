@@ -1,14 +1,11 @@
-"""The datasets train.py fine-tunes on, and their facts that need no torch: which are held in
-memory, how each is augmented, and which images are held out as minival.
+"""The datasets train.py fine-tunes on, and their facts that need no torch (`utils.data_utils`
+builds the loaders): which are held in memory, how each is augmented, which images are minival.
 
 Splits follow the official configs: training uses `train[:98%]`, and the last 2% of the
 training split (`HOLDOUT_FRACTION`) are held out as `minival`, never trained on and evaluated
 with the test preprocessing, for choosing a model without looking at the test set. "Last" is
 the dataset's own order: CIFAR's files, the digits' fixed split; an image folder, sorted by
 class, holds out the last images of each class (otherwise minival would be one class).
-
-`utils/data_utils.py` builds the loaders; this module imports no torch, so a command line
-offers the choices before torch loads.
 """
 
 from __future__ import annotations

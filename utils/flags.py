@@ -1,11 +1,14 @@
-"""What the command lines share: value types that refuse bad numbers, the help format, logging.
+"""What the command lines share: value types that refuse bad numbers, the help format, logging,
+and `parse_first`.
 
-It imports nothing heavy: a script parses its flags with this module, `models.configs` and the
-torch-free owners of its choices (`utils.datasets`, `utils.precision`, `utils.update_rule`)
-alone and imports torch afterwards, so `--help` and a mistyped flag answer at once. A value
-type raises `argparse.ArgumentTypeError`, which argparse prints as one line (`error: argument
---img_size: must be at least 1, got 0`) before exiting with code 2, the code of every other
-user mistake (`utils.errors`).
+It imports nothing heavy. Every script parses first, then imports: its `parse_args`, near the
+top, uses only torch-free modules (this one, `models.configs`, the owners of its choices:
+`utils.datasets`, `utils.precision`, `utils.update_rule`); `parse_first(parse_args)` runs it
+under `if __name__ == "__main__":`; the script's heavy imports follow. So `--help` and a
+mistyped flag answer at once, before torch loads. A value type raises
+`argparse.ArgumentTypeError`, which argparse prints as one line (`error: argument --img_size:
+must be at least 1, got 0`) before exiting with code 2, the code of every other user mistake
+(`utils.errors`).
 """
 
 from __future__ import annotations
@@ -13,8 +16,12 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import signal
 import threading
 import urllib.parse
+from collections.abc import Callable
+
+from utils.errors import exit_interrupted, run_cli
 
 __all__ = [
     "HelpFormatter",
@@ -24,6 +31,7 @@ __all__ = [
     "log_level",
     "non_negative_float",
     "non_negative_int",
+    "parse_first",
     "positive_float",
     "positive_int",
     "random_seed",
@@ -170,3 +178,12 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
         if action.default is None or action.default is False:
             return action.help
         return super()._get_help_string(action)
+
+
+def parse_first(parse_args: Callable[[], object]) -> None:
+    """Parse the command line before the script's heavy imports: `--help`, a mistyped flag or
+    another mistake of `parse_args` answers now (`run_cli`'s one line, exit 2), not after torch
+    has loaded (seconds). A Ctrl+C during those imports prints `exit_interrupted`'s one line;
+    `run_cli` restores the usual handler."""
+    run_cli(parse_args)
+    signal.signal(signal.SIGINT, exit_interrupted)

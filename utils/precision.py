@@ -1,9 +1,6 @@
-"""The precision a run computes in: its names, and how the flags choose one.
-
-`--precision` takes a name of `PRECISIONS`; the original port's Apex flags `--fp16
---fp16_opt_level` (NVIDIA Apex's `amp.initialize(opt_level=...)`) map onto them. `utils/engine.py`
-turns a name into autocast and a grad scaler; this module imports no torch, so a command line
-offers the choices before torch loads.
+"""The precision a run computes in: its names, and the flags (`--precision`, or the original
+port's Apex `--fp16 --fp16_opt_level`) resolved to one. Torch-free; `utils.engine` turns the
+name into autocast and a grad scaler.
 """
 
 from __future__ import annotations

@@ -1,7 +1,5 @@
-"""vit_jax's update rule in plain Python: the learning-rate schedule and the momentum's dtypes.
-
-`utils/optim.py` builds the torch optimizer and scheduler from these; this module imports no
-torch, so a command line offers their choices before torch loads.
+"""vit_jax's update rule in plain Python (torch-free; `utils.optim` runs it in torch): the
+learning-rate schedule, the decay types and the dtypes the momentum may be stored in.
 
 The schedule (`vit_jax/train.py`, ``lr_fn``): ``lr_fn(s) = base * decay(p) * min(1, s / warmup)``
 with ``p = clip((s - warmup) / (total - warmup), 0, 1)``; cosine decays to 0, linear to the
