@@ -551,7 +551,9 @@ def out_of_memory(
 
 def make_trainer(args: argparse.Namespace, model: VisionTransformer, info: DistInfo) -> Trainer:
     """Move the model to the device; build optimizer, schedule, scaler, compile and DDP wrappers."""
-    precision = resolve_precision(args, info.device)
+    precision = resolve_precision(
+        args.precision, args.fp16, args.fp16_opt_level, args.loss_scale, info.device.type
+    )
     model.to(info.device).train()
     check_memory(args, model, precision, info)
     optimizer = make_optimizer(

@@ -248,13 +248,14 @@ def test_original_flags_and_defaults() -> None:
 )
 def test_precision_mapping(flags: dict, device: str, want: str, tmp_path: Path) -> None:
     args = train.parse_args(tiny_args(tmp_path, **flags))
-    assert resolve_precision(args, torch.device(device)) == want
+    given = (args.precision, args.fp16, args.fp16_opt_level, args.loss_scale)
+    assert resolve_precision(*given, device) == want
 
 
 def test_conflicting_precision_flags(tmp_path: Path) -> None:
     args = train.parse_args(tiny_args(tmp_path, fp16=True, precision="bf16"))
     with pytest.raises(USER_ERRORS, match="only one"):
-        resolve_precision(args, torch.device("cuda"))
+        resolve_precision(args.precision, args.fp16, args.fp16_opt_level, 0, "cuda")
 
 
 def test_fp16_on_cpu_trains_in_bf16(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
