@@ -30,24 +30,19 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from matplotlib.backend_bases import FigureCanvasBase
+
+from utils.datasets import DATASETS
 from utils.errors import UserError, run_cli
 from utils.flags import (
-    DATASETS,
     HelpFormatter,
     add_model_flags,
     add_verbose,
+    parse_first,
     positive_int,
     setup_logging,
 )
-
-if TYPE_CHECKING:
-    from utils.analysis import Analysis
-    from utils.loading import LoadedModel
-
-# torch and matplotlib (and every module of ours that imports them) are imported inside the
-# functions that use them, after the flags are parsed: `--help` and a mistyped flag answer at once.
 
 logger = logging.getLogger("analyze")
 
@@ -106,8 +101,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--checkpoint takes one file or two (before and after fine-tuning)")
     if args.image and args.dataset:
         p.error("--image and --dataset both give images: pass one of them")
-    from matplotlib.backend_bases import FigureCanvasBase
-
     formats = FigureCanvasBase.get_supported_filetypes()
     args.format = args.format.lower().lstrip(".")
     if args.format not in formats:
@@ -118,23 +111,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+if __name__ == "__main__":
+    parse_first(parse_args)  # --help and a mistyped flag answer before torch loads
+
+import matplotlib
+import torch
+
+from models.modeling import VisionTransformer
+from utils import analysis
+from utils.attention_maps import demo_checkpoint
+from utils.file_io import save_figure, write_output
+from utils.loading import LoadedModel, load_model
+from utils.preprocessing import find_images
+from utils.run_files import check_folder
+
+
 def is_random(checkpoint: str) -> bool:
     return checkpoint.lower() == "none"
 
 
 def load(checkpoint: str, args: argparse.Namespace) -> LoadedModel:
     """The model of a checkpoint, or a randomly initialised one for `none`."""
-    from utils.loading import LoadedModel, load_model
-
     img_size = args.img_size[0] if args.img_size and len(args.img_size) == 1 else args.img_size
     if not is_random(checkpoint):
         return load_model(checkpoint, args.model_type, img_size)
     if args.model_type is None:
         raise UserError("--checkpoint none (random weights) needs --model_type.")
-    import torch
-
-    from models.modeling import VisionTransformer
-
     logger.warning(
         "--checkpoint none: %s with random weights; its numbers describe no trained model.",
         args.model_type,
@@ -166,9 +168,7 @@ def json_paths(output_dir: Path, checkpoints: list[str]) -> list[Path]:
 
 def chosen_panels(args: argparse.Namespace, loaded: list[LoadedModel]) -> tuple[str, ...]:
     """The panels asked for, or all that every model has; a hybrid has no RGB filters."""
-    from utils.analysis import embeds_rgb
-
-    hybrids = [m.model_type for m in loaded if not embeds_rgb(m.model)]
+    hybrids = [m.model_type for m in loaded if not analysis.embeds_rgb(m.model)]
     if args.panels is None:
         if hybrids:
             logger.info(
@@ -208,11 +208,7 @@ def check_side_by_side(
 
 def image_source(args: argparse.Namespace, loaded: list[LoadedModel]):
     """A function img_size -> batches of the distance's images, and a description."""
-    from utils import analysis
-
     if args.image:
-        from utils.preprocessing import find_images
-
         paths = find_images(args.image)[: args.num_images]
         described = f"{len(paths)} image file(s)"
         return lambda size: analysis.image_batches(paths, size, args.batch_size), described
@@ -229,14 +225,11 @@ def image_source(args: argparse.Namespace, loaded: list[LoadedModel]):
 
 
 def write_outputs(
-    results: list[Analysis],
+    results: list[analysis.Analysis],
     args: argparse.Namespace,
     checkpoints: list[str],
     panels: tuple[str, ...],
 ) -> None:
-    from utils import analysis
-    from utils.file_io import save_figure, write_output
-
     out = Path(args.output_dir)
     for result, path, checkpoint in zip(
         results, json_paths(out, checkpoints), checkpoints, strict=True
@@ -264,15 +257,7 @@ def write_outputs(
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     setup_logging(args.verbose)
-    import matplotlib
-
     matplotlib.use("Agg")  # files only, never a window
-    import torch
-
-    from utils import analysis
-    from utils.attention_maps import demo_checkpoint
-    from utils.run_files import check_folder
-
     checkpoints = args.checkpoint or [demo_checkpoint()]
     check_folder(Path(args.output_dir), "--output_dir")
     labels = labels_of(checkpoints)

@@ -62,9 +62,10 @@ from models.npz import load_npz, state_dict_to_npz
 from utils.data_utils import InMemoryAugment, augment_rng, build_transforms
 from utils.engine import LiveTensorBytes, autocast, autocast_dtype
 from utils.file_io import save_npz
-from utils.flags import PRECISIONS
-from utils.optim import OPTIM_DTYPES, make_optimizer
+from utils.optim import make_optimizer
+from utils.precision import PRECISIONS
 from utils.preprocessing import crop_resize_batch
+from utils.update_rule import OPTIM_DTYPES
 
 logger = logging.getLogger("bench")
 

@@ -22,27 +22,18 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
+from utils.datasets import DATASETS
 from utils.errors import UserError, run_cli
 from utils.flags import (
-    DATASETS,
-    PRECISIONS,
     HelpFormatter,
     add_model_flags,
     add_verbose,
     non_negative_int,
+    parse_first,
     positive_int,
 )
-
-if TYPE_CHECKING:
-    from torch import nn
-    from torch.utils.data import DataLoader
-
-    from utils.dist_utils import DistInfo
-
-# torch, and every module of ours that imports it, is imported inside the functions that use
-# it, after the flags are parsed: `--help` and a mistyped flag answer at once.
+from utils.precision import PRECISIONS
 
 logger = logging.getLogger("eval")
 
@@ -83,13 +74,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+if __name__ == "__main__":
+    parse_first(parse_args)  # --help and a mistyped flag answer before torch loads
+
+from torch import nn
+from torch.utils.data import DataLoader
+
+from utils.data_utils import build_eval_loader, build_test_set
+from utils.dist_utils import DistInfo, main_process_first, run_distributed
+from utils.engine import available_bytes, evaluate, measure_memory
+from utils.loading import load_model
+
+
 def build_test_loader(
     args: argparse.Namespace, dataset: str, img_size: int, info: DistInfo
 ) -> tuple[DataLoader, list[str]]:
     """This rank's shard of the test split, with train.py's test preprocessing."""
-    from utils.data_utils import build_eval_loader, build_test_set
-    from utils.dist_utils import main_process_first
-
     with main_process_first(info.rank):
         test_set, class_names = build_test_set(
             dataset, args.data_dir, img_size, download=info.is_main
@@ -103,8 +103,6 @@ def build_test_loader(
 def check_memory(model: nn.Module, batch_size: int, precision: str, info: DistInfo) -> None:
     """Stop before evaluating if one batch cannot fit on the device: inference passes of two
     and three images give its peak (as train.py's plan does for training)."""
-    from utils.engine import available_bytes, measure_memory
-
     available = available_bytes(info.device)
     if available is None:
         return
@@ -130,9 +128,6 @@ def check_memory(model: nn.Module, batch_size: int, precision: str, info: DistIn
 
 def run(args: argparse.Namespace, info: DistInfo) -> dict[str, float]:
     """Load, check against the dataset, evaluate; returns train.evaluate's result + throughput."""
-    from utils.engine import evaluate
-    from utils.loading import load_model
-
     loaded = load_model(args.checkpoint, args.model_type, args.img_size)
     dataset = args.dataset or loaded.dataset
     if dataset is None:
@@ -176,8 +171,6 @@ def run(args: argparse.Namespace, info: DistInfo) -> dict[str, float]:
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     """Parse flags, evaluate (sharded under torchrun), print the summary on rank 0."""
     args = parse_args(argv)
-    from utils.dist_utils import run_distributed
-
     info, result = run_distributed(lambda info: run(args, info), args.verbose, args.local_rank)
     if info.is_main:
         lines = [

@@ -39,10 +39,11 @@ import io
 import json
 import logging
 import os
+import shutil
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -55,20 +56,11 @@ from models.foreign import (
     hf_state_dict,
     timm_state_dict,
 )
-from models.npz import clean_state_dict, state_dict_to_npz
+from models.npz import CheckpointError, clean_state_dict, state_dict_to_npz
 from utils.errors import UserError, run_cli
-from utils.flags import HelpFormatter, add_model_flags, add_verbose, setup_logging
-
-if TYPE_CHECKING:
-    import torch
-    from torch import nn
-
-    from utils.loading import LoadedModel
+from utils.flags import HelpFormatter, add_model_flags, add_verbose, parse_first, setup_logging
 
 logger = logging.getLogger(__name__)
-
-# torch, and every module of ours that imports it, is imported inside the functions that use
-# it, after the flags are parsed: `--help` and a mistyped flag answer at once.
 
 # Output file name: the checkpoint's path with its suffix replaced by this.
 SUFFIXES = {
@@ -103,6 +95,27 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add_verbose(p)
     return p.parse_args(argv)
 
+
+if __name__ == "__main__":
+    parse_first(parse_args)  # --help and a mistyped flag answer before torch loads
+
+import torch
+from PIL import Image
+from torch import nn
+
+from utils.data_utils import build_transforms
+from utils.file_io import (
+    atomic_write_text,
+    check_output,
+    file_sha256,
+    read_sidecar,
+    safe_load,
+    save_npz,
+    save_safetensors,
+    write_output,
+    writing,
+)
+from utils.loading import LoadedModel, folder_weight_files, is_model_folder, load_model
 
 # --------------------------------------------------------------------------------------------
 # Where the output goes
@@ -179,8 +192,6 @@ def create_model_call(name: str, kwargs: dict[str, Any]) -> str:
 
 def check_against_timm(name: str, kwargs: dict[str, Any], state: dict[str, torch.Tensor]) -> str:
     """Compare keys and shapes with timm's own model when timm is installed (built on `meta`)."""
-    import torch
-
     try:
         import timm
     except ImportError:
@@ -224,18 +235,12 @@ CHECK_IMAGES = 3  # random images each check runs (logits; pipeline top-1)
 
 def source_sha256(checkpoint: str) -> tuple[str, str]:
     """(the file hashed, its SHA-256): the checkpoint, or a folder's first weight file."""
-    from utils.file_io import file_sha256
-    from utils.loading import folder_weight_files, is_model_folder
-
     path = folder_weight_files(checkpoint)[0] if is_model_folder(checkpoint) else checkpoint
     return path, file_sha256(path)
 
 
 def recipe(checkpoint: str) -> dict[str, Any]:
     """The training flags of the run that wrote `checkpoint`, from its `_last.pt` ({} if gone)."""
-    from models.npz import CheckpointError
-    from utils.file_io import safe_load
-
     path = Path(checkpoint)
     last = path if path.name.endswith("_last.pt") else None
     if path.name.endswith("_checkpoint.bin"):
@@ -345,8 +350,6 @@ def write_folder(path: Path, fill: Callable[[Path], None], check: Callable[[Path
     An earlier folder at `path` (`--overwrite`) is replaced only once the new one is complete
     and checked; a failure leaves it as it was. Returns what `check` says.
     """
-    import shutil
-
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     old = path.with_name(f".{path.name}.old-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -372,14 +375,10 @@ def check_against_transformers(folder: Path, model: nn.Module, img_size: tuple[i
     Raises:
         UserError: transformers reports missing or unexpected keys, or its logits differ.
     """
-    import torch
-    from PIL import Image
-
     try:
         import transformers
     except ImportError:
         return "transformers is not installed here: the folder was not loaded by it."
-    from utils.data_utils import build_transforms
 
     transformers.logging.disable_progress_bar()  # its weight-loading bars, between our lines
     theirs, info = transformers.ViTForImageClassification.from_pretrained(
@@ -425,8 +424,6 @@ def check_against_transformers(folder: Path, model: nn.Module, img_size: tuple[i
 
 def export_hf(args: argparse.Namespace, loaded: LoadedModel, path: Path) -> list[str]:
     """Write the Hugging Face folder: config.json, model.safetensors, preprocessor config, card."""
-    from utils.file_io import atomic_write_text, read_sidecar, save_safetensors, writing
-
     model = loaded.model
     refusal = hf_refusal(model.config)
     if refusal:
@@ -472,7 +469,6 @@ def onnx_bytes(model: nn.Module, img_size: tuple[int, int], info: dict[str, Any]
     Raises:
         UserError: onnx is not installed, or the weights exceed the 2 GB of one ONNX file.
     """
-    import torch
 
     class LogitsOnly(torch.nn.Module):
         """`model(images)` -> logits (our forward also returns the attention-map list)."""
@@ -531,8 +527,6 @@ def onnx_max_difference(data: bytes, model: nn.Module, img_size: tuple[int, int]
     Raises:
         UserError: onnxruntime is not installed.
     """
-    import torch
-
     try:
         import onnxruntime
     except ImportError:
@@ -551,11 +545,6 @@ def onnx_max_difference(data: bytes, model: nn.Module, img_size: tuple[int, int]
 
 def export(args: argparse.Namespace) -> list[str]:
     """Write the export; returns the lines to print."""
-    import torch
-
-    from utils.file_io import check_output, save_npz, save_safetensors, write_output
-    from utils.loading import load_model
-
     path = output_path(args.checkpoint, args.format, args.output)
     check_output(path, overwrite=args.overwrite, folder=args.format == "hf")
     loaded = load_model(args.checkpoint, args.model_type, args.img_size)

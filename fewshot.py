@@ -28,31 +28,23 @@ import json
 import logging
 import os
 import time
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from utils.datasets import DATASETS
 from utils.errors import UserError, run_cli
 from utils.flags import (
-    DATASETS,
-    PRECISIONS,
     HelpFormatter,
     add_model_flags,
     add_verbose,
     non_negative_int,
+    parse_first,
     positive_float,
     positive_int,
 )
-
-if TYPE_CHECKING:
-    import numpy as np
-    from torch.utils.data import Dataset
-
-    from utils.dist_utils import DistInfo
-    from utils.loading import LoadedModel
-
-# torch, and every module of ours that imports it, is imported inside the functions that use
-# it, after the flags are parsed: `--help` and a mistyped flag answer at once.
+from utils.precision import PRECISIONS
 
 logger = logging.getLogger("fewshot")
 
@@ -138,15 +130,29 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+if __name__ == "__main__":
+    parse_first(parse_args)  # --help and a mistyped flag answer before torch loads
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from utils.data_utils import Indexed, build_eval_loader, build_split, build_transforms
+from utils.dist_utils import DistInfo, main_process_first, run_distributed
+from utils.engine import autocast
+from utils.fewshot import fewshot_evaluate, short_classes
+from utils.file_io import content_sha256, file_sha256, save_npz, write_output
+from utils.loading import LoadedModel, folder_weight_files, is_model_folder, load_model
+from utils.preprocessing import ResizeCentralCrop
+
 # --------------------------------------------------------------------------------------------
 # Data
 
 
 def preprocessing(args: argparse.Namespace, size: tuple[int, int]):
     """The per-image transform for a model of input `size`, and the words that name it."""
-    from utils.data_utils import build_transforms
-    from utils.preprocessing import ResizeCentralCrop
-
     if args.preprocess == "eval":
         return build_transforms(size, train=False), f"eval {size[0]}x{size[1]}"
     resize = (
@@ -160,9 +166,6 @@ def preprocessing(args: argparse.Namespace, size: tuple[int, int]):
 
 def load_splits(args: argparse.Namespace, info: DistInfo) -> tuple[Dataset, Dataset, list[str]]:
     """The whole training and test splits, untransformed, with the same classes."""
-    from utils.data_utils import build_split
-    from utils.dist_utils import main_process_first
-
     with main_process_first(info.local_rank):
         download = info.local_rank == 0
         train, classes = build_split(args.dataset, args.data_dir, True, download)
@@ -183,8 +186,6 @@ def data_signature(args: argparse.Namespace, split: Dataset) -> str:
     (path, size, modification time), so that a changed folder is embedded again."""
     if args.dataset != "imagefolder":
         return args.dataset
-    from utils.file_io import content_sha256
-
     files = []
     for path, target in split.samples:
         stat = os.stat(path)
@@ -194,8 +195,6 @@ def data_signature(args: argparse.Namespace, split: Dataset) -> str:
 
 def warn_short_classes(train: Dataset, classes: Sequence[str], shots: Sequence[int]) -> None:
     """A warning per shot count that some class cannot fill, naming the classes."""
-    from utils.fewshot import short_classes
-
     for k in shots:
         short = short_classes(train.targets, k, len(classes))
         if not short:
@@ -232,14 +231,6 @@ def embed(
         (features (N, D) float32, labels (N,) int64) in dataset order on process 0 (unreadable
         images left out), None on the others.
     """
-    import numpy as np
-    import torch
-    import torch.distributed as dist
-    from tqdm import tqdm
-
-    from utils.data_utils import Indexed, build_eval_loader
-    from utils.engine import autocast
-
     dataset = Indexed(split, transform, classes)
     loader = build_eval_loader(
         dataset, args.batch_size, args.num_workers, info.rank, info.world_size
@@ -284,17 +275,11 @@ def embed(
 
 
 def cache_file(cache_dir: str, key: dict[str, Any]) -> Path:
-    from utils.file_io import content_sha256
-
     return Path(cache_dir) / f"{key['dataset']}-{key['split']}-{content_sha256(key)[:24]}.npz"
 
 
 def read_cache(path: Path, key: dict[str, Any]) -> tuple[np.ndarray, np.ndarray] | None:
     """Cached (features, labels) for `key`, or None (missing, damaged, or another key)."""
-    import zipfile
-
-    import numpy as np
-
     if not path.is_file():
         return None
     try:
@@ -321,11 +306,6 @@ def split_features(
 ) -> tuple[np.ndarray, np.ndarray] | None:
     """Features and labels of one split: from `--cache_dir` when there, else embedded (and
     cached). On process 0; None on the others."""
-    import numpy as np
-    import torch.distributed as dist
-
-    from utils.file_io import save_npz
-
     transform, described = preprocessing(args, loaded.img_size)
     path = cached = None
     if args.cache_dir and info.is_main:
@@ -366,9 +346,6 @@ def split_features(
 def checkpoint_sha256(path: str) -> str:
     """The SHA-256 of a checkpoint file (as `sha256sum` prints it); of a Hugging Face folder,
     that of its `config.json` and weight files' hashes."""
-    from utils.file_io import content_sha256, file_sha256
-    from utils.loading import folder_weight_files, is_model_folder
-
     if not is_model_folder(path):
         return file_sha256(path)
     files = [os.path.join(path, "config.json"), *folder_weight_files(path)]
@@ -382,9 +359,6 @@ def evaluate_checkpoint(
     info: DistInfo,
 ) -> list[dict[str, Any]] | None:
     """One checkpoint's entries of the results (one per l2 value), on process 0."""
-    from utils.fewshot import fewshot_evaluate
-    from utils.loading import load_model
-
     train, test, classes = splits
     loaded = load_model(path, args.model_type, args.img_size, keep_pre_logits=True)
     sha256 = checkpoint_sha256(path) if info.is_main else ""
@@ -429,8 +403,6 @@ def evaluate_checkpoint(
 
 def summarize(results: Sequence[Any], shots: Sequence[int]) -> list[dict[str, Any]]:
     """Per shot count: mean and (population) standard deviation of the seeds' accuracies."""
-    import numpy as np
-
     rows = []
     for k in shots:
         accuracies = [r.accuracy for r in results if r.shots == k]
@@ -480,8 +452,6 @@ def to_table(evaluations: Sequence[dict[str, Any]], args: argparse.Namespace) ->
 
 
 def write_results(path: str, document: dict[str, Any]) -> None:
-    from utils.file_io import write_output
-
     text = (json.dumps(document, indent=2) + "\n").encode()
     write_output(path, lambda handle: handle.write(text), "--output")
 
@@ -526,8 +496,6 @@ def run(args: argparse.Namespace, info: DistInfo) -> dict[str, Any] | None:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     """Parse flags, evaluate (embedding sharded under torchrun), print and write on process 0."""
     args = parse_args(argv)
-    from utils.dist_utils import run_distributed
-
     _, document = run_distributed(lambda info: run(args, info), args.verbose, args.local_rank)
     if document is None:
         return None

@@ -27,7 +27,6 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from utils.errors import run_cli
 from utils.flags import (
@@ -35,17 +34,9 @@ from utils.flags import (
     add_model_flags,
     add_verbose,
     non_negative_int,
+    parse_first,
     positive_int,
 )
-
-if TYPE_CHECKING:
-    import torch
-    from PIL import Image
-
-    from utils.dist_utils import DistInfo
-
-# torch, and every module of ours that imports it, is imported inside the functions that use
-# it, after the flags are parsed: `--help` and a mistyped flag answer at once.
 
 logger = logging.getLogger("predict")
 
@@ -90,6 +81,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+if __name__ == "__main__":
+    parse_first(parse_args)  # --help and a mistyped flag answer before torch loads
+
+import torch
+import torch.distributed as dist
+from PIL import Image
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from utils.data_utils import build_transforms
+from utils.dist_utils import DistInfo, run_distributed
+from utils.engine import top_k
+from utils.file_io import check_output, write_output
+from utils.loading import load_model
+from utils.preprocessing import BadImageError, find_images, read_image
+
 # --------------------------------------------------------------------------------------------
 # Finding and reading images
 
@@ -123,8 +130,6 @@ class ImageFiles:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> Item:
-        from utils.preprocessing import BadImageError, read_image
-
         try:
             rgb = read_image(self.paths[i])  # decodes the whole file: truncation shows here
         except BadImageError as err:  # reported, never fatal
@@ -134,8 +139,6 @@ class ImageFiles:
 
 def collate_readable(items: list[Item]) -> tuple[list[int], torch.Tensor | None, list[Item]]:
     """(indices of the readable images, their batch or None, the unreadable items)."""
-    import torch
-
     readable = [item for item in items if item.image is not None]
     batch = torch.stack([item.image for item in readable]) if readable else None
     return [item.index for item in readable], batch, [i for i in items if i.image is None]
@@ -150,14 +153,6 @@ def predict(
 ) -> tuple[list[dict] | None, int]:
     """Every process's records in input order on process 0 (None elsewhere), and the class
     count; each process predicts its share."""
-    import torch
-    from torch.utils.data import DataLoader
-    from tqdm import tqdm
-
-    from utils.data_utils import build_transforms
-    from utils.engine import top_k
-    from utils.loading import load_model
-
     loaded = load_model(args.checkpoint, args.model_type, args.img_size)
     model = loaded.model.to(info.device)
     names = loaded.class_names  # the sidecar's, or the dataset's known names
@@ -204,8 +199,6 @@ def predict(
 
 def gather(records: dict[int, dict], info: DistInfo) -> list[dict] | None:
     """Every process's records in input order, on process 0 (None elsewhere)."""
-    import torch.distributed as dist
-
     if not info.distributed:
         return [records[i] for i in sorted(records)]
     everyone: list[dict[int, dict] | None] = [None] * info.world_size
@@ -265,10 +258,6 @@ def main(argv: Sequence[str] | None = None) -> list[dict] | None:
         The records in input order on process 0, None on the others.
     """
     args = parse_args(argv)
-    from utils.dist_utils import run_distributed
-    from utils.file_io import check_output, write_output
-    from utils.preprocessing import find_images
-
     paths = find_images(args.image, recursive=True)  # before joining: a typo fails at once
     if args.output:
         check_output(args.output)

@@ -49,6 +49,7 @@ from utils.errors import StoppedBySignal, UserError, run_cli
 from utils.flags import (
     HelpFormatter,
     add_verbose,
+    parse_first,
     positive_float,
     positive_int,
 )
@@ -204,6 +205,16 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, l
     return args, train_argv
 
 
+if __name__ == "__main__":
+    parse_first(parse_args)  # --help and a mistyped flag answer before torch loads
+
+import train
+from utils.data_utils import build_test_set
+from utils.dist_utils import run_distributed
+from utils.file_io import atomic_write_text, read_sidecar
+from utils.stopping import NonFiniteLossError
+from utils.train_state import last_state_path
+
 # --------------------------------------------------------------------------------------------
 # Runs
 
@@ -295,9 +306,6 @@ def trial_argv(
 def read_trial(trial: Trial, output_dir: str, num_steps: int) -> None:
     """Set the trial's status and figures from its files: finished when its checkpoint is the
     final step's (`selected_by: final` at step `num_steps`), partial when a last state exists."""
-    from utils.file_io import read_sidecar
-    from utils.train_state import last_state_path
-
     facts = read_sidecar(Path(output_dir) / f"{trial.run}_checkpoint.bin")
     if facts.get("selected_by") == "final" and facts.get("step") == num_steps:
         trial.step = num_steps
@@ -316,9 +324,6 @@ def read_trial(trial: Trial, output_dir: str, num_steps: int) -> None:
 
 def run_trial(trial: Trial, output_dir: str, num_steps: int) -> None:
     """Train (or continue) one run in this process, then read it back from its files."""
-    import train
-    from utils.stopping import NonFiniteLossError
-
     argv = trial.argv + (["--resume"] if trial.status == "partial" else [])
     logger.info(
         "%s %s: python3 train.py %s",
@@ -358,16 +363,14 @@ def choose(grid: Sequence[Trial]) -> tuple[Trial, str]:
     Raises:
         UserError: no run finished with a finite development loss.
     """
-    from train import is_better
-
     best = None
     for trial in sorted(grid, key=lambda t: t.learning_rate):
         if trial.status != "finished" or trial.dev_accuracy is None or trial.dev_loss is None:
             continue
         result = {"accuracy": trial.dev_accuracy, "loss": trial.dev_loss}
-        if not is_better(result, -1.0, math.inf):
+        if not train.is_better(result, -1.0, math.inf):
             continue  # a non-finite loss
-        if best is None or is_better(result, best.dev_accuracy, best.dev_loss):
+        if best is None or train.is_better(result, best.dev_accuracy, best.dev_loss):
             best = trial
     if best is None:
         raise UserError(
@@ -505,9 +508,7 @@ def resolve(
     args: argparse.Namespace, train_argv: list[str]
 ) -> tuple[argparse.Namespace, list[str], Preset, list[float]]:
     """train.py's effective flags for the sweep (preset, then the user's), the flags as a
-    list, the preset and the grid. Imports torch (through train.py)."""
-    import train
-
+    list, the preset and the grid."""
     dataset = train.parse_args([*train_argv, "--name", args.name]).dataset
     preset = PRESETS[dataset]
     preset_argv = [f"--{flag}={getattr(preset, flag)}" for flag in PRESET_FLAGS]
@@ -544,8 +545,6 @@ def check_test_split(common: argparse.Namespace) -> None:
     """The protocol ends with a test accuracy: an image folder needs a val/ or test/ folder."""
     if common.dataset != "imagefolder":
         return  # CIFAR and digits have their test splits
-    from utils.data_utils import build_test_set
-
     try:
         build_test_set(common.dataset, common.data_dir, common.img_size, download=False)
     except UserError as err:
@@ -596,16 +595,12 @@ def check_same_protocol(path: Path, protocol: dict) -> None:
 def main(argv: Sequence[str] | None = None) -> dict | None:
     """Run (or print, or collect) the sweep; returns the summary (None for --print_commands)."""
     args, train_argv = parse_args(argv)
-    from utils.dist_utils import run_distributed
-
     # Under torchrun one process group serves every run (train.py joins it).
     _, summary = run_distributed(lambda info: _sweep(args, train_argv, info.is_main), args.verbose)
     return summary
 
 
 def _sweep(args: argparse.Namespace, train_argv: list[str], is_main: bool) -> dict | None:
-    from utils.file_io import atomic_write_text
-
     common, base_argv, preset, grid = resolve(args, train_argv)
     check_test_split(common)
     seeds = [common.seed + i for i in range(args.seeds)]
@@ -697,4 +692,4 @@ def print_commands(
 
 
 if __name__ == "__main__":
-    run_cli(main)  # main parses the sweep's flags before anything imports torch
+    run_cli(main)

@@ -37,7 +37,6 @@ import math
 import os
 import random
 import re
-import signal
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -45,7 +44,6 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from models.configs import (
     AUGREG_DROPOUT,
@@ -54,26 +52,22 @@ from models.configs import (
     is_augreg_filename,
     model_names,
 )
-from utils.errors import LoaderError, StoppedBySignal, UserError, exit_interrupted, run_cli
+from utils.datasets import DATASETS
+from utils.errors import LoaderError, StoppedBySignal, UserError, run_cli
 from utils.flags import (
-    DATASETS,
-    DECAY_TYPES,
-    OPT_LEVELS,
-    OPTIM_DTYPES,
-    PRECISIONS,
     HelpFormatter,
     add_verbose,
     fraction,
     non_negative_float,
     non_negative_int,
+    parse_first,
     positive_float,
     positive_int,
     random_seed,
     setup_logging,
 )
-
-if TYPE_CHECKING:
-    from utils.run_files import RunLock
+from utils.precision import OPT_LEVELS, PRECISIONS, resolve_precision
+from utils.update_rule import DECAY_TYPES, OPTIM_DTYPES
 
 logger = logging.getLogger("train")
 
@@ -241,28 +235,27 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 if __name__ == "__main__":
-    parse_args()  # --help and a mistyped flag answer now, not after torch is imported (seconds)
-    signal.signal(signal.SIGINT, exit_interrupted)  # Ctrl+C meanwhile: one line, as run_cli
+    parse_first(parse_args)  # --help and a mistyped flag answer before torch loads
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.nn.parallel import DistributedDataParallel  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-from tqdm.contrib.logging import logging_redirect_tqdm  # noqa: E402
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
-from models.modeling import VisionTransformer  # noqa: E402
-from utils.data_utils import get_loader, prepare_batch, unreadable_images  # noqa: E402
-from utils.dist_utils import (  # noqa: E402
+from models.modeling import VisionTransformer
+from utils.data_utils import get_loader, prepare_batch, unreadable_images
+from utils.dist_utils import (
     DistInfo,
     all_reduce_sum,
     barrier,
     cleanup,
     init_distributed,
 )
-from utils.engine import (  # noqa: E402
+from utils.engine import (
     MemoryFit,
     StaticGradScaler,
     autocast,
@@ -271,14 +264,13 @@ from utils.engine import (  # noqa: E402
     is_out_of_memory,
     make_scaler,
     measure_memory,
-    resolve_precision,
 )
-from utils.file_io import read_sidecar, save_checkpoint, write_sidecar  # noqa: E402
-from utils.loading import pretrained_weights, which_model  # noqa: E402
-from utils.optim import make_optimizer, make_scheduler  # noqa: E402
-from utils.run_files import EventLog, claim_run  # noqa: E402
-from utils.stopping import GracefulExit, NonFiniteGuard  # noqa: E402
-from utils.train_state import (  # noqa: E402
+from utils.file_io import read_sidecar, save_checkpoint, write_sidecar
+from utils.loading import pretrained_weights, which_model
+from utils.optim import make_optimizer, make_scheduler
+from utils.run_files import EventLog, RunLock, claim_run
+from utils.stopping import GracefulExit, NonFiniteGuard
+from utils.train_state import (
     TrainState,
     get_rng_state,
     last_state_path,
@@ -559,7 +551,9 @@ def out_of_memory(
 
 def make_trainer(args: argparse.Namespace, model: VisionTransformer, info: DistInfo) -> Trainer:
     """Move the model to the device; build optimizer, schedule, scaler, compile and DDP wrappers."""
-    precision = resolve_precision(args, info.device)
+    precision = resolve_precision(
+        args.precision, args.fp16, args.fp16_opt_level, args.loss_scale, info.device.type
+    )
     model.to(info.device).train()
     check_memory(args, model, precision, info)
     optimizer = make_optimizer(
@@ -1236,5 +1230,4 @@ def cli(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # run_cli's from here on
     run_cli(cli)

@@ -17,16 +17,18 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
+
+from matplotlib.backend_bases import FigureCanvasBase
 
 from utils.errors import run_cli
-from utils.flags import HelpFormatter, add_model_flags, add_verbose, positive_int, setup_logging
-
-if TYPE_CHECKING:
-    from PIL import Image
-
-# torch and matplotlib (and every module of ours that imports them) are imported inside the
-# functions that use them, after the flags are parsed: `--help` and a mistyped flag answer at once.
+from utils.flags import (
+    HelpFormatter,
+    add_model_flags,
+    add_verbose,
+    parse_first,
+    positive_int,
+    setup_logging,
+)
 
 logger = logging.getLogger("visualize")
 
@@ -63,7 +65,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.img_size is not None and len(args.img_size) not in (1, 2):
         p.error("--img_size takes one value or two (HEIGHT WIDTH)")
-    from matplotlib.backend_bases import FigureCanvasBase
 
     formats = FigureCanvasBase.get_supported_filetypes()
     if Path(args.output).suffix.lower().lstrip(".") not in formats:
@@ -72,6 +73,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             f"writes: {', '.join('.' + f for f in sorted(formats))}"
         )
     return args
+
+
+if __name__ == "__main__":
+    parse_first(parse_args)  # --help and a mistyped flag answer before torch loads
+
+import matplotlib
+from PIL import Image
+
+from utils import attention_maps as am
+from utils.engine import top_k
+from utils.file_io import check_output, save_figure
+from utils.loading import load_model
+from utils.preprocessing import find_images
 
 
 def output_paths(output: str, names: list[str]) -> list[Path]:
@@ -88,8 +102,6 @@ def gather_images(args: argparse.Namespace, dataset: str | None) -> list[tuple[s
     Without `--image`, a model fine-tuned on scikit-learn's digits also gets a held-out digit,
     so that its predictions mean something.
     """
-    from utils import attention_maps as am
-
     if not args.image:
         logger.info("no --image given: using scikit-learn's sample photo %s", SAMPLE_PHOTO)
         images = [(Path(SAMPLE_PHOTO).stem, am.sample_image(SAMPLE_PHOTO))]
@@ -97,8 +109,6 @@ def gather_images(args: argparse.Namespace, dataset: str | None) -> list[tuple[s
             digit, label = am.sample_digit()
             images.append((f"digit_{label}", digit))
         return images
-    from utils.preprocessing import find_images
-
     paths = find_images(args.image)
     stems = [p.stem for p in paths]
     names = [p.stem if stems.count(p.stem) == 1 else f"{p.stem}_{i}" for i, p in enumerate(paths)]
@@ -108,14 +118,7 @@ def gather_images(args: argparse.Namespace, dataset: str | None) -> list[tuple[s
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     setup_logging(args.verbose)
-    import matplotlib
-
     matplotlib.use("Agg")  # files only, never a window
-    from utils import attention_maps as am
-    from utils.engine import top_k
-    from utils.file_io import check_output, save_figure
-    from utils.loading import load_model
-
     checkpoint = args.checkpoint or am.demo_checkpoint()
     img_size = args.img_size[0] if args.img_size and len(args.img_size) == 1 else args.img_size
     loaded = load_model(checkpoint, args.model_type, img_size)

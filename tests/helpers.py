@@ -355,6 +355,28 @@ def start_train(argv: Sequence[str], log: Path) -> subprocess.Popen:
         )
 
 
+def run_script(
+    *argv: str, importtime: bool = False, timeout: float = 120, **options: object
+) -> subprocess.CompletedProcess:
+    """`python SCRIPT ARGS...` in the repository, its output captured; with `importtime`,
+    stderr also lists every module the script imported (see `imports_torch`). `options` go to
+    `subprocess.run` (env, preexec_fn)."""
+    flags = ["-X", "importtime"] if importtime else []
+    return subprocess.run(
+        [sys.executable, *flags, *argv],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **options,
+    )
+
+
+def imports_torch(proc: subprocess.CompletedProcess) -> bool:
+    """Whether a `run_script(..., importtime=True)` imported torch."""
+    return "| torch\n" in proc.stderr
+
+
 def scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
     """Every scalar series in `log_dir`, read by TensorBoard's own event reader."""
     acc = EventAccumulator(str(log_dir))
@@ -402,20 +424,9 @@ def expect_user_error(
     return err
 
 
-def script_error(argv: Sequence[str], timeout: float = 120, **options: object) -> str:
-    """Run `python ARGV` in the repository as a user does; it must exit 2 without a traceback.
-
-    Returns:
-        What it wrote to stderr.
-    """
-    proc = subprocess.run(
-        [sys.executable, *argv],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        **options,
-    )
+def script_error(*argv: str, **options: object) -> str:
+    """`run_script` of a user mistake: it must exit 2 without a traceback. Returns its stderr."""
+    proc = run_script(*argv, **options)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     return proc.stderr

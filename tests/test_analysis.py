@@ -5,8 +5,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +24,8 @@ from tests.helpers import (
     distinct_model,
     expect_user_error,
     fake_checkpoint,
+    imports_torch,
+    run_script,
     script_error,
 )
 from utils import analysis
@@ -426,12 +426,10 @@ def test_bad_input_is_one_message_and_exit_2(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.slow
 def test_help_answers_without_torch_and_a_missing_file_exits_2(tmp_path):
-    code = "import sys, analyze; analyze.parse_args([]); print('torch' in sys.modules)"
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120
-    )
-    assert result.stdout.strip() == "False"
-    err = script_error(["analyze.py", "--checkpoint", str(tmp_path / "no.npz")])
+    result = run_script("analyze.py", "--help", importtime=True)
+    assert result.returncode == 0
+    assert not imports_torch(result)  # parsed before torch is imported
+    err = script_error("analyze.py", "--checkpoint", str(tmp_path / "no.npz"))
     assert err.startswith("error: ")
 
 

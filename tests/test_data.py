@@ -28,7 +28,6 @@ from tests.helpers import (
     serve_cifar,
 )
 from utils.data_utils import (
-    DATASETS,
     CropBatch,
     DigitsDataset,
     InMemoryAugment,
@@ -39,9 +38,9 @@ from utils.data_utils import (
     build_test_set,
     build_transforms,
     get_loader,
-    holdout_split,
     prepare_batch,
 )
+from utils.datasets import DATASETS, holdout_split
 from utils.errors import LoaderError, UserError
 
 

@@ -437,7 +437,7 @@ def test_list_prints_every_official_file(capsys) -> None:
 
 
 def test_cli_unknown_model_exits_2_without_traceback() -> None:
-    err = script_error(["-m", "utils.download", "ViT-Z_99"])
+    err = script_error("-m", "utils.download", "ViT-Z_99")
     assert "No official imagenet21k checkpoint named 'ViT-Z_99'" in err
     assert "ViT-B_16" in err
 

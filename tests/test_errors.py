@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import imports_torch, run_script
 from utils.errors import StoppedBySignal, UserError, run_cli
 from utils.flags import (
     HelpFormatter,
@@ -212,3 +213,27 @@ def test_ctrl_c_while_train_py_imports_torch_is_one_line_and_exit_130(tmp_path) 
         "Interrupted (Ctrl+C): stopped at once. Every file written so far is complete "
         "(saves are atomic)."
     ]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "script", ["eval.py", "export.py", "fewshot.py", "predict.py", "sweep.py", "visualize.py"]
+)
+def test_help_answers_before_torch_loads(script) -> None:
+    """Each script parses first (`utils.flags.parse_first`), then imports torch."""
+    proc = run_script(script, "--help", importtime=True)
+    assert proc.returncode == 0
+    assert proc.stdout.startswith("usage: ")
+    assert not imports_torch(proc)
+
+
+def test_a_mistake_found_by_parse_args_is_one_line_and_exit_2_before_torch_loads() -> None:
+    """A `UserError` of a script's `parse_args` in the early parse: run_cli's line and code."""
+    proc = run_script("sweep.py", "--name", "x", "--print_commands", "--collect", importtime=True)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if not line.startswith("import time:")]
+    assert lines == [
+        "error: --print_commands prints the runs still to do and --collect summarises the "
+        "finished ones: pass one of them."
+    ]
+    assert not imports_torch(proc)

@@ -243,7 +243,7 @@ def test_missing_dataset_and_wrong_layout(tmp_path, capsys) -> None:
 def test_real_process_exits_2_without_traceback(tmp_path) -> None:
     junk = tmp_path / "junk.bin"
     junk.write_bytes(b"garbage")
-    err = script_error(["eval.py", f"--checkpoint={junk}"])
+    err = script_error("eval.py", f"--checkpoint={junk}")
     assert err.startswith("error: ")
     assert "junk.bin is not a readable PyTorch checkpoint" in err
 
@@ -255,7 +255,7 @@ def test_verbose_lists_every_key_of_a_checkpoint_that_does_not_fit(tmp_path) -> 
     argv = [f"--checkpoint={path}", "--model_type=testing", "--img_size=32", "--dataset=digits"]
 
     def run(*extra: str) -> str:
-        return script_error(["eval.py", *argv, *extra])
+        return script_error("eval.py", *argv, *extra)
 
     err = run()
     assert "more; --verbose lists them" in err

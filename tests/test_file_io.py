@@ -318,7 +318,7 @@ def test_the_file_size_limit_is_one_message_and_keeps_the_previous_file(tmp_path
 
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
     # Exit code 2, not killed by SIGXFSZ.
-    err = script_error(["-c", child], timeout=300, preexec_fn=limit_file_size, env=env)
+    err = script_error("-c", child, timeout=300, preexec_fn=limit_file_size, env=env)
     assert "file size limit was reached while saving" in err
     assert "previous file there is unchanged" in err
     assert torch.equal(safe_load(path)["w"], torch.zeros(10))

@@ -294,7 +294,7 @@ def run_limited(script: str, argv: list[str]) -> str:
     """The last line `script` writes to stderr; it must exit 2 without a traceback."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     limited = ["-c", LIMITED.format(headroom=HEADROOM), script, *argv]
-    return script_error(limited, timeout=300, env=env).strip().splitlines()[-1]
+    return script_error(*limited, timeout=300, env=env).strip().splitlines()[-1]
 
 
 @pytest.mark.slow

@@ -27,16 +27,8 @@ from models.configs import get_config
 from models.modeling import VisionTransformer
 from tests.helpers import tiny_args
 from utils.dist_utils import DistInfo
-from utils.optim import (
-    LINEAR_END,
-    OPTIM_DTYPES,
-    OptimizerStateError,
-    SGDMomentum,
-    applied_lr,
-    lr_multiplier,
-    make_optimizer,
-    make_scheduler,
-)
+from utils.optim import OptimizerStateError, SGDMomentum, make_optimizer, make_scheduler
+from utils.update_rule import LINEAR_END, OPTIM_DTYPES, applied_lr, lr_multiplier
 
 # total 10 steps, warmup 2: vit_jax's lr_fn(s) / base, hand-computed from its definition.
 COSINE = {1: 0.5, 2: 1.0, 4: 0.5 * (1 + math.cos(math.pi / 4)), 6: 0.5, 10: 0.0}

@@ -24,6 +24,7 @@ import pytest
 import sweep
 import train
 from tests.helpers import expect_user_error, make_image_folder, scalars, tiny_args
+from utils.datasets import DATASETS
 from utils.errors import StoppedBySignal
 
 REPO = Path(__file__).resolve().parents[1]
@@ -110,7 +111,7 @@ def test_summary_aggregates_the_final_runs_and_puts_the_published_figure_beside(
 
 
 def test_presets_cover_every_dataset() -> None:
-    assert set(sweep.PRESETS) == set(train.DATASETS)
+    assert set(sweep.PRESETS) == set(DATASETS)
     for dataset in ("cifar10", "cifar100"):
         preset = sweep.PRESETS[dataset]
         assert (preset.num_steps, preset.train_batch_size, preset.img_size) == (10_000, 512, 384)

@@ -36,7 +36,8 @@ from utils.data_utils import DigitsDataset, build_transforms
 from utils.errors import USER_ERRORS
 from utils.file_io import safe_load
 from utils.loading import which_model
-from utils.optim import applied_lr
+from utils.precision import resolve_precision
+from utils.update_rule import applied_lr
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -247,13 +248,14 @@ def test_original_flags_and_defaults() -> None:
 )
 def test_precision_mapping(flags: dict, device: str, want: str, tmp_path: Path) -> None:
     args = train.parse_args(tiny_args(tmp_path, **flags))
-    assert train.resolve_precision(args, torch.device(device)) == want
+    given = (args.precision, args.fp16, args.fp16_opt_level, args.loss_scale)
+    assert resolve_precision(*given, device) == want
 
 
 def test_conflicting_precision_flags(tmp_path: Path) -> None:
     args = train.parse_args(tiny_args(tmp_path, fp16=True, precision="bf16"))
     with pytest.raises(USER_ERRORS, match="only one"):
-        train.resolve_precision(args, torch.device("cuda"))
+        resolve_precision(args.precision, args.fp16, args.fp16_opt_level, 0, "cuda")
 
 
 def test_fp16_on_cpu_trains_in_bf16(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

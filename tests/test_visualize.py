@@ -110,7 +110,7 @@ def test_user_errors(tmp_path, monkeypatch):
 
 
 def test_command_line_exits_2_with_a_clear_message(tmp_path):
-    err = script_error([str(ROOT / "visualize.py"), "--checkpoint", str(tmp_path / "no.npz")])
+    err = script_error(str(ROOT / "visualize.py"), "--checkpoint", str(tmp_path / "no.npz"))
     assert "error: Checkpoint" in err
 
 

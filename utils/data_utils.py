@@ -5,11 +5,7 @@ training images get a crop sampled as `tf.image.sample_distorted_bounding_box` d
 the area) and a horizontal flip; test images are resized; everything is float32, scaled to
 [-1, 1] by `(x - 127.5) / 127.5`.
 
-Splits follow the official configs: training uses `train[:98%]`, and the last 2% of the
-training split (`holdout_fraction`) are held out as `minival`, never trained on and evaluated
-with the test preprocessing, for choosing a model without looking at the test set. "Last" is
-the dataset's own order: CIFAR's files, the digits' fixed split; an image folder, sorted by
-class, holds out the last images of each class (otherwise minival would be one class).
+Splits and the datasets' other torch-free facts: `utils.datasets`.
 
 Two training paths, the same function of (seed, epoch, index):
 
@@ -53,10 +49,20 @@ from torchvision import datasets
 from torchvision.datasets.utils import check_integrity
 
 from models.configs import to_pair
+from utils.datasets import (
+    CROP_SCALES,
+    DATASETS,
+    DIGITS_SPLIT_SEED,
+    DIGITS_TEST_SIZE,
+    HOLDOUT_FRACTION,
+    IMAGEFOLDER_LAYOUT,
+    IN_MEMORY,
+    NO_FLIP,
+    holdout_split,
+)
 from utils.dist_utils import main_process_first
 from utils.download import fetch_archive, mirror_url
 from utils.errors import USER_ERRORS, LoaderError, UserError
-from utils.flags import DATASETS
 from utils.preprocessing import (
     CROP_AREA,
     BadImageError,
@@ -70,10 +76,6 @@ from utils.preprocessing import (
 
 __all__ = [
     "CROP_SCALE",
-    "CROP_SCALES",
-    "DATASETS",
-    "HOLDOUT_FRACTION",
-    "IMAGEFOLDER_LAYOUT",
     "LOADER_TIMEOUT",
     "CropBatch",
     "DigitsDataset",
@@ -91,7 +93,6 @@ __all__ = [
     "build_transforms",
     "check_images",
     "get_loader",
-    "holdout_split",
     "init_worker",
     "loader_error",
     "prepare_batch",
@@ -101,23 +102,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-IN_MEMORY = ("cifar10", "cifar100", "digits")  # uint8 arrays: cropped and resized on the device
 CROP_SCALE = CROP_AREA  # area fraction of the training crop (official)
-NO_FLIP = ("digits",)  # a mirrored digit is a different (or no) digit
-# An 8x8 digit cropped to 5% of its area is a 2x2-pixel blob, no longer a digit: crop less.
-CROP_SCALES = {"digits": (0.3, 1.0)}
-HOLDOUT_FRACTION = 0.02  # the official `train[:98%]`: the last 2% are minival
-DIGITS_TEST_SIZE = 360  # the fixed held-out split of the 1,797 scikit-learn digits
-DIGITS_SPLIT_SEED = 0
-
-IMAGEFOLDER_LAYOUT = """\
-    DIR/
-      train/
-        <class_a>/ img001.jpg, img002.png, ...
-        <class_b>/ ...
-      val/            (or test/)
-        <class_a>/ ...
-        <class_b>/ ..."""
 
 
 def build_transforms(
@@ -598,7 +583,7 @@ def build_test_set(
     as an ImageNet validation set.
 
     Args:
-        dataset: one of `DATASETS`.
+        dataset: one of `utils.datasets.DATASETS`.
         data_dir: where CIFAR lives (downloaded there when missing and `download`), or the
             root of an image folder. Unused for `digits`.
         img_size: model input size.
@@ -626,29 +611,6 @@ def build_split(
     """
     split = _raw_split(dataset, data_dir, download, train=train)
     return split, list(split.classes)
-
-
-def holdout_split(
-    num_images: int, fraction: float, targets: Sequence[int] | None = None
-) -> tuple[list[int], list[int]]:
-    """Indices of the training part and of the held-out last `fraction` (minival).
-
-    As TFDS's `train[:98%]`, the cut is at the index closest to `(1 - fraction) * num_images`.
-    With `targets`, the cut is made in each class separately (for datasets sorted by class).
-
-    Returns:
-        (train_indices, minival_indices): disjoint, ascending, together every index.
-    """
-    if targets is None:
-        groups = [np.arange(num_images)]
-    else:  # the indices of each class, in dataset order
-        targets = np.asarray(targets)
-        order = np.argsort(targets, kind="stable")
-        groups = np.split(order, np.cumsum(np.bincount(targets))[:-1])
-    cuts = [round(len(group) * (1.0 - fraction)) for group in groups]
-    train = np.concatenate([group[:cut] for group, cut in zip(groups, cuts, strict=True)])
-    minival = np.concatenate([group[cut:] for group, cut in zip(groups, cuts, strict=True)])
-    return np.sort(train).tolist(), np.sort(minival).tolist()
 
 
 # The longest one batch may take to arrive from the loader workers before the run gives up on

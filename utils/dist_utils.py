@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from utils.errors import UserError
+from utils.flags import setup_logging
 
 __all__ = [
     "DistInfo",
@@ -165,9 +166,6 @@ def run_distributed(
     """A script's body under torchrun (or alone): join the process group, set up this rank's
     logging, run `work`, and leave the group, also when `work` fails. Returns this process's
     `DistInfo` (print only where `is_main`) and what `work` returned."""
-    # Not at the top: utils.flags may import the modules (data, ...) that import this one.
-    from utils.flags import setup_logging
-
     info = init_distributed(local_rank)
     try:
         setup_logging(verbose, info.rank, info.world_size)

@@ -6,7 +6,6 @@ training and `eval.py` are one code path and give the same numbers.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import weakref
@@ -36,7 +35,6 @@ __all__ = [
     "is_out_of_memory",
     "make_scaler",
     "measure_memory",
-    "resolve_precision",
     "top_k",
     "unwrap",
 ]
@@ -48,31 +46,6 @@ AUTOCAST_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 # --------------------------------------------------------------------------------------------
 # Precision
-
-
-def resolve_precision(args: argparse.Namespace, device: torch.device) -> str:
-    """The precision to run at, from `--precision` or `--fp16 --fp16_opt_level`."""
-    precision = args.precision
-    if args.fp16:
-        from_fp16 = "fp32" if args.fp16_opt_level == "O0" else "fp16"
-        if precision is not None and precision != from_fp16:
-            raise UserError(
-                f"--fp16 --fp16_opt_level {args.fp16_opt_level} means {from_fp16}, but "
-                f"--precision {precision} was given too; pass only one of them."
-            )
-        if args.fp16_opt_level == "O3":
-            logger.warning(
-                "Apex O3 (pure fp16 without fp32 master weights) is not offered; running as "
-                "O2: fp16 autocast with fp32 weights and loss scaling."
-            )
-        precision = from_fp16
-    precision = precision or "fp32"
-    if precision == "fp16" and device.type != "cuda":
-        logger.warning("fp16 needs CUDA; running with bfloat16 autocast on the %s.", device.type)
-        precision = "bf16"
-    if args.loss_scale and precision != "fp16":
-        logger.warning("--loss_scale %g is ignored: it applies to fp16 only.", args.loss_scale)
-    return precision
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:

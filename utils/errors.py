@@ -90,6 +90,8 @@ def run_cli(main: Callable[[], object]) -> None:
     Python ignores SIGXFSZ from start-up, the write fails with EFBIG, and the savers of
     `utils.file_io` report it as a `UserError`.)
     """
+    if signal.getsignal(signal.SIGINT) is exit_interrupted:  # set by `utils.flags.parse_first`
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         main()
     except USER_ERRORS as err:

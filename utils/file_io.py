@@ -41,7 +41,7 @@ from models.configs import model_names
 from models.npz import CheckpointError
 from utils.engine import available_bytes
 from utils.errors import UserError
-from utils.flags import PRECISIONS
+from utils.precision import PRECISIONS
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

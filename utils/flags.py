@@ -1,11 +1,14 @@
-"""What the command lines share: value types that refuse bad numbers, the choices several
-scripts offer, and the help format.
+"""What the command lines share: value types that refuse bad numbers, the help format, logging,
+and `parse_first`.
 
-It imports nothing heavy: a script parses its flags with this module and `models.configs`
-alone and imports torch afterwards, so `--help` and a mistyped flag answer at once. A value
-type raises `argparse.ArgumentTypeError`, which argparse prints as one line (`error: argument
---img_size: must be at least 1, got 0`) before exiting with code 2, the code of every other
-user mistake (`utils.errors`).
+It imports nothing heavy. Every script parses first, then imports: its `parse_args`, near the
+top, uses only torch-free modules (this one, `models.configs`, the owners of its choices:
+`utils.datasets`, `utils.precision`, `utils.update_rule`); `parse_first(parse_args)` runs it
+under `if __name__ == "__main__":`; the script's heavy imports follow. So `--help` and a
+mistyped flag answer at once, before torch loads. A value type raises
+`argparse.ArgumentTypeError`, which argparse prints as one line (`error: argument --img_size:
+must be at least 1, got 0`) before exiting with code 2, the code of every other user mistake
+(`utils.errors`).
 """
 
 from __future__ import annotations
@@ -13,34 +16,30 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import signal
 import threading
 import urllib.parse
+from collections.abc import Callable
+
+from models.configs import model_names
+from utils.errors import exit_interrupted, run_cli
 
 __all__ = [
-    "DATASETS",
-    "DECAY_TYPES",
-    "OPTIM_DTYPES",
-    "OPT_LEVELS",
-    "PRECISIONS",
     "HelpFormatter",
+    "add_model_flags",
     "add_verbose",
     "fraction",
     "http_url",
     "log_level",
     "non_negative_float",
     "non_negative_int",
+    "parse_first",
     "positive_float",
     "positive_int",
     "random_seed",
     "seconds",
     "setup_logging",
 ]
-
-DATASETS = ("cifar10", "cifar100", "imagefolder", "digits")
-PRECISIONS = ("fp32", "fp16", "bf16")
-OPT_LEVELS = ("O0", "O1", "O2", "O3")  # the Apex opt levels `--fp16_opt_level` takes
-DECAY_TYPES = ("cosine", "linear")
-OPTIM_DTYPES = ("bfloat16", "float32")  # momentum storage: vit_jax's bfloat16, or torch's float32
 
 FLOAT32_MAX = 3.4028234663852886e38  # a larger number is inf as a float32 (learning rates are)
 SEED_MAX = 2**32 - 1  # NumPy's seeds are 32-bit (`np.random.seed`)
@@ -183,6 +182,15 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
         return super()._get_help_string(action)
 
 
+def parse_first(parse_args: Callable[[], object]) -> None:
+    """Parse the command line before the script's heavy imports: `--help`, a mistyped flag or
+    another mistake of `parse_args` answers now (`run_cli`'s one line, exit 2), not after torch
+    has loaded (seconds). A Ctrl+C during those imports prints `exit_interrupted`'s one line;
+    `run_cli` restores the usual handler."""
+    run_cli(parse_args)
+    signal.signal(signal.SIGINT, exit_interrupted)
+
+
 def add_model_flags(
     parser: argparse.ArgumentParser,
     height_width: bool = False,
@@ -190,8 +198,6 @@ def add_model_flags(
 ) -> None:
     """`--model_type` and `--img_size` of a script that reads a checkpoint: both None unless
     given (the checkpoint says). With `height_width`, `--img_size` takes HEIGHT WIDTH too."""
-    from models.configs import model_names
-
     parser.add_argument("--model_type", choices=model_names(), default=None, help=model_type_help)
     if height_width:
         size = {

@@ -6,11 +6,7 @@ accumulator_dtype='bfloat16'))``) and optax (`optax.clip_by_global_norm`, `optax
 `optax.scale_by_learning_rate`). Gradient clipping is `torch.nn.utils.clip_grad_norm_` in
 train.py; this module holds the two other pieces:
 
-- The schedule. vit_jax's ``lr_fn(s) = base * decay(p) * min(1, s / warmup)`` with
-  ``p = clip((s - warmup) / (total - warmup), 0, 1)``; cosine decays to 0, linear to the
-  absolute rate ``linear_end = 1e-5``. optax calls it with its update count, 0 for the first
-  update: the k-th update (k = 1, 2, ...) uses ``lr_fn(k - 1)``. With warmup the first update
-  therefore moves nothing, though its gradient enters the momentum.
+- The schedule: `utils.update_rule` computes it, `make_scheduler` applies it.
 - The momentum (`SGDMomentum`). ``optax.trace``: ``t_new = g + decay * t``, the update is
   ``-lr * t_new`` in float32, then ``t_new`` is stored in the accumulator dtype. vit_jax stores
   it in bfloat16, where the decay 0.9 itself becomes bfloat16 (0.8984375) and the product with
@@ -21,7 +17,6 @@ train.py; this module holds the two other pieces:
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -30,76 +25,24 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
 from utils.errors import UserError
-from utils.flags import DECAY_TYPES, OPTIM_DTYPES
+from utils.update_rule import (
+    DECAY_TYPES,
+    linear_end_fraction,
+    lr_multiplier,
+    momentum_dtype_name,
+)
 
 __all__ = [
-    "DECAY_TYPES",
-    "LINEAR_END",
-    "OPTIM_DTYPES",
     "OptimizerStateError",
     "SGDMomentum",
-    "applied_lr",
-    "lr_multiplier",
     "make_optimizer",
     "make_scheduler",
 ]
 
 logger = logging.getLogger(__name__)
 
-LINEAR_END = 1e-5  # vit_jax's `linear_end`: the learning rate linear decay ends at
-
-
 # --------------------------------------------------------------------------------------------
 # Learning-rate schedule
-
-
-def lr_multiplier(
-    step: int, total_steps: int, warmup_steps: int, decay_type: str, linear_end: float = 0.0
-) -> float:
-    """vit_jax's schedule ``lr_fn(step)`` as a fraction of the base rate.
-
-    `step` is counted as optax counts: 0 for the first update, so the k-th update uses
-    ``lr_multiplier(k - 1, ...)`` (see `applied_lr`).
-
-    Args:
-        step: optax's update count, 0 for the first update.
-        total_steps: steps of the whole run (the decay ends there).
-        warmup_steps: steps of linear warmup from 0 to the base rate.
-        decay_type: "cosine" (to 0) or "linear" (to `linear_end`).
-        linear_end: where linear decay ends, as a fraction of the base rate.
-
-    Returns:
-        A multiplier in [0, 1].
-    """
-    if decay_type not in DECAY_TYPES:
-        raise ValueError(f"decay_type must be one of {DECAY_TYPES}, got {decay_type!r}")
-    decay_steps = max(total_steps - warmup_steps, 1)
-    progress = min(max((step - warmup_steps) / decay_steps, 0.0), 1.0)
-    if decay_type == "cosine":
-        value = 0.5 * (1.0 + math.cos(math.pi * progress))
-    else:
-        value = linear_end + (1.0 - linear_end) * (1.0 - progress)
-    if warmup_steps > 0:
-        value *= min(1.0, step / warmup_steps)
-    return value
-
-
-def _linear_end_fraction(base_lr: float) -> float:
-    """vit_jax's absolute `linear_end` as a fraction of `base_lr`."""
-    return LINEAR_END / base_lr if base_lr > 0 else 0.0
-
-
-def applied_lr(
-    base_lr: float, update: int, total_steps: int, warmup_steps: int, decay_type: str
-) -> float:
-    """The learning rate the `update`-th update applies (1 for the first): ``lr_fn(update - 1)``.
-
-    This is what `make_scheduler`'s ``get_last_lr()[0]`` reads just before that update's
-    ``optimizer.step()``. (vit_jax logs ``lr_fn(step)`` with `step` counted from 1: the rate of
-    the next update, not of the one just taken.)
-    """
-    end = _linear_end_fraction(base_lr)
-    return base_lr * lr_multiplier(update - 1, total_steps, warmup_steps, decay_type, end)
 
 
 def make_scheduler(
@@ -124,7 +67,7 @@ def make_scheduler(
         raise ValueError(f"decay_type must be one of {DECAY_TYPES}, got {decay_type!r}")
 
     def schedule(base_lr: float) -> Callable[[int], float]:
-        end = _linear_end_fraction(base_lr)
+        end = linear_end_fraction(base_lr)
         return lambda count: lr_multiplier(count, total_steps, warmup_steps, decay_type, end)
 
     for group in optimizer.param_groups:
@@ -144,13 +87,6 @@ class OptimizerStateError(UserError, ValueError):
 _CHUNK_NUMEL = 2**22  # elements updated per multi-tensor call: 16 MiB of float32 temporaries
 # Keys of a torch.optim.SGD param group that mean nothing here (checked before being dropped).
 _TORCH_SGD_ONLY = ("dampening", "nesterov", "maximize", "foreach", "differentiable", "fused")
-
-
-def _dtype_name(dtype: torch.dtype | str) -> str:
-    name = str(dtype).removeprefix("torch.")
-    if name not in OPTIM_DTYPES:
-        raise ValueError(f"momentum_dtype must be one of {OPTIM_DTYPES}, got {dtype!r}")
-    return name
 
 
 class SGDMomentum(Optimizer):
@@ -206,7 +142,7 @@ class SGDMomentum(Optimizer):
             "lr": lr,
             "momentum": momentum,
             # A name, not a torch.dtype, so that the state dict holds plain Python values.
-            "momentum_dtype": _dtype_name(momentum_dtype),
+            "momentum_dtype": momentum_dtype_name(momentum_dtype),
             "weight_decay": weight_decay,
         }
         super().__init__(params, defaults)
