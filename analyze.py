@@ -95,8 +95,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dpi", type=positive_int, default=100, help="Figure resolution.")
     add_verbose(p)
     args = p.parse_args(argv)
-    if args.img_size is not None and len(args.img_size) not in (1, 2):
-        p.error("--img_size takes one value or two (HEIGHT WIDTH)")
     if args.checkpoint is not None and len(args.checkpoint) > 2:
         p.error("--checkpoint takes one file or two (before and after fine-tuning)")
     if args.image and args.dataset:
@@ -132,9 +130,8 @@ def is_random(checkpoint: str) -> bool:
 
 def load(checkpoint: str, args: argparse.Namespace) -> LoadedModel:
     """The model of a checkpoint, or a randomly initialised one for `none`."""
-    img_size = args.img_size[0] if args.img_size and len(args.img_size) == 1 else args.img_size
     if not is_random(checkpoint):
-        return load_model(checkpoint, args.model_type, img_size)
+        return load_model(checkpoint, args.model_type, args.img_size)
     if args.model_type is None:
         raise UserError("--checkpoint none (random weights) needs --model_type.")
     logger.warning(
@@ -142,7 +139,7 @@ def load(checkpoint: str, args: argparse.Namespace) -> LoadedModel:
         args.model_type,
     )
     torch.manual_seed(0)
-    model = VisionTransformer(args.model_type, img_size or 224, num_classes=1000)
+    model = VisionTransformer(args.model_type, args.img_size or 224, num_classes=1000)
     return LoadedModel(model.eval(), args.model_type, model.img_size, source="none")
 
 

@@ -63,8 +63,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dpi", type=positive_int, default=100, help="Figure resolution.")
     add_verbose(p)
     args = p.parse_args(argv)
-    if args.img_size is not None and len(args.img_size) not in (1, 2):
-        p.error("--img_size takes one value or two (HEIGHT WIDTH)")
 
     formats = FigureCanvasBase.get_supported_filetypes()
     if Path(args.output).suffix.lower().lstrip(".") not in formats:
@@ -120,8 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging(args.verbose)
     matplotlib.use("Agg")  # files only, never a window
     checkpoint = args.checkpoint or am.demo_checkpoint()
-    img_size = args.img_size[0] if args.img_size and len(args.img_size) == 1 else args.img_size
-    loaded = load_model(checkpoint, args.model_type, img_size)
+    loaded = load_model(checkpoint, args.model_type, args.img_size)
     logger.info(
         "%s from %s at %dx%d %s, %s",
         loaded.model_type,

@@ -156,6 +156,7 @@ def test_figures_go_to_the_output_folder_by_default(tmp_path, monkeypatch, capsy
         (["--dpi", "0"], "argument --dpi: must be at least 1, got 0"),
         (["--img_size", "0"], "argument --img_size: must be at least 1, got 0"),
         (["--img_size", "-32"], "argument --img_size: must be at least 1, got -32"),
+        (["--img_size", "32", "32", "32"], "--img_size takes one value or two (HEIGHT WIDTH)"),
         (["--top_k", "0"], "argument --top_k: must be at least 1, got 0"),
         (["--output", "figure.xyz"], "--output figure.xyz: the file name must end in a figure"),
         (["--output", "figure"], "--output figure: the file name must end in a figure"),

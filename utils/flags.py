@@ -197,14 +197,23 @@ def add_model_flags(
     model_type_help: str = "Default: from the checkpoint's sidecar or its shapes.",
 ) -> None:
     """`--model_type` and `--img_size` of a script that reads a checkpoint: both None unless
-    given (the checkpoint says). With `height_width`, `--img_size` takes HEIGHT WIDTH too."""
+    given (the checkpoint says). With `height_width`, `--img_size` takes HEIGHT WIDTH too and
+    holds an int or a (height, width) pair."""
     parser.add_argument("--model_type", choices=model_names(), default=None, help=model_type_help)
     if height_width:
         size = {
             "nargs": "+",
+            "action": _HeightWidth,
             "metavar": "SIZE",
             "help": "Input size, one value or HEIGHT WIDTH (default: the checkpoint's own).",
         }
     else:
         size = {"help": "Default: the size it was trained at."}
     parser.add_argument("--img_size", type=positive_int, default=None, **size)
+
+
+class _HeightWidth(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        if len(values) > 2:
+            parser.error(f"{option_string} takes one value or two (HEIGHT WIDTH)")
+        setattr(namespace, self.dest, values[0] if len(values) == 1 else tuple(values))
