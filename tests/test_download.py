@@ -40,7 +40,6 @@ from utils.data_utils import build_test_set
 from utils.errors import UserError
 from utils.file_io import save_npz
 
-ROOT = Path(__file__).resolve().parents[1]
 SOURCE = "imagenet21k"
 
 
