@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import time
 from collections.abc import Sequence
 
@@ -28,8 +27,8 @@ from utils.errors import UserError, run_cli
 from utils.flags import (
     HelpFormatter,
     add_model_flags,
+    add_process_flags,
     add_verbose,
-    non_negative_int,
     parse_first,
     positive_int,
 )
@@ -55,20 +54,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="CIFAR folder, or an image folder root with val/ (or test/), one folder per class.",
     )
     p.add_argument("--eval_batch_size", type=positive_int, default=64, help="Per process.")
-    p.add_argument(
-        "--num_workers",
-        type=non_negative_int,
-        default=min(4, os.cpu_count() or 1),
-        help="Data-loading worker processes per process.",
-    )
+    add_process_flags(p)
     p.add_argument(
         "--precision",
         choices=PRECISIONS,
         default=None,
         help="Autocast precision. Default: the one it was trained with (sidecar), else fp32.",
-    )
-    p.add_argument(
-        "--local_rank", "--local-rank", type=int, default=-1, help="Set by older launchers."
     )
     add_verbose(p)
     return p.parse_args(argv)

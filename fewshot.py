@@ -38,8 +38,8 @@ from utils.errors import UserError, run_cli
 from utils.flags import (
     HelpFormatter,
     add_model_flags,
+    add_process_flags,
     add_verbose,
-    non_negative_int,
     parse_first,
     positive_float,
     positive_int,
@@ -105,16 +105,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--cache_dir", default=None, help="Keep the features here; reused by later runs."
     )
     p.add_argument("--batch_size", type=positive_int, default=64, help="Per process.")
-    p.add_argument(
-        "--num_workers",
-        type=non_negative_int,
-        default=min(4, os.cpu_count() or 1),
-        help="Data-loading worker processes per process.",
-    )
+    add_process_flags(p)
     p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="Autocast precision.")
-    p.add_argument(
-        "--local_rank", "--local-rank", type=int, default=-1, help="Set by older launchers."
-    )
     add_verbose(p)
     args = p.parse_args(argv)
     if args.resize_size is not None and args.preprocess != "big_vision":

@@ -23,7 +23,6 @@ import csv
 import io
 import json
 import logging
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,8 +31,8 @@ from utils.errors import run_cli
 from utils.flags import (
     HelpFormatter,
     add_model_flags,
+    add_process_flags,
     add_verbose,
-    non_negative_int,
     parse_first,
     positive_int,
 )
@@ -62,16 +61,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--batch_size", type=positive_int, default=64, help="Images per batch and process."
     )
-    p.add_argument(
-        "--num_workers",
-        type=non_negative_int,
-        default=min(4, os.cpu_count() or 1),
-        help="Image-reading worker processes per process.",
-    )
+    add_process_flags(p, workers="Image-reading")
     add_model_flags(p)
-    p.add_argument(
-        "--local_rank", "--local-rank", type=int, default=-1, help="Set by older launchers."
-    )
     add_verbose(p)
     args = p.parse_args(argv)
     if args.output and Path(args.output).suffix.lower() not in OUTPUT_FORMATS:

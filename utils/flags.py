@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import signal
 import threading
 import urllib.parse
@@ -27,6 +28,7 @@ from utils.errors import exit_interrupted, run_cli
 __all__ = [
     "HelpFormatter",
     "add_model_flags",
+    "add_process_flags",
     "add_verbose",
     "fraction",
     "http_url",
@@ -210,6 +212,20 @@ def add_model_flags(
     else:
         size = {"help": "Default: the size it was trained at."}
     parser.add_argument("--img_size", type=positive_int, default=None, **size)
+
+
+def add_process_flags(parser: argparse.ArgumentParser, workers: str = "Data-loading") -> None:
+    """`--num_workers` (up to 4, one per CPU) and `--local_rank`, of a script whose every
+    process reads data (under torchrun)."""
+    parser.add_argument(
+        "--num_workers",
+        type=non_negative_int,
+        default=min(4, os.cpu_count() or 1),
+        help=f"{workers} worker processes per process.",
+    )
+    parser.add_argument(
+        "--local_rank", "--local-rank", type=int, default=-1, help="Set by older launchers."
+    )
 
 
 class _HeightWidth(argparse.Action):
