@@ -42,6 +42,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import islice
 from pathlib import Path
 
@@ -64,7 +65,6 @@ from utils.flags import (
     positive_float,
     positive_int,
     random_seed,
-    setup_logging,
 )
 from utils.precision import OPT_LEVELS, PRECISIONS, resolve_precision
 from utils.update_rule import DECAY_TYPES, OPTIM_DTYPES
@@ -252,8 +252,7 @@ from utils.dist_utils import (
     DistInfo,
     all_reduce_sum,
     barrier,
-    cleanup,
-    init_distributed,
+    run_distributed,
 )
 from utils.engine import (
     MemoryFit,
@@ -1182,18 +1181,13 @@ def print_summary(summary: Summary, args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> Summary:
     """Parse flags, set up, run the training loop, print the summary; returns the summary."""
     args = parse_args(argv)
-    info = init_distributed(args.local_rank)
-    try:
-        summary = _run(args, info)
-    finally:
-        cleanup()
+    info, summary = run_distributed(partial(_run, args), args.verbose, args.local_rank)
     if info.is_main:
         print_summary(summary, args)
     return summary
 
 
 def _run(args: argparse.Namespace, info: DistInfo) -> Summary:
-    setup_logging(args.verbose, info.rank, info.world_size)
     check_args(args, info)
     # The run's files are checked and locked before any work: a new run never replaces an
     # earlier run's files, and --overwrite deletes them only once every other check has passed.

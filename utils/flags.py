@@ -196,7 +196,8 @@ def parse_first(parse_args: Callable[[], object]) -> None:
 def add_model_flags(
     parser: argparse.ArgumentParser,
     height_width: bool = False,
-    model_type_help: str = "Default: from the checkpoint's sidecar or its shapes.",
+    model_type_help: str = "Default: the model the checkpoint holds (its description, official "
+    "file name or shapes).",
 ) -> None:
     """`--model_type` and `--img_size` of a script that reads a checkpoint: both None unless
     given (the checkpoint says). With `height_width`, `--img_size` takes HEIGHT WIDTH too and
