@@ -19,6 +19,7 @@ import math
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -450,6 +451,18 @@ def which_model(
     )
 
 
+def _read_checkpoint(path: str, model_type: str | None) -> tuple[dict, dict[str, Any], str]:
+    """A checkpoint's weights as stored (official arrays for an `.npz`, else a state dict of
+    ours), what its description says, and the model it holds (:func:`which_model`). A folder
+    without a `config.json` is read as an `.npz`, whose message names the files inside."""
+    if path.endswith(".npz") or (os.path.isdir(path) and not is_model_folder(path)):
+        weights = load_npz(path, model_type)
+        return weights, {}, which_model(path, model_type, shapes=partial(guess_model_type, weights))
+    state, facts = read_weights(path, model_type)
+    guess = partial(guess_state_dict_model, state)
+    return state, facts, which_model(path, model_type, facts.get("model_type"), guess)
+
+
 def _check_head_facts(sidecar: Mapping[str, Any], num_classes: int, path: str) -> None:
     """Refuse a description whose class count or names disagree with the weights' head."""
     source = path if path.endswith(SAFETENSORS_SUFFIX) else sidecar_path(path)
@@ -491,22 +504,16 @@ def load_model(
             fit (each key named with both shapes).
     """
     path = os.fspath(checkpoint)
-    sidecar: dict[str, Any] = {}
+    weights, sidecar, model_type = _read_checkpoint(path, model_type)
     if path.endswith(".npz"):
-        weights = load_npz(path, model_type)
-        model_type = which_model(path, model_type, shapes=lambda: guess_model_type(weights))
         num_classes = checkpoint_num_classes(weights)
         pos = weights.get("Transformer/posembed_input/pos_embedding")
     else:
-        state, sidecar = read_weights(path, model_type)
-        model_type = which_model(
-            path, model_type, sidecar.get("model_type"), lambda: guess_state_dict_model(state)
-        )
-        num_classes = int(state["head.bias"].shape[0]) if "head.bias" in state else None
-        pos = state.get("embeddings.pos_embed")
+        num_classes = int(weights["head.bias"].shape[0]) if "head.bias" in weights else None
+        pos = weights.get("embeddings.pos_embed")
     config = get_config(model_type)
     if not path.endswith(".npz"):
-        config = _with_pre_logits(config, state)
+        config = _with_pre_logits(config, weights)
     elif keep_pre_logits and "pre_logits/kernel" in weights and not config.representation_size:
         config = config.replace(representation_size=int(weights["pre_logits/kernel"].shape[-1]))
     headless = num_classes is None and keep_pre_logits
@@ -530,9 +537,10 @@ def load_model(
         load_pretrained(model, weights, zero_head=headless)
     else:
         if headless:
-            state = {**state, "head.weight": model.head.weight.new_zeros(model.head.weight.shape)}
-            state["head.bias"] = model.head.bias.new_zeros(1)
-        assign_weights(model, state, path)
+            head = model.head
+            weights = {**weights, "head.weight": head.weight.new_zeros(head.weight.shape)}
+            weights["head.bias"] = head.bias.new_zeros(1)
+        assign_weights(model, weights, path)
     dataset = sidecar.get("dataset") or ("imagenet2012" if num_classes == 1000 else None)
     return LoadedModel(
         model=model.eval(),
@@ -576,13 +584,9 @@ def pretrained_weights(
         UserError: no `model_type`, and the checkpoint does not tell.
     """
     path = os.fspath(path)
-    if path.endswith(".npz") or (os.path.isdir(path) and not is_model_folder(path)):
-        weights = load_npz(path, model_type)
-        return weights, which_model(path, model_type, shapes=lambda: guess_model_type(weights))
-    state, facts = read_weights(path, model_type)
-    model_type = which_model(
-        path, model_type, facts.get("model_type"), lambda: guess_state_dict_model(state)
-    )
+    state, _, model_type = _read_checkpoint(path, model_type)
+    if path.endswith(".npz"):
+        return state, model_type  # official arrays already
     config = _with_pre_logits(get_config(model_type), state)
     with torch.device("meta"):  # shapes only
         reference = VisionTransformer(config, 2 * config.stride, num_classes=1).state_dict()
