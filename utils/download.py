@@ -89,7 +89,6 @@ __all__ = [
     "read_augreg_index",
     "resolve_file",
     "select_augreg",
-    "verify",
 ]
 
 logger = logging.getLogger(__name__)
@@ -488,16 +487,6 @@ def fetch_archive(
         ) from None
 
 
-def verify(path: str | os.PathLike, model: str) -> None:
-    """Check that `path` opens as an `.npz` holding every key `model` needs.
-
-    Raises:
-        CheckpointError: unreadable, or keys missing (the message lists them).
-    """
-    weights = load_npz(path, model)
-    npz_to_state_dict(weights, get_config(model), include_head=False)
-
-
 # --------------------------------------------------------------------------------------------
 # AugReg: augreg/index.csv describes every file (vit_jax/checkpoint.py, `get_augreg_df`)
 
@@ -889,8 +878,8 @@ def fetch_checkpoint(
     part = download(
         url, dest, retries=retries, timeout=timeout, progress=progress, limit=_limit(listed)
     )
-    try:
-        verify(part, model)
+    try:  # it opens as an .npz holding every key the model needs
+        npz_to_state_dict(load_npz(part, model), get_config(model), include_head=False)
     except CheckpointError as err:
         part.unlink()
         raise UserError(
