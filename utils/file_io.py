@@ -335,19 +335,7 @@ def _remove_orphaned_temps(path: str) -> None:
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> str:
-    """`torch.save(obj, path)` that leaves either the old or the new file, never a torn one.
-
-    Writes to `<path>.tmp<pid>` in the same directory, flushes and fsyncs it, renames it over
-    `path` and fsyncs the directory. On any error the temporary file is removed and `path` is
-    untouched.
-
-    Returns:
-        The SHA-256 (hex) of the file written (hashed while writing).
-
-    Raises:
-        UserError: the disk (or quota) is full, or the file size limit is reached; names the
-            path and the fix.
-    """
+    """`torch.save(obj, path)` through `atomic_write`; returns the file's SHA-256 (hex)."""
     return atomic_write(path, lambda handle: torch.save(obj, handle))
 
 
@@ -359,12 +347,7 @@ def save_checkpoint(state: Mapping[str, torch.Tensor], path: str | os.PathLike, 
     still in place) replaces the old sidecar; then the checkpoint is renamed into place. Killed
     between the two renames, the previous checkpoint stays, and its new sidecar still
     recognises it by `previous_sha256` (`safe_load` then warns that its facts describe a newer
-    save that did not complete).
-
-    Args:
-        state: the model's state dict (tensors on any device).
-        path: e.g. `output/<name>_checkpoint.bin`.
-        **info: the sidecar's facts (see `write_sidecar`).
+    save that did not complete). `info` holds the sidecar's facts (see `write_sidecar`).
 
     Returns:
         The SHA-256 (hex) of the checkpoint written.
@@ -481,14 +464,16 @@ def _verify_file(path: str) -> None:
     )
 
 
-def _damaged_part(path: str, everything: bool) -> str | None:
-    """The part of a PyTorch (zip) file whose bytes no longer match the CRC-32 the zip recorded
-    for it, or None: the pickle alone (small, so always checked), or every part.
+def _check_parts(path: str, everything: bool) -> None:
+    """Refuse a PyTorch (zip) file a part of which no longer matches the CRC-32 the zip recorded
+    for it: the pickle alone (small, so always checked), or every part.
 
     The checks that follow (the sidecar's SHA-256, the content hash inside a training state)
     cover the tensors; a flipped bit in the pickle can otherwise look like anything, e.g. a
     reference to code, or remove the content hash it holds.
     """
+    if not zipfile.is_zipfile(path):
+        return
     name = "its directory"
     try:
         with zipfile.ZipFile(path) as archive:
@@ -499,21 +484,11 @@ def _damaged_part(path: str, everything: bool) -> str | None:
                         while part.read(1 << 24):
                             pass
     except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as err:
-        return f"{name} ({err})"
-    return None
-
-
-def _check_parts(path: str, everything: bool) -> None:
-    """Refuse a PyTorch (zip) file whose parts fail their CRC-32 check (see `_damaged_part`)."""
-    if not zipfile.is_zipfile(path):
-        return
-    damaged = _damaged_part(path, everything)
-    if damaged:
         raise CheckpointError(
-            f"{path} is damaged: {damaged} no longer matches the CRC-32 checksum recorded when "
-            "the file was written (a disk or copy error, or an edit). Use an intact copy, e.g. "
-            "the previous checkpoint, or train again."
-        )
+            f"{path} is damaged: {name} ({err}) no longer matches the CRC-32 checksum recorded "
+            "when the file was written (a disk or copy error, or an edit). Use an intact copy, "
+            "e.g. the previous checkpoint, or train again."
+        ) from None
 
 
 def _verify_content(obj: Any, path: str) -> Any:
@@ -770,15 +745,9 @@ def save_safetensors(
     info: Mapping[str, Any],
     flag: str | None = None,
 ) -> None:
-    """Write a state dict and its description as one `.safetensors` file, atomically.
-
-    Args:
-        path: the file to write.
-        state: tensors by name (each stored contiguous, on the CPU).
-        info: JSON-serialisable facts (model_type, img_size, class_names, ...); each value is
-            stored as its JSON text.
-        flag: for a script's output, the flag that names it (see `write_output`).
-    """
+    """Write a state dict (each tensor contiguous, on the CPU) and its description as one
+    `.safetensors` file, atomically. Each value of `info` (model_type, img_size, ...) is stored as
+    its JSON text; `flag`: for a script's output, the flag that names it (see `write_output`)."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     metadata = {"format": "pt", **{k: json.dumps(v) for k, v in info.items() if v is not None}}
     data = safetensors.torch.save(tensors, metadata=metadata)
