@@ -42,6 +42,7 @@ from models.npz import CheckpointError
 from utils.engine import available_bytes
 from utils.errors import UserError
 from utils.precision import PRECISIONS
+from utils.run_files import process_alive
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -314,21 +315,11 @@ def save_figure(path: str | os.PathLike, figure: Figure, dpi: int, flag: str = "
     write_output(path, lambda handle: handle.write(data), flag)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # exists but is not ours (PermissionError), or cannot be checked
-        return True
-    return True
-
-
 def _remove_orphaned_temps(path: str) -> None:
     """Delete `<path>.tmp<pid>` files of writers that died mid-save (e.g. by `kill -9`)."""
     for stale in glob.glob(f"{glob.escape(path)}.tmp*"):
         pid = stale[len(path) + len(".tmp") :]
-        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
             with contextlib.suppress(OSError):
                 os.remove(stale)
                 logger.info("Removed %s, left by an interrupted save.", stale)

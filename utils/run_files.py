@@ -48,7 +48,7 @@ except ImportError:  # Windows locks a byte of the file instead
 
     fcntl = None
 
-__all__ = ["EventLog", "RunLock", "check_folder", "claim_run", "run_files"]
+__all__ = ["EventLog", "RunLock", "check_folder", "claim_run", "process_alive", "run_files"]
 
 logger = logging.getLogger(__name__)
 
@@ -381,14 +381,20 @@ def _holder(record: str) -> str:
     if match is None:
         return "a process whose PID is not recorded"
     pid, host = int(match[1]), match[2]
-    if os.name == "posix" and host == socket.gethostname() and pid > 0:
-        try:
-            os.kill(pid, 0)  # signal 0: only asks whether the process exists
-        except ProcessLookupError:
-            return f"its PID is not yet recorded; the recorded process {pid} no longer runs"
-        except PermissionError:
-            pass  # it exists, under another user
+    if os.name == "posix" and host == socket.gethostname() and pid > 0 and not process_alive(pid):
+        return f"its PID is not yet recorded; the recorded process {pid} no longer runs"
     return f"PID {pid} on {host}"
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` exists (signal 0 only asks), whoever's it is."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists but is not ours (PermissionError), or cannot be checked
+        pass
+    return True
 
 
 def _read_record(fd: int) -> str:
