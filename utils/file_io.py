@@ -698,9 +698,7 @@ def description_error(source: str | os.PathLike, field: str, value: Any, wanted:
 
 def check_description(info: Any, source: str | os.PathLike) -> dict[str, Any]:
     """`info`, a checkpoint's description (sidecar or `.safetensors` metadata), checked field by
-    field: model_type a known model, img_size positive, num_classes at least 1, class_names
-    strings (as many as num_classes when both are given), precision a known one, steps at
-    least 0, accuracies in [0, 1] or null, hashes of 64 hex digits.
+    field (`_DESCRIPTION_FIELDS`; class_names as many as num_classes when both are given).
 
     Raises:
         CheckpointError: naming `source`, the field and what it must be.
