@@ -387,7 +387,7 @@ def _holder(record: str) -> str:
 
 
 def process_alive(pid: int) -> bool:
-    """Whether process `pid` exists (signal 0 only asks), whoever's it is."""
+    """Whether process `pid` exists, also under another user (signal 0 only asks)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
