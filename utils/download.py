@@ -759,61 +759,49 @@ def augreg_table(
         for name in _best_pretrainings(chosen):
             with contextlib.suppress(UserError):  # no such fine-tuning of that model
                 selected.add(select_augreg(rows, name, adapt, resolution))
-        table = _table(
-            ("", "model", "data", "adapt", "res", "adapt_final_val", "file"),
-            [
-                (
-                    "*" if r.adapt_filename in selected else "",
-                    r.model,
-                    r.ds,
-                    r.adapt_ds,
-                    r.adapt_resolution,
-                    _score(r.adapt_final_val),
-                    r.adapt_filename,
-                )
-                for r in lines
-            ],
-        )
+        header = ("adapt", "res", "adapt_final_val", "file")
+        cells = [
+            (r.adapt_ds, r.adapt_resolution, _score(r.adapt_final_val), r.adapt_filename)
+            for r in lines
+        ]
     else:
         selected = {r.filename for r in _best_pretrainings(rows).values()}
         unique = {r.filename: r for r in reversed(chosen)}  # first row of each file
-        lines = sorted(
-            unique.values(),
-            key=lambda r: (r.model, r.ds, -_rank(r.final_val)),
-        )
-        table = _table(
-            ("", "model", "data", "aug", "wd", "do", "sd", "final_val", "params", "size", "file"),
-            [
-                (
-                    "*" if r.filename in selected else "",
-                    r.model,
-                    r.ds,
-                    r.aug,
-                    r.wd,
-                    r.do,
-                    r.sd,
-                    _score(r.final_val),
-                    r.params,
-                    AUGREG_SIZES.get(r.filename, ""),
-                    r.filename,
-                )
-                for r in lines
-            ],
-        )
+        lines = sorted(unique.values(), key=lambda r: (r.model, r.ds, -_rank(r.final_val)))
+        header = ("aug", "wd", "do", "sd", "final_val", "params", "size", "file")
+        cells = [
+            (
+                r.aug,
+                r.wd,
+                r.do,
+                r.sd,
+                _score(r.final_val),
+                r.params,
+                AUGREG_SIZES.get(r.filename, ""),
+                r.filename,
+            )
+            for r in lines
+        ]
+    flags = [f"--adapt {adapt}"] if adapt else []
+    flags += [f"--resolution {resolution}"] if resolution is not None else []
     if not lines:
         models = sorted({r.model for r in rows})
         wanted = [f"model {spelling}"] if spelling else []
-        wanted += [f"--adapt {adapt}"] if adapt else []
-        wanted += [f"--resolution {resolution}"] if resolution is not None else []
         raise UserError(
-            f"No AugReg files match {', '.join(wanted)}.{_closest(spelling or '', models)} "
+            f"No AugReg files match {', '.join(wanted + flags)}.{_closest(spelling or '', models)} "
             f"Models: {', '.join(models)}; fine-tuning data: "
             f"{', '.join(sorted({r.adapt_ds for r in rows if r.adapt_ds}))}."
         )
-    flags = f" --adapt {adapt}" if adapt else ""
-    flags += f" --resolution {resolution}" if resolution is not None else ""
+    table = _table(
+        ("", "model", "data", *header),
+        [
+            ("*" if c[-1] in selected else "", r.model, r.ds, *c)  # c[-1]: the file
+            for r, c in zip(lines, cells, strict=True)
+        ],
+    )
     return (
-        f"{table}\n* = what `python3 -m utils.download MODEL --source augreg{flags}` selects "
+        f"{table}\n* = what `python3 -m utils.download MODEL --source augreg"
+        f"{''.join(f' {flag}' for flag in flags)}` selects "
         "(from the ImageNet-21k pre-training with the best final_val). Pass a file name to take "
         "another."
     )
