@@ -367,11 +367,9 @@ def download(
     """Fetch `url` to `<dest>.part`, resuming with HTTP Range; returns the `.part` path.
 
     The caller verifies the file and renames it. The `.part` file is kept when all attempts
-    fail, so the next call continues where this one stopped. Retries wait `BACKOFF` seconds,
-    doubled each time.
+    fail, so the next call continues where this one stopped.
 
     Args:
-        dest: the final file (the download goes to `<dest>.part`).
         retries: further attempts after a network failure or a server error (5xx).
         timeout: seconds to wait for the connection and for each read; also the window over
             which at least `MIN_RATE` bytes/s must arrive.
