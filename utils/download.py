@@ -912,13 +912,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--source",
         choices=SOURCES,
-        default=None,
         help=f"default: {AUGREG} for AugReg names, else {DEFAULT_SOURCE} or the only source that "
         "has the file",
     )
     parser.add_argument(
         "--adapt",
-        default=None,
         metavar="DATASET",
         help="AugReg: the fine-tuned file on DATASET (e.g. imagenet2012, cifar100) instead of "
         "the pre-training",
@@ -926,14 +924,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--resolution",
         type=positive_int,
-        default=None,
         help="AugReg with --adapt: only fine-tunings at this resolution (224 or 384)",
     )
     parser.add_argument("--dir", default="checkpoint", help="where to save")
     parser.add_argument(
         "--base_url",
         type=http_url,
-        default=None,
         help=f"mirror with the same layout (default: $VIT_BASE_URL or {BASE_URL})",
     )
     parser.add_argument(
