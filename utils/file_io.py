@@ -655,8 +655,7 @@ def _or_unknown(test: Callable[[Any], bool]) -> Callable[[Any], bool]:
 
 
 def _is_fraction(value: Any) -> bool:
-    number = isinstance(value, int | float) and not isinstance(value, bool)
-    return value is None or (number and 0.0 <= value <= 1.0)
+    return isinstance(value, int | float) and not isinstance(value, bool) and 0.0 <= value <= 1.0
 
 
 def _is_sha256(value: Any) -> bool:
@@ -676,7 +675,7 @@ _DESCRIPTION_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "sha256": (_is_sha256, "64 hexadecimal digits (what sha256sum prints)"),
     "previous_sha256": (_is_sha256, "64 hexadecimal digits (what sha256sum prints)"),
 }
-_FRACTION = (_is_fraction, "a number from 0 to 1, or null")  # every `*accuracy` field
+_FRACTION = (_or_unknown(_is_fraction), "a number from 0 to 1, or null")  # every `*accuracy` field
 
 
 def description_error(source: str | os.PathLike, field: str, value: Any, wanted: str) -> Exception:
