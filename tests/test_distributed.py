@@ -29,8 +29,8 @@ REPO = Path(__file__).resolve().parents[1]
 NO_DROPOUT = "testing-nodrop"
 
 
-def register_no_dropout() -> None:
-    configs.CONFIGS[NO_DROPOUT] = get_config("testing").replace(name=NO_DROPOUT, dropout_rate=0.0)
+def no_dropout() -> configs.ViTConfig:
+    return get_config("testing").replace(name=NO_DROPOUT, dropout_rate=0.0)
 
 
 def free_port() -> int:
@@ -71,8 +71,7 @@ def test_torchrun_two_processes_equal_one(tmp_path: Path, monkeypatch: pytest.Mo
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     # One process, same total batch 16: 2 micro-batches of 8 instead of 2 processes x 8.
-    no_dropout = get_config("testing").replace(name=NO_DROPOUT, dropout_rate=0.0)
-    monkeypatch.setitem(configs.CONFIGS, NO_DROPOUT, no_dropout)
+    monkeypatch.setitem(configs.CONFIGS, NO_DROPOUT, no_dropout())
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -148,5 +147,5 @@ def test_a_script_that_fails_still_leaves_the_process_group(
 
 
 if __name__ == "__main__":  # a torchrun worker
-    register_no_dropout()
+    configs.CONFIGS[NO_DROPOUT] = no_dropout()
     train.main(sys.argv[1:])

@@ -327,9 +327,8 @@ def test_an_unwritable_folder_is_said_so_without_retries(server, testing_file, t
     assert len(server.requests) == 1
 
 
-def test_a_download_declaring_terabytes_is_refused_and_deleted(
-    server, testing_file, tmp_path
-) -> None:
+def _declares_terabytes(tmp_path: Path) -> bytes:
+    """An .npz of 16 bytes whose one array declares a 10**6 x 10**6 float32 shape."""
     header = io.BytesIO()
     np.lib.format.write_array_header_1_0(
         header, {"descr": "<f4", "fortran_order": False, "shape": (10**6, 10**6)}
@@ -337,9 +336,29 @@ def test_a_download_declaring_terabytes_is_refused_and_deleted(
     path = tmp_path / "huge.npz"
     with zipfile.ZipFile(path, "w") as archive:
         archive.writestr("cls.npy", header.getvalue() + bytes(16))
-    server.files[testing_file] = path.read_bytes()
-    with pytest.raises(UserError, match=r"not a usable testing checkpoint and was deleted: .*"
-                       r"declares shape \(1000000, 1000000\) of float32"):  # fmt: skip
+    return path.read_bytes()
+
+
+DELETED = "not a usable testing checkpoint and was deleted"
+
+
+@pytest.mark.parametrize(
+    ("body", "match"),
+    [
+        (lambda tmp: np.random.default_rng(0).bytes(20_000), DELETED),
+        (
+            lambda tmp: _fake_npz_bytes(tmp, drop="Transformer/encoderblock_1/"),
+            r"Missing \d+ key\(s\): Transformer/encoderblock_1/",
+        ),
+        (_declares_terabytes, DELETED + r": .*declares shape \(1000000, 1000000\) of float32"),
+    ],
+    ids=["corrupt", "missing keys", "declaring terabytes"],
+)
+def test_an_unusable_download_is_refused_and_deleted(
+    server, testing_file, tmp_path, body, match
+) -> None:
+    server.files[testing_file] = body(tmp_path)
+    with pytest.raises(UserError, match=match):
         _fetch(server, tmp_path)
     assert list((tmp_path / "ckpt").iterdir()) == []
 
@@ -367,20 +386,6 @@ def test_a_bad_base_url_in_the_environment_is_one_message(tmp_path, monkeypatch,
     monkeypatch.setenv("VIT_BASE_URL", "storage.example/vit")  # no scheme
     err = expect_user_error(dl.main, ["ViT-B_16", "--dir", str(tmp_path)], capsys)
     assert "VIT_BASE_URL: expected an http:// or https:// address" in err
-
-
-def test_corrupt_download_is_deleted(server, testing_file, tmp_path) -> None:
-    server.files[testing_file] = np.random.default_rng(0).bytes(20_000)
-    with pytest.raises(UserError, match="not a usable testing checkpoint and was deleted"):
-        _fetch(server, tmp_path)
-    assert list((tmp_path / "ckpt").iterdir()) == []
-
-
-def test_download_missing_model_keys_is_rejected(server, testing_file, tmp_path) -> None:
-    server.files[testing_file] = _fake_npz_bytes(tmp_path, drop="Transformer/encoderblock_1/")
-    with pytest.raises(UserError, match=r"Missing \d+ key\(s\): Transformer/encoderblock_1/"):
-        _fetch(server, tmp_path)
-    assert list((tmp_path / "ckpt").iterdir()) == []
 
 
 def test_base_url_from_environment(server, testing_file, tmp_path, monkeypatch) -> None:
@@ -421,10 +426,6 @@ def test_names_sources_and_paths() -> None:
     )
     with pytest.raises(UserError, match="Unknown --source 'jft'"):
         dl.resolve_file("ViT-B_16", "jft")
-    # Every official file maps to a registered model.
-    for source, files in dl.OFFICIAL_FILES.items():
-        for stem in files:
-            assert get_config(dl.resolve_file(stem, source)[1])
 
 
 def test_list_prints_every_official_file(capsys) -> None:
@@ -766,6 +767,7 @@ def test_every_local_file_name_says_its_model() -> None:
     for source, files in dl.OFFICIAL_FILES.items():
         for stem in files:
             model = dl.resolve_file(stem, source)[1]
+            assert get_config(model)  # a registered model
             assert model_type_from_filename(dl.checkpoint_path(stem, source)) == model
     # AugReg files keep their official name, which says the model too.
     assert model_type_from_filename(dl.checkpoint_path(R_TI_BEST, "augreg")) == "R+ViT-Ti_16"

@@ -167,23 +167,13 @@ def test_a_save_removes_temp_files_of_writers_that_died(tmp_path) -> None:
 
 
 class _Exploit:
-    """Unpickling this would create a file: a stand-in for arbitrary code."""
+    """Unpickling this would call `action(marker)`: a stand-in for arbitrary code."""
 
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (self.marker,))
-
-
-class _SystemCall:
-    """Unpickling this would call a function of the `os` module (as `os.system` would)."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
+    def __init__(self, action, marker):
+        self.action, self.marker = action, marker
 
     def __reduce__(self):
-        return (os.mkdir, (str(self.marker),))
+        return (self.action, (self.marker,))
 
 
 def _plain_pickle(obj, path: Path) -> None:
@@ -191,7 +181,10 @@ def _plain_pickle(obj, path: Path) -> None:
         pickle.dump(obj, handle, protocol=4)
 
 
-@pytest.mark.parametrize("exploit", [_Exploit, _SystemCall])
+# Creating a file, or calling a function of the `os` module (as `os.system` would).
+@pytest.mark.parametrize(
+    "exploit", [lambda m: _Exploit(Path.touch, m), lambda m: _Exploit(os.mkdir, str(m))]
+)
 @pytest.mark.parametrize("save", [torch.save, _plain_pickle])
 def test_safe_load_refuses_pickled_code_and_says_so_plainly(tmp_path, exploit, save) -> None:
     marker = tmp_path / "pwned"

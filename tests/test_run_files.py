@@ -271,25 +271,14 @@ def test_one_process_cannot_claim_a_run_twice(tmp_path) -> None:
         assert f"is running (PID {os.getpid()} on " in proc.stderr
 
 
-def _make_symlink(path: Path, victim: Path) -> None:
-    path.symlink_to(victim)
-
-
-def _make_hard_link(path: Path, victim: Path) -> None:
-    os.link(victim, path)
-
-
-def _make_copy(path: Path, victim: Path) -> None:
-    path.write_bytes(victim.read_bytes())  # e.g. a poetry.lock in --output_dir .
-
-
 @pytest.mark.skipif(os.name != "posix", reason="symbolic and hard links")
 @pytest.mark.parametrize(
     ("make", "says"),
     [
-        (_make_symlink, "is a symbolic link"),
-        (_make_hard_link, "is a hard link"),
-        (_make_copy, "is not a lock file"),
+        (lambda path, victim: path.symlink_to(victim), "is a symbolic link"),
+        (lambda path, victim: os.link(victim, path), "is a hard link"),
+        # e.g. a poetry.lock in --output_dir .
+        (lambda path, victim: path.write_bytes(victim.read_bytes()), "is not a lock file"),
     ],
     ids=["symlink", "hard link", "foreign file"],
 )

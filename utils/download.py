@@ -89,7 +89,6 @@ __all__ = [
     "read_augreg_index",
     "resolve_file",
     "select_augreg",
-    "verify",
 ]
 
 logger = logging.getLogger(__name__)
@@ -368,11 +367,9 @@ def download(
     """Fetch `url` to `<dest>.part`, resuming with HTTP Range; returns the `.part` path.
 
     The caller verifies the file and renames it. The `.part` file is kept when all attempts
-    fail, so the next call continues where this one stopped. Retries wait `BACKOFF` seconds,
-    doubled each time.
+    fail, so the next call continues where this one stopped.
 
     Args:
-        dest: the final file (the download goes to `<dest>.part`).
         retries: further attempts after a network failure or a server error (5xx).
         timeout: seconds to wait for the connection and for each read; also the window over
             which at least `MIN_RATE` bytes/s must arrive.
@@ -486,16 +483,6 @@ def fetch_archive(
             f"Could not unpack {archive} into {archive.parent} ({err}): not a network problem. "
             "Free space there, or pass a folder you can write to."
         ) from None
-
-
-def verify(path: str | os.PathLike, model: str) -> None:
-    """Check that `path` opens as an `.npz` holding every key `model` needs.
-
-    Raises:
-        CheckpointError: unreadable, or keys missing (the message lists them).
-    """
-    weights = load_npz(path, model)
-    npz_to_state_dict(weights, get_config(model), include_head=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -770,61 +757,49 @@ def augreg_table(
         for name in _best_pretrainings(chosen):
             with contextlib.suppress(UserError):  # no such fine-tuning of that model
                 selected.add(select_augreg(rows, name, adapt, resolution))
-        table = _table(
-            ("", "model", "data", "adapt", "res", "adapt_final_val", "file"),
-            [
-                (
-                    "*" if r.adapt_filename in selected else "",
-                    r.model,
-                    r.ds,
-                    r.adapt_ds,
-                    r.adapt_resolution,
-                    _score(r.adapt_final_val),
-                    r.adapt_filename,
-                )
-                for r in lines
-            ],
-        )
+        header = ("adapt", "res", "adapt_final_val", "file")
+        cells = [
+            (r.adapt_ds, r.adapt_resolution, _score(r.adapt_final_val), r.adapt_filename)
+            for r in lines
+        ]
     else:
         selected = {r.filename for r in _best_pretrainings(rows).values()}
         unique = {r.filename: r for r in reversed(chosen)}  # first row of each file
-        lines = sorted(
-            unique.values(),
-            key=lambda r: (r.model, r.ds, -_rank(r.final_val)),
-        )
-        table = _table(
-            ("", "model", "data", "aug", "wd", "do", "sd", "final_val", "params", "size", "file"),
-            [
-                (
-                    "*" if r.filename in selected else "",
-                    r.model,
-                    r.ds,
-                    r.aug,
-                    r.wd,
-                    r.do,
-                    r.sd,
-                    _score(r.final_val),
-                    r.params,
-                    AUGREG_SIZES.get(r.filename, ""),
-                    r.filename,
-                )
-                for r in lines
-            ],
-        )
+        lines = sorted(unique.values(), key=lambda r: (r.model, r.ds, -_rank(r.final_val)))
+        header = ("aug", "wd", "do", "sd", "final_val", "params", "size", "file")
+        cells = [
+            (
+                r.aug,
+                r.wd,
+                r.do,
+                r.sd,
+                _score(r.final_val),
+                r.params,
+                AUGREG_SIZES.get(r.filename, ""),
+                r.filename,
+            )
+            for r in lines
+        ]
+    flags = [f"--adapt {adapt}"] if adapt else []
+    flags += [f"--resolution {resolution}"] if resolution is not None else []
     if not lines:
         models = sorted({r.model for r in rows})
         wanted = [f"model {spelling}"] if spelling else []
-        wanted += [f"--adapt {adapt}"] if adapt else []
-        wanted += [f"--resolution {resolution}"] if resolution is not None else []
         raise UserError(
-            f"No AugReg files match {', '.join(wanted)}.{_closest(spelling or '', models)} "
+            f"No AugReg files match {', '.join(wanted + flags)}.{_closest(spelling or '', models)} "
             f"Models: {', '.join(models)}; fine-tuning data: "
             f"{', '.join(sorted({r.adapt_ds for r in rows if r.adapt_ds}))}."
         )
-    flags = f" --adapt {adapt}" if adapt else ""
-    flags += f" --resolution {resolution}" if resolution is not None else ""
+    table = _table(
+        ("", "model", "data", *header),
+        [
+            ("*" if c[-1] in selected else "", r.model, r.ds, *c)  # c[-1]: the file
+            for r, c in zip(lines, cells, strict=True)
+        ],
+    )
     return (
-        f"{table}\n* = what `python3 -m utils.download MODEL --source augreg{flags}` selects "
+        f"{table}\n* = what `python3 -m utils.download MODEL --source augreg"
+        f"{''.join(f' {flag}' for flag in flags)}` selects "
         "(from the ImageNet-21k pre-training with the best final_val). Pass a file name to take "
         "another."
     )
@@ -889,8 +864,8 @@ def fetch_checkpoint(
     part = download(
         url, dest, retries=retries, timeout=timeout, progress=progress, limit=_limit(listed)
     )
-    try:
-        verify(part, model)
+    try:  # it opens as an .npz holding every key the model needs
+        npz_to_state_dict(load_npz(part, model), get_config(model), include_head=False)
     except CheckpointError as err:
         part.unlink()
         raise UserError(
@@ -937,13 +912,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--source",
         choices=SOURCES,
-        default=None,
         help=f"default: {AUGREG} for AugReg names, else {DEFAULT_SOURCE} or the only source that "
         "has the file",
     )
     parser.add_argument(
         "--adapt",
-        default=None,
         metavar="DATASET",
         help="AugReg: the fine-tuned file on DATASET (e.g. imagenet2012, cifar100) instead of "
         "the pre-training",
@@ -951,14 +924,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--resolution",
         type=positive_int,
-        default=None,
         help="AugReg with --adapt: only fine-tunings at this resolution (224 or 384)",
     )
     parser.add_argument("--dir", default="checkpoint", help="where to save")
     parser.add_argument(
         "--base_url",
         type=http_url,
-        default=None,
         help=f"mirror with the same layout (default: $VIT_BASE_URL or {BASE_URL})",
     )
     parser.add_argument(

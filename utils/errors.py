@@ -85,10 +85,7 @@ def run_cli(main: Callable[[], object]) -> None:
 
     A user's mistake (`USER_ERRORS`) prints its message and exits 2; `StoppedBySignal` exits
     128 + signal; a Ctrl+C that reaches here (the second one in train.py, the first elsewhere)
-    prints one line and exits 130, a second SIGTERM in train.py (`StopAtOnce`) 143. (A file
-    larger than `ulimit -f` does not kill the process:
-    Python ignores SIGXFSZ from start-up, the write fails with EFBIG, and the savers of
-    `utils.file_io` report it as a `UserError`.)
+    prints one line and exits 130, a second SIGTERM in train.py (`StopAtOnce`) 143.
     """
     if signal.getsignal(signal.SIGINT) is exit_interrupted:  # set by `utils.flags.parse_first`
         signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -42,6 +42,7 @@ from models.npz import CheckpointError
 from utils.engine import available_bytes
 from utils.errors import UserError
 from utils.precision import PRECISIONS
+from utils.run_files import process_alive
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -314,40 +315,18 @@ def save_figure(path: str | os.PathLike, figure: Figure, dpi: int, flag: str = "
     write_output(path, lambda handle: handle.write(data), flag)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # exists but is not ours (PermissionError), or cannot be checked
-        return True
-    return True
-
-
 def _remove_orphaned_temps(path: str) -> None:
     """Delete `<path>.tmp<pid>` files of writers that died mid-save (e.g. by `kill -9`)."""
     for stale in glob.glob(f"{glob.escape(path)}.tmp*"):
         pid = stale[len(path) + len(".tmp") :]
-        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
             with contextlib.suppress(OSError):
                 os.remove(stale)
                 logger.info("Removed %s, left by an interrupted save.", stale)
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> str:
-    """`torch.save(obj, path)` that leaves either the old or the new file, never a torn one.
-
-    Writes to `<path>.tmp<pid>` in the same directory, flushes and fsyncs it, renames it over
-    `path` and fsyncs the directory. On any error the temporary file is removed and `path` is
-    untouched.
-
-    Returns:
-        The SHA-256 (hex) of the file written (hashed while writing).
-
-    Raises:
-        UserError: the disk (or quota) is full, or the file size limit is reached; names the
-            path and the fix.
-    """
+    """`torch.save(obj, path)` through `atomic_write`; returns the file's SHA-256 (hex)."""
     return atomic_write(path, lambda handle: torch.save(obj, handle))
 
 
@@ -359,12 +338,7 @@ def save_checkpoint(state: Mapping[str, torch.Tensor], path: str | os.PathLike, 
     still in place) replaces the old sidecar; then the checkpoint is renamed into place. Killed
     between the two renames, the previous checkpoint stays, and its new sidecar still
     recognises it by `previous_sha256` (`safe_load` then warns that its facts describe a newer
-    save that did not complete).
-
-    Args:
-        state: the model's state dict (tensors on any device).
-        path: e.g. `output/<name>_checkpoint.bin`.
-        **info: the sidecar's facts (see `write_sidecar`).
+    save that did not complete). `info` holds the sidecar's facts (see `write_sidecar`).
 
     Returns:
         The SHA-256 (hex) of the checkpoint written.
@@ -481,14 +455,16 @@ def _verify_file(path: str) -> None:
     )
 
 
-def _damaged_part(path: str, everything: bool) -> str | None:
-    """The part of a PyTorch (zip) file whose bytes no longer match the CRC-32 the zip recorded
-    for it, or None: the pickle alone (small, so always checked), or every part.
+def _check_parts(path: str, everything: bool) -> None:
+    """Refuse a PyTorch (zip) file a part of which no longer matches the CRC-32 the zip recorded
+    for it: the pickle alone (small, so always checked), or every part.
 
     The checks that follow (the sidecar's SHA-256, the content hash inside a training state)
     cover the tensors; a flipped bit in the pickle can otherwise look like anything, e.g. a
     reference to code, or remove the content hash it holds.
     """
+    if not zipfile.is_zipfile(path):
+        return
     name = "its directory"
     try:
         with zipfile.ZipFile(path) as archive:
@@ -499,21 +475,11 @@ def _damaged_part(path: str, everything: bool) -> str | None:
                         while part.read(1 << 24):
                             pass
     except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as err:
-        return f"{name} ({err})"
-    return None
-
-
-def _check_parts(path: str, everything: bool) -> None:
-    """Refuse a PyTorch (zip) file whose parts fail their CRC-32 check (see `_damaged_part`)."""
-    if not zipfile.is_zipfile(path):
-        return
-    damaged = _damaged_part(path, everything)
-    if damaged:
         raise CheckpointError(
-            f"{path} is damaged: {damaged} no longer matches the CRC-32 checksum recorded when "
-            "the file was written (a disk or copy error, or an edit). Use an intact copy, e.g. "
-            "the previous checkpoint, or train again."
-        )
+            f"{path} is damaged: {name} ({err}) no longer matches the CRC-32 checksum recorded "
+            "when the file was written (a disk or copy error, or an edit). Use an intact copy, "
+            "e.g. the previous checkpoint, or train again."
+        ) from None
 
 
 def _verify_content(obj: Any, path: str) -> Any:
@@ -689,8 +655,7 @@ def _or_unknown(test: Callable[[Any], bool]) -> Callable[[Any], bool]:
 
 
 def _is_fraction(value: Any) -> bool:
-    number = isinstance(value, int | float) and not isinstance(value, bool)
-    return value is None or (number and 0.0 <= value <= 1.0)
+    return isinstance(value, int | float) and not isinstance(value, bool) and 0.0 <= value <= 1.0
 
 
 def _is_sha256(value: Any) -> bool:
@@ -710,7 +675,7 @@ _DESCRIPTION_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "sha256": (_is_sha256, "64 hexadecimal digits (what sha256sum prints)"),
     "previous_sha256": (_is_sha256, "64 hexadecimal digits (what sha256sum prints)"),
 }
-_FRACTION = (_is_fraction, "a number from 0 to 1, or null")  # every `*accuracy` field
+_FRACTION = (_or_unknown(_is_fraction), "a number from 0 to 1, or null")  # every `*accuracy` field
 
 
 def description_error(source: str | os.PathLike, field: str, value: Any, wanted: str) -> Exception:
@@ -732,9 +697,7 @@ def description_error(source: str | os.PathLike, field: str, value: Any, wanted:
 
 def check_description(info: Any, source: str | os.PathLike) -> dict[str, Any]:
     """`info`, a checkpoint's description (sidecar or `.safetensors` metadata), checked field by
-    field: model_type a known model, img_size positive, num_classes at least 1, class_names
-    strings (as many as num_classes when both are given), precision a known one, steps at
-    least 0, accuracies in [0, 1] or null, hashes of 64 hex digits.
+    field (`_DESCRIPTION_FIELDS`; class_names as many as num_classes when both are given).
 
     Raises:
         CheckpointError: naming `source`, the field and what it must be.
@@ -770,15 +733,9 @@ def save_safetensors(
     info: Mapping[str, Any],
     flag: str | None = None,
 ) -> None:
-    """Write a state dict and its description as one `.safetensors` file, atomically.
-
-    Args:
-        path: the file to write.
-        state: tensors by name (each stored contiguous, on the CPU).
-        info: JSON-serialisable facts (model_type, img_size, class_names, ...); each value is
-            stored as its JSON text.
-        flag: for a script's output, the flag that names it (see `write_output`).
-    """
+    """Write a state dict (each tensor contiguous, on the CPU) and its description as one
+    `.safetensors` file, atomically. Each value of `info` (model_type, img_size, ...) is stored as
+    its JSON text; `flag`: for a script's output, the flag that names it (see `write_output`)."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     metadata = {"format": "pt", **{k: json.dumps(v) for k, v in info.items() if v is not None}}
     data = safetensors.torch.save(tensors, metadata=metadata)

@@ -48,7 +48,7 @@ except ImportError:  # Windows locks a byte of the file instead
 
     fcntl = None
 
-__all__ = ["EventLog", "RunLock", "check_folder", "claim_run", "run_files"]
+__all__ = ["EventLog", "RunLock", "check_folder", "claim_run", "process_alive", "run_files"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +64,7 @@ LONGEST_SUFFIX = "_checkpoint.json.tmp4194304"  # the longest name a run writes 
 NAME_MAX = 255  # bytes of one file name on common file systems
 RECORD = re.compile(r"(\d+) on (\S*)\n?")  # what a lock file holds: "PID on HOST"
 RECORD_MAX = 300  # bytes: a lock file larger than this is not one
+NOT_A_LOCK = "is not a lock file (it holds other data, which the lock would overwrite)"
 
 # The locks this process holds, by (folder device, folder inode, file name): opening one of
 # them again and closing it would drop the lock.
@@ -84,7 +85,38 @@ class RunLock:
 
     def take(self, path: Path, refuse: Callable[[str], UserError], fix: str) -> None:
         """Lock `path` for this process too; `refuse(holder)` is raised when another holds it."""
-        fd, key = _lock(path, refuse, fix)
+        folder = os.stat(path.parent)
+        key = (folder.st_dev, folder.st_ino, path.name)
+        if key in _HELD:  # opening it again would drop the lock when closed
+            raise refuse(f"PID {os.getpid()} on {socket.gethostname()}: this process")
+        while True:
+            fd = _open_lock_file(path, fix)
+            try:
+                if not _try_lock(fd):
+                    raise refuse(_holder(_read_record(fd)))
+                # The file we locked may have been released and removed since we opened it.
+                try:
+                    opened, now = os.fstat(fd), os.stat(path, follow_symlinks=False)
+                    same = (opened.st_dev, opened.st_ino) == (now.st_dev, now.st_ino)
+                except FileNotFoundError:
+                    same = False
+                previous = _read_record(fd) if same else ""
+                if previous and not RECORD.fullmatch(previous):
+                    raise UserError(f"{path} {NOT_A_LOCK}. Move it away, or {fix}.")
+            except BaseException:
+                os.close(fd)
+                raise
+            if same:
+                break
+            os.close(fd)
+        if previous:  # a holder that died without releasing it (kill -9, power loss)
+            logger.info(
+                "Took over %s from process %s, which no longer runs.", path, previous.strip()
+            )
+        os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, f"{os.getpid()} on {socket.gethostname()}\n".encode())
+        _HELD.add(key)
         self._held.append((path, fd, key))
 
     def delete_earlier_run(self) -> None:
@@ -237,7 +269,12 @@ def claim_run(
     check_folder(output_dir, "--output_dir")
     check_folder(log_dir, "--log_dir")
     for suffix, what in OUTPUT_FILES.items():  # found now, not at the first save hours later
-        _check_not_folder(output_dir / f"{name}{suffix}", what, "choose another --name")
+        path = output_dir / f"{name}{suffix}"
+        if path.is_dir():
+            raise UserError(
+                f"{path} is a folder, not a file: the run writes {what} there. Move the folder "
+                "away, or choose another --name."
+            )
     try:
         lock.take(
             output_dir / f"{name}.lock",
@@ -316,30 +353,18 @@ def check_folder(folder: Path, flag: str) -> None:
     """Create `folder` and make sure a file can be written in it."""
     if folder.exists() and not folder.is_dir():
         raise UserError(f"{flag} {folder} is a file, not a folder: pass a folder.")
+    problem = "cannot be created"
     try:
         folder.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(
-            f"{flag} {folder} cannot be created ({err.strerror or err}): pass a folder you can "
-            "write to."
-        ) from None
-    try:  # permissions alone do not tell (root, read-only mounts, quotas): try it
+        # Permissions alone do not tell (root, read-only mounts, quotas): try it.
+        problem = "is not writable"
         fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-test-")
         os.close(fd)
         os.unlink(probe)
     except OSError as err:
         raise UserError(
-            f"{flag} {folder} is not writable ({err.strerror or err}): pass a folder you can "
-            "write to."
+            f"{flag} {folder} {problem} ({err.strerror or err}): pass a folder you can write to."
         ) from None
-
-
-def _check_not_folder(path: Path, what: str, fix: str) -> None:
-    if path.is_dir():
-        raise UserError(
-            f"{path} is a folder, not a file: the run writes {what} there. Move the folder "
-            f"away, or {fix}."
-        )
 
 
 def _describe(paths: list[Path]) -> str:
@@ -356,14 +381,20 @@ def _holder(record: str) -> str:
     if match is None:
         return "a process whose PID is not recorded"
     pid, host = int(match[1]), match[2]
-    if os.name == "posix" and host == socket.gethostname() and pid > 0:
-        try:
-            os.kill(pid, 0)  # signal 0: only asks whether the process exists
-        except ProcessLookupError:
-            return f"its PID is not yet recorded; the recorded process {pid} no longer runs"
-        except PermissionError:
-            pass  # it exists, under another user
+    if os.name == "posix" and host == socket.gethostname() and pid > 0 and not process_alive(pid):
+        return f"its PID is not yet recorded; the recorded process {pid} no longer runs"
     return f"PID {pid} on {host}"
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` exists, also under another user (signal 0 only asks)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists but is not ours (PermissionError), or cannot be checked
+        pass
+    return True
 
 
 def _read_record(fd: int) -> str:
@@ -409,46 +440,8 @@ def _open_lock_file(path: Path, fix: str) -> int:
     elif info.st_nlink > 1:
         problem = "is a hard link to another file (the lock would write that file too)"
     elif info.st_size > RECORD_MAX:
-        problem = "is not a lock file (it holds other data, which the lock would overwrite)"
+        problem = NOT_A_LOCK
     if problem:
         os.close(fd)
         raise UserError(f"{path} {problem}. Move it away, or {fix}.")
     return fd
-
-
-def _lock(path: Path, refuse: Callable[[str], UserError], fix: str) -> tuple[int, tuple]:
-    """Take `path` for this process, or raise `refuse(holder)` naming the live process that holds
-    it. Returns the open lock file and its key in `_HELD`."""
-    folder = os.stat(path.parent)
-    key = (folder.st_dev, folder.st_ino, path.name)
-    if key in _HELD:  # opening it again would drop the lock when closed
-        raise refuse(f"PID {os.getpid()} on {socket.gethostname()}: this process")
-    while True:
-        fd = _open_lock_file(path, fix)
-        try:
-            if not _try_lock(fd):
-                raise refuse(_holder(_read_record(fd)))
-            try:  # the file we locked may have been released and removed since we opened it
-                opened, now = os.fstat(fd), os.stat(path, follow_symlinks=False)
-                same = (opened.st_dev, opened.st_ino) == (now.st_dev, now.st_ino)
-            except FileNotFoundError:
-                same = False
-            previous = _read_record(fd) if same else ""
-            if previous and not RECORD.fullmatch(previous):
-                raise UserError(
-                    f"{path} is not a lock file (it holds other data, which the lock would "
-                    f"overwrite). Move it away, or {fix}."
-                )
-        except BaseException:
-            os.close(fd)
-            raise
-        if same:
-            break
-        os.close(fd)
-    if previous:  # a holder that died without releasing it (kill -9, power loss)
-        logger.info("Took over %s from process %s, which no longer runs.", path, previous.strip())
-    os.ftruncate(fd, 0)
-    os.lseek(fd, 0, os.SEEK_SET)
-    os.write(fd, f"{os.getpid()} on {socket.gethostname()}\n".encode())
-    _HELD.add(key)
-    return fd, key
