@@ -15,6 +15,7 @@ import json
 import math
 import os
 import pickle
+import socket
 import struct
 import subprocess
 import sys
@@ -336,6 +337,13 @@ def tiny_args(tmp_path: Path, name: str = "tiny", **flags) -> list[str]:
         elif value is not False:
             argv += [f"--{key}", str(value)]
     return argv
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on (for torchrun's rendezvous, or a refused connection)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def start_train(argv: Sequence[str], log: Path) -> subprocess.Popen:

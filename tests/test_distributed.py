@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +21,7 @@ import train
 from models import configs
 from models.configs import get_config
 from models.npz import CheckpointError
+from tests.helpers import free_port
 from utils.dist_utils import init_distributed
 from utils.errors import run_cli
 
@@ -31,12 +31,6 @@ NO_DROPOUT = "testing-nodrop"
 
 def no_dropout() -> configs.ViTConfig:
     return get_config("testing").replace(name=NO_DROPOUT, dropout_rate=0.0)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run_args(tmp_path: Path, name: str, accumulation: int) -> list[str]:

@@ -31,6 +31,7 @@ from tests.helpers import (
     QuietHandler,
     expect_user_error,
     fake_checkpoint,
+    free_port,
     make_cifar_files,
     script_error,
     serve_cifar,
@@ -212,9 +213,7 @@ def test_404_names_the_url(server, testing_file, tmp_path) -> None:
 
 
 def test_unreachable_server_suggests_a_mirror(testing_file, tmp_path) -> None:
-    with socket.socket() as sock:  # a port nobody listens on
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()  # nobody listens on it
     with pytest.raises(UserError, match=r"Could not download http://127\.0\.0\.1:\d+/.*--base_url"):
         dl.fetch_checkpoint(
             "testing", SOURCE, str(tmp_path), f"http://127.0.0.1:{port}", progress=False, retries=0

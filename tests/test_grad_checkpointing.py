@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ import torch
 import train
 from models.configs import ResNetConfig, get_config
 from models.modeling import Block, VisionTransformer
-from tests.helpers import expect_user_error, fake_checkpoint, script_error, tiny_args
+from tests.helpers import expect_user_error, fake_checkpoint, free_port, script_error, tiny_args
 from utils.engine import LiveTensorBytes, MemoryFit, measure_memory
 from utils.file_io import safe_load, save_npz
 from utils.train_state import last_state_path
@@ -166,12 +165,6 @@ def test_resumed_run_equals_uninterrupted(tmp_path: Path, monkeypatch: pytest.Mo
 
 # The `demo` model (17 tokens at 32x32): activations outweigh the input images.
 PLAN_RUN = {"model_type": "demo", "train_batch_size": 64, "num_steps": 1, "eval_every": 0}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.slow
