@@ -42,7 +42,7 @@ import shlex
 import statistics
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from utils.errors import StoppedBySignal, UserError, run_cli
@@ -72,22 +72,16 @@ class Preset:
     source: str
 
 
+CIFAR = Preset(10_000, 500, 512, 384, 0.02, PAPER_GRID, "the paper's Table 4; warmup as vit_jax's")
 PRESETS = {
-    "cifar10": Preset(
-        10_000, 500, 512, 384, 0.02, PAPER_GRID, "the paper's Table 4; warmup as vit_jax's"
-    ),
-    "cifar100": Preset(
-        10_000, 500, 512, 384, 0.02, PAPER_GRID, "the paper's Table 4; warmup as vit_jax's"
-    ),
+    "cifar10": CIFAR,
+    "cifar100": CIFAR,
     # Table 4's small datasets (Pets, Flowers) train 500 steps; 2 % held out, as for CIFAR.
-    "imagefolder": Preset(
-        500,
-        100,
-        512,
-        384,
-        0.02,
-        PAPER_GRID,
-        "the paper's Table 4 for Pets and Flowers; warmup ours",
+    "imagefolder": replace(
+        CIFAR,
+        num_steps=500,
+        warmup_steps=100,
+        source="the paper's Table 4 for Pets and Flowers; warmup ours",
     ),
     # Not the paper's: the schedule of `make demo` (from scratch at 32x32). 10 % held out as
     # for the paper's small datasets: 2 % of 1,437 images would be 29, too few to rank rates.
