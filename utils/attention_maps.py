@@ -307,10 +307,6 @@ def preprocess(images: Sequence[Image.Image], img_size: tuple[int, int]) -> torc
 # Figures
 
 
-def _format_predictions(predictions: Sequence[tuple[str, float]]) -> str:
-    return "\n".join(f"{p:6.1%}  {label}" for label, p in predictions)
-
-
 def plot_attention(
     image: Image.Image,
     maps: AttentionMaps,
@@ -355,7 +351,8 @@ def plot_attention(
     ax = fig.add_subplot(head[2])
     ax.axis("off")
     if predictions:
-        ax.text(0, 0.95, "top predictions\n" + _format_predictions(predictions),
+        listed = "".join(f"\n{p:6.1%}  {label}" for label, p in predictions)
+        ax.text(0, 0.95, "top predictions" + listed,
                 va="top", ha="left", family="monospace", fontsize=8)  # fmt: skip
     for axis in fig.axes[:2]:
         axis.set_xticks([])
