@@ -184,12 +184,6 @@ def timm_model_args(
     return TIMM_NAMES[config.name], kwargs
 
 
-def create_model_call(name: str, kwargs: dict[str, Any]) -> str:
-    """The `timm.create_model(...)` line a user can paste."""
-    args = ", ".join([repr(name), *(f"{k}={v!r}" for k, v in kwargs.items())])
-    return f"timm.create_model({args})"
-
-
 def check_against_timm(name: str, kwargs: dict[str, Any], state: dict[str, torch.Tensor]) -> str:
     """Compare keys and shapes with timm's own model when timm is installed (built on `meta`)."""
     try:
@@ -231,12 +225,6 @@ RECIPE_FLAGS = (
     "seed",
 )
 CHECK_IMAGES = 3  # random images each check runs (logits; pipeline top-1)
-
-
-def source_sha256(checkpoint: str) -> tuple[str, str]:
-    """(the file hashed, its SHA-256): the checkpoint, or a folder's first weight file."""
-    path = folder_weight_files(checkpoint)[0] if is_model_folder(checkpoint) else checkpoint
-    return path, file_sha256(path)
 
 
 def recipe(checkpoint: str) -> dict[str, Any]:
@@ -432,7 +420,11 @@ def export_hf(args: argparse.Namespace, loaded: LoadedModel, path: Path) -> list
     config = hf_config(model.config, loaded.img_size, loaded.class_names, model.num_classes)
     preprocessor = hf_preprocessor_config(loaded.img_size)
     sidecar = {} if os.path.isdir(args.checkpoint) else read_sidecar(args.checkpoint)
-    source = source_sha256(args.checkpoint)
+    # The file hashed: the checkpoint, or a folder's first weight file.
+    weights = args.checkpoint
+    if is_model_folder(weights):
+        weights = folder_weight_files(weights)[0]
+    source = weights, file_sha256(weights)
 
     def fill(folder: Path) -> None:
         for name, content in (("config.json", config), ("preprocessor_config.json", preprocessor)):
@@ -567,11 +559,12 @@ def export(args: argparse.Namespace) -> list[str]:
         timm_state = timm_state_dict(state)
         checked = check_against_timm(name, kwargs, timm_state)
         write_output(path, lambda handle: torch.save(timm_state, handle))
+        call = ", ".join([repr(name), *(f"{k}={v!r}" for k, v in kwargs.items())])
         lines += [
             f"Wrote {path} ({what}): state dict for timm's {name}. {checked}",
             "Load it with:",
             "    import timm, torch",
-            f"    model = {create_model_call(name, kwargs)}",
+            f"    model = timm.create_model({call})",
             f"    model.load_state_dict(torch.load({str(path)!r}, weights_only=True))",
             "Preprocess as eval.py does (resize to the full image size, no crop; pixels to "
             "[-1, 1]), not with the centre crop timm's default data config describes.",
