@@ -537,12 +537,10 @@ def training_batch(
     return images.to(device), labels.to(device)
 
 
-def optimizer_memory(
-    args: argparse.Namespace, config: ViTConfig, device: torch.device, precision: str
-) -> dict[str, Any]:
+def optimizer_memory(args: argparse.Namespace, config: ViTConfig, device: torch.device) -> dict:
     """Momentum bytes and peak memory of one training step of our model, per momentum dtype."""
     images, labels = training_batch(args, device)
-    train = functools.partial(update_step, images=images, labels=labels, precision=precision)
+    train = functools.partial(update_step, images=images, labels=labels, precision=args.dtype)
     result: dict[str, Any] = {}
     for optim_dtype in OPTIM_DTYPES:
         torch.manual_seed(0)
@@ -559,11 +557,7 @@ def optimizer_memory(
 
 
 def checkpointing_figures(
-    args: argparse.Namespace,
-    config: ViTConfig,
-    device: torch.device,
-    precision: str,
-    gemm: Callable[[], float],
+    args: argparse.Namespace, config: ViTConfig, device: torch.device, gemm: Callable[[], float]
 ) -> dict[str, Any]:
     """Training img/s and peak memory without and with activation checkpointing.
 
@@ -578,7 +572,7 @@ def checkpointing_figures(
             model = build(config, args.img_size, args.num_classes).to(device).train()
             model.set_grad_checkpointing(checkpointing)
             runners[name, checkpointing] = make_runner(name, model, args.optim_dtype)
-    train = functools.partial(update_step, images=images, labels=labels, precision=precision)
+    train = functools.partial(update_step, images=images, labels=labels, precision=args.dtype)
     logger.info("checkpointing: %d warm-up + %d timed training rounds", args.warmup, args.iters)
     interleaved(
         list(runners.values()), train, "train_times", args.warmup, args.iters, device, gemm, []
@@ -603,11 +597,7 @@ def checkpointing_figures(
 
 
 def measure_models(
-    args: argparse.Namespace,
-    config: ViTConfig,
-    device: torch.device,
-    precision: str,
-    gemm: Callable[[], float],
+    args: argparse.Namespace, config: ViTConfig, device: torch.device, gemm: Callable[[], float]
 ) -> dict[str, Any]:
     """Throughput, FLOPs and peak memory of ours vs timm: `eager`, and `compiled` if asked.
 
@@ -632,8 +622,8 @@ def measure_models(
     train_y = torch.randint(0, args.num_classes, (args.train_batch_size,), generator=gen)
     infer_x, train_x, train_y = infer_x.to(device), train_x.to(device), train_y.to(device)
 
-    infer = functools.partial(infer_step, images=infer_x, precision=precision)
-    train = functools.partial(update_step, images=train_x, labels=train_y, precision=precision)
+    infer = functools.partial(infer_step, images=infer_x, precision=args.dtype)
+    train = functools.partial(update_step, images=train_x, labels=train_y, precision=args.dtype)
 
     for r in runners:
         r.model.eval()
@@ -703,9 +693,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
         device = torch.device(args.device)
-    precision = args.dtype
     matmul_size = args.matmul_size or (8192 if device.type == "cuda" else 2048)
-    gemm = matmul_flops_per_s(matmul_size, precision, device)
+    gemm = matmul_flops_per_s(matmul_size, args.dtype, device)
     results: dict[str, Any] = {
         "command": " ".join([os.path.basename(sys.argv[0]) or "bench.py", *sys.argv[1:]]),
         "settings": {
@@ -729,19 +718,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         },
         "machine": machine_info(device),
     }
-    results.update(measure_models(args, config, device, precision, gemm))
+    results.update(measure_models(args, config, device, gemm))
     if args.compile:
         results["compile_gain"] = {
             name: {
                 key: _ratio(results["compiled"][name][key], results["eager"][name][key])
                 for key in THROUGHPUTS
             }
-            for name in ("ours", "timm")
+            for name in MODELS
         }
     if args.grad_checkpointing:
-        results["grad_checkpointing"] = checkpointing_figures(args, config, device, precision, gemm)
+        results["grad_checkpointing"] = checkpointing_figures(args, config, device, gemm)
     logger.info("optimizer memory")
-    results["optimizer"] = optimizer_memory(args, config, device, precision)
+    results["optimizer"] = optimizer_memory(args, config, device)
     if args.load_iters:
         logger.info("checkpoint load time")
         results["checkpoint_load"] = checkpoint_load_times(
