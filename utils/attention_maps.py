@@ -277,8 +277,7 @@ def sample_image(name: str = "china.jpg") -> Image.Image:
 
 def sample_digit(index: int = 0) -> tuple[Image.Image, int]:
     """A held-out handwritten digit (8x8, RGB) from scikit-learn and its label."""
-    image, label = DigitsDataset(train=False)[index]
-    return image.convert("RGB"), label
+    return DigitsDataset(train=False)[index]
 
 
 def open_image(path: str | os.PathLike) -> Image.Image:
