@@ -410,7 +410,7 @@ def check_against_transformers(folder: Path, model: nn.Module, img_size: tuple[i
     )
 
 
-def export_hf(args: argparse.Namespace, loaded: LoadedModel, path: Path) -> list[str]:
+def export_hf(args: argparse.Namespace, loaded: LoadedModel, path: Path, what: str) -> list[str]:
     """Write the Hugging Face folder: config.json, model.safetensors, preprocessor config, card."""
     model = loaded.model
     refusal = hf_refusal(model.config)
@@ -440,9 +440,8 @@ def export_hf(args: argparse.Namespace, loaded: LoadedModel, path: Path) -> list
     with writing(path):
         checked = write_folder(path, fill, check)
     return [
-        f"Wrote {path}/ ({loaded.model_type}, {loaded.img_size[0]}x{loaded.img_size[1]}, "
-        f"{model.num_classes} classes): config.json, model.safetensors, "
-        "preprocessor_config.json, README.md (model card).",
+        f"Wrote {path}/ ({what}): config.json, model.safetensors, preprocessor_config.json, "
+        "README.md (model card).",
         checked,
         "Load it with:",
         "    from transformers import ViTForImageClassification, pipeline",
@@ -540,12 +539,12 @@ def export(args: argparse.Namespace) -> list[str]:
     path = output_path(args.checkpoint, args.format, args.output)
     check_output(path, overwrite=args.overwrite, folder=args.format == "hf")
     loaded = load_model(args.checkpoint, args.model_type, args.img_size)
-    if args.format == "hf":
-        return export_hf(args, loaded, path)
     model = loaded.model
+    height, width = loaded.img_size
+    what = f"{loaded.model_type}, {height}x{width}, {model.num_classes} classes"
+    if args.format == "hf":
+        return export_hf(args, loaded, path, what)
     state = clean_state_dict(model.state_dict())
-    what = f"{loaded.model_type}, {loaded.img_size[0]}x{loaded.img_size[1]}, "
-    what += f"{model.num_classes} classes"
     lines = []
     if args.format == "npz":
         arrays = state_dict_to_npz(state, model.config)
@@ -576,7 +575,7 @@ def export(args: argparse.Namespace) -> list[str]:
         write_output(path, lambda handle: handle.write(data))
         lines += [
             f"Wrote {path} ({what}): ONNX opset {ONNX_OPSET}, input 'images' "
-            f"(batch, 3, {loaded.img_size[0]}, {loaded.img_size[1]}) in [-1, 1], output "
+            f"(batch, 3, {height}, {width}) in [-1, 1], output "
             "'logits' (batch, classes), dynamic batch axis.",
             f"onnxruntime check on 3 random images: max |logit difference| {difference:.2e}.",
         ]
