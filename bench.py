@@ -145,6 +145,13 @@ def timm_logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     return model(images)
 
 
+# name -> (build, loss_fn, logits_fn)
+MODELS = {
+    "ours": (build_ours, ours_loss, ours_logits),
+    "timm": (build_timm, timm_loss, timm_logits),
+}
+
+
 @dataclass
 class Runner:
     """One model under test, with the closures the benchmark times."""
@@ -167,9 +174,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def update_step(
-    runner: Runner, images: torch.Tensor, labels: torch.Tensor, precision: str
-) -> None:
+def update_step(runner: Runner, images: torch.Tensor, labels: torch.Tensor, precision: str) -> None:
     """Forward, loss, backward, global-norm clipping at 1.0, the optimizer's step: the work of
     one train.py update without accumulation, loss scaling or the non-finite guard, the same
     for our model and timm's (mixed precision as train.py's `autocast`)."""
@@ -252,18 +257,18 @@ def _resident_tensors(runner: Runner, images: torch.Tensor) -> Iterator[torch.Te
         yield from (v for v in state.values() if isinstance(v, torch.Tensor))
 
 
-def peak_memory(runner: Runner, fn: Callable[[], None], images: torch.Tensor) -> int:
-    """Peak bytes of live tensors while `fn` runs (parameters and optimizer state included)."""
+def peak_memory(runner: Runner, step: Callable[[Runner], None], images: torch.Tensor) -> int:
+    """Peak bytes of live tensors during `step(runner)`, parameters and optimizer state included."""
     device = images.device
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-        fn()
+        step(runner)
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device)
     resident = _storage_bytes(_resident_tensors(runner, images))
     with LiveTensorBytes() as tracker:
-        fn()
+        step(runner)
     return resident + tracker.peak
 
 
@@ -512,11 +517,14 @@ def _section(
     return result
 
 
-def build_optimizer(name: str, model: nn.Module, optim_dtype: str) -> torch.optim.Optimizer:
+def make_runner(name: str, model: nn.Module, optim_dtype: str) -> Runner:
     """Ours: train.py's SGD with `optim_dtype` momentum; timm: torch.optim.SGD, float32."""
     if name == "ours":
-        return make_optimizer(model.parameters(), 1e-3, optim_dtype)
-    return torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+        optimizer = make_optimizer(model.parameters(), 1e-3, optim_dtype)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    _, loss_fn, logits_fn = MODELS[name]
+    return Runner(name, model, loss_fn, logits_fn, optimizer)
 
 
 def training_batch(
@@ -529,22 +537,18 @@ def training_batch(
     return images.to(device), labels.to(device)
 
 
-def optimizer_memory(
-    args: argparse.Namespace, config: ViTConfig, device: torch.device, precision: str
-) -> dict[str, Any]:
+def optimizer_memory(args: argparse.Namespace, config: ViTConfig, device: torch.device) -> dict:
     """Momentum bytes and peak memory of one training step of our model, per momentum dtype."""
     images, labels = training_batch(args, device)
+    train = functools.partial(update_step, images=images, labels=labels, precision=args.dtype)
     result: dict[str, Any] = {}
     for optim_dtype in OPTIM_DTYPES:
         torch.manual_seed(0)
         model = build_ours(config, args.img_size, args.num_classes).to(device).train()
-        optimizer = build_optimizer("ours", model, optim_dtype)
-        runner = Runner("ours", model, ours_loss, ours_logits, optimizer)
-        update_step(runner, images, labels, precision)  # creates the momentum
-        momentum = (state["momentum_buffer"] for state in optimizer.state.values())
-        peak = peak_memory(
-            runner, lambda r=runner: update_step(r, images, labels, precision), images
-        )
+        runner = make_runner("ours", model, optim_dtype)
+        train(runner)  # creates the momentum
+        momentum = (state["momentum_buffer"] for state in runner.optimizer.state.values())
+        peak = peak_memory(runner, train, images)
         result[optim_dtype] = {
             "momentum_mb": _storage_bytes(momentum) / MB,
             "train_peak_mem_mb": peak / MB,
@@ -553,11 +557,7 @@ def optimizer_memory(
 
 
 def checkpointing_figures(
-    args: argparse.Namespace,
-    config: ViTConfig,
-    device: torch.device,
-    precision: str,
-    gemm: Callable[[], float],
+    args: argparse.Namespace, config: ViTConfig, device: torch.device, gemm: Callable[[], float]
 ) -> dict[str, Any]:
     """Training img/s and peak memory without and with activation checkpointing.
 
@@ -565,32 +565,21 @@ def checkpointing_figures(
     same interleaved rounds. Ratios: with / without for each, and ours / timm with it.
     """
     images, labels = training_batch(args, device)
-    fns = {
-        "ours": (build_ours, ours_loss, ours_logits),
-        "timm": (build_timm, timm_loss, timm_logits),
-    }
     runners = {}
-    for name, (build, loss_fn, logits_fn) in fns.items():
+    for name, (build, _, _) in MODELS.items():
         for checkpointing in (False, True):
             torch.manual_seed(0)
             model = build(config, args.img_size, args.num_classes).to(device).train()
             model.set_grad_checkpointing(checkpointing)
-            optimizer = build_optimizer(name, model, args.optim_dtype)
-            runners[name, checkpointing] = Runner(name, model, loss_fn, logits_fn, optimizer)
+            runners[name, checkpointing] = make_runner(name, model, args.optim_dtype)
+    train = functools.partial(update_step, images=images, labels=labels, precision=args.dtype)
     logger.info("checkpointing: %d warm-up + %d timed training rounds", args.warmup, args.iters)
     interleaved(
-        list(runners.values()),
-        lambda r: update_step(r, images, labels, precision),
-        "train_times",
-        args.warmup,
-        args.iters,
-        device,
-        gemm,
-        [],
+        list(runners.values()), train, "train_times", args.warmup, args.iters, device, gemm, []
     )
     result: dict[str, Any] = {}
     for (name, checkpointing), r in runners.items():
-        peak = peak_memory(r, lambda r=r: update_step(r, images, labels, precision), images)
+        peak = peak_memory(r, train, images)
         result.setdefault(name, {})["with" if checkpointing else "without"] = {
             "train_img_s": args.train_batch_size / statistics.median(r.train_times),
             "train_img_s_best": args.train_batch_size / min(r.train_times),
@@ -598,7 +587,7 @@ def checkpointing_figures(
             "train_times_s": [round(t, 4) for t in r.train_times],
         }
     keys = ("train_img_s", "train_img_s_best", "train_peak_mem_mb")
-    for name in fns:
+    for name in MODELS:
         with_it, without = result[name]["with"], result[name]["without"]
         result[name]["ratio_with_over_without"] = {k: _ratio(with_it[k], without[k]) for k in keys}
     result["ratio_ours_over_timm_with"] = {
@@ -608,11 +597,7 @@ def checkpointing_figures(
 
 
 def measure_models(
-    args: argparse.Namespace,
-    config: ViTConfig,
-    device: torch.device,
-    precision: str,
-    gemm: Callable[[], float],
+    args: argparse.Namespace, config: ViTConfig, device: torch.device, gemm: Callable[[], float]
 ) -> dict[str, Any]:
     """Throughput, FLOPs and peak memory of ours vs timm: `eager`, and `compiled` if asked.
 
@@ -621,19 +606,14 @@ def measure_models(
     """
     torch.manual_seed(0)
     models = {
-        "ours": build_ours(config, args.img_size, args.num_classes).to(device),
-        "timm": build_timm(config, args.img_size, args.num_classes).to(device),
+        name: build(config, args.img_size, args.num_classes).to(device)
+        for name, (build, _, _) in MODELS.items()
     }
-    fns = {"ours": (ours_loss, ours_logits), "timm": (timm_loss, timm_logits)}
-    eager_runners = []
-    compiled_runners = []
-    for name, model in models.items():
-        optimizer = build_optimizer(name, model, args.optim_dtype)
-        eager_runners.append(Runner(name, model, *fns[name], optimizer))
-        if args.compile:
-            twin = copy.deepcopy(model)
-            twin_opt = build_optimizer(name, twin, args.optim_dtype)
-            compiled_runners.append(Runner(name, torch.compile(twin), *fns[name], twin_opt))
+    eager_runners = [make_runner(name, model, args.optim_dtype) for name, model in models.items()]
+    compiled_runners = [  # copies, which train their own weights
+        make_runner(name, torch.compile(copy.deepcopy(model)), args.optim_dtype)
+        for name, model in (models.items() if args.compile else ())
+    ]
     runners = eager_runners + compiled_runners
 
     gen = torch.Generator().manual_seed(0)
@@ -641,6 +621,9 @@ def measure_models(
     train_x = torch.randn(args.train_batch_size, 3, args.img_size, args.img_size, generator=gen)
     train_y = torch.randint(0, args.num_classes, (args.train_batch_size,), generator=gen)
     infer_x, train_x, train_y = infer_x.to(device), train_x.to(device), train_y.to(device)
+
+    infer = functools.partial(infer_step, images=infer_x, precision=args.dtype)
+    train = functools.partial(update_step, images=train_x, labels=train_y, precision=args.dtype)
 
     for r in runners:
         r.model.eval()
@@ -652,56 +635,32 @@ def measure_models(
     )
     gemm_rates: list[float] = []
     interleaved(
-        runners,
-        lambda r: infer_step(r, infer_x, precision),
-        "infer_times",
-        args.warmup,
-        args.infer_iters,
-        device,
-        gemm,
-        gemm_rates,
+        runners, infer, "infer_times", args.warmup, args.infer_iters, device, gemm, gemm_rates
     )
     for r in runners:
         r.model.train()
     logger.info("training: %d warm-up + %d timed rounds", args.warmup, args.iters)
-    interleaved(
-        runners,
-        lambda r: update_step(r, train_x, train_y, precision),
-        "train_times",
-        args.warmup,
-        args.iters,
-        device,
-        gemm,
-        gemm_rates,
-    )
+    interleaved(runners, train, "train_times", args.warmup, args.iters, device, gemm, gemm_rates)
     gemm_rate = statistics.median(gemm_rates)
 
     # FLOPs, memory and saved tensors of the eager modules (compiled graphs hide their ops).
+    tokens = models["ours"].embeddings.pos_embed.shape[1]
     cost: dict[str, dict] = {}
     for r in eager_runners:
         r.model.eval()
         cost[r.name] = {
-            "infer_flops": count_flops(lambda r=r: infer_step(r, infer_x, precision)),
-            "infer_mem": peak_memory(r, lambda r=r: infer_step(r, infer_x, precision), infer_x),
+            "infer_flops": count_flops(functools.partial(infer, r)),
+            "infer_mem": peak_memory(r, infer, infer_x),
         }
         r.model.train()
-        cost[r.name]["train_flops"] = count_flops(
-            lambda r=r: update_step(r, train_x, train_y, precision)
-        )
-        cost[r.name]["train_mem"] = peak_memory(
-            r, lambda r=r: update_step(r, train_x, train_y, precision), train_x
-        )
-        tokens = _num_tokens(models["ours"])
+        cost[r.name]["train_flops"] = count_flops(functools.partial(train, r))
+        cost[r.name]["train_mem"] = peak_memory(r, train, train_x)
         cost[r.name]["nxn"] = saved_attention_maps(r.model, r.loss_fn, train_x, train_y, tokens)
         r.optimizer.zero_grad(set_to_none=True)
     results = {"eager": _section(args, eager_runners, cost, gemm_rate)}
     if compiled_runners:
         results["compiled"] = _section(args, compiled_runners, cost, gemm_rate)
     return results
-
-
-def _num_tokens(model: VisionTransformer) -> int:
-    return model.embeddings.pos_embed.shape[1]
 
 
 def machine_info(device: torch.device) -> dict[str, Any]:
@@ -734,9 +693,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
         device = torch.device(args.device)
-    precision = args.dtype
     matmul_size = args.matmul_size or (8192 if device.type == "cuda" else 2048)
-    gemm = matmul_flops_per_s(matmul_size, precision, device)
+    gemm = matmul_flops_per_s(matmul_size, args.dtype, device)
     results: dict[str, Any] = {
         "command": " ".join([os.path.basename(sys.argv[0]) or "bench.py", *sys.argv[1:]]),
         "settings": {
@@ -760,19 +718,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         },
         "machine": machine_info(device),
     }
-    results.update(measure_models(args, config, device, precision, gemm))
+    results.update(measure_models(args, config, device, gemm))
     if args.compile:
         results["compile_gain"] = {
             name: {
                 key: _ratio(results["compiled"][name][key], results["eager"][name][key])
                 for key in THROUGHPUTS
             }
-            for name in ("ours", "timm")
+            for name in MODELS
         }
     if args.grad_checkpointing:
-        results["grad_checkpointing"] = checkpointing_figures(args, config, device, precision, gemm)
+        results["grad_checkpointing"] = checkpointing_figures(args, config, device, gemm)
     logger.info("optimizer memory")
-    results["optimizer"] = optimizer_memory(args, config, device, precision)
+    results["optimizer"] = optimizer_memory(args, config, device)
     if args.load_iters:
         logger.info("checkpoint load time")
         results["checkpoint_load"] = checkpoint_load_times(

@@ -184,12 +184,6 @@ def timm_model_args(
     return TIMM_NAMES[config.name], kwargs
 
 
-def create_model_call(name: str, kwargs: dict[str, Any]) -> str:
-    """The `timm.create_model(...)` line a user can paste."""
-    args = ", ".join([repr(name), *(f"{k}={v!r}" for k, v in kwargs.items())])
-    return f"timm.create_model({args})"
-
-
 def check_against_timm(name: str, kwargs: dict[str, Any], state: dict[str, torch.Tensor]) -> str:
     """Compare keys and shapes with timm's own model when timm is installed (built on `meta`)."""
     try:
@@ -231,12 +225,6 @@ RECIPE_FLAGS = (
     "seed",
 )
 CHECK_IMAGES = 3  # random images each check runs (logits; pipeline top-1)
-
-
-def source_sha256(checkpoint: str) -> tuple[str, str]:
-    """(the file hashed, its SHA-256): the checkpoint, or a folder's first weight file."""
-    path = folder_weight_files(checkpoint)[0] if is_model_folder(checkpoint) else checkpoint
-    return path, file_sha256(path)
 
 
 def recipe(checkpoint: str) -> dict[str, Any]:
@@ -422,7 +410,7 @@ def check_against_transformers(folder: Path, model: nn.Module, img_size: tuple[i
     )
 
 
-def export_hf(args: argparse.Namespace, loaded: LoadedModel, path: Path) -> list[str]:
+def export_hf(args: argparse.Namespace, loaded: LoadedModel, path: Path, what: str) -> list[str]:
     """Write the Hugging Face folder: config.json, model.safetensors, preprocessor config, card."""
     model = loaded.model
     refusal = hf_refusal(model.config)
@@ -432,7 +420,11 @@ def export_hf(args: argparse.Namespace, loaded: LoadedModel, path: Path) -> list
     config = hf_config(model.config, loaded.img_size, loaded.class_names, model.num_classes)
     preprocessor = hf_preprocessor_config(loaded.img_size)
     sidecar = {} if os.path.isdir(args.checkpoint) else read_sidecar(args.checkpoint)
-    source = source_sha256(args.checkpoint)
+    # The file hashed: the checkpoint, or a folder's first weight file.
+    weights = args.checkpoint
+    if is_model_folder(weights):
+        weights = folder_weight_files(weights)[0]
+    source = weights, file_sha256(weights)
 
     def fill(folder: Path) -> None:
         for name, content in (("config.json", config), ("preprocessor_config.json", preprocessor)):
@@ -448,9 +440,8 @@ def export_hf(args: argparse.Namespace, loaded: LoadedModel, path: Path) -> list
     with writing(path):
         checked = write_folder(path, fill, check)
     return [
-        f"Wrote {path}/ ({loaded.model_type}, {loaded.img_size[0]}x{loaded.img_size[1]}, "
-        f"{model.num_classes} classes): config.json, model.safetensors, "
-        "preprocessor_config.json, README.md (model card).",
+        f"Wrote {path}/ ({what}): config.json, model.safetensors, preprocessor_config.json, "
+        "README.md (model card).",
         checked,
         "Load it with:",
         "    from transformers import ViTForImageClassification, pipeline",
@@ -548,12 +539,12 @@ def export(args: argparse.Namespace) -> list[str]:
     path = output_path(args.checkpoint, args.format, args.output)
     check_output(path, overwrite=args.overwrite, folder=args.format == "hf")
     loaded = load_model(args.checkpoint, args.model_type, args.img_size)
-    if args.format == "hf":
-        return export_hf(args, loaded, path)
     model = loaded.model
+    height, width = loaded.img_size
+    what = f"{loaded.model_type}, {height}x{width}, {model.num_classes} classes"
+    if args.format == "hf":
+        return export_hf(args, loaded, path, what)
     state = clean_state_dict(model.state_dict())
-    what = f"{loaded.model_type}, {loaded.img_size[0]}x{loaded.img_size[1]}, "
-    what += f"{model.num_classes} classes"
     lines = []
     if args.format == "npz":
         arrays = state_dict_to_npz(state, model.config)
@@ -567,11 +558,12 @@ def export(args: argparse.Namespace) -> list[str]:
         timm_state = timm_state_dict(state)
         checked = check_against_timm(name, kwargs, timm_state)
         write_output(path, lambda handle: torch.save(timm_state, handle))
+        call = ", ".join([repr(name), *(f"{k}={v!r}" for k, v in kwargs.items())])
         lines += [
             f"Wrote {path} ({what}): state dict for timm's {name}. {checked}",
             "Load it with:",
             "    import timm, torch",
-            f"    model = {create_model_call(name, kwargs)}",
+            f"    model = timm.create_model({call})",
             f"    model.load_state_dict(torch.load({str(path)!r}, weights_only=True))",
             "Preprocess as eval.py does (resize to the full image size, no crop; pixels to "
             "[-1, 1]), not with the centre crop timm's default data config describes.",
@@ -583,7 +575,7 @@ def export(args: argparse.Namespace) -> list[str]:
         write_output(path, lambda handle: handle.write(data))
         lines += [
             f"Wrote {path} ({what}): ONNX opset {ONNX_OPSET}, input 'images' "
-            f"(batch, 3, {loaded.img_size[0]}, {loaded.img_size[1]}) in [-1, 1], output "
+            f"(batch, 3, {height}, {width}) in [-1, 1], output "
             "'logits' (batch, classes), dynamic batch axis.",
             f"onnxruntime check on 3 random images: max |logit difference| {difference:.2e}.",
         ]

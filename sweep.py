@@ -42,7 +42,7 @@ import shlex
 import statistics
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from utils.errors import StoppedBySignal, UserError, run_cli
@@ -72,22 +72,16 @@ class Preset:
     source: str
 
 
+CIFAR = Preset(10_000, 500, 512, 384, 0.02, PAPER_GRID, "the paper's Table 4; warmup as vit_jax's")
 PRESETS = {
-    "cifar10": Preset(
-        10_000, 500, 512, 384, 0.02, PAPER_GRID, "the paper's Table 4; warmup as vit_jax's"
-    ),
-    "cifar100": Preset(
-        10_000, 500, 512, 384, 0.02, PAPER_GRID, "the paper's Table 4; warmup as vit_jax's"
-    ),
+    "cifar10": CIFAR,
+    "cifar100": CIFAR,
     # Table 4's small datasets (Pets, Flowers) train 500 steps; 2 % held out, as for CIFAR.
-    "imagefolder": Preset(
-        500,
-        100,
-        512,
-        384,
-        0.02,
-        PAPER_GRID,
-        "the paper's Table 4 for Pets and Flowers; warmup ours",
+    "imagefolder": replace(
+        CIFAR,
+        num_steps=500,
+        warmup_steps=100,
+        source="the paper's Table 4 for Pets and Flowers; warmup ours",
     ),
     # Not the paper's: the schedule of `make demo` (from scratch at 32x32). 10 % held out as
     # for the paper's small datasets: 2 % of 1,437 images would be 29, too few to rank rates.
@@ -620,21 +614,24 @@ def _sweep(args: argparse.Namespace, train_argv: list[str], is_main: bool) -> di
     grid_trials = plan(args.name, base_argv, log_root, grid, common.seed, common.holdout_fraction)
     for trial in grid_trials:
         read_trial(trial, output_dir, steps)
-    if args.print_commands:
-        return print_commands(args, grid_trials, base_argv, log_root, seeds, output_dir, steps)
-    if not args.collect:
-        for trial in grid_trials:
-            if not trial.done:
-                run_trial(trial, output_dir, steps)
+    train_here = not (args.collect or args.print_commands)
+    todo = [t for t in grid_trials if not t.done]
+    if args.print_commands and todo:
+        return print_commands(todo, "grid")
+    if train_here:
+        for trial in todo:
+            run_trial(trial, output_dir, steps)
     require_done(grid_trials, args.collect)
     chosen, why = choose(grid_trials)
-    if is_main:
+    if is_main or args.print_commands:
         logger.info("Chose learning rate %s: %s.", rate_text(chosen.learning_rate), why)
     finals = final_trials(args.name, base_argv, log_root, chosen.learning_rate, seeds)
     for trial in finals:
         read_trial(trial, output_dir, steps)
-        if not trial.done and not args.collect:
+        if not trial.done and train_here:
             run_trial(trial, output_dir, steps)
+    if args.print_commands:
+        return print_commands([t for t in finals if not t.done], "final")
     require_done(finals, args.collect)
 
     summary = summarise(args.name, protocol, grid_trials, finals, chosen, why)
@@ -658,26 +655,9 @@ def require_done(trials: Sequence[Trial], collect: bool) -> None:
         )
 
 
-def print_commands(
-    args: argparse.Namespace,
-    grid_trials: list[Trial],
-    base_argv: list[str],
-    log_root: str,
-    seeds: list[int],
-    output_dir: str,
-    steps: int,
-) -> None:
-    """One train.py command per run still to do: the grid, or, once it is done, the final runs
-    with the chosen rate. An interrupted run's command continues it (--resume)."""
-    todo = [t for t in grid_trials if not t.done]
-    phase = "grid"
-    if not todo:
-        chosen, why = choose(grid_trials)
-        logger.info("Chose learning rate %s: %s.", rate_text(chosen.learning_rate), why)
-        finals = final_trials(args.name, base_argv, log_root, chosen.learning_rate, seeds)
-        for trial in finals:
-            read_trial(trial, output_dir, steps)
-        todo, phase = [t for t in finals if not t.done], "final"
+def print_commands(todo: list[Trial], phase: str) -> None:
+    """One train.py command per run still to do in this `phase` ("grid", or "final" once the
+    grid is done). An interrupted run's command continues it (--resume)."""
     for trial in todo:
         resume = ["--resume"] if trial.status == "partial" else []
         print(f"python3 train.py {shlex.join([*trial.argv, *resume])}")

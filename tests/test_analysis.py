@@ -205,6 +205,12 @@ def read_json(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
+def analysis_json(out: Path, *argv: str) -> dict:
+    """analyze.py run with `argv` and `--output_dir out`: the analysis.json it writes."""
+    analyze.main([*argv, "--output_dir", str(out)])
+    return read_json(out / "analysis.json")
+
+
 def figure_size(path: Path) -> tuple[int, int]:
     with Image.open(path) as image:
         image.load()
@@ -215,21 +221,17 @@ def test_fake_official_checkpoint_end_to_end(tmp_path, one_thread):
     npz = fake_npz(tmp_path / "tiny.npz", img_size=48)  # a 3x3 grid
     images = image_folder(tmp_path / "imgs")
     out = tmp_path / "out"
-    analyze.main(
-        [
-            "--checkpoint",
-            str(npz),
-            "--model_type",
-            "testing",
-            "--image",
-            str(images),
-            "--output_dir",
-            str(out),
-            "--num_components",
-            "5",
-        ]
+    facts = analysis_json(
+        out,
+        "--checkpoint",
+        str(npz),
+        "--model_type",
+        "testing",
+        "--image",
+        str(images),
+        "--num_components",
+        "5",
     )
-    facts = read_json(out / "analysis.json")
     assert facts["model_type"] == "testing"
     assert facts["img_size"] == [48, 48]
     assert facts["patch_size"] == [16, 16]
@@ -295,22 +297,11 @@ def test_before_and_after_in_one_figure(tmp_path, best_checkpoint, one_thread):
     assert first["num_images"] == second["num_images"] == 5
     assert first["position_similarity"] != second["position_similarity"]
     single = tmp_path / "single"
-    analyze.main(
-        [
-            "--checkpoint",
-            str(after),
-            "--dataset",
-            "digits",
-            "--num_images",
-            "5",
-            "--output_dir",
-            str(single),
-        ]
+    alone = analysis_json(
+        single, "--checkpoint", str(after), "--dataset", "digits", "--num_images", "5"
     )
     np.testing.assert_allclose(
-        read_json(single / "analysis.json")["mean_attention_distance"],
-        second["mean_attention_distance"],
-        rtol=1e-5,
+        alone["mean_attention_distance"], second["mean_attention_distance"], rtol=1e-5
     )
     width_two = figure_size(out / "figure7.png")[0]
     assert width_two > 1.3 * figure_size(single / "figure7.png")[0]  # side by side
@@ -323,18 +314,8 @@ def test_gap_and_hybrid_models(tmp_path, monkeypatch, one_thread):
     )
     for config in (gap, hybrid):
         monkeypatch.setitem(configs.CONFIGS, config.name, config)
-    out = tmp_path / "gap"
-    analyze.main(
-        [
-            "--checkpoint",
-            str(fake_npz(tmp_path / "gap.npz", gap.name)),
-            "--model_type",
-            gap.name,
-            "--output_dir",
-            str(out),
-        ]
-    )
-    facts = read_json(out / "analysis.json")
+    npz = fake_npz(tmp_path / "gap.npz", gap.name)
+    facts = analysis_json(tmp_path / "gap", "--checkpoint", str(npz), "--model_type", gap.name)
     assert facts["num_prefix_tokens"] == 0
     assert facts["class_token"] == "none (gap model)"
     assert facts["num_images"] == 2  # the two bundled photos
@@ -342,8 +323,7 @@ def test_gap_and_hybrid_models(tmp_path, monkeypatch, one_thread):
 
     npz = fake_npz(tmp_path / "hybrid.npz", hybrid.name)
     out = tmp_path / "hybrid"
-    analyze.main(["--checkpoint", str(npz), "--model_type", hybrid.name, "--output_dir", str(out)])
-    facts = read_json(out / "analysis.json")
+    facts = analysis_json(out, "--checkpoint", str(npz), "--model_type", hybrid.name)
     assert facts["patch_size"] == [8, 8]  # root stride 4, one more stage: 8 pixels per token
     assert facts["grid"] == [4, 4]
     assert facts["embedding_components"] is None
@@ -353,24 +333,20 @@ def test_gap_and_hybrid_models(tmp_path, monkeypatch, one_thread):
 
 def test_random_weights_for_timing(tmp_path, one_thread):
     out = tmp_path / "out"
-    analyze.main(
-        [
-            "--checkpoint",
-            "none",
-            "--model_type",
-            "testing",
-            "--img_size",
-            "32",
-            "64",
-            "--panels",
-            "distance",
-            "--num_images",
-            "1",
-            "--output_dir",
-            str(out),
-        ]
+    facts = analysis_json(
+        out,
+        "--checkpoint",
+        "none",
+        "--model_type",
+        "testing",
+        "--img_size",
+        "32",
+        "64",
+        "--panels",
+        "distance",
+        "--num_images",
+        "1",
     )
-    facts = read_json(out / "analysis.json")
     assert facts["checkpoint"] is None
     assert facts["grid"] == [2, 4]
     assert facts["position_similarity"] is None
@@ -470,23 +446,18 @@ def save_kind(kind: str, directory: Path, model: VisionTransformer) -> Path:
 def test_every_checkpoint_kind(tmp_path, kind):
     model = distinct_model("testing", img_size=32, seed=1)
     path = save_kind(kind, tmp_path, model)
-    out = tmp_path / "out"
-    analyze.main(
-        [
-            "--checkpoint",
-            str(path),
-            "--model_type",
-            "testing",
-            "--img_size",
-            "32",
-            "--panels",
-            "position",
-            "filters",
-            "--output_dir",
-            str(out),
-        ]
+    facts = analysis_json(
+        tmp_path / "out",
+        "--checkpoint",
+        str(path),
+        "--model_type",
+        "testing",
+        "--img_size",
+        "32",
+        "--panels",
+        "position",
+        "filters",
     )
-    facts = read_json(out / "analysis.json")
     pos = model.embeddings.pos_embed.detach()[0, 1:].double().numpy()
     unit = pos / np.linalg.norm(pos, axis=1, keepdims=True)
     np.testing.assert_allclose(facts["position_similarity"], unit @ unit.T, atol=1e-5)

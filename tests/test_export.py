@@ -33,6 +33,12 @@ def hybrid(monkeypatch: pytest.MonkeyPatch) -> str:
     return HYBRID.name
 
 
+@pytest.fixture(params=["testing", "hybrid"])
+def name(request: pytest.FixtureRequest) -> str:
+    """A plain ViT's and a hybrid's registry name, one per test."""
+    return request.getfixturevalue("hybrid") if request.param == "hybrid" else request.param
+
+
 def _model(config: str, img_size: int = 32, num_classes: int = 3) -> VisionTransformer:
     """A model with every weight random, the head too (a fresh head is all zeros)."""
     torch.manual_seed(0)
@@ -57,11 +63,9 @@ def _assert_same_state(model: nn.Module, other: nn.Module) -> None:
 # npz and safetensors
 
 
-@pytest.mark.parametrize("config", ["testing", "hybrid"])
 def test_npz_is_the_official_layout_and_loads_back_bit_exact(
-    request, best_checkpoint, config, one_thread
+    best_checkpoint, name, one_thread
 ) -> None:
-    name = request.getfixturevalue("hybrid") if config == "hybrid" else config
     model = _model(name)
     ckpt = best_checkpoint(model, class_names=CLASSES)
     export.main(["--checkpoint", str(ckpt), "--format", "npz"])
@@ -155,11 +159,7 @@ def test_timm_names_have_our_architectures(name) -> None:
     assert theirs.blocks[0].mlp.drop1.p == get_config(name).dropout_rate
 
 
-@pytest.mark.parametrize("config", ["testing", "hybrid"])
-def test_timm_refuses_models_it_cannot_compute_exactly(
-    request, best_checkpoint, capsys, config
-) -> None:
-    name = request.getfixturevalue("hybrid") if config == "hybrid" else config
+def test_timm_refuses_models_it_cannot_compute_exactly(best_checkpoint, capsys, name) -> None:
     ckpt = best_checkpoint(_model(name))
     err = expect_user_error(export.main, ["--checkpoint", str(ckpt), "--format", "timm"], capsys)
     assert err.count("\n") == 1  # one line
@@ -171,13 +171,11 @@ def test_timm_refuses_models_it_cannot_compute_exactly(
 # ONNX
 
 
-@pytest.mark.parametrize("config", ["testing", "hybrid"])
 def test_onnx_runs_in_onnxruntime_with_any_batch_size(
-    request, best_checkpoint, tmp_path, capsys, config, one_thread
+    best_checkpoint, tmp_path, capsys, name, one_thread
 ) -> None:
     onnx = pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")
-    name = request.getfixturevalue("hybrid") if config == "hybrid" else config
     model = _model(name)
     ckpt = best_checkpoint(model, class_names=CLASSES)
     path = tmp_path / "exported" / "model.onnx"

@@ -59,6 +59,7 @@ def test_choose(results: list, want: float, why: str) -> None:
     chosen, reason = sweep.choose([trial(*r) for r in results])
     assert chosen.learning_rate == want
     assert why in reason
+    assert why in reason
 
 
 def test_choose_skips_diverged_and_unfinished_runs_and_refuses_when_none_is_left() -> None:

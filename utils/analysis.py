@@ -466,19 +466,18 @@ def plot_attention_distance(results: Sequence[Analysis], fig: Canvas | None = No
 
 def plot_figure7(results: Sequence[Analysis], title: str | None = None) -> Figure:
     """The three panels in one figure, as the paper's Figure 7 (panels with no data left out)."""
-    panels: list[Callable[[Sequence[Analysis], Canvas], Canvas]] = []
-    if any(r.embedding_components is not None for r in results):
-        panels.append(plot_embedding_filters)
-    if any(r.position_similarity is not None for r in results):
-        panels.append(plot_position_similarity)
-    if any(r.mean_attention_distance is not None for r in results):
-        panels.append(plot_attention_distance)
+    n = len(results)
+    panels, ratios = [], []  # each panel that has data, and its width
+    for draw, data, width in (
+        (plot_embedding_filters, "embedding_components", 3.4 * n),
+        (plot_position_similarity, "position_similarity", 3.6 * n + 0.6),
+        (plot_attention_distance, "mean_attention_distance", 4.2),
+    ):
+        if any(getattr(r, data) is not None for r in results):
+            panels.append(draw)
+            ratios.append(width)
     if not panels:
         raise ValueError("nothing to draw")
-    n = len(results)
-    widths = {plot_embedding_filters: 3.4 * n, plot_position_similarity: 3.6 * n + 0.6,
-              plot_attention_distance: 4.2}  # fmt: skip
-    ratios = [widths[p] for p in panels]
     fig = Figure(figsize=(sum(ratios), 3.8), layout="constrained")
     for sub, draw in zip(
         np.atleast_1d(fig.subfigures(1, len(panels), width_ratios=ratios)), panels, strict=True
@@ -487,5 +486,3 @@ def plot_figure7(results: Sequence[Analysis], title: str | None = None) -> Figur
     if title:
         fig.suptitle(title, fontsize=10)
     return fig
-
-

@@ -277,8 +277,7 @@ def sample_image(name: str = "china.jpg") -> Image.Image:
 
 def sample_digit(index: int = 0) -> tuple[Image.Image, int]:
     """A held-out handwritten digit (8x8, RGB) from scikit-learn and its label."""
-    image, label = DigitsDataset(train=False)[index]
-    return image.convert("RGB"), label
+    return DigitsDataset(train=False)[index]
 
 
 def open_image(path: str | os.PathLike) -> Image.Image:
@@ -305,10 +304,6 @@ def preprocess(images: Sequence[Image.Image], img_size: tuple[int, int]) -> torc
 
 # --------------------------------------------------------------------------------------------
 # Figures
-
-
-def _format_predictions(predictions: Sequence[tuple[str, float]]) -> str:
-    return "\n".join(f"{p:6.1%}  {label}" for label, p in predictions)
 
 
 def plot_attention(
@@ -355,7 +350,8 @@ def plot_attention(
     ax = fig.add_subplot(head[2])
     ax.axis("off")
     if predictions:
-        ax.text(0, 0.95, "top predictions\n" + _format_predictions(predictions),
+        listed = "".join(f"\n{p:6.1%}  {label}" for label, p in predictions)
+        ax.text(0, 0.95, "top predictions" + listed,
                 va="top", ha="left", family="monospace", fontsize=8)  # fmt: skip
     for axis in fig.axes[:2]:
         axis.set_xticks([])

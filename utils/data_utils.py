@@ -75,7 +75,6 @@ from utils.preprocessing import (
 )
 
 __all__ = [
-    "CROP_SCALE",
     "LOADER_TIMEOUT",
     "CropBatch",
     "DigitsDataset",
@@ -102,33 +101,25 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-CROP_SCALE = CROP_AREA  # area fraction of the training crop (official)
-
 
 def build_transforms(
     img_size: int | tuple[int, int],
     train: bool,
     flip: bool = True,
-    crop_scale: tuple[float, float] = CROP_SCALE,
+    crop_scale: tuple[float, float] = CROP_AREA,
 ) -> Preprocess:
     """The official preprocessing of one image: PIL image -> float tensor (3, H, W) in [-1, 1].
 
-    Call the result as `transform(image, rng)`; in training, `rng` (a numpy Generator, see
-    `augment_rng`) draws the crop box and the flip.
-
-    Args:
-        img_size: output size, an int (square) or (height, width).
-        train: random crop (+ flip) when True, plain resize otherwise.
-        flip: random horizontal flip in training.
-        crop_scale: area fraction range of the training crop.
+    `img_size` is an int (square) or (height, width). Call the result as `transform(image, rng)`;
+    in training (a random crop of `crop_scale` of the area, a random flip if `flip`; otherwise a
+    plain resize), `rng` (a numpy Generator, see `augment_rng`) draws the crop box and the flip.
     """
-    size = to_pair(img_size)
-    return Preprocess(size, train=train, flip=flip, area_range=crop_scale)
+    return Preprocess(to_pair(img_size), train=train, flip=flip, area_range=crop_scale)
 
 
 def _augment_options(dataset: str) -> dict:
     """`flip` and `crop_scale` of the training preprocessing of `dataset`."""
-    return {"flip": dataset not in NO_FLIP, "crop_scale": CROP_SCALES.get(dataset, CROP_SCALE)}
+    return {"flip": dataset not in NO_FLIP, "crop_scale": CROP_SCALES.get(dataset, CROP_AREA)}
 
 
 class DigitsDataset(Dataset):
@@ -303,7 +294,7 @@ class InMemoryAugment(Dataset):
         size: tuple[int, int],
         seed: int,
         flip: bool = True,
-        crop_scale: tuple[float, float] = CROP_SCALE,
+        crop_scale: tuple[float, float] = CROP_AREA,
     ):
         if images.ndim == 3:  # grey: the model reads RGB
             images = np.repeat(images[..., None], 3, axis=-1)
@@ -586,8 +577,6 @@ def build_test_set(
         dataset: one of `utils.datasets.DATASETS`.
         data_dir: where CIFAR lives (downloaded there when missing and `download`), or the
             root of an image folder. Unused for `digits`.
-        img_size: model input size.
-        download: fetch CIFAR when it is missing.
 
     Returns:
         (test_set, class_names). Items are (tensor (3, H, W) in [-1, 1], label).
@@ -889,11 +878,10 @@ def get_loader(
         UserError: bad data (see `build_test_set`), a holdout fraction outside [0, 1), a
             training set smaller than one batch, or unreadable images with `strict_images`.
     """
-    fraction = holdout_fraction
-    if not 0.0 <= fraction < 1.0:
+    if not 0.0 <= holdout_fraction < 1.0:
         raise UserError(
-            f"--holdout_fraction {fraction} must be in [0, 1): the fraction of the training "
-            f"split held out as minival ({HOLDOUT_FRACTION} officially, 0 for none)."
+            f"--holdout_fraction {holdout_fraction} must be in [0, 1): the fraction of the "
+            f"training split held out as minival ({HOLDOUT_FRACTION} officially, 0 for none)."
         )
     # One download per node (the first process of each), as the original port did.
     local_rank = max(rank if local_rank is None else local_rank, 0)
@@ -909,7 +897,7 @@ def get_loader(
 
     # Image folders are sorted by class: hold out the end of each class, not the last class.
     by_class = train_raw.targets if dataset == "imagefolder" else None
-    train_idx, minival_idx = holdout_split(len(train_raw), fraction, by_class)
+    train_idx, minival_idx = holdout_split(len(train_raw), holdout_fraction, by_class)
     if dataset in IN_MEMORY:
         cut = len(train_idx)  # a prefix: the arrays are sliced, not copied
         train_set = InMemoryAugment(
@@ -928,11 +916,10 @@ def get_loader(
             classes,
         )
 
-    micro_batch = micro_batch_size
-    if len(train_set) < micro_batch * world_size:
+    if len(train_set) < micro_batch_size * world_size:
         raise UserError(
             f"The training set has {len(train_set)} images, fewer than one batch of "
-            f"{micro_batch * world_size} per forward pass; lower --train_batch_size or raise "
+            f"{micro_batch_size * world_size} per forward pass; lower --train_batch_size or raise "
             "--gradient_accumulation_steps."
         )
     train_sampler = DistributedSampler(
@@ -941,7 +928,7 @@ def get_loader(
     # Not persistent: workers are re-created each epoch and so see `train_set.set_epoch`.
     train_loader = WatchedLoader(
         train_set,
-        batch_size=micro_batch,
+        batch_size=micro_batch_size,
         sampler=train_sampler,
         num_workers=num_workers,
         collate_fn=_as_is if isinstance(train_set, InMemoryAugment) else None,
@@ -957,10 +944,10 @@ def get_loader(
     if minival_idx:
         minival = WithTransform(Subset(train_raw, minival_idx), test_transform, classes)
         minival_loader = eval_loader(minival)
-    elif fraction > 0:
+    elif holdout_fraction > 0:
         logger.warning(
             "--holdout_fraction %g of %d training images holds none out: no minival.",
-            fraction,
+            holdout_fraction,
             len(train_raw),
         )
     return train_loader, minival_loader, eval_loader(test_set)

@@ -129,16 +129,8 @@ def sample_crop(
     an aspect ratio uniformly from `aspect_ratio_range`, then a height uniformly among those
     whose area fits `area_range` (a fraction of the image), then the offsets; after
     `max_attempts` failed attempts the box is the whole image. This follows TF's
-    `GenerateRandomCrop` step by step, including its float32 rounding (half to even).
-
-    Args:
-        height, width: image size in pixels.
-        area_range: range of the crop's area as a fraction of the image's.
-        aspect_ratio_range: range of the crop's width / height.
-        max_attempts: attempts before falling back to the whole image.
-
-    Returns:
-        (top, left, crop_height, crop_width).
+    `GenerateRandomCrop` step by step, including its float32 rounding (half to even). Returns
+    (top, left, crop_height, crop_width).
     """
     f32 = np.float32
     # TF: `float relative_area * int width * int height`, in float32.
@@ -511,11 +503,9 @@ class ResizeCentralCrop:
 
     def __call__(self, image: Image.Image | np.ndarray) -> torch.Tensor:
         pixels = torch.from_numpy(_pixels(image).astype(np.float32)).permute(2, 0, 1)  # (3, h, w)
-        y0, y1, y_lerp = (
-            torch.from_numpy(t) for t in _tf_taps(pixels.shape[1], self.resize_size[0])
-        )
-        x0, x1, x_lerp = (
-            torch.from_numpy(t) for t in _tf_taps(pixels.shape[2], self.resize_size[1])
+        (y0, y1, y_lerp), (x0, x1, x_lerp) = (
+            map(torch.from_numpy, _tf_taps(n, r))
+            for n, r in zip(pixels.shape[1:], self.resize_size, strict=True)
         )
         top, bottom = pixels[:, y0], pixels[:, y1]  # (3, R_h, w)
         top = top[:, :, x0] + (top[:, :, x1] - top[:, :, x0]) * x_lerp
