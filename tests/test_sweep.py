@@ -14,7 +14,6 @@ import math
 import os
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ import pytest
 
 import sweep
 import train
-from tests.helpers import expect_user_error, make_image_folder, scalars, tiny_args
+from tests.helpers import expect_user_error, free_port, make_image_folder, scalars, tiny_args
 from utils.datasets import DATASETS
 from utils.errors import StoppedBySignal
 
@@ -315,9 +314,7 @@ def test_an_interrupted_sweep_continues_and_print_commands_then_collect_agree(
 def test_under_torchrun_every_process_runs_the_sweep_in_one_process_group(tmp_path: Path) -> None:
     """Two processes, three runs: each an ordinary 2-process train.py run (one process group
     serves them all: re-created, it could read the last one's rendezvous keys)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     cmd = [
         sys.executable,
