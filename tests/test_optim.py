@@ -556,7 +556,7 @@ def test_bench_optimizer_section_measures_both_momentum_dtypes() -> None:
 
     args = bench.parse_args(["--model_type", "testing", "--img_size", "32", "--batch_size", "2"])
     config = get_config("testing")
-    found = bench.optimizer_memory(args, config, torch.device("cpu"), "fp32")
+    found = bench.optimizer_memory(args, config, torch.device("cpu"))
     model = bench.build_ours(config, 32, args.num_classes)
     param_mb = sum(p.numel() * 4 for p in model.parameters()) / bench.MB
     assert found["float32"]["momentum_mb"] == pytest.approx(param_mb)
