@@ -381,13 +381,16 @@ def _holder(record: str) -> str:
     if match is None:
         return "a process whose PID is not recorded"
     pid, host = int(match[1]), match[2]
-    if os.name == "posix" and host == socket.gethostname() and pid > 0 and not process_alive(pid):
+    if host == socket.gethostname() and pid > 0 and not process_alive(pid):
         return f"its PID is not yet recorded; the recorded process {pid} no longer runs"
     return f"PID {pid} on {host}"
 
 
 def process_alive(pid: int) -> bool:
-    """Whether process `pid` exists, also under another user (signal 0 only asks)."""
+    """Whether process `pid` exists, also under another user (signal 0 only asks). Elsewhere
+    than POSIX it is taken to exist: there `os.kill(pid, 0)` would send a Ctrl+C event."""
+    if os.name != "posix":
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
