@@ -287,7 +287,7 @@ def micro_batch_size(args: argparse.Namespace, world_size: int) -> int:
 
 def check_args(args: argparse.Namespace, info: DistInfo) -> None:
     """Check what the flags' types cannot see alone (the total batch must divide evenly)."""
-    if args.model_type is not None:  # else read_checkpoint checks it, knowing the model
+    if args.model_type is not None:  # else _run checks it, once the file tells the model
         checked_img_size(get_config(args.model_type), args.img_size)
     per_step = info.world_size * args.gradient_accumulation_steps
     if args.train_batch_size % per_step:

@@ -202,8 +202,16 @@ def save_training_state(
 
 
 def saved_model_type(path: str | os.PathLike) -> str | None:
-    """The model a training state says it was trained as (None when it says nothing)."""
-    saved = safe_load(path)
+    """The model a training state says it was trained as (None when it says nothing).
+
+    Reads the state's pickle alone (its tensors stay on disk, mapped), so that a resume does
+    not read and hash the whole file twice: `load_training_state` verifies it afterwards. A
+    file that cannot be read so gets `safe_load`'s one message.
+    """
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # damaged, unsafe, not a file: say which, as every loader does
+        saved = safe_load(path)
     return saved.get("model_type") if isinstance(saved, Mapping) else None
 
 
