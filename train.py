@@ -57,6 +57,7 @@ from utils.datasets import DATASETS
 from utils.errors import LoaderError, StoppedBySignal, UserError, run_cli
 from utils.flags import (
     HelpFormatter,
+    add_process_flags,
     add_verbose,
     fraction,
     non_negative_float,
@@ -143,13 +144,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="dtype of the SGD momentum: bfloat16 as vit_jax's train step (half the memory), or "
         "float32 (torch.optim.SGD's arithmetic).",
     )
-    p.add_argument(
-        "--local_rank",
-        "--local-rank",
-        type=int,
-        default=-1,
-        help="Set by older launchers; torchrun sets LOCAL_RANK instead (both work).",
-    )
     p.add_argument("--seed", type=random_seed, default=42)
     p.add_argument("--gradient_accumulation_steps", type=positive_int, default=1)
     p.add_argument("--fp16", action="store_true", help="Alias of --precision fp16.")
@@ -186,12 +180,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "(optimistic: the test set chooses); or the final step, selected on nothing (the "
         "paper's final model). Default: minival when one is held out, else final.",
     )
-    p.add_argument(
-        "--num_workers",
-        type=non_negative_int,
-        default=min(4, os.cpu_count() or 1),
-        help="Data-loading worker processes per training process.",
-    )
+    add_process_flags(p)  # --num_workers, and the original port's --local_rank
     p.add_argument("--log_dir", default=None, help="TensorBoard folder (default logs/<name>).")
     p.add_argument("--precision", choices=PRECISIONS, default=None, help="Default fp32.")
     p.add_argument("--compile", action="store_true", help="torch.compile the model.")

@@ -225,7 +225,11 @@ def add_process_flags(parser: argparse.ArgumentParser, workers: str = "Data-load
         help=f"{workers} worker processes per process.",
     )
     parser.add_argument(
-        "--local_rank", "--local-rank", type=int, default=-1, help="Set by older launchers."
+        "--local_rank",
+        "--local-rank",
+        type=int,
+        default=-1,
+        help="Set by older launchers; torchrun sets LOCAL_RANK instead (both work).",
     )
 
 
