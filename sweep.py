@@ -45,6 +45,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from utils.datasets import HOLDOUT_FRACTION
 from utils.errors import StoppedBySignal, UserError, run_cli
 from utils.flags import (
     HelpFormatter,
@@ -72,7 +73,9 @@ class Preset:
     source: str
 
 
-CIFAR = Preset(10_000, 500, 512, 384, 0.02, PAPER_GRID, "the paper's Table 4; warmup as vit_jax's")
+CIFAR = Preset(
+    10_000, 500, 512, 384, HOLDOUT_FRACTION, PAPER_GRID, "the paper's Table 4; warmup as vit_jax's"
+)
 PRESETS = {
     "cifar10": CIFAR,
     "cifar100": CIFAR,

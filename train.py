@@ -53,7 +53,7 @@ from models.configs import (
     is_augreg_filename,
     model_names,
 )
-from utils.datasets import DATASETS
+from utils.datasets import DATASETS, HOLDOUT_FRACTION
 from utils.errors import LoaderError, StoppedBySignal, UserError, run_cli
 from utils.flags import (
     HelpFormatter,
@@ -168,7 +168,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--holdout_fraction",
         type=fraction,
-        default=0.02,
+        default=HOLDOUT_FRACTION,
         help="Last fraction of the training split held out as minival, to select the best "
         "checkpoint on (the official train[:98%%]); 0 holds none out (see --select).",
     )
@@ -888,7 +888,7 @@ def selection(select: str | None, has_minival: bool) -> str:
     if chosen == "minival" and not has_minival:
         raise UserError(
             "--select minival needs a minival split, but --holdout_fraction holds none out; "
-            "raise --holdout_fraction (0.02 officially), or use --select final."
+            f"raise --holdout_fraction ({HOLDOUT_FRACTION} officially), or use --select final."
         )
     if chosen == "test":
         logger.warning(
