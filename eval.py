@@ -73,7 +73,7 @@ from torch.utils.data import DataLoader
 
 from utils.data_utils import build_eval_loader, build_test_set
 from utils.dist_utils import DistInfo, main_process_first, run_distributed
-from utils.engine import available_bytes, evaluate, measure_memory
+from utils.engine import available_bytes, evaluate, measure_memory, memory_amount
 from utils.loading import load_model
 
 
@@ -104,16 +104,15 @@ def check_memory(model: nn.Module, batch_size: int, precision: str, info: DistIn
     if most >= batch_size:
         return
     size = "x".join(map(str, model.img_size))
-    gb = f"{available / 2**30:.1f} GB"
     if most == 0:
         raise UserError(
-            f"Not even one image at {size} fits for evaluation on {info.device} (about {gb} "
-            "available); evaluate at a smaller --img_size."
+            f"Not even one image at {size} fits for evaluation on {info.device} "
+            f"({memory_amount(available)} available); evaluate at a smaller --img_size."
         )
     raise UserError(
-        f"A batch of {batch_size} images at {size} needs about "
-        f"{1.05 * fit.need(batch_size) / 2**30:.1f} GB on {info.device}, but about {gb} are "
-        f"available; use --eval_batch_size {most} or less."
+        f"A batch of {batch_size} images at {size} needs "
+        f"{memory_amount(1.05 * fit.need(batch_size))} on {info.device}, but "
+        f"{memory_amount(available)} are available; use --eval_batch_size {most} or less."
     )
 
 

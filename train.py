@@ -252,6 +252,7 @@ from utils.engine import (
     is_out_of_memory,
     make_scaler,
     measure_memory,
+    memory_amount,
 )
 from utils.file_io import read_sidecar, save_checkpoint, write_sidecar
 from utils.loading import pretrained_weights, which_model
@@ -401,10 +402,10 @@ def check_memory(
     else:
         problem = (
             f"A micro-batch of {micro_batch} images at {args.img_size}x{args.img_size} needs "
-            f"{amount(need)} on {info.device} for activations and gradients{mode}"
+            f"{memory_amount(need)} on {info.device} for activations and gradients{mode}"
         )
     raise UserError(
-        f"{problem}, but {amount(available)} are available. "
+        f"{problem}, but {memory_amount(available)} are available. "
         f"{memory_options(args, fits, budget, info)}"
     )
 
@@ -468,7 +469,7 @@ def memory_options(
     if not args.grad_checkpointing and largest(True) >= micro_batch:
         need = 1.05 * with_ckpt.need(micro_batch)
         options.append(
-            f"--grad_checkpointing (micro-batches of {micro_batch} as now: {amount(need)}; "
+            f"--grad_checkpointing (micro-batches of {micro_batch} as now: {memory_amount(need)}; "
             "the blocks run forward twice, so each step is slower)"
         )
     steps = fewest_steps(False)
@@ -480,7 +481,7 @@ def memory_options(
         micro = per_process // steps
         options.append(
             f"--gradient_accumulation_steps {steps} (micro-batches of {micro}: "
-            f"{amount(1.05 * without.need(micro))})"
+            f"{memory_amount(1.05 * without.need(micro))})"
         )
     steps_ckpt = fewest_steps(True)
     if steps_ckpt is not None and (args.grad_checkpointing or largest(True) < micro_batch):
@@ -488,7 +489,7 @@ def memory_options(
         options.append(
             f"--grad_checkpointing --gradient_accumulation_steps {steps_ckpt} (micro-batches of "
             f"{micro}, the largest that fits with checkpointing: "
-            f"{amount(1.05 * with_ckpt.need(micro))})"
+            f"{memory_amount(1.05 * with_ckpt.need(micro))})"
         )
     if not options:
         return (
@@ -502,13 +503,6 @@ def memory_options(
         + (f". With --grad_checkpointing, micro-batches of up to {most} images fit" if most else "")
         + ". Or use a smaller --train_batch_size."
     )
-
-
-def amount(nbytes: float) -> str:
-    """`nbytes` for a message: "about 1.5 GB", or MB below one GB."""
-    if nbytes >= 2**30:
-        return f"about {nbytes / 2**30:.1f} GB"
-    return f"about {nbytes / 2**20:.1f} MB"
 
 
 def out_of_memory(

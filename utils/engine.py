@@ -35,6 +35,7 @@ __all__ = [
     "is_out_of_memory",
     "make_scaler",
     "measure_memory",
+    "memory_amount",
     "top_k",
     "unwrap",
 ]
@@ -373,6 +374,13 @@ def measure_memory(
     return (
         _fit_line((2, two), (3, three)) if three is not None else _fit_line((0, ([0], 0)), (2, two))
     )
+
+
+def memory_amount(nbytes: float) -> str:
+    """`nbytes` for a message: "about 1.5 GB", or MB below one GB."""
+    if nbytes >= 2**30:
+        return f"about {nbytes / 2**30:.1f} GB"
+    return f"about {nbytes / 2**20:.1f} MB"
 
 
 def _fit_line(
