@@ -454,8 +454,14 @@ def test_a_resume_in_another_precision_is_warned_about(tmp_path: Path, caplog) -
 def _event_file_becomes_a_folder(log_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """TensorBoard reopens its event file for every record: the next one fails (EISDIR)."""
     for events in log_dir.glob("events.out.tfevents.*"):
-        events.unlink()
-        events.mkdir()
+        for _ in range(100):  # its writer thread may re-create the file in between
+            events.unlink(missing_ok=True)
+            try:
+                events.mkdir()
+                break
+            except FileExistsError:
+                continue
+        assert events.is_dir()
 
 
 def _disk_fills_up(log_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
