@@ -8,13 +8,13 @@
 Section 4.5 and Appendix D.7 of Dosovitskiy et al. (ICLR 2021): the principal components of the
 patch-embedding filters, the cosine similarity of the position embeddings, and each head's mean
 attention distance in pixels over `--num_images` images (128, as the paper). The class token's
-row and column are left out of the distance without renormalising; see `utils/analysis.py`.
+row and column are left out of the distance without renormalising; see `utils/evals/analysis.py`.
 
-`--checkpoint` takes one file or two (any file `utils.loading.load_model` reads: an official or
-AugReg `.npz`, a train.py `.bin`, a `_last.pt`, a `.safetensors`); with two, every figure shows
-both (same image size and patch grid needed for the side-by-side). `none` with `--model_type`
-analyses a randomly initialised model (for timing, or as a baseline). Images come from
-`--image` (files, folders, globs) or `--dataset` (its test split); without either, a digits
+`--checkpoint` takes one file or two (any file `utils.infra.loading.load_model` reads: an
+official or AugReg `.npz`, a train.py `.bin`, a `_last.pt`, a `.safetensors`); with two, every
+figure shows both (same image size and patch grid needed for the side-by-side). `none` with
+`--model_type` analyses a randomly initialised model (for timing, or as a baseline). Images come
+from `--image` (files, folders, globs) or `--dataset` (its test split); without either, a digits
 model gets held-out digits and any other model scikit-learn's two sample photos.
 
 Writes to `--output_dir`: `figure7.png` (the panels side by side), `embedding_filters.png`,
@@ -33,9 +33,9 @@ from pathlib import Path
 
 from matplotlib.backend_bases import FigureCanvasBase
 
-from utils.datasets import DATASETS
-from utils.errors import UserError, run_cli
-from utils.flags import (
+from utils.data.registry import DATASETS
+from utils.infra.errors import UserError, run_cli
+from utils.infra.flags import (
     HelpFormatter,
     add_model_flags,
     add_verbose,
@@ -116,12 +116,13 @@ import matplotlib
 import torch
 
 from models.modeling import VisionTransformer
-from utils import analysis
-from utils.attention_maps import demo_checkpoint
-from utils.file_io import save_figure, write_output
-from utils.loading import LoadedModel, load_model
-from utils.preprocessing import find_images
-from utils.run_files import check_folder
+from utils.data.preprocessing import find_images
+from utils.evals import analysis
+from utils.evals.attention_maps import demo_checkpoint
+from utils.infra.figures import save_figure
+from utils.infra.file_io import write_output
+from utils.infra.loading import LoadedModel, load_model
+from utils.infra.run_files import check_folder
 
 
 def is_random(checkpoint: str) -> bool:

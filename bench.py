@@ -59,13 +59,14 @@ from torch.utils.flop_counter import FlopCounterMode
 from models.configs import ViTConfig, get_config, model_names
 from models.modeling import VisionTransformer
 from models.npz import load_npz, state_dict_to_npz
-from utils.data_utils import InMemoryAugment, augment_rng, build_transforms
-from utils.engine import LiveTensorBytes, autocast, autocast_dtype
-from utils.file_io import save_npz
-from utils.optim import make_optimizer
-from utils.precision import PRECISIONS
-from utils.preprocessing import crop_resize_batch
-from utils.update_rule import OPTIM_DTYPES
+from utils.data.loaders import InMemoryAugment, augment_rng, build_transforms
+from utils.data.preprocessing import crop_resize_batch
+from utils.infra.description import PRECISIONS
+from utils.infra.file_io import save_npz
+from utils.infra.memory import LiveTensorBytes
+from utils.recipe.amp import autocast, autocast_dtype
+from utils.recipe.optim import make_optimizer
+from utils.recipe.update_rule import OPTIM_DTYPES
 
 logger = logging.getLogger("bench")
 
@@ -405,7 +406,8 @@ def data_pipeline_rates(
     """Speed of the training input pipeline on CIFAR-sized (32 x 32) images, per output size.
 
     - `old_img_s`, `float_img_s`: one worker (one thread) running the per-image path, the old
-      PIL transform vs the float one of `utils.preprocessing` (seeded per image as in training);
+      PIL transform vs the float one of `utils.data.preprocessing` (seeded per image as in
+      training);
     - `batched_<device>_img_s`: the batched device path (`crop_resize_batch`, in batches of
       `DEVICE_BATCH`), given the crop boxes and flips;
     - `gather_img_s`: one worker producing those batches for an in-memory dataset

@@ -22,9 +22,10 @@ import logging
 import time
 from collections.abc import Sequence
 
-from utils.datasets import DATASETS
-from utils.errors import UserError, run_cli
-from utils.flags import (
+from utils.data.registry import DATASETS
+from utils.infra.description import PRECISIONS
+from utils.infra.errors import UserError, run_cli
+from utils.infra.flags import (
     HelpFormatter,
     add_model_flags,
     add_process_flags,
@@ -32,7 +33,6 @@ from utils.flags import (
     parse_first,
     positive_int,
 )
-from utils.precision import PRECISIONS
 
 logger = logging.getLogger("eval")
 
@@ -68,13 +68,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 if __name__ == "__main__":
     parse_first(parse_args)  # --help and a mistyped flag answer before torch loads
 
+from functools import partial
+
 from torch import nn
 from torch.utils.data import DataLoader
 
-from utils.data_utils import build_eval_loader, build_test_set
-from utils.dist_utils import DistInfo, main_process_first, run_distributed
-from utils.engine import available_bytes, evaluate, measure_memory, memory_amount
-from utils.loading import load_model
+from utils.data.loaders import build_eval_loader, build_test_set
+from utils.evals.classification import evaluate
+from utils.infra.dist_utils import DistInfo, main_process_first, run_distributed
+from utils.infra.loading import load_model
+from utils.infra.memory import available_bytes, measure_memory, memory_amount
+from utils.recipe.amp import autocast
 
 
 def build_test_loader(
@@ -99,7 +103,8 @@ def check_memory(model: nn.Module, batch_size: int, precision: str, info: DistIn
         return
     budget = 0.9 * available
     model.eval()
-    fit = measure_memory(model, precision, info.device, budget, training=False)
+    passes = partial(autocast, precision, info.device)
+    fit = measure_memory(model, info.device, budget, training=False, autocast=passes)
     most = 0 if fit is None else fit.largest_batch(budget / 1.05)
     if most >= batch_size:
         return

@@ -57,8 +57,14 @@ from models.foreign import (
     timm_state_dict,
 )
 from models.npz import CheckpointError, clean_state_dict, state_dict_to_npz
-from utils.errors import UserError, run_cli
-from utils.flags import HelpFormatter, add_model_flags, add_verbose, parse_first, setup_logging
+from utils.infra.errors import UserError, run_cli
+from utils.infra.flags import (
+    HelpFormatter,
+    add_model_flags,
+    add_verbose,
+    parse_first,
+    setup_logging,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -103,8 +109,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from utils.data_utils import build_transforms
-from utils.file_io import (
+from utils.data.loaders import build_transforms
+from utils.infra.file_io import (
     atomic_write_text,
     check_output,
     file_sha256,
@@ -115,7 +121,7 @@ from utils.file_io import (
     write_output,
     writing,
 )
-from utils.loading import LoadedModel, folder_weight_files, is_model_folder, load_model
+from utils.infra.loading import LoadedModel, folder_weight_files, is_model_folder, load_model
 
 # --------------------------------------------------------------------------------------------
 # Where the output goes

@@ -10,7 +10,7 @@ Each checkpoint embeds the whole training split and the whole test split once (i
 `pre_logits`: the pooled token after the final LayerNorm, through the Dense + tanh
 representation layer when the checkpoint has one; an ImageNet-21k `.npz` keeps it). Then, per
 seed and shot count, a ridge regression is fit in closed form on k images per class and scored
-on the test split (`utils.fewshot`, following `big_vision/evaluators/fewshot_lsr.py`). Several
+on the test split (`utils.evals.fewshot`, following `big_vision/evaluators/fewshot_lsr.py`). Several
 `--l2_reg` values share one eigendecomposition. The table shows the mean and standard deviation
 over seeds, one column per checkpoint; `--output` holds every seed's accuracy.
 
@@ -33,9 +33,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from utils.datasets import DATASETS
-from utils.errors import UserError, run_cli
-from utils.flags import (
+from utils.data.registry import DATASETS
+from utils.infra.description import PRECISIONS
+from utils.infra.errors import UserError, run_cli
+from utils.infra.flags import (
     HelpFormatter,
     add_model_flags,
     add_process_flags,
@@ -44,7 +45,6 @@ from utils.flags import (
     positive_float,
     positive_int,
 )
-from utils.precision import PRECISIONS
 
 logger = logging.getLogger("fewshot")
 
@@ -131,13 +131,13 @@ import torch.distributed as dist
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from utils.data_utils import Indexed, build_eval_loader, build_split, build_transforms
-from utils.dist_utils import DistInfo, main_process_first, run_distributed
-from utils.engine import autocast
-from utils.fewshot import fewshot_evaluate, short_classes
-from utils.file_io import content_sha256, file_sha256, save_npz, write_output
-from utils.loading import LoadedModel, folder_weight_files, is_model_folder, load_model
-from utils.preprocessing import ResizeCentralCrop
+from utils.data.loaders import Indexed, build_eval_loader, build_split, build_transforms
+from utils.data.preprocessing import ResizeCentralCrop
+from utils.evals.fewshot import fewshot_evaluate, short_classes
+from utils.infra.dist_utils import DistInfo, main_process_first, run_distributed
+from utils.infra.file_io import content_sha256, file_sha256, save_npz, write_output
+from utils.infra.loading import LoadedModel, folder_weight_files, is_model_folder, load_model
+from utils.recipe.amp import autocast
 
 # --------------------------------------------------------------------------------------------
 # Data

@@ -7,7 +7,7 @@
     torchrun --nproc_per_node 4 predict.py --checkpoint ... --image ... --output preds.csv
 
 `--image` takes files, folders (searched recursively for image files) and glob patterns. The
-images go through eval.py's test-time preprocessing (`utils.data_utils.build_transforms`) in
+images go through eval.py's test-time preprocessing (`utils.data.loaders.build_transforms`) in
 batches, read by DataLoader workers. Class names come from the checkpoint (a train.py sidecar or
 an exported `.safetensors`; ImageNet-1k names for 1000-class heads); unknown ones print as
 indices. `--output` ends in `.csv` (path, label_i, probability_i for i = 1..k, error) or `.json`;
@@ -27,8 +27,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from utils.errors import run_cli
-from utils.flags import (
+from utils.infra.errors import run_cli
+from utils.infra.flags import (
     HelpFormatter,
     add_model_flags,
     add_process_flags,
@@ -81,12 +81,12 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from utils.data_utils import build_transforms
-from utils.dist_utils import DistInfo, run_distributed
-from utils.engine import top_k
-from utils.file_io import check_output, write_output
-from utils.loading import load_model
-from utils.preprocessing import BadImageError, find_images, read_image
+from utils.data.loaders import build_transforms
+from utils.data.preprocessing import BadImageError, find_images, read_image
+from utils.evals.classification import top_k
+from utils.infra.dist_utils import DistInfo, run_distributed
+from utils.infra.file_io import check_output, write_output
+from utils.infra.loading import load_model
 
 # --------------------------------------------------------------------------------------------
 # Finding and reading images

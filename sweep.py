@@ -45,9 +45,9 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from utils.datasets import HOLDOUT_FRACTION
-from utils.errors import StoppedBySignal, UserError, run_cli
-from utils.flags import (
+from utils.data.registry import HOLDOUT_FRACTION
+from utils.infra.errors import StoppedBySignal, UserError, run_cli
+from utils.infra.flags import (
     HelpFormatter,
     add_verbose,
     parse_first,
@@ -206,11 +206,11 @@ if __name__ == "__main__":
     parse_first(parse_args)  # --help and a mistyped flag answer before torch loads
 
 import train
-from utils.data_utils import build_test_set
-from utils.dist_utils import run_distributed
-from utils.file_io import atomic_write_text, read_sidecar
-from utils.stopping import NonFiniteLossError
-from utils.train_state import last_state_path
+from utils.data.loaders import build_test_set
+from utils.infra.dist_utils import run_distributed
+from utils.infra.file_io import atomic_write_text, read_sidecar
+from utils.infra.stopping import NonFiniteLossError
+from utils.infra.train_state import last_state_path
 
 # --------------------------------------------------------------------------------------------
 # Runs

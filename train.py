@@ -3,7 +3,7 @@
 The update of vit_jax's train step: global gradient-norm clipping, then SGD with momentum 0.9
 kept in bfloat16 (`--optim_dtype`), the learning rate counted as optax counts (the k-th update
 applies `lr_fn(k - 1)`: 0 for the first, with warmup), linear warmup then cosine or linear decay
-(`utils/optim.py`). Gradient accumulation that is exactly the big batch, mixed precision with
+(`utils/recipe/optim.py`). Gradient accumulation that is exactly the big batch, mixed precision with
 `torch.amp`, and `torchrun` data parallelism with sharded evaluation. Every flag of the original
 PyTorch port keeps its name and default, so its commands run unchanged:
 
@@ -53,9 +53,10 @@ from models.configs import (
     is_augreg_filename,
     model_names,
 )
-from utils.datasets import DATASETS, HOLDOUT_FRACTION
-from utils.errors import LoaderError, StoppedBySignal, UserError, run_cli
-from utils.flags import (
+from utils.data.registry import DATASETS, HOLDOUT_FRACTION
+from utils.infra.description import PRECISIONS
+from utils.infra.errors import LoaderError, StoppedBySignal, UserError, run_cli
+from utils.infra.flags import (
     HelpFormatter,
     add_process_flags,
     add_verbose,
@@ -67,8 +68,8 @@ from utils.flags import (
     positive_int,
     random_seed,
 )
-from utils.precision import OPT_LEVELS, PRECISIONS, resolve_precision
-from utils.update_rule import DECAY_TYPES, OPTIM_DTYPES
+from utils.recipe.precision import OPT_LEVELS, resolve_precision
+from utils.recipe.update_rule import DECAY_TYPES, OPTIM_DTYPES
 
 logger = logging.getLogger("train")
 
@@ -236,30 +237,27 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from models.modeling import VisionTransformer
-from utils.data_utils import get_loader, prepare_batch, unreadable_images
-from utils.dist_utils import (
+from utils.data.loaders import get_loader, prepare_batch, unreadable_images
+from utils.evals.classification import evaluate
+from utils.infra.dist_utils import (
     DistInfo,
     all_reduce_sum,
     barrier,
     run_distributed,
 )
-from utils.engine import (
+from utils.infra.event_log import EventLog
+from utils.infra.file_io import read_sidecar, save_checkpoint, write_sidecar
+from utils.infra.loading import pretrained_weights, which_model
+from utils.infra.memory import (
     MemoryFit,
-    StaticGradScaler,
-    autocast,
     available_bytes,
-    evaluate,
     is_out_of_memory,
-    make_scaler,
     measure_memory,
     memory_amount,
 )
-from utils.file_io import read_sidecar, save_checkpoint, write_sidecar
-from utils.loading import pretrained_weights, which_model
-from utils.optim import make_optimizer, make_scheduler
-from utils.run_files import EventLog, RunLock, claim_run
-from utils.stopping import GracefulExit, NonFiniteGuard
-from utils.train_state import (
+from utils.infra.run_files import RunLock, claim_run
+from utils.infra.stopping import GracefulExit, NonFiniteGuard
+from utils.infra.train_state import (
     TrainState,
     get_rng_state,
     last_state_path,
@@ -268,6 +266,8 @@ from utils.train_state import (
     save_training_state,
     saved_model_type,
 )
+from utils.recipe.amp import StaticGradScaler, autocast, make_scaler
+from utils.recipe.optim import make_optimizer, make_scheduler
 
 
 def micro_batch_size(args: argparse.Namespace, world_size: int) -> int:
@@ -296,7 +296,7 @@ def read_checkpoint(args: argparse.Namespace) -> tuple[dict[str, np.ndarray] | N
     An official `.npz`, or a model of ours (`.bin`, `_last.pt`, `.safetensors`) converted to that
     layout, so that fine-tuning it zeroes the head and resizes position embeddings alike. A
     missing official file names its download URL. The model is `--model_type`, else the one the
-    file holds (`utils.loading.which_model`), else ViT-B_16 (the original port's default) when
+    file holds (`utils.infra.loading.which_model`), else ViT-B_16 (the original port's default) when
     training from scratch.
     """
     if args.pretrained_dir.lower() != "none":
@@ -423,7 +423,9 @@ def probe_memory(
     cuda = [info.device.index or 0] if info.device.type == "cuda" else []
     try:
         with torch.random.fork_rng(devices=cuda):
-            return measure_memory(model, precision, info.device, budget)
+            return measure_memory(
+                model, info.device, budget, autocast=partial(autocast, precision, info.device)
+            )
     finally:
         model.set_grad_checkpointing(was)
 

@@ -9,7 +9,7 @@ folders; without it a photo bundled with scikit-learn is used (plus a held-out d
 trained on scikit-learn's digits, such as the demo model), so the command runs offline.
 Figures go to `output/attention/` unless `--output` says otherwise; with several images, one
 figure per image is written, named `<output stem>_<image stem><suffix>`. Attention rollout
-follows Abnar & Zuidema (2020); see `utils/attention_maps.py`.
+follows Abnar & Zuidema (2020); see `utils/evals/attention_maps.py`.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from pathlib import Path
 
 from matplotlib.backend_bases import FigureCanvasBase
 
-from utils.errors import run_cli
-from utils.flags import (
+from utils.infra.errors import run_cli
+from utils.infra.flags import (
     HelpFormatter,
     add_model_flags,
     add_verbose,
@@ -79,11 +79,12 @@ if __name__ == "__main__":
 import matplotlib
 from PIL import Image
 
-from utils import attention_maps as am
-from utils.engine import top_k
-from utils.file_io import check_output, save_figure
-from utils.loading import load_model
-from utils.preprocessing import find_images
+from utils.data.preprocessing import find_images
+from utils.evals import attention_maps as am
+from utils.evals.classification import top_k
+from utils.infra.figures import save_figure
+from utils.infra.file_io import check_output
+from utils.infra.loading import load_model
 
 
 def output_paths(output: str, names: list[str]) -> list[Path]:

@@ -38,7 +38,7 @@ __all__ = [
 class ConfigError(ValueError):
     """A setting the model cannot take (e.g. an image size); the message says what to use.
 
-    Command-line entry points print its message and exit with code 2 (`utils.errors.run_cli`).
+    Command-line entry points print its message and exit with code 2 (`utils.infra.errors.run_cli`).
     """
 
 

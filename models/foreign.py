@@ -1,7 +1,7 @@
 """Conversion between this project's state dicts and those of Hugging Face transformers and timm.
 
-Pure functions on key names and tensors, no file I/O (`utils/loading.py` reads the files). Both
-libraries hold the same parameters as `models/modeling.py` for a plain ViT with the `token`
+Pure functions on key names and tensors, no file I/O (`utils/infra/loading.py` reads the files).
+Both libraries hold the same parameters as `models/modeling.py` for a plain ViT with the `token`
 classifier; only the names differ, and Hugging Face stores query, key and value as three
 Linear layers where we keep one fused `qkv`:
 

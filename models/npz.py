@@ -59,7 +59,7 @@ BIG_VISION_BLOCK = ("LayerNorm_0", "MultiHeadDotProductAttention_0", "LayerNorm_
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit the model; the message says why.
 
-    Command-line entry points print its message and exit with code 2 (`utils.errors.run_cli`).
+    Command-line entry points print its message and exit with code 2 (`utils.infra.errors.run_cli`).
     """
 
 

@@ -38,7 +38,7 @@ def best_checkpoint(tmp_path):
     Returns a function `(model, name="run", sidecar=True, **facts) -> Path`; `facts` (dataset,
     class_names, ...) go into the sidecar with the model type, image size and class count.
     """
-    from utils.file_io import atomic_save, save_checkpoint
+    from utils.infra.file_io import atomic_save, save_checkpoint
 
     def save(model, name: str = "run", sidecar: bool = True, **facts):
         path = tmp_path / "output" / f"{name}_checkpoint.bin"

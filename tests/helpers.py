@@ -36,7 +36,7 @@ from torchvision import datasets
 
 from models.configs import ViTConfig, get_config
 from models.modeling import VisionTransformer
-from utils.errors import run_cli
+from utils.infra.errors import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,5 @@
-"""Figure 7's numbers (utils/analysis.py) against hand-computed oracles; analyze.py end to end."""
+"""Figure 7's numbers (utils/evals/analysis.py) against hand-computed oracles; analyze.py end to
+end."""
 
 from __future__ import annotations
 
@@ -28,10 +29,10 @@ from tests.helpers import (
     run_script,
     script_error,
 )
-from utils import analysis
-from utils.attention_maps import DEMO_CHECKPOINT
-from utils.file_io import save_npz, save_safetensors
-from utils.train_state import STATE_FORMAT
+from utils.evals import analysis
+from utils.evals.attention_maps import DEMO_CHECKPOINT
+from utils.infra.file_io import save_npz, save_safetensors
+from utils.infra.train_state import STATE_FORMAT
 
 ROOT = Path(__file__).resolve().parent.parent
 

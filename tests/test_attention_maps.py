@@ -9,8 +9,8 @@ from PIL import Image
 
 from models.configs import CONFIGS, ResNetConfig, get_config
 from models.modeling import VisionTransformer
-from utils import attention_maps as am
-from utils.errors import UserError
+from utils.evals import attention_maps as am
+from utils.infra.errors import UserError
 
 # Two layers, two heads, three tokens. Every row of every head sums to 1.
 LAYER_1 = [

@@ -26,7 +26,7 @@ from models.configs import (
 from models.modeling import VisionTransformer
 from models.npz import guess_model_type
 from tests.helpers import fake_checkpoint
-from utils.file_io import save_npz
+from utils.infra.file_io import save_npz
 
 # Parameters with a 1000-class head at 224 (no pre_logits): the figures of vit_jax's
 # `models_test.py` (MODEL_SIZES) for every official model; `test_new_models_count_as_timm`

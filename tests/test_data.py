@@ -27,21 +27,21 @@ from tests.helpers import (
     make_image_folder,
     serve_cifar,
 )
-from utils.data_utils import (
+from utils.data.loaders import (
     CropBatch,
     DigitsDataset,
     InMemoryAugment,
     SeededAugment,
     ShardSampler,
-    WatchedLoader,
     build_eval_loader,
     build_test_set,
     build_transforms,
     get_loader,
     prepare_batch,
 )
-from utils.datasets import DATASETS, holdout_split
-from utils.errors import LoaderError, UserError
+from utils.data.registry import DATASETS, holdout_split
+from utils.infra.errors import LoaderError, UserError
+from utils.infra.watchdog import WatchedLoader
 
 
 def loader_args(dataset: str, data_dir: Path | str = "unused", **overrides) -> dict:

@@ -22,8 +22,8 @@ from models import configs
 from models.configs import get_config
 from models.npz import CheckpointError
 from tests.helpers import free_port
-from utils.dist_utils import init_distributed
-from utils.errors import run_cli
+from utils.infra.dist_utils import init_distributed
+from utils.infra.errors import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 NO_DROPOUT = "testing-nodrop"

@@ -1,4 +1,5 @@
-"""utils.download against a loopback HTTP server: resume with Range, restarts, bad files, AugReg."""
+"""utils.infra.download against a loopback HTTP server: resume with Range, restarts, bad files,
+AugReg."""
 
 from __future__ import annotations
 
@@ -36,10 +37,10 @@ from tests.helpers import (
     script_error,
     serve_cifar,
 )
-from utils import download as dl
-from utils.data_utils import build_test_set
-from utils.errors import UserError
-from utils.file_io import save_npz
+from utils.data.loaders import build_test_set
+from utils.infra import download as dl
+from utils.infra.errors import UserError
+from utils.infra.file_io import save_npz
 
 SOURCE = "imagenet21k"
 

@@ -1,4 +1,5 @@
-"""utils.errors and utils.flags: every way a command line ends is one line and a distinct code."""
+"""utils.infra.errors and utils.infra.flags: every way a command line ends is one line and a
+distinct code."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import imports_torch, run_script
-from utils.errors import StoppedBySignal, UserError, run_cli
-from utils.flags import (
+from utils.infra.errors import StoppedBySignal, UserError, run_cli
+from utils.infra.flags import (
     HelpFormatter,
     http_url,
     non_negative_float,
@@ -65,8 +66,8 @@ def test_a_second_ctrl_c_exits_130_with_one_line_and_no_traceback() -> None:
     child = textwrap.dedent(
         """
         import time
-        from utils.errors import run_cli
-        from utils.stopping import GracefulExit
+        from utils.infra.errors import run_cli
+        from utils.infra.stopping import GracefulExit
 
         def main():
             with GracefulExit():
@@ -168,7 +169,11 @@ def test_help_shows_defaults_but_not_empty_ones() -> None:
     [
         ("train", ["--name", "x", "--seed", "4294967296"], "argument --seed: must be from 0"),
         ("train", ["--name", "x", "--learning_rate", "1e39"], "argument --learning_rate: must"),
-        ("utils.download", ["ViT-B_16", "--timeout", "1e300"], "argument --timeout: must be at"),
+        (
+            "utils.infra.download",
+            ["ViT-B_16", "--timeout", "1e300"],
+            "argument --timeout: must be at",
+        ),
     ],
 )
 def test_numbers_that_later_break_are_refused_by_the_scripts_flags(
@@ -220,7 +225,7 @@ def test_ctrl_c_while_train_py_imports_torch_is_one_line_and_exit_130(tmp_path) 
     "script", ["eval.py", "export.py", "fewshot.py", "predict.py", "sweep.py", "visualize.py"]
 )
 def test_help_answers_before_torch_loads(script) -> None:
-    """Each script parses first (`utils.flags.parse_first`), then imports torch."""
+    """Each script parses first (`utils.infra.flags.parse_first`), then imports torch."""
     proc = run_script(script, "--help", importtime=True)
     assert proc.returncode == 0
     assert proc.stdout.startswith("usage: ")

@@ -17,8 +17,8 @@ from models.configs import get_config
 from models.modeling import VisionTransformer
 from models.npz import state_dict_to_npz
 from tests.helpers import expect_user_error, script_error
-from utils.data_utils import DigitsDataset, build_transforms
-from utils.file_io import save_npz
+from utils.data.loaders import DigitsDataset, build_transforms
+from utils.infra.file_io import save_npz
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTING = get_config("testing")

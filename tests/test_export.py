@@ -18,7 +18,7 @@ from models import configs
 from models.configs import ResNetConfig, get_config
 from models.modeling import VisionTransformer
 from tests.helpers import expect_user_error, fake_checkpoint
-from utils.loading import assign_weights, load_model, read_state_dict
+from utils.infra.loading import assign_weights, load_model, read_state_dict
 
 CLASSES = ["cat", "dog", "bird"]
 HYBRID = get_config("testing").replace(

@@ -25,17 +25,17 @@ from tests.helpers import (
     hf_model,
     make_image_folder,
 )
-from utils.data_utils import DigitsDataset, build_transforms
-from utils.fewshot import (
+from utils.data.loaders import DigitsDataset, build_transforms
+from utils.data.preprocessing import ResizeCentralCrop
+from utils.evals.fewshot import (
     fewshot_accuracy,
     fewshot_evaluate,
     fewshot_indices,
     fit_ridge,
     short_classes,
 )
-from utils.file_io import save_npz
-from utils.loading import load_model
-from utils.preprocessing import ResizeCentralCrop
+from utils.infra.file_io import save_npz
+from utils.infra.loading import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTING = get_config("testing")

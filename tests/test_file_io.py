@@ -1,4 +1,4 @@
-"""utils.file_io: atomic writes, safe loads and sidecars never lose or run anything."""
+"""utils.infra.file_io: atomic writes, safe loads and sidecars never lose or run anything."""
 
 from __future__ import annotations
 
@@ -23,9 +23,9 @@ import torch
 
 from models.npz import CheckpointError
 from tests.helpers import damage, script_error
-from utils import file_io
-from utils.errors import UserError
-from utils.file_io import (
+from utils.infra import file_io
+from utils.infra.errors import UserError
+from utils.infra.file_io import (
     CONTENT_SHA256,
     atomic_save,
     atomic_write_text,
@@ -113,7 +113,7 @@ def test_kill_9_during_saves_never_leaves_a_torn_file(tmp_path) -> None:
     child = textwrap.dedent(
         f"""
         import sys, torch
-        from utils.file_io import atomic_save
+        from utils.infra.file_io import atomic_save
         i = 0
         while True:
             atomic_save({{"i": i, "w": torch.full((1_000_000,), float(i))}}, {str(path)!r})
@@ -299,8 +299,8 @@ def test_the_file_size_limit_is_one_message_and_keeps_the_previous_file(tmp_path
     child = textwrap.dedent(
         f"""
         import torch
-        from utils.errors import run_cli
-        from utils.file_io import atomic_save
+        from utils.infra.errors import run_cli
+        from utils.infra.file_io import atomic_save
         run_cli(lambda: atomic_save({{"w": torch.ones(1_000_000)}}, {str(path)!r}))
         """
     )

@@ -39,7 +39,7 @@ from tests.helpers import (
     scalars,
     tiny_args,
 )
-from utils.loading import load_model, pretrained_weights, read_state_dict
+from utils.infra.loading import load_model, pretrained_weights, read_state_dict
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -170,7 +170,7 @@ def test_hf_export_gives_our_logits_in_transformers(
 
 
 def test_hf_model_card_says_what_the_sidecar_knows(best_checkpoint, tmp_path) -> None:
-    from utils.file_io import file_sha256
+    from utils.infra.file_io import file_sha256
 
     model = distinct_model("testing", 32, 3)
     checkpoint = best_checkpoint(
@@ -309,7 +309,7 @@ def test_an_in21k_folder_maps_its_pooler_to_pre_logits(tmp_path) -> None:
 def test_hf_numerics_of_a_folder_are_named_when_they_differ(tmp_path, caplog) -> None:
     theirs = hf_model("testing", (32, 32), official=False)
     theirs.save_pretrained(tmp_path / "hf")
-    with caplog.at_level(logging.INFO, logger="utils.loading"):
+    with caplog.at_level(logging.INFO, logger="utils.infra.loading"):
         loaded = load_model(tmp_path / "hf")
     assert "computed here with tanh GELU" in caplog.text
     assert "LayerNorm eps 1e-12" in caplog.text

@@ -17,9 +17,9 @@ import train
 from models.configs import ResNetConfig, get_config
 from models.modeling import Block, VisionTransformer
 from tests.helpers import expect_user_error, fake_checkpoint, free_port, script_error, tiny_args
-from utils.engine import LiveTensorBytes, MemoryFit, measure_memory
-from utils.file_io import safe_load, save_npz
-from utils.train_state import last_state_path
+from utils.infra.file_io import safe_load, save_npz
+from utils.infra.memory import LiveTensorBytes, MemoryFit, measure_memory
+from utils.infra.train_state import last_state_path
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -109,9 +109,9 @@ def test_peak_memory_of_a_training_step_is_lower() -> None:
     assert peaks[True] < 0.5 * peaks[False], peaks
     # The memory plan's own probe measures the same difference.
     model.set_grad_checkpointing(False)
-    without = measure_memory(model, "fp32", torch.device("cpu"), budget=2**40)
+    without = measure_memory(model, torch.device("cpu"), budget=2**40)
     model.set_grad_checkpointing(True)
-    with_it = measure_memory(model, "fp32", torch.device("cpu"), budget=2**40)
+    with_it = measure_memory(model, torch.device("cpu"), budget=2**40)
     # ... and predicts each peak from passes of 2 and 3 images.
     assert without.need(64) == pytest.approx(peaks[False], rel=1e-3)
     assert with_it.need(64) == pytest.approx(peaks[True], rel=1e-3)
@@ -198,7 +198,7 @@ def probe(grad_checkpointing: bool) -> MemoryFit:
     torch.manual_seed(0)
     model = VisionTransformer("demo", 32, num_classes=10).train()
     model.set_grad_checkpointing(grad_checkpointing)
-    return measure_memory(model, "fp32", torch.device("cpu"), budget=2**40)
+    return measure_memory(model, torch.device("cpu"), budget=2**40)
 
 
 def test_the_memory_plan_proposes_checkpointing_when_it_fits(

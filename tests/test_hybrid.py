@@ -24,7 +24,7 @@ from models.configs import ResNetConfig, get_config
 from models.modeling import VisionTransformer
 from models.modeling_resnet import ResNetV2, StdConv2d, max_pool_same, same_padding
 from tests.helpers import fake_checkpoint, official_grid
-from utils.file_io import save_npz
+from utils.infra.file_io import save_npz
 
 HYBRID = get_config("testing").replace(
     hidden_size=32,

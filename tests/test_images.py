@@ -16,10 +16,10 @@ from PIL import Image
 
 from models.modeling import VisionTransformer
 from tests.helpers import make_image_folder
-from utils.data_utils import ImageFolderFiles, build_transforms, get_loader
-from utils.engine import evaluate
-from utils.errors import UserError
-from utils.preprocessing import BadImageError, find_images, read_image, to_rgb
+from utils.data.loaders import ImageFolderFiles, build_transforms, get_loader
+from utils.data.preprocessing import BadImageError, find_images, read_image, to_rgb
+from utils.evals.classification import evaluate
+from utils.infra.errors import UserError
 
 
 def _png_header_only(path: Path, width: int, height: int) -> None:

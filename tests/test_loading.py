@@ -1,4 +1,4 @@
-"""utils.loading: a model from any checkpoint file, every misfit explained."""
+"""utils.infra.loading: a model from any checkpoint file, every misfit explained."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from models.configs import get_config
 from models.modeling import VisionTransformer
 from models.npz import CheckpointError, state_dict_to_npz
 from tests.helpers import damage, distinct_model
-from utils.errors import USER_ERRORS
-from utils.file_io import save_checkpoint, save_npz, save_safetensors
-from utils.loading import (
+from utils.infra.errors import USER_ERRORS
+from utils.infra.file_io import save_checkpoint, save_npz, save_safetensors
+from utils.infra.loading import (
     assign_weights,
     class_names,
     guess_state_dict_model,
@@ -23,7 +23,7 @@ from utils.loading import (
     read_state_dict,
     which_model,
 )
-from utils.train_state import TrainState, save_training_state
+from utils.infra.train_state import TrainState, save_training_state
 
 TESTING = get_config("testing")
 
@@ -430,7 +430,7 @@ def test_a_wrong_rank_tensor_in_a_bin_is_called_so(tmp_path):
 def test_a_bin_without_its_sidecar_loads_with_a_warning(tmp_path, caplog):
     path = tmp_path / "run_checkpoint.bin"
     torch.save(distinct_model(num_classes=5).state_dict(), path)
-    with caplog.at_level("WARNING", logger="utils.loading"):
+    with caplog.at_level("WARNING", logger="utils.infra.loading"):
         load_model(path)
     warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warned) == 1
@@ -438,6 +438,6 @@ def test_a_bin_without_its_sidecar_loads_with_a_warning(tmp_path, caplog):
     assert "SHA-256, model type and class names could not be checked" in warned[0]
     caplog.clear()
     _described_bin(tmp_path, "step", 3)  # with one: no warning
-    with caplog.at_level("WARNING", logger="utils.loading"):
+    with caplog.at_level("WARNING", logger="utils.infra.loading"):
         load_model(path)
     assert not [r for r in caplog.records if r.levelname == "WARNING"]

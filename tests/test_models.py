@@ -13,7 +13,7 @@ from torch import nn
 from models.configs import get_config
 from models.modeling import LN_EPS, Mlp, VisionTransformer
 from tests.helpers import BIG_VISION, fake_checkpoint
-from utils.file_io import save_npz
+from utils.infra.file_io import save_npz
 
 SMALL = get_config("testing").replace(hidden_size=32, mlp_dim=64, num_heads=4, num_layers=3)
 

@@ -15,7 +15,7 @@ from PIL import Image
 
 from models.modeling import VisionTransformer
 from models.npz import state_dict_to_npz
-from utils.file_io import save_npz
+from utils.infra.file_io import save_npz
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK = ROOT / "visualize_attention_map.ipynb"

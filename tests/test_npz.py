@@ -23,7 +23,7 @@ from models.npz import (
     state_dict_to_npz,
 )
 from tests.helpers import BIG_VISION, fake_checkpoint
-from utils.file_io import save_npz
+from utils.infra.file_io import save_npz
 
 SMALL = get_config("testing").replace(hidden_size=24, mlp_dim=48, num_heads=3, num_layers=2)
 HYBRID = SMALL.replace(patch_size=(1, 1), resnet=ResNetConfig((1, 2)))

@@ -26,9 +26,9 @@ import train
 from models.configs import get_config
 from models.modeling import VisionTransformer
 from tests.helpers import tiny_args
-from utils.dist_utils import DistInfo
-from utils.optim import OptimizerStateError, SGDMomentum, make_optimizer, make_scheduler
-from utils.update_rule import LINEAR_END, OPTIM_DTYPES, applied_lr, lr_multiplier
+from utils.infra.dist_utils import DistInfo
+from utils.recipe.optim import OptimizerStateError, SGDMomentum, make_optimizer, make_scheduler
+from utils.recipe.update_rule import LINEAR_END, OPTIM_DTYPES, applied_lr, lr_multiplier
 
 # total 10 steps, warmup 2: vit_jax's lr_fn(s) / base, hand-computed from its definition.
 COSINE = {1: 0.5, 2: 1.0, 4: 0.5 * (1 + math.cos(math.pi / 4)), 6: 0.5, 10: 0.0}
@@ -278,7 +278,7 @@ def test_updates_in_chunks_equal_one_call(
     """Splitting the multi-tensor calls (to bound the float32 temporaries) changes no bit."""
     init, grads = _problem()
     whole = _torch_run(init, grads, momentum_dtype, "cosine", clip=True)
-    monkeypatch.setattr("utils.optim._CHUNK_NUMEL", 13)  # SHAPES: 12 | 5 | 12 | 7 elements
+    monkeypatch.setattr("utils.recipe.optim._CHUNK_NUMEL", 13)  # SHAPES: 12 | 5 | 12 | 7 elements
     chunked = _torch_run(init, grads, momentum_dtype, "cosine", clip=True)
     for (params, traces), (want_params, want_traces) in zip(chunked, whole, strict=True):
         for a, b in zip(params + traces, want_params + want_traces, strict=True):
@@ -476,7 +476,7 @@ def test_changed_momentum_dtype_is_converted(caplog: pytest.LogCaptureFixture) -
     bf16 = make_optimizer(model.parameters(), 0.1, "bfloat16")
     _train(model, bf16, range(2))
     fp32 = make_optimizer(model.parameters(), 0.1, "float32")
-    with caplog.at_level(logging.WARNING, logger="utils.optim"):
+    with caplog.at_level(logging.WARNING, logger="utils.recipe.optim"):
         fp32.load_state_dict(_through_file(bf16.state_dict()))
     assert "converted to this run's float32" in caplog.text
     assert fp32.param_groups[0]["momentum_dtype"] == "float32"
@@ -496,7 +496,7 @@ def test_continues_a_torch_sgd_state(momentum_dtype: str, caplog: pytest.LogCapt
     model = _tiny_model()
     model.load_state_dict(old_model.state_dict())
     optimizer = make_optimizer(model.parameters(), 0.1, momentum_dtype)
-    with caplog.at_level(logging.WARNING, logger="utils.optim"):
+    with caplog.at_level(logging.WARNING, logger="utils.recipe.optim"):
         optimizer.load_state_dict(saved)
     assert "torch.optim.SGD" in caplog.text
     assert "float32 momentum" in caplog.text
@@ -572,7 +572,7 @@ def test_bfloat16_step_allocates_one_chunk_of_float32_at_a_time(
     """The step's temporaries (float32 copies of the trace) are bounded by the chunk size."""
     import bench
 
-    monkeypatch.setattr("utils.optim._CHUNK_NUMEL", chunk)
+    monkeypatch.setattr("utils.recipe.optim._CHUNK_NUMEL", chunk)
     params = [torch.nn.Parameter(torch.randn(1000)) for _ in range(20)]
     optimizer = make_optimizer(params, 0.1, "bfloat16")
     for p in params:

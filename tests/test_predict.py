@@ -20,8 +20,8 @@ from torch import nn
 import predict
 from models.modeling import VisionTransformer
 from tests.helpers import expect_user_error
-from utils.data_utils import build_transforms
-from utils.engine import top_k
+from utils.data.loaders import build_transforms
+from utils.evals.classification import top_k
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["cat", "dog", "bird", "fish"]

@@ -19,9 +19,8 @@ from PIL import Image
 from scipy.stats import ks_2samp
 from torchvision import transforms
 
-from utils.data_utils import build_transforms
-from utils.errors import UserError
-from utils.preprocessing import (
+from utils.data.loaders import build_transforms
+from utils.data.preprocessing import (
     Preprocess,
     crop_resize_batch,
     find_images,
@@ -29,6 +28,7 @@ from utils.preprocessing import (
     sample_augment,
     sample_crop,
 )
+from utils.infra.errors import UserError
 
 
 def noise(height: int, width: int, seed: int = 0) -> np.ndarray:

@@ -31,11 +31,11 @@ from tests.helpers import (
     start_train,
     tiny_args,
 )
-from utils import train_state
-from utils.data_utils import get_loader
-from utils.file_io import atomic_save, safe_load, save_npz, sidecar_path, with_content_sha256
-from utils.train_state import last_state_path
-from utils.update_rule import applied_lr
+from utils.data.loaders import get_loader
+from utils.infra import train_state
+from utils.infra.file_io import atomic_save, safe_load, save_npz, sidecar_path, with_content_sha256
+from utils.infra.train_state import last_state_path
+from utils.recipe.update_rule import applied_lr
 
 # Long enough that a poller sees a save and stops the process well before the end.
 PROCESS_FLAGS = {

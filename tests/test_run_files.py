@@ -1,4 +1,4 @@
-"""utils.run_files: a run's locations are checked first, earlier runs are never overwritten by
+"""utils.infra.run_files: a run's locations are checked first, earlier runs are never overwritten by
 mistake, and one process at a time writes a run's files."""
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from utils.errors import UserError
-from utils.file_io import atomic_save, save_checkpoint
-from utils.run_files import claim_run, run_files
+from utils.infra.errors import UserError
+from utils.infra.file_io import atomic_save, save_checkpoint
+from utils.infra.run_files import claim_run, run_files
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -112,7 +112,7 @@ def test_a_read_only_folder_is_refused(tmp_path) -> None:
 _HOLDER = textwrap.dedent(
     """
     import os, sys
-    from utils.run_files import claim_run
+    from utils.infra.run_files import claim_run
     lock = claim_run(sys.argv[1], sys.argv[2], "run", resume=False, overwrite=False)
     print(os.getpid(), flush=True)
     sys.stdin.readline()  # hold the run until told
@@ -175,7 +175,7 @@ def test_other_processes_under_torchrun_claim_nothing(tmp_path) -> None:
 _FORKING_HOLDER = textwrap.dedent(
     """
     import multiprocessing, os, sys, time
-    from utils.run_files import claim_run
+    from utils.infra.run_files import claim_run
     lock = claim_run(sys.argv[1], sys.argv[2], "run", resume=False, overwrite=False)
     # As a DataLoader worker is: forked while the lock is held, and outliving its parent.
     child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(120,))

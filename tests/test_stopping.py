@@ -1,4 +1,4 @@
-"""utils.stopping: signals become a flag; a loss that stays non-finite stops the run."""
+"""utils.infra.stopping: signals become a flag; a loss that stays non-finite stops the run."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import time
 import pytest
 import torch
 
-from utils.errors import UserError, run_cli
-from utils.stopping import GracefulExit, NonFiniteGuard, NonFiniteLossError
+from utils.infra.errors import UserError, run_cli
+from utils.infra.stopping import GracefulExit, NonFiniteGuard, NonFiniteLossError
 
 
 def test_graceful_exit_turns_signals_into_a_flag() -> None:

@@ -23,8 +23,8 @@ import pytest
 import sweep
 import train
 from tests.helpers import expect_user_error, free_port, make_image_folder, scalars, tiny_args
-from utils.datasets import DATASETS
-from utils.errors import StoppedBySignal
+from utils.data.registry import DATASETS
+from utils.infra.errors import StoppedBySignal
 
 REPO = Path(__file__).resolve().parents[1]
 

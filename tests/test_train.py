@@ -32,12 +32,12 @@ from tests.helpers import (
     serve_cifar,
     tiny_args,
 )
-from utils.data_utils import DigitsDataset, build_transforms
-from utils.errors import USER_ERRORS
-from utils.file_io import safe_load
-from utils.loading import which_model
-from utils.precision import resolve_precision
-from utils.update_rule import applied_lr
+from utils.data.loaders import DigitsDataset, build_transforms
+from utils.infra.errors import USER_ERRORS
+from utils.infra.file_io import safe_load
+from utils.infra.loading import which_model
+from utils.recipe.precision import resolve_precision
+from utils.recipe.update_rule import applied_lr
 
 REPO = Path(__file__).resolve().parents[1]
 

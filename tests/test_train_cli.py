@@ -27,9 +27,9 @@ from tests.helpers import (
     run_script,
     tiny_args,
 )
-from utils.errors import run_cli
-from utils.file_io import safe_load
-from utils.run_files import run_files
+from utils.infra.errors import run_cli
+from utils.infra.file_io import safe_load
+from utils.infra.run_files import run_files
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from models.modeling import VisionTransformer
-from utils.data_utils import DigitsDataset, build_transforms
+from utils.data.loaders import DigitsDataset, build_transforms
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""utils.train_state: a saved state continues a run exactly; the wrong one is refused."""
+"""utils.infra.train_state: a saved state continues a run exactly; the wrong one is refused."""
 
 from __future__ import annotations
 
@@ -15,12 +15,11 @@ from models.configs import get_config
 from models.modeling import VisionTransformer
 from models.npz import CheckpointError
 from tests.helpers import damage, distinct_model, tiny_args
-from utils.dist_utils import DistInfo
-from utils.errors import UserError
-from utils.file_io import atomic_save, safe_load, with_content_sha256
-from utils.loading import read_state_dict
-from utils.optim import make_scheduler
-from utils.train_state import (
+from utils.infra.dist_utils import DistInfo
+from utils.infra.errors import UserError
+from utils.infra.file_io import atomic_save, safe_load, with_content_sha256
+from utils.infra.loading import read_state_dict
+from utils.infra.train_state import (
     TrainState,
     get_rng_state,
     last_state_path,
@@ -29,6 +28,7 @@ from utils.train_state import (
     save_training_state,
     set_rng_state,
 )
+from utils.recipe.optim import make_scheduler
 
 TESTING = get_config("testing")
 
@@ -204,7 +204,7 @@ def test_rng_state_round_trip_under_weights_only(tmp_path) -> None:
 def _digits_loader(generator: torch.Generator | None):
     from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-    from utils.data_utils import DigitsDataset, SeededAugment, build_transforms
+    from utils.data.loaders import DigitsDataset, SeededAugment, build_transforms
 
     base = Subset(DigitsDataset(train=True), range(16))
     data = SeededAugment(base, build_transforms(32, train=True, flip=False), seed=7)

@@ -16,8 +16,8 @@ import visualize
 from models.modeling import VisionTransformer
 from models.npz import state_dict_to_npz
 from tests.helpers import expect_user_error, script_error
-from utils.errors import USER_ERRORS
-from utils.file_io import save_npz
+from utils.infra.errors import USER_ERRORS
+from utils.infra.file_io import save_npz
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -214,14 +214,14 @@ def test_a_full_disk_keeps_the_previous_figure_and_names_the_scripts_own_flag(
 
 @pytest.mark.parametrize("limit", ["size", "memory"])
 def test_a_dpi_whose_figure_cannot_be_drawn_is_one_message(tmp_path, monkeypatch, capsys, limit):
-    from utils import file_io
+    from utils.infra import figures
 
     ckpt = make_bin(tmp_path)
     out = tmp_path / "fig.png"
     dpi = "100000"  # beyond the 2**16 pixels a side matplotlib's Agg draws
     if limit == "memory":
         dpi = "100"
-        monkeypatch.setattr(file_io, "available_bytes", lambda device: 10**6)
+        monkeypatch.setattr(figures, "available_bytes", lambda device: 10**6)
     err = expect_user_error(
         visualize.main, ["--checkpoint", str(ckpt), "--output", str(out), "--dpi", dpi], capsys
     )

@@ -22,8 +22,8 @@ from PIL import Image
 
 import train
 from tests.helpers import make_image_folder, start_train, tiny_args
-from utils.file_io import safe_load
-from utils.train_state import last_state_path
+from utils.infra.file_io import safe_load
+from utils.infra.train_state import last_state_path
 
 DEADLINE = 180  # s: a regression fails here instead of hanging the suite
 

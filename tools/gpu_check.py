@@ -227,7 +227,7 @@ def train_summary(output: str) -> dict:
 
 
 def last_state_step(path: Path) -> int | None:
-    from utils.file_io import safe_load  # the loader train.py's states are written for
+    from utils.infra.file_io import safe_load  # the loader train.py's states are written for
 
     if not path.exists():
         return None

@@ -30,13 +30,14 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere
 
 from models.configs import model_names
-from utils import analysis
-from utils import attention_maps as am
-from utils.engine import top_k
-from utils.errors import UserError, run_cli
-from utils.file_io import check_output, render_figure, write_output
-from utils.flags import positive_int, setup_logging
-from utils.loading import load_model
+from utils.evals import analysis
+from utils.evals import attention_maps as am
+from utils.evals.classification import top_k
+from utils.infra.errors import UserError, run_cli
+from utils.infra.figures import render_figure
+from utils.infra.file_io import check_output, write_output
+from utils.infra.flags import positive_int, setup_logging
+from utils.infra.loading import load_model
 
 logger = logging.getLogger("make_figures")
 

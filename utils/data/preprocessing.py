@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from utils.errors import UserError
+from utils.infra.errors import UserError
 
 __all__ = [
     "ASPECT_RATIO",

@@ -1,4 +1,4 @@
-"""vit_jax's update rule in plain Python (torch-free; `utils.optim` runs it in torch): the
+"""vit_jax's update rule in plain Python (torch-free; `utils.recipe.optim` runs it in torch): the
 learning-rate schedule, the decay types and the dtypes the momentum may be stored in.
 
 The schedule (`vit_jax/train.py`, ``lr_fn``): ``lr_fn(s) = base * decay(p) * min(1, s / warmup)``
@@ -68,7 +68,7 @@ def applied_lr(
 ) -> float:
     """The learning rate the `update`-th update applies (1 for the first): ``lr_fn(update - 1)``.
 
-    This is what `utils.optim.make_scheduler`'s ``get_last_lr()[0]`` reads just before that
+    This is what `utils.recipe.optim.make_scheduler`'s ``get_last_lr()[0]`` reads just before that
     update's ``optimizer.step()``. (vit_jax logs ``lr_fn(step)`` with `step` counted from 1: the
     rate of the next update, not of the one just taken.)
     """

@@ -18,10 +18,8 @@ import contextlib
 import errno
 import glob
 import hashlib
-import io
 import json
 import logging
-import math
 import os
 import pickle
 import pickletools
@@ -30,42 +28,32 @@ import warnings
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 import safetensors
 import safetensors.torch
 import torch
 
-from models.configs import model_names
 from models.npz import CheckpointError
-from utils.engine import available_bytes
-from utils.errors import UserError
-from utils.precision import PRECISIONS
-from utils.run_files import process_alive
-
-if TYPE_CHECKING:
-    from matplotlib.figure import Figure
+from utils.infra.description import SAFETENSORS_SUFFIX, check_description
+from utils.infra.errors import UserError
+from utils.infra.run_files import process_alive
 
 __all__ = [
     "CONTENT_SHA256",
-    "SAFETENSORS_SUFFIX",
     "atomic_save",
     "atomic_write",
     "atomic_write_text",
     "cannot_write",
-    "check_description",
     "check_output",
     "content_sha256",
-    "description_error",
     "file_sha256",
     "load_safetensors",
     "read_sidecar",
-    "render_figure",
     "safe_load",
     "safetensors_info",
     "save_checkpoint",
-    "save_figure",
     "save_npz",
     "save_safetensors",
     "sidecar_path",
@@ -79,8 +67,6 @@ logger = logging.getLogger(__name__)
 _NO_SPACE = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
 _TOO_LARGE = (errno.EFBIG,)  # the file size limit (`ulimit -f`; Python ignores SIGXFSZ)
 CONTENT_SHA256 = "content_sha256"  # the key of a training state's own content hash
-_MAX_FIGURE_SIDE = 2**16  # Agg, matplotlib's raster renderer, refuses larger images
-_FIGURE_BYTES_PER_PIXEL = 8  # Agg's RGBA buffer, plus the copy the PNG encoder reads
 
 
 def _fsync_dir(directory: str) -> None:
@@ -267,52 +253,6 @@ def write_output(
     """
     with writing(path, flag):
         return atomic_write(path, write, then=f"pass another {flag}, then run again")
-
-
-def _largest_dpi(figure: Figure) -> int:
-    """The highest resolution at which `figure` can be drawn here: below Agg's size limit and
-    within the memory this process can still take."""
-    width, height = figure.get_size_inches()
-    largest = (_MAX_FIGURE_SIDE - 1) / max(width, height)
-    available = available_bytes(torch.device("cpu"))
-    if available is not None:
-        largest = min(largest, math.sqrt(available / _FIGURE_BYTES_PER_PIXEL / (width * height)))
-    return max(int(largest), 1)
-
-
-def render_figure(figure: Figure, fmt: str, dpi: int, flag: str = "--dpi") -> bytes:
-    """A matplotlib figure drawn as a `fmt` file (png, pdf, svg, ...), in memory.
-
-    Raises:
-        UserError: at `dpi` the figure is larger than matplotlib draws (below 2**16 pixels a
-            side) or than this machine has memory for; names the largest `flag` that fits.
-    """
-    largest = _largest_dpi(figure)
-    if dpi <= largest:
-        buffer = io.BytesIO()
-        try:
-            figure.savefig(buffer, format=fmt, dpi=dpi)
-            return buffer.getvalue()
-        except MemoryError:
-            largest = dpi // 2
-    width, height = (round(inches * dpi) for inches in figure.get_size_inches())
-    raise UserError(
-        f"At {flag} {dpi} the figure would be {width}x{height} pixels: more than can be drawn "
-        f"here (matplotlib draws below {_MAX_FIGURE_SIDE} pixels a side, and needs about "
-        f"{_FIGURE_BYTES_PER_PIXEL} bytes of memory a pixel). Pass {flag} {largest} or less."
-    )
-
-
-def save_figure(path: str | os.PathLike, figure: Figure, dpi: int, flag: str = "--output") -> None:
-    """Draw a matplotlib figure and write it atomically (its format from the file's suffix).
-
-    Raises:
-        UserError: the figure cannot be drawn at `dpi` (see `render_figure`), or the file
-            cannot be written (see `write_output`).
-    """
-    fmt = Path(path).suffix.lower().lstrip(".") or "png"
-    data = render_figure(figure, fmt, dpi)
-    write_output(path, lambda handle: handle.write(data), flag)
 
 
 def _remove_orphaned_temps(path: str) -> None:
@@ -628,103 +568,10 @@ def read_sidecar(checkpoint: str | os.PathLike) -> dict[str, Any]:
     return check_description(info, path)
 
 
-# The fields a description (a sidecar, a `.safetensors` file's metadata) may hold, each with
-# the test of its value and what the test asks for; fields not listed are kept unchecked.
-
-
-def _is_int(value: Any, least: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= least
-
-
-def _is_size(value: Any) -> bool:
-    return _is_int(value, 1) or (
-        isinstance(value, list) and len(value) == 2 and all(_is_int(v, 1) for v in value)
-    )
-
-
-def _is_text(value: Any) -> bool:
-    return isinstance(value, str) and bool(value.strip())
-
-
-def _is_names(value: Any) -> bool:
-    return isinstance(value, list) and bool(value) and all(isinstance(n, str) for n in value)
-
-
-def _or_unknown(test: Callable[[Any], bool]) -> Callable[[Any], bool]:
-    return lambda value: value is None or test(value)
-
-
-def _is_fraction(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and 0.0 <= value <= 1.0
-
-
-def _is_sha256(value: Any) -> bool:
-    return isinstance(value, str) and re.fullmatch(r"[0-9a-f]{64}", value) is not None
-
-
-_DESCRIPTION_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "model_type": (lambda v: v in model_names(), "a model name, e.g. ViT-B_16"),
-    "img_size": (_is_size, "a positive whole number or a [height, width] pair of them"),
-    "num_classes": (lambda v: _is_int(v, 1), "a whole number of at least 1"),
-    "dataset": (_or_unknown(_is_text), "a dataset name, e.g. cifar10, or null"),
-    "class_names": (_or_unknown(_is_names), "a list of class names (strings), or null"),
-    "precision": (_or_unknown(PRECISIONS.__contains__), f"one of {', '.join(PRECISIONS)}, or null"),
-    "step": (lambda v: _is_int(v, 0), "a whole number of at least 0"),
-    "final_step": (lambda v: _is_int(v, 0), "a whole number of at least 0"),
-    "selected_by": (_is_text, "the split the step was selected on, e.g. minival"),
-    "sha256": (_is_sha256, "64 hexadecimal digits (what sha256sum prints)"),
-    "previous_sha256": (_is_sha256, "64 hexadecimal digits (what sha256sum prints)"),
-}
-_FRACTION = (_or_unknown(_is_fraction), "a number from 0 to 1, or null")  # every `*accuracy` field
-
-
-def description_error(source: str | os.PathLike, field: str, value: Any, wanted: str) -> Exception:
-    """The one message for a description field that is wrong: the file, the field, its value,
-    what it must be, and the fix."""
-    shown = repr(value)
-    shown = shown if len(shown) <= 80 else shown[:77] + "..."
-    source = os.fspath(source)
-    fix = (
-        "export it again"
-        if source.endswith(SAFETENSORS_SUFFIX)
-        else "correct it, or delete the file and pass --model_type, --img_size and --dataset"
-    )
-    return CheckpointError(
-        f"{source}: the field {field!r} is {shown}, but it must be {wanted}. The description "
-        f"was damaged, edited or written by another program: {fix}."
-    )
-
-
-def check_description(info: Any, source: str | os.PathLike) -> dict[str, Any]:
-    """`info`, a checkpoint's description (sidecar or `.safetensors` metadata), checked field by
-    field (`_DESCRIPTION_FIELDS`; class_names as many as num_classes when both are given).
-
-    Raises:
-        CheckpointError: naming `source`, the field and what it must be.
-    """
-    if not isinstance(info, dict):
-        raise description_error(source, "(the whole file)", info, "a JSON object of fields")
-    for field, value in info.items():
-        test, wanted = _DESCRIPTION_FIELDS.get(field) or (
-            _FRACTION if field.endswith("accuracy") else (None, "")
-        )
-        if test is not None and not test(value):
-            raise description_error(source, field, value, wanted)
-    names, count = info.get("class_names"), info.get("num_classes")
-    if names is not None and count is not None and len(names) != count:
-        raise description_error(
-            source, "class_names", names, f"a list of {count} names (num_classes is {count})"
-        )
-    return info
-
-
 # --------------------------------------------------------------------------------------------
 # safetensors: the weights and what a sidecar would say, in one file. Every metadata value is
 # JSON text ("img_size": "[384, 384]"), so a file carries the same facts as a `.json` sidecar;
 # "format": "pt" marks PyTorch tensors, as other safetensors writers do.
-
-
-SAFETENSORS_SUFFIX = ".safetensors"
 
 
 def save_safetensors(

@@ -6,7 +6,7 @@ accumulator_dtype='bfloat16'))``) and optax (`optax.clip_by_global_norm`, `optax
 `optax.scale_by_learning_rate`). Gradient clipping is `torch.nn.utils.clip_grad_norm_` in
 train.py; this module holds the two other pieces:
 
-- The schedule: `utils.update_rule` computes it, `make_scheduler` applies it.
+- The schedule: `utils.recipe.update_rule` computes it, `make_scheduler` applies it.
 - The momentum (`SGDMomentum`). ``optax.trace``: ``t_new = g + decay * t``, the update is
   ``-lr * t_new`` in float32, then ``t_new`` is stored in the accumulator dtype. vit_jax stores
   it in bfloat16, where the decay 0.9 itself becomes bfloat16 (0.8984375) and the product with
@@ -24,8 +24,8 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
-from utils.errors import UserError
-from utils.update_rule import (
+from utils.infra.errors import UserError
+from utils.recipe.update_rule import (
     DECAY_TYPES,
     linear_end_fraction,
     lr_multiplier,

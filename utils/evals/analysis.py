@@ -35,8 +35,8 @@ from matplotlib.figure import Figure, SubFigure
 from PIL import Image
 
 from models.modeling import VisionTransformer
-from utils.data_utils import build_test_set
-from utils.errors import UserError
+from utils.data.loaders import build_test_set
+from utils.infra.errors import UserError
 
 __all__ = [
     "BUNDLED_PHOTOS",
@@ -322,7 +322,7 @@ def image_batches(
     images: Sequence[str | os.PathLike | Image.Image], img_size: tuple[int, int], batch_size: int
 ) -> Iterator[torch.Tensor]:
     """Preprocessed (B, 3, H, W) batches of image files (read one batch at a time) or images."""
-    from utils import attention_maps as am
+    from utils.evals import attention_maps as am
 
     for start in range(0, len(images), batch_size):
         chunk = [
@@ -355,7 +355,7 @@ def bundled_batches(
     if dataset == "digits":
         described = f"{num_images} held-out digits (scikit-learn)"
         return lambda size: dataset_batches("digits", "", size, num_images, batch_size), described
-    from utils import attention_maps as am
+    from utils.evals import attention_maps as am
 
     photos = [am.sample_image(name) for name in BUNDLED_PHOTOS][:num_images]
     described = f"{len(photos)} scikit-learn sample photos (the paper averages 128 images)"

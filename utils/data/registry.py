@@ -1,4 +1,4 @@
-"""The datasets train.py fine-tunes on, and their facts that need no torch (`utils.data_utils`
+"""The datasets train.py fine-tunes on, and their facts that need no torch (`utils.data.loaders`
 builds the loaders): which are held in memory, how each is augmented, which images are minival.
 
 Splits follow the official configs: training uses `train[:98%]`, and the last 2% of the

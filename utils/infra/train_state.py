@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from utils.engine import unwrap
-from utils.errors import UserError
-from utils.file_io import atomic_save, safe_load, with_content_sha256
+from utils.infra.dist_utils import unwrap
+from utils.infra.errors import UserError
+from utils.infra.file_io import atomic_save, safe_load, with_content_sha256
 
 __all__ = [
     "STATE_FORMAT",
@@ -41,7 +41,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-STATE_FORMAT = "vit-pytorch-training-state"  # marks a training state (read by utils.loading too)
+# Marks a training state (read by utils.infra.loading too).
+STATE_FORMAT = "vit-pytorch-training-state"
 STATE_VERSION = 1  # a state of a later version is refused, not misread
 # TrainState fields saved under another key than their own (the layout of earlier versions).
 SAVED_UNDER = {"epoch": "data_position", "batches_in_epoch": "data_position"}

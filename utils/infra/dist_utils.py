@@ -17,9 +17,10 @@ from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
-from utils.errors import UserError
-from utils.flags import setup_logging
+from utils.infra.errors import UserError
+from utils.infra.flags import setup_logging
 
 __all__ = [
     "DistInfo",
@@ -29,6 +30,7 @@ __all__ = [
     "init_distributed",
     "main_process_first",
     "run_distributed",
+    "unwrap",
 ]
 
 logger = logging.getLogger(__name__)
@@ -172,3 +174,15 @@ def run_distributed(
         return info, work(info)
     finally:
         cleanup()
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare model inside DistributedDataParallel (`.module`) and torch.compile
+    (`._orig_mod`) wrappers, however they are nested."""
+    while True:
+        inner = getattr(model, "module", None)
+        if not isinstance(inner, nn.Module):
+            inner = getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner

@@ -1,19 +1,18 @@
-"""The precision a run computes in: its names, and the flags (`--precision`, or the original
-port's Apex `--fp16 --fp16_opt_level`) resolved to one. Torch-free; `utils.engine` turns the
-name into autocast and a grad scaler.
+"""The precision a run computes in: the flags (`--precision`, or the original port's Apex
+`--fp16 --fp16_opt_level`) resolved to one of `utils.infra.description.PRECISIONS`. Torch-free;
+`utils.recipe.amp` turns the name into autocast and a grad scaler.
 """
 
 from __future__ import annotations
 
 import logging
 
-from utils.errors import UserError
+from utils.infra.errors import UserError
 
-__all__ = ["OPT_LEVELS", "PRECISIONS", "resolve_precision"]
+__all__ = ["OPT_LEVELS", "resolve_precision"]
 
 logger = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "fp16", "bf16")
 OPT_LEVELS = ("O0", "O1", "O2", "O3")  # the Apex opt levels `--fp16_opt_level` takes
 
 

@@ -87,7 +87,8 @@ def run_cli(main: Callable[[], object]) -> None:
     128 + signal; a Ctrl+C that reaches here (the second one in train.py, the first elsewhere)
     prints one line and exits 130, a second SIGTERM in train.py (`StopAtOnce`) 143.
     """
-    if signal.getsignal(signal.SIGINT) is exit_interrupted:  # set by `utils.flags.parse_first`
+    # `exit_interrupted` is set by `utils.infra.flags.parse_first`
+    if signal.getsignal(signal.SIGINT) is exit_interrupted:
         signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         main()

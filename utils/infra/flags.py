@@ -3,12 +3,12 @@ and `parse_first`.
 
 It imports nothing heavy. Every script parses first, then imports: its `parse_args`, near the
 top, uses only torch-free modules (this one, `models.configs`, the owners of its choices:
-`utils.datasets`, `utils.precision`, `utils.update_rule`); `parse_first(parse_args)` runs it
-under `if __name__ == "__main__":`; the script's heavy imports follow. So `--help` and a
-mistyped flag answer at once, before torch loads. A value type raises
+`utils.data.registry`, `utils.recipe.precision`, `utils.recipe.update_rule`);
+`parse_first(parse_args)` runs it under `if __name__ == "__main__":`; the script's heavy imports
+follow. So `--help` and a mistyped flag answer at once, before torch loads. A value type raises
 `argparse.ArgumentTypeError`, which argparse prints as one line (`error: argument --img_size:
 must be at least 1, got 0`) before exiting with code 2, the code of every other user mistake
-(`utils.errors`).
+(`utils.infra.errors`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import urllib.parse
 from collections.abc import Callable
 
 from models.configs import model_names
-from utils.errors import exit_interrupted, run_cli
+from utils.infra.errors import exit_interrupted, run_cli
 
 __all__ = [
     "HelpFormatter",

@@ -2,8 +2,8 @@
 
 The training loop checks both after every optimizer step: a signal makes it finish the step, save
 the last state and exit with a resume hint and the exit code 128 + signal
-(`utils.errors.StoppedBySignal(stop.signum)`); a loss that stays NaN or infinite stops it with a
-clear error before anything more is saved.
+(`utils.infra.errors.StoppedBySignal(stop.signum)`); a loss that stays NaN or infinite stops it
+with a clear error before anything more is saved.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from utils.dist_utils import all_reduce_sum
-from utils.errors import StopAtOnce, UserError
+from utils.infra.dist_utils import all_reduce_sum
+from utils.infra.errors import StopAtOnce, UserError
 
 __all__ = ["GracefulExit", "NonFiniteGuard", "NonFiniteLossError"]
 

@@ -47,17 +47,11 @@ from models.npz import (
     misfit_message,
     state_dict_to_npz,
 )
-from utils.engine import unwrap
-from utils.errors import UserError
-from utils.file_io import (
-    SAFETENSORS_SUFFIX,
-    description_error,
-    load_safetensors,
-    read_sidecar,
-    safe_load,
-    sidecar_path,
-)
-from utils.train_state import STATE_FORMAT
+from utils.infra.description import SAFETENSORS_SUFFIX, description_error
+from utils.infra.dist_utils import unwrap
+from utils.infra.errors import UserError
+from utils.infra.file_io import load_safetensors, read_sidecar, safe_load, sidecar_path
+from utils.infra.train_state import STATE_FORMAT
 
 __all__ = [
     "CIFAR10_CLASSES",

@@ -27,9 +27,9 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from models.modeling import VisionTransformer
-from utils.data_utils import DigitsDataset, build_transforms
-from utils.errors import UserError
-from utils.preprocessing import BadImageError, read_image
+from utils.data.loaders import DigitsDataset, build_transforms
+from utils.data.preprocessing import BadImageError, read_image
+from utils.infra.errors import UserError
 
 __all__ = [
     "DEMO_CHECKPOINT",
@@ -281,7 +281,7 @@ def sample_digit(index: int = 0) -> tuple[Image.Image, int]:
 
 
 def open_image(path: str | os.PathLike) -> Image.Image:
-    """Open an image file as RGB, as training reads it (`utils.preprocessing.read_image`).
+    """Open an image file as RGB, as training reads it (`utils.data.preprocessing.read_image`).
 
     Raises:
         UserError: the file is not an image PIL can read.

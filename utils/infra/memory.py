@@ -1,187 +1,28 @@
-"""What the scripts share: precision (autocast, grad scalers), evaluation, unwrapping, logging.
-
-`train.py` and `eval.py` both import this module and never each other, so evaluation during
-training and `eval.py` are one code path and give the same numbers.
-"""
+"""The memory plan's measurements: live tensor bytes op by op, what this process may still
+allocate, and the micro-batch that fits a budget."""
 
 from __future__ import annotations
 
-import logging
 import os
 import weakref
-from collections.abc import Sequence
-from contextlib import nullcontext
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.data import DataLoader
-from tqdm import tqdm
 
-from utils.dist_utils import all_reduce_sum
-from utils.errors import UserError
+from utils.infra.dist_utils import unwrap
 
 __all__ = [
-    "AUTOCAST_DTYPES",
     "LiveTensorBytes",
     "MemoryFit",
-    "StaticGradScaler",
-    "autocast",
-    "autocast_dtype",
     "available_bytes",
-    "evaluate",
     "is_out_of_memory",
-    "make_scaler",
     "measure_memory",
     "memory_amount",
-    "top_k",
-    "unwrap",
 ]
-
-logger = logging.getLogger(__name__)
-
-AUTOCAST_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-# --------------------------------------------------------------------------------------------
-# Precision
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The dtype `autocast` computes in for `precision` on `device` (None: fp32, no autocast)."""
-    dtype = AUTOCAST_DTYPES[precision]
-    if dtype == torch.float16 and device.type != "cuda":
-        return torch.bfloat16  # the CPU has no fp16 autocast worth using
-    return dtype
-
-
-def autocast(precision: str, device: torch.device):
-    """The autocast context for `precision` (a no-op for fp32)."""
-    dtype = autocast_dtype(precision, device)
-    if dtype is None:
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-class StaticGradScaler:
-    """A fixed loss scale (`--loss_scale S`), with GradScaler's interface.
-
-    Gradients are unscaled before clipping; a step whose gradients overflowed is skipped with a
-    warning (a fixed scale never adapts, so lower `--loss_scale` if this repeats).
-    """
-
-    def __init__(self, scale: float):
-        self.scale_value = float(scale)
-        self._finite = True
-
-    def scale(self, loss: torch.Tensor) -> torch.Tensor:
-        return loss * self.scale_value
-
-    def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
-        grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        torch._foreach_div_(grads, self.scale_value)
-        self._finite = bool(torch.stack([g.isfinite().all() for g in grads]).all())
-
-    def step(self, optimizer: torch.optim.Optimizer) -> None:
-        if self._finite:
-            optimizer.step()
-        else:
-            logger.warning("fp16 gradients overflowed (scale %g): step skipped.", self.scale_value)
-
-    def update(self) -> None:
-        self._finite = True
-
-
-def make_scaler(precision: str, loss_scale: float):
-    """GradScaler for fp16 (dynamic when `loss_scale` is 0, fixed otherwise); None otherwise."""
-    if precision != "fp16":
-        return None
-    if loss_scale > 0:
-        return StaticGradScaler(loss_scale)
-    return torch.amp.GradScaler("cuda")
-
-
-# --------------------------------------------------------------------------------------------
-# Models and evaluation
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The bare model inside DistributedDataParallel (`.module`) and torch.compile
-    (`._orig_mod`) wrappers, however they are nested."""
-    while True:
-        inner = getattr(model, "module", None)
-        if not isinstance(inner, nn.Module):
-            inner = getattr(model, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
-            return model
-        model = inner
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    test_loader: DataLoader,
-    device: torch.device,
-    precision: str = "fp32",
-    progress: bool = False,
-) -> dict[str, float]:
-    """Test loss and accuracy over the whole test set, sharded over all ranks.
-
-    Each rank evaluates its own shard (the loader's sampler); the sums are all-reduced, so every
-    test image counts exactly once whatever the number of processes.
-
-    Args:
-        model: returns `(logits, attn)` from `model(images)`; may be wrapped by DDP/compile.
-        test_loader: this rank's shard of the test set.
-        device: where to compute.
-        precision: "fp32", "fp16" or "bf16" (autocast).
-        progress: show a tqdm bar.
-
-    Returns:
-        `loss` (mean cross-entropy), `accuracy` (top-1), `count` (images over all ranks),
-        and `top5` when the model has more than 10 classes.
-    """
-    num_classes = unwrap(model).num_classes
-    was_training = model.training
-    model.eval()
-    totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1, top-5, count
-    for batch in tqdm(test_loader, desc="Validating", disable=not progress, leave=False):
-        if batch is None:  # every image of it was unreadable (`skip_unreadable`)
-            continue
-        images, labels = (t.to(device, non_blocking=True) for t in batch)
-        with autocast(precision, device):
-            logits = model(images)[0]  # (B, classes)
-        logits = logits.float()
-        top = logits.topk(min(5, num_classes), dim=1).indices  # (B, k)
-        hits = top == labels[:, None]
-        totals += torch.stack(
-            [
-                F.cross_entropy(logits, labels, reduction="sum").double(),
-                hits[:, 0].sum().double(),
-                hits.any(dim=1).sum().double(),
-                torch.tensor(float(labels.numel()), dtype=torch.float64, device=device),
-            ]
-        )
-    all_reduce_sum(totals)
-    model.train(was_training)
-    count = int(totals[3].item())
-    if count == 0:
-        raise UserError("The test set is empty; add images to the val/ or test/ folder.")
-    result = {
-        "loss": totals[0].item() / count,
-        "accuracy": totals[1].item() / count,
-        "count": count,
-    }
-    if num_classes > 10:
-        result["top5"] = totals[2].item() / count
-    return result
-
-
-# --------------------------------------------------------------------------------------------
-# Memory
-
 
 class LiveTensorBytes(TorchDispatchMode):
     """Tracks the bytes of tensor storage created inside the mode, and their peak.
@@ -299,7 +140,11 @@ class MemoryFit:
 
 
 def _pass_trace(
-    model: nn.Module, batch: int, precision: str, device: torch.device, training: bool
+    model: nn.Module,
+    batch: int,
+    device: torch.device,
+    training: bool,
+    autocast: Callable[[], AbstractContextManager],
 ) -> tuple[list[int], int]:
     """Live bytes after each op of one pass of `batch` zero images (training: forward and
     backward, gradients included; else a forward pass without autograd), beyond what existed
@@ -315,11 +160,11 @@ def _pass_trace(
         images = torch.zeros(batch, 3, *size, device=device)
         if training:
             labels = torch.zeros(batch, dtype=torch.long, device=device)
-            with autocast(precision, device):
+            with autocast():
                 loss = model(images, labels)
             loss.backward()
         else:
-            with torch.inference_mode(), autocast(precision, device):
+            with torch.inference_mode(), autocast():
                 model(images)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -328,7 +173,11 @@ def _pass_trace(
 
 
 def measure_memory(
-    model: nn.Module, precision: str, device: torch.device, budget: float, training: bool = True
+    model: nn.Module,
+    device: torch.device,
+    budget: float,
+    training: bool = True,
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
 ) -> MemoryFit | None:
     """Measure the memory a batch needs, from passes of two and three images: training passes
     (forward and backward, as the model is set: `grad_checkpointing`), or inference passes.
@@ -338,6 +187,7 @@ def measure_memory(
     micro-batch, op by op (not just the small passes' peak, which the gradients may dominate).
     On CUDA the lines are scaled by what the allocator used beyond the tensors themselves.
     When two images do not fit, one image is measured. The model is left without gradients.
+    `autocast` makes the context the passes run in (the run's precision).
 
     Returns:
         None when not even the probe of one image can be allocated, or when its input alone
@@ -354,7 +204,7 @@ def measure_memory(
     def measure(batch: int) -> tuple[list[int], int] | None:
         model.zero_grad(set_to_none=True)  # every pass allocates its gradients
         try:
-            return _pass_trace(model, batch, precision, device, training)
+            return _pass_trace(model, batch, device, training, autocast)
         except RuntimeError as error:
             if not is_out_of_memory(error):
                 raise
@@ -396,25 +246,3 @@ def _fit_line(
     scale = max(1.0, peak_b / max(max(trace_b), 1))  # the CUDA allocator's rounding and caching
     per_image = (high - low) * scale / (batch_b - batch_a)
     return MemoryFit(low * scale - batch_a * per_image, per_image)
-
-
-# --------------------------------------------------------------------------------------------
-# Logging
-
-
-def top_k(
-    logits: torch.Tensor, k: int = 5, names: Sequence[str] | None = None
-) -> list[list[tuple[str, float]]]:
-    """The `k` most probable classes of every image, as (label, probability) pairs.
-
-    Labels are class names when `names` is given, else the class indices as strings.
-    """
-    probs = logits.float().softmax(dim=-1)  # (B, classes)
-    values, indices = probs.topk(min(k, probs.shape[-1]), dim=-1)
-    return [
-        [
-            (names[i] if names is not None else str(i), float(p))
-            for p, i in zip(row_p.tolist(), row_i.tolist(), strict=True)
-        ]
-        for row_p, row_i in zip(values, indices, strict=True)
-    ]
