@@ -78,3 +78,63 @@ def test_every_third_party_import_is_a_requirement() -> None:
                 if module not in stdlib and module not in local and module != "__future__":
                     found.add(module_to_package.get(module, module).lower())
     assert found <= wanted, f"imported but not in requirements: {sorted(found - wanted)}"
+
+
+def _imports(path: Path) -> set[str]:
+    """The modules of this repo (and others) that `path` imports, at any depth of the file."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module)
+            # `from utils.evals import analysis` names the module `utils.evals.analysis`
+            found |= {f"{node.module}.{alias.name}" for alias in node.names}
+    return found
+
+
+# Which rooms of utils/ each room may import: plumbing (infra) at the bottom, data and the
+# recipe above it and beside each other, the evaluations on top.
+ROOMS_BELOW = {
+    "infra": {"infra"},
+    "data": {"infra", "data"},
+    "recipe": {"infra", "recipe"},
+    "evals": {"infra", "data", "recipe", "evals"},
+}
+
+
+def _room(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[0] == "utils" and parts[1] in ROOMS_BELOW else None
+
+
+def test_the_layers_only_import_downwards() -> None:
+    wrong = []
+    for room, allowed in ROOMS_BELOW.items():
+        for path in sorted((ROOT / "utils" / room).glob("*.py")):
+            for module in _imports(path):
+                below = _room(module)
+                if module.startswith("utils.") and below is None and module != "utils":
+                    wrong.append(f"{path.relative_to(ROOT)} imports {module}, outside the rooms")
+                elif below is not None and below not in allowed:
+                    wrong.append(f"{path.relative_to(ROOT)} imports {module}")
+    for path in sorted((ROOT / "models").glob("*.py")):
+        wrong += [
+            f"{path.relative_to(ROOT)} imports {m}"
+            for m in _imports(path)
+            if m == "utils" or m.startswith("utils.")
+        ]
+    assert not wrong, "\n".join(wrong)
+
+
+def test_no_script_imports_another_but_the_sweep_its_trainer() -> None:
+    scripts = {path.stem for path in ROOT.glob("*.py")} - {"conftest"}
+    assert {"train", "eval", "sweep", "predict"} <= scripts
+    imported = {
+        (path.relative_to(ROOT).as_posix(), module)
+        for folder in (".", "tools", "utils", "utils/*", "models")
+        for path in ROOT.glob(f"{folder}/*.py")
+        for module in _imports(path)
+        if module in scripts
+    }
+    assert imported == {("sweep.py", "train")}
