@@ -17,6 +17,7 @@ import train
 from models.configs import ResNetConfig, get_config
 from models.modeling import Block, VisionTransformer
 from tests.helpers import expect_user_error, fake_checkpoint, free_port, script_error, tiny_args
+from utils.infra import memory
 from utils.infra.file_io import safe_load, save_npz
 from utils.infra.memory import LiveTensorBytes, MemoryFit, measure_memory
 from utils.infra.train_state import last_state_path
@@ -188,7 +189,7 @@ def test_data_parallel_with_checkpointing_equals_without(tmp_path: Path) -> None
 
 
 def plan_message(tmp_path, monkeypatch, capsys, budget: int, **flags) -> str:
-    monkeypatch.setattr(train, "available_bytes", lambda device: budget)
+    monkeypatch.setattr(memory, "available_bytes", lambda device: budget)
     argv = tiny_args(tmp_path, **PLAN_RUN, **flags)
     return expect_user_error(train.main, argv, capsys)
 
@@ -262,7 +263,7 @@ def test_an_out_of_memory_step_proposes_what_fits(
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(train, "check_memory", lambda *a: None)
+    monkeypatch.setattr(train, "check_training_memory", lambda *a, **k: None)
     monkeypatch.setattr(Block, "forward", failing)
     err = plan_message(tmp_path, monkeypatch, capsys, 2**40)
     assert "ran out of memory on a micro-batch of 64 images" in err
