@@ -263,6 +263,9 @@ from utils.infra.train_state import (
 from utils.recipe.amp import StaticGradScaler, autocast, make_scaler
 from utils.recipe.optim import make_optimizer, make_scheduler
 
+# --------------------------------------------------------------------------------------------
+# Flags: the micro-batch they give, and the checks across them
+
 
 def micro_batch_size(args: argparse.Namespace, world_size: int) -> int:
     """Images per process and forward pass: the total batch over processes and accumulation."""
@@ -282,6 +285,10 @@ def check_args(args: argparse.Namespace, info: DistInfo) -> None:
             f"{args.gradient_accumulation_steps} accumulation step(s) = {per_step}; use a "
             f"multiple of {per_step}, e.g. {suggestion}."
         )
+
+
+# --------------------------------------------------------------------------------------------
+# The model
 
 
 def read_checkpoint(args: argparse.Namespace) -> tuple[dict[str, np.ndarray] | None, str]:
@@ -463,30 +470,25 @@ def train_step(
     return loss
 
 
-def micro_batches(
-    loader: DataLoader, state: TrainState, skip: int = 0
-) -> Iterator[tuple[torch.Tensor, ...]]:
-    """Endless micro-batches, epoch after epoch, reshuffled each epoch (`set_epoch`).
-
-    Args:
-        loader: the training loader (a `DistributedSampler`; the dataset may have `set_epoch`).
-        state: `epoch` says where to start; `epoch` and `batches_in_epoch` are kept up to date.
-        skip: batches of the first epoch already consumed before a resume.
-    """
-    while True:
-        loader.sampler.set_epoch(state.epoch)
-        if hasattr(loader.dataset, "set_epoch"):
-            loader.dataset.set_epoch(state.epoch)
-        state.batches_in_epoch = skip
-        for batch in islice(loader, skip, None):
-            state.batches_in_epoch += 1
-            yield batch
-        skip = 0
-        state.epoch += 1
-
-
 # --------------------------------------------------------------------------------------------
 # Evaluation and checkpoint selection
+
+
+def selection(select: str | None, has_minival: bool) -> str:
+    """What the checkpoint is selected by (`--select`): minival when one is held out, else the
+    final step (the paper's final model); the test set only when asked, with a warning."""
+    chosen = select or ("minival" if has_minival else "final")
+    if chosen == "minival" and not has_minival:
+        raise UserError(
+            "--select minival needs a minival split, but --holdout_fraction holds none out; "
+            f"raise --holdout_fraction ({HOLDOUT_FRACTION} officially), or use --select final."
+        )
+    if chosen == "test":
+        logger.warning(
+            "--select test: the best checkpoint is selected on the test set, so its test "
+            "accuracy is an optimistic estimate (the original port did this)."
+        )
+    return chosen
 
 
 def is_better(result: dict[str, float], best_accuracy: float, best_loss: float) -> bool:
@@ -718,23 +720,6 @@ def resume(
     return state
 
 
-def selection(select: str | None, has_minival: bool) -> str:
-    """What the checkpoint is selected by (`--select`): minival when one is held out, else the
-    final step (the paper's final model); the test set only when asked, with a warning."""
-    chosen = select or ("minival" if has_minival else "final")
-    if chosen == "minival" and not has_minival:
-        raise UserError(
-            "--select minival needs a minival split, but --holdout_fraction holds none out; "
-            f"raise --holdout_fraction ({HOLDOUT_FRACTION} officially), or use --select final."
-        )
-    if chosen == "test":
-        logger.warning(
-            "--select test: the best checkpoint is selected on the test set, so its test "
-            "accuracy is an optimistic estimate (the original port did this)."
-        )
-    return chosen
-
-
 def set_up(
     args: argparse.Namespace,
     info: DistInfo,
@@ -825,6 +810,28 @@ def set_up(
 
 def due(step: int, every: int) -> bool:
     return every > 0 and step % every == 0
+
+
+def micro_batches(
+    loader: DataLoader, state: TrainState, skip: int = 0
+) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Endless micro-batches, epoch after epoch, reshuffled each epoch (`set_epoch`).
+
+    Args:
+        loader: the training loader (a `DistributedSampler`; the dataset may have `set_epoch`).
+        state: `epoch` says where to start; `epoch` and `batches_in_epoch` are kept up to date.
+        skip: batches of the first epoch already consumed before a resume.
+    """
+    while True:
+        loader.sampler.set_epoch(state.epoch)
+        if hasattr(loader.dataset, "set_epoch"):
+            loader.dataset.set_epoch(state.epoch)
+        state.batches_in_epoch = skip
+        for batch in islice(loader, skip, None):
+            state.batches_in_epoch += 1
+            yield batch
+        skip = 0
+        state.epoch += 1
 
 
 def next_batches(run: Run, stream: Iterator[tuple[torch.Tensor, ...]]) -> list:
