@@ -70,14 +70,13 @@ if __name__ == "__main__":
 
 from functools import partial
 
-from torch import nn
 from torch.utils.data import DataLoader
 
 from utils.data.loaders import build_eval_loader, build_test_set
 from utils.evals.classification import evaluate
 from utils.infra.dist_utils import DistInfo, main_process_first, run_distributed
 from utils.infra.loading import load_model
-from utils.infra.memory import available_bytes, measure_memory, memory_amount
+from utils.infra.memory import check_evaluation_memory
 from utils.recipe.amp import autocast
 
 
@@ -93,32 +92,6 @@ def build_test_loader(
         test_set, args.eval_batch_size, args.num_workers, info.rank, info.world_size
     )
     return loader, class_names
-
-
-def check_memory(model: nn.Module, batch_size: int, precision: str, info: DistInfo) -> None:
-    """Stop before evaluating if one batch cannot fit on the device: inference passes of two
-    and three images give its peak (as train.py's plan does for training)."""
-    available = available_bytes(info.device)
-    if available is None:
-        return
-    budget = 0.9 * available
-    model.eval()
-    passes = partial(autocast, precision, info.device)
-    fit = measure_memory(model, info.device, budget, training=False, autocast=passes)
-    most = 0 if fit is None else fit.largest_batch(budget / 1.05)
-    if most >= batch_size:
-        return
-    size = "x".join(map(str, model.img_size))
-    if most == 0:
-        raise UserError(
-            f"Not even one image at {size} fits for evaluation on {info.device} "
-            f"({memory_amount(available)} available); evaluate at a smaller --img_size."
-        )
-    raise UserError(
-        f"A batch of {batch_size} images at {size} needs "
-        f"{memory_amount(1.05 * fit.need(batch_size))} on {info.device}, but "
-        f"{memory_amount(available)} are available; use --eval_batch_size {most} or less."
-    )
 
 
 def run(args: argparse.Namespace, info: DistInfo) -> dict[str, float]:
@@ -151,7 +124,9 @@ def run(args: argparse.Namespace, info: DistInfo) -> dict[str, float]:
     )
     model.to(info.device)
     precision = args.precision or loaded.precision or "fp32"
-    check_memory(model, args.eval_batch_size, precision, info)
+    check_evaluation_memory(
+        model, info.device, partial(autocast, precision, info.device), args.eval_batch_size
+    )
     start = time.perf_counter()
     result = evaluate(model, loader, info.device, precision, progress=info.is_main)
     seconds = time.perf_counter() - start

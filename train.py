@@ -248,13 +248,7 @@ from utils.infra.dist_utils import (
 from utils.infra.event_log import EventLog
 from utils.infra.file_io import read_sidecar, save_checkpoint, write_sidecar
 from utils.infra.loading import pretrained_weights, which_model
-from utils.infra.memory import (
-    MemoryFit,
-    available_bytes,
-    is_out_of_memory,
-    measure_memory,
-    memory_amount,
-)
+from utils.infra.memory import check_training_memory, is_out_of_memory, out_of_memory
 from utils.infra.run_files import RunLock, claim_run
 from utils.infra.stopping import GracefulExit, NonFiniteGuard
 from utils.infra.train_state import (
@@ -268,6 +262,9 @@ from utils.infra.train_state import (
 )
 from utils.recipe.amp import StaticGradScaler, autocast, make_scaler
 from utils.recipe.optim import make_optimizer, make_scheduler
+
+# --------------------------------------------------------------------------------------------
+# Flags: the micro-batch they give, and the checks across them
 
 
 def micro_batch_size(args: argparse.Namespace, world_size: int) -> int:
@@ -288,6 +285,10 @@ def check_args(args: argparse.Namespace, info: DistInfo) -> None:
             f"{args.gradient_accumulation_steps} accumulation step(s) = {per_step}; use a "
             f"multiple of {per_step}, e.g. {suggestion}."
         )
+
+
+# --------------------------------------------------------------------------------------------
+# The model
 
 
 def read_checkpoint(args: argparse.Namespace) -> tuple[dict[str, np.ndarray] | None, str]:
@@ -365,181 +366,20 @@ class Trainer:
     precision: str
 
 
-def check_memory(
-    args: argparse.Namespace, model: VisionTransformer, precision: str, info: DistInfo
-) -> None:
-    """Stop before the first step if one micro-batch cannot fit on the device.
-
-    Forward and backward passes of two and three images give every op's live memory as a line
-    in the micro-batch size (`measure_memory`), hence the micro-batch's peak; that (plus 5 %) is
-    compared with 90 % of the memory the device has left.
-    When it does not fit, the message lists what fits: `--grad_checkpointing`, more
-    accumulation, both. Draws nothing from the random generators a run (or its resume)
-    depends on.
-    """
-    available = available_bytes(info.device)
-    if available is None:
-        return
-    budget = 0.9 * available
-    fits = {
-        args.grad_checkpointing: probe_memory(
-            model, precision, info, args.grad_checkpointing, budget
-        )
-    }
-    micro_batch = micro_batch_size(args, info.world_size)
-    current = fits[args.grad_checkpointing]
-    need = None if current is None else 1.05 * current.need(micro_batch)
-    if need is not None and need <= budget:
-        return
-    if not args.grad_checkpointing:
-        fits[True] = probe_memory(model, precision, info, True, budget)
-    mode = " with --grad_checkpointing" if args.grad_checkpointing else ""
-    if need is None:
-        problem = (
-            f"Not even one image at {args.img_size}x{args.img_size} can be measured going "
-            f"forward and backward on {info.device}{mode}"
-        )
-    else:
-        problem = (
-            f"A micro-batch of {micro_batch} images at {args.img_size}x{args.img_size} needs "
-            f"{memory_amount(need)} on {info.device} for activations and gradients{mode}"
-        )
-    raise UserError(
-        f"{problem}, but {memory_amount(available)} are available. "
-        f"{memory_options(args, fits, budget, info)}"
-    )
-
-
-def probe_memory(
-    model: VisionTransformer,
-    precision: str,
-    info: DistInfo,
-    grad_checkpointing: bool,
-    budget: float,
-) -> MemoryFit | None:
-    """`measure_memory` of the model with or without checkpointing (restored after)."""
-    was = model.encoder.grad_checkpointing
-    model.set_grad_checkpointing(grad_checkpointing)
-    cuda = [info.device.index or 0] if info.device.type == "cuda" else []
-    try:
-        with torch.random.fork_rng(devices=cuda):
-            return measure_memory(
-                model, info.device, budget, autocast=partial(autocast, precision, info.device)
-            )
-    finally:
-        model.set_grad_checkpointing(was)
-
-
-def memory_options(
-    args: argparse.Namespace,
-    fits: dict[bool, MemoryFit | None],
-    budget: float,
-    info: DistInfo,
-    failed: int | None = None,
-) -> str:
-    """What fits in `budget` bytes instead of this run's micro-batch, with the figures.
-
-    `fits` holds the measured line without (False) and with (True) checkpointing. Options keep
-    the total batch: checkpointing at this micro-batch, the fewest accumulation steps that fit
-    without it, and the largest micro-batch that fits with it. A micro-batch of `failed`
-    images ran out of memory as this run is set (whatever the measurement says).
-    """
-    per_process = args.train_batch_size // info.world_size
-    micro_batch = micro_batch_size(args, info.world_size)
-
-    def largest(checkpointing: bool) -> int:
-        fit = fits.get(checkpointing)
-        most = 0 if fit is None else fit.largest_batch(budget / 1.05)
-        if failed is not None and checkpointing == args.grad_checkpointing:
-            most = min(most, failed - 1)
-        return most
-
-    def fewest_steps(checkpointing: bool) -> int | None:
-        """The fewest accumulation steps whose micro-batch fits (None: no micro-batch fits)."""
-        most = largest(checkpointing)
-        return next(
-            (
-                k
-                for k in range(1, per_process + 1)
-                if per_process % k == 0 and per_process // k <= most
-            ),
-            None,
-        )
-
-    options = []
-    with_ckpt, without = fits.get(True), fits.get(False)
-    if not args.grad_checkpointing and largest(True) >= micro_batch:
-        need = 1.05 * with_ckpt.need(micro_batch)
-        options.append(
-            f"--grad_checkpointing (micro-batches of {micro_batch} as now: {memory_amount(need)}; "
-            "the blocks run forward twice, so each step is slower)"
-        )
-    steps = fewest_steps(False)
-    if (
-        not args.grad_checkpointing
-        and steps is not None
-        and steps != args.gradient_accumulation_steps
-    ):
-        micro = per_process // steps
-        options.append(
-            f"--gradient_accumulation_steps {steps} (micro-batches of {micro}: "
-            f"{memory_amount(1.05 * without.need(micro))})"
-        )
-    steps_ckpt = fewest_steps(True)
-    if steps_ckpt is not None and (args.grad_checkpointing or largest(True) < micro_batch):
-        micro = per_process // steps_ckpt
-        options.append(
-            f"--grad_checkpointing --gradient_accumulation_steps {steps_ckpt} (micro-batches of "
-            f"{micro}, the largest that fits with checkpointing: "
-            f"{memory_amount(1.05 * with_ckpt.need(micro))})"
-        )
-    if not options:
-        return (
-            "Not even one image fits, with or without --grad_checkpointing: use a smaller "
-            "--img_size (or a device with more memory)."
-        )
-    most = largest(True)
-    return (
-        "These fit, with the same total batch: "
-        + "; or ".join(options)
-        + (f". With --grad_checkpointing, micro-batches of up to {most} images fit" if most else "")
-        + ". Or use a smaller --train_batch_size."
-    )
-
-
-def out_of_memory(
-    args: argparse.Namespace, trainer: Trainer, info: DistInfo, failed: int
-) -> UserError:
-    """The message for a micro-batch of `failed` images that ran out of memory: what fits,
-    measured again now that the failed pass's memory is free."""
-    trainer.optimizer.zero_grad(set_to_none=True)
-    if info.device.type == "cuda":
-        torch.cuda.empty_cache()
-    available = available_bytes(info.device)
-    advice = (
-        "Use more --gradient_accumulation_steps (the total batch stays the same), "
-        "--grad_checkpointing, or a smaller --train_batch_size or --img_size."
-    )
-    if available is not None:
-        budget = 0.9 * available
-        fits = {
-            mode: probe_memory(trainer.model, trainer.precision, info, mode, budget)
-            for mode in (False, True)
-        }
-        advice = memory_options(args, fits, budget, info, failed)
-    with_ckpt = " with --grad_checkpointing" if args.grad_checkpointing else ""
-    return UserError(
-        f"{info.device} ran out of memory on a micro-batch of {failed} images{with_ckpt}. {advice}"
-    )
-
-
 def make_trainer(args: argparse.Namespace, model: VisionTransformer, info: DistInfo) -> Trainer:
     """Move the model to the device; build optimizer, schedule, scaler, compile and DDP wrappers."""
     precision = resolve_precision(
         args.precision, args.fp16, args.fp16_opt_level, args.loss_scale, info.device.type
     )
     model.to(info.device).train()
-    check_memory(args, model, precision, info)
+    check_training_memory(
+        model,
+        info.device,
+        partial(autocast, precision, info.device),
+        per_process=args.train_batch_size // info.world_size,
+        accumulation_steps=args.gradient_accumulation_steps,
+        grad_checkpointing=args.grad_checkpointing,
+    )
     optimizer = make_optimizer(
         model.parameters(), args.learning_rate, args.optim_dtype, args.weight_decay
     )
@@ -600,7 +440,15 @@ def train_step(
             failed = len(labels)
         if failed is not None:  # out of the handler: the failed pass's tensors are freed now
             loss = scaled = None
-            raise out_of_memory(args, trainer, info, failed)
+            raise out_of_memory(
+                trainer.model,
+                device,
+                partial(autocast, trainer.precision, device),
+                failed=failed,
+                per_process=args.train_batch_size // info.world_size,
+                accumulation_steps=args.gradient_accumulation_steps,
+                grad_checkpointing=args.grad_checkpointing,
+            )
         total += loss.detach().float()
     loss = all_reduce_sum(total / len(batches)) / info.world_size
     if guard is None or guard.check(loss, step):
@@ -622,30 +470,25 @@ def train_step(
     return loss
 
 
-def micro_batches(
-    loader: DataLoader, state: TrainState, skip: int = 0
-) -> Iterator[tuple[torch.Tensor, ...]]:
-    """Endless micro-batches, epoch after epoch, reshuffled each epoch (`set_epoch`).
-
-    Args:
-        loader: the training loader (a `DistributedSampler`; the dataset may have `set_epoch`).
-        state: `epoch` says where to start; `epoch` and `batches_in_epoch` are kept up to date.
-        skip: batches of the first epoch already consumed before a resume.
-    """
-    while True:
-        loader.sampler.set_epoch(state.epoch)
-        if hasattr(loader.dataset, "set_epoch"):
-            loader.dataset.set_epoch(state.epoch)
-        state.batches_in_epoch = skip
-        for batch in islice(loader, skip, None):
-            state.batches_in_epoch += 1
-            yield batch
-        skip = 0
-        state.epoch += 1
-
-
 # --------------------------------------------------------------------------------------------
 # Evaluation and checkpoint selection
+
+
+def selection(select: str | None, has_minival: bool) -> str:
+    """What the checkpoint is selected by (`--select`): minival when one is held out, else the
+    final step (the paper's final model); the test set only when asked, with a warning."""
+    chosen = select or ("minival" if has_minival else "final")
+    if chosen == "minival" and not has_minival:
+        raise UserError(
+            "--select minival needs a minival split, but --holdout_fraction holds none out; "
+            f"raise --holdout_fraction ({HOLDOUT_FRACTION} officially), or use --select final."
+        )
+    if chosen == "test":
+        logger.warning(
+            "--select test: the best checkpoint is selected on the test set, so its test "
+            "accuracy is an optimistic estimate (the original port did this)."
+        )
+    return chosen
 
 
 def is_better(result: dict[str, float], best_accuracy: float, best_loss: float) -> bool:
@@ -877,23 +720,6 @@ def resume(
     return state
 
 
-def selection(select: str | None, has_minival: bool) -> str:
-    """What the checkpoint is selected by (`--select`): minival when one is held out, else the
-    final step (the paper's final model); the test set only when asked, with a warning."""
-    chosen = select or ("minival" if has_minival else "final")
-    if chosen == "minival" and not has_minival:
-        raise UserError(
-            "--select minival needs a minival split, but --holdout_fraction holds none out; "
-            f"raise --holdout_fraction ({HOLDOUT_FRACTION} officially), or use --select final."
-        )
-    if chosen == "test":
-        logger.warning(
-            "--select test: the best checkpoint is selected on the test set, so its test "
-            "accuracy is an optimistic estimate (the original port did this)."
-        )
-    return chosen
-
-
 def set_up(
     args: argparse.Namespace,
     info: DistInfo,
@@ -984,6 +810,28 @@ def set_up(
 
 def due(step: int, every: int) -> bool:
     return every > 0 and step % every == 0
+
+
+def micro_batches(
+    loader: DataLoader, state: TrainState, skip: int = 0
+) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Endless micro-batches, epoch after epoch, reshuffled each epoch (`set_epoch`).
+
+    Args:
+        loader: the training loader (a `DistributedSampler`; the dataset may have `set_epoch`).
+        state: `epoch` says where to start; `epoch` and `batches_in_epoch` are kept up to date.
+        skip: batches of the first epoch already consumed before a resume.
+    """
+    while True:
+        loader.sampler.set_epoch(state.epoch)
+        if hasattr(loader.dataset, "set_epoch"):
+            loader.dataset.set_epoch(state.epoch)
+        state.batches_in_epoch = skip
+        for batch in islice(loader, skip, None):
+            state.batches_in_epoch += 1
+            yield batch
+        skip = 0
+        state.epoch += 1
 
 
 def next_batches(run: Run, stream: Iterator[tuple[torch.Tensor, ...]]) -> list:

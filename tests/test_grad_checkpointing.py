@@ -17,6 +17,7 @@ import train
 from models.configs import ResNetConfig, get_config
 from models.modeling import Block, VisionTransformer
 from tests.helpers import expect_user_error, fake_checkpoint, free_port, script_error, tiny_args
+from utils.infra import memory
 from utils.infra.file_io import safe_load, save_npz
 from utils.infra.memory import LiveTensorBytes, MemoryFit, measure_memory
 from utils.infra.train_state import last_state_path
@@ -188,7 +189,7 @@ def test_data_parallel_with_checkpointing_equals_without(tmp_path: Path) -> None
 
 
 def plan_message(tmp_path, monkeypatch, capsys, budget: int, **flags) -> str:
-    monkeypatch.setattr(train, "available_bytes", lambda device: budget)
+    monkeypatch.setattr(memory, "available_bytes", lambda device: budget)
     argv = tiny_args(tmp_path, **PLAN_RUN, **flags)
     return expect_user_error(train.main, argv, capsys)
 
@@ -239,6 +240,22 @@ def test_the_memory_plan_with_checkpointing_needs_accumulation_too(
     assert "micro-batches of up to 40 images fit" in err or "up to 39 images" in err
 
 
+def test_the_largest_batch_the_plan_names_is_the_largest_its_margins_fit() -> None:
+    """The options and the need check give one answer: a peak of max(1000 + 10 b, 400 + 30 b)
+    bytes for b images plus 5 % fits 1700 bytes up to b = 40 (1680), not at 41 (1711.5)."""
+    fit = MemoryFit(
+        torch.tensor([1000.0, 400.0], dtype=torch.float64),
+        torch.tensor([10.0, 30.0], dtype=torch.float64),
+    )
+    assert memory.largest_planned_batch(fit, 1700) == 40
+    assert memory.planned_need(fit, 40) <= 1700 < memory.planned_need(fit, 41)
+    options = memory.memory_options(
+        {True: fit}, 1700, per_process=64, accumulation_steps=1, grad_checkpointing=True
+    )
+    assert "--grad_checkpointing --gradient_accumulation_steps 2 (micro-batches of 32" in options
+    assert "micro-batches of up to 40 images fit" in options
+
+
 def test_an_image_size_whose_probe_cannot_be_allocated(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
@@ -262,7 +279,7 @@ def test_an_out_of_memory_step_proposes_what_fits(
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(train, "check_memory", lambda *a: None)
+    monkeypatch.setattr(train, "check_training_memory", lambda *a, **k: None)
     monkeypatch.setattr(Block, "forward", failing)
     err = plan_message(tmp_path, monkeypatch, capsys, 2**40)
     assert "ran out of memory on a micro-batch of 64 images" in err

@@ -33,6 +33,7 @@ from tests.helpers import (
     tiny_args,
 )
 from utils.data.loaders import DigitsDataset, build_transforms
+from utils.infra import memory
 from utils.infra.errors import USER_ERRORS
 from utils.infra.file_io import safe_load
 from utils.infra.loading import which_model
@@ -506,7 +507,7 @@ def test_a_micro_batch_too_big_for_the_memory_stops_before_training(
 ) -> None:
     """What a forward and backward pass needs is measured; the device is given a small budget."""
     argv = tiny_args(tmp_path, train_batch_size=64, num_steps=1, eval_every=0)
-    monkeypatch.setattr(train, "available_bytes", lambda device: 400 * 2**10)  # 400 KiB left
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 400 * 2**10)  # 400 KiB left
     with pytest.raises(USER_ERRORS, match=r"--gradient_accumulation_steps (\d+)") as info:
         train.main(argv)
     steps = int(re.search(r"--gradient_accumulation_steps (\d+)", str(info.value)).group(1))

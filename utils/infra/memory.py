@@ -1,5 +1,7 @@
-"""The memory plan's measurements: live tensor bytes op by op, what this process may still
-allocate, and the micro-batch that fits a budget."""
+"""The memory plan: whether a training micro-batch or an evaluation batch fits the device, what
+fits instead (the message names the flags and their figures), and its measurements: live tensor
+bytes op by op, what this process may still allocate, and each op's bytes as a line in the batch
+size."""
 
 from __future__ import annotations
 
@@ -14,15 +16,268 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from utils.infra.dist_utils import unwrap
+from utils.infra.errors import UserError
 
 __all__ = [
+    "BUDGET_SHARE",
+    "PEAK_MARGIN",
     "LiveTensorBytes",
     "MemoryFit",
     "available_bytes",
+    "check_evaluation_memory",
+    "check_training_memory",
     "is_out_of_memory",
+    "largest_planned_batch",
     "measure_memory",
     "memory_amount",
+    "memory_options",
+    "out_of_memory",
+    "planned_need",
 ]
+
+# The plan's margins, its one answer to "does it fit": a batch fits when its measured peak plus
+# 5 % stays within 90 % of the memory left (headroom for what the probe does not measure).
+BUDGET_SHARE = 0.9  # of the memory left
+PEAK_MARGIN = 1.05  # on a measured peak
+
+
+def planned_need(fit: MemoryFit, batch: int) -> float:
+    """The bytes the plan counts for a batch of `batch` images: its peak, plus the margin."""
+    return PEAK_MARGIN * fit.need(batch)
+
+
+def largest_planned_batch(fit: MemoryFit | None, budget: float) -> int:
+    """The largest batch whose `planned_need` stays within `budget` (0: not even one image, or
+    nothing could be measured)."""
+    return 0 if fit is None else fit.largest_batch(budget / PEAK_MARGIN)
+
+
+def check_training_memory(
+    model: nn.Module,
+    device: torch.device,
+    autocast: Callable[[], AbstractContextManager],
+    *,
+    per_process: int,
+    accumulation_steps: int,
+    grad_checkpointing: bool,
+) -> None:
+    """Stop before the first step if one micro-batch cannot fit on `device`.
+
+    Forward and backward passes of two and three images give every op's live memory as a line
+    in the micro-batch size (`measure_memory`), hence the micro-batch's peak; that (plus 5 %) is
+    compared with 90 % of the memory the device has left.
+    When it does not fit, the message lists what fits: `--grad_checkpointing`, more
+    accumulation, both. Draws nothing from the random generators a run (or its resume)
+    depends on.
+
+    Args:
+        model: the bare model, on `device`, in training mode.
+        autocast: makes the context the passes run in (the run's precision).
+        per_process: images per process and optimizer step, in `accumulation_steps`
+            micro-batches (`--gradient_accumulation_steps`).
+        grad_checkpointing: `--grad_checkpointing`.
+    """
+    available = available_bytes(device)
+    if available is None:
+        return
+    budget = BUDGET_SHARE * available
+    fits = {grad_checkpointing: _probe_memory(model, device, budget, grad_checkpointing, autocast)}
+    micro_batch = per_process // accumulation_steps
+    current = fits[grad_checkpointing]
+    need = None if current is None else planned_need(current, micro_batch)
+    if need is not None and need <= budget:
+        return
+    if not grad_checkpointing:
+        fits[True] = _probe_memory(model, device, budget, True, autocast)
+    mode = " with --grad_checkpointing" if grad_checkpointing else ""
+    size = _image_size(model)
+    if need is None:
+        problem = (
+            f"Not even one image at {size} can be measured going forward and backward on "
+            f"{device}{mode}"
+        )
+    else:
+        problem = (
+            f"A micro-batch of {micro_batch} images at {size} needs {memory_amount(need)} on "
+            f"{device} for activations and gradients{mode}"
+        )
+    options = memory_options(
+        fits,
+        budget,
+        per_process=per_process,
+        accumulation_steps=accumulation_steps,
+        grad_checkpointing=grad_checkpointing,
+    )
+    raise UserError(f"{problem}, but {memory_amount(available)} are available. {options}")
+
+
+def out_of_memory(
+    model: nn.Module,
+    device: torch.device,
+    autocast: Callable[[], AbstractContextManager],
+    *,
+    failed: int,
+    per_process: int,
+    accumulation_steps: int,
+    grad_checkpointing: bool,
+) -> UserError:
+    """The message for a micro-batch of `failed` images that ran out of memory: what fits,
+    measured again now that the failed pass's memory (its gradients too) is free. The other
+    arguments are `check_training_memory`'s."""
+    model.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    available = available_bytes(device)
+    advice = (
+        "Use more --gradient_accumulation_steps (the total batch stays the same), "
+        "--grad_checkpointing, or a smaller --train_batch_size or --img_size."
+    )
+    if available is not None:
+        budget = BUDGET_SHARE * available
+        fits = {
+            mode: _probe_memory(model, device, budget, mode, autocast) for mode in (False, True)
+        }
+        advice = memory_options(
+            fits,
+            budget,
+            per_process=per_process,
+            accumulation_steps=accumulation_steps,
+            grad_checkpointing=grad_checkpointing,
+            failed=failed,
+        )
+    with_ckpt = " with --grad_checkpointing" if grad_checkpointing else ""
+    return UserError(
+        f"{device} ran out of memory on a micro-batch of {failed} images{with_ckpt}. {advice}"
+    )
+
+
+def check_evaluation_memory(
+    model: nn.Module,
+    device: torch.device,
+    autocast: Callable[[], AbstractContextManager],
+    batch_size: int,
+) -> None:
+    """Stop before evaluating if one batch of `batch_size` images (`--eval_batch_size`) cannot
+    fit on `device`: inference passes of two and three images give its peak (as the training
+    plan does). `model` is left in evaluation mode."""
+    available = available_bytes(device)
+    if available is None:
+        return
+    budget = BUDGET_SHARE * available
+    model.eval()
+    fit = measure_memory(model, device, budget, training=False, autocast=autocast)
+    most = largest_planned_batch(fit, budget)
+    if most >= batch_size:
+        return
+    size = _image_size(model)
+    if most == 0:
+        raise UserError(
+            f"Not even one image at {size} fits for evaluation on {device} "
+            f"({memory_amount(available)} available); evaluate at a smaller --img_size."
+        )
+    raise UserError(
+        f"A batch of {batch_size} images at {size} needs "
+        f"{memory_amount(planned_need(fit, batch_size))} on {device}, but "
+        f"{memory_amount(available)} are available; use --eval_batch_size {most} or less."
+    )
+
+
+def memory_options(
+    fits: dict[bool, MemoryFit | None],
+    budget: float,
+    *,
+    per_process: int,
+    accumulation_steps: int,
+    grad_checkpointing: bool,
+    failed: int | None = None,
+) -> str:
+    """What fits in `budget` bytes instead of this run's micro-batch, with the figures.
+
+    `fits` holds the measured line without (False) and with (True) checkpointing. Options keep
+    the total batch: checkpointing at this micro-batch, the fewest accumulation steps that fit
+    without it, and the largest micro-batch that fits with it. A micro-batch of `failed`
+    images ran out of memory as this run is set (whatever the measurement says).
+    """
+    micro_batch = per_process // accumulation_steps
+
+    def largest(checkpointing: bool) -> int:
+        most = largest_planned_batch(fits.get(checkpointing), budget)
+        if failed is not None and checkpointing == grad_checkpointing:
+            most = min(most, failed - 1)
+        return most
+
+    def fewest_steps(checkpointing: bool) -> int | None:
+        """The fewest accumulation steps whose micro-batch fits (None: no micro-batch fits)."""
+        most = largest(checkpointing)
+        return next(
+            (
+                k
+                for k in range(1, per_process + 1)
+                if per_process % k == 0 and per_process // k <= most
+            ),
+            None,
+        )
+
+    options = []
+    with_ckpt, without = fits.get(True), fits.get(False)
+    if not grad_checkpointing and largest(True) >= micro_batch:
+        need = planned_need(with_ckpt, micro_batch)
+        options.append(
+            f"--grad_checkpointing (micro-batches of {micro_batch} as now: {memory_amount(need)}; "
+            "the blocks run forward twice, so each step is slower)"
+        )
+    steps = fewest_steps(False)
+    if not grad_checkpointing and steps is not None and steps != accumulation_steps:
+        micro = per_process // steps
+        options.append(
+            f"--gradient_accumulation_steps {steps} (micro-batches of {micro}: "
+            f"{memory_amount(planned_need(without, micro))})"
+        )
+    steps_ckpt = fewest_steps(True)
+    if steps_ckpt is not None and (grad_checkpointing or largest(True) < micro_batch):
+        micro = per_process // steps_ckpt
+        options.append(
+            f"--grad_checkpointing --gradient_accumulation_steps {steps_ckpt} (micro-batches of "
+            f"{micro}, the largest that fits with checkpointing: "
+            f"{memory_amount(planned_need(with_ckpt, micro))})"
+        )
+    if not options:
+        return (
+            "Not even one image fits, with or without --grad_checkpointing: use a smaller "
+            "--img_size (or a device with more memory)."
+        )
+    most = largest(True)
+    return (
+        "These fit, with the same total batch: "
+        + "; or ".join(options)
+        + (f". With --grad_checkpointing, micro-batches of up to {most} images fit" if most else "")
+        + ". Or use a smaller --train_batch_size."
+    )
+
+
+def _probe_memory(
+    model: nn.Module,
+    device: torch.device,
+    budget: float,
+    grad_checkpointing: bool,
+    autocast: Callable[[], AbstractContextManager],
+) -> MemoryFit | None:
+    """`measure_memory` of training passes with or without checkpointing (restored after),
+    drawing nothing from the random generators."""
+    was = model.encoder.grad_checkpointing
+    model.set_grad_checkpointing(grad_checkpointing)
+    cuda = [device.index or 0] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=cuda):
+            return measure_memory(model, device, budget, autocast=autocast)
+    finally:
+        model.set_grad_checkpointing(was)
+
+
+def _image_size(model: nn.Module) -> str:
+    """The model's input size for a message: "224x224"."""
+    return "x".join(map(str, unwrap(model).img_size))
+
 
 class LiveTensorBytes(TorchDispatchMode):
     """Tracks the bytes of tensor storage created inside the mode, and their peak.
