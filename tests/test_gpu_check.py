@@ -4,6 +4,7 @@ train.py in bf16 and fp16, a real SIGTERM and its resume, eval.py), and it repor
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,19 +25,40 @@ STEPS = [
 ]
 
 
-def run_check(out: Path, *flags: str, timeout: float = 600) -> subprocess.CompletedProcess:
+def run_check(
+    out: Path, *flags: str, timeout: float = 600, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(SCRIPT), "--out", str(out), *flags],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=timeout,
+        env=env,
     )
+
+
+# The GPU machine's Python has no Jupyter packages and can install none.
+NOT_ON_THE_GPU_MACHINE = ("nbformat", "nbclient", "ipykernel")
+
+
+def without_modules(folder: Path, names: tuple[str, ...]) -> dict[str, str]:
+    """An environment in which importing any of `names` fails, as where they are not installed."""
+    folder.mkdir()
+    for name in names:
+        (folder / f"{name}.py").write_text(
+            f"raise ModuleNotFoundError('No module named {name!r}', name={name!r})\n"
+        )
+    path = os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path}
 
 
 @pytest.mark.slow
 def test_dry_run_passes_every_step(tmp_path: Path) -> None:
-    proc = run_check(tmp_path, "--dry-run")
+    """The dry run, where the Jupyter packages cannot be imported (as on the GPU machine)."""
+    env = without_modules(tmp_path / "blocked", NOT_ON_THE_GPU_MACHINE)
+    proc = run_check(tmp_path / "out", "--dry-run", env=env)
+    tmp_path = tmp_path / "out"
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     steps = {step["name"]: step for step in report["steps"]}
@@ -69,6 +91,7 @@ def test_dry_run_passes_every_step(tmp_path: Path) -> None:
     log = (tmp_path / "gpu_check.log").read_text()
     for name in STEPS:  # every step's output is in the one log, under its command
         assert f"===== {name}: " in log
+    assert "could not import 'nbformat'" in log  # the notebook's tests skipped, nothing failed
 
 
 def test_spent_budget_skips_steps_and_fails(tmp_path: Path) -> None:

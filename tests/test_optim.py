@@ -16,6 +16,7 @@ import itertools
 import logging
 import math
 import multiprocessing
+import os
 import warnings
 
 import numpy as np
@@ -116,11 +117,19 @@ def test_scheduler_gives_lr_fn_k_minus_1_to_the_kth_update(
 # The optax oracle
 
 
+def _jax_on_the_cpu() -> None:
+    """The oracle is optax under jit on the CPU (XLA's CPU numerics for bfloat16), even where a
+    GPU is visible to jax."""
+    os.environ["JAX_PLATFORMS"] = "cpu"
+
+
 @pytest.fixture(scope="module")
 def optax():
     """`optax(fn, *args)` runs a function of this module in one spawned process, jax kept there."""
     context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
+    with concurrent.futures.ProcessPoolExecutor(
+        1, mp_context=context, initializer=_jax_on_the_cpu
+    ) as pool:
         yield lambda fn, *args: pool.submit(fn, *args).result()
 
 

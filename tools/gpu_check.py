@@ -78,7 +78,7 @@ GPU = Plan(
 
 DRY_RUN = Plan(
     device="cpu",
-    pytest_cuda=_argv("-m cuda tests/test_preprocessing.py tests/test_train.py"),
+    pytest_cuda=_argv("-m cuda tests"),  # all of them, collected as on the GPU machine
     pytest_fast=_argv("-m 'not slow' tests/test_stopping.py"),
     bench=(
         _argv(
@@ -116,7 +116,8 @@ class Check:
         self.deadline = time.monotonic() + budget
         self.log = (out / "gpu_check.log").open("w", encoding="utf-8")
         self.steps: list[Step] = []
-        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
+        path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path}
         for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):  # one process, whatever the shell had
             self.env.pop(var, None)
 
