@@ -131,7 +131,13 @@ import torch.distributed as dist
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from utils.data.loaders import Indexed, build_eval_loader, build_split, build_transforms
+from utils.data.loaders import (
+    Indexed,
+    build_eval_loader,
+    build_split,
+    build_transforms,
+    check_same_classes,
+)
 from utils.data.preprocessing import ResizeCentralCrop
 from utils.evals.fewshot import fewshot_evaluate, short_classes
 from utils.infra.dist_utils import DistInfo, main_process_first, run_distributed
@@ -162,11 +168,7 @@ def load_splits(args: argparse.Namespace, info: DistInfo) -> tuple[Dataset, Data
         download = info.local_rank == 0
         train, classes = build_split(args.dataset, args.data_dir, True, download)
         test, test_classes = build_split(args.dataset, args.data_dir, False, download)
-    if classes != test_classes:
-        raise UserError(
-            f"The class folders of the training split ({', '.join(classes)}) and the test split "
-            f"({', '.join(test_classes)}) differ; both need the same class sub-folders."
-        )
+    check_same_classes(args.dataset, classes, test_classes)
     for name, split in (("training", train), ("test", test)):
         if len(split) == 0:
             raise UserError(f"The {args.dataset} {name} split in {args.data_dir} has no images.")
@@ -174,15 +176,12 @@ def load_splits(args: argparse.Namespace, info: DistInfo) -> tuple[Dataset, Data
 
 
 def data_signature(args: argparse.Namespace, split: Dataset) -> str:
-    """What identifies a split's images: the dataset name, or an image folder's file list
-    (path, size, modification time), so that a changed folder is embedded again."""
-    if args.dataset != "imagefolder":
+    """What identifies a split's images: the name of a published dataset, or the files of an
+    image folder or a table (path, size, modification time), so that changed files are
+    embedded again."""
+    if DATASETS[args.dataset].published:
         return args.dataset
-    files = []
-    for path, target in split.samples:
-        stat = os.stat(path)
-        files.append([os.path.relpath(path, args.data_dir), target, stat.st_size, stat.st_mtime_ns])
-    return f"{os.path.realpath(args.data_dir)} {content_sha256(files)}"
+    return f"{os.path.realpath(args.data_dir)} {content_sha256(split.content(args.data_dir))}"
 
 
 def warn_short_classes(train: Dataset, classes: Sequence[str], shots: Sequence[int]) -> None:

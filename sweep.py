@@ -45,7 +45,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from utils.data.registry import HOLDOUT_FRACTION
+from utils.data.registry import DATASETS, HOLDOUT_FRACTION
 from utils.infra.errors import StoppedBySignal, UserError, run_cli
 from utils.infra.flags import (
     HelpFormatter,
@@ -539,8 +539,9 @@ def without_flags(argv: Sequence[str], flags: Sequence[str]) -> list[str]:
 
 
 def check_test_split(common: argparse.Namespace) -> None:
-    """The protocol ends with a test accuracy: an image folder needs a val/ or test/ folder."""
-    if common.dataset != "imagefolder":
+    """The protocol ends with a test accuracy: the user's own data needs a test split (an
+    image folder a val/ or test/ folder)."""
+    if DATASETS[common.dataset].published:
         return  # CIFAR and digits have their test splits
     try:
         build_test_set(common.dataset, common.data_dir, common.img_size, download=False)

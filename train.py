@@ -1139,7 +1139,7 @@ def print_summary(summary: Summary, args: argparse.Namespace) -> None:
     last = last_state_path(args.output_dir, args.name)
     skipped = (
         f"Unreadable images skipped: {summary.unreadable_images} (named in the log)\n"
-        if args.dataset == "imagefolder"
+        if not DATASETS[args.dataset].in_memory
         else ""
     )
     try:
