@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from utils.data.registry import DATASETS
+from utils.data.registry import DATASETS, Columns, add_column_flags
 from utils.infra.description import PRECISIONS
 from utils.infra.errors import UserError, run_cli
 from utils.infra.flags import (
@@ -69,8 +69,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--data_dir",
         default="./data",
-        help="CIFAR folder, or an image folder root with train/ and val/ (or test/).",
+        help="CIFAR folder, or an image folder root with train/ and val/ (or test/), or a "
+        "Hugging Face dataset (--dataset hf).",
     )
+    add_column_flags(p)
     p.add_argument(
         "--preprocess",
         choices=PREPROCESSING,
@@ -166,8 +168,9 @@ def load_splits(args: argparse.Namespace, info: DistInfo) -> tuple[Dataset, Data
     """The whole training and test splits, untransformed, with the same classes."""
     with main_process_first(info.local_rank):
         download = info.local_rank == 0
-        train, classes = build_split(args.dataset, args.data_dir, True, download)
-        test, test_classes = build_split(args.dataset, args.data_dir, False, download)
+        columns = Columns(args.image_column, args.label_column)
+        train, classes = build_split(args.dataset, args.data_dir, True, download, columns)
+        test, test_classes = build_split(args.dataset, args.data_dir, False, download, columns)
     check_same_classes(args.dataset, classes, test_classes)
     for name, split in (("training", train), ("test", test)):
         if len(split) == 0:

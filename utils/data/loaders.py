@@ -45,6 +45,7 @@ from torchvision import datasets
 from torchvision.datasets.utils import check_integrity
 
 from models.configs import to_pair
+from utils.data.hf import read_hf
 from utils.data.preprocessing import (
     CROP_AREA,
     BadImageError,
@@ -417,6 +418,7 @@ READERS: dict[str, Callable[..., Dataset]] = {
     "cifar100": partial(_cifar, datasets.CIFAR100),
     "imagefolder": _imagefolder,
     "digits": _digits,
+    "hf": read_hf,
 }
 
 

@@ -7,11 +7,13 @@ Splits follow the official configs: training uses `train[:98%]`, and the last 2%
 training split (`HOLDOUT_FRACTION`) are held out as `minival`, never trained on and evaluated
 with the test preprocessing, for choosing a model without looking at the test set. "Last" is
 the dataset's own order: CIFAR's files, the digits' fixed split; an image folder, sorted by
-class, holds out the last images of each class (otherwise minival would be one class).
+class, holds out the last images of each class (otherwise minival would be one class), and so
+does a Hugging Face dataset.
 """
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -24,6 +26,7 @@ __all__ = [
     "HOLDOUT_FRACTION",
     "Columns",
     "DatasetSpec",
+    "add_column_flags",
     "holdout_split",
 ]
 
@@ -78,6 +81,17 @@ _IMAGEFOLDER_LAYOUT = """\
         <class_a>/ ...
         <class_b>/ ..."""
 
+_HF_LAYOUT = """\
+    DIR/                      a DatasetDict saved with save_to_disk
+      dataset_dict.json
+      train/  test/
+    DIR/                      parquet files named by split (e.g. written by to_parquet)
+      train-00000-of-00002.parquet  train-00001-of-00002.parquet  test-00000-of-00001.parquet
+                              (or train.parquet, test.parquet; or all in DIR/data/, as on the Hub)
+    DIR/                      a folder per split
+      train/  test/           each a Dataset saved with save_to_disk, or *.parquet files
+    A split named validation stands in for a missing test split."""
+
 
 def _build_registry() -> dict[str, DatasetSpec]:
     cifar10 = DatasetSpec("cifar10", "cifar10", published=True, in_memory=True, num_classes=10)
@@ -101,6 +115,15 @@ def _build_registry() -> dict[str, DatasetSpec]:
             # Cropped to 5% of its area, an 8x8 digit is a 2x2-pixel blob, no longer a digit.
             crop_area=(0.3, 1.0),
         ),
+        replace(
+            yours,
+            name="hf",
+            reader="hf",
+            layout=_HF_LAYOUT,
+            classes_differ="The classes of the training split ({train}) and the test split "
+            "({test}) differ; both need the same label names (of a ClassLabel feature) or, "
+            "without them, the same label values.",
+        ),
     ]
     return {spec.name: spec for spec in specs}
 
@@ -114,6 +137,22 @@ class Columns:
 
     image: str = "image"
     label: str = "label"
+
+
+def add_column_flags(parser: argparse.ArgumentParser) -> None:
+    """`--image_column` and `--label_column` of a script that takes `--dataset` (read into a
+    `Columns` by the script)."""
+    parser.add_argument(
+        "--image_column",
+        default=Columns.image,
+        help="With --dataset hf: the column of the images (an Image feature, or encoded bytes).",
+    )
+    parser.add_argument(
+        "--label_column",
+        default=Columns.label,
+        help="With --dataset hf: the column of the integer labels (class names from its "
+        "ClassLabel feature, else its distinct values, sorted).",
+    )
 
 
 def holdout_split(
