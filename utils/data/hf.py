@@ -24,8 +24,6 @@ import os
 from pathlib import Path
 from typing import BinaryIO
 
-import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
 from utils.data.preprocessing import BadImageError, UnreadableImages
@@ -241,11 +239,3 @@ class HFImages(UnreadableImages, Dataset):
         stats = [(f, f.stat()) for f in self.files]
         files = [[os.path.relpath(f, data_dir), s.st_size, s.st_mtime_ns] for f, s in stats]
         return [self.columns.image, self.columns.label, files]
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor | Image.Image, int] | None:
-        image = self.decode_or_skip(index)
-        if image is None:
-            return None
-        if self.transform is not None:
-            image = self.transform(image)
-        return image, self.targets[index]
