@@ -24,6 +24,7 @@ from tests.helpers import (
     CIFAR_LAYOUT,
     QuietHandler,
     decode_cifar_row,
+    loader_args,
     make_image_folder,
     serve_cifar,
 )
@@ -43,22 +44,6 @@ from utils.data.loaders import (
 from utils.data.registry import DATASETS, holdout_split
 from utils.infra.errors import LoaderError, UserError
 from utils.infra.watchdog import WatchedLoader
-
-
-def loader_args(dataset: str, data_dir: Path | str = "unused", **overrides) -> dict:
-    """The parameters of `get_loader`, as train.py passes them (one process)."""
-    args = {
-        "dataset": dataset,
-        "data_dir": str(data_dir),
-        "img_size": 32,
-        "seed": 0,
-        "num_workers": 0,
-        "micro_batch_size": 8,
-        "eval_batch_size": 16,
-        "holdout_fraction": 0.02,
-    }
-    args.update(overrides)
-    return args
 
 
 def to_uint8(image: torch.Tensor) -> np.ndarray:

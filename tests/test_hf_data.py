@@ -22,7 +22,13 @@ import eval as eval_script
 import fewshot as fewshot_script
 import sweep
 import train
-from tests.helpers import distinct_model, expect_user_error, load_checkpoint, tiny_args
+from tests.helpers import (
+    distinct_model,
+    expect_user_error,
+    load_checkpoint,
+    loader_args,
+    tiny_args,
+)
 from utils.data.loaders import (
     READERS,
     WithTransform,
@@ -103,18 +109,8 @@ def same_images(tmp_path: Path) -> tuple[Path, Path]:
     return tmp_path / "pics", write_table(tmp_path / "table", tables)
 
 
-def loader_args(dataset: str, data_dir: Path, **overrides) -> dict:
-    args = {
-        "dataset": dataset,
-        "data_dir": str(data_dir),
-        "img_size": 32,
-        "seed": 0,
-        "num_workers": 0,
-        "micro_batch_size": 3,
-        "eval_batch_size": 4,
-        "holdout_fraction": 0.25,
-    }
-    return {**args, **overrides}
+# Batches of 3, held out: the last image of each class's 4 (image folders sort by class).
+SMALL = {"micro_batch_size": 3, "eval_batch_size": 4, "holdout_fraction": 0.25}
 
 
 def pixels(dataset, index: int) -> np.ndarray:
@@ -184,7 +180,7 @@ def test_batches_equal_the_image_folders(same_images: tuple[Path, Path]) -> None
     """Training batches (crops and flips), minival (the end of each class) and test images."""
     folder, table_dir = same_images
     loaders = [
-        get_loader(**loader_args(name, root))
+        get_loader(**loader_args(name, root, **SMALL))
         for name, root in (("imagefolder", folder), ("hf", table_dir))
     ]
     (f_train, f_minival, f_test), (t_train, t_minival, t_test) = loaders
@@ -327,8 +323,8 @@ def test_an_unreadable_image_is_skipped_or_refused(
 ) -> None:
     root = with_a_damaged_image(tmp_path)
     with pytest.raises(UserError, match=r"1 of the 6 images in .*\(train split\) cannot be read"):
-        get_loader(**loader_args("hf", root, strict_images=True))
-    train_loader, _, _ = get_loader(**loader_args("hf", root, holdout_fraction=0.0))
+        get_loader(**loader_args("hf", root, **SMALL, strict_images=True))
+    train_loader = get_loader(**loader_args("hf", root, micro_batch_size=3, holdout_fraction=0))[0]
     with caplog.at_level(logging.WARNING):
         labels = torch.cat([prepare_batch(b, "cpu")[1] for b in train_loader])
     assert len(labels) == 6  # the next readable image took its place
@@ -414,7 +410,7 @@ def test_without_the_datasets_package(
     monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` fails
     err = refused(tmp_path, capsys, same_images[1])
     assert "`datasets` package, which is not installed: pip install datasets" in err
-    get_loader(**loader_args("imagefolder", same_images[0]))  # the others never import it
+    get_loader(**loader_args("imagefolder", same_images[0], **SMALL))  # the others never import it
 
 
 def test_a_sweep_refuses_a_table_without_a_test_split(tmp_path: Path, capsys) -> None:

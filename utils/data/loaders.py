@@ -475,14 +475,6 @@ class ImageFolderFiles(UnreadableImages, datasets.ImageFolder):
             files.append([os.path.relpath(path, data_dir), target, stat.st_size, stat.st_mtime_ns])
         return files
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor | Image.Image, int] | None:
-        image = self.decode_or_skip(index)
-        if image is None:
-            return None
-        if self.transform is not None:
-            image = self.transform(image)
-        return image, self.samples[index][1]
-
 
 class DigitsDataset(Dataset):
     """The 8x8 handwritten digits bundled with scikit-learn (1,797 images, 10 classes).

@@ -419,9 +419,18 @@ class UnreadableImages:
     record it, and the loaders of `utils.data.loaders.get_loader` call
     :meth:`report_unreadable` after each batch. :meth:`unreadable` lists them.
 
-    A subclass calls :meth:`watch_images` with its length and defines :meth:`image_source` and
-    :meth:`image_name`; its `__getitem__` decodes with :meth:`decode_or_skip`.
+    A subclass calls :meth:`watch_images` with its length, defines :meth:`image_source` and
+    :meth:`image_name`, and has `targets` (each image's class) and `transform` (None, or
+    applied to each image): items are (image, class), or None for an unreadable image.
     """
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor | Image.Image, int] | None:
+        image = self.decode_or_skip(index)
+        if image is None:
+            return None
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, self.targets[index]
 
     def watch_images(self, count: int) -> None:
         self._bad = multiprocessing.RawArray("b", count)  # 1: unreadable
