@@ -33,7 +33,7 @@ from pathlib import Path
 
 from matplotlib.backend_bases import FigureCanvasBase
 
-from utils.data.registry import DATASETS
+from utils.data.registry import DATASETS, Columns, add_column_flags
 from utils.infra.errors import UserError, run_cli
 from utils.infra.flags import (
     HelpFormatter,
@@ -76,6 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Take the distance's images from its test split.",
     )
     p.add_argument("--data_dir", default="./data", help="Where --dataset lives (as eval.py).")
+    add_column_flags(p)
     p.add_argument(
         "--num_images", type=positive_int, default=128, help="Images for the attention distance."
     )
@@ -214,7 +215,12 @@ def image_source(args: argparse.Namespace, loaded: list[LoadedModel]):
         described = f"the first {args.num_images} images of the {args.dataset} test split"
         return (
             lambda size: analysis.dataset_batches(
-                args.dataset, args.data_dir, size, args.num_images, args.batch_size
+                args.dataset,
+                args.data_dir,
+                size,
+                args.num_images,
+                args.batch_size,
+                Columns(args.image_column, args.label_column),
             ),
             described,
         )

@@ -22,7 +22,7 @@ import logging
 import time
 from collections.abc import Sequence
 
-from utils.data.registry import DATASETS
+from utils.data.registry import DATASETS, Columns, add_column_flags
 from utils.infra.description import PRECISIONS
 from utils.infra.errors import UserError, run_cli
 from utils.infra.flags import (
@@ -51,8 +51,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--data_dir",
         default="./data",
-        help="CIFAR folder, or an image folder root with val/ (or test/), one folder per class.",
+        help="CIFAR folder, or an image folder root with val/ (or test/), one folder per class, "
+        "or a Hugging Face dataset with a test split (--dataset hf).",
     )
+    add_column_flags(p)
     p.add_argument("--eval_batch_size", type=positive_int, default=64, help="Per process.")
     add_process_flags(p)
     p.add_argument(
@@ -86,7 +88,11 @@ def build_test_loader(
     """This rank's shard of the test split, with train.py's test preprocessing."""
     with main_process_first(info.rank):
         test_set, class_names = build_test_set(
-            dataset, args.data_dir, img_size, download=info.is_main
+            dataset,
+            args.data_dir,
+            img_size,
+            download=info.is_main,
+            columns=Columns(args.image_column, args.label_column),
         )
     loader = build_eval_loader(
         test_set, args.eval_batch_size, args.num_workers, info.rank, info.world_size

@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from utils.data.registry import DATASETS
+from utils.data.registry import DATASETS, Columns, add_column_flags
 from utils.infra.description import PRECISIONS
 from utils.infra.errors import UserError, run_cli
 from utils.infra.flags import (
@@ -69,8 +69,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--data_dir",
         default="./data",
-        help="CIFAR folder, or an image folder root with train/ and val/ (or test/).",
+        help="CIFAR folder, or an image folder root with train/ and val/ (or test/), or a "
+        "Hugging Face dataset (--dataset hf).",
     )
+    add_column_flags(p)
     p.add_argument(
         "--preprocess",
         choices=PREPROCESSING,
@@ -131,7 +133,13 @@ import torch.distributed as dist
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from utils.data.loaders import Indexed, build_eval_loader, build_split, build_transforms
+from utils.data.loaders import (
+    Indexed,
+    build_eval_loader,
+    build_split,
+    build_transforms,
+    check_same_classes,
+)
 from utils.data.preprocessing import ResizeCentralCrop
 from utils.evals.fewshot import fewshot_evaluate, short_classes
 from utils.infra.dist_utils import DistInfo, main_process_first, run_distributed
@@ -160,13 +168,10 @@ def load_splits(args: argparse.Namespace, info: DistInfo) -> tuple[Dataset, Data
     """The whole training and test splits, untransformed, with the same classes."""
     with main_process_first(info.local_rank):
         download = info.local_rank == 0
-        train, classes = build_split(args.dataset, args.data_dir, True, download)
-        test, test_classes = build_split(args.dataset, args.data_dir, False, download)
-    if classes != test_classes:
-        raise UserError(
-            f"The class folders of the training split ({', '.join(classes)}) and the test split "
-            f"({', '.join(test_classes)}) differ; both need the same class sub-folders."
-        )
+        columns = Columns(args.image_column, args.label_column)
+        train, classes = build_split(args.dataset, args.data_dir, True, download, columns)
+        test, test_classes = build_split(args.dataset, args.data_dir, False, download, columns)
+    check_same_classes(args.dataset, classes, test_classes)
     for name, split in (("training", train), ("test", test)):
         if len(split) == 0:
             raise UserError(f"The {args.dataset} {name} split in {args.data_dir} has no images.")
@@ -174,15 +179,12 @@ def load_splits(args: argparse.Namespace, info: DistInfo) -> tuple[Dataset, Data
 
 
 def data_signature(args: argparse.Namespace, split: Dataset) -> str:
-    """What identifies a split's images: the dataset name, or an image folder's file list
-    (path, size, modification time), so that a changed folder is embedded again."""
-    if args.dataset != "imagefolder":
+    """What identifies a split's images: the name of a published dataset, or the files of an
+    image folder or a table (path, size, modification time), so that changed files are
+    embedded again."""
+    if DATASETS[args.dataset].published:
         return args.dataset
-    files = []
-    for path, target in split.samples:
-        stat = os.stat(path)
-        files.append([os.path.relpath(path, args.data_dir), target, stat.st_size, stat.st_mtime_ns])
-    return f"{os.path.realpath(args.data_dir)} {content_sha256(files)}"
+    return f"{os.path.realpath(args.data_dir)} {content_sha256(split.content(args.data_dir))}"
 
 
 def warn_short_classes(train: Dataset, classes: Sequence[str], shots: Sequence[int]) -> None:

@@ -45,7 +45,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from utils.data.registry import HOLDOUT_FRACTION
+from utils.data.registry import DATASETS, HOLDOUT_FRACTION, Columns
 from utils.infra.errors import StoppedBySignal, UserError, run_cli
 from utils.infra.flags import (
     HelpFormatter,
@@ -76,16 +76,18 @@ class Preset:
 CIFAR = Preset(
     10_000, 500, 512, 384, HOLDOUT_FRACTION, PAPER_GRID, "the paper's Table 4; warmup as vit_jax's"
 )
+# Table 4's small datasets (Pets, Flowers) train 500 steps; 2 % held out, as for CIFAR.
+YOUR_DATA = replace(
+    CIFAR,
+    num_steps=500,
+    warmup_steps=100,
+    source="the paper's Table 4 for Pets and Flowers; warmup ours",
+)
 PRESETS = {
     "cifar10": CIFAR,
     "cifar100": CIFAR,
-    # Table 4's small datasets (Pets, Flowers) train 500 steps; 2 % held out, as for CIFAR.
-    "imagefolder": replace(
-        CIFAR,
-        num_steps=500,
-        warmup_steps=100,
-        source="the paper's Table 4 for Pets and Flowers; warmup ours",
-    ),
+    "imagefolder": YOUR_DATA,
+    "hf": YOUR_DATA,
     # Not the paper's: the schedule of `make demo` (from scratch at 32x32). 10 % held out as
     # for the paper's small datasets: 2 % of 1,437 images would be 29, too few to rank rates.
     "digits": Preset(
@@ -539,11 +541,18 @@ def without_flags(argv: Sequence[str], flags: Sequence[str]) -> list[str]:
 
 
 def check_test_split(common: argparse.Namespace) -> None:
-    """The protocol ends with a test accuracy: an image folder needs a val/ or test/ folder."""
-    if common.dataset != "imagefolder":
+    """The protocol ends with a test accuracy: the user's own data needs a test split (an
+    image folder a val/ or test/ folder)."""
+    if DATASETS[common.dataset].published:
         return  # CIFAR and digits have their test splits
     try:
-        build_test_set(common.dataset, common.data_dir, common.img_size, download=False)
+        build_test_set(
+            common.dataset,
+            common.data_dir,
+            common.img_size,
+            download=False,
+            columns=Columns(common.image_column, common.label_column),
+        )
     except UserError as err:
         raise UserError(
             f"The sweep reports test accuracy, so it needs a test split. {err}"

@@ -53,7 +53,7 @@ from models.configs import (
     is_augreg_filename,
     model_names,
 )
-from utils.data.registry import DATASETS, HOLDOUT_FRACTION
+from utils.data.registry import DATASETS, HOLDOUT_FRACTION, Columns, add_column_flags
 from utils.infra.description import PRECISIONS
 from utils.infra.errors import LoaderError, StoppedBySignal, UserError, run_cli
 from utils.infra.flags import (
@@ -164,8 +164,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--data_dir",
         default="./data",
-        help="CIFAR download folder, or the image folder root (train/, val/ or test/).",
+        help="CIFAR download folder, or the image folder root (train/, val/ or test/), or a "
+        "Hugging Face dataset (--dataset hf: saved with save_to_disk, or parquet files).",
     )
+    add_column_flags(p)
     p.add_argument(
         "--holdout_fraction",
         type=fraction,
@@ -214,8 +216,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--strict_images",
         action="store_true",
-        help="Check every image of an image folder at start-up and refuse unreadable ones "
-        "(without it they are skipped with a warning).",
+        help="Check every image of an image folder or a Hugging Face dataset at start-up and "
+        "refuse unreadable ones (without it they are skipped with a warning).",
     )
     add_verbose(p)
     args = p.parse_args(argv)
@@ -744,6 +746,7 @@ def set_up(
         info.rank,
         info.local_rank,
         info.world_size,
+        Columns(args.image_column, args.label_column),
     )
     class_names = list(train_loader.dataset.classes)
     eval_loaders = {"test": test_loader}
@@ -987,7 +990,7 @@ def print_summary(summary: Summary, args: argparse.Namespace) -> None:
     last = last_state_path(args.output_dir, args.name)
     skipped = (
         f"Unreadable images skipped: {summary.unreadable_images} (named in the log)\n"
-        if args.dataset == "imagefolder"
+        if not DATASETS[args.dataset].in_memory
         else ""
     )
     try:

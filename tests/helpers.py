@@ -263,6 +263,22 @@ def make_image_folder(root: Path, test_name: str = "val", classes=("cat", "dog")
                 Image.new("RGB", (20, 12), colour).save(folder / f"{i}.png")
 
 
+def loader_args(dataset: str, data_dir: Path | str = "unused", **overrides) -> dict:
+    """The parameters of `get_loader`, as train.py passes them (one process)."""
+    args = {
+        "dataset": dataset,
+        "data_dir": str(data_dir),
+        "img_size": 32,
+        "seed": 0,
+        "num_workers": 0,
+        "micro_batch_size": 8,
+        "eval_batch_size": 16,
+        "holdout_fraction": 0.02,
+    }
+    args.update(overrides)
+    return args
+
+
 # --------------------------------------------------------------------------------------------
 # Tiny models and training runs
 

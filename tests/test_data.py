@@ -24,10 +24,12 @@ from tests.helpers import (
     CIFAR_LAYOUT,
     QuietHandler,
     decode_cifar_row,
+    loader_args,
     make_image_folder,
     serve_cifar,
 )
 from utils.data.loaders import (
+    READERS,
     CropBatch,
     DigitsDataset,
     InMemoryAugment,
@@ -42,22 +44,6 @@ from utils.data.loaders import (
 from utils.data.registry import DATASETS, holdout_split
 from utils.infra.errors import LoaderError, UserError
 from utils.infra.watchdog import WatchedLoader
-
-
-def loader_args(dataset: str, data_dir: Path | str = "unused", **overrides) -> dict:
-    """The parameters of `get_loader`, as train.py passes them (one process)."""
-    args = {
-        "dataset": dataset,
-        "data_dir": str(data_dir),
-        "img_size": 32,
-        "seed": 0,
-        "num_workers": 0,
-        "micro_batch_size": 8,
-        "eval_batch_size": 16,
-        "holdout_fraction": 0.02,
-    }
-    args.update(overrides)
-    return args
 
 
 def to_uint8(image: torch.Tensor) -> np.ndarray:
@@ -392,8 +378,22 @@ def test_imagefolder_class_mismatch(tmp_path: Path) -> None:
         get_loader(**loader_args("imagefolder", tmp_path))
 
 
+def test_registry_entries_reach_the_loaders() -> None:
+    """Every entry is keyed by its name and has a reader; what digits' entry says (no flip, a
+    larger crop, 10 classes, held in memory) is what its training set does."""
+    for name, spec in DATASETS.items():
+        assert spec.name == name
+        assert spec.reader in READERS
+    spec = DATASETS["digits"]
+    train_set = get_loader(**loader_args("digits"))[0].dataset
+    assert isinstance(train_set, InMemoryAugment) == spec.in_memory
+    assert (spec.flip, spec.crop_area) == (False, (0.3, 1.0))
+    assert (train_set.flip, train_set.crop_scale) == (spec.flip, spec.crop_area)
+    assert len(train_set.classes) == spec.num_classes
+
+
 def test_unknown_dataset() -> None:
-    assert set(DATASETS) == {"cifar10", "cifar100", "imagefolder", "digits"}
+    assert set(DATASETS) == {"cifar10", "cifar100", "imagefolder", "digits", "hf"}
     with pytest.raises(UserError, match="Unknown dataset"):
         build_test_set("mnist", ".", 32)
 

@@ -1,38 +1,41 @@
-"""Datasets and loaders for fine-tuning: CIFAR-10/100, your own image folders, scikit-learn digits.
+"""Datasets and loaders for fine-tuning: CIFAR-10/100, your own image folders, Hugging Face
+`datasets` tables, scikit-learn digits.
 
 Preprocessing is the official one (`vit_jax/input_pipeline.py`; see `utils.data.preprocessing`):
 training images get a crop sampled as `tf.image.sample_distorted_bounding_box` does (5%-100% of
 the area) and a horizontal flip; test images are resized; everything is float32, scaled to
 [-1, 1] by `(x - 127.5) / 127.5`.
 
-Splits and the datasets' other torch-free facts: `utils.data.registry`.
+Each dataset's torch-free facts are its `DatasetSpec` (`utils.data.registry.DATASETS`, with the
+splits); `READERS` here reads its splits. `get_loader` is the entry point.
 
 Two training paths, the same function of (seed, epoch, index):
 
 - datasets held in memory as uint8 arrays (CIFAR, digits): loader workers only gather uint8
   batches and sample each image's crop box and flip (`CropBatch`); `prepare_batch` crops,
   resizes, mirrors and normalises the whole batch on the training device;
-- image folders: workers decode and preprocess each image (`SeededAugment`), and batches are
-  ready-made `(images, labels)`; `prepare_batch` only moves them.
+- image folders and Hugging Face tables: workers decode and preprocess each image
+  (`SeededAugment`), and batches are ready-made `(images, labels)`; `prepare_batch` only moves
+  them.
 
 Training augmentation is seeded per image from (seed, epoch, index), so a run is the same for
 any number of loader workers or processes: `torchrun --nproc_per_node 2` with the same total
 batch sees exactly the images and crops that one process does.
 
-A file of an image folder that cannot be read (truncated, not an image, a decompression bomb) is
-named in a warning once and skipped, never fatal: in training the next readable image of the
-split takes its place (batches keep their size, and a resumed run makes the same choice); in
-evaluation it is left out of the count. `strict_images` checks every file at start-up instead
-and refuses to start, listing the bad ones.
+An image of an image folder or a table that cannot be read (truncated, not an image, a
+decompression bomb) is named in a warning once and skipped, never fatal: in training the next
+readable image of the split takes its place (batches keep their size, and a resumed run makes
+the same choice); in evaluation it is left out of the count. `strict_images` checks every image
+at start-up instead and refuses to start, listing the bad ones.
 """
 
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from functools import partial
 
 import numpy as np
 import torch
@@ -42,33 +45,34 @@ from torchvision import datasets
 from torchvision.datasets.utils import check_integrity
 
 from models.configs import to_pair
-from utils.data.registry import (
-    CROP_SCALES,
-    DATASETS,
-    DIGITS_SPLIT_SEED,
-    DIGITS_TEST_SIZE,
-    HOLDOUT_FRACTION,
-    IMAGEFOLDER_LAYOUT,
-    IN_MEMORY,
-    NO_FLIP,
-    holdout_split,
-)
-from utils.infra.dist_utils import main_process_first
-from utils.infra.download import fetch_archive, mirror_url
-from utils.infra.errors import UserError
-from utils.infra.watchdog import WatchedLoader
+from utils.data.hf import read_hf
 from utils.data.preprocessing import (
     CROP_AREA,
     BadImageError,
     Preprocess,
+    UnreadableImages,
     Walk,
     crop_resize_batch,
     read_image,
     sample_augment,
     walk_files,
 )
+from utils.data.registry import (
+    DATASETS,
+    DIGITS_SPLIT_SEED,
+    DIGITS_TEST_SIZE,
+    HOLDOUT_FRACTION,
+    Columns,
+    DatasetSpec,
+    holdout_split,
+)
+from utils.infra.dist_utils import main_process_first
+from utils.infra.download import fetch_archive, mirror_url
+from utils.infra.errors import UserError
+from utils.infra.watchdog import WatchedLoader
 
 __all__ = [
+    "READERS",
     "CropBatch",
     "DigitsDataset",
     "ImageFolderFiles",
@@ -83,6 +87,7 @@ __all__ = [
     "build_test_set",
     "build_transforms",
     "check_images",
+    "check_same_classes",
     "get_loader",
     "prepare_batch",
     "skip_unreadable",
@@ -92,24 +97,383 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-def build_transforms(
+def get_loader(
+    dataset: str,
+    data_dir: str,
     img_size: int | tuple[int, int],
-    train: bool,
-    flip: bool = True,
-    crop_scale: tuple[float, float] = CROP_AREA,
-) -> Preprocess:
-    """The official preprocessing of one image: PIL image -> float tensor (3, H, W) in [-1, 1].
+    seed: int,
+    micro_batch_size: int,
+    eval_batch_size: int,
+    num_workers: int,
+    holdout_fraction: float = HOLDOUT_FRACTION,
+    strict_images: bool = False,
+    rank: int = 0,
+    local_rank: int | None = None,
+    world_size: int = 1,
+    columns: Columns | None = None,
+) -> tuple[DataLoader, DataLoader | None, DataLoader]:
+    """Training, minival and test loaders for this process (the original port's entry point).
 
-    `img_size` is an int (square) or (height, width). Call the result as `transform(image, rng)`;
-    in training (a random crop of `crop_scale` of the area, a random flip if `flip`; otherwise a
-    plain resize), `rng` (a numpy Generator, see `augment_rng`) draws the crop box and the flip.
+    Args:
+        dataset, data_dir: what to load, and where (CIFAR is downloaded there when missing).
+        img_size: the model's input size.
+        seed: seeds the shuffling and the augmentation.
+        micro_batch_size: images per process and forward pass (the training loader's batch).
+        eval_batch_size: images per process and batch of the minival and test loaders.
+        num_workers: loader worker processes, per loader.
+        holdout_fraction: the last fraction of the training split held out as minival (0: none).
+        strict_images: check every image of an image folder or a table first (on the first
+            process of each node) and refuse unreadable ones; otherwise they are skipped with
+            a warning.
+        rank, local_rank, world_size: this process among all (`local_rank` defaults to `rank`);
+            the first process of each node downloads missing data, the others wait.
+        columns: the image and label columns of a table (`--dataset hf`); default `Columns()`.
+
+    The training loader shuffles with a `DistributedSampler` (call `set_epoch` on both the
+    sampler and the dataset each epoch) and drops the last incomplete batch; pass each of its
+    batches through `prepare_batch`. For datasets held in memory (CIFAR, digits) its batches
+    are `CropBatch`es (preprocessed on the device), for the others `(images, labels)`. The
+    minival and test loaders (`build_eval_loader`) yield `(images, labels)` with the test
+    preprocessing.
+
+    Every loader gets a private `torch.Generator`: otherwise each `iter(loader)` draws its
+    worker seed from the global torch RNG, and a resumed run (which starts iterating at another
+    point) would see other dropout masks than an uninterrupted one.
+
+    Returns:
+        (train_loader, minival_loader, test_loader); minival_loader is None when nothing is
+        held out.
+
+    Raises:
+        UserError: bad data (see `build_test_set`), a holdout fraction outside [0, 1), a
+            training set smaller than one batch, or unreadable images with `strict_images`.
     """
-    return Preprocess(to_pair(img_size), train=train, flip=flip, area_range=crop_scale)
+    if not 0.0 <= holdout_fraction < 1.0:
+        raise UserError(
+            f"--holdout_fraction {holdout_fraction} must be in [0, 1): the fraction of the "
+            f"training split held out as minival ({HOLDOUT_FRACTION} officially, 0 for none)."
+        )
+    spec = _spec(dataset)
+    # One download per node (the first process of each), as the original port did.
+    local_rank = max(rank if local_rank is None else local_rank, 0)
+    with main_process_first(local_rank):
+        download = local_rank == 0
+        train_raw, test_set, classes = _raw_datasets(spec, data_dir, download, columns)
+        if strict_images and not spec.in_memory and download:
+            for split in (train_raw, test_set):
+                check_images(split)
+    size = to_pair(img_size)
+    test_transform = build_transforms(size, train=False)
+    test_set.transform = test_transform
+
+    # Sorted by class (an image folder): hold out the end of each class, not the last class.
+    by_class = train_raw.targets if spec.holdout_by_class else None
+    train_idx, minival_idx = holdout_split(len(train_raw), holdout_fraction, by_class)
+    if spec.in_memory:
+        cut = len(train_idx)  # a prefix: the arrays are sliced, not copied
+        train_set = InMemoryAugment(
+            train_raw.data[:cut],
+            train_raw.targets[:cut],
+            classes,
+            size,
+            seed,
+            **_augment_options(spec),
+        )
+    else:
+        train_set = SeededAugment(
+            Subset(train_raw, train_idx),
+            build_transforms(size, train=True, **_augment_options(spec)),
+            seed,
+            classes,
+        )
+    if len(train_set) < micro_batch_size * world_size:
+        raise UserError(
+            f"The training set has {len(train_set)} images, fewer than one batch of "
+            f"{micro_batch_size * world_size} per forward pass; lower --train_batch_size or raise "
+            "--gradient_accumulation_steps."
+        )
+    train_sampler = DistributedSampler(
+        train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=seed
+    )
+    # Not persistent: workers are re-created each epoch and so see `train_set.set_epoch`.
+    train_loader = _watched(
+        train_set,
+        batch_size=micro_batch_size,
+        sampler=train_sampler,
+        num_workers=num_workers,
+        collate_fn=_as_is if isinstance(train_set, InMemoryAugment) else None,
+        drop_last=True,
+        pin_memory=torch.cuda.is_available(),
+        generator=torch.Generator(),
+    )
+
+    def eval_loader(split: Dataset) -> DataLoader:
+        return build_eval_loader(split, eval_batch_size, num_workers, rank, world_size)
+
+    minival_loader = None
+    if minival_idx:
+        minival = WithTransform(Subset(train_raw, minival_idx), test_transform, classes)
+        minival_loader = eval_loader(minival)
+    elif holdout_fraction > 0:
+        logger.warning(
+            "--holdout_fraction %g of %d training images holds none out: no minival.",
+            holdout_fraction,
+            len(train_raw),
+        )
+    return train_loader, minival_loader, eval_loader(test_set)
 
 
-def _augment_options(dataset: str) -> dict:
-    """`flip` and `crop_scale` of the training preprocessing of `dataset`."""
-    return {"flip": dataset not in NO_FLIP, "crop_scale": CROP_SCALES.get(dataset, CROP_AREA)}
+def build_eval_loader(
+    dataset: Dataset, batch_size: int, num_workers: int, rank: int = 0, world_size: int = 1
+) -> DataLoader:
+    """An evaluation loader: this rank's shard of `dataset`, every image on exactly one rank.
+
+    Workers persist across passes (evaluation runs many times in training) and ignore Ctrl+C
+    (`init_worker`); their failures are one `LoaderError` (`WatchedLoader`). Unreadable images
+    are left out of their batch (`skip_unreadable`; a batch of none is None). The private
+    generator keeps `iter(loader)` from drawing on the global torch RNG.
+    """
+    return _watched(
+        dataset,
+        batch_size=batch_size,
+        sampler=ShardSampler(len(dataset), rank, world_size),
+        num_workers=num_workers,
+        collate_fn=skip_unreadable,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=num_workers > 0,
+        generator=torch.Generator(),
+    )
+
+
+def build_test_set(
+    dataset: str,
+    data_dir: str,
+    img_size: int | tuple[int, int],
+    download: bool = True,
+    columns: Columns | None = None,
+) -> tuple[Dataset, list[str]]:
+    """The test split alone, with the test preprocessing (for evaluation).
+
+    Reads nothing of the training split: an image folder needs only `val/` (or `test/`), such
+    as an ImageNet validation set; a table only its test split.
+
+    Args:
+        dataset: a key of `utils.data.registry.DATASETS`.
+        data_dir: where CIFAR lives (downloaded there when missing and `download`), or the
+            root of an image folder or of a table (`--dataset hf`). Unused for `digits`.
+        columns: the image and label columns of a table; default `Columns()`.
+
+    Returns:
+        (test_set, class_names). Items are (tensor (3, H, W) in [-1, 1], label).
+
+    Raises:
+        UserError: unknown dataset, missing data or wrong folder layout.
+    """
+    test_set = _read_split(_spec(dataset), data_dir, False, download, columns)
+    test_set.transform = build_transforms(img_size, train=False)
+    return test_set, list(test_set.classes)
+
+
+def build_split(
+    dataset: str,
+    data_dir: str,
+    train: bool,
+    download: bool = True,
+    columns: Columns | None = None,
+) -> tuple[Dataset, list[str]]:
+    """One whole split (nothing held out) without a transform: items are (PIL image, label).
+
+    Wrap it in `WithTransform` for a preprocessing of your own, e.g. the test one on the
+    training split (few-shot evaluation embeds both splits that way). Arguments and errors as
+    `build_test_set`; `train` picks the split (an image folder's `train/`).
+    """
+    split = _read_split(_spec(dataset), data_dir, train, download, columns)
+    return split, list(split.classes)
+
+
+def check_same_classes(dataset: str, train: Sequence[str], test: Sequence[str]) -> None:
+    """Refuse a training and a test split of `dataset` with other classes.
+
+    Raises:
+        UserError: the dataset's `classes_differ` message.
+    """
+    if list(train) != list(test):
+        message = _spec(dataset).classes_differ
+        raise UserError(message.format(train=", ".join(train), test=", ".join(test)))
+
+
+# --------------------------------------------------------------------------------------------
+# Splits
+
+
+def _spec(dataset: str) -> DatasetSpec:
+    if dataset not in DATASETS:
+        raise UserError(f"Unknown dataset {dataset!r}; choose one of: {', '.join(DATASETS)}.")
+    return DATASETS[dataset]
+
+
+def _raw_datasets(
+    spec: DatasetSpec, data_dir: str, download: bool, columns: Columns | None
+) -> tuple[Dataset, Dataset, list[str]]:
+    """Both splits (no transform yet), checked to have the same classes."""
+    train_set = _read_split(spec, data_dir, True, download, columns)
+    test_set = _read_split(spec, data_dir, False, download, columns)
+    check_same_classes(spec.name, train_set.classes, test_set.classes)
+    return train_set, test_set, list(train_set.classes)
+
+
+def _read_split(
+    spec: DatasetSpec, data_dir: str, train: bool, download: bool, columns: Columns | None
+) -> Dataset:
+    """One split that returns PIL images (no transform yet); it has a `classes` list."""
+    return READERS[spec.reader](spec, data_dir, train, download, columns or Columns())
+
+
+CIFAR_URL = "VIT_CIFAR_URL"  # the variable naming a mirror of the CIFAR archives
+MAX_CIFAR = 1 << 30  # bytes; each archive is about 163 MiB
+
+
+def _cifar(
+    cls: type[datasets.CIFAR10],
+    spec: DatasetSpec,
+    data_dir: str,
+    train: bool,
+    download: bool,
+    columns: Columns,
+) -> Dataset:
+    """One CIFAR split (`cls`: torchvision's CIFAR10 or CIFAR100); the archive is downloaded
+    (`utils.infra.download.fetch_archive`) if missing."""
+    dataset = spec.name
+    try:
+        return cls(data_dir, train=train, download=False)
+    except RuntimeError:
+        pass  # missing or damaged: which one is said below
+    folder = os.path.join(data_dir, cls.base_folder)
+    if os.path.isdir(folder):
+        published = [*cls.train_list, *cls.test_list, [cls.meta["filename"], cls.meta["md5"]]]
+        bad = [n for n, md5 in published if not check_integrity(os.path.join(folder, n), md5)]
+        raise UserError(
+            f"{folder} is damaged: {', '.join(bad)} missing or not the published file(s) (MD5). "
+            f"Delete the folder {folder} (and {cls.filename} next to it, if damaged) to download "
+            f"{dataset} again."
+        )
+    if not download:
+        raise UserError(
+            f"{dataset} is not in {data_dir}. Let train.py download it (it does unless another "
+            f"process does), or place the extracted `{cls.base_folder}` folder from {cls.url} "
+            "inside --data_dir."
+        )
+    # torchvision's own address unless the variable names a mirror with the same file names.
+    base = mirror_url(None, CIFAR_URL, cls.url.rsplit("/", 1)[0])
+    fetch_archive(
+        f"{base}/{cls.filename}",
+        os.path.join(data_dir, cls.filename),
+        cls.tgz_md5,
+        cls.base_folder,
+        mirror=f"the {CIFAR_URL} variable at a mirror that holds {cls.filename}",
+        limit=MAX_CIFAR,
+    )
+    return cls(data_dir, train=train, download=False)
+
+
+def _imagefolder(
+    spec: DatasetSpec, data_dir: str, train: bool, download: bool, columns: Columns
+) -> Dataset:
+    names = ("train",) if train else ("val", "test")
+    root = next(
+        (os.path.join(data_dir, n) for n in names if os.path.isdir(os.path.join(data_dir, n))),
+        None,
+    )
+    if root is None:
+        found = (
+            f"{data_dir} holds {sorted(os.listdir(data_dir))}"
+            if os.path.isdir(data_dir)
+            else f"{data_dir} does not exist"
+        )
+        wanted = "train/ and val/ (or test/) folders" if train else "a val/ (or test/) folder"
+        raise UserError(
+            f"--dataset {spec.name} needs --data_dir with {wanted}, one sub-folder per class; "
+            f"{found}. Expected layout:\n{spec.layout}"
+        )
+    try:
+        return ImageFolderFiles(root)
+    except (FileNotFoundError, OSError) as err:
+        raise UserError(
+            f"{root} does not hold images in the layout --dataset {spec.name} needs ({err}). "
+            f"Expected layout:\n{spec.layout}"
+        ) from None
+
+
+def _digits(
+    spec: DatasetSpec, data_dir: str, train: bool, download: bool, columns: Columns
+) -> Dataset:
+    return DigitsDataset(train=train)
+
+
+# `DatasetSpec.reader` -> the function that reads one split of it:
+# (spec, data_dir, train, download, columns) -> a dataset of untransformed (PIL image, label)
+# with `classes` and `targets`, and a `transform` attribute the caller may set.
+READERS: dict[str, Callable[..., Dataset]] = {
+    "cifar10": partial(_cifar, datasets.CIFAR10),
+    "cifar100": partial(_cifar, datasets.CIFAR100),
+    "imagefolder": _imagefolder,
+    "digits": _digits,
+    "hf": read_hf,
+}
+
+
+class ImageFolderFiles(UnreadableImages, datasets.ImageFolder):
+    """torchvision's `ImageFolder`, walked by `walk_files` and read with `read_image`; an
+    unreadable file gives None.
+
+    Class folders and their images follow `walk_files`' rules: hidden entries
+    (`.ipynb_checkpoints`) and links to folders are left out, with one warning that counts them.
+    An unreadable file is recorded and named in a warning once (`UnreadableImages`). Training
+    (`SeededAugment`) replaces such an item, evaluation leaves it out (`skip_unreadable`).
+    """
+
+    def __init__(self, root: str):
+        self.walk = Walk()
+        super().__init__(root, loader=read_image)
+        self.walk.report(root)
+        self.watch_images(len(self.samples))
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        walk = walk_files(directory, (), recursive=False)
+        self.walk.hidden += walk.hidden
+        self.walk.linked_folders += walk.linked_folders
+        classes = [folder.name for folder in walk.folders]
+        if not classes:
+            raise FileNotFoundError(f"no class folder in {directory}")
+        return classes, {name: i for i, name in enumerate(classes)}
+
+    def make_dataset(
+        self, directory: str, class_to_idx: dict[str, int], **unused
+    ) -> list[tuple[str, int]]:
+        samples = []
+        for name, target in class_to_idx.items():
+            walk = walk_files(os.path.join(directory, name), datasets.folder.IMG_EXTENSIONS)
+            if not walk.files:
+                raise FileNotFoundError(f"no image in class folder {name}")
+            samples += [(str(path), target) for path in walk.files]
+            for kind in ("hidden", "linked_folders", "broken_links"):
+                getattr(self.walk, kind).extend(getattr(walk, kind))
+        return samples
+
+    def image_source(self, index: int) -> str:
+        return self.samples[index][0]
+
+    def image_name(self, index: int) -> str:
+        return self.samples[index][0]
+
+    def content(self, data_dir: str) -> list:
+        """What identifies the split's images and labels: each file's path from `data_dir`,
+        class, size and modification time."""
+        files = []
+        for path, target in self.samples:
+            stat = os.stat(path)
+            files.append([os.path.relpath(path, data_dir), target, stat.st_size, stat.st_mtime_ns])
+        return files
 
 
 class DigitsDataset(Dataset):
@@ -148,6 +512,54 @@ class DigitsDataset(Dataset):
         if self.transform is not None:
             image = self.transform(image)
         return image, self.targets[index]
+
+
+def check_images(dataset: UnreadableImages, shown: int = 20) -> None:
+    """Decode every image of an image folder or a table once (JPEGs at 1/8 scale), in this
+    process.
+
+    Raises:
+        UserError: listing the images that cannot be read and why.
+    """
+    logger.info("Checking that the %d images in %s can be read.", len(dataset), dataset.root)
+    bad = []
+    for index in range(len(dataset)):
+        try:
+            dataset.decode(index, check_only=True)
+        except BadImageError as err:
+            bad.append(str(err))
+    if bad:
+        more = f"\n  ... and {len(bad) - shown} more" if len(bad) > shown else ""
+        raise UserError(
+            f"{len(bad)} of the {len(dataset)} images in {dataset.root} cannot be read:\n  "
+            + "\n  ".join(bad[:shown])
+            + f"{more}\nRemove or replace them, or leave out --strict_images to skip them with a "
+            "warning."
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Training preprocessing
+
+
+def build_transforms(
+    img_size: int | tuple[int, int],
+    train: bool,
+    flip: bool = True,
+    crop_scale: tuple[float, float] = CROP_AREA,
+) -> Preprocess:
+    """The official preprocessing of one image: PIL image -> float tensor (3, H, W) in [-1, 1].
+
+    `img_size` is an int (square) or (height, width). Call the result as `transform(image, rng)`;
+    in training (a random crop of `crop_scale` of the area, a random flip if `flip`; otherwise a
+    plain resize), `rng` (a numpy Generator, see `augment_rng`) draws the crop box and the flip.
+    """
+    return Preprocess(to_pair(img_size), train=train, flip=flip, area_range=crop_scale)
+
+
+def _augment_options(spec: DatasetSpec) -> dict:
+    """`flip` and `crop_scale` of the training preprocessing of a dataset."""
+    return {"flip": spec.flip, "crop_scale": spec.crop_area or CROP_AREA}
 
 
 def augment_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
@@ -343,6 +755,10 @@ def prepare_batch(
     return images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
 
 
+# --------------------------------------------------------------------------------------------
+# Loaders
+
+
 class ShardSampler(torch.utils.data.Sampler[int]):
     """Evaluation shard of one rank: indices rank, rank + world, ... (no padding, no repeats).
 
@@ -360,401 +776,33 @@ class ShardSampler(torch.utils.data.Sampler[int]):
         return len(self.indices)
 
 
-class ImageFolderFiles(datasets.ImageFolder):
-    """torchvision's `ImageFolder`, walked by `walk_files` and read with `read_image`; an
-    unreadable file gives None.
-
-    Class folders and their images follow `walk_files`' rules: hidden entries
-    (`.ipynb_checkpoints`) and links to folders are left out, with one warning that counts them.
-    An unreadable file is recorded in shared memory by whichever process meets it (a loader
-    worker, or this one) and named in a warning once, by the training process: workers only
-    record it, and the loaders of `get_loader` call :meth:`report_unreadable` after each batch.
-    :meth:`unreadable` lists them. Training (`SeededAugment`) replaces such an item,
-    evaluation leaves it out (`skip_unreadable`).
-    """
-
-    def __init__(self, root: str):
-        self.walk = Walk()
-        super().__init__(root, loader=read_image)
-        self.walk.report(root)
-        self._bad = multiprocessing.RawArray("b", len(self.samples))  # 1: unreadable
-        self._named: set[int] = set()  # named in this process's log
-
-    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
-        walk = walk_files(directory, (), recursive=False)
-        self.walk.hidden += walk.hidden
-        self.walk.linked_folders += walk.linked_folders
-        classes = [folder.name for folder in walk.folders]
-        if not classes:
-            raise FileNotFoundError(f"no class folder in {directory}")
-        return classes, {name: i for i, name in enumerate(classes)}
-
-    def make_dataset(
-        self, directory: str, class_to_idx: dict[str, int], **unused
-    ) -> list[tuple[str, int]]:
-        samples = []
-        for name, target in class_to_idx.items():
-            walk = walk_files(os.path.join(directory, name), datasets.folder.IMG_EXTENSIONS)
-            if not walk.files:
-                raise FileNotFoundError(f"no image in class folder {name}")
-            samples += [(str(path), target) for path in walk.files]
-            for kind in ("hidden", "linked_folders", "broken_links"):
-                getattr(self.walk, kind).extend(getattr(walk, kind))
-        return samples
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor | Image.Image, int] | None:
-        path, target = self.samples[index]
-        try:
-            image = self.loader(path)
-        except BadImageError:
-            self._bad[index] = 1
-            if torch.utils.data.get_worker_info() is None:
-                self.report_unreadable()
-            return None
-        if self.transform is not None:
-            image = self.transform(image)
-        return image, target
-
-    def report_unreadable(self) -> None:
-        """Name in a warning, once, each file found unreadable since the last call (by any
-        process of this run's loaders)."""
-        for index in np.flatnonzero(np.frombuffer(self._bad, dtype=np.int8)):
-            if index in self._named:
-                continue
-            self._named.add(int(index))
-            path = self.samples[index][0]
-            try:  # the worker that found it keeps its reason: find it again, once
-                read_image(path)
-                reason = f"{path}: cannot be read"
-            except BadImageError as err:
-                reason = str(err)
-            logger.warning("Skipping an unreadable image (%d so far): %s", len(self._named), reason)
-
-    def unreadable(self) -> list[str]:
-        """The files found unreadable so far, by any process of this run's loaders."""
-        return [path for (path, _), bad in zip(self.samples, self._bad, strict=True) if bad]
-
-
 def skip_unreadable(items: list) -> list | None:
     """`collate_fn` of evaluation loaders: a batch of the readable items, None if none is."""
     kept = [item for item in items if item is not None]
     return default_collate(kept) if kept else None
 
 
-def check_images(dataset: ImageFolderFiles, shown: int = 20) -> None:
-    """Decode every file of an image folder once (JPEGs at 1/8 scale), in this process.
-
-    Raises:
-        UserError: listing the files that cannot be read and why.
-    """
-    logger.info("Checking that the %d images in %s can be read.", len(dataset), dataset.root)
-    bad = []
-    for path, _ in dataset.samples:
-        try:
-            read_image(path, check_only=True)
-        except BadImageError as err:
-            bad.append(str(err))
-    if bad:
-        more = f"\n  ... and {len(bad) - shown} more" if len(bad) > shown else ""
-        raise UserError(
-            f"{len(bad)} of the {len(dataset.samples)} images in {dataset.root} cannot be read:\n  "
-            + "\n  ".join(bad[:shown])
-            + f"{more}\nRemove or replace them, or leave out --strict_images to skip them with a "
-            "warning."
-        )
-
-
-CIFAR_URL = "VIT_CIFAR_URL"  # the variable naming a mirror of the CIFAR archives
-MAX_CIFAR = 1 << 30  # bytes; each archive is about 163 MiB
-
-
-def _cifar(dataset: str, data_dir: str, download: bool, train: bool) -> Dataset:
-    """One CIFAR split; the archive is downloaded (`utils.infra.download.fetch_archive`) if missing."""
-    cls = datasets.CIFAR10 if dataset == "cifar10" else datasets.CIFAR100
-    try:
-        return cls(data_dir, train=train, download=False)
-    except RuntimeError:
-        pass  # missing or damaged: which one is said below
-    folder = os.path.join(data_dir, cls.base_folder)
-    if os.path.isdir(folder):
-        published = [*cls.train_list, *cls.test_list, [cls.meta["filename"], cls.meta["md5"]]]
-        bad = [n for n, md5 in published if not check_integrity(os.path.join(folder, n), md5)]
-        raise UserError(
-            f"{folder} is damaged: {', '.join(bad)} missing or not the published file(s) (MD5). "
-            f"Delete the folder {folder} (and {cls.filename} next to it, if damaged) to download "
-            f"{dataset} again."
-        )
-    if not download:
-        raise UserError(
-            f"{dataset} is not in {data_dir}. Let train.py download it (it does unless another "
-            f"process does), or place the extracted `{cls.base_folder}` folder from {cls.url} "
-            "inside --data_dir."
-        )
-    # torchvision's own address unless the variable names a mirror with the same file names.
-    base = mirror_url(None, CIFAR_URL, cls.url.rsplit("/", 1)[0])
-    fetch_archive(
-        f"{base}/{cls.filename}",
-        os.path.join(data_dir, cls.filename),
-        cls.tgz_md5,
-        cls.base_folder,
-        mirror=f"the {CIFAR_URL} variable at a mirror that holds {cls.filename}",
-        limit=MAX_CIFAR,
-    )
-    return cls(data_dir, train=train, download=False)
-
-
-def _imagefolder(data_dir: str, train: bool) -> Dataset:
-    names = ("train",) if train else ("val", "test")
-    root = next(
-        (os.path.join(data_dir, n) for n in names if os.path.isdir(os.path.join(data_dir, n))),
-        None,
-    )
-    if root is None:
-        found = (
-            f"{data_dir} holds {sorted(os.listdir(data_dir))}"
-            if os.path.isdir(data_dir)
-            else f"{data_dir} does not exist"
-        )
-        wanted = "train/ and val/ (or test/) folders" if train else "a val/ (or test/) folder"
-        raise UserError(
-            f"--dataset imagefolder needs --data_dir with {wanted}, one sub-folder per class; "
-            f"{found}. Expected layout:\n{IMAGEFOLDER_LAYOUT}"
-        )
-    try:
-        return ImageFolderFiles(root)
-    except (FileNotFoundError, OSError) as err:
-        raise UserError(
-            f"{root} does not hold images in the layout --dataset imagefolder needs ({err}). "
-            f"Expected layout:\n{IMAGEFOLDER_LAYOUT}"
-        ) from None
-
-
-def _raw_split(dataset: str, data_dir: str, download: bool, train: bool) -> Dataset:
-    """One split that returns PIL images (no transform yet); it has a `classes` list."""
-    if dataset in ("cifar10", "cifar100"):
-        return _cifar(dataset, data_dir, download, train)
-    if dataset == "imagefolder":
-        return _imagefolder(data_dir, train)
-    if dataset == "digits":
-        return DigitsDataset(train=train)
-    raise UserError(f"Unknown dataset {dataset!r}; choose one of: {', '.join(DATASETS)}.")
-
-
-def _raw_datasets(
-    dataset: str, data_dir: str, download: bool
-) -> tuple[Dataset, Dataset, list[str]]:
-    """Both splits (no transform yet), checked to have the same classes."""
-    train_set = _raw_split(dataset, data_dir, download, train=True)
-    test_set = _raw_split(dataset, data_dir, download, train=False)
-    if list(train_set.classes) != list(test_set.classes):
-        raise UserError(
-            f"The class folders of the training split ({', '.join(train_set.classes)}) and the "
-            f"test split ({', '.join(test_set.classes)}) differ; both need the same class "
-            "sub-folders."
-        )
-    return train_set, test_set, list(train_set.classes)
-
-
-def build_test_set(
-    dataset: str, data_dir: str, img_size: int | tuple[int, int], download: bool = True
-) -> tuple[Dataset, list[str]]:
-    """The test split alone, with the test preprocessing (for evaluation).
-
-    Reads nothing of the training split: an image folder needs only `val/` (or `test/`), such
-    as an ImageNet validation set.
-
-    Args:
-        dataset: one of `utils.data.registry.DATASETS`.
-        data_dir: where CIFAR lives (downloaded there when missing and `download`), or the
-            root of an image folder. Unused for `digits`.
-
-    Returns:
-        (test_set, class_names). Items are (tensor (3, H, W) in [-1, 1], label).
-
-    Raises:
-        UserError: unknown dataset, missing data or wrong folder layout.
-    """
-    test_set = _raw_split(dataset, data_dir, download, train=False)
-    test_set.transform = build_transforms(img_size, train=False)
-    return test_set, list(test_set.classes)
-
-
-def build_split(
-    dataset: str, data_dir: str, train: bool, download: bool = True
-) -> tuple[Dataset, list[str]]:
-    """One whole split (nothing held out) without a transform: items are (PIL image, label).
-
-    Wrap it in `WithTransform` for a preprocessing of your own, e.g. the test one on the
-    training split (few-shot evaluation embeds both splits that way). Arguments and errors as
-    `build_test_set`; `train` picks the split (an image folder's `train/`).
-    """
-    split = _raw_split(dataset, data_dir, download, train=train)
-    return split, list(split.classes)
-
-
 def unreadable_images(*loaders: DataLoader | None) -> int:
-    """How many distinct files of these loaders' image folders were found unreadable."""
-    folders = {
-        id(f): f for loader in loaders if loader is not None for f in _image_folders(loader.dataset)
+    """How many distinct images of these loaders' image folders or tables were found
+    unreadable."""
+    sources = {
+        id(s): s for loader in loaders if loader is not None for s in _decoded(loader.dataset)
     }
-    return sum(len(folder.unreadable()) for folder in folders.values())
+    return sum(len(source.unreadable()) for source in sources.values())
 
 
 def _watched(dataset: Dataset, **options) -> WatchedLoader:
     """A `WatchedLoader` that names the unreadable images its workers met after each batch."""
-    folders = _image_folders(dataset)
-    report = folders[0].report_unreadable if folders else None
+    sources = _decoded(dataset)
+    report = sources[0].report_unreadable if sources else None
     return WatchedLoader(dataset, after_batch=report, **options)
 
 
-def _image_folders(dataset: Dataset) -> list[ImageFolderFiles]:
-    """The `ImageFolderFiles` a dataset reads from (through `Subset`, `SeededAugment`, ...)."""
-    while not isinstance(dataset, ImageFolderFiles):
+def _decoded(dataset: Dataset) -> list[UnreadableImages]:
+    """The image folder or table a dataset decodes its images from (through `Subset`,
+    `SeededAugment`, ...), if any."""
+    while not isinstance(dataset, UnreadableImages):
         dataset = getattr(dataset, "base", getattr(dataset, "dataset", None))
         if dataset is None:
             return []
     return [dataset]
-
-
-def build_eval_loader(
-    dataset: Dataset, batch_size: int, num_workers: int, rank: int = 0, world_size: int = 1
-) -> DataLoader:
-    """An evaluation loader: this rank's shard of `dataset`, every image on exactly one rank.
-
-    Workers persist across passes (evaluation runs many times in training) and ignore Ctrl+C
-    (`init_worker`); their failures are one `LoaderError` (`WatchedLoader`). Unreadable images
-    are left out of their batch (`skip_unreadable`; a batch of none is None). The private
-    generator keeps `iter(loader)` from drawing on the global torch RNG.
-    """
-    return _watched(
-        dataset,
-        batch_size=batch_size,
-        sampler=ShardSampler(len(dataset), rank, world_size),
-        num_workers=num_workers,
-        collate_fn=skip_unreadable,
-        pin_memory=torch.cuda.is_available(),
-        persistent_workers=num_workers > 0,
-        generator=torch.Generator(),
-    )
-
-
-def get_loader(
-    dataset: str,
-    data_dir: str,
-    img_size: int | tuple[int, int],
-    seed: int,
-    micro_batch_size: int,
-    eval_batch_size: int,
-    num_workers: int,
-    holdout_fraction: float = HOLDOUT_FRACTION,
-    strict_images: bool = False,
-    rank: int = 0,
-    local_rank: int | None = None,
-    world_size: int = 1,
-) -> tuple[DataLoader, DataLoader | None, DataLoader]:
-    """Training, minival and test loaders for this process (the original port's entry point).
-
-    Args:
-        dataset, data_dir: what to load, and where (CIFAR is downloaded there when missing).
-        img_size: the model's input size.
-        seed: seeds the shuffling and the augmentation.
-        micro_batch_size: images per process and forward pass (the training loader's batch).
-        eval_batch_size: images per process and batch of the minival and test loaders.
-        num_workers: loader worker processes, per loader.
-        holdout_fraction: the last fraction of the training split held out as minival (0: none).
-        strict_images: check every file of an image folder first (on the first process of each
-            node) and refuse unreadable ones; otherwise they are skipped with a warning.
-        rank, local_rank, world_size: this process among all (`local_rank` defaults to `rank`);
-            the first process of each node downloads missing data, the others wait.
-
-    The training loader shuffles with a `DistributedSampler` (call `set_epoch` on both the
-    sampler and the dataset each epoch) and drops the last incomplete batch; pass each of its
-    batches through `prepare_batch`. For CIFAR and digits its batches are `CropBatch`es
-    (preprocessed on the device), for image folders `(images, labels)`. The minival and test
-    loaders (`build_eval_loader`) yield `(images, labels)` with the test preprocessing.
-
-    Every loader gets a private `torch.Generator`: otherwise each `iter(loader)` draws its
-    worker seed from the global torch RNG, and a resumed run (which starts iterating at another
-    point) would see other dropout masks than an uninterrupted one.
-
-    Returns:
-        (train_loader, minival_loader, test_loader); minival_loader is None when nothing is
-        held out.
-
-    Raises:
-        UserError: bad data (see `build_test_set`), a holdout fraction outside [0, 1), a
-            training set smaller than one batch, or unreadable images with `strict_images`.
-    """
-    if not 0.0 <= holdout_fraction < 1.0:
-        raise UserError(
-            f"--holdout_fraction {holdout_fraction} must be in [0, 1): the fraction of the "
-            f"training split held out as minival ({HOLDOUT_FRACTION} officially, 0 for none)."
-        )
-    # One download per node (the first process of each), as the original port did.
-    local_rank = max(rank if local_rank is None else local_rank, 0)
-    with main_process_first(local_rank):
-        download = local_rank == 0
-        train_raw, test_set, classes = _raw_datasets(dataset, data_dir, download)
-        if strict_images and dataset == "imagefolder" and download:
-            for split in (train_raw, test_set):
-                check_images(split)
-    size = to_pair(img_size)
-    test_transform = build_transforms(size, train=False)
-    test_set.transform = test_transform
-
-    # Image folders are sorted by class: hold out the end of each class, not the last class.
-    by_class = train_raw.targets if dataset == "imagefolder" else None
-    train_idx, minival_idx = holdout_split(len(train_raw), holdout_fraction, by_class)
-    if dataset in IN_MEMORY:
-        cut = len(train_idx)  # a prefix: the arrays are sliced, not copied
-        train_set = InMemoryAugment(
-            train_raw.data[:cut],
-            train_raw.targets[:cut],
-            classes,
-            size,
-            seed,
-            **_augment_options(dataset),
-        )
-    else:
-        train_set = SeededAugment(
-            Subset(train_raw, train_idx),
-            build_transforms(size, train=True, **_augment_options(dataset)),
-            seed,
-            classes,
-        )
-
-    if len(train_set) < micro_batch_size * world_size:
-        raise UserError(
-            f"The training set has {len(train_set)} images, fewer than one batch of "
-            f"{micro_batch_size * world_size} per forward pass; lower --train_batch_size or raise "
-            "--gradient_accumulation_steps."
-        )
-    train_sampler = DistributedSampler(
-        train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=seed
-    )
-    # Not persistent: workers are re-created each epoch and so see `train_set.set_epoch`.
-    train_loader = _watched(
-        train_set,
-        batch_size=micro_batch_size,
-        sampler=train_sampler,
-        num_workers=num_workers,
-        collate_fn=_as_is if isinstance(train_set, InMemoryAugment) else None,
-        drop_last=True,
-        pin_memory=torch.cuda.is_available(),
-        generator=torch.Generator(),
-    )
-
-    def eval_loader(split: Dataset) -> DataLoader:
-        return build_eval_loader(split, eval_batch_size, num_workers, rank, world_size)
-
-    minival_loader = None
-    if minival_idx:
-        minival = WithTransform(Subset(train_raw, minival_idx), test_transform, classes)
-        minival_loader = eval_loader(minival)
-    elif holdout_fraction > 0:
-        logger.warning(
-            "--holdout_fraction %g of %d training images holds none out: no minival.",
-            holdout_fraction,
-            len(train_raw),
-        )
-    return train_loader, minival_loader, eval_loader(test_set)

@@ -27,12 +27,14 @@ from __future__ import annotations
 import functools
 import glob
 import logging
+import multiprocessing
 import os
 import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -49,6 +51,7 @@ __all__ = [
     "BadImageError",
     "Preprocess",
     "ResizeCentralCrop",
+    "UnreadableImages",
     "Walk",
     "crop_resize_batch",
     "find_images",
@@ -364,17 +367,22 @@ def find_images(patterns: Sequence[str | os.PathLike], recursive: bool = False) 
     return found
 
 
-def read_image(path: str | os.PathLike, check_only: bool = False) -> Image.Image | None:
+def read_image(
+    path: str | os.PathLike | BinaryIO, check_only: bool = False, name: str | None = None
+) -> Image.Image | None:
     """Decode an image file to 8-bit RGB (see `to_rgb`), fully, so that damage shows here.
 
     Args:
+        path: a file, or an open binary file (such as the encoded bytes of a table's cell).
         check_only: only check that it decodes (JPEGs at 1/8 scale, faster); returns None.
+        name: what messages call the image; default: `path`.
 
     Raises:
         BadImageError: not an image, truncated or damaged, or more pixels than PIL's
             decompression-bomb limit (`PIL.Image.MAX_IMAGE_PIXELS`; decoding it would take
             minutes and gigabytes); the message names the file.
     """
+    name = path if name is None else name
     try:
         with warnings.catch_warnings():
             # PIL only warns up to twice its limit, then decodes for minutes: refuse at once.
@@ -390,16 +398,92 @@ def read_image(path: str | os.PathLike, check_only: bool = False) -> Image.Image
         found = re.search(r"\((\d+) pixels\)", str(err))
         pixels = f"{int(found.group(1)):,}" if found else "too many"
         raise BadImageError(
-            path,
+            name,
             f"it has {pixels} pixels, more than the {Image.MAX_IMAGE_PIXELS:,} PIL decodes (a "
             "guard against decompression bombs). Shrink it, e.g. to 4096 pixels a side.",
         ) from None
     except UnidentifiedImageError:
         raise BadImageError(
-            path, "PIL cannot identify image file: not an image, or a format PIL does not read."
+            name, "PIL cannot identify image file: not an image, or a format PIL does not read."
         ) from None
     except (OSError, ValueError, SyntaxError, EOFError) as err:  # PIL's decoders raise these
-        raise BadImageError(path, f"truncated or damaged ({err}).") from None
+        raise BadImageError(name, f"truncated or damaged ({err}).") from None
+
+
+class UnreadableImages:
+    """A dataset whose images are decoded one by one (`read_image`), where an unreadable one
+    (truncated, not an image, a decompression bomb) is skipped, not fatal.
+
+    An unreadable image is recorded in shared memory by whichever process meets it (a loader
+    worker, or this one) and named in a warning once, by the training process: workers only
+    record it, and the loaders of `utils.data.loaders.get_loader` call
+    :meth:`report_unreadable` after each batch. :meth:`unreadable` lists them.
+
+    A subclass calls :meth:`watch_images` with its length, defines :meth:`image_source` and
+    :meth:`image_name`, and has `targets` (each image's class) and `transform` (None, or
+    applied to each image): items are (image, class), or None for an unreadable image.
+    """
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor | Image.Image, int] | None:
+        image = self.decode_or_skip(index)
+        if image is None:
+            return None
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, self.targets[index]
+
+    def watch_images(self, count: int) -> None:
+        self._bad = multiprocessing.RawArray("b", count)  # 1: unreadable
+        self._named: set[int] = set()  # named in this process's log
+
+    def image_source(self, index: int) -> str | os.PathLike | BinaryIO:
+        """What `read_image` decodes for image `index`: a file, or an open binary file.
+
+        Raises:
+            BadImageError: there is nothing to decode.
+        """
+        raise NotImplementedError
+
+    def image_name(self, index: int) -> str:
+        """What messages call image `index` (its file, or its place in a table)."""
+        raise NotImplementedError
+
+    def decode(self, index: int, check_only: bool = False) -> Image.Image | None:
+        """Image `index` as 8-bit RGB (`read_image`, with `check_only` as there).
+
+        Raises:
+            BadImageError: it cannot be read.
+        """
+        return read_image(self.image_source(index), check_only, self.image_name(index))
+
+    def decode_or_skip(self, index: int) -> Image.Image | None:
+        """Image `index` as 8-bit RGB, or None, recorded, if it cannot be read."""
+        try:
+            return self.decode(index)
+        except BadImageError:
+            self._bad[index] = 1
+            if torch.utils.data.get_worker_info() is None:
+                self.report_unreadable()
+            return None
+
+    def report_unreadable(self) -> None:
+        """Name in a warning, once, each image found unreadable since the last call (by any
+        process of this run's loaders)."""
+        for index in np.flatnonzero(np.frombuffer(self._bad, dtype=np.int8)):
+            if index in self._named:
+                continue
+            self._named.add(int(index))
+            try:  # the worker that found it keeps its reason: find it again, once
+                self.decode(int(index))
+                reason = f"{self.image_name(int(index))}: cannot be read"
+            except BadImageError as err:
+                reason = str(err)
+            logger.warning("Skipping an unreadable image (%d so far): %s", len(self._named), reason)
+
+    def unreadable(self) -> list[str]:
+        """The images found unreadable so far, by any process of this run's loaders."""
+        bad = np.flatnonzero(np.frombuffer(self._bad, dtype=np.int8))
+        return [self.image_name(int(index)) for index in bad]
 
 
 def _pixels(image: Image.Image | np.ndarray) -> np.ndarray:

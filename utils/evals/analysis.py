@@ -36,6 +36,7 @@ from PIL import Image
 
 from models.modeling import VisionTransformer
 from utils.data.loaders import build_test_set
+from utils.data.registry import Columns
 from utils.infra.errors import UserError
 
 __all__ = [
@@ -333,10 +334,16 @@ def image_batches(
 
 
 def dataset_batches(
-    dataset: str, data_dir: str, img_size: tuple[int, int], num_images: int, batch_size: int
+    dataset: str,
+    data_dir: str,
+    img_size: tuple[int, int],
+    num_images: int,
+    batch_size: int,
+    columns: Columns | None = None,
 ) -> Iterator[torch.Tensor]:
-    """The first `num_images` images of a dataset's test split, preprocessed, in batches."""
-    test_set, _ = build_test_set(dataset, data_dir, img_size)
+    """The first `num_images` images of a dataset's test split, preprocessed, in batches
+    (`columns`: a table's, see `build_test_set`)."""
+    test_set, _ = build_test_set(dataset, data_dir, img_size, columns=columns)
     count = min(num_images, len(test_set))
     if count < num_images:
         logger.info("the %s test split has %d images, fewer than %d", dataset, count, num_images)
