@@ -38,6 +38,7 @@ from utils.infra.errors import UserError, run_cli
 from utils.infra.flags import (
     HelpFormatter,
     add_model_flags,
+    add_tf32_flag,
     add_verbose,
     parse_first,
     positive_int,
@@ -94,6 +95,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output_dir", default=DEFAULT_OUTPUT_DIR, help="Where figures and JSON go.")
     p.add_argument("--format", default="png", help="Figure format (png, pdf, svg, jpg, ...).")
     p.add_argument("--dpi", type=positive_int, default=100, help="Figure resolution.")
+    add_tf32_flag(p)
     add_verbose(p)
     args = p.parse_args(argv)
     if args.checkpoint is not None and len(args.checkpoint) > 2:
@@ -124,6 +126,7 @@ from utils.infra.figures import save_figure
 from utils.infra.file_io import write_output
 from utils.infra.loading import LoadedModel, load_model
 from utils.infra.run_files import check_folder
+from utils.recipe.amp import set_tf32
 
 
 def is_random(checkpoint: str) -> bool:
@@ -270,6 +273,7 @@ def main(argv: list[str] | None = None) -> None:
     check_side_by_side(loaded, labels, panels)
     batches, described = image_source(args, loaded) if "distance" in panels else (None, "")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    set_tf32(args.tf32 == "on", device)
     results = []
     for model, label in zip(loaded, labels, strict=True):
         logger.info(

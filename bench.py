@@ -7,8 +7,11 @@ models step by step so that machine noise hits both alike:
   clipping at 1.0, SGD momentum step, as `train.py` does it), and the ratio ours / timm; our
   model steps with vit_jax's update rule (`--optim_dtype` momentum), timm's with
   `torch.optim.SGD` (float32 momentum) as timm users train;
-- the FLOPs of each (`torch.utils.flop_counter`) and the fraction of the machine's matrix-multiply
-  throughput reached, the latter measured with a large GEMM inside the same timing loop;
+- the FLOPs of each (`torch.utils.flop_counter`, attention included on the CPU too:
+  `ATTENTION_FLOPS`) and the fraction of the machine's matrix-multiply throughput reached, the
+  latter measured with a large GEMM inside the same timing loop;
+- the host syncs of one training step (`.item()`, `bool()`, `nonzero`, copies to the host:
+  `HostSyncs`), counted on the CPU too;
 - peak memory: on CUDA `torch.cuda.max_memory_allocated`; on CPU the peak bytes of live tensor
   storage (parameters, optimizer state, inputs, activations, gradients), tracked op by op;
 - whether (N x N) attention probabilities are saved for backward when `vis=False`;
@@ -16,6 +19,9 @@ models step by step so that machine noise hits both alike:
   bfloat16 and with float32 momentum;
 - optionally (`--compile`) the throughput of `torch.compile`d copies, timed in the same
   interleaved rounds, and their gain over eager;
+- on CUDA, our model in fp32, fp32 with TF32 and bf16 autocast (eager, and compiled with
+  `--compile`), in the same interleaved rounds, each with its MFU: FLOP/s over the bf16
+  matrix-product rate measured in those rounds;
 - optionally (`--grad_checkpointing`) training throughput and peak memory with and without
   activation checkpointing, ours (`set_grad_checkpointing`) and timm's own
   (`set_grad_checkpointing`), four models in the same interleaved rounds, and the ratios;
@@ -54,7 +60,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from models.configs import ViTConfig, get_config, model_names
 from models.modeling import VisionTransformer
@@ -63,8 +70,9 @@ from utils.data.loaders import InMemoryAugment, augment_rng, build_transforms
 from utils.data.preprocessing import crop_resize_batch
 from utils.infra.description import PRECISIONS
 from utils.infra.file_io import save_npz
+from utils.infra.flags import add_tf32_flag
 from utils.infra.memory import LiveTensorBytes
-from utils.recipe.amp import autocast, autocast_dtype
+from utils.recipe.amp import autocast, autocast_dtype, set_tf32
 from utils.recipe.optim import make_optimizer
 from utils.recipe.update_rule import OPTIM_DTYPES
 
@@ -291,10 +299,67 @@ def saved_attention_maps(
     return count
 
 
+# torch's FLOP counter has formulas for the CUDA attention kernels, but not (in torch 2.14) for
+# the CPU's fused one, so on the CPU attention counted for nothing (ViT-B_16 at 224: 31.6 GFLOP
+# forward instead of 32.9). These are its CUDA formulas: two matrix products forward, five
+# backward (the scores are recomputed, as a fused kernel does).
+ATTENTION_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: (
+        lambda query, key, value, *args, out_shape=None, **kwargs: sdpa_flop_count(
+            query, key, value
+        )
+    ),
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: (
+        lambda grad, query, key, value, *args, out_shape=None, **kwargs: sdpa_backward_flop_count(
+            grad, query, key, value
+        )
+    ),
+}
+
+
 def count_flops(fn: Callable[[], Any]) -> int:
-    with FlopCounterMode(display=False) as counter:
+    """FLOPs of `fn()`: matrix products, convolutions and attention (`ATTENTION_FLOPS`)."""
+    with FlopCounterMode(display=False, custom_mapping=ATTENTION_FLOPS) as counter:
         fn()
     return counter.get_total_flops()
+
+
+class HostSyncs(TorchDispatchMode):
+    """Counts the operations that make the host wait for the device: a tensor's value read on
+    the host (`.item()`, `bool()`, an `if` on a tensor: `aten._local_scalar_dense`), `nonzero`
+    (its output size), and copies from a device to the host.
+
+    The count is the same on the CPU, where nothing waits: what a GPU would wait for. A scalar
+    the host made from a Python number (`torch.tensor(0.9)`) is on the host already; reading it
+    back waits for nothing and is not counted.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+        self._host_made: dict[int, torch.Tensor] = {}  # kept alive, so their ids stay theirs
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        op = func.overloadpacket
+        if op is torch.ops.aten.lift_fresh:
+            self._host_made[id(out)] = out
+        elif op is torch.ops.aten._local_scalar_dense:
+            self.count += id(args[0]) not in self._host_made
+        elif op is torch.ops.aten.nonzero:
+            self.count += 1
+        elif op is torch.ops.aten._to_copy:
+            self.count += args[0].device.type != "cpu" and out.device.type == "cpu"
+        elif op is torch.ops.aten.copy_:
+            self.count += args[0].device.type == "cpu" and args[1].device.type != "cpu"
+        return out
+
+
+def count_host_syncs(fn: Callable[[], Any]) -> int:
+    """How many times `fn()` makes the host wait for the device (`HostSyncs`)."""
+    with HostSyncs() as syncs:
+        fn()
+    return syncs.count
 
 
 # --------------------------------------------------------------------------------------------
@@ -662,7 +727,87 @@ def measure_models(
     results = {"eager": _section(args, eager_runners, cost, gemm_rate)}
     if compiled_runners:
         results["compiled"] = _section(args, compiled_runners, cost, gemm_rate)
+    # One training step each, with the optimizer each trains with (ours: train.py's).
+    results["host_syncs_per_train_step"] = {
+        r.name: count_host_syncs(functools.partial(train, r)) for r in eager_runners
+    }
     return results
+
+
+# The precision rows (CUDA): name -> (autocast precision, TF32 for float32 products).
+PRECISION_ROWS = {"fp32": ("fp32", False), "fp32 + TF32": ("fp32", True), "bf16": ("bf16", True)}
+
+
+def precision_figures(
+    args: argparse.Namespace,
+    config: ViTConfig,
+    device: torch.device,
+    gflop_per_img: dict[str, float],
+    matmul_size: int,
+) -> dict[str, Any]:
+    """Our model's images/s in each of `PRECISION_ROWS`, eager and (with --compile) compiled,
+    all in the same interleaved rounds, and its MFU: the FLOP/s reached over the bfloat16
+    matrix-product rate measured in those rounds (the median of a `matmul_size` GEMM's), the
+    machine's peak as this run sees it. `gflop_per_img` ("infer", "train") is the eager model's
+    count, the same in every precision. The TF32 switches are put back to `--tf32` at the end.
+    """
+    torch.manual_seed(0)
+    model = build_ours(config, args.img_size, args.num_classes).to(device)
+    settings: dict[str, tuple[str, bool]] = {}
+    runners = []
+    for name, setting in PRECISION_ROWS.items():
+        for compiled in (False, True) if args.compile else (False,):
+            copied = copy.deepcopy(model)  # each trains its own weights
+            runner = make_runner(
+                "ours", torch.compile(copied) if compiled else copied, args.optim_dtype
+            )
+            runner.name = f"{name}, compiled" if compiled else name
+            settings[runner.name] = setting
+            runners.append(runner)
+    del model
+    gen = torch.Generator().manual_seed(0)
+    infer_x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, generator=gen)
+    train_x = torch.randn(args.train_batch_size, 3, args.img_size, args.img_size, generator=gen)
+    train_y = torch.randint(0, args.num_classes, (args.train_batch_size,), generator=gen)
+    infer_x, train_x, train_y = infer_x.to(device), train_x.to(device), train_y.to(device)
+
+    def infer(runner: Runner) -> None:
+        precision, tf32 = settings[runner.name]
+        set_tf32(tf32, device, log=False)
+        infer_step(runner, infer_x, precision)
+
+    def train(runner: Runner) -> None:
+        precision, tf32 = settings[runner.name]
+        set_tf32(tf32, device, log=False)
+        update_step(runner, train_x, train_y, precision)
+
+    gemm = matmul_flops_per_s(matmul_size, "bf16", device)
+    rates: list[float] = []
+    logger.info("precisions: %d models, inference then training rounds", len(runners))
+    try:
+        for r in runners:
+            r.model.eval()
+        interleaved(
+            runners, infer, "infer_times", args.warmup, args.infer_iters, device, gemm, rates
+        )
+        for r in runners:
+            r.model.train()
+        interleaved(runners, train, "train_times", args.warmup, args.iters, device, gemm, rates)
+    finally:
+        set_tf32(args.tf32 == "on", device, log=False)
+    peak = statistics.median(rates)
+    rows = {}
+    for r in runners:
+        infer_s, train_s = statistics.median(r.infer_times), statistics.median(r.train_times)
+        rows[r.name] = {
+            "infer_img_s": args.batch_size / infer_s,
+            "train_img_s": args.train_batch_size / train_s,
+            "infer_mfu": gflop_per_img["infer"] * 1e9 * args.batch_size / infer_s / peak,
+            "train_mfu": gflop_per_img["train"] * 1e9 * args.train_batch_size / train_s / peak,
+            "infer_times_s": [round(t, 4) for t in r.infer_times],
+            "train_times_s": [round(t, 4) for t in r.train_times],
+        }
+    return {"bf16_matmul_tflop_s": peak / 1e12, "rows": rows}
 
 
 def machine_info(device: torch.device) -> dict[str, Any]:
@@ -696,6 +841,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     else:
         device = torch.device(args.device)
     matmul_size = args.matmul_size or (8192 if device.type == "cuda" else 2048)
+    tf32 = set_tf32(args.tf32 == "on", device)  # before the GEMM: fp32 runs at the TF32 rate
     gemm = matmul_flops_per_s(matmul_size, args.dtype, device)
     results: dict[str, Any] = {
         "command": " ".join([os.path.basename(sys.argv[0]) or "bench.py", *sys.argv[1:]]),
@@ -706,6 +852,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "train_batch_size": args.train_batch_size,
             "num_classes": args.num_classes,
             "dtype": args.dtype,
+            "tf32": tf32,
             "optim_dtype": args.optim_dtype,
             "device": str(device),
             "warmup": args.warmup,
@@ -729,6 +876,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             }
             for name in MODELS
         }
+    if device.type == "cuda":
+        eager = results["eager"]["ours"]
+        gflop = {"infer": eager["infer_gflop_per_img"], "train": eager["train_gflop_per_img"]}
+        results["precisions"] = precision_figures(args, config, device, gflop, matmul_size)
+    else:
+        results["precisions"] = {"skipped": f"CUDA only, skipped on {device.type}"}
     if args.grad_checkpointing:
         results["grad_checkpointing"] = checkpointing_figures(args, config, device, gemm)
     logger.info("optimizer memory")
@@ -764,11 +917,28 @@ def _fmt(value: Any, digits: int = 2) -> str:
     return str(value)
 
 
+def _precision_lines(precisions: dict[str, Any]) -> list[str]:
+    if "skipped" in precisions:
+        return ["", f"Precisions (fp32, fp32 + TF32, bf16, with MFU): {precisions['skipped']}."]
+    lines = [
+        "",
+        f"Precisions (ours; MFU: FLOP/s over the bf16 matrix product's measured "
+        f"{precisions['bf16_matmul_tflop_s']:.1f} TFLOP/s):",
+    ]
+    for name, row in precisions["rows"].items():
+        lines.append(
+            f"- {name}: training {row['train_img_s']:.1f} img/s (MFU {row['train_mfu']:.3f}), "
+            f"inference {row['infer_img_s']:.1f} img/s (MFU {row['infer_mfu']:.3f})"
+        )
+    return lines
+
+
 def format_table(results: dict[str, Any]) -> str:
     """The results as a Markdown table (one row per figure)."""
     s = results["settings"]
     lines = [
-        f"{s['model_type']} @ {s['img_size']}, {s['dtype']}, {s['device']}, batch "
+        f"{s['model_type']} @ {s['img_size']}, {s['dtype']}{' + TF32' if s['tf32'] else ''}, "
+        f"{s['device']}, batch "
         f"{s['batch_size']} (inference) / {s['train_batch_size']} (training), "
         f"matmul {results['eager']['matmul_gflop_s']:.1f} GFLOP/s",
         "",
@@ -800,6 +970,9 @@ def format_table(results: dict[str, Any]) -> str:
                 f"| {label}{tag} | {_fmt(ours, digits)} | {_fmt(timm_value, digits)} "
                 f"| {_fmt(ratio)} |"
             )
+        if section == "eager":
+            ours, theirs = (results["host_syncs_per_train_step"][n] for n in ("ours", "timm"))
+            lines.append(f"| host syncs per training step | {ours} | {theirs} | - |")
     if "compile_gain" in results:
         gain = results["compile_gain"]
         for key, label in (
@@ -856,6 +1029,7 @@ def format_table(results: dict[str, Any]) -> str:
         )
         + ".",
     ]
+    lines += _precision_lines(results["precisions"])
     if "data_pipeline" in results:
         data = results["data_pipeline"]
         lines += ["", f"Data pipeline, {data['source']} images, per loader worker (1 thread):"]
@@ -889,6 +1063,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--dtype", choices=PRECISIONS, default="fp32", help="autocast precision, as train.py's"
     )
+    add_tf32_flag(parser)
     parser.add_argument(
         "--optim_dtype",
         choices=OPTIM_DTYPES,

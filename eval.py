@@ -29,6 +29,7 @@ from utils.infra.flags import (
     HelpFormatter,
     add_model_flags,
     add_process_flags,
+    add_tf32_flag,
     add_verbose,
     parse_first,
     positive_int,
@@ -63,6 +64,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=None,
         help="Autocast precision. Default: the one it was trained with (sidecar), else fp32.",
     )
+    add_tf32_flag(p)
     add_verbose(p)
     return p.parse_args(argv)
 
@@ -79,7 +81,7 @@ from utils.evals.classification import evaluate
 from utils.infra.dist_utils import DistInfo, main_process_first, run_distributed
 from utils.infra.loading import load_model
 from utils.infra.memory import check_evaluation_memory
-from utils.recipe.amp import autocast
+from utils.recipe.amp import autocast, set_tf32
 
 
 def build_test_loader(
@@ -130,6 +132,7 @@ def run(args: argparse.Namespace, info: DistInfo) -> dict[str, float]:
     )
     model.to(info.device)
     precision = args.precision or loaded.precision or "fp32"
+    set_tf32(args.tf32 == "on", info.device)
     check_evaluation_memory(
         model, info.device, partial(autocast, precision, info.device), args.eval_batch_size
     )

@@ -144,6 +144,7 @@ def describe(loaded: LoadedModel) -> dict[str, Any]:
         "dataset": loaded.dataset,
         "class_names": loaded.class_names,
         "precision": loaded.precision,
+        "tf32": loaded.tf32,
         **loaded.info,
     }
 
@@ -227,6 +228,7 @@ RECIPE_FLAGS = (
     "max_grad_norm",
     "optim_dtype",
     "precision",
+    "tf32",
     "holdout_fraction",
     "seed",
 )
@@ -293,6 +295,12 @@ def model_card(
         lines.append(f"- Fine-tuning dataset: {dataset}")
     if loaded.precision:
         lines.append(f"- Training precision: {loaded.precision}")
+    if loaded.tf32 is not None:
+        lines.append(
+            "- TF32: on (float32 matrix products and convolutions in TF32 on CUDA)"
+            if loaded.tf32
+            else "- TF32: off (float32 matrix products and convolutions in full float32)"
+        )
     if "step" in sidecar:
         lines += [
             "",

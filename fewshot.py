@@ -17,8 +17,8 @@ over seeds, one column per checkpoint; `--output` holds every seed's accuracy.
 Images go through eval.py's test preprocessing at each model's size (`--preprocess eval`), or
 big_vision's `resize(256)|central_crop(224)` (`--preprocess big_vision`). `--cache_dir` keeps the
 features, keyed by the checkpoint's SHA-256, the dataset, the split, the preprocessing, the
-image size and the precision: a second run (other l2 values, more seeds, more shots) embeds
-nothing again.
+image size, the precision and `--tf32`: a second run (other l2 values, more seeds, more shots)
+embeds nothing again.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from utils.infra.flags import (
     HelpFormatter,
     add_model_flags,
     add_process_flags,
+    add_tf32_flag,
     add_verbose,
     parse_first,
     positive_float,
@@ -109,6 +110,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch_size", type=positive_int, default=64, help="Per process.")
     add_process_flags(p)
     p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="Autocast precision.")
+    add_tf32_flag(p)
     add_verbose(p)
     args = p.parse_args(argv)
     if args.resize_size is not None and args.preprocess != "big_vision":
@@ -145,7 +147,7 @@ from utils.evals.fewshot import fewshot_evaluate, short_classes
 from utils.infra.dist_utils import DistInfo, main_process_first, run_distributed
 from utils.infra.file_io import content_sha256, file_sha256, save_npz, write_output
 from utils.infra.loading import LoadedModel, folder_weight_files, is_model_folder, load_model
-from utils.recipe.amp import autocast
+from utils.recipe.amp import autocast, set_tf32
 
 # --------------------------------------------------------------------------------------------
 # Data
@@ -313,6 +315,7 @@ def split_features(
             "split": split_name,
             "preprocess": described,
             "precision": args.precision,
+            "tf32": args.tf32,
         }
         path = cache_file(args.cache_dir, key)
         cached = read_cache(path, key)
@@ -456,6 +459,7 @@ def write_results(path: str, document: dict[str, Any]) -> None:
 
 def run(args: argparse.Namespace, info: DistInfo) -> dict[str, Any] | None:
     """Embed and evaluate every checkpoint; the results document on process 0."""
+    set_tf32(args.tf32 == "on", info.device)
     splits = load_splits(args, info)
     train, test, classes = splits
     if info.is_main:
@@ -483,6 +487,7 @@ def run(args: argparse.Namespace, info: DistInfo) -> dict[str, Any] | None:
         "shots": args.shots,
         "seeds": list(range(args.seeds)),
         "precision": args.precision,
+        "tf32": args.tf32,
         "evaluations": evaluations,
     }
 

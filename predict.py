@@ -32,6 +32,7 @@ from utils.infra.flags import (
     HelpFormatter,
     add_model_flags,
     add_process_flags,
+    add_tf32_flag,
     add_verbose,
     parse_first,
     positive_int,
@@ -63,6 +64,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     add_process_flags(p, workers="Image-reading")
     add_model_flags(p)
+    add_tf32_flag(p)
     add_verbose(p)
     args = p.parse_args(argv)
     if args.output and Path(args.output).suffix.lower() not in OUTPUT_FORMATS:
@@ -87,6 +89,7 @@ from utils.evals.classification import top_k
 from utils.infra.dist_utils import DistInfo, run_distributed
 from utils.infra.file_io import check_output, write_output
 from utils.infra.loading import load_model
+from utils.recipe.amp import set_tf32
 
 # --------------------------------------------------------------------------------------------
 # Finding and reading images
@@ -146,6 +149,7 @@ def predict(
     count; each process predicts its share."""
     loaded = load_model(args.checkpoint, args.model_type, args.img_size)
     model = loaded.model.to(info.device)
+    set_tf32(args.tf32 == "on", info.device)
     names = loaded.class_names  # the sidecar's, or the dataset's known names
     if info.is_main:
         logger.info(

@@ -19,6 +19,9 @@ Precision (`--precision`, or the Apex-era `--fp16 --fp16_opt_level`):
                     CUDA it falls back to bfloat16 autocast on the CPU, with a warning.
     bf16            bfloat16 autocast, fp32 weights, no loss scaling.
 
+On CUDA, float32 matrix products and convolutions run in TF32, as vit_jax's JAX computes them
+on GPUs (`--tf32 off`: full float32, for bit-level comparisons); the CPU has no TF32.
+
 Distributed: `torchrun --nproc_per_node N train.py ...` (NCCL on GPUs, gloo on CPU).
 `--train_batch_size` is the total batch of one optimizer step over all processes and
 accumulation steps.
@@ -59,6 +62,7 @@ from utils.infra.errors import LoaderError, StoppedBySignal, UserError, run_cli
 from utils.infra.flags import (
     HelpFormatter,
     add_process_flags,
+    add_tf32_flag,
     add_verbose,
     fraction,
     non_negative_float,
@@ -186,6 +190,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add_process_flags(p)  # --num_workers, and the original port's --local_rank
     p.add_argument("--log_dir", default=None, help="TensorBoard folder (default logs/<name>).")
     p.add_argument("--precision", choices=PRECISIONS, default=None, help="Default fp32.")
+    add_tf32_flag(p)
     p.add_argument("--compile", action="store_true", help="torch.compile the model.")
     p.add_argument(
         "--grad_checkpointing",
@@ -262,7 +267,7 @@ from utils.infra.train_state import (
     save_training_state,
     saved_model_type,
 )
-from utils.recipe.amp import StaticGradScaler, autocast, make_scaler
+from utils.recipe.amp import StaticGradScaler, autocast, make_scaler, set_tf32
 from utils.recipe.optim import make_optimizer, make_scheduler
 
 # --------------------------------------------------------------------------------------------
@@ -568,7 +573,7 @@ def select(run: Run, results: dict[str, dict[str, float]]) -> None:
     if run.info.is_main:
         facts = {"step": state.step, "selected_by": run.selected_by, **run.final}
         facts["accuracy"] = facts.pop("test_accuracy")
-        save_best(run.best_path, run.args, run.trainer, run.class_names, facts)
+        save_best(run.best_path, run.args, run.trainer, run.class_names, run.tf32, facts)
         logger.info(
             "Saved the %s to %s.",
             "final model"
@@ -583,13 +588,18 @@ def select(run: Run, results: dict[str, dict[str, float]]) -> None:
 
 
 def save_best(
-    path: Path, args: argparse.Namespace, trainer: Trainer, class_names: list[str], facts: dict
+    path: Path,
+    args: argparse.Namespace,
+    trainer: Trainer,
+    class_names: list[str],
+    tf32: bool,
+    facts: dict,
 ) -> None:
     """Write the best model (a plain state dict) and its `.json` sidecar, both atomically, the
     sidecar with the checkpoint's SHA-256 (verified whenever it is loaded).
 
-    `facts` (step, accuracies) go into the sidecar; `accuracy` is the test accuracy, what
-    eval.py reports for the checkpoint.
+    `tf32` says whether float32 matrix products ran in TF32; `facts` (step, accuracies) go into
+    the sidecar too; `accuracy` is the test accuracy, what eval.py reports for the checkpoint.
     """
     model = trainer.model
     save_checkpoint(
@@ -601,6 +611,7 @@ def save_best(
         dataset=args.dataset,
         class_names=class_names,
         precision=trainer.precision,
+        tf32=tf32,
         **facts,
     )
 
@@ -653,6 +664,7 @@ class Run:
         eval_loaders: the evaluation splits, "test" then "minival" (when one is held out).
         selected_by: what the checkpoint is selected by: "minival", "test" or "final" (the
             last step, `--select`).
+        tf32: whether float32 matrix products and convolutions run in TF32 (CUDA, `--tf32`).
         final: the accuracies and losses of the latest evaluation, `{split}_accuracy` and
             `{split}_loss`.
         eval_time: seconds spent evaluating (left out of the images/s figure).
@@ -668,6 +680,7 @@ class Run:
     class_names: list[str]
     writer: EventLog | None
     best_path: Path
+    tf32: bool
     final: dict[str, float] = field(default_factory=dict)
     eval_time: float = 0.0
 
@@ -761,6 +774,7 @@ def set_up(
     model = build_model(args, model_type, len(class_names), weights)
     if weights:
         weights.clear()  # the arrays are in the model now: free them before the memory probe
+    tf32 = set_tf32(args.tf32 == "on", info.device)  # before the memory probe and compiling
     trainer = make_trainer(args, model, info)
     logger.info(
         "Training %s on %s (%d train / %d minival / %d test images, %d classes) at %dx%d, %s, "
@@ -804,6 +818,7 @@ def set_up(
         class_names=class_names,
         writer=writer,
         best_path=Path(args.output_dir) / f"{args.name}_checkpoint.bin",
+        tf32=tf32,
     )
 
 

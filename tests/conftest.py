@@ -57,3 +57,12 @@ def best_checkpoint(tmp_path):
         return path
 
     return save
+
+
+@pytest.fixture
+def tf32_switches():
+    """Put torch's TF32 switches back as they were after the test: they are process-wide, and
+    `utils.recipe.amp.set_tf32` sets them."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn

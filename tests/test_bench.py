@@ -4,6 +4,7 @@ shape (never its speed); attention maps are not materialised unless asked for.""
 from __future__ import annotations
 
 import json
+import statistics
 
 import pytest
 import torch
@@ -132,6 +133,113 @@ def test_table_shape(results: tuple[dict, dict, str]) -> None:
     assert all(row.count("|") == 5 for row in rows)
     assert any(row.startswith("| training img/s (median) |") for row in rows)
     assert any(row.startswith("| npz -> ready model") for row in rows)
+
+
+def test_host_syncs_and_the_skipped_precision_rows(results: tuple[dict, dict, str]) -> None:
+    _, written, table = results
+    syncs = written["host_syncs_per_train_step"]
+    assert syncs["ours"] == 0  # train.py's clipping and optimizer step never wait for the device
+    assert isinstance(syncs["timm"], int)
+    assert f"| host syncs per training step | 0 | {syncs['timm']} | - |" in table.splitlines()
+    assert written["settings"]["tf32"] is False  # the CPU has no TF32
+    assert written["precisions"] == {"skipped": "CUDA only, skipped on cpu"}
+    assert "Precisions (fp32, fp32 + TF32, bf16, with MFU): CUDA only, skipped on cpu." in table
+
+
+def test_host_syncs_counts_what_waits_for_the_device() -> None:
+    x = torch.randn(8)
+
+    def step() -> None:
+        x.sum().item()  # 1
+        if x.max() > 0:  # 2
+            x.mul_(2)
+        x.nonzero()  # 3: its size is known only on the host
+        torch.tensor(0.9, dtype=torch.bfloat16).item()  # made on the host: waits for nothing
+        torch.nn.functional.softmax(x, 0)
+
+    assert bench.count_host_syncs(step) == 3
+
+
+def _flops_per_image(config_name: str, img_size: int, device: str) -> tuple[float, float]:
+    """bench's FLOP count of our model's inference and training step, per image (batch 2)."""
+    with torch.device(device):
+        model = bench.build_ours(get_config(config_name), img_size, num_classes=10)
+    runner = bench.make_runner("ours", model, "bfloat16")
+    images = torch.randn(2, 3, img_size, img_size, device=device)
+    labels = torch.zeros(2, dtype=torch.long, device=device)
+    model.eval()
+    infer = bench.count_flops(lambda: bench.infer_step(runner, images, "fp32"))
+    model.train()
+    train = bench.count_flops(lambda: bench.update_step(runner, images, labels, "fp32"))
+    return infer / 2, train / 2
+
+
+def test_flops_count_attention_on_the_cpu() -> None:
+    """The CPU's fused attention kernel counts as the meta device's unfused attention (two
+    batched matrix products, which torch's counter knows) forward; backward it counts the
+    recomputed scores too, as a fused kernel on CUDA is counted."""
+    cpu_infer, cpu_train = _flops_per_image("testing", 32, "cpu")
+    meta_infer, meta_train = _flops_per_image("testing", 32, "meta")
+    assert cpu_infer == meta_infer
+    assert meta_train < cpu_train < 1.01 * meta_train
+
+
+def test_vit_b16_flops_at_224_are_the_known_figures() -> None:
+    """About 32.9 GFLOP per image forward and 98.8 per training image, attention included."""
+    infer, train = _flops_per_image("ViT-B_16", 224, "meta")
+    assert infer / 1e9 == pytest.approx(32.9, rel=0.01)
+    assert train / 1e9 == pytest.approx(98.8, rel=0.01)
+
+
+@pytest.mark.slow
+def test_vit_b16_flops_at_224_on_the_cpu_are_the_known_figures(one_thread) -> None:
+    infer, train = _flops_per_image("ViT-B_16", 224, "cpu")
+    assert infer / 1e9 == pytest.approx(32.9, rel=0.01)
+    assert train / 1e9 == pytest.approx(98.8, rel=0.01)
+
+
+def test_precision_rows_time_every_setting_with_its_mfu() -> None:
+    """run() adds these rows on CUDA only; on a CPU they run the same way (TF32 switches nothing
+    here, so fp32 and fp32 + TF32 are the same arithmetic)."""
+    args = bench.parse_args(
+        ["--model_type", "testing", "--img_size", "32", "--batch_size", "2", "--iters", "2"]
+    )
+    args.warmup = 0
+    gflop = {"infer": 1e-4, "train": 3e-4}
+    figures = bench.precision_figures(
+        args, get_config("testing"), torch.device("cpu"), gflop, matmul_size=64
+    )
+    assert figures["bf16_matmul_tflop_s"] > 0
+    assert set(figures["rows"]) == set(bench.PRECISION_ROWS)
+    peak = figures["bf16_matmul_tflop_s"] * 1e12
+    for row in figures["rows"].values():
+        assert len(row["train_times_s"]) == 2
+        assert len(row["infer_times_s"]) == 6
+        achieved = gflop["train"] * 1e9 * 2 / statistics.median(row["train_times_s"])
+        assert row["train_mfu"] == pytest.approx(achieved / peak, rel=0.02)  # times rounded
+    lines = bench._precision_lines(figures)
+    assert lines[1].startswith("Precisions (ours; MFU: FLOP/s over the bf16 matrix product's")
+    assert [line.split(":")[0] for line in lines[2:]] == ["- fp32", "- fp32 + TF32", "- bf16"]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_reports_every_precision_eager_and_compiled(tmp_path, tf32_switches) -> None:
+    argv = [
+        *("--model_type", "testing", "--img_size", "32", "--batch_size", "2", "--iters", "2"),
+        *("--load_iters", "0", "--data_images", "0", "--matmul_size", "1024"),
+        *("--device", "cuda", "--compile", "--out", str(tmp_path / "bench.json")),
+    ]
+    written = bench.main(argv)
+    assert written["settings"]["tf32"] is True  # --tf32 on, the default
+    rows = written["precisions"]["rows"]
+    assert list(rows) == [name + tag for name in bench.PRECISION_ROWS for tag in ("", ", compiled")]
+    assert all(row["train_mfu"] > 0 and row["infer_mfu"] > 0 for row in rows.values())
+    assert written["precisions"]["bf16_matmul_tflop_s"] > 0
+    assert written["host_syncs_per_train_step"]["ours"] == 0
+    # The rows switched TF32 off and on; the run's own setting is back.
+    assert torch.backends.cuda.matmul.allow_tf32
+    assert torch.backends.cudnn.allow_tf32
 
 
 @pytest.mark.parametrize("vis", [False, True])

@@ -188,6 +188,28 @@ def test_numbers_that_later_break_are_refused_by_the_scripts_flags(
     assert "Traceback" not in err
 
 
+@pytest.mark.parametrize(
+    ("script", "argv"),
+    [
+        ("train", ["--name", "x"]),
+        ("eval", ["--checkpoint", "x.bin"]),
+        ("predict", ["--checkpoint", "x.bin", "--image", "x.png"]),
+        ("fewshot", ["--checkpoint", "x.npz", "--dataset", "digits"]),
+        ("analyze", []),
+    ],
+)
+def test_every_script_that_runs_a_model_on_a_gpu_takes_tf32_on_by_default(
+    capsys, script, argv
+) -> None:
+    module = importlib.import_module(script)
+    assert module.parse_args(argv).tf32 == "on"
+    assert module.parse_args([*argv, "--tf32", "off"]).tf32 == "off"
+    with pytest.raises(SystemExit) as info:
+        module.parse_args([*argv, "--tf32", "true"])
+    assert info.value.code == 2
+    assert "argument --tf32: invalid choice: 'true'" in capsys.readouterr().err
+
+
 def test_the_largest_seed_and_timeout_the_flags_take_work(tmp_path) -> None:
     import socket
 

@@ -111,6 +111,29 @@ def test_safetensors_loads_bit_exact_with_its_description(best_checkpoint, one_t
     _assert_same_state(model, fresh)
 
 
+@pytest.mark.parametrize(
+    ("tf32", "line"),
+    [
+        (True, "- TF32: on (float32 matrix products and convolutions in TF32 on CUDA)"),
+        (False, "- TF32: off (float32 matrix products and convolutions in full float32)"),
+        (None, None),  # a checkpoint from before the field: the card says nothing
+    ],
+)
+def test_tf32_goes_into_the_safetensors_description_and_the_model_card(
+    best_checkpoint, one_thread, tf32, line
+) -> None:
+    from utils.infra.file_io import read_sidecar
+
+    ckpt = best_checkpoint(_model("testing"), tf32=tf32)
+    export.main(["--checkpoint", str(ckpt), "--format", "safetensors"])
+    assert load_model(ckpt.with_name("run_checkpoint.safetensors")).tf32 is tf32
+    loaded = load_model(ckpt)
+    card = export.model_card(loaded, read_sidecar(ckpt), {}, (str(ckpt), "0" * 64), "Checked.")
+    tf32_lines = [row for row in card.splitlines() if row.startswith("- TF32:")]
+    assert tf32_lines == ([line] if line else [])
+    assert card.index("- Training precision: fp32") < card.index(line or "## Results")
+
+
 def test_safetensors_that_is_not_one_is_a_clear_error(tmp_path, capsys) -> None:
     path = tmp_path / "broken.safetensors"
     path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")

@@ -73,6 +73,8 @@ def test_dry_run_passes_every_step(tmp_path: Path) -> None:
     assert steps["pytest: fast selection"]["figures"]["passed"] >= 1
     bench = steps["bench 32"]["figures"]
     assert bench["train_img_s"]["ours"] > 0
+    assert bench["host_syncs_per_train_step"]["ours"] == 0
+    assert bench["precisions"] == {"skipped": "CUDA only, skipped on cpu"}  # rows on the GPU
     assert bench["train_img_s"]["ours_over_timm"] == pytest.approx(
         bench["train_img_s"]["ours"] / bench["train_img_s"]["timm"]
     )

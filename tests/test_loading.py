@@ -300,6 +300,7 @@ BAD_FIELDS = [
     ("dataset", 10, " "),
     ("class_names", "abcde", [1, 2, 3, 4, 5]),
     ("precision", 16, "fp8"),
+    ("tf32", "on", 1),  # a JSON true or false (or null), not text or a number
     ("step", "ten", -1),
     ("step", 2.5, True),
     ("final_step", "ten", -3),
@@ -395,6 +396,12 @@ def test_a_good_description_of_every_field_loads(tmp_path):
     loaded = load_model(path)
     assert loaded.class_names == list("abcde")
     assert loaded.info == {"step": 3, "accuracy": 0.5}
+
+
+@pytest.mark.parametrize("tf32", [True, False, None])
+def test_whether_training_ran_in_tf32_comes_back_from_the_sidecar(tmp_path, tf32):
+    path, _ = _described_bin(tmp_path, "tf32", tf32)
+    assert load_model(path).tf32 is tf32
 
 
 # --------------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from utils.infra import memory
 from utils.infra.errors import USER_ERRORS
 from utils.infra.file_io import safe_load
 from utils.infra.loading import which_model
+from utils.recipe.amp import set_tf32
 from utils.recipe.precision import resolve_precision
 from utils.recipe.update_rule import applied_lr
 
@@ -315,6 +316,63 @@ def test_dynamic_scaler_on_cuda() -> None:
     scaler.update()
     assert torch.equal(weight.detach(), torch.ones(3, device="cuda"))
     assert scaler.get_scale() == scale / 2
+
+
+def test_set_tf32_sets_both_cuda_switches_and_leaves_the_cpu_alone(tf32_switches) -> None:
+    cuda = torch.device("cuda")  # only a name: setting the switches needs no GPU
+    for enabled in (True, False, True):
+        assert set_tf32(enabled, cuda) is enabled
+        assert torch.backends.cuda.matmul.allow_tf32 is enabled
+        assert torch.backends.cudnn.allow_tf32 is enabled
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    assert set_tf32(True, torch.device("cpu")) is False  # the CPU has no TF32
+    assert not torch.backends.cuda.matmul.allow_tf32
+    assert not torch.backends.cudnn.allow_tf32
+
+
+def test_a_cpu_run_records_tf32_off_and_leaves_the_switches_alone(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, tf32_switches
+) -> None:
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    caplog.set_level(logging.INFO)
+    train.main(tiny_args(tmp_path, num_steps=2, eval_every=0))  # --tf32 on, the default
+    meta, _ = load_checkpoint(tmp_path / "out", "tiny")
+    assert meta["tf32"] is False
+    assert not torch.backends.cuda.matmul.allow_tf32
+    assert not torch.backends.cudnn.allow_tf32
+    assert not [r for r in caplog.records if r.getMessage().startswith("TF32")]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("tf32", ["on", "off"])
+def test_a_cuda_run_computes_in_tf32_unless_told_and_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, tf32_switches, tf32: str
+) -> None:
+    """--tf32 on (the default) or off: the switches train.py's step runs under, its log line,
+    and the checkpoint's description."""
+    caplog.set_level(logging.INFO)
+    seen: list[tuple[bool, bool]] = []
+    original = train.make_trainer
+
+    def make_trainer(args, model, info):
+        model.register_forward_hook(
+            lambda *_: seen.append(
+                (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+            )
+        )
+        return original(args, model, info)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train, "make_trainer", make_trainer)
+        train.main(tiny_args(tmp_path, num_steps=2, eval_every=0, tf32=tf32))
+    enabled = tf32 == "on"
+    assert seen
+    assert set(seen) == {(enabled, enabled)}
+    meta, _ = load_checkpoint(tmp_path / "out", "tiny")
+    assert meta["tf32"] is enabled
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("TF32")]
+    assert line.startswith(f"TF32: {tf32}")
 
 
 @pytest.mark.slow

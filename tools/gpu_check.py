@@ -205,7 +205,12 @@ def bench_figures(path: Path) -> dict:
     ):
         ours, timm = eager["ours"].get(key), eager["timm"].get(key)
         figures[key] = {"ours": ours, "timm": timm, "ours_over_timm": _ratio(ours, timm)}
-    for section in ("grad_checkpointing", "data_pipeline"):
+    for section in (
+        "grad_checkpointing",
+        "data_pipeline",
+        "precisions",
+        "host_syncs_per_train_step",
+    ):
         if section in results:
             figures[section] = results[section]
     return figures

@@ -59,6 +59,8 @@ _DESCRIPTION_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "dataset": (_or_unknown(_is_text), "a dataset name, e.g. cifar10, or null"),
     "class_names": (_or_unknown(_is_names), "a list of class names (strings), or null"),
     "precision": (_or_unknown(PRECISIONS.__contains__), f"one of {', '.join(PRECISIONS)}, or null"),
+    # Whether float32 matrix products and convolutions ran in TF32 (CUDA with `--tf32 on`).
+    "tf32": (_or_unknown(lambda v: isinstance(v, bool)), "true or false, or null"),
     "step": (lambda v: _is_int(v, 0), "a whole number of at least 0"),
     "final_step": (lambda v: _is_int(v, 0), "a whole number of at least 0"),
     "selected_by": (_is_text, "the split the step was selected on, e.g. minival"),

@@ -29,6 +29,7 @@ __all__ = [
     "HelpFormatter",
     "add_model_flags",
     "add_process_flags",
+    "add_tf32_flag",
     "add_verbose",
     "fraction",
     "http_url",
@@ -230,6 +231,18 @@ def add_process_flags(parser: argparse.ArgumentParser, workers: str = "Data-load
         type=int,
         default=-1,
         help="Set by older launchers; torchrun sets LOCAL_RANK instead (both work).",
+    )
+
+
+def add_tf32_flag(parser: argparse.ArgumentParser) -> None:
+    """`--tf32 {on,off}` of a script that runs a model on a GPU (`utils.recipe.amp.set_tf32`)."""
+    parser.add_argument(
+        "--tf32",
+        choices=("on", "off"),
+        default="on",
+        help="On CUDA, compute float32 matrix products and convolutions in TF32, as JAX (and so "
+        "vit_jax) and TensorFlow do by default; off: full float32, for bit-level comparisons. "
+        "No effect on the CPU.",
     )
 
 

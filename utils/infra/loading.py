@@ -384,6 +384,7 @@ class LoadedModel:
         class_names: the head's class names: train.py's sidecar, else the dataset's known
             names (CIFAR, digits, ImageNet-1k for 1000 classes), else None.
         precision: the precision it was trained in (sidecar), else None.
+        tf32: whether its float32 matrix products ran in TF32 in training (sidecar), else None.
         info: training facts from the sidecar (step, accuracy).
     """
 
@@ -394,6 +395,7 @@ class LoadedModel:
     dataset: str | None = None
     class_names: list[str] | None = None
     precision: str | None = None
+    tf32: bool | None = None
     info: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
@@ -544,6 +546,7 @@ def load_model(
         dataset=dataset,
         class_names=class_names(num_classes, dataset, sidecar.get("class_names")),
         precision=sidecar.get("precision"),
+        tf32=sidecar.get("tf32"),
         info={k: sidecar[k] for k in ("step", "accuracy") if k in sidecar},
     )
 

@@ -1,5 +1,5 @@
 """Mixed precision: the autocast context and the fp16 grad scalers for a `--precision` name
-(`utils.recipe.precision` resolves the flags to one)."""
+(`utils.recipe.precision` resolves the flags to one), and TF32 for float32 on CUDA (`--tf32`)."""
 
 from __future__ import annotations
 
@@ -8,13 +8,44 @@ from contextlib import nullcontext
 
 import torch
 
-__all__ = ["AUTOCAST_DTYPES", "StaticGradScaler", "autocast", "autocast_dtype", "make_scaler"]
+__all__ = [
+    "AUTOCAST_DTYPES",
+    "StaticGradScaler",
+    "autocast",
+    "autocast_dtype",
+    "make_scaler",
+    "set_tf32",
+]
 
 logger = logging.getLogger(__name__)
 
 AUTOCAST_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+def set_tf32(enabled: bool, device: torch.device, log: bool = True) -> bool:
+    """Run float32 matrix products and convolutions on CUDA in TF32 (`enabled`) or in full
+    float32, saying which in one log line (unless `log` is False); returns whether they run in
+    TF32 on `device`. On the CPU nothing is set (it has no TF32) and the answer is False.
+
+    JAX, which vit_jax runs on, computes float32 dot products and convolutions on NVIDIA GPUs
+    in TF32 by default (its documentation, "Matmul precision": `jax_default_matmul_precision`),
+    and so does TensorFlow; PyTorch keeps float32 matrix products in full precision unless told
+    (cuDNN convolutions allow TF32). So on is the official code's own arithmetic; off sets
+    both switches to full float32, for bit-level comparisons.
+    """
+    if device.type != "cuda":
+        return False
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+    if log:
+        logger.info(
+            "TF32: %s.",
+            "on for float32 matrix products and convolutions, as JAX computes them on GPUs "
+            "(--tf32 off for full float32)"
+            if enabled
+            else "off, float32 matrix products and convolutions in full float32",
+        )
+    return enabled
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
