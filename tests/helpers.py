@@ -7,6 +7,7 @@ distinguishable. Test modules import from here, never from each other.
 
 from __future__ import annotations
 
+import collections
 import functools
 import hashlib
 import http.server
@@ -32,6 +33,7 @@ import pytest
 import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision import datasets
 
 from models.configs import ViTConfig, get_config
@@ -396,6 +398,29 @@ def load_checkpoint(out_dir: Path, name: str) -> tuple[dict, dict[str, torch.Ten
     meta = json.loads((out_dir / f"{name}_checkpoint.json").read_text())
     state = torch.load(out_dir / f"{name}_checkpoint.bin", map_location="cpu", weights_only=True)
     return meta, state
+
+
+class HostReads(TorchDispatchMode):
+    """Count the ops that read a tensor's value back to the host, as `.item()`, `bool()`,
+    `float()` and a Python `if` on a tensor do (on a GPU each waits for it), per `phase`: set
+    `phase` to tell the counts of one part of a run from another's. (`.tolist()`, `.cpu()` and
+    `.numpy()` of a CPU tensor dispatch nothing to count.)"""
+
+    READS = (
+        torch.ops.aten._local_scalar_dense.default,
+        torch.ops.aten.is_nonzero.default,
+        torch.ops.aten.item.default,
+    )
+
+    def __init__(self):
+        super().__init__()
+        self.phase: object = None
+        self.counts: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.READS:
+            self.counts[self.phase] += 1
+        return func(*args, **(kwargs or {}))
 
 
 def damage(path: Path, nbytes: int = 2000) -> None:
