@@ -326,6 +326,7 @@ def tiny_args(tmp_path: Path, name: str = "tiny", **flags) -> list[str]:
         "num_steps": 4,
         "eval_every": 2,
         "warmup_steps": 1,
+        "log_every": 1,  # every step in TensorBoard, as the tests compare them
         "num_workers": 0,
         "output_dir": tmp_path / "out",
         "log_dir": tmp_path / "logs" / name,
