@@ -342,6 +342,20 @@ def tiny_args(tmp_path: Path, name: str = "tiny", **flags) -> list[str]:
     return argv
 
 
+def crash_at(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
+    """Make train.py die with an exception during optimizer step `step`."""
+    import train
+
+    real = train.train_step
+
+    def crashing(args, trainer, batches, guard, number, info):
+        if number == step:
+            raise RuntimeError(f"simulated crash at step {number}")
+        return real(args, trainer, batches, guard, number, info)
+
+    monkeypatch.setattr(train, "train_step", crashing)
+
+
 def free_port() -> int:
     """A loopback port nobody listens on (for torchrun's rendezvous, or a refused connection)."""
     with socket.socket() as sock:

@@ -17,7 +17,7 @@ from torch._dynamo.utils import counters
 
 import train
 from models.modeling import VisionTransformer
-from tests.helpers import HostReads, expect_user_error, scalars, tiny_args
+from tests.helpers import HostReads, crash_at, expect_user_error, scalars, tiny_args
 from utils.evals.classification import evaluate
 from utils.infra.dist_utils import DistInfo
 from utils.infra.file_io import atomic_save, safe_load, with_content_sha256
@@ -85,15 +85,8 @@ def test_a_resume_logs_what_an_uninterrupted_run_logs(
     and was resumed logs the same means at the same steps, and ends with the same weights."""
     flags = {"num_steps": 8, "log_every": 3, "save_every": 4, "eval_every": 0}
     train.main(tiny_args(tmp_path, name="straight", **flags))
-    real = train.train_step
-
-    def crashing(args, trainer, batches, guard, number, info):
-        if number == 7:
-            raise RuntimeError("simulated crash")
-        return real(args, trainer, batches, guard, number, info)
-
     with monkeypatch.context() as patch:
-        patch.setattr(train, "train_step", crashing)
+        crash_at(patch, 7)
         with pytest.raises(RuntimeError, match="simulated crash"):
             train.main(tiny_args(tmp_path, name="resumed", **flags))
     train.main(tiny_args(tmp_path, name="resumed", resume=True, **flags))
