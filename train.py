@@ -26,6 +26,10 @@ Distributed: `torchrun --nproc_per_node N train.py ...` (NCCL on GPUs, gloo on C
 `--train_batch_size` is the total batch of one optimizer step over all processes and
 accumulation steps.
 
+Speed: on CUDA the whole training step (forward, backward, clipping, update) is compiled as one
+graph (`--compile`; `--no_compile` runs it eagerly), and no step waits for the device: the loop
+reads it back only every `--log_every` steps and where it evaluates or saves.
+
 Resuming: besides the best `<output_dir>/<name>_checkpoint.bin`, the last training state goes to
 `<output_dir>/<name>_last.pt` every `--save_every` steps, at the end, and when SIGINT/SIGTERM
 stops the run (after the current step). The same command plus `--resume` (or `--resume PATH`)
@@ -42,7 +46,7 @@ import random
 import re
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
@@ -73,7 +77,7 @@ from utils.infra.flags import (
     random_seed,
 )
 from utils.recipe.precision import OPT_LEVELS, resolve_precision
-from utils.recipe.update_rule import DECAY_TYPES, OPTIM_DTYPES
+from utils.recipe.update_rule import DECAY_TYPES, OPTIM_DTYPES, applied_lr
 
 logger = logging.getLogger("train")
 
@@ -191,7 +195,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log_dir", default=None, help="TensorBoard folder (default logs/<name>).")
     p.add_argument("--precision", choices=PRECISIONS, default=None, help="Default fp32.")
     add_tf32_flag(p)
-    p.add_argument("--compile", action="store_true", help="torch.compile the model.")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        default=None,
+        help="torch.compile the training step as one graph (forward, backward, clipping and the "
+        "update; under torchrun or the dynamic fp16 loss scale, the model only). The default on "
+        "CUDA; on a CPU compiling takes minutes.",
+    )
+    p.add_argument(
+        "--no_compile",
+        dest="compile",
+        action="store_false",
+        default=None,
+        help="Run the training step eagerly (the default without CUDA).",
+    )
     p.add_argument(
         "--grad_checkpointing",
         action="store_true",
@@ -211,6 +229,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=non_negative_int,
         default=100,
         help="Save the last training state every N steps (0: only at the end or when stopped).",
+    )
+    p.add_argument(
+        "--log_every",
+        type=positive_int,
+        default=10,
+        help="Log the training loss (its mean over the steps since the last log) every N steps, "
+        "and at every evaluation and save. Only these steps wait for the device; a stop signal "
+        "reaches the other torchrun processes at them.",
     )
     p.add_argument(
         "--overwrite",
@@ -268,7 +294,7 @@ from utils.infra.train_state import (
     saved_model_type,
 )
 from utils.recipe.amp import StaticGradScaler, autocast, make_scaler, set_tf32
-from utils.recipe.optim import make_optimizer, make_scheduler
+from utils.recipe.optim import SGDMomentum, make_optimizer, make_scheduler
 
 # --------------------------------------------------------------------------------------------
 # Flags: the micro-batch they give, and the checks across them
@@ -355,26 +381,36 @@ class Trainer:
     """The objects one optimizer step needs.
 
     Attributes:
-        model: the bare model (what is saved).
-        net: the model to train (compiled and/or DDP-wrapped).
-        eval_net: the model to evaluate (compiled when asked, never DDP).
-        optimizer: SGD with momentum 0.9 (bfloat16 or float32 momentum).
+        model: the bare model: what is saved, and what evaluation runs (so that it never
+            recompiles the training step).
+        net: the model to train: DDP-wrapped under torch.distributed, then compiled when the
+            step cannot be compiled whole (`make_trainer`).
+        optimizer: SGD with momentum 0.9 (bfloat16 or float32 momentum), its learning rate a
+            tensor on the device that the schedule fills in place.
         scheduler: the official per-step schedule.
         scaler: GradScaler (fp16) or None.
         precision: "fp32", "fp16" or "bf16".
+        step: `optimizer_step`, or that function compiled as one graph.
     """
 
     model: VisionTransformer
     net: nn.Module
-    eval_net: nn.Module
-    optimizer: torch.optim.Optimizer
+    optimizer: SGDMomentum
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler | StaticGradScaler | None
     precision: str
+    step: Callable[..., torch.Tensor]
 
 
 def make_trainer(args: argparse.Namespace, model: VisionTransformer, info: DistInfo) -> Trainer:
-    """Move the model to the device; build optimizer, schedule, scaler, compile and DDP wrappers."""
+    """Move the model to the device; build optimizer, schedule, scaler, the DDP wrapper, and
+    compile the step (`--compile`, by default on CUDA).
+
+    The whole step compiles as one graph in a single process. Under DDP, whose gradient hooks
+    need the autograd engine's backward, or with the dynamic fp16 loss scale (GradScaler cannot
+    be traced), only the model is compiled, after DDP wraps it (as DDP's documentation says),
+    and the rest of the step runs eagerly.
+    """
     precision = resolve_precision(
         args.precision, args.fp16, args.fp16_opt_level, args.loss_scale, info.device.type
     )
@@ -387,23 +423,84 @@ def make_trainer(args: argparse.Namespace, model: VisionTransformer, info: DistI
         accumulation_steps=args.gradient_accumulation_steps,
         grad_checkpointing=args.grad_checkpointing,
     )
+    # The rate is a tensor on the device that the schedule fills in place (a compiled step reads
+    # each update's rate without recompiling); the schedule's base stays the exact float.
+    learning_rate = torch.tensor(args.learning_rate, device=info.device)
     optimizer = make_optimizer(
-        model.parameters(), args.learning_rate, args.optim_dtype, args.weight_decay
+        model.parameters(), learning_rate, args.optim_dtype, args.weight_decay
     )
+    for group in optimizer.param_groups:
+        group["initial_lr"] = args.learning_rate
+    optimizer.init_momentum()  # the state a compiled step sees from its first call
     scheduler = make_scheduler(optimizer, args.num_steps, args.warmup_steps, args.decay_type)
-    net = eval_net = torch.compile(model) if args.compile else model
+    scaler = make_scaler(precision, args.loss_scale, info.device)
+    net = model
     if info.distributed:
         ids = [info.device.index] if info.device.type == "cuda" else None
-        net = DistributedDataParallel(net, device_ids=ids)
-    return Trainer(
-        model,
-        net,
-        eval_net,
-        optimizer,
-        scheduler,
-        make_scaler(precision, args.loss_scale),
-        precision,
-    )
+        net = DistributedDataParallel(model, device_ids=ids)
+    trainer = Trainer(model, net, optimizer, scheduler, scaler, precision, optimizer_step)
+    compiles = args.compile if args.compile is not None else info.device.type == "cuda"
+    if compiles and (info.distributed or isinstance(scaler, torch.amp.GradScaler)):
+        trainer.net = torch.compile(net)
+    elif compiles:
+        trainer.step = compile_whole(optimizer_step)
+    return trainer
+
+
+def compile_whole(step: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """`step` compiled as one graph, its backward passes included (`trace_autograd_ops` traces
+    them as `torch.autograd.grad`), and the wrappers torch's compiler skips by default (the
+    schedule's around `optimizer.step`) traced through."""
+    compiled = torch.compile(step)
+
+    def call(*args: object) -> torch.Tensor:
+        with torch._dynamo.config.patch(trace_autograd_ops=True, dont_skip_tracing=True):
+            return compiled(*args)
+
+    return call
+
+
+def optimizer_step(
+    trainer: Trainer,
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    guard: NonFiniteGuard | None,
+    max_grad_norm: float,
+    world_size: int,
+) -> torch.Tensor:
+    """Forward and backward over this process's micro-batches, then the update, all on the
+    device: nothing is read back (no host sync), so it compiles as one graph.
+
+    The gradients of the micro-batches add up to the gradient of their mean loss, i.e. of the big
+    batch; DDP synchronises only on the last one. Then: unscale (fp16), clip the global norm,
+    step. Without a grad scaler, `guard` counts the loss averaged over all processes, and a
+    non-finite one skips the update on every rank alike: it changes no parameter and no
+    momentum (the fp16 scaler skips a step whose gradients overflowed the same way).
+
+    Returns:
+        The loss, averaged over micro-batches and processes.
+    """
+    net, optimizer, scaler = trainer.net, trainer.optimizer, trainer.scaler
+    total = torch.zeros((), device=batches[0][1].device)
+    for i, (images, labels) in enumerate(batches):
+        last = i == len(batches) - 1
+        with nullcontext() if last or world_size == 1 else net.no_sync():
+            with autocast(trainer.precision, images.device):
+                loss = net(images, labels)
+            scaled = loss.float() / len(batches)
+            (scaler.scale(scaled) if scaler else scaled).backward()
+        total += loss.detach().float()
+    loss = all_reduce_sum(total / len(batches)) / world_size
+    skip = None if guard is None else guard.record(loss)
+    if scaler:
+        scaler.unscale_(optimizer)
+    if max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), max_grad_norm)
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step(skip=skip)
+    return loss
 
 
 def train_step(
@@ -414,66 +511,39 @@ def train_step(
     step: int,
     info: DistInfo,
 ) -> torch.Tensor:
-    """One optimizer step (the `step`-th) over this process's accumulation micro-batches.
-
-    The gradients of the micro-batches add up to the gradient of their mean loss, i.e. of the big
-    batch; DDP synchronises only on the last one. Then: unscale (fp16), clip the global norm,
-    step. Without a grad scaler, `guard` sees the loss averaged over all processes first, so every
-    rank skips a non-finite step alike and the run stops after a few in a row
-    (`NonFiniteLossError`). The schedule advances either way, as the fp16 scaler's skips do.
+    """The `step`-th optimizer step over this process's accumulation micro-batches
+    (`trainer.step`), then the schedule, which advances after a skipped update too. Nothing
+    waits for the device. A micro-batch too big for the memory ends the run with advice.
 
     Returns:
-        The loss, averaged over micro-batches and processes.
+        The loss, averaged over micro-batches and processes: a tensor on the device.
     """
-    net, scaler, device = trainer.net, trainer.scaler, info.device
+    device = info.device
+    batches = [prepare_batch(batch, device) for batch in batches]  # (CIFAR: augmented there)
     trainer.optimizer.zero_grad(set_to_none=True)
-    total = torch.zeros((), device=device)
-    for i, batch in enumerate(batches):
-        images, labels = prepare_batch(batch, device)  # (augmented on the device for CIFAR)
-        last = i == len(batches) - 1
-        sync = (
-            nullcontext() if last or not isinstance(net, DistributedDataParallel) else net.no_sync()
+    if guard is not None:
+        guard.at_step(step)
+    failed = None
+    try:
+        loss = trainer.step(trainer, batches, guard, args.max_grad_norm, info.world_size)
+    except RuntimeError as error:
+        if not is_out_of_memory(error):
+            raise
+        failed = len(batches[0][1])
+    if failed is not None:  # out of the handler: the failed pass's tensors are freed now
+        batches = None
+        raise out_of_memory(
+            trainer.model,
+            device,
+            partial(autocast, trainer.precision, device),
+            failed=failed,
+            per_process=args.train_batch_size // info.world_size,
+            accumulation_steps=args.gradient_accumulation_steps,
+            grad_checkpointing=args.grad_checkpointing,
         )
-        failed = None
-        try:
-            with sync:
-                with autocast(trainer.precision, device):
-                    loss = net(images, labels)
-                scaled = loss.float() / len(batches)
-                (scaler.scale(scaled) if scaler else scaled).backward()
-        except RuntimeError as error:
-            if not is_out_of_memory(error):
-                raise
-            failed = len(labels)
-        if failed is not None:  # out of the handler: the failed pass's tensors are freed now
-            loss = scaled = None
-            raise out_of_memory(
-                trainer.model,
-                device,
-                partial(autocast, trainer.precision, device),
-                failed=failed,
-                per_process=args.train_batch_size // info.world_size,
-                accumulation_steps=args.gradient_accumulation_steps,
-                grad_checkpointing=args.grad_checkpointing,
-            )
-        total += loss.detach().float()
-    loss = all_reduce_sum(total / len(batches)) / info.world_size
-    if guard is None or guard.check(loss, step):
-        if scaler:
-            scaler.unscale_(trainer.optimizer)
-        if args.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(net.parameters(), args.max_grad_norm)
-        if scaler:
-            scaler.step(trainer.optimizer)
-            scaler.update()
-        else:
-            trainer.optimizer.step()
+    with warnings.catch_warnings():  # the schedule's check cannot see a compiled step's update
+        warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()`"))
         trainer.scheduler.step()
-    else:
-        trainer.optimizer.zero_grad(set_to_none=True)
-        with warnings.catch_warnings():  # a skipped update still counts; torch would call it a bug
-            warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()`"))
-            trainer.scheduler.step()
     return loss
 
 
@@ -511,7 +581,7 @@ def evaluate_splits(run: Run) -> dict[str, dict[str, float]]:
     trainer, info, step = run.trainer, run.info, run.state.step
     try:
         results = {
-            split: evaluate(trainer.eval_net, loader, info.device, trainer.precision, info.is_main)
+            split: evaluate(trainer.model, loader, info.device, trainer.precision, info.is_main)
             for split, loader in run.eval_loaders.items()
         }
     except LoaderError as failure:  # the step is done; its evaluation is lost
@@ -645,6 +715,7 @@ def stopped_by_loader(failure: LoaderError, run: Run) -> LoaderError:
     """
     if run.info.distributed or run.state.step == 0:
         return failure
+    log_progress(run, None)  # a run that diverged since the last log stops here instead
     save_last_state(run.args, run.trainer, run.state, run.info)
     return LoaderError(
         f"{failure} Saved the last state at step {run.state.step}; continue with the same "
@@ -667,6 +738,9 @@ class Run:
         tf32: whether float32 matrix products and convolutions run in TF32 (CUDA, `--tf32`).
         final: the accuracies and losses of the latest evaluation, `{split}_accuracy` and
             `{split}_loss`.
+        guard: counts non-finite losses on the device (None with a grad scaler, which skips
+            overflowing steps itself).
+        losses: the training losses since the last log.
         eval_time: seconds spent evaluating (left out of the images/s figure).
     """
 
@@ -681,6 +755,8 @@ class Run:
     writer: EventLog | None
     best_path: Path
     tf32: bool
+    guard: NonFiniteGuard | None
+    losses: LossSum
     final: dict[str, float] = field(default_factory=dict)
     eval_time: float = 0.0
 
@@ -819,6 +895,8 @@ def set_up(
         writer=writer,
         best_path=Path(args.output_dir) / f"{args.name}_checkpoint.bin",
         tf32=tf32,
+        guard=None if trainer.scaler else NonFiniteGuard(NON_FINITE_PATIENCE, info.device),
+        losses=LossSum(info.device),
     )
 
 
@@ -865,10 +943,14 @@ def next_batches(run: Run, stream: Iterator[tuple[torch.Tensor, ...]]) -> list:
 
 
 def train(run: Run) -> Summary:
-    """The training loop: step, log, evaluate and select, save, stop; then the summary."""
+    """The training loop: step, log, evaluate and select, save, stop; then the summary.
+
+    The steps never wait for the device. The loop reads it back only where it logs (every
+    `--log_every` steps), evaluates or saves: there the non-finite guard is checked, and under
+    torch.distributed the ranks agree on a stop signal (a single process reads its own flag
+    after every step)."""
     args, trainer, state, info = run.args, run.trainer, run.state, run.info
     stream = micro_batches(run.train_loader, state, skip=state.batches_in_epoch)
-    guard = None if trainer.scaler else NonFiniteGuard(NON_FINITE_PATIENCE)
     bar = tqdm(
         initial=state.step,
         total=args.num_steps,
@@ -880,19 +962,24 @@ def train(run: Run) -> Summary:
     with logging_redirect_tqdm(), bar, run.writer or nullcontext(), GracefulExit() as stop:
         while state.step < args.num_steps:
             batches = next_batches(run, stream)
-            lr = trainer.scheduler.get_last_lr()[0]  # the rate this update applies
             state.step += 1
-            loss = train_step(args, trainer, batches, guard, state.step, info)
-            log_step(run, bar, loss, lr)
+            run.losses.add(train_step(args, trainer, batches, run.guard, state.step, info))
             last = state.step == args.num_steps
-            if last or due(state.step, args.eval_every):
+            evaluates = last or due(state.step, args.eval_every)
+            saves = last or due(state.step, args.save_every)
+            synced = evaluates or saves or due(state.step, args.log_every)  # reads the device
+            if synced:
+                log_progress(run, bar)
+            bar.update(1)
+            if evaluates:
                 began = time.perf_counter()
                 select(run, evaluate_splits(run))
                 run.eval_time += time.perf_counter() - began
             if run.writer is not None and run.writer.error is not None:  # e.g. a full log disk
                 stop.requested, stop.signal_name = True, f"a failed write to {args.log_dir}"
-            stopped = stop.should_stop(info.device)  # every rank, every step, same point
-            if stopped or last or due(state.step, args.save_every):
+            stopped = (synced or not info.distributed) and stop.should_stop(info.device)
+            if stopped or saves:
+                log_progress(run, bar)  # a stop between logs: its steps are checked first
                 if run.writer is not None:
                     run.writer.flush()  # TensorBoard is never behind the last state
                 save_last_state(args, trainer, state, info)
@@ -905,13 +992,45 @@ def train(run: Run) -> Summary:
     return report(run, stopped, stop.signum if stopped else None, wall, state.step - first_step)
 
 
-def log_step(run: Run, bar: tqdm, loss: torch.Tensor, lr: float) -> None:
+class LossSum:
+    """The training losses of the steps since the last log, summed on the device: adding one
+    reads nothing back."""
+
+    def __init__(self, device: torch.device):
+        self.total = torch.zeros((), dtype=torch.float64, device=device)
+        self.steps = 0
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.total += loss.detach()
+        self.steps += 1
+
+    def pop_mean(self) -> float:
+        """The mean loss of the steps added since the last call (a host sync); starts anew."""
+        mean = self.total.item() / self.steps
+        self.total.zero_()
+        self.steps = 0
+        return mean
+
+
+def log_progress(run: Run, bar: tqdm | None) -> None:
+    """Read back what the steps since the last log left on the device (a host sync): stop a run
+    whose loss stayed non-finite (`NonFiniteLossError`), warn about skipped updates, and log
+    the mean loss of those steps, with the rate of the last one, to TensorBoard and `bar`."""
+    if not run.losses.steps:
+        return
+    if run.guard is not None:
+        run.guard.report()
+    if isinstance(run.trainer.scaler, StaticGradScaler):
+        run.trainer.scaler.report()
+    loss, args, step = run.losses.pop_mean(), run.args, run.state.step
     if run.writer is not None:
-        loss_value = loss.item()
-        run.writer.add_scalar("train/loss", loss_value, run.state.step)
-        run.writer.add_scalar("train/lr", lr, run.state.step)
-        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", refresh=False)
-    bar.update(1)
+        lr = applied_lr(
+            args.learning_rate, step, args.num_steps, args.warmup_steps, args.decay_type
+        )
+        run.writer.add_scalar("train/loss", loss, step)
+        run.writer.add_scalar("train/lr", lr, step)
+        if bar is not None:
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
 
 
 def log_stop(run: Run, stop: GracefulExit) -> None:

@@ -7,6 +7,7 @@ distinguishable. Test modules import from here, never from each other.
 
 from __future__ import annotations
 
+import collections
 import functools
 import hashlib
 import http.server
@@ -32,6 +33,7 @@ import pytest
 import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision import datasets
 
 from models.configs import ViTConfig, get_config
@@ -340,6 +342,7 @@ def tiny_args(tmp_path: Path, name: str = "tiny", **flags) -> list[str]:
         "num_steps": 4,
         "eval_every": 2,
         "warmup_steps": 1,
+        "log_every": 1,  # every step in TensorBoard, as the tests compare them
         "num_workers": 0,
         "output_dir": tmp_path / "out",
         "log_dir": tmp_path / "logs" / name,
@@ -353,6 +356,20 @@ def tiny_args(tmp_path: Path, name: str = "tiny", **flags) -> list[str]:
         elif value is not False:
             argv += [f"--{key}", str(value)]
     return argv
+
+
+def crash_at(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
+    """Make train.py die with an exception during optimizer step `step`."""
+    import train
+
+    real = train.train_step
+
+    def crashing(args, trainer, batches, guard, number, info):
+        if number == step:
+            raise RuntimeError(f"simulated crash at step {number}")
+        return real(args, trainer, batches, guard, number, info)
+
+    monkeypatch.setattr(train, "train_step", crashing)
 
 
 def free_port() -> int:
@@ -412,6 +429,29 @@ def load_checkpoint(out_dir: Path, name: str) -> tuple[dict, dict[str, torch.Ten
     meta = json.loads((out_dir / f"{name}_checkpoint.json").read_text())
     state = torch.load(out_dir / f"{name}_checkpoint.bin", map_location="cpu", weights_only=True)
     return meta, state
+
+
+class HostReads(TorchDispatchMode):
+    """Count the ops that read a tensor's value back to the host, as `.item()`, `bool()`,
+    `float()` and a Python `if` on a tensor do (on a GPU each waits for it), per `phase`: set
+    `phase` to tell the counts of one part of a run from another's. (`.tolist()`, `.cpu()` and
+    `.numpy()` of a CPU tensor dispatch nothing to count.)"""
+
+    READS = (
+        torch.ops.aten._local_scalar_dense.default,
+        torch.ops.aten.is_nonzero.default,
+        torch.ops.aten.item.default,
+    )
+
+    def __init__(self):
+        super().__init__()
+        self.phase: object = None
+        self.counts: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in self.READS:
+            self.counts[self.phase] += 1
+        return func(*args, **(kwargs or {}))
 
 
 def damage(path: Path, nbytes: int = 2000) -> None:

@@ -26,8 +26,9 @@ import torch
 import train
 from models.configs import get_config
 from models.modeling import VisionTransformer
-from tests.helpers import tiny_args
+from tests.helpers import HostReads, tiny_args
 from utils.infra.dist_utils import DistInfo
+from utils.recipe.amp import StaticGradScaler
 from utils.recipe.optim import OptimizerStateError, SGDMomentum, make_optimizer, make_scheduler
 from utils.recipe.update_rule import LINEAR_END, OPTIM_DTYPES, applied_lr, lr_multiplier
 
@@ -407,6 +408,98 @@ def test_grad_scaler_unscale_and_step() -> None:
     for p, p0, t0 in zip(scaled.parameters(), before, traces, strict=True):
         assert torch.equal(p, p0)
         assert torch.equal(opt_scaled.state[p]["momentum_buffer"], t0)
+
+
+@pytest.mark.parametrize("momentum_dtype", OPTIM_DTYPES)
+def test_a_rate_and_a_skip_on_the_device(momentum_dtype: str) -> None:
+    """A tensor learning rate and a `skip` decided on the device (train.py's step): nothing is
+    read back; the updates are the float rate's (the momentum byte for byte: it does not
+    depend on the rate); a skipped update, with NaN gradients, changes no parameter and no
+    momentum."""
+    init, grads = _problem()
+    float_rate = _torch_run(init, grads, momentum_dtype, "cosine", clip=True)
+    params = [torch.nn.Parameter(torch.from_numpy(p.copy())) for p in init]
+    optimizer = make_optimizer(params, torch.tensor(BASE), momentum_dtype)
+    for group in optimizer.param_groups:
+        group["initial_lr"] = BASE  # the exact base, as train.py sets it
+    scheduler = make_scheduler(optimizer, TOTAL, WARMUP, "cosine")
+    reads = HostReads()
+    for k, (g, (want_params, want_traces)) in enumerate(zip(grads, float_rate, strict=True)):
+        for p, x in zip(params, g, strict=True):
+            p.grad = torch.from_numpy(x.copy())
+        with reads:
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step(skip=torch.tensor(False))
+            scheduler.step()
+        for p, want in zip(params, want_params, strict=True):
+            torch.testing.assert_close(p.detach(), want, atol=1e-6, rtol=0, msg=f"update {k}")
+        for p, want in zip(params, want_traces, strict=True):
+            assert torch.equal(optimizer.state[p]["momentum_buffer"], want), f"update {k}"
+    assert reads.counts[None] == 0
+    before = [p.detach().clone() for p in params]
+    traces = [optimizer.state[p]["momentum_buffer"].clone() for p in params]
+    for p in params:
+        p.grad = torch.full_like(p, math.nan)
+    optimizer.step(skip=torch.tensor(True))
+    for p, p0, t0 in zip(params, before, traces, strict=True):
+        assert torch.equal(p, p0)
+        assert torch.equal(optimizer.state[p]["momentum_buffer"], t0)
+
+
+def test_a_tensor_rate_is_saved_as_a_float_and_loaded_into_the_tensor() -> None:
+    """Saved states hold plain floats whatever the device; loading one fills this optimizer's
+    own rate tensor, which the schedule goes on filling."""
+    rate = torch.tensor(0.5)
+    optimizer = make_optimizer([torch.nn.Parameter(torch.ones(3))], rate, "bfloat16")
+    saved = make_optimizer([torch.nn.Parameter(torch.ones(3))], 0.25, "bfloat16").state_dict()
+    optimizer.load_state_dict(saved)
+    assert optimizer.param_groups[0]["lr"] is rate
+    assert rate.item() == 0.25
+    state = optimizer.state_dict()
+    assert type(state["param_groups"][0]["lr"]) is float
+    assert state["param_groups"][0]["lr"] == 0.25
+
+
+@pytest.mark.parametrize("kind", ["fixed", "dynamic"])
+def test_loss_scalers_skip_an_overflow_on_the_device(
+    kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The fixed scale and torch's GradScaler hand an overflow to SGDMomentum on the device:
+    the steps read nothing back, and the overflowing one changes no parameter and no momentum
+    (the fixed scale counts it, and says so when asked)."""
+    model = _tiny_model()
+    optimizer = make_optimizer(model.parameters(), 0.1, "bfloat16")
+    if kind == "fixed":
+        scaler = StaticGradScaler(2.0**12, "cpu")
+    else:
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    reads = HostReads()
+
+    def step(number: int, factor: float = 1.0) -> None:
+        with reads:
+            scaler.scale(_loss(model, number) * factor).backward()
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            scaler.step(optimizer)
+            scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+    step(0)
+    step(1)
+    before = [p.detach().clone() for p in model.parameters()]
+    traces = [optimizer.state[p]["momentum_buffer"].clone() for p in model.parameters()]
+    step(2, math.inf)
+    assert reads.counts[None] == 0
+    for p, p0, t0 in zip(model.parameters(), before, traces, strict=True):
+        assert torch.equal(p, p0)
+        assert torch.equal(optimizer.state[p]["momentum_buffer"], t0)
+    assert not torch.equal(before[0], _tiny_model()[0].weight)  # the other steps moved it
+    if kind == "fixed":
+        with caplog.at_level(logging.WARNING):
+            scaler.report()
+        assert "fp16 gradients overflowed (scale 4096): 1 step(s) skipped" in caplog.text
+    else:
+        assert scaler.get_scale() == 2.0**11
 
 
 @pytest.mark.slow

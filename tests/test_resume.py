@@ -24,6 +24,7 @@ import train
 from models.configs import get_config
 from models.modeling import VisionTransformer
 from tests.helpers import (
+    crash_at,
     expect_user_error,
     fake_checkpoint,
     make_image_folder,
@@ -83,18 +84,6 @@ def assert_same_best(out: Path, name_a: str, name_b: str) -> None:
 
 # --------------------------------------------------------------------------------------------
 # In process: a crash after a save, then --resume
-
-
-def crash_at(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
-    """Make train.py die with an exception during optimizer step `step`."""
-    real = train.train_step
-
-    def crashing(args, trainer, batches, guard, number, info):
-        if number == step:
-            raise RuntimeError(f"simulated crash at step {number}")
-        return real(args, trainer, batches, guard, number, info)
-
-    monkeypatch.setattr(train, "train_step", crashing)
 
 
 def test_crash_then_resume_equals_uninterrupted(

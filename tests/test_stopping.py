@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 import signal
 import time
@@ -9,6 +11,7 @@ import time
 import pytest
 import torch
 
+from tests.helpers import HostReads
 from utils.infra.errors import UserError, run_cli
 from utils.infra.stopping import GracefulExit, NonFiniteGuard, NonFiniteLossError
 
@@ -60,3 +63,29 @@ def test_non_finite_guard() -> None:
     with pytest.raises(NonFiniteLossError, match=r"3 consecutive steps.*not overwritten"):
         guard.check(float("nan"), step=7)
     assert issubclass(NonFiniteLossError, UserError)
+
+
+def test_non_finite_guard_counts_on_the_device(caplog: pytest.LogCaptureFixture) -> None:
+    """`record` reads nothing back; `report`, where the loop syncs anyway, warns about the
+    updates skipped since the last report and stops a run whose loss was non-finite 3 times in
+    a row, naming the step it happened at, even when the loss recovered after it."""
+    guard = NonFiniteGuard(patience=3)
+    losses = [1.0, math.nan, math.inf, 2.0, math.nan, math.nan, math.nan, 0.5]  # steps 1 to 8
+    reads, skips = HostReads(), []
+    with reads:
+        for step, loss in enumerate(losses, start=1):
+            guard.at_step(step)
+            skips.append(guard.record(torch.tensor(loss)))
+            if step == 4:
+                reads.phase = "report"
+                with caplog.at_level(logging.WARNING):
+                    guard.report()  # steps 2 and 3: warned about, no stop
+                reads.phase = None
+    assert reads.counts[None] == 0
+    assert [bool(skip) for skip in skips] == [not math.isfinite(x) for x in losses]
+    assert "2 steps up to step 3 had a non-finite loss (the last: inf, 2/3 in a row)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING), pytest.raises(NonFiniteLossError) as stopped:
+        guard.report()
+    assert "the loss was nan for 3 consecutive steps (last: step 7)" in str(stopped.value)
+    assert "3 steps up to step 7 had a non-finite loss (the last: nan, 3/3 in a row)" in caplog.text

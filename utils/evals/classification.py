@@ -21,6 +21,7 @@ from utils.recipe.amp import autocast
 
 __all__ = ["evaluate", "top_k"]
 
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -48,7 +49,10 @@ def evaluate(
     num_classes = unwrap(model).num_classes
     was_training = model.training
     model.eval()
-    totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1, top-5, count
+    # Sums on the device, read back once at the end: loss, top-1, top-5 and the image count
+    # (known on the host, added there).
+    totals = torch.zeros(4, dtype=torch.float64, device=device)
+    count = 0
     for batch in tqdm(test_loader, desc="Validating", disable=not progress, leave=False):
         if batch is None:  # every image of it was unreadable (`skip_unreadable`)
             continue
@@ -58,26 +62,24 @@ def evaluate(
         logits = logits.float()
         top = logits.topk(min(5, num_classes), dim=1).indices  # (B, k)
         hits = top == labels[:, None]
-        totals += torch.stack(
+        totals[:3] += torch.stack(
             [
                 F.cross_entropy(logits, labels, reduction="sum").double(),
                 hits[:, 0].sum().double(),
                 hits.any(dim=1).sum().double(),
-                torch.tensor(float(labels.numel()), dtype=torch.float64, device=device),
             ]
         )
+        count += len(labels)
+    totals[3].fill_(count)
     all_reduce_sum(totals)
     model.train(was_training)
-    count = int(totals[3].item())
+    loss, top1, top5, count = totals.tolist()
+    count = int(count)
     if count == 0:
         raise UserError("The test set is empty; add images to the val/ or test/ folder.")
-    result = {
-        "loss": totals[0].item() / count,
-        "accuracy": totals[1].item() / count,
-        "count": count,
-    }
+    result = {"loss": loss / count, "accuracy": top1 / count, "count": count}
     if num_classes > 10:
-        result["top5"] = totals[2].item() / count
+        result["top5"] = top5 / count
     return result
 
 

@@ -67,13 +67,24 @@ def autocast(precision: str, device: torch.device):
 class StaticGradScaler:
     """A fixed loss scale (`--loss_scale S`), with GradScaler's interface.
 
-    Gradients are unscaled before clipping; a step whose gradients overflowed is skipped with a
-    warning (a fixed scale never adapts, so lower `--loss_scale` if this repeats).
+    Gradients are unscaled before clipping; a step whose gradients overflowed is skipped (a fixed
+    scale never adapts, so lower `--loss_scale` if this repeats). An optimizer that skips on the
+    device (``_step_supports_amp_scaling``, as `utils.recipe.optim.SGDMomentum`) gets the
+    overflow as GradScaler hands it over (``optimizer.found_inf``), and nothing is read back:
+    the skipped steps are counted on the device and :meth:`report` warns about them where the
+    loop waits anyway. Any other optimizer steps after the overflow is read (a host sync), with
+    a warning for each skipped step.
+
+    Args:
+        scale: the loss scale.
+        device: where the overflow count lives; None: the gradients' device, at the first
+            `unscale_` (a compiled step wants it made beforehand).
     """
 
-    def __init__(self, scale: float):
+    def __init__(self, scale: float, device: torch.device | str | None = None):
         self.scale_value = float(scale)
-        self._finite = True
+        self._found_inf: torch.Tensor | None = None
+        self._skipped = None if device is None else torch.zeros((), device=device)
 
     def scale(self, loss: torch.Tensor) -> torch.Tensor:
         return loss * self.scale_value
@@ -81,23 +92,46 @@ class StaticGradScaler:
     def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
         grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         torch._foreach_div_(grads, self.scale_value)
-        self._finite = bool(torch.stack([g.isfinite().all() for g in grads]).all())
+        self._found_inf = ~torch.stack([g.isfinite().all() for g in grads]).all()
+        if self._skipped is None:
+            self._skipped = torch.zeros((), device=grads[0].device)
 
     def step(self, optimizer: torch.optim.Optimizer) -> None:
-        if self._finite:
+        found_inf = self._found_inf
+        if found_inf is None:  # not unscaled: nothing was checked
             optimizer.step()
-        else:
+        elif getattr(optimizer, "_step_supports_amp_scaling", False):
+            optimizer.found_inf = found_inf  # GradScaler's hand-over: skipped on the device
+            try:
+                optimizer.step()
+            finally:
+                del optimizer.found_inf
+            self._skipped.add_(found_inf)
+        elif found_inf.item():
             logger.warning("fp16 gradients overflowed (scale %g): step skipped.", self.scale_value)
+        else:
+            optimizer.step()
 
     def update(self) -> None:
-        self._finite = True
+        self._found_inf = None
+
+    def report(self) -> None:
+        """Warn about the steps skipped since the last report (reads the device: a host sync)."""
+        skipped = 0 if self._skipped is None else int(self._skipped.item())
+        if skipped:
+            self._skipped.zero_()
+            logger.warning(
+                "fp16 gradients overflowed (scale %g): %d step(s) skipped since the last report.",
+                self.scale_value,
+                skipped,
+            )
 
 
-def make_scaler(precision: str, loss_scale: float):
-    """GradScaler for fp16 (dynamic when `loss_scale` is 0, fixed otherwise); None otherwise."""
+def make_scaler(precision: str, loss_scale: float, device: torch.device | str | None = None):
+    """GradScaler for fp16 (dynamic when `loss_scale` is 0, fixed otherwise); None otherwise.
+    `device`: where a fixed scaler counts its skipped steps (`StaticGradScaler`)."""
     if precision != "fp16":
         return None
     if loss_scale > 0:
-        return StaticGradScaler(loss_scale)
+        return StaticGradScaler(loss_scale, device)
     return torch.amp.GradScaler("cuda")
-

@@ -17,6 +17,7 @@ train.py; this module holds the two other pieces:
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -58,7 +59,8 @@ def make_scheduler(
     the number of updates done, which is optax's count, so the rate in effect for the k-th update
     (k = 1, 2, ...) is ``base * lr_multiplier(k - 1, ...)`` (`applied_lr`), linear decay ending at
     the absolute rate `LINEAR_END` whatever the base. The base is each group's `initial_lr`
-    (set from its `lr` when missing).
+    (set from its `lr` when missing, as a float: a tensor `lr` is then filled in place with
+    each rate, which reads nothing back from the device).
 
     Args:
         count: updates already done: a resumed run continues this schedule from there.
@@ -71,7 +73,7 @@ def make_scheduler(
         return lambda count: lr_multiplier(count, total_steps, warmup_steps, decay_type, end)
 
     for group in optimizer.param_groups:
-        group.setdefault("initial_lr", group["lr"])
+        group.setdefault("initial_lr", float(group["lr"]))
     lambdas = [schedule(group["initial_lr"]) for group in optimizer.param_groups]
     return LambdaLR(optimizer, lambdas, last_epoch=count - 1)
 
@@ -114,9 +116,18 @@ class SGDMomentum(Optimizer):
     per call so that the float32 copies of a bfloat16 trace stay small. State per parameter:
     ``momentum_buffer``, stored in the momentum dtype.
 
+    Nothing in a step reads a tensor on the host, so `torch.compile` traces it whole and a GPU
+    never waits: the learning rate may be a 0-d tensor on the parameters' device (a scheduler
+    fills it in place; a compiled step then reads each update's rate without recompiling), and
+    an update to skip (non-finite gradients) is decided on the device, by `step`'s `skip` or by
+    a `torch.amp.GradScaler`'s ``found_inf`` (``_step_supports_amp_scaling``: the scaler hands
+    it over instead of reading it on the host). A skipped update changes no parameter and no
+    momentum.
+
     Args:
         params: parameters or parameter groups.
-        lr: learning rate (a scheduler sets it per update).
+        lr: learning rate (a scheduler sets it per update): a float, or a 0-d tensor on the
+            parameters' device. Saved states hold it as a float either way.
         momentum: the trace's decay (vit_jax: 0.9).
         momentum_dtype: storage of the trace: ``torch.bfloat16`` (vit_jax's
             ``accumulator_dtype='bfloat16'``) or ``torch.float32`` (torch.optim.SGD); the names
@@ -124,16 +135,18 @@ class SGDMomentum(Optimizer):
         weight_decay: L2 penalty added to the gradient before the momentum.
     """
 
+    _step_supports_amp_scaling = True  # a GradScaler's found_inf is read here, on the device
+
     def __init__(
         self,
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
-        lr: float,
+        lr: float | torch.Tensor,
         momentum: float = 0.9,
         momentum_dtype: torch.dtype | str = torch.bfloat16,
         weight_decay: float = 0.0,
     ):
-        if lr < 0:
-            raise ValueError(f"lr must be >= 0, got {lr}")
+        if float(lr) < 0:
+            raise ValueError(f"lr must be >= 0, got {float(lr)}")
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
         if weight_decay < 0:
@@ -148,12 +161,24 @@ class SGDMomentum(Optimizer):
         super().__init__(params, defaults)
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """One update of every parameter that has a gradient; returns `closure()` if given."""
+    def step(
+        self, closure: Callable[[], Any] | None = None, *, skip: torch.Tensor | None = None
+    ) -> Any:
+        """One update of every parameter that has a gradient; returns `closure()` if given.
+
+        Args:
+            skip: a boolean tensor: where True, the update changes nothing. A GradScaler's
+                ``found_inf`` (non-finite gradients) skips it too, and its ``grad_scale``, when
+                the gradients were not unscaled yet, divides them.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        found_inf = getattr(self, "found_inf", None)  # set by GradScaler.step for this call
+        if found_inf is not None:
+            skip = found_inf != 0 if skip is None else skip | (found_inf != 0)
+        grad_scale = getattr(self, "grad_scale", None)
         for group in self.param_groups:
             trace_dtype = getattr(torch, group["momentum_dtype"])
             buckets: dict[tuple, tuple[list, list, list]] = {}
@@ -162,12 +187,7 @@ class SGDMomentum(Optimizer):
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError("SGDMomentum does not support sparse gradients")
-                state = self.state[p]
-                if "momentum_buffer" not in state:  # optax.trace starts from zeros
-                    state["momentum_buffer"] = torch.zeros_like(
-                        p, dtype=trace_dtype, memory_format=torch.preserve_format
-                    )
-                trace = state["momentum_buffer"]
+                trace = self._momentum(p, trace_dtype)
                 key = (p.device, p.dtype, trace.dtype)
                 params, grads, traces = buckets.setdefault(key, ([], [], []))
                 params.append(p)
@@ -181,8 +201,37 @@ class SGDMomentum(Optimizer):
                     lr=group["lr"],
                     momentum=group["momentum"],
                     weight_decay=group["weight_decay"],
+                    skip=skip,
+                    grad_scale=grad_scale,
                 )
         return loss
+
+    def init_momentum(self) -> None:
+        """Give every parameter that requires a gradient its momentum now (zeros, as its first
+        update would): a compiled step then finds the same state at every call, and compiles
+        once instead of again at the second update."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.requires_grad:
+                    self._momentum(p, getattr(torch, group["momentum_dtype"]))
+
+    def _momentum(self, p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The momentum of `p`, made on first use: zeros, as optax.trace starts."""
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(
+                p, dtype=dtype, memory_format=torch.preserve_format
+            )
+        return state["momentum_buffer"]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The state, with a tensor learning rate written as a float (a host sync), so that a
+        saved state is the same on every device and loads anywhere."""
+        state = super().state_dict()
+        for group in state["param_groups"]:
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"] = group["lr"].item()
+        return state
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Load a state of this class, or continue one of ``torch.optim.SGD`` with momentum.
@@ -199,6 +248,7 @@ class SGDMomentum(Optimizer):
                 dampening, maximize, or another optimizer's state).
         """
         wanted = [group["momentum_dtype"] for group in self.param_groups]
+        rates = [group["lr"] for group in self.param_groups]
         saved_groups = state_dict["param_groups"]
         if any("momentum_dtype" not in group for group in saved_groups):
             state_dict = {**state_dict, "param_groups": [_from_torch_sgd(g) for g in saved_groups]}
@@ -210,6 +260,9 @@ class SGDMomentum(Optimizer):
                 " / ".join(sorted(set(wanted))),
             )
         super().load_state_dict(state_dict)  # casts floating-point state to the param dtype
+        for group, rate in zip(self.param_groups, rates, strict=True):
+            if isinstance(rate, torch.Tensor):  # keep this optimizer's tensor, with the saved rate
+                group["lr"] = rate.fill_(float(group["lr"]))
         for group, name in zip(self.param_groups, wanted, strict=True):
             if group["momentum_dtype"] != name:
                 logger.warning(
@@ -246,26 +299,56 @@ def _trace_update(
     grads: list[torch.Tensor],
     traces: list[torch.Tensor],
     *,
-    lr: float,
+    lr: float | torch.Tensor,
     momentum: float,
     weight_decay: float,
+    skip: torch.Tensor | None = None,
+    grad_scale: torch.Tensor | None = None,
 ) -> None:
     """`SGDMomentum`'s update of tensors on one device with one param and one trace dtype."""
     compute = torch.promote_types(params[0].dtype, torch.float32)
     # A Python float times a bfloat16 array stays bfloat16 in JAX: 0.9 -> 0.8984375.
-    decay = torch.tensor(momentum, dtype=traces[0].dtype).item()
+    decay = _stored_as(momentum, traces[0].dtype)
     for part in _chunks(params):
         p, g, t = params[part], grads[part], traces[part]
+        if grad_scale is not None:
+            g = torch._foreach_div(g, grad_scale)
         if weight_decay != 0:
             g = torch._foreach_add(g, p, alpha=weight_decay)  # as torch.optim.SGD
-        # In place when the trace is stored in the compute dtype; else an exact upcast copy.
-        new = t if t[0].dtype == compute else [x.to(compute) for x in t]
+        # In place when the trace is stored in the compute dtype and kept; else an exact copy.
+        in_place = skip is None and t[0].dtype == compute
+        new = t if in_place else [x.to(compute, copy=True) for x in t]
         torch._foreach_mul_(new, decay)  # exact: bfloat16 x bfloat16 fits in float32
         torch._foreach_add_(new, g)
-        torch._foreach_add_(p, new, alpha=-lr)
-        if new is not t:
-            torch._foreach_copy_(t, new)  # rounds to nearest even
+        if skip is None:
+            if isinstance(lr, torch.Tensor):
+                torch._foreach_sub_(p, torch._foreach_mul(new, lr))
+            else:
+                torch._foreach_add_(p, new, alpha=-lr)
+            if not in_place:
+                torch._foreach_copy_(t, new)  # rounds to nearest even
+        else:  # chosen on the device: a skipped update keeps every parameter and trace
+            if isinstance(lr, torch.Tensor):
+                moved = torch._foreach_sub(p, torch._foreach_mul(new, lr))
+            else:
+                moved = torch._foreach_add(p, new, alpha=-lr)
+            for param, after, trace, trace_after in zip(p, moved, t, new, strict=True):
+                param.copy_(torch.where(skip, param, after))
+                trace.copy_(torch.where(skip, trace, trace_after))  # rounds to nearest even
+            del moved
         del new, g  # free this chunk's temporaries before the next chunk makes its own
+
+
+def _stored_as(value: float, dtype: torch.dtype) -> float:
+    """`value` as ``torch.tensor(value, dtype=dtype)`` stores it (rounded to float32, then to
+    `dtype`, each to nearest even), computed in Python so that a compiled step needs no
+    ``.item()``."""
+    for eps in (torch.finfo(torch.float32).eps, torch.finfo(dtype).eps):
+        if value and math.isfinite(value):
+            mantissa, exponent = math.frexp(value)  # value = mantissa * 2**exponent
+            steps = 2 / eps  # representable mantissas in [0.5, 1), as whole numbers
+            value = math.ldexp(round(mantissa * steps) / steps, exponent)  # ties to even
+    return value
 
 
 def _chunks(tensors: list[torch.Tensor]) -> Iterator[slice]:
