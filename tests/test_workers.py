@@ -141,7 +141,7 @@ def test_what_a_worker_finds_unreadable_reaches_the_log_once(
     with caplog.at_level(logging.WARNING):
         summary = train.main(argv)
     named = [r.getMessage() for r in caplog.records if str(truncated) in r.getMessage()]
-    assert len(named) == 1, named  # 6 steps of 2 batches: 3 epochs, each with new workers
+    assert len(named) == 1, named  # 6 steps of 2 batches: 3 epochs of the same workers
     assert "Skipping an unreadable image" in named[0]
     assert "truncated or damaged" in named[0]
     assert summary.unreadable_images == 1

@@ -15,11 +15,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from utils.data.loaders import prepare_batch
 from utils.infra.dist_utils import all_reduce_sum, unwrap
 from utils.infra.errors import UserError
 from utils.recipe.amp import autocast
 
 __all__ = ["evaluate", "top_k"]
+
 
 @torch.no_grad()
 def evaluate(
@@ -52,7 +54,7 @@ def evaluate(
     for batch in tqdm(test_loader, desc="Validating", disable=not progress, leave=False):
         if batch is None:  # every image of it was unreadable (`skip_unreadable`)
             continue
-        images, labels = (t.to(device, non_blocking=True) for t in batch)
+        images, labels = prepare_batch(batch, device)  # (test images resized on the device)
         with autocast(precision, device):
             logits = model(images)[0]  # (B, classes)
         logits = logits.float()
@@ -63,7 +65,8 @@ def evaluate(
                 F.cross_entropy(logits, labels, reduction="sum").double(),
                 hits[:, 0].sum().double(),
                 hits.any(dim=1).sum().double(),
-                torch.tensor(float(labels.numel()), dtype=torch.float64, device=device),
+                # Filled on the device: a tensor copied from the host would wait for the GPU.
+                torch.full((), labels.numel(), dtype=torch.float64, device=device),
             ]
         )
     all_reduce_sum(totals)
