@@ -14,10 +14,11 @@ Two implementations of the same function:
 
 - per image (`Preprocess`): PIL image or uint8 array in, (3, H, W) out;
 - per batch on the training device (`resize_batch`), from uint8 pixels and the bilinear taps of
-  each image (where each output row and column reads, and with what weight): loader workers
-  only decode, sample each crop box and flip (`sample_augment`) and compute the taps.
-  `crop_resize_batch` finishes same-sized images held in memory (CIFAR) from their boxes;
-  `pack_crops` packs crops of any size (decoded files, test images) for it.
+  each image (where each output row and column reads, and with what weight), so that loader
+  workers only decode or gather uint8 pixels and sample each crop box and flip
+  (`sample_augment`): `crop_resize_batch` finishes same-sized images held in memory (CIFAR)
+  from their boxes; `pack_crops` packs crops of any size (decoded files, test images) and
+  their taps in the worker.
 
 Both reproduce `F.interpolate(x, size, mode="bilinear", align_corners=False, antialias=False)`
 (what `tf.image.resize` computes) to ~1e-6, including where the bilinear taps are clamped at
@@ -553,8 +554,8 @@ class Preprocess:
         self, image: Image.Image | np.ndarray, rng: np.random.Generator | None = None
     ) -> tuple[np.ndarray, bool]:
         """The random choices of one call, before any arithmetic: the uint8 (h, w, 3) pixels it
-        resizes (in training the box `sample_augment` draws from `rng`, a view of `image`'s
-        pixels; otherwise the whole image) and whether it mirrors them.
+        resizes (in training the box `sample_augment` draws from `rng`, a view when `image` is
+        an array; otherwise the whole image) and whether it mirrors them.
 
         The batched path (`pack_crops`, then `resize_batch`) finishes what this returns.
         """
