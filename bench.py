@@ -29,7 +29,11 @@ models step by step so that machine noise hits both alike:
 - the data pipeline on CIFAR-sized (32 x 32) images at 224 and 384: images/s of one loader
   worker with the old PIL transforms and with the float preprocessing, of the batched device
   path and of the uint8 gathering that feeds it; and how many workers a GPU's training speed
-  needs (this run's, on CUDA; otherwise an estimate, labelled so).
+  needs (this run's, on CUDA; otherwise an estimate, labelled so);
+- image folders on real JPEGs (427 x 437 crops of scikit-learn's sample photos): training
+  images/s of one loader worker at 224, ours (decode and uint8 crop; the resize runs on the
+  device), ours before (the float preprocessing in the worker) and timm's loader doing the
+  same work, and the workers each needs for 3,000 images/s.
 
 Throughput is reported as the median over the rounds and as the best round (on a shared
 machine noise only slows steps down). The results are printed as a Markdown table and written
@@ -66,7 +70,13 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 from models.configs import ViTConfig, get_config, model_names
 from models.modeling import VisionTransformer
 from models.npz import load_npz, state_dict_to_npz
-from utils.data.loaders import InMemoryAugment, augment_rng, build_transforms
+from utils.data.loaders import (
+    InMemoryAugment,
+    SeededAugment,
+    augment_rng,
+    build_transforms,
+    get_loader,
+)
 from utils.data.preprocessing import crop_resize_batch
 from utils.infra.description import PRECISIONS
 from utils.infra.file_io import save_npz
@@ -543,6 +553,110 @@ def workers_to_feed(data: dict[str, Any], train_img_s: float, img_size: int, bas
 
 
 # --------------------------------------------------------------------------------------------
+# Image folders
+
+FOLDER_SIZE = 224  # output side of the image-folder figures
+FOLDER_TARGET_IMG_S = 3000.0  # training images/s the workers are counted for
+PHOTO_SIDES = (427, 437)  # height, width of the JPEGs cut from the sample photos (427 x 640)
+
+
+def write_photo_folder(root: str, num_images: int, seed: int = 0) -> None:
+    """An image folder of real JPEGs: `root/{train,val}/<photo>/*.jpg`, random 427 x 437 crops
+    of scikit-learn's two sample photos (quality 90), `num_images` for training, 2 for val."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    photos = load_sample_images()
+    rng = np.random.default_rng(seed)
+    height, width = PHOTO_SIDES
+    for split, count in (("train", num_images), ("val", 2)):
+        for i in range(count):
+            label = i % len(photos.images)
+            photo = photos.images[label]
+            top = int(rng.integers(photo.shape[0] - height + 1))
+            left = int(rng.integers(photo.shape[1] - width + 1))
+            name = os.path.splitext(os.path.basename(photos.filenames[label]))[0]
+            folder = os.path.join(root, split, name)
+            os.makedirs(folder, exist_ok=True)
+            crop = photo[top : top + height, left : left + width]
+            Image.fromarray(crop).save(os.path.join(folder, f"{i:05d}.jpg"), quality=90)
+
+
+def image_folder_rates(num_images: int, rounds: int = 3) -> dict[str, Any]:
+    """Training images/s of one loader worker (one thread, as torch runs its workers) on an
+    image folder of real JPEGs at `FOLDER_SIZE`: each loader's whole per-batch job, read from
+    disk to the batch it hands over, in batches of `DEVICE_BATCH` (at most `num_images`), best
+    round.
+
+    - `ours`: train.py's loader (`get_loader`): decode, the box and flip, the uint8 crop, the
+      packed batch; the resize, flip and scaling then run on the training device;
+    - `ours_before`: the same images, seeds and sampler through the per-image path
+      (`SeededAugment`: the float crop, resize and scaling in the worker), collated;
+    - `timm`: timm's `create_dataset` + `create_loader` with the same work (decode,
+      RandomResizedCrop of 5-100 % of the area with a bilinear resize, flip, no colour jitter),
+      its workers' part: the uint8 batch its prefetcher normalises on the device.
+    """
+    from timm.data import create_dataset, create_loader
+    from torch.utils.data import DataLoader
+
+    batch = min(DEVICE_BATCH, num_images)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with tempfile.TemporaryDirectory() as root:
+            write_photo_folder(root, num_images)
+            ours = get_loader(
+                "imagefolder",
+                root,
+                FOLDER_SIZE,
+                seed=0,
+                micro_batch_size=batch,
+                eval_batch_size=batch,
+                num_workers=0,
+                holdout_fraction=0.0,
+            )[0]
+            batched = ours.dataset
+            per_image = SeededAugment(batched.base, batched.transform, batched.seed)
+            before = DataLoader(per_image, batch_size=batch, sampler=ours.sampler, drop_last=True)
+            timm = create_loader(
+                create_dataset("", root=root, split="train", is_training=True),
+                FOLDER_SIZE,
+                batch,
+                is_training=True,
+                scale=(0.05, 1.0),
+                hflip=0.5,
+                color_jitter=None,
+                interpolation="bilinear",
+                num_workers=0,
+                persistent_workers=False,
+                device=torch.device("cpu"),
+            ).loader  # the workers' part (the prefetcher then normalises on the device)
+            loaders = {"ours": ours, "ours_before": before, "timm": timm}
+            times: dict[str, list[float]] = {name: [] for name in loaders}
+            counts = {name: len(loader) * batch for name, loader in loaders.items()}
+            for r in range(rounds + 1):  # the first round warms the file cache, untimed
+                for name, loader in list(loaders.items())[:: 1 if r % 2 == 0 else -1]:
+                    start = time.perf_counter()
+                    for _ in loader:
+                        pass
+                    if r:
+                        times[name].append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+    rates = {f"{name}_img_s": counts[name] / min(t) for name, t in times.items()}
+    return {
+        "images": num_images,
+        "source": f"{PHOTO_SIDES[0]}x{PHOTO_SIDES[1]} JPEG (sklearn sample photos)",
+        "img_size": FOLDER_SIZE,
+        **rates,
+        "ours_over_timm": rates["ours_img_s"] / rates["timm_img_s"],
+        "ours_over_before": rates["ours_img_s"] / rates["ours_before_img_s"],
+        "workers_for": FOLDER_TARGET_IMG_S,
+        "workers": {name: FOLDER_TARGET_IMG_S / rates[f"{name}_img_s"] for name in loaders},
+    }
+
+
+# --------------------------------------------------------------------------------------------
 # The benchmark
 
 
@@ -902,6 +1016,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             rate, size, basis = (ESTIMATED_GPU_TRAIN[k] for k in ("img_s", "img_size", "basis"))
         data["workers_to_feed"] = workers_to_feed(data, rate, size, basis)
         results["data_pipeline"] = data
+    if args.folder_images:
+        logger.info("image folder")
+        results["image_folder"] = image_folder_rates(args.folder_images)
     return results
 
 
@@ -1048,6 +1165,19 @@ def format_table(results: dict[str, Any]) -> str:
             f"({feed['basis']}): old path {feed['old_path']:.2f}, float path "
             f"{feed['float_path']:.2f}, device path {feed['device_path']:.2f}",
         ]
+    if "image_folder" in results:
+        folder = results["image_folder"]
+        workers = folder["workers"]
+        lines += [
+            "",
+            f"Image folder, {folder['source']}, training at {folder['img_size']}, per loader "
+            f"worker (1 thread): ours {folder['ours_img_s']:.0f} img/s, ours before "
+            f"{folder['ours_before_img_s']:.0f} img/s, timm's loader {folder['timm_img_s']:.0f} "
+            f"img/s (ours/timm {folder['ours_over_timm']:.2f}, ours/before "
+            f"{folder['ours_over_before']:.2f}); workers for {folder['workers_for']:.0f} img/s: "
+            f"ours {workers['ours']:.1f}, before {workers['ours_before']:.1f}, timm "
+            f"{workers['timm']:.1f}",
+        ]
     return "\n".join(lines)
 
 
@@ -1096,6 +1226,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         nargs="+",
         default=[224, 384],
         help="output sizes of the data pipeline figures (--img_size is added)",
+    )
+    parser.add_argument(
+        "--folder_images",
+        type=int,
+        default=256,
+        help="JPEGs for the image-folder figures (0: skip)",
     )
     parser.add_argument(
         "--matmul_size", type=int, default=None, help="GEMM side (default 2048 CPU, 8192 CUDA)"

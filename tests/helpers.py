@@ -265,6 +265,25 @@ def make_image_folder(root: Path, test_name: str = "val", classes=("cat", "dog")
                 Image.new("RGB", (20, 12), colour).save(folder / f"{i}.png")
 
 
+def make_photo_folder(root: Path, n: int = 6, seed: int = 0) -> None:
+    """`root/{train,val}/{china,flower}/*`: n training and 3 validation images per class, cut
+    from scikit-learn's two sample photos at random sizes (8 to 400 pixels a side, so some are
+    over twice a 32-pixel model's side), JPEG and PNG alternately."""
+    from sklearn.datasets import load_sample_images
+
+    photos = load_sample_images().images  # (427, 640, 3) each
+    rng = np.random.default_rng(seed)
+    for split, count in (("train", n), ("val", 3)):
+        for label, name in enumerate(("china", "flower")):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                height, width = (int(s) for s in rng.integers(8, 400, size=2))
+                top, left = int(rng.integers(427 - height)), int(rng.integers(640 - width))
+                image = Image.fromarray(photos[label][top : top + height, left : left + width])
+                image.save(folder / f"{i}.{'jpg' if i % 2 else 'png'}")
+
+
 def loader_args(dataset: str, data_dir: Path | str = "unused", **overrides) -> dict:
     """The parameters of `get_loader`, as train.py passes them (one process)."""
     args = {

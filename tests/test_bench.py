@@ -55,6 +55,8 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict, str]:
         "--device",
         "cpu",
         "--grad_checkpointing",
+        "--folder_images",
+        "8",
         "--out",
         str(out),
     ]
@@ -101,6 +103,18 @@ def test_json_has_every_figure(results: tuple[dict, dict, str]) -> None:
         feed["train_img_s"] / data["sizes"]["384"]["float_img_s"]
     )
     assert "compiled" not in written
+
+
+def test_image_folder_figures(results: tuple[dict, dict, str]) -> None:
+    """Ours, ours before and timm's loader on the same JPEGs, and the workers each needs."""
+    _, written, table = results
+    folder = written["image_folder"]
+    assert (folder["images"], folder["img_size"]) == (8, 224)
+    for name in ("ours", "ours_before", "timm"):
+        assert folder[f"{name}_img_s"] > 0
+        assert folder["workers"][name] == pytest.approx(3000 / folder[f"{name}_img_s"])
+    assert folder["ours_over_timm"] == pytest.approx(folder["ours_img_s"] / folder["timm_img_s"])
+    assert any(line.startswith("Image folder, 427x437 JPEG") for line in table.splitlines())
 
 
 def test_checkpointing_figures(results: tuple[dict, dict, str]) -> None:

@@ -26,13 +26,16 @@ from tests.helpers import (
     decode_cifar_row,
     loader_args,
     make_image_folder,
+    make_photo_folder,
     serve_cifar,
 )
 from utils.data.loaders import (
     READERS,
     CropBatch,
+    DeviceAugment,
     DigitsDataset,
     InMemoryAugment,
+    ResizeBatch,
     SeededAugment,
     ShardSampler,
     build_eval_loader,
@@ -102,7 +105,7 @@ def test_cifar_minival_is_the_last_2_percent(
     minival_keys = {to_uint8(x).tobytes() for x, _ in held_out}
     assert not train_keys & minival_keys
     assert train_keys | minival_keys == {image.tobytes() for image in images}
-    assert sum(len(y) for _, y in minival_loader) == 5
+    assert sum(len(prepare_batch(b, "cpu")[1]) for b in minival_loader) == 5
 
 
 def test_holdout_split() -> None:
@@ -268,6 +271,65 @@ def test_train_batches_do_not_depend_on_the_number_of_workers() -> None:
     assert not same(alone, epoch(0, 3))
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_image_folder_batches_equal_the_per_image_path(tmp_path: Path, workers: int) -> None:
+    """Photos of many sizes (some over twice the model's side): training batches, their crops
+    cut in the workers and finished on the device, equal the per-image path (`SeededAugment`,
+    what `dataset[index]` computes) for the same seeds, epoch after epoch; so do the minival
+    and test batches (the test preprocessing)."""
+    make_photo_folder(tmp_path, n=8)
+    args = {"micro_batch_size": 5, "num_workers": workers, "holdout_fraction": 0.25}
+    train_loader, minival_loader, test_loader = get_loader(
+        **loader_args("imagefolder", tmp_path, **args)
+    )
+    train_set = train_loader.dataset
+    assert isinstance(train_set, DeviceAugment)
+    for epoch in (0, 1):
+        train_loader.sampler.set_epoch(epoch)
+        train_set.set_epoch(epoch)
+        indices = list(train_loader.sampler)
+        for i, batch in enumerate(train_loader):
+            assert isinstance(batch, ResizeBatch)
+            assert batch.pixels.dtype == torch.uint8
+            images, labels = prepare_batch(batch, torch.device("cpu"))
+            for image, label, index in zip(images, labels, indices[5 * i :], strict=False):
+                want, want_label = train_set[index]
+                torch.testing.assert_close(image, want, atol=1e-5, rtol=0)
+                assert label.item() == want_label
+        assert i == 12 // 5 - 1
+    for loader in (minival_loader, test_loader):
+        batches = [prepare_batch(batch, "cpu") for batch in loader]
+        images, labels = (torch.cat(parts) for parts in zip(*batches, strict=True))
+        assert len(images) == len(loader.dataset) == (4 if loader is minival_loader else 6)
+        for index, (image, label) in enumerate(zip(images, labels, strict=True)):
+            want, want_label = loader.dataset[index]
+            torch.testing.assert_close(image, want, atol=1e-5, rtol=0)
+            assert label.item() == want_label
+
+
+@pytest.mark.parametrize("dataset", ["digits", "imagefolder"])
+def test_workers_persist_across_epochs_and_follow_set_epoch(tmp_path: Path, dataset: str) -> None:
+    """Two workers, three epochs: the same two processes, and each epoch's batches are what
+    one process draws for that epoch."""
+    make_photo_folder(tmp_path, n=8)
+
+    def loader(workers: int):
+        args = loader_args(dataset, tmp_path, num_workers=workers, micro_batch_size=4)
+        return get_loader(**args)[0]
+
+    alone, workers = loader(0), loader(2)
+    pids = set()
+    for epoch in (0, 1, 2):
+        for each in (alone, workers):
+            each.sampler.set_epoch(epoch)
+            each.dataset.set_epoch(epoch)
+        for mine, theirs in zip(workers, alone, strict=True):
+            for a, b in zip(prepare_batch(mine, "cpu"), prepare_batch(theirs, "cpu"), strict=True):
+                assert torch.equal(a, b)
+        pids.add(tuple(w.pid for w in workers._iterator._workers))
+    assert len(pids) == 1
+
+
 def test_minival_and_test_loaders_are_sharded() -> None:
     """Every minival and test image on exactly one of 2 ranks, with the test preprocessing."""
     seen: dict[str, list[int]] = {"minival": [], "test": []}
@@ -277,7 +339,7 @@ def test_minival_and_test_loaders_are_sharded() -> None:
         for name, loader in (("minival", minival_loader), ("test", test_loader)):
             assert isinstance(loader.sampler, ShardSampler)
             seen[name] += list(loader.sampler)
-            images, _ = next(iter(loader))
+            images, _ = prepare_batch(next(iter(loader)), torch.device("cpu"))
             assert images.shape[1:] == (3, 32, 32)
     assert sorted(seen["minival"]) == list(range(29))
     assert sorted(seen["test"]) == list(range(360))
@@ -292,7 +354,7 @@ def test_minival_and_test_loaders_are_sharded() -> None:
 def test_build_eval_loader() -> None:
     test_set, _ = build_test_set("digits", "unused", 16)
     shards = [build_eval_loader(test_set, 50, 0, rank, 3) for rank in range(3)]
-    labels = [y for loader in shards for _, y in loader]
+    labels = [prepare_batch(b, "cpu")[1] for loader in shards for b in loader]
     assert sum(len(y) for y in labels) == 360
     assert sorted(i for loader in shards for i in loader.sampler) == list(range(360))
 

@@ -195,6 +195,7 @@ def test_batches_equal_the_image_folders(same_images: tuple[Path, Path]) -> None
                 assert torch.equal(a, b)
     for mine, theirs in ((t_minival, f_minival), (t_test, f_test)):
         for a, b in zip(mine, theirs, strict=True):
+            a, b = prepare_batch(a, "cpu"), prepare_batch(b, "cpu")
             assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 

@@ -16,7 +16,7 @@ from PIL import Image
 
 from models.modeling import VisionTransformer
 from tests.helpers import make_image_folder
-from utils.data.loaders import ImageFolderFiles, build_transforms, get_loader
+from utils.data.loaders import ImageFolderFiles, build_transforms, get_loader, prepare_batch
 from utils.data.preprocessing import BadImageError, find_images, read_image, to_rgb
 from utils.evals.classification import evaluate
 from utils.infra.errors import UserError
@@ -113,7 +113,7 @@ def test_bad_images_are_named_once_and_skipped_and_batches_keep_their_size(
         for epoch in range(2):
             train_loader.sampler.set_epoch(epoch)
             train_loader.dataset.set_epoch(epoch)
-            epochs.append([(images.clone(), labels.clone()) for images, labels in train_loader])
+            epochs.append([prepare_batch(batch, "cpu") for batch in train_loader])
     assert len(train_loader.dataset) == 12 + 3  # the bad files are still indices ...
     for batches in epochs:
         assert len(batches) == 15 // 4
@@ -132,7 +132,8 @@ def test_bad_images_are_named_once_and_skipped_and_batches_keep_their_size(
     again, _, _ = get_loader(**_args(root, num_workers=2))
     again.sampler.set_epoch(1)
     again.dataset.set_epoch(1)
-    for (images, labels), (expected, expected_labels) in zip(again, epochs[1], strict=True):
+    batches = (prepare_batch(batch, "cpu") for batch in again)
+    for (images, labels), (expected, expected_labels) in zip(batches, epochs[1], strict=True):
         torch.testing.assert_close(images, expected, rtol=0, atol=0)
         assert torch.equal(labels, expected_labels)
 

@@ -24,9 +24,12 @@ from utils.data.preprocessing import (
     Preprocess,
     crop_resize_batch,
     find_images,
+    pack_crops,
     resize,
+    resize_batch,
     sample_augment,
     sample_crop,
+    to_rgb,
 )
 from utils.infra.errors import UserError
 
@@ -268,6 +271,51 @@ def test_batched_path_equals_per_image_path(size: tuple[int, int]) -> None:
         torch.testing.assert_close(out[seed], want, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("size", [(32, 32), (48, 40)])
+def test_packed_crops_of_any_size_equal_slice_then_resize(size: tuple[int, int]) -> None:
+    """Crops of other sizes in one batch, up to far taller and wider than twice the output
+    (then only the lines the taps read travel): each equals its own resize, and a crop
+    never takes more than twice the output side in either direction."""
+    sides = [(7, 9), (1, 1), (120, 30), (20, 150), (300, 250), (2 * size[0] + 1, 2 * size[1])]
+    crops = [noise(h, w, seed) for seed, (h, w) in enumerate(sides)]
+    flips = [i % 2 == 0 for i in range(len(crops))]
+    pixels, *taps = pack_crops(crops, flips, size)
+    assert pixels.dtype == torch.uint8
+    assert pixels.shape[1] <= 2 * size[1]
+    assert len(pixels) == sum(min(h, 2 * size[0]) for h, _ in sides)
+    out = resize_batch(pixels, *taps)
+    assert out.shape == (len(crops), 3, *size)
+    for crop, flip, got in zip(crops, flips, out, strict=True):
+        torch.testing.assert_close(got, reference(crop, size, flip), atol=1e-5, rtol=0)
+
+
+def test_packed_views_of_an_image_equal_its_crops() -> None:
+    """Crops given as views into a larger image (what a worker slices) pack their own pixels."""
+    image = noise(90, 70)
+    boxes = [(0, 0, 90, 70), (10, 5, 40, 60), (89, 69, 1, 1)]
+    crops = [image[t : t + h, left : left + w] for t, left, h, w in boxes]
+    out = resize_batch(*pack_crops(crops, [False, True, False], (24, 24)))
+    for crop, flip, got in zip(crops, [False, True, False], out, strict=True):
+        torch.testing.assert_close(got, reference(np.ascontiguousarray(crop), (24, 24), flip))
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "RGBA", "I;16"])
+def test_a_training_crop_of_any_mode_is_the_box_of_its_rgb_pixels(mode: str) -> None:
+    """`Preprocess.crop` cuts a PIL image's box before making it an array: the same pixels as
+    converting the whole image to RGB, then slicing."""
+    if mode == "I;16":
+        image = Image.fromarray(np.arange(60 * 50, dtype=np.uint16).reshape(60, 50) * 20)
+    else:
+        image = Image.fromarray(noise(60, 50)).convert(mode)
+    transform = Preprocess((16, 16), train=True)
+    whole = np.asarray(to_rgb(image))
+    for seed in range(5):
+        crop, flip = transform.crop(image, np.random.default_rng(seed))
+        (top, left, h, w), want_flip = sample_augment(60, 50, np.random.default_rng(seed))
+        np.testing.assert_array_equal(crop, whole[top : top + h, left : left + w])
+        assert flip == want_flip
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_batched_path_on_cuda() -> None:
@@ -275,6 +323,11 @@ def test_batched_path_on_cuda() -> None:
     boxes, flips = torch.tensor(edge_boxes(32, 32)), torch.tensor([True, False] * 3 + [True])
     cpu = crop_resize_batch(pixels, boxes, flips, (384, 384))
     cuda = crop_resize_batch(pixels.cuda(), boxes, flips, (384, 384))
+    torch.testing.assert_close(cuda.cpu(), cpu, atol=1e-5, rtol=0)
+    crops = [noise(h, w, seed) for seed, (h, w) in enumerate([(40, 900), (700, 30), (5, 5)])]
+    packed = pack_crops(crops, [True, False, True], (224, 224))
+    cpu = resize_batch(*packed)
+    cuda = resize_batch(packed[0].cuda(), *packed[1:])
     torch.testing.assert_close(cuda.cpu(), cpu, atol=1e-5, rtol=0)
 
 

@@ -374,13 +374,13 @@ def test_loader_workers_leave_ctrl_c_to_the_trainer(tmp_path: Path) -> None:
         eval_batch_size=120,
         num_workers=1,
     )
-    assert sum(len(labels) for _, labels in test_loader) == 360
+    assert sum(len(batch) for batch in test_loader) == 360
     worker = test_loader._iterator._workers[0]  # persistent: reused by the next pass
     os.kill(worker.pid, signal.SIGINT)
     os.kill(worker.pid, signal.SIGTERM)
     time.sleep(0.5)
     assert worker.is_alive()
-    assert sum(len(labels) for _, labels in test_loader) == 360
+    assert sum(len(batch) for batch in test_loader) == 360
 
 
 def _as_written_before_bfloat16_momentum(path: Path, **sgd_options) -> None:

@@ -23,6 +23,7 @@ from PIL import Image
 import train
 from tests.helpers import make_image_folder, start_train, tiny_args
 from utils.infra.file_io import safe_load
+from utils.infra.flags import default_num_workers
 from utils.infra.train_state import last_state_path
 
 DEADLINE = 180  # s: a regression fails here instead of hanging the suite
@@ -141,7 +142,23 @@ def test_what_a_worker_finds_unreadable_reaches_the_log_once(
     with caplog.at_level(logging.WARNING):
         summary = train.main(argv)
     named = [r.getMessage() for r in caplog.records if str(truncated) in r.getMessage()]
-    assert len(named) == 1, named  # 6 steps of 2 batches: 3 epochs, each with new workers
+    assert len(named) == 1, named  # 6 steps of 2 batches: 3 epochs of the same workers
     assert "Skipping an unreadable image" in named[0]
     assert "truncated or damaged" in named[0]
     assert summary.unreadable_images == 1
+
+
+@pytest.mark.parametrize(
+    ("cpus", "processes", "workers"),
+    [(16, "1", 8), (16, "4", 3), (4, "1", 3), (2, "1", 1), (1, "1", 1), (64, "2", 8)],
+)
+def test_default_workers_follow_the_cpus_of_each_process(
+    monkeypatch: pytest.MonkeyPatch, cpus: int, processes: str, workers: int
+) -> None:
+    """The CPUs this process may run on, shared by the processes of the machine, one left to
+    each process itself; at least one worker, at most 8."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", processes)
+    assert default_num_workers() == workers
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert train.parse_args(["--name", "x"]).num_workers == min(8, max(1, cpus - 1))

@@ -11,7 +11,7 @@ integer labels, `image` and `label` unless `Columns` names others. The class nam
 label feature's `ClassLabel.names`; without a `ClassLabel`, the distinct label values, sorted,
 written as strings ("0", "1", ...), and a label's class is its place among them. Images are
 decoded by `read_image`, as an image folder's files are, then preprocessed by the same
-per-image path (`utils.data.loaders`); an unreadable one is skipped in the same way.
+path (`utils.data.loaders`); an unreadable one is skipped in the same way.
 
 `datasets` is optional: it is imported only here, when a split is read.
 """

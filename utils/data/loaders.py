@@ -9,18 +9,20 @@ the area) and a horizontal flip; test images are resized; everything is float32,
 Each dataset's torch-free facts are its `DatasetSpec` (`utils.data.registry.DATASETS`, with the
 splits); `READERS` here reads its splits. `get_loader` is the entry point.
 
-Two training paths, the same function of (seed, epoch, index):
+Loader workers only read pixels and draw the random choices; the float arithmetic (the
+resize, the flip, the scaling) runs on the training device in whole batches (`prepare_batch`),
+to the tensors the per-image path (`SeededAugment`, `WithTransform` with `Preprocess`) gives:
 
-- datasets held in memory as uint8 arrays (CIFAR, digits): loader workers only gather uint8
-  batches and sample each image's crop box and flip (`CropBatch`); `prepare_batch` crops,
-  resizes, mirrors and normalises the whole batch on the training device;
-- image folders and Hugging Face tables: workers decode and preprocess each image
-  (`SeededAugment`), and batches are ready-made `(images, labels)`; `prepare_batch` only moves
-  them.
+- training on datasets held in memory as uint8 arrays (CIFAR, digits): workers gather uint8
+  batches and sample each image's crop box and flip (`InMemoryAugment`, `CropBatch`);
+- training on image folders and Hugging Face tables: workers decode each image, sample its box
+  and flip and cut the box out (`DeviceAugment`, `ResizeBatch`);
+- evaluation (every dataset): workers decode, the device resizes (`DeviceResize`).
 
 Training augmentation is seeded per image from (seed, epoch, index), so a run is the same for
 any number of loader workers or processes: `torchrun --nproc_per_node 2` with the same total
-batch sees exactly the images and crops that one process does.
+batch sees exactly the images and crops that one process does. Workers persist across epochs
+and passes; the epoch reaches them through shared memory (`set_epoch`).
 
 An image of an image folder or a table that cannot be read (truncated, not an image, a
 decompression bomb) is named in a warning once and skipped, never fatal: in training the next
@@ -32,10 +34,12 @@ at start-up instead and refuses to start, listing the bad ones.
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -53,7 +57,9 @@ from utils.data.preprocessing import (
     UnreadableImages,
     Walk,
     crop_resize_batch,
+    pack_crops,
     read_image,
+    resize_batch,
     sample_augment,
     walk_files,
 )
@@ -74,10 +80,13 @@ from utils.infra.watchdog import WatchedLoader
 __all__ = [
     "READERS",
     "CropBatch",
+    "DeviceAugment",
+    "DeviceResize",
     "DigitsDataset",
     "ImageFolderFiles",
     "InMemoryAugment",
     "Indexed",
+    "ResizeBatch",
     "SeededAugment",
     "ShardSampler",
     "WithTransform",
@@ -130,11 +139,10 @@ def get_loader(
         columns: the image and label columns of a table (`--dataset hf`); default `Columns()`.
 
     The training loader shuffles with a `DistributedSampler` (call `set_epoch` on both the
-    sampler and the dataset each epoch) and drops the last incomplete batch; pass each of its
-    batches through `prepare_batch`. For datasets held in memory (CIFAR, digits) its batches
-    are `CropBatch`es (preprocessed on the device), for the others `(images, labels)`. The
-    minival and test loaders (`build_eval_loader`) yield `(images, labels)` with the test
-    preprocessing.
+    sampler and the dataset each epoch, before iterating) and drops the last incomplete batch.
+    Its batches are `CropBatch`es for datasets held in memory (CIFAR, digits), `ResizeBatch`es
+    for the others; the minival and test loaders (`build_eval_loader`) yield `ResizeBatch`es
+    with the test preprocessing. `prepare_batch` finishes any of them on the device.
 
     Every loader gets a private `torch.Generator`: otherwise each `iter(loader)` draws its
     worker seed from the global torch RNG, and a resumed run (which starts iterating at another
@@ -158,13 +166,12 @@ def get_loader(
     local_rank = max(rank if local_rank is None else local_rank, 0)
     with main_process_first(local_rank):
         download = local_rank == 0
-        train_raw, test_set, classes = _raw_datasets(spec, data_dir, download, columns)
+        train_raw, test_raw, classes = _raw_datasets(spec, data_dir, download, columns)
         if strict_images and not spec.in_memory and download:
-            for split in (train_raw, test_set):
+            for split in (train_raw, test_raw):
                 check_images(split)
     size = to_pair(img_size)
     test_transform = build_transforms(size, train=False)
-    test_set.transform = test_transform
 
     # Sorted by class (an image folder): hold out the end of each class, not the last class.
     by_class = train_raw.targets if spec.holdout_by_class else None
@@ -180,7 +187,7 @@ def get_loader(
             **_augment_options(spec),
         )
     else:
-        train_set = SeededAugment(
+        train_set = DeviceAugment(
             Subset(train_raw, train_idx),
             build_transforms(size, train=True, **_augment_options(spec)),
             seed,
@@ -195,15 +202,16 @@ def get_loader(
     train_sampler = DistributedSampler(
         train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=seed
     )
-    # Not persistent: workers are re-created each epoch and so see `train_set.set_epoch`.
+    # Persistent workers: `train_set.set_epoch` reaches them through shared memory.
     train_loader = _watched(
         train_set,
         batch_size=micro_batch_size,
         sampler=train_sampler,
         num_workers=num_workers,
-        collate_fn=_as_is if isinstance(train_set, InMemoryAugment) else None,
+        collate_fn=_as_is,
         drop_last=True,
         pin_memory=torch.cuda.is_available(),
+        persistent_workers=num_workers > 0,
         generator=torch.Generator(),
     )
 
@@ -212,7 +220,7 @@ def get_loader(
 
     minival_loader = None
     if minival_idx:
-        minival = WithTransform(Subset(train_raw, minival_idx), test_transform, classes)
+        minival = DeviceResize(Subset(train_raw, minival_idx), test_transform, classes)
         minival_loader = eval_loader(minival)
     elif holdout_fraction > 0:
         logger.warning(
@@ -220,6 +228,7 @@ def get_loader(
             holdout_fraction,
             len(train_raw),
         )
+    test_set = DeviceResize(test_raw, test_transform, classes)
     return train_loader, minival_loader, eval_loader(test_set)
 
 
@@ -230,15 +239,17 @@ def build_eval_loader(
 
     Workers persist across passes (evaluation runs many times in training) and ignore Ctrl+C
     (`init_worker`); their failures are one `LoaderError` (`WatchedLoader`). Unreadable images
-    are left out of their batch (`skip_unreadable`; a batch of none is None). The private
-    generator keeps `iter(loader)` from drawing on the global torch RNG.
+    are left out of their batch (a batch of none is None). A `DeviceResize` yields
+    `ResizeBatch`es (finished by `prepare_batch`), any other dataset its collated items
+    (`skip_unreadable`). The private generator keeps `iter(loader)` from drawing on the global
+    torch RNG.
     """
     return _watched(
         dataset,
         batch_size=batch_size,
         sampler=ShardSampler(len(dataset), rank, world_size),
         num_workers=num_workers,
-        collate_fn=skip_unreadable,
+        collate_fn=_as_is if isinstance(dataset, DeviceResize) else skip_unreadable,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=num_workers > 0,
         generator=torch.Generator(),
@@ -252,7 +263,7 @@ def build_test_set(
     download: bool = True,
     columns: Columns | None = None,
 ) -> tuple[Dataset, list[str]]:
-    """The test split alone, with the test preprocessing (for evaluation).
+    """The test split alone, with the test preprocessing (for evaluation), as a `DeviceResize`.
 
     Reads nothing of the training split: an image folder needs only `val/` (or `test/`), such
     as an ImageNet validation set; a table only its test split.
@@ -264,14 +275,15 @@ def build_test_set(
         columns: the image and label columns of a table; default `Columns()`.
 
     Returns:
-        (test_set, class_names). Items are (tensor (3, H, W) in [-1, 1], label).
+        (test_set, class_names). Items are (tensor (3, H, W) in [-1, 1], label); the batches
+        of its loader (`build_eval_loader`) are resized on the device.
 
     Raises:
         UserError: unknown dataset, missing data or wrong folder layout.
     """
-    test_set = _read_split(_spec(dataset), data_dir, False, download, columns)
-    test_set.transform = build_transforms(img_size, train=False)
-    return test_set, list(test_set.classes)
+    split = _read_split(_spec(dataset), data_dir, False, download, columns)
+    classes = list(split.classes)
+    return DeviceResize(split, build_transforms(img_size, train=False), classes), classes
 
 
 def build_split(
@@ -429,7 +441,7 @@ class ImageFolderFiles(UnreadableImages, datasets.ImageFolder):
     Class folders and their images follow `walk_files`' rules: hidden entries
     (`.ipynb_checkpoints`) and links to folders are left out, with one warning that counts them.
     An unreadable file is recorded and named in a warning once (`UnreadableImages`). Training
-    (`SeededAugment`) replaces such an item, evaluation leaves it out (`skip_unreadable`).
+    (`SeededAugment`) replaces such an item, evaluation leaves it out (`DeviceResize`).
     """
 
     def __init__(self, root: str):
@@ -567,13 +579,28 @@ def augment_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([seed, epoch, index]))
 
 
-class SeededAugment(Dataset):
+class _SharedEpoch:
+    """The epoch of a training set's augmentation, in shared memory: loader workers persist
+    across epochs and read what `set_epoch` writes in this process. Call it between epochs,
+    before iterating, as the sampler's."""
+
+    def __init__(self):
+        self._epoch = multiprocessing.RawValue("q", 0)
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch.value
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch.value = epoch
+
+
+class SeededAugment(_SharedEpoch, Dataset):
     """Wraps a dataset so each image's random transform is seeded by (seed, epoch, index).
 
     The transform is called as `transform(image, rng)` with `augment_rng(seed, epoch, index)`,
     so the augmentation of an image does not depend on which worker or process loads it, nor
-    on what ran before. Call `set_epoch` with the sampler's epoch (loader workers are
-    re-created every epoch).
+    on what ran before. Call `set_epoch` with the sampler's epoch.
 
     Args:
         base: yields (image, label) without a transform.
@@ -584,29 +611,55 @@ class SeededAugment(Dataset):
     def __init__(
         self, base: Dataset, transform: Callable, seed: int, classes: Sequence[str] | None = None
     ):
+        super().__init__()
         self.base = base
         self.transform = transform
         self.seed = seed
-        self.epoch = 0
         self.classes = list(classes if classes is not None else getattr(base, "classes", []))
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.base)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        # An unreadable image (None) is replaced by the next readable one, so the batch keeps
-        # its size; the crop is still drawn for `index`, whoever loads it.
+        image, target = self.readable(index)
+        return self.transform(image, augment_rng(self.seed, self.epoch, index)), target
+
+    def readable(self, index: int) -> tuple[Image.Image, int]:
+        """The untransformed item `index`; an unreadable image (None) is replaced by the next
+        readable one, so that a batch keeps its size (its crop is still drawn for `index`,
+        whoever loads it).
+
+        Raises:
+            UserError: no image of the split can be read.
+        """
         item, other = self.base[index], index
         while item is None:
             other = (other + 1) % len(self.base)
             if other == index:
                 raise UserError("No image of the training split can be read (see the warnings).")
             item = self.base[other]
-        image, target = item
-        return self.transform(image, augment_rng(self.seed, self.epoch, index)), target
+        return item
+
+
+class DeviceAugment(SeededAugment):
+    """`SeededAugment` with the training `Preprocess`, whose loader yields `ResizeBatch`es.
+
+    A loader over it gathers whole batches (`__getitems__`): each image is decoded, its crop
+    box and flip are drawn from `augment_rng(seed, epoch, index)` (`Preprocess.crop`) and the
+    box is cut out as uint8; `prepare_batch` resizes, mirrors and normalises the batch on the
+    training device, to the tensors `SeededAugment` computes per image (as `dataset[index]`
+    still does). Unreadable images are replaced as there.
+    """
+
+    def __getitems__(self, indices: Sequence[int]) -> ResizeBatch:
+        crops, flips, targets = [], [], []
+        for index in indices:
+            image, target = self.readable(index)
+            crop, flip = self.transform.crop(image, augment_rng(self.seed, self.epoch, index))
+            crops.append(crop)
+            flips.append(flip)
+            targets.append(target)
+        return ResizeBatch.pack(crops, flips, targets, self.transform.size)
 
 
 class WithTransform(Dataset):
@@ -628,6 +681,24 @@ class WithTransform(Dataset):
         return self.transform(image), target
 
 
+class DeviceResize(WithTransform):
+    """`WithTransform` with the test `Preprocess`, whose loader yields `ResizeBatch`es.
+
+    A loader over it gathers whole batches (`__getitems__`): workers decode the images, the
+    device resizes and normalises them (`prepare_batch`), to the tensors `dataset[index]`
+    computes per image. Unreadable images are left out of their batch; a batch of none is
+    None.
+    """
+
+    def __getitems__(self, indices: Sequence[int]) -> ResizeBatch | None:
+        items = [item for item in (self.base[i] for i in indices) if item is not None]
+        if not items:
+            return None
+        crops = [self.transform.crop(image)[0] for image, _ in items]
+        targets = [target for _, target in items]
+        return ResizeBatch.pack(crops, [False] * len(crops), targets, self.transform.size)
+
+
 class Indexed(WithTransform):
     """(transform(image), label, index), or None for an unreadable image: each image's position
     in `base` travels with it, e.g. through the shards of several processes."""
@@ -637,8 +708,29 @@ class Indexed(WithTransform):
         return None if item is None else (*item, index)
 
 
+class _DeviceBatch:
+    """A batch of uint8 pixels that `prepare_batch` finishes on the device: its tensors
+    (`TENSORS`) move together."""
+
+    TENSORS: ClassVar[tuple[str, ...]]
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def pin_memory(self):
+        """Called by a `DataLoader(pin_memory=True)`: every tensor, so that no copy to the GPU
+        waits for the GPU (a copy from pageable memory synchronises the stream)."""
+        return replace(self, **{name: getattr(self, name).pin_memory() for name in self.TENSORS})
+
+    def to(self, device: torch.device):
+        """The tensors on `device`, copied asynchronously (from pinned memory)."""
+        moved = {name: getattr(self, name).to(device, non_blocking=True) for name in self.TENSORS}
+        return replace(self, **moved)
+
+
 @dataclass
-class CropBatch:
+class CropBatch(_DeviceBatch):
     """A training batch before preprocessing: uint8 pixels plus each image's random choices.
 
     Attributes:
@@ -649,31 +741,60 @@ class CropBatch:
         size: output (height, width).
     """
 
+    TENSORS: ClassVar[tuple[str, ...]] = ("images", "labels", "boxes", "flips")
+
     images: torch.Tensor
     labels: torch.Tensor
     boxes: torch.Tensor
     flips: torch.Tensor
     size: tuple[int, int]
 
-    def __len__(self) -> int:
-        return len(self.labels)
 
-    def pin_memory(self) -> CropBatch:
-        """Called by a `DataLoader(pin_memory=True)`: every tensor, so that no copy to the GPU
-        waits for the GPU (a copy from pageable memory synchronises the stream)."""
-        pinned = {name: getattr(self, name).pin_memory() for name in _TENSORS}
-        return replace(self, **pinned)
+@dataclass
+class ResizeBatch(_DeviceBatch):
+    """Decoded images before preprocessing: each image's uint8 crop (in evaluation the whole
+    image) and where the bilinear resize reads it (`utils.data.preprocessing.pack_crops`).
 
-    def to(self, device: torch.device) -> CropBatch:
-        """The tensors on `device`, copied asynchronously (from pinned memory)."""
-        moved = {name: getattr(self, name).to(device, non_blocking=True) for name in _TENSORS}
-        return replace(self, **moved)
+    Attributes:
+        pixels: (N, W, 3) uint8, the rows of every crop, one crop after the other, zeros right
+            of the narrower ones; a crop side over twice the output side keeps only the lines
+            the resize reads.
+        labels: (B,) int64.
+        rows: (B, 2, out_h) int64, the two rows of `pixels` each output row reads.
+        row_weights: (B, out_h) float32, the second row's weight.
+        cols, col_weights: the same for columns (a mirrored image's in reverse order).
+    """
+
+    TENSORS: ClassVar[tuple[str, ...]] = (
+        "pixels",
+        "labels",
+        "rows",
+        "row_weights",
+        "cols",
+        "col_weights",
+    )
+
+    pixels: torch.Tensor
+    labels: torch.Tensor
+    rows: torch.Tensor
+    row_weights: torch.Tensor
+    cols: torch.Tensor
+    col_weights: torch.Tensor
+
+    @classmethod
+    def pack(
+        cls,
+        crops: Sequence[np.ndarray],
+        flips: Sequence[bool],
+        targets: Sequence[int],
+        size: tuple[int, int],
+    ) -> ResizeBatch:
+        pixels, rows, row_weights, cols, col_weights = pack_crops(crops, flips, size)
+        labels = torch.tensor(targets, dtype=torch.int64)
+        return cls(pixels, labels, rows, row_weights, cols, col_weights)
 
 
-_TENSORS = ("images", "labels", "boxes", "flips")
-
-
-class InMemoryAugment(Dataset):
+class InMemoryAugment(_SharedEpoch, Dataset):
     """Training images held as a uint8 array: items are `CropBatch`es, preprocessed on the device.
 
     A loader over it gathers whole batches (`__getitems__`) and samples each image's crop box
@@ -698,6 +819,7 @@ class InMemoryAugment(Dataset):
         flip: bool = True,
         crop_scale: tuple[float, float] = CROP_AREA,
     ):
+        super().__init__()
         if images.ndim == 3:  # grey: the model reads RGB
             images = np.repeat(images[..., None], 3, axis=-1)
         self.images = images
@@ -707,10 +829,6 @@ class InMemoryAugment(Dataset):
         self.seed = seed
         self.flip = flip
         self.crop_scale = tuple(crop_scale)
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.images)
@@ -735,22 +853,26 @@ class InMemoryAugment(Dataset):
         return self.__getitems__([index])
 
 
-def _as_is(batch: CropBatch) -> CropBatch:
-    """`collate_fn` of `InMemoryAugment` loaders: the dataset already returns whole batches."""
+def _as_is(batch: CropBatch | ResizeBatch | None) -> CropBatch | ResizeBatch | None:
+    """`collate_fn` of datasets whose `__getitems__` returns whole batches."""
     return batch
 
 
 def prepare_batch(
-    batch: CropBatch | Sequence[torch.Tensor], device: torch.device
+    batch: CropBatch | ResizeBatch | Sequence[torch.Tensor], device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A batch from any of our loaders -> model-ready `(images, labels)` on `device`.
 
-    A `CropBatch` travels as uint8 and is cropped, resized, mirrored and normalised there; an
-    `(images, labels)` batch is only moved.
+    A `CropBatch` or `ResizeBatch` travels as uint8 and is cropped, resized, mirrored and
+    normalised there; an `(images, labels)` batch is only moved.
     """
     if isinstance(batch, CropBatch):
         batch = batch.to(device)
         return crop_resize_batch(batch.images, batch.boxes, batch.flips, batch.size), batch.labels
+    if isinstance(batch, ResizeBatch):
+        batch = batch.to(device)
+        taps = (batch.rows, batch.row_weights, batch.cols, batch.col_weights)
+        return resize_batch(batch.pixels, *taps), batch.labels
     images, labels = batch
     return images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
 

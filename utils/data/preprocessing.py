@@ -12,10 +12,13 @@ decompression-bomb limit) raises `BadImageError` naming it.
 
 Two implementations of the same function:
 
-- per image (`Preprocess`, loader workers): PIL image or uint8 array in, (3, H, W) out;
-- per batch on the training device (`crop_resize_batch`): uint8 images held in memory plus the
-  crop box and flip of each (sampled in the workers with `sample_augment`), so a worker only
-  gathers uint8 pixels.
+- per image (`Preprocess`): PIL image or uint8 array in, (3, H, W) out;
+- per batch on the training device (`resize_batch`), from uint8 pixels and the bilinear taps of
+  each image (where each output row and column reads, and with what weight), so that loader
+  workers only decode or gather uint8 pixels and sample each crop box and flip
+  (`sample_augment`): `crop_resize_batch` finishes same-sized images held in memory (CIFAR)
+  from their boxes; `pack_crops` packs crops of any size (decoded files, test images) and
+  their taps in the worker.
 
 Both reproduce `F.interpolate(x, size, mode="bilinear", align_corners=False, antialias=False)`
 (what `tf.image.resize` computes) to ~1e-6, including where the bilinear taps are clamped at
@@ -24,6 +27,7 @@ the border of a crop box; `grid_sample` and `roi_align` are not exact there.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import glob
 import logging
@@ -55,8 +59,10 @@ __all__ = [
     "Walk",
     "crop_resize_batch",
     "find_images",
+    "pack_crops",
     "read_image",
     "resize",
+    "resize_batch",
     "sample_augment",
     "sample_crop",
     "to_rgb",
@@ -384,16 +390,18 @@ def read_image(
     """
     name = path if name is None else name
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _opened(path) as file:
             # PIL only warns up to twice its limit, then decodes for minutes: refuse at once.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                if check_only:
-                    image.draft("RGB", CHECK_SIZE)
-                    image.load()
-                    return None
-                # A decoded copy: the original's pixels are freed when the file closes.
-                return to_rgb(image) if image.mode in SIXTEEN_BIT else image.convert("RGB")
+            image = Image.open(file)
+            if check_only:
+                image.draft("RGB", CHECK_SIZE)
+                image.load()
+                return None
+            # Decoded in full: the pixels outlive the file (PIL does not own it, so closing it
+            # frees nothing), and an RGB image needs no copy.
+            image.load()
+            return to_rgb(image)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         found = re.search(r"\((\d+) pixels\)", str(err))
         pixels = f"{int(found.group(1)):,}" if found else "too many"
@@ -408,6 +416,13 @@ def read_image(
         ) from None
     except (OSError, ValueError, SyntaxError, EOFError) as err:  # PIL's decoders raise these
         raise BadImageError(name, f"truncated or damaged ({err}).") from None
+
+
+def _opened(path: str | os.PathLike | BinaryIO) -> contextlib.AbstractContextManager[BinaryIO]:
+    """A file to read `path` from, closed after; an open file as it is."""
+    if isinstance(path, (str, os.PathLike)):
+        return open(path, "rb")
+    return contextlib.nullcontext(path)
 
 
 class UnreadableImages:
@@ -526,15 +541,7 @@ class Preprocess:
             rng: random source of the training crop and flip (see `sample_augment`); a fresh
                 one from OS entropy when None, so loader workers never share a stream.
         """
-        pixels = _pixels(image)
-        flipped = False
-        if self.train:
-            rng = rng if rng is not None else np.random.default_rng()
-            height, width = pixels.shape[:2]
-            (top, left, crop_h, crop_w), flipped = sample_augment(
-                height, width, rng, self.area_range, self.flip
-            )
-            pixels = pixels[top : top + crop_h, left : left + crop_w]
+        pixels, flipped = self.crop(image, rng)
         source = torch.from_numpy(pixels.astype(np.float32)).permute(2, 0, 1)  # (3, h, w)
         # Normalising commutes with resizing (the weights sum to 1): do it on the smaller one.
         small_source = pixels.shape[0] * pixels.shape[1] < self.size[0] * self.size[1]
@@ -542,6 +549,27 @@ class Preprocess:
             _normalize_(source)
         out = resize(source, self.size, flipped)
         return out if small_source else _normalize_(out)
+
+    def crop(
+        self, image: Image.Image | np.ndarray, rng: np.random.Generator | None = None
+    ) -> tuple[np.ndarray, bool]:
+        """The random choices of one call, before any arithmetic: the uint8 (h, w, 3) pixels it
+        resizes (in training the box `sample_augment` draws from `rng`, a view when `image` is
+        an array; otherwise the whole image) and whether it mirrors them.
+
+        The batched path (`pack_crops`, then `resize_batch`) finishes what this returns.
+        """
+        if not self.train:
+            return _pixels(image), False
+        rng = rng if rng is not None else np.random.default_rng()
+        is_pil = isinstance(image, Image.Image)
+        height, width = image.size[::-1] if is_pil else image.shape[:2]
+        (top, left, crop_h, crop_w), flipped = sample_augment(
+            height, width, rng, self.area_range, self.flip
+        )
+        if is_pil:  # only the box becomes an array (conversions to RGB act per pixel)
+            return _pixels(image.crop((left, top, left + crop_w, top + crop_h))), flipped
+        return _pixels(image)[top : top + crop_h, left : left + crop_w], flipped
 
     def __repr__(self) -> str:
         kind = f"train, area {self.area_range}, flip {self.flip}" if self.train else "test"
@@ -611,7 +639,7 @@ def crop_resize_batch(
 
     Each output row and column reads its two bilinear taps inside its own image's box (the
     taps are clamped to the box, as slicing first and then resizing clamps them), gathered
-    directly from the uncropped images.
+    directly from the uncropped images (`resize_batch`).
 
     Args:
         images: (B, H, W, 3) uint8, any device.
@@ -623,31 +651,122 @@ def crop_resize_batch(
         (B, 3, *size) float32 in [-1, 1], on the images' device.
     """
     device = images.device
+    batch, height, width = images.shape[:3]
     boxes = boxes.to(device=device, dtype=torch.int64)
     flips = flips.to(device=device, dtype=torch.bool)
-    pixels = _normalize_(images.permute(0, 3, 1, 2).float())  # (B, 3, H, W)
-    batch, width = pixels.shape[0], pixels.shape[3]
-    out_h, out_w = size
-
-    # Rows first, as the per-image path's first matrix product: (B, 3, Ho, W).
-    row0, row1, row_w = _source_taps(boxes[:, 2], out_h)  # (B, Ho), inside each box
-    top = boxes[:, :1]
-    shape = (batch, 3, out_h, width)
-    rows = torch.lerp(
-        pixels.gather(2, (row0 + top)[:, None, :, None].expand(shape)),
-        pixels.gather(2, (row1 + top)[:, None, :, None].expand(shape)),
-        row_w[:, None, :, None],
+    rows, row_weights = _taps(boxes[:, 2], size[0])
+    cols, col_weights = _mirror(*_taps(boxes[:, 3], size[1]), flips)
+    first_row = torch.arange(batch, device=device) * height + boxes[:, 0]  # of each box
+    rows = rows + first_row[:, None, None]
+    cols = cols + boxes[:, None, 1:2]
+    return resize_batch(
+        images.reshape(batch * height, width, 3), rows, row_weights, cols, col_weights
     )
 
-    # Then columns; a mirrored image reads its column taps in reverse order: (B, 3, Ho, Wo).
-    col0, col1, col_w = _source_taps(boxes[:, 3], out_w)  # (B, Wo)
-    mirrored, left = flips[:, None], boxes[:, 1:2]
-    col0 = torch.where(mirrored, col0.flip(1), col0) + left
-    col1 = torch.where(mirrored, col1.flip(1), col1) + left
-    col_w = torch.where(mirrored, col_w.flip(1), col_w)
+
+def resize_batch(
+    pixels: torch.Tensor,
+    rows: torch.Tensor,
+    row_weights: torch.Tensor,
+    cols: torch.Tensor,
+    col_weights: torch.Tensor,
+) -> torch.Tensor:
+    """Bilinear resize of a batch of uint8 images by their taps, then `(x - 127.5) / 127.5`, on
+    the pixels' device.
+
+    Rows first, then columns, in float32, as the per-image path's two matrix products: each
+    output row interpolates its two source rows (gathered as uint8), then each output column
+    its two columns of that.
+
+    Args:
+        pixels: (N, W, 3) uint8, the pixel rows of all images of the batch, stacked (e.g. a
+            (B, H, W, 3) batch reshaped to (B * H, W, 3); `pack_crops`).
+        rows: (B, 2, out_h) int64, the first and second row of `pixels` each output row of
+            each image reads.
+        row_weights: (B, out_h) float32, the second row's weight.
+        cols, col_weights: the same for columns, (B, 2, out_w) and (B, out_w).
+
+    Returns:
+        (B, 3, out_h, out_w) float32 in [-1, 1].
+    """
+    device = pixels.device
+    rows, cols = rows.to(device), cols.to(device)
+    batch, out_h, out_w = rows.shape[0], rows.shape[2], cols.shape[2]
+    top, bottom = (
+        _normalize_(pixels[rows[:, i]].permute(0, 3, 1, 2).contiguous().float())  # (B, 3, out_h, W)
+        for i in (0, 1)
+    )
+    by_rows = torch.lerp(top, bottom, row_weights.to(device)[:, None, :, None])
     shape = (batch, 3, out_h, out_w)
-    return torch.lerp(
-        rows.gather(3, col0[:, None, None, :].expand(shape)),
-        rows.gather(3, col1[:, None, None, :].expand(shape)),
-        col_w[:, None, None, :],
+    left, right = (by_rows.gather(3, cols[:, i, None, None, :].expand(shape)) for i in (0, 1))
+    return torch.lerp(left, right, col_weights.to(device)[:, None, None, :])
+
+
+def pack_crops(
+    crops: Sequence[np.ndarray], flips: Sequence[bool], size: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """uint8 crops of any sizes -> what `resize_batch` resizes to `size`, mirroring `flips`.
+
+    In a loader worker: the crops' rows are stacked, one crop after the other, in one uint8
+    tensor as wide as the widest crop (zeros right of the narrower ones), and each crop's taps
+    are computed as `crop_resize_batch` computes them for a box of the crop's size. A crop
+    side longer than twice the output side is cut down to the lines its taps read, first taps
+    then second taps (a resize without antialiasing reads nothing else): the result is the
+    same, and a crop takes at most (2 out_h) x (2 out_w) pixels, the bytes of its float32
+    output, whatever the size of the image.
+
+    Args:
+        crops: (h, w, 3) uint8 arrays (views are fine).
+        flips: mirror these crops.
+        size: output (height, width).
+
+    Returns:
+        pixels (N, W, 3) uint8, rows (B, 2, out_h), row_weights (B, out_h), cols (B, 2, out_w),
+        col_weights (B, out_w): the arguments of `resize_batch`.
+    """
+    out_h, out_w = size
+    rows, row_weights = _taps(torch.tensor([c.shape[0] for c in crops]), out_h)
+    cols, col_weights = _taps(torch.tensor([c.shape[1] for c in crops]), out_w)
+    kept = []
+    for b, crop in enumerate(crops):
+        if crop.shape[0] > 2 * out_h:
+            crop = crop[rows[b].flatten().numpy()]  # (2 out_h, w, 3)
+            rows[b] = torch.arange(2 * out_h).view(2, out_h)
+        if crop.shape[1] > 2 * out_w:
+            crop = crop[:, cols[b].flatten().numpy()]  # (h, 2 out_w, 3)
+            cols[b] = torch.arange(2 * out_w).view(2, out_w)
+        kept.append(crop)
+    cols, col_weights = _mirror(cols, col_weights, torch.tensor(flips, dtype=torch.bool))
+    heights = torch.tensor([crop.shape[0] for crop in kept])
+    starts = torch.cumsum(heights, 0) - heights  # each crop's first row
+    pixels = _zeros((int(heights.sum()), max(crop.shape[1] for crop in kept), 3))
+    stacked = pixels.numpy()
+    for start, crop in zip(starts.tolist(), kept, strict=True):
+        stacked[start : start + crop.shape[0], : crop.shape[1]] = crop
+    return pixels, rows + starts[:, None, None], row_weights, cols, col_weights
+
+
+def _taps(in_sizes: torch.Tensor, out_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_source_taps` as (B, 2, out_size) first and second taps, and the second's weights."""
+    first, second, weight = _source_taps(in_sizes, out_size)
+    return torch.stack([first, second], dim=1), weight
+
+
+def _mirror(
+    cols: torch.Tensor, weights: torch.Tensor, flips: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Column taps of mirrored images (`flips`) in reverse order."""
+    return (
+        torch.where(flips[:, None, None], cols.flip(-1), cols),
+        torch.where(flips[:, None], weights.flip(-1), weights),
     )
+
+
+def _zeros(shape: tuple[int, ...]) -> torch.Tensor:
+    """A uint8 tensor of zeros. In a loader worker it is new shared memory (which reads as
+    zeros), where a batch travels to the training process without another copy, as torch's
+    own collate allocates it."""
+    if torch.utils.data.get_worker_info() is None:
+        return torch.zeros(shape, dtype=torch.uint8)
+    storage = torch.UntypedStorage._new_shared(int(np.prod(shape)))
+    return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)

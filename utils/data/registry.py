@@ -45,9 +45,10 @@ class DatasetSpec:
         published: a published dataset, downloaded or bundled, whose name fixes its images;
             otherwise the user's own files under `--data_dir` (their test split is checked
             before a sweep starts, and few-shot caches key them by their files).
-        in_memory: the training images are held as uint8 arrays, cropped and resized on the
-            training device; otherwise loader workers decode and preprocess each image, an
-            unreadable one is skipped with a warning and `--strict_images` checks them all.
+        in_memory: the training images are held as uint8 arrays, gathered by loader workers;
+            otherwise workers decode each image (and cut its training crop out), an unreadable
+            one is skipped with a warning and `--strict_images` checks them all. Either way the
+            device resizes.
         holdout_by_class: minival is the end of each class, not of the whole split.
         num_classes: known before reading the data; None: the data says.
         flip: mirror half of the training images.

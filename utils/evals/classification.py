@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from utils.data.loaders import prepare_batch
 from utils.infra.dist_utils import all_reduce_sum, unwrap
 from utils.infra.errors import UserError
 from utils.recipe.amp import autocast
@@ -56,7 +57,7 @@ def evaluate(
     for batch in tqdm(test_loader, desc="Validating", disable=not progress, leave=False):
         if batch is None:  # every image of it was unreadable (`skip_unreadable`)
             continue
-        images, labels = (t.to(device, non_blocking=True) for t in batch)
+        images, labels = prepare_batch(batch, device)  # (test images resized on the device)
         with autocast(precision, device):
             logits = model(images)[0]  # (B, classes)
         logits = logits.float()

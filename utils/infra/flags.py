@@ -31,6 +31,7 @@ __all__ = [
     "add_process_flags",
     "add_tf32_flag",
     "add_verbose",
+    "default_num_workers",
     "fraction",
     "http_url",
     "log_level",
@@ -216,14 +217,31 @@ def add_model_flags(
     parser.add_argument("--img_size", type=positive_int, default=None, **size)
 
 
+MAX_DEFAULT_WORKERS = 8  # each decodes a few hundred images/s: enough for a fast GPU
+
+
+def default_num_workers() -> int:
+    """Loader workers per process by default: the CPUs this process may run on
+    (`os.sched_getaffinity`), shared among the processes of this machine (torchrun's
+    `LOCAL_WORLD_SIZE`), less one for the process itself; at least 1, at most
+    `MAX_DEFAULT_WORKERS`."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    per_process = cpus // max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
+    return min(MAX_DEFAULT_WORKERS, max(1, per_process - 1))
+
+
 def add_process_flags(parser: argparse.ArgumentParser, workers: str = "Data-loading") -> None:
-    """`--num_workers` (up to 4, one per CPU) and `--local_rank`, of a script whose every
+    """`--num_workers` (`default_num_workers`) and `--local_rank`, of a script whose every
     process reads data (under torchrun)."""
     parser.add_argument(
         "--num_workers",
         type=non_negative_int,
-        default=min(4, os.cpu_count() or 1),
-        help=f"{workers} worker processes per process.",
+        default=default_num_workers(),
+        help=f"{workers} worker processes per process (default: one per CPU this process may "
+        f"use, less one, at most {MAX_DEFAULT_WORKERS}; here %(default)s).",
     )
     parser.add_argument(
         "--local_rank",
