@@ -40,8 +40,8 @@ from utils.infra import memory
 from utils.infra.errors import USER_ERRORS
 from utils.infra.file_io import safe_load
 from utils.infra.loading import which_model
-from utils.recipe.amp import set_tf32
 from utils.infra.train_state import last_state_path
+from utils.recipe.amp import set_tf32
 from utils.recipe.precision import resolve_precision
 from utils.recipe.update_rule import applied_lr
 
