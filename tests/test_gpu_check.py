@@ -87,7 +87,12 @@ def test_dry_run_passes_every_step(tmp_path: Path) -> None:
     assert 4 <= stopped["figures"]["stopped_at"] < 12
     assert steps["train fp16, --resume"]["figures"]["step"] == 12
     assert steps["train bf16"]["figures"]["step"] == 12
-    assert report["projections"]
+    # Each projection says what its rate includes; train.py's leaves evaluation out, as its
+    # summary's images/s does.
+    bases = list(report["projections"])
+    assert len(bases) == 2
+    assert any("evaluation left out" in basis for basis in bases)
+    assert any("training step alone" in basis for basis in bases)
 
     summary = (tmp_path / "gpu_check.md").read_text()
     for name in STEPS:

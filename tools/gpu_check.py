@@ -328,11 +328,17 @@ def projections(steps: list[Step], plan: Plan) -> dict:
     for step in steps:
         if step.name.startswith("bench") and "train_img_s" in step.figures:
             s = step.figures["settings"]
-            basis = f"bench.py, ours, {s['model_type']} @ {s['img_size']}, {s['dtype']}"
+            basis = (
+                f"bench.py, ours, {s['model_type']} @ {s['img_size']}, {s['dtype']}: the "
+                "training step alone (no data loading, evaluation or saving)"
+            )
             rates[basis] = step.figures["train_img_s"]["ours"]
         if step.name == "train bf16" and "train_img_s" in step.figures:
             model, size = _flag(plan.train, "--model_type"), _flag(plan.train, "--img_size")
-            basis = f"train.py's loop, {model} @ {size}, bf16, evaluation included"
+            basis = (
+                f"train.py's loop, {model} @ {size}, bf16: its summary's images/s (data "
+                "loading, last-state saves and compiling included, evaluation left out)"
+            )
             rates[basis] = step.figures["train_img_s"]
     return {
         basis: {
