@@ -423,14 +423,14 @@ def make_trainer(args: argparse.Namespace, model: VisionTransformer, info: DistI
         accumulation_steps=args.gradient_accumulation_steps,
         grad_checkpointing=args.grad_checkpointing,
     )
-    # The rate is a tensor on the device that the schedule fills in place (a compiled step reads
-    # each update's rate without recompiling); the schedule's base stays the exact float.
-    learning_rate = torch.tensor(args.learning_rate, device=info.device)
+    # The rate lives on the device: the schedule fills it in place, so no step reads it back.
     optimizer = make_optimizer(
-        model.parameters(), learning_rate, args.optim_dtype, args.weight_decay
+        model.parameters(),
+        args.learning_rate,
+        args.optim_dtype,
+        args.weight_decay,
+        device=info.device,
     )
-    for group in optimizer.param_groups:
-        group["initial_lr"] = args.learning_rate
     optimizer.init_momentum()  # the state a compiled step sees from its first call
     scheduler = make_scheduler(optimizer, args.num_steps, args.warmup_steps, args.decay_type)
     scaler = make_scaler(precision, args.loss_scale, info.device)

@@ -419,9 +419,8 @@ def test_a_rate_and_a_skip_on_the_device(momentum_dtype: str) -> None:
     init, grads = _problem()
     float_rate = _torch_run(init, grads, momentum_dtype, "cosine", clip=True)
     params = [torch.nn.Parameter(torch.from_numpy(p.copy())) for p in init]
-    optimizer = make_optimizer(params, torch.tensor(BASE), momentum_dtype)
-    for group in optimizer.param_groups:
-        group["initial_lr"] = BASE  # the exact base, as train.py sets it
+    optimizer = make_optimizer(params, BASE, momentum_dtype, device="cpu")  # as train.py's
+    assert all(torch.is_tensor(group["lr"]) for group in optimizer.param_groups)
     scheduler = make_scheduler(optimizer, TOTAL, WARMUP, "cosine")
     reads = HostReads()
     for k, (g, (want_params, want_traces)) in enumerate(zip(grads, float_rate, strict=True)):

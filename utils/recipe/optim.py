@@ -372,8 +372,19 @@ def make_optimizer(
     lr: float,
     momentum_dtype: str,
     weight_decay: float = 0.0,
+    device: torch.device | str | None = None,
 ) -> SGDMomentum:
-    """vit_jax's optimizer: SGD with momentum 0.9 stored in `momentum_dtype` (`OPTIM_DTYPES`)."""
-    return SGDMomentum(
-        params, lr=lr, momentum=0.9, momentum_dtype=momentum_dtype, weight_decay=weight_decay
+    """vit_jax's optimizer: SGD with momentum 0.9 stored in `momentum_dtype` (`OPTIM_DTYPES`).
+
+    With `device`, the rate is a 0-d tensor there that `make_scheduler` fills in place (a
+    compiled step reads each update's rate without recompiling), and each group's `initial_lr`,
+    the schedule's base, is `lr` itself, not its float32 rounding.
+    """
+    rate = lr if device is None else torch.tensor(lr, device=device)
+    optimizer = SGDMomentum(
+        params, lr=rate, momentum=0.9, momentum_dtype=momentum_dtype, weight_decay=weight_decay
     )
+    if device is not None:
+        for group in optimizer.param_groups:
+            group["initial_lr"] = lr
+    return optimizer
