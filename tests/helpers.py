@@ -38,6 +38,7 @@ from torchvision import datasets
 
 from models.configs import ViTConfig, get_config
 from models.modeling import VisionTransformer
+from utils.data.loaders import prepare_batch
 from utils.infra.errors import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -513,3 +514,17 @@ def script_error(*argv: str, **options: object) -> str:
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     return proc.stderr
+
+
+def set_epoch(loader: torch.utils.data.DataLoader, epoch: int) -> None:
+    """Start `epoch` of a training loader as train.py does: its sampler's order and its
+    dataset's augmentation."""
+    loader.sampler.set_epoch(epoch)
+    loader.dataset.set_epoch(epoch)
+
+
+def assert_same_batches(mine: Iterator, theirs: Iterator) -> None:
+    """Two loaders give equal batches, each as the training device would get it."""
+    for a, b in zip(mine, theirs, strict=True):
+        for x, y in zip(prepare_batch(a, "cpu"), prepare_batch(b, "cpu"), strict=True):
+            assert torch.equal(x, y)

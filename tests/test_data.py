@@ -23,11 +23,13 @@ from torch.utils.data import Subset
 from tests.helpers import (
     CIFAR_LAYOUT,
     QuietHandler,
+    assert_same_batches,
     decode_cifar_row,
     loader_args,
     make_image_folder,
     make_photo_folder,
     serve_cifar,
+    set_epoch,
 )
 from utils.data.loaders import (
     READERS,
@@ -227,8 +229,7 @@ def test_digits_train_loader_matches_the_per_image_path() -> None:
     assert (len(train_loader.dataset), len(minival_loader.dataset)) == (1408, 29)
     assert len(test_loader.dataset) == 360
     assert train_loader.dataset.classes == [str(d) for d in range(10)]
-    train_loader.sampler.set_epoch(1)
-    train_loader.dataset.set_epoch(1)
+    set_epoch(train_loader, 1)
     batch = next(iter(train_loader))
     assert isinstance(batch, CropBatch)
     assert batch.images.dtype == torch.uint8
@@ -253,8 +254,7 @@ def test_digits_train_loader_matches_the_per_image_path() -> None:
 def test_train_batches_do_not_depend_on_the_number_of_workers() -> None:
     def epoch(workers: int, number: int) -> list[CropBatch]:
         loader = get_loader(**loader_args("digits", num_workers=workers, micro_batch_size=64))[0]
-        loader.sampler.set_epoch(number)
-        loader.dataset.set_epoch(number)
+        set_epoch(loader, number)
         return list(loader)
 
     def same(a: list[CropBatch], b: list[CropBatch]) -> bool:
@@ -321,11 +321,8 @@ def test_workers_persist_across_epochs_and_follow_set_epoch(tmp_path: Path, data
     pids = set()
     for epoch in (0, 1, 2):
         for each in (alone, workers):
-            each.sampler.set_epoch(epoch)
-            each.dataset.set_epoch(epoch)
-        for mine, theirs in zip(workers, alone, strict=True):
-            for a, b in zip(prepare_batch(mine, "cpu"), prepare_batch(theirs, "cpu"), strict=True):
-                assert torch.equal(a, b)
+            set_epoch(each, epoch)
+        assert_same_batches(workers, alone)
         pids.add(tuple(w.pid for w in workers._iterator._workers))
     assert len(pids) == 1
 

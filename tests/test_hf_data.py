@@ -23,10 +23,12 @@ import fewshot as fewshot_script
 import sweep
 import train
 from tests.helpers import (
+    assert_same_batches,
     distinct_model,
     expect_user_error,
     load_checkpoint,
     loader_args,
+    set_epoch,
     tiny_args,
 )
 from utils.data.loaders import (
@@ -188,11 +190,8 @@ def test_batches_equal_the_image_folders(same_images: tuple[Path, Path]) -> None
     assert (len(t_train.dataset), len(t_minival.dataset), len(t_test.dataset)) == (9, 3, 6)
     for epoch in (0, 1):
         for loader in (f_train, t_train):
-            loader.sampler.set_epoch(epoch)
-            loader.dataset.set_epoch(epoch)
-        for mine, theirs in zip(t_train, f_train, strict=True):
-            for a, b in zip(prepare_batch(mine, "cpu"), prepare_batch(theirs, "cpu"), strict=True):
-                assert torch.equal(a, b)
+            set_epoch(loader, epoch)
+        assert_same_batches(t_train, f_train)
     for mine, theirs in ((t_minival, f_minival), (t_test, f_test)):
         for a, b in zip(mine, theirs, strict=True):
             a, b = prepare_batch(a, "cpu"), prepare_batch(b, "cpu")

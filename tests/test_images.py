@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from models.modeling import VisionTransformer
-from tests.helpers import make_image_folder
+from tests.helpers import make_image_folder, set_epoch
 from utils.data.loaders import ImageFolderFiles, build_transforms, get_loader, prepare_batch
 from utils.data.preprocessing import BadImageError, find_images, read_image, to_rgb
 from utils.evals.classification import evaluate
@@ -111,8 +111,7 @@ def test_bad_images_are_named_once_and_skipped_and_batches_keep_their_size(
         train_loader, _, test_loader = get_loader(**_args(root))
         epochs = []
         for epoch in range(2):
-            train_loader.sampler.set_epoch(epoch)
-            train_loader.dataset.set_epoch(epoch)
+            set_epoch(train_loader, epoch)
             epochs.append([prepare_batch(batch, "cpu") for batch in train_loader])
     assert len(train_loader.dataset) == 12 + 3  # the bad files are still indices ...
     for batches in epochs:
@@ -130,8 +129,7 @@ def test_bad_images_are_named_once_and_skipped_and_batches_keep_their_size(
     # Substitutes and crops depend on (seed, epoch, index) only: loader workers (which share
     # the record of bad files) and a resumed run see the same batches.
     again, _, _ = get_loader(**_args(root, num_workers=2))
-    again.sampler.set_epoch(1)
-    again.dataset.set_epoch(1)
+    set_epoch(again, 1)
     batches = (prepare_batch(batch, "cpu") for batch in again)
     for (images, labels), (expected, expected_labels) in zip(batches, epochs[1], strict=True):
         torch.testing.assert_close(images, expected, rtol=0, atol=0)
