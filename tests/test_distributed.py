@@ -6,6 +6,7 @@ without dropout and calls `train.main` with its arguments (see the bottom of the
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import re
 import subprocess
@@ -27,6 +28,7 @@ from utils.infra.errors import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 NO_DROPOUT = "testing-nodrop"
+WORKER_LIMIT = 150  # seconds; a run takes about 10
 
 
 def no_dropout() -> configs.ViTConfig:
@@ -61,8 +63,10 @@ def test_torchrun_two_processes_equal_one(tmp_path: Path, monkeypatch: pytest.Mo
         str(Path(__file__).resolve()),
         *run_args(tmp_path, "ddp", accumulation=1),
     ]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = subprocess.run(
+        cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=2 * WORKER_LIMIT
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
 
     # One process, same total batch 16: 2 micro-batches of 8 instead of 2 processes x 8.
     monkeypatch.setitem(configs.CONFIGS, NO_DROPOUT, no_dropout())
@@ -141,5 +145,8 @@ def test_a_script_that_fails_still_leaves_the_process_group(
 
 
 if __name__ == "__main__":  # a torchrun worker
+    # A worker stuck for minutes prints every thread's stack and exits, so that the test's
+    # failure shows where it hung.
+    faulthandler.dump_traceback_later(WORKER_LIMIT, exit=True)
     configs.CONFIGS[NO_DROPOUT] = no_dropout()
     train.main(sys.argv[1:])
