@@ -499,7 +499,9 @@ def optimizer_step(
         scaler.step(optimizer)
         scaler.update()
     else:
-        optimizer.step(skip=skip)
+        # The class's `step`, not the instance's: the schedule wraps the latter to note that it
+        # ran, an attribute write that torch 2.11's compiler cannot trace (see `train_step`).
+        type(optimizer).step(optimizer, skip=skip)
     return loss
 
 
@@ -541,7 +543,7 @@ def train_step(
             accumulation_steps=args.gradient_accumulation_steps,
             grad_checkpointing=args.grad_checkpointing,
         )
-    with warnings.catch_warnings():  # the schedule's check cannot see a compiled step's update
+    with warnings.catch_warnings():  # the schedule's check does not see `optimizer_step`'s update
         warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()`"))
         trainer.scheduler.step()
     return loss
