@@ -28,8 +28,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
+import sys
 import time
 from pathlib import Path
+
+if __name__ == "__main__":  # Ctrl+C while the modules below load: exit 130, no traceback
+    signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(128 + signum))
 
 from matplotlib.backend_bases import FigureCanvasBase
 

@@ -19,8 +19,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
+import sys
 import time
 from collections.abc import Sequence
+
+if __name__ == "__main__":  # Ctrl+C while the modules below load: exit 130, no traceback
+    signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(128 + signum))
 
 from utils.data.registry import DATASETS, Columns, add_column_flags
 from utils.infra.description import PRECISIONS

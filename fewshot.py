@@ -27,11 +27,16 @@ import argparse
 import json
 import logging
 import os
+import signal
+import sys
 import time
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+if __name__ == "__main__":  # Ctrl+C while the modules below load: exit 130, no traceback
+    signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(128 + signum))
 
 from utils.data.registry import DATASETS, Columns, add_column_flags
 from utils.infra.description import PRECISIONS

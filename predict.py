@@ -23,9 +23,14 @@ import csv
 import io
 import json
 import logging
+import signal
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+if __name__ == "__main__":  # Ctrl+C while the modules below load: exit 130, no traceback
+    signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(128 + signum))
 
 from utils.infra.errors import run_cli
 from utils.infra.flags import (

@@ -39,11 +39,15 @@ import logging
 import math
 import os
 import shlex
+import signal
 import statistics
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+
+if __name__ == "__main__":  # Ctrl+C while the modules below load: exit 130, no traceback
+    signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(128 + signum))
 
 from utils.data.registry import DATASETS, HOLDOUT_FRACTION, Columns
 from utils.infra.errors import StoppedBySignal, UserError, run_cli

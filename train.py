@@ -44,6 +44,8 @@ import math
 import os
 import random
 import re
+import signal
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -52,6 +54,9 @@ from dataclasses import dataclass, field
 from functools import partial
 from itertools import islice
 from pathlib import Path
+
+if __name__ == "__main__":  # Ctrl+C while the modules below load: exit 130, no traceback
+    signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(128 + signum))
 
 from models.configs import (
     AUGREG_DROPOUT,
@@ -713,12 +718,19 @@ def stopped_by_loader(failure: LoaderError, run: Run) -> LoaderError:
     """Save the last state after a data-loader failure; the error to end the run with.
 
     Nothing is saved before the first step, nor under torch.distributed, where the other ranks
-    are not at this point (the last periodic save stands).
+    are not at this point (the last periodic save stands), nor where the limit the workers met
+    (file descriptors, say) keeps the state from being written.
     """
     if run.info.distributed or run.state.step == 0:
         return failure
     log_progress(run, None)  # a run that diverged since the last log stops here instead
-    save_last_state(run.args, run.trainer, run.state, run.info)
+    try:
+        save_last_state(run.args, run.trainer, run.state, run.info)
+    except (OSError, UserError) as err:
+        return LoaderError(
+            f"{failure} The last state could not be saved either ({err}); any state saved "
+            "earlier is kept."
+        )
     return LoaderError(
         f"{failure} Saved the last state at step {run.state.step}; continue with the same "
         "command plus --resume."

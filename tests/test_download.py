@@ -239,7 +239,7 @@ def test_a_server_that_never_answers_is_given_up_on_after_the_timeout(
         err = expect_user_error(dl.main, [*argv, "--base_url", url], capsys)
     assert time.perf_counter() - start < 10  # 3 attempts of 0.3 s, not minutes
     assert f"Could not download {url}/imagenet21k/ViT-B_16.npz (3 attempt(s))" in err
-    assert "the server sent nothing for 0.3 s (raise --timeout" in err
+    assert "the server had not answered within 0.3 s (raise --timeout" in err
     assert waits == [1.0, 2.0]  # backoff between the attempts
     assert dl.TIMEOUT == 30.0  # the default: half a minute of silence per attempt
 
@@ -268,6 +268,95 @@ def test_a_trickle_is_given_up_on_and_resumed_later(server, testing_file, tmp_pa
     server.trickle = False
     assert _fetch(server, tmp_path).read_bytes() == body
     assert server.requests[-1] == (testing_file, f"bytes={kept}-")
+
+
+@contextlib.contextmanager
+def _scripted_server(pieces: list[bytes], every: float = 0.2) -> Iterator[str]:
+    """A server that answers every request with `pieces`, one every `every` seconds (about 20 s
+    in all: bounded, so that a client that waits for the end fails instead of hanging)."""
+    stop = threading.Event()
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    listener.settimeout(0.05)
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            with conn, contextlib.suppress(OSError):  # until the client hangs up
+                conn.recv(65536)
+                for piece in pieces:
+                    conn.sendall(piece)
+                    if stop.wait(every):
+                        break
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        stop.set()
+        thread.join()
+        listener.close()
+
+
+# A status line, then one header byte every 0.2 s: every read returns within the timeout.
+SLOW_HEADERS = [
+    b"HTTP/1.1 200 OK\r\n",
+    *(bytes([c]) for c in b"X-Slow: " + b"a" * 100),
+    b"\r\nContent-Length: 0\r\n\r\n",
+]
+
+
+def test_a_server_slow_to_send_its_headers_is_given_up_on(tmp_path, capsys, waits) -> None:
+    argv = ["ViT-B_16", "--dir", str(tmp_path), "--timeout", "0.3", "--retries", "1"]
+    start = time.perf_counter()
+    with _scripted_server(SLOW_HEADERS) as url:
+        err = expect_user_error(dl.main, [*argv, "--base_url", url], capsys)
+    assert time.perf_counter() - start < 5  # 2 attempts of 0.3 s, not until the server ends
+    assert (
+        f"Could not download {url}/imagenet21k/ViT-B_16.npz (2 attempt(s)): the server had not "
+        "answered within 0.3 s (raise --timeout for a slow connection)."
+    ) in err
+    assert waits == [1.0]
+
+
+def test_a_cifar_server_slow_to_send_its_headers_is_given_up_on(tmp_path, waits) -> None:
+    start = time.perf_counter()
+    with _scripted_server(SLOW_HEADERS) as url, pytest.raises(UserError) as info:
+        dl.fetch_archive(
+            f"{url}/{CIFAR10.filename}",
+            tmp_path / CIFAR10.filename,
+            CIFAR10.tgz_md5,
+            CIFAR10.base_folder,
+            mirror="the VIT_CIFAR_URL variable at a mirror",
+            retries=0,
+            timeout=0.3,
+        )
+    assert time.perf_counter() - start < 5
+    message = str(info.value)
+    expected = (
+        f"Could not download {url}/{CIFAR10.filename} (1 attempt(s)): the server had not "
+        "answered within 0.3 s. Check the network connection"
+    )
+    assert message.startswith(expected), message
+
+
+def test_a_trickle_inside_a_chunk_header_is_given_up_on(tmp_path, waits) -> None:
+    """A chunked body whose chunk-size line never ends: http.client reads it as one line."""
+    pieces = [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", b"5;", *[b"x"] * 100]
+    start = time.perf_counter()
+    with _scripted_server(pieces) as url, pytest.raises(UserError) as info:
+        dl.download(f"{url}/file", tmp_path / "file", retries=0, timeout=0.3, progress=False)
+    assert time.perf_counter() - start < 5
+    assert re.search(
+        r"\(1 attempt\(s\)\): the server sent 0 bytes in 0\.\d s, less than 1024 bytes/s \(the "
+        r"connection is too slow to finish the file\)",
+        str(info.value),
+    ), str(info.value)
 
 
 @pytest.mark.parametrize("no_length", [False, True])
@@ -831,9 +920,9 @@ def test_a_cifar_server_that_never_answers_times_out(tmp_path, waits) -> None:
         )
     assert time.perf_counter() - start < 10
     assert str(info.value) == (
-        f"Could not download {url}/{CIFAR10.filename} (2 attempt(s)): the server sent nothing "
-        "for 0.3 s. Check the network connection, or point the VIT_CIFAR_URL variable at a "
-        "mirror. Running the command again resumes a partial download."
+        f"Could not download {url}/{CIFAR10.filename} (2 attempt(s)): the server had not "
+        "answered within 0.3 s. Check the network connection, or point the VIT_CIFAR_URL "
+        "variable at a mirror. Running the command again resumes a partial download."
     )
     assert waits == [1.0]
 

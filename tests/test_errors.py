@@ -242,6 +242,49 @@ def test_ctrl_c_while_train_py_imports_torch_is_one_line_and_exit_130(tmp_path) 
     ]
 
 
+# Runs a script as `python SCRIPT` does, pressing Ctrl+C (SIGINT) as it starts importing the
+# project's first module, the script's first 0.1 s.
+CTRL_C_AT_FIRST_IMPORT = """
+import os, runpy, signal, sys
+
+class CtrlC:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("models", "utils"):
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), signal.SIGINT)
+
+sys.meta_path.insert(0, CtrlC())
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize(
+    "script",
+    [
+        "train.py",
+        "eval.py",
+        "predict.py",
+        "export.py",
+        "visualize.py",
+        "fewshot.py",
+        "analyze.py",
+        "sweep.py",
+    ],
+)
+def test_ctrl_c_before_the_project_modules_load_exits_130_quietly(script) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-c", CTRL_C_AT_FIRST_IMPORT, script, "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 130, proc.stderr[-3000:]
+    assert proc.stderr == ""
+    assert proc.stdout == ""  # stopped before --help was answered
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "script", ["eval.py", "export.py", "fewshot.py", "predict.py", "sweep.py", "visualize.py"]

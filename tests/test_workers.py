@@ -11,6 +11,8 @@ import contextlib
 import logging
 import os
 import re
+import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,12 +21,15 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+from torch.utils.data import Dataset
 
 import train
-from tests.helpers import make_image_folder, start_train, tiny_args
+from tests.helpers import REPO, make_image_folder, start_train, tiny_args
+from utils.infra.errors import LoaderError
 from utils.infra.file_io import safe_load
 from utils.infra.flags import default_num_workers
 from utils.infra.train_state import last_state_path
+from utils.infra.watchdog import WatchedLoader
 
 DEADLINE = 180  # s: a regression fails here instead of hanging the suite
 
@@ -162,3 +167,115 @@ def test_default_workers_follow_the_cpus_of_each_process(
     assert default_num_workers() == workers
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
     assert train.parse_args(["--name", "x"]).num_workers == min(8, max(1, cpus - 1))
+
+
+# A batch travels from a worker through shared memory (/dev/shm) and file descriptors. Where
+# those run out, the worker's queue fails to send it in a background thread, which only prints
+# the error: without the watchdog the training process waited LOADER_TIMEOUT (600 s) for it.
+FULL_SHM = (
+    "unable to allocate shared memory(shm) for file </torch_1_2_3>: No space left on device (28)"
+)
+
+
+class _Unsendable:
+    """Fails to be sent as a tensor does when /dev/shm is full (torch's words)."""
+
+    def __reduce__(self):
+        raise RuntimeError(FULL_SHM)
+
+
+class _UnsendableBatches(Dataset):
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int) -> _Unsendable:
+        return _Unsendable()
+
+
+def _keep(items: list) -> list:
+    return items
+
+
+def test_a_batch_a_worker_cannot_send_is_its_error_at_once() -> None:
+    loader = WatchedLoader(
+        _UnsendableBatches(), batch_size=2, num_workers=1, collate_fn=_keep, timeout=30
+    )
+    start = time.monotonic()
+    with pytest.raises(LoaderError) as info:
+        next(iter(loader))
+    assert time.monotonic() - start < 15  # not the loader's timeout
+    assert str(info.value).startswith(f"A data-loading worker failed: RuntimeError: {FULL_SHM}.")
+    assert "/dev/shm" in str(info.value)
+
+
+SMALL_SHM_LOADER = """
+import time, torch
+from torch.utils.data import Dataset
+from utils.infra.watchdog import WatchedLoader
+
+class Large(Dataset):
+    def __len__(self):
+        return 8
+
+    def __getitems__(self, indices):
+        return {"x": torch.ones(len(indices), 1 << 18)}  # 2 MiB a batch, in 64 KiB of /dev/shm
+
+start = time.monotonic()
+try:
+    loader = WatchedLoader(Large(), batch_size=2, num_workers=1, collate_fn=lambda b: b, timeout=60)
+    next(iter(loader))
+except Exception as err:
+    print(f"{time.monotonic() - start:.1f} s: {type(err).__name__}: {err}")
+"""
+
+
+def _can_mount_in_a_namespace() -> bool:
+    if shutil.which("unshare") is None:
+        return False
+    probe = ["unshare", "-rm", "mount", "-t", "tmpfs", "tmpfs", "/mnt"]
+    return subprocess.run(probe, capture_output=True, timeout=30).returncode == 0
+
+
+@pytest.mark.skipif(not _can_mount_in_a_namespace(), reason="needs unprivileged mount namespaces")
+def test_a_full_dev_shm_ends_the_loader_at_once(tmp_path: Path) -> None:
+    """A real 64 KiB /dev/shm (a tmpfs mounted in a user namespace of the test's own)."""
+    script = tmp_path / "loader.py"
+    script.write_text(SMALL_SHM_LOADER)
+    command = 'mount -t tmpfs -o size=64k tmpfs /dev/shm && exec "$0" "$1"'
+    done = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", command, sys.executable, str(script)],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE,
+    )
+    found = re.fullmatch(r"([\d.]+) s: LoaderError: (.*)\n", done.stdout)
+    assert found, done.stdout + done.stderr[-3000:]
+    assert float(found.group(1)) < 15, found.group(0)  # not the loader's 60 s
+    assert "No space left on device" in found.group(2)
+    assert "docker run --shm-size" in found.group(2)
+
+
+@pytest.mark.slow
+def test_too_few_file_descriptors_end_the_run_with_one_message(tmp_path: Path) -> None:
+    """`ulimit -n 32`: the workers of training or of the first evaluation fail to start or to
+    send a batch; the run says so once and exits, whichever comes first."""
+    log = tmp_path / "run.log"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        env.pop(var, None)
+    with log.open("w") as handle:
+        proc = subprocess.Popen(
+            [sys.executable, "train.py", *tiny_args(tmp_path, num_workers=2)],
+            cwd=REPO,
+            env=env,
+            stdout=handle,
+            stderr=handle,
+            start_new_session=True,
+            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (32, 32)),
+        )
+    code, text = finish(proc, log, timeout=DEADLINE)
+    assert code == 2, text[-3000:]
+    message = assert_one_message(text)
+    assert "ulimit -n" in message

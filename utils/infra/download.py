@@ -11,13 +11,13 @@ unless `--base_url` or the `VIT_BASE_URL` variable names a mirror with the same 
 `<file>.npz.part`. An interrupted transfer is continued with an HTTP `Range` request, both
 within one run (`--retries`, 1, 2, 4, ... s apart) and by running the command again; a server
 that ignores `Range` is handled by starting over. An attempt is given up on when the server
-sends nothing for `--timeout` seconds, or less than `MIN_RATE` (1 KiB/s) over any `--timeout`
-seconds (a trickle); a download larger than the file can be (its listed size, else
-`MAX_CHECKPOINT`, 4 GiB) is stopped and deleted, whether the server says so in advance or sends
-an endless body. A folder that cannot be written to is reported as such, without retries. Only a
-complete file that opens as an `.npz` with every key the model needs is renamed to its final
-name; a complete but unusable download is deleted (resuming it could never repair it) and
-reported.
+has not answered (status line and headers) within `--timeout` seconds, or sends less than
+`MIN_RATE` (1 KiB/s) over any `--timeout` seconds after (a trickle); a download larger than
+the file can be (its listed size, else `MAX_CHECKPOINT`, 4 GiB) is stopped and deleted,
+whether the server says so in advance or sends an endless body. A folder that cannot be
+written to is reported as such, without retries. Only a complete file that opens as an `.npz`
+with every key the model needs is renamed to its final name; a complete but unusable
+download is deleted (resuming it could never repair it) and reported.
 
 AugReg checkpoints ("How to train your ViT?", Steiner et al. 2021) are chosen as vit_jax's
 `configs/augreg.py` and `train.py` choose them: a name with a `-` is a file name; a bare model
@@ -39,8 +39,10 @@ import math
 import os
 import re
 import shutil
+import socket
 import tarfile
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -234,7 +236,131 @@ def default_source(name: str) -> str:
 
 
 class _StalledError(OSError):
-    """The server sends, but too slowly to ever finish (a network failure: retried)."""
+    """The server sends, but too slowly to ever finish (a network failure: retried).
+
+    `answered`: whether its headers had arrived (else it was too slow to answer at all)."""
+
+    def __init__(self, what: str, answered: bool):
+        super().__init__(what)
+        self.answered = answered
+
+
+class _Watch:
+    """The rate rule of one attempt, kept by a thread of its own, whatever the attempt waits in.
+
+    The server has `timeout` seconds from the start of the attempt to answer (connect, status
+    line, headers); after, at least `MIN_RATE` bytes/s of the body must arrive over every
+    `timeout` seconds. A socket timeout only notices silence: a server that sends a byte of its
+    headers (or of a chunk-size line) every second would be waited on forever. A broken rule
+    shuts the connection down, which ends any read the download is waiting in; `check` then
+    raises `_StalledError`.
+    """
+
+    def __init__(self, timeout: float):
+        self.timeout = timeout
+        self.lock = threading.Lock()
+        self.since = time.monotonic()  # start of the current window
+        self.received = 0  # body bytes in it
+        self.answered = False
+        self.broken: str | None = None
+        self.sock: socket.socket | None = None
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="download-watch", daemon=True)
+
+    def __enter__(self) -> _Watch:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopped.set()
+        self.thread.join()
+
+    def watch(self, sock: socket.socket) -> None:
+        """The connection to shut down (a redirect's replaces the first)."""
+        with self.lock:
+            self.sock = sock
+            if self.broken:
+                self._shut_down()
+
+    def answer(self) -> None:
+        """The headers are in: the body's windows start now. (Headers that a cut ended early
+        are not an answer.)"""
+        with self.lock:
+            if not self.broken:
+                self.answered, self.since, self.received = True, time.monotonic(), 0
+
+    def add(self, size: int) -> None:
+        with self.lock:
+            self.received += size
+
+    def check(self, err: BaseException | None = None) -> None:
+        """Stop watching; raise `_StalledError` where the rule was broken, or where `err` (what
+        ended the exchange) is a socket timeout before the server answered."""
+        with self.lock:
+            self.stopped.set()
+        timed_out = isinstance(getattr(err, "reason", err), TimeoutError)
+        if not self.broken and timed_out and not self.answered:
+            self.broken = self._unanswered()
+        if self.broken:
+            raise _StalledError(self.broken, self.answered)
+
+    def _unanswered(self) -> str:
+        return f"the server had not answered within {self.timeout:g} s"
+
+    def _run(self) -> None:
+        while not self.stopped.wait(max(0.0, self.since + self.timeout - time.monotonic())):
+            with self.lock:
+                elapsed = time.monotonic() - self.since
+                if self.stopped.is_set() or elapsed < self.timeout:  # or answered meanwhile
+                    continue
+                if not self.answered:
+                    self.broken = self._unanswered()
+                elif self.received < MIN_RATE * elapsed:
+                    self.broken = (
+                        f"the server sent {self.received} bytes in {elapsed:.1f} s, less than "
+                        f"{MIN_RATE} bytes/s"
+                    )
+                else:
+                    self.since, self.received = time.monotonic(), 0
+                    continue
+                self._shut_down()
+                return
+
+    def _shut_down(self) -> None:
+        if self.sock is not None:
+            with contextlib.suppress(OSError):  # closed meanwhile
+                # the plain socket's shutdown, also under TLS: ends a read waiting in any thread
+                socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
+
+
+class _WatchedConnections:
+    """A urllib handler part that hands every connection it opens to a `_Watch`."""
+
+    def __init__(self, watch: _Watch):
+        super().__init__()
+        self.watch = watch
+
+    def do_open(self, http_class: type, req: urllib.request.Request, **options: object):
+        def connection(host: str, **kw: object) -> http.client.HTTPConnection:
+            conn = http_class(host, **kw)
+            connect = conn.connect
+
+            def watched() -> None:
+                connect()
+                self.watch.watch(conn.sock)
+
+            conn.connect = watched
+            return conn
+
+        return super().do_open(connection, req, **options)
+
+
+class _WatchedHTTP(_WatchedConnections, urllib.request.HTTPHandler):
+    pass
+
+
+class _WatchedHTTPS(_WatchedConnections, urllib.request.HTTPSHandler):
+    pass
 
 
 def _network_error(
@@ -242,9 +368,10 @@ def _network_error(
 ) -> UserError:
     reason = getattr(err, "reason", err)  # urllib wraps a connect timeout in a URLError
     timed_out = isinstance(err, TimeoutError) or isinstance(reason, TimeoutError)
+    slow = timed_out or (isinstance(err, _StalledError) and not err.answered)
     what = f"the server sent nothing for {timeout:g} s" if timed_out else str(err)
-    hint = f" (raise {timeout_flag} for a slow connection)" if timed_out and timeout_flag else ""
-    if isinstance(err, _StalledError):
+    hint = f" (raise {timeout_flag} for a slow connection)" if slow and timeout_flag else ""
+    if isinstance(err, _StalledError) and err.answered:
         hint = " (the connection is too slow to finish the file)"
     return UserError(
         f"Could not download {url} ({attempts} attempt(s)): {what}{hint}. Check the network "
@@ -268,13 +395,15 @@ def _not_writable(path: Path, err: OSError) -> UserError:
     )
 
 
-def _open(url: str, offset: int, timeout: float) -> tuple[http.client.HTTPResponse, int, int]:
+def _open(url: str, offset: int, watch: _Watch) -> tuple[http.client.HTTPResponse, int, int]:
     """Request `url` from byte `offset`; returns (response, start byte, total size or -1)."""
     headers = {"User-Agent": "vit-pytorch-download", "Accept-Encoding": "identity"}
     if offset:
         headers["Range"] = f"bytes={offset}-"
     request = urllib.request.Request(url, headers=headers)
-    response = urllib.request.urlopen(request, timeout=timeout)
+    opener = urllib.request.build_opener(_WatchedHTTP(watch), _WatchedHTTPS(watch))
+    response = opener.open(request, timeout=watch.timeout)
+    watch.answer()
     length = int(response.headers.get("Content-Length") or -1)
     if offset and response.status == 206:
         match = re.match(r"bytes (\d+)-\d+/(\d+|\*)", response.headers.get("Content-Range", ""))
@@ -291,22 +420,35 @@ def _open(url: str, offset: int, timeout: float) -> tuple[http.client.HTTPRespon
 def _transfer(url: str, part: Path, timeout: float, progress: bool, limit: int) -> None:
     """One attempt: continue `part` from its current size up to the end of `url`.
 
-    Fails when less than `MIN_RATE` bytes/s arrive over `timeout` seconds, and (deleting `part`)
-    when the file grows or is announced beyond `limit` bytes.
+    Fails when the server has not answered in `timeout` seconds or less than `MIN_RATE`
+    bytes/s arrive over `timeout` seconds (`_Watch`), and (deleting `part`) when the file grows
+    or is announced beyond `limit` bytes.
     """
+    with _Watch(timeout) as watch:
+        try:
+            complete = _receive(url, part, progress, limit, watch)
+        except (OSError, http.client.HTTPException) as err:
+            watch.check(err)  # the watch cut the connection, or the server never answered
+            raise
+        if not complete:
+            watch.check()
+
+
+def _receive(url: str, part: Path, progress: bool, limit: int, watch: _Watch) -> bool:
+    """`_transfer`'s exchange; returns whether the server's size is known and reached."""
     offset = part.stat().st_size if part.exists() else 0
     try:
-        response, start, total = _open(url, offset, timeout)
+        response, start, total = _open(url, offset, watch)
     except urllib.error.HTTPError as err:
         if err.code != 416 or not offset:
             raise
         # Asked from past the end: the part file is already complete, or not this file.
         match = re.search(r"/(\d+)$", err.headers.get("Content-Range", ""))
         if match and int(match.group(1)) == offset:
-            return
+            return True
         logger.info("The partial file does not match the server's file: starting over.")
         part.unlink()
-        response, start, total = _open(url, 0, timeout)
+        response, start, total = _open(url, 0, watch)
     with contextlib.ExitStack() as stack:
         stack.enter_context(response)
         if total > limit:
@@ -326,7 +468,7 @@ def _transfer(url: str, part: Path, timeout: float, progress: bool, limit: int) 
                 disable=not progress,
             )
         )
-        size, since, received = start, time.monotonic(), 0
+        size = start
         # read1 returns what has arrived: read(CHUNK) would wait for a whole chunk of a trickle.
         while chunk := response.read1(CHUNK):
             size += len(chunk)
@@ -339,18 +481,11 @@ def _transfer(url: str, part: Path, timeout: float, progress: bool, limit: int) 
             except OSError as err:
                 raise _not_writable(part, err) from None
             bar.update(len(chunk))
-            received += len(chunk)
-            elapsed = time.monotonic() - since
-            if elapsed >= timeout:
-                if received < MIN_RATE * elapsed:
-                    raise _StalledError(
-                        f"the server sent {received} bytes in {elapsed:.1f} s, less than "
-                        f"{MIN_RATE} bytes/s"
-                    )
-                since, received = time.monotonic(), 0
+            watch.add(len(chunk))
     size = part.stat().st_size
     if total > 0 and size < total:
         raise http.client.IncompleteRead(b"", total - size)
+    return total > 0
 
 
 def download(
@@ -371,8 +506,8 @@ def download(
 
     Args:
         retries: further attempts after a network failure or a server error (5xx).
-        timeout: seconds to wait for the connection and for each read; also the window over
-            which at least `MIN_RATE` bytes/s must arrive.
+        timeout: seconds the server has to answer (connect, status line, headers); also the
+            window over which at least `MIN_RATE` bytes/s of the body must arrive after.
         limit: the most bytes the file can have; a larger one is deleted and refused.
         mirror: how to use a mirror, for the messages ("--base_url ... at a mirror ...").
         timeout_flag: the flag that sets `timeout`, for the messages ('' where none does).
@@ -936,8 +1071,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--timeout",
         type=seconds,
         default=TIMEOUT,
-        help="seconds to wait for the server to connect or send data before an attempt fails; "
-        "also the span over which at least 1 KiB/s must arrive",
+        help="seconds the server has to answer (connect, send its headers) before an attempt "
+        "fails; also the span over which at least 1 KiB/s must arrive after",
     )
     parser.add_argument(
         "--retries",

@@ -7,16 +7,20 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import errno
 import multiprocessing
+import multiprocessing.queues
 import multiprocessing.util  # registers its exit handler before ours
 import os
 import re
 import signal
 import sys
 import threading
+import traceback
 from collections.abc import Callable
 
-from torch.utils.data import DataLoader, Dataset
+from torch._utils import ExceptionWrapper
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from utils.infra.errors import USER_ERRORS, LoaderError
 
@@ -35,10 +39,12 @@ def init_worker(worker_id: int) -> None:
     before it saves and exits (`train.py` stops cleanly on those signals); the training process
     shuts its workers down itself (or kills them at exit: `_kill_leftover_workers`). On Linux a
     worker is also killed when the training process dies (`prctl(PR_SET_PDEATHSIG)`), so that a
-    `kill -9` of the run leaves no worker behind.
+    `kill -9` of the run leaves no worker behind. A batch the worker cannot send comes back as
+    its error (`_send_error_instead`).
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    multiprocessing.queues.Queue._on_queue_feeder_error = _send_error_instead
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL))
@@ -47,6 +53,24 @@ def init_worker(worker_id: int) -> None:
 
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _send_error_instead(queue: multiprocessing.queues.Queue, err: Exception, obj: object) -> None:
+    """In a worker: a batch that could not be sent is answered with the error instead.
+
+    Sending moves a batch's tensors into shared memory and passes their file descriptors; a
+    full /dev/shm or too low `ulimit -n` fails there, in the queue's feeder thread, where
+    multiprocessing only prints the error and drops the batch: the training process would wait
+    `LOADER_TIMEOUT` for it. The error goes in the batch's place (torch's worker sends
+    `(index, batch)` pairs) and is raised where the batch is awaited, as a worker's exception
+    is; what cannot be answered so ends the worker, which the training process notices at once.
+    """
+    index, data = obj if isinstance(obj, tuple) and len(obj) == 2 else (None, None)
+    info = get_worker_info()
+    if index is None or info is None or isinstance(data, ExceptionWrapper):
+        traceback.print_exc()
+        os._exit(1)
+    queue.put((index, ExceptionWrapper(where=f"in DataLoader worker process {info.id}")))
 
 
 @atexit.register  # after multiprocessing's own exit handler is registered: runs before it
@@ -160,7 +184,8 @@ def loader_error(err: BaseException) -> LoaderError | None:
     Communication with the workers is no longer possible", an EOFError when a batch's shared
     memory could not be passed (too few file descriptors), and an exception raised in a worker
     comes back as its type with "Caught X in DataLoader worker process N" and the worker's
-    traceback as its message.
+    traceback as its message. Starting workers without file descriptors or room in /dev/shm
+    raises an OSError.
     """
     text = str(err)
     fewer = "lower --num_workers, or use --num_workers 0 to load in the training process"
@@ -172,6 +197,11 @@ def loader_error(err: BaseException) -> LoaderError | None:
             return LoaderError(f"A data-loading worker failed: {last}. {_limits_hint()}")
         return LoaderError(
             f"A data-loading worker failed: {last}. Run with --num_workers 0 to see where."
+        )
+    if isinstance(err, OSError) and err.errno in (errno.EMFILE, errno.ENFILE, errno.ENOSPC):
+        # starting a worker: its pipes, or its queue's semaphores in /dev/shm
+        return LoaderError(
+            f"The data-loading workers could not start ({err.strerror}). {_limits_hint()}"
         )
     if isinstance(err, (EOFError, ConnectionError)):  # a batch's file descriptors were lost
         return LoaderError(
