@@ -34,7 +34,7 @@ from models.configs import (
     model_names,
     model_type_from_filename,
 )
-from models.foreign import TIMM_NAMES, hf_config_model, to_ours
+from models.foreign import TIMM_NAMES, check_hf_config, hf_config_model, to_ours
 from models.modeling import VisionTransformer
 from models.npz import (
     CheckpointError,
@@ -199,9 +199,17 @@ def folder_weight_files(path: str | os.PathLike) -> list[str]:
     if os.path.isfile(index):
         try:
             weight_map = json.loads(Path(index).read_text(encoding="utf-8"))["weight_map"]
-            return [os.path.join(path, name) for name in sorted(set(weight_map.values()))]
+            names = sorted(set(weight_map.values()))
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
             raise CheckpointError(f"{index} is not a readable shard index ({err}).") from None
+        for name in names:  # a shard is a file of the folder, never one elsewhere
+            if not isinstance(name, str) or name in ("", ".", "..") or re.search(r"[/\\]", name):
+                raise CheckpointError(
+                    f"{index}: the weight_map names the shard {name!r}, but a shard must be a "
+                    "plain file name inside the folder. The index was damaged, edited or "
+                    "written by another program: pass the folder save_pretrained wrote."
+                )
+        return [os.path.join(path, name) for name in names]
     for name in FOLDER_WEIGHTS:
         if os.path.isfile(os.path.join(path, name)):
             return [os.path.join(path, name)]
@@ -226,10 +234,9 @@ def read_folder(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[
     where = os.path.join(path, "config.json")
     try:
         config = json.loads(Path(where).read_text(encoding="utf-8"))
-        if not isinstance(config, dict):
-            raise ValueError("not a JSON object")
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{where} is not a readable config.json ({err}).") from None
+    config = check_hf_config(config, where)
     tensors: dict[str, torch.Tensor] = {}
     for file in folder_weight_files(path):
         tensors.update(_read_tensors(file))
@@ -267,8 +274,33 @@ def read_folder(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[
             f"{path} holds no ViT weights this project knows ({len(tensors)} tensors, e.g. "
             f"{', '.join(sorted(tensors)[:3])})."
         )
+    field = "pretrained_cfg.input_size" if "architecture" in config else "image_size"
+    _check_folder_img_size(facts, state, where, field)
     logger.info("%s is a %s folder.", path, how)
     return state, facts
+
+
+def _check_folder_img_size(
+    facts: Mapping[str, Any], state: Mapping[str, torch.Tensor], where: str, field: str
+) -> None:
+    """Refuse a `config.json` image size the folder's position embeddings were not made for
+    (transformers' ViT takes only that size too)."""
+    pos = state.get("embeddings.pos_embed")
+    name = facts.get("model_type") or guess_state_dict_model(state)
+    if "img_size" not in facts or pos is None or pos.ndim != 3 or name is None:
+        return  # nothing to compare; a strict load names what does not fit
+    config = get_config(name)
+    height, width = facts["img_size"]
+    (ph, pw), cls = config.patch_size, int(config.classifier == "token")
+    if (height // ph) * (width // pw) + cls == pos.shape[1]:
+        return
+    native = native_img_size(config, pos.shape[1])
+    made_for = f", made for {native[0]}x{native[1]} images" if native else ""
+    raise CheckpointError(
+        f"{where}: the field {field!r} says {height}x{width}, but the position embeddings "
+        f"hold {pos.shape[1]} tokens{made_for}. The file was damaged, edited or written by "
+        "another program: pass the folder save_pretrained wrote."
+    )
 
 
 def read_weights(
