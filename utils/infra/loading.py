@@ -51,6 +51,7 @@ from utils.infra.description import SAFETENSORS_SUFFIX, description_error
 from utils.infra.dist_utils import unwrap
 from utils.infra.errors import UserError
 from utils.infra.file_io import load_safetensors, read_sidecar, safe_load, sidecar_path
+from utils.infra.memory import check_weights_memory
 from utils.infra.train_state import STATE_FORMAT
 
 __all__ = [
@@ -558,9 +559,11 @@ def load_model(
         size = native_img_size(config, pos.shape[1])
     if size is None:
         raise UserError(f"Cannot tell the image size {path} was made for: pass --img_size.")
-    model = VisionTransformer.empty(
-        config, checked_img_size(config, size), num_classes
-    )  # every weight loaded
+    size = checked_img_size(config, size)
+    with torch.device("meta"):  # shapes only: the memory plan asks before anything is allocated
+        shapes = VisionTransformer(config, size, num_classes)
+    check_weights_memory(shapes, torch.device("cpu"))
+    model = VisionTransformer.empty(config, size, num_classes)  # every weight loaded
     if path.endswith(".npz"):
         load_pretrained(model, weights, zero_head=headless)
     else:
