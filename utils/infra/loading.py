@@ -60,6 +60,7 @@ __all__ = [
     "FOLDER_WEIGHTS",
     "LoadedModel",
     "assign_weights",
+    "check_finite_weights",
     "class_names",
     "folder_weight_files",
     "guess_state_dict_model",
@@ -584,6 +585,26 @@ def load_model(
         tf32=sidecar.get("tf32"),
         info={k: sidecar[k] for k in ("step", "accuracy") if k in sidecar},
     )
+
+
+def check_finite_weights(loaded: LoadedModel) -> None:
+    """Refuse a model whose weights are not all finite (a run that diverged, a damaged file),
+    before its features or spectra fail inside the linear algebra.
+
+    Raises:
+        CheckpointError: naming the file and the first tensor that is not finite.
+    """
+    bad = [
+        name
+        for name, tensor in loaded.model.state_dict().items()
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all()
+    ]
+    if bad:
+        raise CheckpointError(
+            f"{loaded.source}: {len(bad)} weight tensor(s) hold NaN or infinite values (first: "
+            f"{bad[0]}), so nothing it computes is a number: its training diverged or the file "
+            "is damaged. Pass a checkpoint saved before the divergence (train.py's best one)."
+        )
 
 
 # --------------------------------------------------------------------------------------------
