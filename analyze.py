@@ -129,7 +129,7 @@ from utils.evals import analysis
 from utils.evals.attention_maps import demo_checkpoint
 from utils.infra.figures import save_figure
 from utils.infra.file_io import write_output
-from utils.infra.loading import LoadedModel, load_model
+from utils.infra.loading import LoadedModel, check_finite_weights, load_model
 from utils.infra.run_files import check_folder
 from utils.recipe.amp import set_tf32
 
@@ -141,7 +141,9 @@ def is_random(checkpoint: str) -> bool:
 def load(checkpoint: str, args: argparse.Namespace) -> LoadedModel:
     """The model of a checkpoint, or a randomly initialised one for `none`."""
     if not is_random(checkpoint):
-        return load_model(checkpoint, args.model_type, args.img_size)
+        loaded = load_model(checkpoint, args.model_type, args.img_size)
+        check_finite_weights(loaded)  # before the SVD of its patch embedding
+        return loaded
     if args.model_type is None:
         raise UserError("--checkpoint none (random weights) needs --model_type.")
     logger.warning(

@@ -151,7 +151,13 @@ from utils.data.preprocessing import ResizeCentralCrop
 from utils.evals.fewshot import fewshot_evaluate, short_classes
 from utils.infra.dist_utils import DistInfo, main_process_first, run_distributed
 from utils.infra.file_io import content_sha256, file_sha256, save_npz, write_output
-from utils.infra.loading import LoadedModel, folder_weight_files, is_model_folder, load_model
+from utils.infra.loading import (
+    LoadedModel,
+    check_finite_weights,
+    folder_weight_files,
+    is_model_folder,
+    load_model,
+)
 from utils.recipe.amp import autocast, set_tf32
 
 # --------------------------------------------------------------------------------------------
@@ -279,8 +285,11 @@ def cache_file(cache_dir: str, key: dict[str, Any]) -> Path:
     return Path(cache_dir) / f"{key['dataset']}-{key['split']}-{content_sha256(key)[:24]}.npz"
 
 
-def read_cache(path: Path, key: dict[str, Any]) -> tuple[np.ndarray, np.ndarray] | None:
-    """Cached (features, labels) for `key`, or None (missing, damaged, or another key)."""
+def read_cache(
+    path: Path, key: dict[str, Any], num_classes: int
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Cached (features, labels) for `key`, or None (missing, damaged, or another key). An
+    entry whose features are not finite or whose labels are not classes is damaged too."""
     if not path.is_file():
         return None
     try:
@@ -293,7 +302,26 @@ def read_cache(path: Path, key: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]
     if stored != key or len(features) != len(labels):
         logger.warning("The feature cache %s holds other features; embedding again.", path)
         return None
+    problem = entry_problem(features, labels, num_classes)
+    if problem:
+        logger.warning(
+            "Ignoring the damaged feature cache %s (%s); embedding again.", path, problem
+        )
+        return None
     return features, labels
+
+
+def entry_problem(features: np.ndarray, labels: np.ndarray, num_classes: int) -> str | None:
+    """What makes cached features and labels unusable, or None."""
+    if features.ndim != 2 or not np.issubdtype(features.dtype, np.floating):
+        return f"features of {features.dtype} {features.shape}, not a float (N, D) array"
+    if not np.isfinite(features).all():
+        return "features that are not finite"
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        return f"labels of {labels.dtype} {labels.shape}, not an integer (N,) array"
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        return f"labels from {labels.min()} to {labels.max()}, not classes 0 to {num_classes - 1}"
+    return None
 
 
 def split_features(
@@ -323,7 +351,7 @@ def split_features(
             "tf32": args.tf32,
         }
         path = cache_file(args.cache_dir, key)
-        cached = read_cache(path, key)
+        cached = read_cache(path, key, len(classes))
     hit = [cached is not None]
     if info.distributed:
         dist.broadcast_object_list(hit, src=0)  # the other processes embed only on a miss
@@ -333,6 +361,14 @@ def split_features(
         return cached
     desc = f"{Path(loaded.source).name}: {args.dataset} {split_name}"
     embedded = embed(loaded, split, transform, classes, args, info, desc)
+    if embedded is not None and not np.isfinite(embedded[0]).all():
+        fix = "pass another checkpoint"
+        if args.precision != "fp32":
+            fix = f"they overflow in {args.precision}: pass --precision fp32, or another checkpoint"
+        raise UserError(
+            f"{loaded.source}: its features of the {args.dataset} {split_name} images are not "
+            f"finite (NaN or infinite), so no linear fit exists; {fix}."
+        )
     if embedded is not None and path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         features, labels = embedded
@@ -363,6 +399,7 @@ def evaluate_checkpoint(
     """One checkpoint's entries of the results (one per l2 value), on process 0."""
     train, test, classes = splits
     loaded = load_model(path, args.model_type, args.img_size, keep_pre_logits=True)
+    check_finite_weights(loaded)
     sha256 = checkpoint_sha256(path) if info.is_main else ""
     width = loaded.model.head.in_features
     if info.is_main:

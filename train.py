@@ -577,7 +577,10 @@ def selection(select: str | None, has_minival: bool) -> str:
 
 def is_better(result: dict[str, float], best_accuracy: float, best_loss: float) -> bool:
     """The selection rule: a higher accuracy on the selection split, or as high with a lower loss
-    (a small minival ties often). A result whose loss is not finite is never better."""
+    (a small minival ties often). A result whose loss is not finite is never better; a finite
+    loss, however large (1e30 after a learning rate of 1e30), is a measurement, and the accuracy
+    decides as for any other (weights that overflow give non-finite training losses, which stop
+    the run)."""
     if not math.isfinite(result["loss"]):
         return False
     return (result["accuracy"], -result["loss"]) > (best_accuracy, -best_loss)

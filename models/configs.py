@@ -14,6 +14,7 @@ import dataclasses
 import os
 import re
 from dataclasses import dataclass
+from typing import Any
 
 __all__ = [
     "ALIASES",
@@ -29,6 +30,8 @@ __all__ = [
     "find_config",
     "get_config",
     "is_augreg_filename",
+    "is_size",
+    "is_whole",
     "model_names",
     "model_type_from_filename",
     "to_pair",
@@ -220,6 +223,19 @@ def to_pair(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
         return size, size
     height, width = size
     return int(height), int(width)
+
+
+def is_whole(value: Any, least: int) -> bool:
+    """Whether `value` is a whole number (not a bool, not a float) of at least `least`."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def is_size(value: Any) -> bool:
+    """Whether `value` is an image or patch size as a file may state it: a positive whole
+    number, or a [height, width] pair of them."""
+    return is_whole(value, 1) or (
+        isinstance(value, list) and len(value) == 2 and all(is_whole(v, 1) for v in value)
+    )
 
 
 def checked_img_size(

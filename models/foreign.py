@@ -19,18 +19,21 @@ Hugging Face's ViT defaults (exact GELU, LayerNorm eps 1e-12) differ from the of
 
 from __future__ import annotations
 
+import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from models.configs import ViTConfig, find_config, get_config, to_pair
+from models.configs import ViTConfig, find_config, get_config, is_size, is_whole, to_pair
 from models.npz import CheckpointError, clean_state_dict
 
 if TYPE_CHECKING:  # for annotations only: the command lines import this module before torch
     import torch
 
 __all__ = [
+    "HF_CONFIG_FIELDS",
     "TIMM_NAMES",
+    "check_hf_config",
     "from_hf",
     "from_timm",
     "hf_config",
@@ -236,6 +239,13 @@ def from_hf(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
                 f"The Hugging Face checkpoint's layer {layer} lacks {', '.join(missing)}: the "
                 "file is damaged or not a ViT checkpoint."
             )
+        shapes = [tuple(qkv[i].shape) for i in range(3)]
+        if len(set(shapes)) != 1:
+            raise CheckpointError(
+                f"The Hugging Face checkpoint's layer {layer} has query, key and value {kind}s "
+                f"of shapes {', '.join(map(str, shapes))}: they must be alike. The file is "
+                "damaged or not a ViT checkpoint."
+            )
         out[f"encoder.blocks.{layer}.attn.qkv.{kind}"] = torch.cat([qkv[0], qkv[1], qkv[2]])
     return out
 
@@ -294,11 +304,92 @@ def hf_preprocessor_config(img_size: int | tuple[int, int]) -> dict[str, Any]:
     }
 
 
+def _is_number(value: Any, positive: bool = False) -> bool:
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and (value > 0 or not positive)
+    )
+
+
+def _is_labels(value: Any) -> bool:
+    return isinstance(value, dict) and all(
+        isinstance(k, str) and k.isdigit() and isinstance(v, str) for k, v in value.items()
+    )
+
+
+def _is_text(value: Any) -> bool:
+    return isinstance(value, str) and bool(value.strip())
+
+
+def _is_triple(test: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda value: isinstance(value, list) and len(value) == 3 and all(map(test, value))
+
+
+_WHOLE = (lambda v: is_whole(v, 1), "a whole number of at least 1")
+_SIZE = (is_size, "a positive whole number or a [height, width] pair of them")
+# The fields of a `config.json` this project reads (transformers' ViT config, and timm's
+# `save_for_hf`), each with the test of its value and what it must be; others are not read.
+HF_CONFIG_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "model_type": (_is_text, "a model type, e.g. vit"),
+    "hidden_size": _WHOLE,
+    "num_hidden_layers": _WHOLE,
+    "num_attention_heads": _WHOLE,
+    "intermediate_size": _WHOLE,
+    "patch_size": _SIZE,
+    "image_size": _SIZE,
+    "num_channels": _WHOLE,
+    "qkv_bias": (lambda v: isinstance(v, bool), "true or false"),
+    "hidden_act": (_is_text, "an activation name, e.g. gelu_pytorch_tanh"),
+    "layer_norm_eps": (lambda v: _is_number(v, positive=True), "a positive number, e.g. 1e-06"),
+    "id2label": (_is_labels, 'an object of class names by index, e.g. {"0": "cat"}'),
+    "architecture": (_is_text, "a timm model name, e.g. vit_base_patch16_224"),
+    "label_names": (
+        lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v),
+        "a list of class names (strings)",
+    ),
+    "pretrained_cfg": (lambda v: isinstance(v, dict), "an object of timm's settings"),
+    "pretrained_cfg.input_size": (
+        _is_triple(lambda v: is_whole(v, 1)),
+        "[channels, height, width], three positive whole numbers",
+    ),
+    "pretrained_cfg.mean": (_is_triple(_is_number), "three numbers, one per channel"),
+}
+
+
+def check_hf_config(hf: Any, where: str) -> dict[str, Any]:
+    """A parsed `config.json`, checked field by field (`HF_CONFIG_FIELDS`).
+
+    Raises:
+        CheckpointError: naming the file, the field, its value and what it must be.
+    """
+    if not isinstance(hf, dict):
+        raise _config_error(where, "(the whole file)", hf, "a JSON object of fields")
+    fields = dict(hf)
+    if isinstance(hf.get("pretrained_cfg"), dict):
+        fields.update({f"pretrained_cfg.{k}": v for k, v in hf["pretrained_cfg"].items()})
+    for field, value in fields.items():
+        test, wanted = HF_CONFIG_FIELDS.get(field, (None, ""))
+        if test is not None and not test(value):
+            raise _config_error(where, field, value, wanted)
+    return hf
+
+
+def _config_error(where: str, field: str, value: Any, wanted: str) -> CheckpointError:
+    shown = repr(value)
+    shown = shown if len(shown) <= 80 else shown[:77] + "..."
+    return CheckpointError(
+        f"{where}: the field {field!r} is {shown}, but it must be {wanted}. The file was "
+        "damaged, edited or written by another program: pass the folder save_pretrained wrote."
+    )
+
+
 def hf_config_model(hf: Mapping[str, Any], where: str) -> tuple[str, dict[str, Any]]:
     """The registry model a transformers ViT `config.json` describes, and what else it tells.
 
     Args:
-        hf: the parsed `config.json`.
+        hf: the parsed `config.json`, as `check_hf_config` passed it.
         where: the file, for the messages.
 
     Returns:

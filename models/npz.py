@@ -357,8 +357,11 @@ def _as_tuple(keys: str | tuple[str, ...]) -> tuple[str, ...]:
     return keys if isinstance(keys, tuple) else (keys,)
 
 
-# Dimensions of the official arrays of each kind ("vec" and "gn" take any: they are flattened).
-_RANKS = {"conv": (4,), "dense": (2,), "qkv_w": (3,), "qkv_b": (2,), "out_w": (3,), "raw": (3,)}
+# Dimensions of the official arrays of each kind; GroupNorm's are stored as (1, 1, 1, C).
+_RANKS = {
+    "conv": (4,), "dense": (2,), "qkv_w": (3,), "qkv_b": (2,), "out_w": (3,), "raw": (3,),
+    "vec": (1,), "gn": (1, 4),
+}  # fmt: skip
 
 
 def _convert(weights: Mapping[str, np.ndarray], keys: tuple[str, ...], kind: str) -> torch.Tensor:
@@ -369,7 +372,7 @@ def _convert(weights: Mapping[str, np.ndarray], keys: tuple[str, ...], kind: str
     for key, array in zip(keys, arrays, strict=True):
         ranks = _RANKS.get(kind)
         if array.dtype.kind not in "biuf" or (ranks and array.ndim not in ranks):
-            wanted = f"{ranks[0]} dimensions" if ranks else "numbers"
+            wanted = f"{' or '.join(map(str, ranks))} dimension(s)" if ranks else "numbers"
             raise CheckpointError(
                 f"The checkpoint's {key!r} is a {array.dtype} array of shape {array.shape}; an "
                 f"official checkpoint has {wanted} there. The file is damaged or not a ViT "

@@ -463,3 +463,15 @@ def test_every_checkpoint_kind(tmp_path, kind):
     unit = pos / np.linalg.norm(pos, axis=1, keepdims=True)
     np.testing.assert_allclose(facts["position_similarity"], unit @ unit.T, atol=1e-5)
     assert np.array(facts["embedding_components"]).shape == (16, 3, 16, 16)
+
+
+def test_a_diverged_checkpoint_is_one_message(tmp_path, capsys) -> None:
+    """All-NaN weights (a run that diverged) used to fail inside the SVD of the filters."""
+    weights = fake_checkpoint(get_config("testing"), num_classes=10, img_size=32)
+    path = tmp_path / "diverged.npz"
+    save_npz(path, {k: np.full_like(v, np.nan) for k, v in weights.items()})
+    argv = ["--checkpoint", str(path), "--model_type", "testing", "--output_dir", str(tmp_path)]
+    err = expect_user_error(analyze.main, [*argv, "--panels", "filters"], capsys)
+    assert f"{path}: " in err
+    assert "weight tensor(s) hold NaN or infinite values (first: embeddings." in err
+    assert not list(tmp_path.glob("*.json"))

@@ -219,7 +219,7 @@ class CountForwards:
 
 
 def test_two_checkpoints_json_table_and_cache(
-    tmp_path, best_checkpoint, monkeypatch, capsys, one_thread
+    tmp_path, best_checkpoint, monkeypatch, capsys, caplog, one_thread
 ) -> None:
     models = [distinct_model("testing", 32, 10, seed=s) for s in (0, 1)]
     paths = [
@@ -301,6 +301,26 @@ def test_two_checkpoints_json_table_and_cache(
         evaluations[3]["results"],
     ]
 
+    # So is an entry whose key is right but whose features or labels are not: the test split's
+    # 360 features of one model NaN, of the other labels beyond the 10 classes.
+    damage = (lambda f, y: (np.full_like(f, np.nan), y), lambda f, y: (f, y + 10))
+    for damaged, change in zip(sorted(cache.glob("digits-test-*.npz")), damage, strict=True):
+        with np.load(damaged) as data:
+            features, labels = change(data["features"], data["labels"])
+            save_npz(damaged, {"features": features, "labels": labels, "key": data["key"]})
+    counter.calls = 0
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        mended = fewshot_script.main([*argv[:-2], "--l2_reg", "1024"])
+    assert counter.calls == 2 * 4
+    assert [e["results"] for e in mended["evaluations"]] == [
+        e["results"] for e in redone["evaluations"]
+    ]
+    warned = [r.getMessage() for r in caplog.records if "damaged feature cache" in r.getMessage()]
+    assert len(warned) == 2
+    assert any("(features that are not finite)" in w for w in warned)
+    assert any("(labels from 10 to 19, not classes 0 to 9)" in w for w in warned)
+
 
 def test_imagefolder_warns_about_short_classes(tmp_path, caplog, one_thread) -> None:
     root = tmp_path / "flowers"
@@ -369,6 +389,40 @@ def test_bad_files_and_folders(tmp_path, capsys) -> None:
     small = [*argv[:4], "--dataset", "digits", "--preprocess", "big_vision", "--resize_size", "16"]
     err = expect_user_error(fewshot_script.main, small, capsys)
     assert "A 32x32 crop does not fit in a 16x16 resize" in err
+
+
+def test_features_that_are_not_finite_have_no_fit() -> None:
+    """NaN features used to end in numpy's LinAlgError from the eigendecomposition."""
+    x, y = _blobs(40, 8, 4, seed=0)
+    x[3, 2] = np.nan
+    with pytest.raises(ValueError, match="features must be finite"):
+        fewshot_evaluate(x, y, x, y, shots=(5,), seeds=1)
+
+
+def test_a_diverged_checkpoint_is_one_message(tmp_path, capsys) -> None:
+    weights = fake_checkpoint(TESTING, 10, 32)
+    path = tmp_path / "diverged.npz"
+    save_npz(path, {k: np.full_like(v, np.nan) for k, v in weights.items()})
+    argv = ["--checkpoint", str(path), "--model_type", "testing", "--dataset", "digits"]
+    err = expect_user_error(fewshot_script.main, [*argv, "--num_workers", "0"], capsys)
+    assert f"{path}: " in err
+    assert "weight tensor(s) hold NaN or infinite values (first: embeddings." in err
+
+
+def test_features_that_overflow_are_one_message(tmp_path, capsys) -> None:
+    """Finite weights whose features are not: the final LayerNorm's scale overflows float32."""
+    weights = fake_checkpoint(TESTING, 10, 32)
+    weights["Transformer/encoder_norm/scale"] = np.full_like(
+        weights["Transformer/encoder_norm/scale"], 3e38
+    )
+    path = tmp_path / "huge.npz"
+    save_npz(path, weights)
+    argv = ["--checkpoint", str(path), "--model_type", "testing", "--dataset", "digits"]
+    argv += ["--num_workers", "0", "--cache_dir", str(tmp_path / "cache")]
+    err = expect_user_error(fewshot_script.main, argv, capsys)
+    assert f"{path}: its features of the digits train images are not finite" in err
+    assert "pass another checkpoint" in err
+    assert not list((tmp_path / "cache").glob("*.npz"))  # nothing cached
 
 
 @pytest.mark.slow

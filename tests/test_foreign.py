@@ -7,6 +7,7 @@ the logits the files must give here, and the logits of what export.py writes.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path, PurePosixPath
 
@@ -365,6 +366,62 @@ def test_a_folder_of_another_model_or_with_code_is_refused(tmp_path, capsys) -> 
     torch.save({"x": PurePosixPath("payload")}, unsafe / "pytorch_model.bin")
     argv = ["--checkpoint", str(unsafe), "--format", "npz"]
     assert "could run" in expect_user_error(export.main, argv, capsys)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "said"),
+    [
+        # Position embeddings of 62500 x 62500 patches: 250 GB allocated before this check.
+        ("image_size", 1000000, "'image_size' says 1000000x1000000, but the position "
+         "embeddings hold 5 tokens, made for 32x32 images"),
+        ("layer_norm_eps", "abc", "'layer_norm_eps' is 'abc', but it must be a positive number"),
+        ("hidden_size", 16.5, "'hidden_size' is 16.5, but it must be a whole number"),
+        ("patch_size", [16], "'patch_size' is [16], but it must be a positive whole number or"),
+        ("id2label", ["cat"], "'id2label' is ['cat'], but it must be an object of class names"),
+    ],
+)  # fmt: skip
+def test_a_config_json_field_that_is_wrong_is_one_message(
+    tmp_path, capsys, field, value, said
+) -> None:
+    hf_model("testing", (32, 32)).save_pretrained(tmp_path / "hf")
+    path = tmp_path / "hf" / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), field: value}))
+    argv = ["--checkpoint", str(tmp_path / "hf"), "--format", "npz"]
+    err = expect_user_error(export.main, argv, capsys)
+    assert f"{path}: the field {said}" in err
+    assert "pass the folder save_pretrained wrote" in err
+
+
+def test_a_query_of_another_shape_is_one_message(tmp_path, capsys) -> None:
+    from safetensors.torch import load_file, save_file
+
+    hf_model("testing", (32, 32)).save_pretrained(tmp_path / "hf")
+    weights = tmp_path / "hf" / "model.safetensors"
+    state = load_file(weights)
+    state["vit.encoder.layer.1.attention.attention.query.weight"] = torch.zeros(16, 8)
+    save_file(state, weights)
+    argv = ["--checkpoint", str(tmp_path / "hf"), "--format", "npz"]
+    err = expect_user_error(export.main, argv, capsys)
+    assert "layer 1 has query, key and value weights of shapes (16, 8), (16, 16), (16, 16)" in err
+
+
+@pytest.mark.parametrize("where", ["parent", "absolute"])
+def test_a_shard_outside_the_folder_is_refused(tmp_path, capsys, where) -> None:
+    folder = tmp_path / "hf"
+    hf_model("testing", (32, 32)).save_pretrained(folder, max_shard_size="20KB")
+    index_path = folder / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    shard = sorted(set(index["weight_map"].values()))[0]
+    # The named file exists and holds the right tensors: only its place is wrong.
+    (tmp_path / shard).write_bytes((folder / shard).read_bytes())
+    elsewhere = f"../{shard}" if where == "parent" else str(tmp_path / shard)
+    index["weight_map"] = {
+        key: elsewhere if name == shard else name for key, name in index["weight_map"].items()
+    }
+    index_path.write_text(json.dumps(index))
+    argv = ["--checkpoint", str(folder), "--format", "npz"]
+    err = expect_user_error(export.main, argv, capsys)
+    assert f"the weight_map names the shard {elsewhere!r}, but a shard must be a plain" in err
 
 
 def test_predict_takes_a_hugging_face_folder(tmp_path) -> None:

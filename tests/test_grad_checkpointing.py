@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 import train
 from models.configs import ResNetConfig, get_config
@@ -336,3 +337,23 @@ def test_an_image_size_whose_probe_cannot_be_allocated_in_a_process(tmp_path: Pa
     argv += ["--dataset=digits", f"--data_dir={tmp_path / 'data'}", "--num_workers=0"]
     message = run_limited("eval.py", argv)
     assert message.startswith("error: Not even one image at 16384x16384 fits for evaluation")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["eval.py", "predict.py"])
+def test_weights_that_cannot_be_allocated_are_one_message(tmp_path: Path, script: str) -> None:
+    """At 1000000x1000000 the position embeddings of the tiny `testing` model are 250 GB: the
+    scripts used to allocate them before any memory check, a traceback from `empty()`."""
+    path = tmp_path / "model.npz"
+    save_npz(path, fake_checkpoint(get_config("testing"), num_classes=10, img_size=32))
+    argv = [f"--checkpoint={path}", "--model_type=testing", "--img_size=1000000"]
+    if script == "eval.py":
+        argv += ["--dataset=digits", f"--data_dir={tmp_path / 'data'}", "--num_workers=0"]
+    else:
+        Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
+        argv += [f"--image={tmp_path / 'x.png'}"]
+    message = run_limited(script, argv)
+    assert message.startswith("error: The weights of testing at 1000000x1000000 need about 2"), (
+        message
+    )
+    assert "GB are available; use a smaller --img_size." in message

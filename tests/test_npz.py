@@ -361,3 +361,20 @@ def test_compare_keys_names_each_kind_of_misfit() -> None:
         ["<b>: checkpoint (3, 4) vs model (4, 3)"],
     )
     assert compare_keys({"b": np.zeros(3)}, {"b": None}) == ([], [], [])  # key only
+
+
+@pytest.mark.parametrize(
+    ("key", "shape"),
+    [
+        ("Transformer/encoderblock_0/LayerNorm_0/scale", (1, 16)),  # flattened silently before
+        ("Transformer/encoder_norm/bias", (4, 4)),
+        ("embedding/bias", (1, 1, 16)),
+    ],
+)
+def test_a_vector_of_another_rank_is_named(key, shape) -> None:
+    weights = fake_checkpoint(get_config("testing"), num_classes=10, img_size=32)
+    weights[key] = weights[key].reshape(shape)  # the same numbers, another rank
+    with pytest.raises(CheckpointError) as info:
+        VisionTransformer.from_pretrained("testing", weights, 32, num_classes=10)
+    assert f"The checkpoint's {key!r} is a float32 array of shape {shape}" in str(info.value)
+    assert "an official checkpoint has 1 dimension(s) there" in str(info.value)

@@ -641,6 +641,8 @@ def test_a_micro_batch_too_big_for_the_memory_stops_before_training(
         ({"accuracy": 0.0, "loss": 5.0}, (-1.0, math.inf), True),  # the first evaluation
         ({"accuracy": 1.0, "loss": math.nan}, (-1.0, math.inf), False),  # never a diverged model
         ({"accuracy": 1.0, "loss": math.inf}, (0.0, 1.0), False),
+        ({"accuracy": 0.6, "loss": 1e30}, (0.5, 0.1), True),  # finite, however absurd: measured
+        ({"accuracy": 0.5, "loss": 1e30}, (0.5, 0.1), False),
     ],
 )
 def test_is_better(result: dict, best: tuple[float, float], better: bool) -> None:

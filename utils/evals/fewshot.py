@@ -239,6 +239,8 @@ def fewshot_evaluate(
         )
     if len(train_x) != len(train_y) or len(test_x) != len(test_y):
         raise ValueError("every feature row needs one label")
+    if not (np.isfinite(train_x).all() and np.isfinite(test_x).all()):
+        raise ValueError("features must be finite (NaN or infinite values have no linear fit)")
     classes = _num_classes(num_classes, train_y, test_y)
     results = []
     for seed in range(seeds) if isinstance(seeds, int) else seeds:

@@ -8,7 +8,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from models.configs import model_names
+from models.configs import is_size, is_whole, model_names
 from models.npz import CheckpointError
 
 __all__ = ["PRECISIONS", "SAFETENSORS_SUFFIX", "check_description", "description_error"]
@@ -20,16 +20,6 @@ SAFETENSORS_SUFFIX = ".safetensors"
 
 # The fields a description (a sidecar, a `.safetensors` file's metadata) may hold, each with
 # the test of its value and what the test asks for; fields not listed are kept unchecked.
-
-
-def _is_int(value: Any, least: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= least
-
-
-def _is_size(value: Any) -> bool:
-    return _is_int(value, 1) or (
-        isinstance(value, list) and len(value) == 2 and all(_is_int(v, 1) for v in value)
-    )
 
 
 def _is_text(value: Any) -> bool:
@@ -54,15 +44,15 @@ def _is_sha256(value: Any) -> bool:
 
 _DESCRIPTION_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model_type": (lambda v: v in model_names(), "a model name, e.g. ViT-B_16"),
-    "img_size": (_is_size, "a positive whole number or a [height, width] pair of them"),
-    "num_classes": (lambda v: _is_int(v, 1), "a whole number of at least 1"),
+    "img_size": (is_size, "a positive whole number or a [height, width] pair of them"),
+    "num_classes": (lambda v: is_whole(v, 1), "a whole number of at least 1"),
     "dataset": (_or_unknown(_is_text), "a dataset name, e.g. cifar10, or null"),
     "class_names": (_or_unknown(_is_names), "a list of class names (strings), or null"),
     "precision": (_or_unknown(PRECISIONS.__contains__), f"one of {', '.join(PRECISIONS)}, or null"),
     # Whether float32 matrix products and convolutions ran in TF32 (CUDA with `--tf32 on`).
     "tf32": (_or_unknown(lambda v: isinstance(v, bool)), "true or false, or null"),
-    "step": (lambda v: _is_int(v, 0), "a whole number of at least 0"),
-    "final_step": (lambda v: _is_int(v, 0), "a whole number of at least 0"),
+    "step": (lambda v: is_whole(v, 0), "a whole number of at least 0"),
+    "final_step": (lambda v: is_whole(v, 0), "a whole number of at least 0"),
     "selected_by": (_is_text, "the split the step was selected on, e.g. minival"),
     "sha256": (_is_sha256, "64 hexadecimal digits (what sha256sum prints)"),
     "previous_sha256": (_is_sha256, "64 hexadecimal digits (what sha256sum prints)"),

@@ -34,7 +34,7 @@ from models.configs import (
     model_names,
     model_type_from_filename,
 )
-from models.foreign import TIMM_NAMES, hf_config_model, to_ours
+from models.foreign import TIMM_NAMES, check_hf_config, hf_config_model, to_ours
 from models.modeling import VisionTransformer
 from models.npz import (
     CheckpointError,
@@ -51,6 +51,7 @@ from utils.infra.description import SAFETENSORS_SUFFIX, description_error
 from utils.infra.dist_utils import unwrap
 from utils.infra.errors import UserError
 from utils.infra.file_io import load_safetensors, read_sidecar, safe_load, sidecar_path
+from utils.infra.memory import check_weights_memory
 from utils.infra.train_state import STATE_FORMAT
 
 __all__ = [
@@ -59,6 +60,7 @@ __all__ = [
     "FOLDER_WEIGHTS",
     "LoadedModel",
     "assign_weights",
+    "check_finite_weights",
     "class_names",
     "folder_weight_files",
     "guess_state_dict_model",
@@ -199,9 +201,17 @@ def folder_weight_files(path: str | os.PathLike) -> list[str]:
     if os.path.isfile(index):
         try:
             weight_map = json.loads(Path(index).read_text(encoding="utf-8"))["weight_map"]
-            return [os.path.join(path, name) for name in sorted(set(weight_map.values()))]
+            names = sorted(set(weight_map.values()))
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
             raise CheckpointError(f"{index} is not a readable shard index ({err}).") from None
+        for name in names:  # a shard is a file of the folder, never one elsewhere
+            if not isinstance(name, str) or name in ("", ".", "..") or re.search(r"[/\\]", name):
+                raise CheckpointError(
+                    f"{index}: the weight_map names the shard {name!r}, but a shard must be a "
+                    "plain file name inside the folder. The index was damaged, edited or "
+                    "written by another program: pass the folder save_pretrained wrote."
+                )
+        return [os.path.join(path, name) for name in names]
     for name in FOLDER_WEIGHTS:
         if os.path.isfile(os.path.join(path, name)):
             return [os.path.join(path, name)]
@@ -226,10 +236,9 @@ def read_folder(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[
     where = os.path.join(path, "config.json")
     try:
         config = json.loads(Path(where).read_text(encoding="utf-8"))
-        if not isinstance(config, dict):
-            raise ValueError("not a JSON object")
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{where} is not a readable config.json ({err}).") from None
+    config = check_hf_config(config, where)
     tensors: dict[str, torch.Tensor] = {}
     for file in folder_weight_files(path):
         tensors.update(_read_tensors(file))
@@ -267,8 +276,33 @@ def read_folder(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[
             f"{path} holds no ViT weights this project knows ({len(tensors)} tensors, e.g. "
             f"{', '.join(sorted(tensors)[:3])})."
         )
+    field = "pretrained_cfg.input_size" if "architecture" in config else "image_size"
+    _check_folder_img_size(facts, state, where, field)
     logger.info("%s is a %s folder.", path, how)
     return state, facts
+
+
+def _check_folder_img_size(
+    facts: Mapping[str, Any], state: Mapping[str, torch.Tensor], where: str, field: str
+) -> None:
+    """Refuse a `config.json` image size the folder's position embeddings were not made for
+    (transformers' ViT takes only that size too)."""
+    pos = state.get("embeddings.pos_embed")
+    name = facts.get("model_type") or guess_state_dict_model(state)
+    if "img_size" not in facts or pos is None or pos.ndim != 3 or name is None:
+        return  # nothing to compare; a strict load names what does not fit
+    config = get_config(name)
+    height, width = facts["img_size"]
+    (ph, pw), cls = config.patch_size, int(config.classifier == "token")
+    if (height // ph) * (width // pw) + cls == pos.shape[1]:
+        return
+    native = native_img_size(config, pos.shape[1])
+    made_for = f", made for {native[0]}x{native[1]} images" if native else ""
+    raise CheckpointError(
+        f"{where}: the field {field!r} says {height}x{width}, but the position embeddings "
+        f"hold {pos.shape[1]} tokens{made_for}. The file was damaged, edited or written by "
+        "another program: pass the folder save_pretrained wrote."
+    )
 
 
 def read_weights(
@@ -526,9 +560,11 @@ def load_model(
         size = native_img_size(config, pos.shape[1])
     if size is None:
         raise UserError(f"Cannot tell the image size {path} was made for: pass --img_size.")
-    model = VisionTransformer.empty(
-        config, checked_img_size(config, size), num_classes
-    )  # every weight loaded
+    size = checked_img_size(config, size)
+    with torch.device("meta"):  # shapes only: the memory plan asks before anything is allocated
+        shapes = VisionTransformer(config, size, num_classes)
+    check_weights_memory(shapes, torch.device("cpu"))
+    model = VisionTransformer.empty(config, size, num_classes)  # every weight loaded
     if path.endswith(".npz"):
         load_pretrained(model, weights, zero_head=headless)
     else:
@@ -549,6 +585,26 @@ def load_model(
         tf32=sidecar.get("tf32"),
         info={k: sidecar[k] for k in ("step", "accuracy") if k in sidecar},
     )
+
+
+def check_finite_weights(loaded: LoadedModel) -> None:
+    """Refuse a model whose weights are not all finite (a run that diverged, a damaged file),
+    before its features or spectra fail inside the linear algebra.
+
+    Raises:
+        CheckpointError: naming the file and the first tensor that is not finite.
+    """
+    bad = [
+        name
+        for name, tensor in loaded.model.state_dict().items()
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all()
+    ]
+    if bad:
+        raise CheckpointError(
+            f"{loaded.source}: {len(bad)} weight tensor(s) hold NaN or infinite values (first: "
+            f"{bad[0]}), so nothing it computes is a number: its training diverged or the file "
+            "is damaged. Pass a checkpoint saved before the divergence (train.py's best one)."
+        )
 
 
 # --------------------------------------------------------------------------------------------

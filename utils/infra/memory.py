@@ -26,6 +26,7 @@ __all__ = [
     "available_bytes",
     "check_evaluation_memory",
     "check_training_memory",
+    "check_weights_memory",
     "is_out_of_memory",
     "largest_planned_batch",
     "measure_memory",
@@ -179,6 +180,21 @@ def check_evaluation_memory(
         f"A batch of {batch_size} images at {size} needs "
         f"{memory_amount(planned_need(fit, batch_size))} on {device}, but "
         f"{memory_amount(available)} are available; use --eval_batch_size {most} or less."
+    )
+
+
+def check_weights_memory(model: nn.Module, device: torch.device) -> None:
+    """Stop before allocating a model's weights on `device` if they cannot fit: `model` holds
+    only their shapes (built on the meta device), so nothing is allocated to ask. The position
+    embeddings grow with the image size: an absurd `--img_size` is caught here."""
+    available = available_bytes(device)
+    need = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    if available is None or need <= BUDGET_SHARE * available:
+        return
+    name = getattr(getattr(model, "config", None), "name", type(model).__name__)
+    raise UserError(
+        f"The weights of {name} at {_image_size(model)} need {memory_amount(need)} on {device}, "
+        f"but {memory_amount(available)} are available; use a smaller --img_size."
     )
 
 
