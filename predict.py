@@ -86,6 +86,7 @@ from tqdm import tqdm
 from utils.data.loaders import build_transforms
 from utils.data.preprocessing import BadImageError, find_images, read_image
 from utils.evals.classification import top_k
+from utils.infra.console import interactive
 from utils.infra.dist_utils import DistInfo, run_distributed
 from utils.infra.file_io import check_output, write_output
 from utils.infra.loading import load_model
@@ -176,7 +177,7 @@ def predict(
     records: dict[int, dict] = {}
     with torch.inference_mode():
         for batch_indices, images, unreadable in tqdm(
-            loader, desc="predict", unit="batch", disable=not info.is_main
+            loader, desc="predict", unit="batch", disable=not (info.is_main and interactive())
         ):
             for item in unreadable:
                 records[item.index] = {"path": str(paths[item.index]), "error": item.error}

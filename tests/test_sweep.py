@@ -301,7 +301,8 @@ def test_an_interrupted_sweep_continues_and_print_commands_then_collect_agree(
         assert len(commands) == 2, phase
         for command in commands:
             words = shlex.split(command)
-            assert words[:2] == ["python3", "train.py"]
+            assert words[1] == "train.py"  # run by this interpreter, as typed in this folder
+            assert os.path.abspath(shutil.which(words[0])) == os.path.abspath(sys.executable)
             train.main(words[2:])
     capsys.readouterr()
     assert sweep.main([*argv, "--print_commands"]) is None
