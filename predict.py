@@ -188,7 +188,7 @@ def predict(
                 records[index] = {
                     "path": str(paths[index]),
                     "labels": [label for label, _ in best],
-                    "probabilities": [prob for _, prob in best],
+                    "probabilities": [round(prob, 6) for _, prob in best],  # as the CSV
                 }
     return gather(records, info), model.num_classes
 
