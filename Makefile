@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast lint demo clean
+.PHONY: install test test-fast lint demo clean tensorboard notebook
 
 $(STAMP): requirements.txt requirements-dev.txt
 	@$(PYTHON) -c 'import sys; sys.exit("Python 3.10+ is required, found " + sys.version.split()[0]) if sys.version_info < (3, 10) else None'
@@ -41,3 +41,16 @@ demo: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) train.py --name digits-demo --dataset digits --model_type demo \
 		--pretrained_dir none --img_size 32 --train_batch_size 128 --learning_rate 0.1 \
 		--num_steps 800 --warmup_steps 50 --eval_every 200 --num_workers 1 $(DEMO_RESUME)
+
+# TensorBoard on the runs' logs (LOGDIR=logs/NAME: one run), with the environment's Python, as
+# every command the scripts print is (`tensorboard` alone is on the PATH only in an activated
+# environment). Each run's every scalar is also in <log_dir>/metrics.jsonl.
+LOGDIR ?= logs
+PORT ?= 6006
+tensorboard: $(STAMP)
+	$(PY) -m tensorboard.main --logdir $(LOGDIR) --port $(PORT)
+
+# The attention-map notebook. Jupyter's notebook server is not among the requirements.
+notebook: $(STAMP)
+	@$(PY) -c 'import importlib.util, sys; importlib.util.find_spec("notebook") or sys.exit("make notebook: Jupyter Notebook is not installed in $(VENV); install it with $(PY) -m pip install notebook, then run make notebook again.")'
+	$(PY) -m notebook visualize_attention_map.ipynb

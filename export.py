@@ -258,7 +258,14 @@ def recipe(checkpoint: str) -> dict[str, Any]:
 
 
 def _cell(value: Any) -> str:
-    text = value if isinstance(value, str) else json.dumps(value)
+    """A table cell: numbers to 6 significant digits (accuracies are float32 sums: 0.9583333),
+    a flag left at its default (None) said so."""
+    if value is None:
+        text = "not given (its default)"
+    elif isinstance(value, float):
+        text = f"{value:.6g}"
+    else:
+        text = value if isinstance(value, str) else json.dumps(value)
     return text.replace("|", "\\|")
 
 

@@ -149,6 +149,7 @@ from utils.data.loaders import (
 )
 from utils.data.preprocessing import ResizeCentralCrop
 from utils.evals.fewshot import fewshot_evaluate, short_classes
+from utils.infra.console import interactive
 from utils.infra.dist_utils import DistInfo, main_process_first, run_distributed
 from utils.infra.file_io import content_sha256, file_sha256, save_npz, write_output
 from utils.infra.loading import (
@@ -246,7 +247,13 @@ def embed(
     features, labels, indices = [], [], []
     start = time.perf_counter()
     with torch.inference_mode():
-        for batch in tqdm(loader, desc=desc, unit="batch", disable=not info.is_main, leave=False):
+        for batch in tqdm(
+            loader,
+            desc=desc,
+            unit="batch",
+            disable=not (info.is_main and interactive()),
+            leave=False,
+        ):
             if batch is None:  # every image of it was unreadable
                 continue
             images, targets, positions = batch

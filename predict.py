@@ -91,6 +91,7 @@ from tqdm import tqdm
 from utils.data.loaders import build_transforms
 from utils.data.preprocessing import BadImageError, find_images, read_image
 from utils.evals.classification import top_k
+from utils.infra.console import interactive
 from utils.infra.dist_utils import DistInfo, run_distributed
 from utils.infra.file_io import check_output, write_output
 from utils.infra.loading import load_model
@@ -181,7 +182,7 @@ def predict(
     records: dict[int, dict] = {}
     with torch.inference_mode():
         for batch_indices, images, unreadable in tqdm(
-            loader, desc="predict", unit="batch", disable=not info.is_main
+            loader, desc="predict", unit="batch", disable=not (info.is_main and interactive())
         ):
             for item in unreadable:
                 records[item.index] = {"path": str(paths[item.index]), "error": item.error}
@@ -192,7 +193,7 @@ def predict(
                 records[index] = {
                     "path": str(paths[index]),
                     "labels": [label for label, _ in best],
-                    "probabilities": [prob for _, prob in best],
+                    "probabilities": [round(prob, 6) for _, prob in best],  # as the CSV
                 }
     return gather(records, info), model.num_classes
 

@@ -38,7 +38,6 @@ import json
 import logging
 import math
 import os
-import shlex
 import signal
 import statistics
 import sys
@@ -50,6 +49,7 @@ if __name__ == "__main__":  # Ctrl+C while the modules below load: exit 130, no 
     signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(128 + signum))
 
 from utils.data.registry import DATASETS, HOLDOUT_FRACTION, Columns
+from utils.infra.console import python_command
 from utils.infra.errors import StoppedBySignal, UserError, run_cli
 from utils.infra.flags import (
     HelpFormatter,
@@ -157,7 +157,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, l
         description=__doc__,
         formatter_class=HelpFormatter,
         allow_abbrev=False,  # --seed is train.py's, not an abbreviation of --seeds
-        epilog="Every other flag goes to each train.py run (python3 train.py --help).",
+        epilog="Every other flag goes to each train.py run (train.py --help lists them).",
     )
     p.add_argument("--name", required=True, help="Name of the sweep (its runs' name prefix).")
     p.add_argument(
@@ -329,10 +329,10 @@ def run_trial(trial: Trial, output_dir: str, num_steps: int) -> None:
     """Train (or continue) one run in this process, then read it back from its files."""
     argv = trial.argv + (["--resume"] if trial.status == "partial" else [])
     logger.info(
-        "%s %s: python3 train.py %s",
+        "%s %s: %s",
         "Continuing" if trial.status == "partial" else "Training",
         trial.run,
-        shlex.join(argv),
+        python_command("train.py", *argv),
     )
     try:
         summary = train.main(argv)
@@ -676,7 +676,7 @@ def print_commands(todo: list[Trial], phase: str) -> None:
     grid is done). An interrupted run's command continues it (--resume)."""
     for trial in todo:
         resume = ["--resume"] if trial.status == "partial" else []
-        print(f"python3 train.py {shlex.join([*trial.argv, *resume])}")
+        print(python_command("train.py", *trial.argv, *resume))
     if not todo:
         logger.info("Every run is finished: --collect builds the summary.")
     elif phase == "grid":

@@ -39,6 +39,7 @@ continues exactly where it was saved, also after a `kill -9`. Every write is ato
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import math
 import os
@@ -66,6 +67,7 @@ from models.configs import (
     model_names,
 )
 from utils.data.registry import DATASETS, HOLDOUT_FRACTION, Columns, add_column_flags
+from utils.infra.console import SafeStream, interactive, python_command
 from utils.infra.description import PRECISIONS
 from utils.infra.errors import LoaderError, StoppedBySignal, UserError, run_cli
 from utils.infra.flags import (
@@ -197,7 +199,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "paper's final model). Default: minival when one is held out, else final.",
     )
     add_process_flags(p)  # --num_workers, and the original port's --local_rank
-    p.add_argument("--log_dir", default=None, help="TensorBoard folder (default logs/<name>).")
+    p.add_argument(
+        "--log_dir",
+        default=None,
+        help="Log folder (default logs/<name>): TensorBoard's event files and metrics.jsonl, "
+        "every logged scalar as one JSON line.",
+    )
+    p.add_argument(
+        "--wandb",
+        action="store_true",
+        help="Log the scalars to Weights & Biases too (needs the wandb package; project "
+        "$WANDB_PROJECT, default vit-pytorch; WANDB_MODE=offline logs without an account).",
+    )
     p.add_argument("--precision", choices=PRECISIONS, default=None, help="Default fp32.")
     add_tf32_flag(p)
     p.add_argument(
@@ -240,8 +253,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=positive_int,
         default=10,
         help="Log the training loss (its mean over the steps since the last log) every N steps, "
-        "and at every evaluation and save. Only these steps wait for the device; a stop signal "
-        "reaches the other torchrun processes at them.",
+        "and at every evaluation and save; without a terminal (a file, nohup, CI) also one plain "
+        "line of progress, in place of the progress bar. Only these steps wait for the device; "
+        "a stop signal reaches the other torchrun processes at them.",
     )
     p.add_argument(
         "--overwrite",
@@ -283,7 +297,7 @@ from utils.infra.dist_utils import (
     barrier,
     run_distributed,
 )
-from utils.infra.event_log import EventLog
+from utils.infra.event_log import METRICS, EventLog
 from utils.infra.file_io import read_sidecar, save_checkpoint, write_sidecar
 from utils.infra.loading import pretrained_weights, which_model
 from utils.infra.memory import check_training_memory, is_out_of_memory, out_of_memory
@@ -311,7 +325,15 @@ def micro_batch_size(args: argparse.Namespace, world_size: int) -> int:
 
 
 def check_args(args: argparse.Namespace, info: DistInfo) -> None:
-    """Check what the flags' types cannot see alone (the total batch must divide evenly)."""
+    """Check what the flags' types cannot see alone (the total batch must divide evenly, --wandb
+    needs wandb)."""
+    if args.wandb and importlib.util.find_spec("wandb") is None:
+        raise UserError(
+            "--wandb logs to Weights & Biases, but the wandb package is not installed for this "
+            f"Python: install it ({python_command('-m', 'pip', 'install', 'wandb')}) and log in "
+            "(wandb login, or WANDB_MODE=offline), or leave out --wandb: every scalar is in "
+            f"{Path(args.log_dir) / 'metrics.jsonl'} and TensorBoard's files anyway."
+        )
     if args.model_type is not None:  # else _run checks it, once the file tells the model
         checked_img_size(get_config(args.model_type), args.img_size)
     per_step = info.world_size * args.gradient_accumulation_steps
@@ -759,6 +781,7 @@ class Run:
             overflowing steps itself).
         losses: the training losses since the last log.
         eval_time: seconds spent evaluating (left out of the images/s figure).
+        last_log: the clock, step and `eval_time` at the last progress line (for its speed).
     """
 
     args: argparse.Namespace
@@ -776,6 +799,7 @@ class Run:
     losses: LossSum
     final: dict[str, float] = field(default_factory=dict)
     eval_time: float = 0.0
+    last_log: tuple[float, int, float] = (0.0, 0, 0.0)
 
 
 def resume(
@@ -889,17 +913,23 @@ def set_up(
         micro_batch_size(args, info.world_size),
         selected_by,
     )
-    logger.info("TensorBoard logs: %s; best checkpoint: %s", args.log_dir, args.output_dir)
+    logger.info(
+        "Logs (TensorBoard, metrics.jsonl): %s; best checkpoint: %s", args.log_dir, args.output_dir
+    )
     if resume_from:
         state = resume(args, trainer, resume_from, info, split)
     else:
         state = TrainState(split=split, precision=trainer.precision)
     claim.delete_earlier_run()  # --overwrite: every check has passed
     writer = None
-    if info.is_main:
+    if info.is_main and state.step < args.num_steps:  # a finished run logs nothing more
         # A resumed run continues the same log, dropping what the interrupted run logged after
         # its last state (it is logged again).
-        writer = EventLog(args.log_dir, purge_step=state.step + 1 if state.step else None)
+        writer = EventLog(
+            args.log_dir,
+            purge_step=state.step + 1 if state.step else None,
+            wandb={"name": args.name, "config": vars(args)} if args.wandb else None,
+        )
     return Run(
         args=args,
         info=info,
@@ -968,15 +998,15 @@ def train(run: Run) -> Summary:
     after every step)."""
     args, trainer, state, info = run.args, run.trainer, run.state, run.info
     stream = micro_batches(run.train_loader, state, skip=state.batches_in_epoch)
-    bar = tqdm(
-        initial=state.step,
-        total=args.num_steps,
-        desc="Training",
-        disable=not info.is_main,
-        dynamic_ncols=True,
-    )
+    bar = progress_bar(run)
     first_step, stopped, start = state.step, False, time.perf_counter()
-    with logging_redirect_tqdm(), bar, run.writer or nullcontext(), GracefulExit() as stop:
+    run.last_log = (start, state.step, 0.0)
+    with (
+        logging_redirect_tqdm() if bar else nullcontext(),  # log lines above the bar
+        bar or nullcontext(),
+        run.writer or nullcontext(),
+        GracefulExit() as stop,
+    ):
         while state.step < args.num_steps:
             batches = next_batches(run, stream)
             state.step += 1
@@ -987,7 +1017,8 @@ def train(run: Run) -> Summary:
             synced = evaluates or saves or due(state.step, args.log_every)  # reads the device
             if synced:
                 log_progress(run, bar)
-            bar.update(1)
+            if bar is not None:
+                bar.update(1)
             if evaluates:
                 began = time.perf_counter()
                 select(run, evaluate_splits(run))
@@ -1007,6 +1038,21 @@ def train(run: Run) -> Summary:
         run.writer.check()  # a failed log write: one message, after the last state was saved
     wall = time.perf_counter() - start
     return report(run, stopped, stop.signum if stopped else None, wall, state.step - first_step)
+
+
+def progress_bar(run: Run) -> tqdm | None:
+    """The progress bar, on a terminal only (first process): elsewhere (a file, nohup, CI) its
+    redraws would pile up into one endless line, and `log_progress` logs plain lines instead.
+    A bar whose terminal cannot be written (a full disk behind it) goes quiet; the run goes on."""
+    if not (run.info.is_main and interactive()):
+        return None
+    return tqdm(
+        initial=run.state.step,
+        total=run.args.num_steps,
+        desc="Training",
+        dynamic_ncols=True,
+        file=SafeStream(sys.stderr),
+    )
 
 
 class LossSum:
@@ -1032,7 +1078,8 @@ class LossSum:
 def log_progress(run: Run, bar: tqdm | None) -> None:
     """Read back what the steps since the last log left on the device (a host sync): stop a run
     whose loss stayed non-finite (`NonFiniteLossError`), warn about skipped updates, and log
-    the mean loss of those steps, with the rate of the last one, to TensorBoard and `bar`."""
+    the mean loss of those steps, with the rate of the last one, to the event log and `bar`;
+    without a bar, as one plain line with the speed and the time left."""
     if not run.losses.steps:
         return
     if run.guard is not None:
@@ -1048,6 +1095,41 @@ def log_progress(run: Run, bar: tqdm | None) -> None:
         run.writer.add_scalar("train/lr", lr, step)
         if bar is not None:
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
+        else:
+            logger.info("%s", progress_line(run, loss, lr))
+
+
+def progress_line(run: Run, loss: float, lr: float) -> str:
+    """`Step 40/800: loss 0.5321, lr 9.87e-02, 1234 images/s, 2m 05s left`: the speed of the
+    steps since the last line, evaluation time left out, and the time left at that speed."""
+    now, step, eval_time = time.perf_counter(), run.state.step, run.eval_time
+    then, then_step, then_eval_time = run.last_log
+    run.last_log = (now, step, eval_time)
+    seconds = max(now - then - (eval_time - then_eval_time), 1e-9)
+    per_step = seconds / max(step - then_step, 1)
+    left = duration_text(per_step * (run.args.num_steps - step))
+    rate = rate_text(run.args.train_batch_size / per_step)
+    return (
+        f"Step {step}/{run.args.num_steps}: loss {loss:.4f}, lr {lr:.2e}, {rate} images/s, "
+        f"{left} left"
+    )
+
+
+def rate_text(rate: float) -> str:
+    """A rate with three significant digits and no exponent (`1234`, `56.7`, `0.0123`)."""
+    if rate <= 0 or not math.isfinite(rate):
+        return f"{rate:.0f}"
+    return f"{rate:.{max(0, 2 - math.floor(math.log10(rate)))}f}"
+
+
+def duration_text(seconds: float) -> str:
+    """`42s`, `3m 05s`, `1h 02m`."""
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m {seconds % 60:02d}s"
+    return f"{seconds // 3600}h {seconds % 3600 // 60:02d}m"
 
 
 def log_stop(run: Run, stop: GracefulExit) -> None:
@@ -1139,22 +1221,26 @@ def print_summary(summary: Summary, args: argparse.Namespace) -> None:
     if evaluated and summary.checkpoint is None:  # only the last state was copied here
         checkpoint = f"none in {args.output_dir} (the run that saved the resumed state wrote it)"
     last = last_state_path(args.output_dir, args.name)
-    skipped = (
-        f"Unreadable images skipped: {summary.unreadable_images} (named in the log)\n"
-        if not DATASETS[args.dataset].in_memory
-        else ""
-    )
+    skipped = ""
+    if not DATASETS[args.dataset].in_memory:
+        named = " (named in the log)" if summary.unreadable_images else ""
+        skipped = f"Unreadable images skipped: {summary.unreadable_images}{named}\n"
+    trained = f"{summary.wall_time:.1f} s ({rate_text(summary.images_per_second)} images/s)"
+    if summary.images_per_second == 0:  # no step ran in this command
+        done = summary.step >= args.num_steps
+        trained = "none (the run had finished already)" if done else "none (no step finished)"
+    metrics = Path(args.log_dir) / METRICS
     try:
         print(
             f"Best checkpoint: {selected}\n"
             f"Steps: {summary.step} of {args.num_steps}"
             f"{' (stopped; continue with --resume)' if summary.stopped else ''}\n"
-            f"Training time: {summary.wall_time:.1f} s ({summary.images_per_second:.0f} "
-            "images/s)\n"
+            f"Training time: {trained}\n"
             f"Checkpoint: {checkpoint}\n"
             f"{skipped}"
             f"Last state: {last if last.is_file() else 'none written'}\n"
-            f"TensorBoard: tensorboard --logdir {args.log_dir}",
+            f"Metrics: {metrics if metrics.is_file() else 'none written'}\n"
+            f"TensorBoard: {python_command('-m', 'tensorboard.main', '--logdir', args.log_dir)}",
             flush=True,
         )
     except OSError as err:  # the run itself has finished

@@ -134,6 +134,21 @@ def test_tf32_goes_into_the_safetensors_description_and_the_model_card(
     assert card.index("- Training precision: fp32") < card.index(line or "## Results")
 
 
+def test_the_model_card_rounds_figures_and_names_flags_left_at_their_default(
+    best_checkpoint, one_thread
+) -> None:
+    from utils.infra.file_io import read_sidecar
+
+    ckpt = best_checkpoint(_model("testing"), accuracy=0.9583333134651184)
+    loaded = load_model(ckpt)
+    flags = {"precision": None, "learning_rate": 0.03}
+    card = export.model_card(loaded, read_sidecar(ckpt), flags, (str(ckpt), "0" * 64), "Checked.")
+    assert "| `--precision` | not given (its default) |" in card
+    assert "| `--learning_rate` | 0.03 |" in card
+    assert "| accuracy | 0.958333 |" in card
+    assert "null" not in card
+
+
 def test_safetensors_that_is_not_one_is_a_clear_error(tmp_path, capsys) -> None:
     path = tmp_path / "broken.safetensors"
     path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")

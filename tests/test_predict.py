@@ -124,6 +124,7 @@ def test_json_from_worker_processes_matches_too(
         indices, probs = _expected(model, path, len(CLASSES))  # top_k 5 > 4 classes: all 4
         assert record["labels"] == [CLASSES[i] for i in indices]
         np.testing.assert_allclose(record["probabilities"], probs, atol=2e-6)
+        assert [round(p, 6) for p in record["probabilities"]] == record["probabilities"]
 
 
 def test_table_without_output_and_globs_in_order(

@@ -301,7 +301,8 @@ def test_an_interrupted_sweep_continues_and_print_commands_then_collect_agree(
         assert len(commands) == 2, phase
         for command in commands:
             words = shlex.split(command)
-            assert words[:2] == ["python3", "train.py"]
+            assert words[1] == "train.py"  # run by this interpreter, as typed in this folder
+            assert os.path.abspath(shutil.which(words[0])) == os.path.abspath(sys.executable)
             train.main(words[2:])
     capsys.readouterr()
     assert sweep.main([*argv, "--print_commands"]) is None
@@ -329,3 +330,29 @@ def test_under_torchrun_every_process_runs_the_sweep_in_one_process_group(tmp_pa
     summary = json.loads((tmp_path / "out" / "s_sweep.json").read_text())
     assert [run["status"] for run in summary["grid"] + summary["final"]] == ["finished"] * 3
     assert proc.stdout.count("## Sweep s:") == 1  # the first process alone reports
+
+
+@pytest.mark.slow
+def test_a_sweep_logged_to_a_file_has_plain_short_lines(tmp_path: Path) -> None:
+    """`sweep.py ... > log 2>&1` (a cluster job): no progress bar redraws, no endless line."""
+    log = tmp_path / "log.txt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    argv = sweep_args(tmp_path, learning_rates=[0.03, 0.3], seeds=1, log_every=2)
+    with log.open("w") as handle:
+        proc = subprocess.run(
+            [sys.executable, "sweep.py", *argv],
+            cwd=REPO,
+            env=env,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            timeout=300,
+        )
+    text = log.read_text()
+    assert proc.returncode == 0, text[-3000:]
+    assert "\r" not in text
+    # Only the logged train.py commands, as long as their flags (here long temporary paths),
+    # may be longer than a line of progress.
+    long = [line for line in text.splitlines() if len(line) > 300]
+    assert all(f"{os.path.relpath(sys.executable)} train.py --" in line for line in long)
+    assert text.count("train: Step 4/4: loss ") == 3  # each run's progress, as plain lines
+    assert f"Training s-lr0.03: {os.path.relpath(sys.executable)} train.py " in text

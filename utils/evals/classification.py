@@ -7,6 +7,7 @@ one code path and give the same numbers.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 
 import torch
@@ -16,6 +17,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from utils.data.loaders import prepare_batch
+from utils.infra.console import SafeStream, interactive
 from utils.infra.dist_utils import all_reduce_sum, unwrap
 from utils.infra.errors import UserError
 from utils.recipe.amp import autocast
@@ -41,7 +43,7 @@ def evaluate(
         test_loader: this rank's shard of the test set.
         device: where to compute.
         precision: "fp32", "fp16" or "bf16" (autocast).
-        progress: show a tqdm bar.
+        progress: show a tqdm bar (on a terminal only).
 
     Returns:
         `loss` (mean cross-entropy), `accuracy` (top-1), `count` (images over all ranks),
@@ -54,7 +56,9 @@ def evaluate(
     # (known on the host, added there).
     totals = torch.zeros(4, dtype=torch.float64, device=device)
     count = 0
-    for batch in tqdm(test_loader, desc="Validating", disable=not progress, leave=False):
+    bar = SafeStream(sys.stderr)  # a console that cannot be written never ends a run
+    show = progress and interactive()  # without a terminal, redraws would pile up in the log
+    for batch in tqdm(test_loader, desc="Validating", disable=not show, leave=False, file=bar):
         if batch is None:  # every image of it was unreadable (`skip_unreadable`)
             continue
         images, labels = prepare_batch(batch, device)  # (test images resized on the device)

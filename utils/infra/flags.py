@@ -14,16 +14,18 @@ must be at least 1, got 0`) before exiting with code 2, the code of every other 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import math
 import os
 import signal
+import sys
 import threading
 import urllib.parse
 from collections.abc import Callable
 
 from models.configs import model_names
-from utils.infra.errors import exit_interrupted, run_cli
+from utils.infra.errors import UserError, exit_interrupted, run_cli
 
 __all__ = [
     "HelpFormatter",
@@ -41,6 +43,7 @@ __all__ = [
     "positive_float",
     "positive_int",
     "random_seed",
+    "require_torch",
     "seconds",
     "setup_logging",
 ]
@@ -190,9 +193,27 @@ def parse_first(parse_args: Callable[[], object]) -> None:
     """Parse the command line before the script's heavy imports: `--help`, a mistyped flag or
     another mistake of `parse_args` answers now (`run_cli`'s one line, exit 2), not after torch
     has loaded (seconds). A Ctrl+C during those imports prints `exit_interrupted`'s one line;
-    `run_cli` restores the usual handler."""
+    `run_cli` restores the usual handler. An interpreter without torch is told first (for
+    `--help` too), so that no command seems to work until the run fails."""
+    run_cli(require_torch)
     run_cli(parse_args)
     signal.signal(signal.SIGINT, exit_interrupted)
+
+
+def require_torch() -> None:
+    """Refuse, in one message, an interpreter without PyTorch: `python3 train.py` typed outside
+    the virtual environment that `make` installs into.
+
+    Raises:
+        UserError: torch cannot be imported; the message names the interpreter to use.
+    """
+    if importlib.util.find_spec("torch") is None:
+        script = os.path.basename(sys.argv[0]) or "train.py"
+        raise UserError(
+            f"PyTorch is not installed for this Python ({sys.executable}). Run the scripts "
+            f"with the environment that `make install` (or `make demo`) creates: "
+            f".venv/bin/python {script} ..., or activate it first (source .venv/bin/activate)."
+        )
 
 
 def add_model_flags(
