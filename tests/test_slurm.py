@@ -7,6 +7,7 @@ data at tiny settings, with the SLURM_* variables a job gets.
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import signal
@@ -116,3 +117,69 @@ def test_train_job_saves_at_the_warning_requeues_itself_and_continues(
     assert f"Resumed from {last}" in log.read_text()
     assert safe_load(last)["step"] == steps
     assert calls(env) == ["requeue 4242"]  # finished: not requeued again
+
+
+def run_submitted(env: dict[str, str], log: Path) -> list[str]:
+    """Run the jobs `sbatch` was asked for, in order, as Slurm would once each one's dependency
+    is met (every array task with its SLURM_ARRAY_* variables); returns their dependencies."""
+    dependencies = []
+    for number, call in enumerate(c for c in calls(env) if c.startswith("sbatch ")):
+        words = shlex.split(call)[1:]
+        at = next(i for i, w in enumerate(words) if not w.startswith("--"))  # the script
+        options = dict(w[2:].split("=", 1) for w in words[:at] if "=" in w)
+        script, argv = words[at], words[at + 1 :]
+        dependencies.append(options.get("dependency", ""))
+        job = str(1001 + number)
+        first, last = map(int, options.get("array", "0-0").split("-"))
+        for task in range(first, last + 1):
+            task_env = {**env, "SLURM_JOB_ID": job, "SLURM_ARRAY_JOB_ID": job}
+            task_env["SLURM_ARRAY_TASK_ID"] = str(task)
+            proc = start_job(Path(script).name, argv, task_env, log)
+            assert finish(proc, log) == 0, log.read_text()[-3000:]
+    return dependencies
+
+
+@pytest.mark.slow
+def test_sweep_as_chained_job_arrays_runs_grid_then_final_runs_then_collects(
+    tmp_path: Path, cluster: dict[str, str]
+) -> None:
+    """sweep.sh submits grid -> choice -> final runs -> summary, each after the one before;
+    each array task runs its own line of the commands sweep.py printed."""
+    argv = tiny_args(
+        tmp_path,
+        name="s",
+        log_dir=tmp_path / "logs",
+        num_steps=4,
+        eval_every=0,
+        eval_batch_size=360,
+    )
+    argv += ["--learning_rates", "0.03", "0.3", "--seeds", "2"]
+    log = tmp_path / "jobs.log"
+    proc = start_job("sweep.sh", argv, cluster, log)
+    assert finish(proc, log) == 0, log.read_text()[-3000:]
+    submitted = [c for c in calls(cluster) if c.startswith("sbatch ")]
+    assert ["--array=0-1" in c for c in submitted] == [True, False, True, False]
+
+    assert run_submitted(cluster, log) == ["", "afterok:1001", "afterok:1002", "afterok:1003"]
+    plans = tmp_path / "out" / "s_slurm"
+    assert len((plans / "grid.txt").read_text().splitlines()) == 2
+    assert len((plans / "final.txt").read_text().splitlines()) == 2
+    summary = json.loads((tmp_path / "out" / "s_sweep.json").read_text())
+    assert [r["status"] for r in summary["grid"] + summary["final"]] == ["finished"] * 4
+    assert [r["run"][-7:] for r in summary["final"]] == ["-seed42", "-seed43"]
+    assert "## Sweep s:" in (plans / "summary.md").read_text()
+    assert not [c for c in calls(cluster) if not c.startswith("sbatch ")]  # nothing requeued
+
+
+def test_sweep_without_a_shared_output_dir_is_refused(cluster: dict[str, str]) -> None:
+    proc = subprocess.run(
+        ["bash", "tools/slurm/sweep.sh", "--name", "s", "--dataset", "digits"],
+        cwd=REPO,
+        env=cluster,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: pass --name and --output_dir")
+    assert not calls(cluster)

@@ -52,7 +52,6 @@ def test_a_second_signal_stops_at_once_with_its_exit_code(first: int, capsys) ->
     assert "Traceback" not in err
 
 
-
 def test_sigusr1_is_a_warning_that_stops_after_saving_and_never_escalates(capsys) -> None:
     """Slurm's `--signal=USR1@90` warning: the run stops after the step, saves and exits 138, the
     code a job script requeues on. A launcher forwarding the workers' warning repeats it: no
@@ -74,6 +73,7 @@ def test_sigusr1_is_a_warning_that_stops_after_saving_and_never_escalates(capsys
         run_cli(stopped_by_warning)
     assert info.value.code == 138
     assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # restored on exit
+
 
 def test_non_finite_guard() -> None:
     guard = NonFiniteGuard(patience=3)
