@@ -31,9 +31,11 @@ graph (`--compile`; `--no_compile` runs it eagerly), and no step waits for the d
 reads it back only every `--log_every` steps and where it evaluates or saves.
 
 Resuming: besides the best `<output_dir>/<name>_checkpoint.bin`, the last training state goes to
-`<output_dir>/<name>_last.pt` every `--save_every` steps, at the end, and when SIGINT/SIGTERM
-stops the run (after the current step). The same command plus `--resume` (or `--resume PATH`)
-continues exactly where it was saved, also after a `kill -9`. Every write is atomic.
+`<output_dir>/<name>_last.pt` every `--save_every` steps, at the end, and when SIGINT, SIGTERM
+or SIGUSR1 stops the run (after the current step; it exits 130, 143 or 138: a cluster job
+requeues itself on 138, see tools/slurm/train.sbatch). The same command plus `--resume` (or
+`--resume PATH`) continues exactly where it was saved, also after a `kill -9`. Every write is
+atomic.
 """
 
 from __future__ import annotations

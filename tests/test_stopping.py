@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tests.helpers import HostReads
-from utils.infra.errors import UserError, run_cli
+from utils.infra.errors import StoppedBySignal, UserError, run_cli
 from utils.infra.stopping import GracefulExit, NonFiniteGuard, NonFiniteLossError
 
 
@@ -50,6 +50,29 @@ def test_a_second_signal_stops_at_once_with_its_exit_code(first: int, capsys) ->
     err = capsys.readouterr().err
     assert "Interrupted (SIGTERM): stopped at once." in err
     assert "Traceback" not in err
+
+
+def test_sigusr1_is_a_warning_that_stops_after_saving_and_never_escalates(capsys) -> None:
+    """Slurm's `--signal=USR1@90` warning: the run stops after the step, saves and exits 138, the
+    code a job script requeues on. A launcher forwarding the workers' warning repeats it: no
+    stop at once then; SIGTERM after it (the time limit itself) still stops at once."""
+    with GracefulExit() as stop:
+        signal.raise_signal(signal.SIGUSR1)
+        signal.raise_signal(signal.SIGUSR1)
+        assert stop.should_stop()
+        assert (stop.signum, stop.signal_name) == (signal.SIGUSR1, "SIGUSR1")
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGTERM)
+
+    def stopped_by_warning() -> None:
+        with GracefulExit() as stop:
+            signal.raise_signal(signal.SIGUSR1)
+        raise StoppedBySignal(stop.signum)
+
+    with pytest.raises(SystemExit) as info:
+        run_cli(stopped_by_warning)
+    assert info.value.code == 138
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # restored on exit
 
 
 def test_non_finite_guard() -> None:

@@ -7,6 +7,8 @@ user; the scripts' `run_cli` treats them like a `UserError`. Exit codes of every
     2    a mistake the user can fix (bad flag, missing or damaged file); the message says how
     130  Ctrl+C (128 + SIGINT): a run that stopped after saving, or a second Ctrl+C at once
     143  SIGTERM (128 + SIGTERM): a run that stopped after saving, or a second SIGTERM at once
+    138  SIGUSR1 (128 + SIGUSR1), a scheduler's warning: a run that stopped after saving; a
+         job script requeues on it (tools/slurm/train.sbatch)
 
 128 + signal is what a shell reports for a process a signal killed, so a scheduler or
 `make a && make b` sees that the run did not finish.

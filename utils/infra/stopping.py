@@ -1,7 +1,10 @@
-"""Stopping a run on purpose or when it diverges: SIGINT/SIGTERM as a flag, non-finite losses.
+"""Stopping a run on purpose or when it diverges: SIGINT/SIGTERM/SIGUSR1 as a flag, non-finite
+losses.
 
 A signal makes the training loop finish the step, save the last state and exit with a resume hint
-and the exit code 128 + signal (`utils.infra.errors.StoppedBySignal(stop.signum)`); a single
+and the exit code 128 + signal (`utils.infra.errors.StoppedBySignal(stop.signum)`): 130 for
+Ctrl+C, 143 for SIGTERM, 138 for SIGUSR1, a scheduler's warning before a time limit or
+pre-emption (Slurm's `--signal=USR1@90`), on which a job script requeues itself; a single
 process checks its flag after every step, ranks agree on theirs at the steps where they wait for
 the device anyway. A loss that stays NaN or infinite stops the run with a clear error before
 anything more is saved: the count is kept on the device and read where the loop waits.
@@ -25,13 +28,20 @@ __all__ = ["GracefulExit", "NonFiniteGuard", "NonFiniteLossError"]
 logger = logging.getLogger(__name__)
 
 
+# SIGUSR1 is a warning (Slurm sends it ahead of the time limit): the run saves and stops, and
+# a repeat of it never escalates, since a launcher (torchrun) may forward the one its workers got.
+WARNING_SIGNAL = getattr(signal, "SIGUSR1", None)  # None on Windows
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 class GracefulExit:
-    """Turn SIGINT/SIGTERM into a flag the training loop checks after each step.
+    """Turn SIGINT/SIGTERM/SIGUSR1 into a flag the training loop checks after each step.
 
     Use as a context manager around the loop. The first signal only sets :attr:`requested`
-    (the loop finishes the step, saves the last state and exits with a resume hint); a second
+    (the loop finishes the step, saves the last state and exits with a resume hint); then a
     SIGINT or SIGTERM raises `StopAtOnce` (a `KeyboardInterrupt`) at once, also in a step
-    that waits (for a stuck loader worker, say). The previous handlers come back on exit. Outside
+    that waits (for a stuck loader worker, say), while a repeated SIGUSR1 changes nothing.
+    The previous handlers come back on exit. Outside
     the main thread signals cannot be caught and the helper does nothing. `signum` and
     `signal_name` say which signal came first (None when none reached this process).
     """
@@ -44,20 +54,23 @@ class GracefulExit:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.requested:
+            if signum == WARNING_SIGNAL:
+                return
             raise StopAtOnce(signum)
         self.requested = True
         self.signum = signum
         self.signal_name = signal.Signals(signum).name
         logger.warning(
             "%s received: finishing the current step, then saving the last state "
-            "(press Ctrl+C again, or send SIGTERM again, to stop at once, losing the steps since "
-            "the last save).",
+            "(press Ctrl+C, or send SIGTERM, to stop at once, losing the steps since the last "
+            "save).",
             self.signal_name,
         )
 
     def __enter__(self) -> GracefulExit:
+        signals = (*STOP_SIGNALS, WARNING_SIGNAL) if WARNING_SIGNAL else STOP_SIGNALS
         try:
-            for signum in (signal.SIGINT, signal.SIGTERM):
+            for signum in signals:
                 self._previous[signum] = signal.signal(signum, self._handle)
         except ValueError:  # not the main thread
             self._restore()
