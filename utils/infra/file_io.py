@@ -26,7 +26,7 @@ import pickletools
 import re
 import warnings
 import zipfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -47,6 +47,7 @@ __all__ = [
     "atomic_write_text",
     "cannot_write",
     "check_output",
+    "checkpoint_files",
     "content_sha256",
     "file_sha256",
     "load_safetensors",
@@ -204,23 +205,61 @@ def cannot_write(path: str | os.PathLike, why: str, flag: str = "--output") -> U
     return UserError(f"Cannot write {os.fspath(path)}: {why}. Pass another {flag}.")
 
 
+def checkpoint_files(checkpoint: str | os.PathLike) -> list[Path]:
+    """What a script reads of a checkpoint and must never write over: the file (or folder) and,
+    for a file, its `.json` sidecar."""
+    path = Path(checkpoint)
+    return [path] if path.is_dir() else [path, sidecar_path(path)]
+
+
+def _overlaps(output: Path, read: Path) -> bool:
+    """Whether writing `output` would replace `read` or something inside or around it."""
+    if output.exists() and read.exists() and os.path.samefile(output, read):  # hard links too
+        return True
+    out, inp = output.resolve(), read.resolve()
+    return out == inp or out in inp.parents or inp in out.parents
+
+
 def check_output(
-    path: str | os.PathLike, flag: str = "--output", overwrite: bool = True, folder: bool = False
+    path: str | os.PathLike,
+    flag: str = "--output",
+    *,
+    overwrite: bool,
+    folder: bool = False,
+    inputs: Sequence[str | os.PathLike] = (),
+    earlier: Callable[[Path], bool] | None = None,
 ) -> None:
-    """Refuse, before any work, an output that cannot be written where `flag` says.
+    """The one rule for a file (or folder) a script writes where `flag` says, checked before
+    any work: never the script's own input, never an existing output without `overwrite`, and
+    with it only a regular file (or, for a folder, one that `earlier` recognises as written by
+    an earlier run of the same kind). The write itself is atomic (`write_output`).
 
     Args:
+        overwrite: the user's `--overwrite`.
         folder: the output is a folder (a Hugging Face export), not a file.
+        inputs: what the script reads (`checkpoint_files`): refused as an output even with
+            `overwrite`, as is a folder holding them or a path inside them.
+        earlier: for a folder, whether an existing one is an earlier output of this kind;
+            any other folder is never replaced.
 
     Raises:
-        UserError: `path` is of the other kind (folder or file), exists (with
-            `overwrite=False`), or its nearest existing folder is not a writable folder.
+        UserError: one of the above, the wrong kind (folder or file), or its nearest existing
+            folder is not a writable folder.
     """
     path = Path(path)
     if path.is_dir() and not folder:
         raise cannot_write(path, "it is a directory, not a file", flag)
     if folder and path.exists() and not path.is_dir():
         raise cannot_write(path, "it is a file, and a folder is written there", flag)
+    for read in inputs:
+        if _overlaps(path, Path(read)):
+            raise cannot_write(path, f"{read} is read from there, and is never replaced", flag)
+    if path.exists() and not (path.is_file() or path.is_dir()):
+        raise cannot_write(path, "it is a device, pipe or socket, not a regular file", flag)
+    if path.is_dir() and any(path.iterdir()) and not (earlier and earlier(path)):
+        raise cannot_write(
+            path, "it is a folder holding other files than an earlier export wrote", flag
+        )
     if path.exists() and not overwrite:
         raise UserError(
             f"{path} already exists; pass --overwrite to replace it, or another {flag}."
@@ -248,9 +287,13 @@ def write_output(
     """Write an output file of a script (a prediction table, an export, a figure) atomically, or
     explain why not: every failure is one `UserError` naming the file and the `flag` to change.
 
+    Only a regular file is ever replaced (`check_output` says what else is refused).
+
     Returns:
         The SHA-256 (hex) of the bytes written.
     """
+    if os.path.exists(path) and not os.path.isfile(path):  # a device node, a pipe, a folder
+        raise cannot_write(path, "it is not a regular file, and only one is ever replaced", flag)
     with writing(path, flag):
         return atomic_write(path, write, then=f"pass another {flag}, then run again")
 
