@@ -7,9 +7,12 @@ uses `torch.load(weights_only=True)`: a checkpoint can hold tensors and plain Py
 and never runs code.
 
 Damage after the write (a disk or copy error, an edit) is caught on load: a best checkpoint's
-SHA-256 is recorded in its sidecar (`save_checkpoint`; `sha256sum` prints the same value), and a
-training state carries the SHA-256 of its own content (`with_content_sha256`). `safe_load`
-verifies both when present; files written before hashes existed load as before.
+SHA-256 is recorded in its sidecar (`save_checkpoint`; `sha256sum` prints the same value), a
+training state carries the SHA-256 of its own content (`with_content_sha256`), as an exported
+`.safetensors` file does in its metadata, and a description (sidecar or metadata) carries a
+`description_sha256` over that hash and the fields that label predictions. `safe_load`,
+`load_safetensors` and `read_sidecar` verify them when present; files written before hashes
+existed load as before (`utils.infra.loading` warns that they are not verified).
 """
 
 from __future__ import annotations
@@ -36,7 +39,12 @@ import safetensors.torch
 import torch
 
 from models.npz import CheckpointError
-from utils.infra.description import SAFETENSORS_SUFFIX, check_description
+from utils.infra.description import (
+    DESCRIPTION_SHA256,
+    SAFETENSORS_SUFFIX,
+    check_description,
+    description_sha256,
+)
 from utils.infra.errors import UserError
 from utils.infra.run_files import process_alive
 
@@ -581,10 +589,13 @@ def sidecar_path(checkpoint: str | os.PathLike) -> Path:
 
 
 def write_sidecar(checkpoint: str | os.PathLike, **info: Any) -> None:
-    """Describe a checkpoint in its JSON sidecar, atomically.
+    """Describe a checkpoint in its JSON sidecar, atomically, with the `description_sha256` of
+    the fields that decide its predictions (`check_description` verifies it on every read).
 
     Conventional keys: model_type, img_size, num_classes, dataset, class_names, step, accuracy.
     """
+    info.pop(DESCRIPTION_SHA256, None)
+    info[DESCRIPTION_SHA256] = description_sha256(info)
     atomic_write_text(sidecar_path(checkpoint), json.dumps(info, indent=2, sort_keys=True) + "\n")
 
 
@@ -625,9 +636,14 @@ def save_safetensors(
 ) -> None:
     """Write a state dict (each tensor contiguous, on the CPU) and its description as one
     `.safetensors` file, atomically. Each value of `info` (model_type, img_size, ...) is stored as
-    its JSON text; `flag`: for a script's output, the flag that names it (see `write_output`)."""
-    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    metadata = {"format": "pt", **{k: json.dumps(v) for k, v in info.items() if v is not None}}
+    its JSON text, with the `content_sha256` of the tensors and the `description_sha256` that
+    covers it and the class names (`load_safetensors` and `check_description` verify both);
+    `flag`: for a script's output, the flag that names it (see `write_output`)."""
+    tensors = {k: state[k].detach().cpu().contiguous() for k in sorted(state)}
+    described = {k: v for k, v in info.items() if v is not None and k != DESCRIPTION_SHA256}
+    described[CONTENT_SHA256] = content_sha256(tensors)
+    described[DESCRIPTION_SHA256] = description_sha256(described)
+    metadata = {"format": "pt", **{k: json.dumps(v) for k, v in described.items()}}
     data = safetensors.torch.save(tensors, metadata=metadata)
     _writer(flag)(path, lambda handle: handle.write(data))
 
@@ -649,14 +665,26 @@ def _reading(path: str) -> Iterator[None]:
 
 
 def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The tensors of a `.safetensors` file, on the CPU.
+    """The tensors of a `.safetensors` file, on the CPU, checked against the `content_sha256`
+    its metadata records (when it records one: files of other writers do not).
 
     Raises:
-        CheckpointError: missing, truncated or not a safetensors file.
+        CheckpointError: missing, truncated, damaged or not a safetensors file.
     """
     path = os.fspath(path)
     with _reading(path):
-        return safetensors.torch.load_file(path, device="cpu")
+        tensors = safetensors.torch.load_file(path, device="cpu")
+    expected = safetensors_info(path).get(CONTENT_SHA256)
+    if expected is None:
+        return tensors
+    actual = content_sha256({k: tensors[k] for k in sorted(tensors)})
+    if actual != expected:
+        raise CheckpointError(
+            f"{path} is damaged: its tensors no longer match the SHA-256 recorded in it when it "
+            f"was written ({expected}; now {actual}), a disk or copy error, or an edit. Use an "
+            "intact copy, or export it again."
+        )
+    return tensors
 
 
 def safetensors_info(path: str | os.PathLike) -> dict[str, Any]:
