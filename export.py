@@ -11,8 +11,9 @@ Hugging Face, ONNX.
 `_last.pt`, an official `.npz`, an exported `.safetensors`, a Hugging Face folder, a timm state
 dict); model type, image size and class names come from it, `--model_type`/`--img_size`
 override them. The output goes next to the checkpoint unless `--output` says otherwise
-(`NAME_checkpoint.npz`, `.safetensors`, `_timm.pth`, `_hf/`, `.onnx`); an existing file is kept
-unless `--overwrite` is given. Formats:
+(`NAME_checkpoint.npz`, `.safetensors`, `_timm.pth`, `_hf/`, `.onnx`). An existing output is kept
+unless `--overwrite` is given, and even then only a regular file, or a folder an earlier `hf`
+export wrote, is replaced; never the checkpoint or its sidecar. Formats:
 
 - `npz`: the official vit_jax layout (`vit_jax/checkpoint.py` keys, Flax kernel layouts), as
   the downloads are; this project's loaders read it back bit-exactly.
@@ -81,6 +82,17 @@ SUFFIXES = {
     "onnx": ".onnx",
     "hf": "_hf",  # a folder
 }
+# What `--output` may end in, per file format (the hf folder takes any name).
+OUTPUT_SUFFIXES = {
+    "npz": (".npz",),
+    "safetensors": (".safetensors",),
+    "timm": (".pth", ".pt"),
+    "onnx": (".onnx",),
+}
+# What an hf export's folder holds, and the line of its model card that says who wrote it: an
+# existing folder is replaced (`--overwrite`) only when it holds these files and no others.
+HF_FILES = ("config.json", "model.safetensors", "preprocessor_config.json", "README.md")
+HF_CARD_MARK = "exported by ViT-pytorch's `export.py --format hf`"
 ONNX_OPSET = 17  # LayerNormalization is a single ONNX op from opset 17 on
 ONNX_MAX_BYTES = 2**31  # protobuf's limit for one .onnx file
 NO_ONNX = "--format onnx needs the onnx and onnxruntime packages: pip install onnx onnxruntime"
@@ -101,10 +113,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="File (for --format hf: folder) to write. Default: next to the checkpoint, e.g. "
         "NAME_checkpoint.npz, NAME_checkpoint_timm.pth, NAME_checkpoint_hf.",
     )
-    p.add_argument("--overwrite", action="store_true", help="Replace an existing output file.")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="Replace an existing output: a regular file, or a folder an earlier --format hf "
+        "export wrote. Never the checkpoint or its sidecar.",
+    )
     add_model_flags(p)
     add_verbose(p)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    suffixes = OUTPUT_SUFFIXES.get(args.format, ())
+    wrong = args.output and not args.output.lower().endswith(suffixes)
+    if suffixes and wrong and not os.path.isdir(args.output):  # a folder: check_output says
+        p.error(
+            f"--format {args.format} writes a {' or '.join(suffixes)} file, but --output "
+            f"{args.output} ends otherwise; pass a name ending in {suffixes[0]}."
+        )
+    return args
 
 
 if __name__ == "__main__":
@@ -116,8 +141,8 @@ from torch import nn
 
 from utils.data.loaders import build_transforms
 from utils.infra.file_io import (
-    atomic_write_text,
     check_output,
+    checkpoint_files,
     file_sha256,
     read_sidecar,
     safe_load,
@@ -293,8 +318,8 @@ def model_card(
         "",
         f"# {title}, {height}x{width}",
         "",
-        "A Vision Transformer (Dosovitskiy et al., ICLR 2021) exported by ViT-pytorch's "
-        "`export.py --format hf`. It computes what Google's official model computes: tanh GELU "
+        f"A Vision Transformer (Dosovitskiy et al., ICLR 2021) {HF_CARD_MARK}. It computes "
+        "what Google's official model computes: tanh GELU "
         "(`hidden_act: gelu_pytorch_tanh`) and LayerNorm eps 1e-6, which `config.json` says "
         "(transformers' own defaults, exact GELU and eps 1e-12, differ).",
         "",
@@ -356,6 +381,17 @@ def model_card(
         "",
     ]
     return "\n".join(lines)
+
+
+def is_hf_export(folder: Path) -> bool:
+    """Whether `folder` holds what an earlier `--format hf` export wrote, and nothing else."""
+    names = {entry.name for entry in folder.iterdir()}
+    card = folder / "README.md"
+    return (
+        names <= set(HF_FILES)
+        and card.is_file()
+        and HF_CARD_MARK in card.read_text(encoding="utf-8", errors="replace")
+    )
 
 
 def write_folder(path: Path, fill: Callable[[Path], None], check: Callable[[Path], str]) -> str:
@@ -452,15 +488,18 @@ def export_hf(args: argparse.Namespace, loaded: LoadedModel, path: Path, what: s
         weights = folder_weight_files(weights)[0]
     source = weights, file_sha256(weights)
 
+    def write_text(path: Path, text: str) -> None:
+        write_output(path, lambda handle: handle.write(text.encode("utf-8")))
+
     def fill(folder: Path) -> None:
         for name, content in (("config.json", config), ("preprocessor_config.json", preprocessor)):
-            atomic_write_text(folder / name, json.dumps(content, indent=2) + "\n")
-        save_safetensors(folder / "model.safetensors", state, describe(loaded))
+            write_text(folder / name, json.dumps(content, indent=2) + "\n")
+        save_safetensors(folder / "model.safetensors", state, describe(loaded), flag="--output")
 
     def check(folder: Path) -> str:
         checked = check_against_transformers(folder, model, loaded.img_size)
         card = model_card(loaded, sidecar, recipe(args.checkpoint), source, checked)
-        atomic_write_text(folder / "README.md", card)
+        write_text(folder / "README.md", card)
         return checked
 
     with writing(path):
@@ -563,7 +602,13 @@ def onnx_max_difference(data: bytes, model: nn.Module, img_size: tuple[int, int]
 def export(args: argparse.Namespace) -> list[str]:
     """Write the export; returns the lines to print."""
     path = output_path(args.checkpoint, args.format, args.output)
-    check_output(path, overwrite=args.overwrite, folder=args.format == "hf")
+    check_output(
+        path,
+        overwrite=args.overwrite,
+        folder=args.format == "hf",
+        inputs=checkpoint_files(args.checkpoint),
+        earlier=is_hf_export,
+    )
     loaded = load_model(args.checkpoint, args.model_type, args.img_size)
     model = loaded.model
     height, width = loaded.img_size

@@ -3,7 +3,7 @@
     python3 fewshot.py --checkpoint checkpoint/imagenet21k_ViT-B_16.npz --dataset cifar100
     python3 fewshot.py --checkpoint a.npz b.npz output/run_checkpoint.bin --dataset imagefolder \
         --data_dir /data/flowers --shots 1 5 10 25 --seeds 3 --l2_reg 256 1024 4096 \
-        --output fewshot.json --cache_dir cache/features
+        --output output/fewshot.json --cache_dir cache/features
     torchrun --nproc_per_node 4 fewshot.py --checkpoint ... --dataset ...   # embedding is sharded
 
 Each checkpoint embeds the whole training split and the whole test split once (its
@@ -108,7 +108,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=[1024.0],
         help="Ridge regularisation; several values share one eigendecomposition.",
     )
-    p.add_argument("--output", default=None, help="results.json: every seed's accuracy.")
+    p.add_argument("--output", default=None, help="output/fewshot.json: every seed's accuracy.")
+    p.add_argument("--overwrite", action="store_true", help="Replace an existing --output file.")
     p.add_argument(
         "--cache_dir", default=None, help="Keep the features here; reused by later runs."
     )
@@ -123,7 +124,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.output and Path(args.output).suffix.lower() != ".json":
         p.error(f"--output must end in .json, got {args.output}")
     if args.output and Path(args.output).is_dir():
-        p.error(f"--output {args.output} is a directory; pass a file, e.g. fewshot.json")
+        p.error(f"--output {args.output} is a directory; pass a file, e.g. output/fewshot.json")
     if args.cache_dir and Path(args.cache_dir).exists() and not Path(args.cache_dir).is_dir():
         p.error(f"--cache_dir {args.cache_dir} is a file; pass a directory.")
     args.shots = sorted(set(args.shots))
@@ -151,7 +152,14 @@ from utils.data.preprocessing import ResizeCentralCrop
 from utils.evals.fewshot import fewshot_evaluate, short_classes
 from utils.infra.console import interactive
 from utils.infra.dist_utils import DistInfo, main_process_first, run_distributed
-from utils.infra.file_io import content_sha256, file_sha256, save_npz, write_output
+from utils.infra.file_io import (
+    check_output,
+    checkpoint_files,
+    content_sha256,
+    file_sha256,
+    save_npz,
+    write_output,
+)
 from utils.infra.loading import (
     LoadedModel,
     check_finite_weights,
@@ -544,6 +552,9 @@ def run(args: argparse.Namespace, info: DistInfo) -> dict[str, Any] | None:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     """Parse flags, evaluate (embedding sharded under torchrun), print and write on process 0."""
     args = parse_args(argv)
+    if args.output:  # before any work
+        read = [file for path in args.checkpoint for file in checkpoint_files(path)]
+        check_output(args.output, overwrite=args.overwrite, inputs=read)
     _, document = run_distributed(lambda info: run(args, info), args.verbose, args.local_rank)
     if document is None:
         return None

@@ -2,16 +2,18 @@
 
     python3 predict.py --checkpoint output/NAME_checkpoint.bin --image photos/ cat.jpg
     python3 predict.py --checkpoint output/NAME_checkpoint.bin --image 'photos/**/*.jpg' \
-        --output preds.csv --top_k 5
-    python3 predict.py --checkpoint checkpoint/ViT-B_16-224.npz --image photos/ --output preds.json
-    torchrun --nproc_per_node 4 predict.py --checkpoint ... --image ... --output preds.csv
+        --output output/preds.csv --top_k 5
+    python3 predict.py --checkpoint checkpoint/ViT-B_16-224.npz --image photos/ \
+        --output output/preds.json
+    torchrun --nproc_per_node 4 predict.py --checkpoint ... --image ... --output output/preds.csv
 
 `--image` takes files, folders (searched recursively for image files) and glob patterns. The
 images go through eval.py's test-time preprocessing (`utils.data.loaders.build_transforms`) in
 batches, read by DataLoader workers. Class names come from the checkpoint (a train.py sidecar or
 an exported `.safetensors`; ImageNet-1k names for 1000-class heads); unknown ones print as
 indices. `--output` ends in `.csv` (path, label_i, probability_i for i = 1..k, error) or `.json`;
-without it a table is printed. A file that cannot be read as an image is reported with the
+without it a table is printed; an existing output is replaced only with `--overwrite` (never
+the checkpoint's sidecar). A file that cannot be read as an image is reported with the
 reason and skipped. Under `torchrun`, process r takes files r, r + N, r + 2N, ... and process 0
 writes one output in input order.
 """
@@ -62,7 +64,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         required=True,
         help="Image files, folders (searched recursively) and glob patterns (quote them).",
     )
-    p.add_argument("--output", default=None, help="preds.csv or preds.json (default: print).")
+    p.add_argument(
+        "--output", default=None, help="output/preds.csv or output/preds.json (default: print)."
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="Replace an existing --output file (never the checkpoint or its sidecar).",
+    )
     p.add_argument("--top_k", type=positive_int, default=5, help="Classes per image.")
     p.add_argument(
         "--batch_size", type=positive_int, default=64, help="Images per batch and process."
@@ -93,7 +102,7 @@ from utils.data.preprocessing import BadImageError, find_images, read_image
 from utils.evals.classification import top_k
 from utils.infra.console import interactive
 from utils.infra.dist_utils import DistInfo, run_distributed
-from utils.infra.file_io import check_output, write_output
+from utils.infra.file_io import check_output, checkpoint_files, write_output
 from utils.infra.loading import load_model
 from utils.recipe.amp import set_tf32
 
@@ -261,7 +270,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict] | None:
     args = parse_args(argv)
     paths = find_images(args.image, recursive=True)  # before joining: a typo fails at once
     if args.output:
-        check_output(args.output)
+        check_output(
+            args.output, overwrite=args.overwrite, inputs=checkpoint_files(args.checkpoint)
+        )
 
     _, (everything, num_classes) = run_distributed(
         lambda info: predict(args, paths, info), args.verbose, args.local_rank

@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     images = gather_images(args, loaded.dataset)
     paths = output_paths(args.output, [name for name, _ in images])
     for path in paths:
-        check_output(path)  # before any work
+        check_output(path, overwrite=True)  # before any work; figures are redrawn in place
     for (name, image), path in zip(images, paths, strict=True):
         batch = am.preprocess([image], loaded.img_size)  # (1, 3, H, W)
         maps = am.compute_attention_maps(loaded.model, batch, layer_kind=args.layer_maps)

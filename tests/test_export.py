@@ -321,3 +321,84 @@ def test_a_full_disk_keeps_the_previous_export_and_names_only_exports_flags(
     assert "--output_dir" not in err  # train.py's flags, which export.py does not have
     assert "--resume" not in err
     assert target.read_bytes() == b"the previous export"
+
+
+# --------------------------------------------------------------------------------------------
+# What --overwrite may replace
+
+
+def test_overwrite_never_replaces_the_checkpoint_it_reads(tmp_path, capsys) -> None:
+    checkpoint = tmp_path / "model.npz"
+    np.savez(checkpoint, **fake_checkpoint(get_config("testing"), 3, 32))
+    before = checkpoint.read_bytes()
+    argv = ["--checkpoint", str(checkpoint), "--format", "npz", "--model_type", "testing"]
+    err = expect_user_error(export.main, [*argv, "--overwrite"], capsys)  # the default output
+    assert f"Cannot write {checkpoint}: {checkpoint} is read from there" in err
+    err = expect_user_error(
+        export.main, [*argv, "--output", str(checkpoint), "--overwrite"], capsys
+    )
+    assert "is read from there" in err
+    assert checkpoint.read_bytes() == before
+
+
+def test_a_suffix_that_is_not_the_formats_is_one_message(best_checkpoint, capsys) -> None:
+    ckpt = best_checkpoint(_model("testing"))
+    before = ckpt.read_bytes()
+    argv = ["--checkpoint", str(ckpt), "--format", "npz", "--output", str(ckpt), "--overwrite"]
+    err = expect_user_error(export.main, argv, capsys)
+    assert f"--format npz writes a .npz file, but --output {ckpt} ends otherwise" in err
+    assert ckpt.read_bytes() == before
+
+
+def test_overwrite_never_replaces_a_device_or_pipe(best_checkpoint, tmp_path, capsys) -> None:
+    ckpt = best_checkpoint(_model("testing"))
+    pipe = tmp_path / "pipe.npz"
+    os.mkfifo(pipe)
+    argv = ["--checkpoint", str(ckpt), "--format", "npz", "--output", str(pipe), "--overwrite"]
+    err = expect_user_error(export.main, argv, capsys)
+    assert "it is a device, pipe or socket, not a regular file" in err
+    assert pipe.is_fifo()
+
+
+def test_overwrite_replaces_an_earlier_hf_export_but_no_other_folder(
+    best_checkpoint, tmp_path, capsys, one_thread
+) -> None:
+    ckpt = best_checkpoint(_model("testing"), class_names=CLASSES)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.json").write_text("{}")
+    (mine / "notes.txt").write_text("my own notes")
+    argv = ["--checkpoint", str(ckpt), "--format", "hf", "--overwrite", "--output"]
+    err = expect_user_error(export.main, [*argv, str(mine)], capsys)
+    assert "it is a folder holding other files than an earlier export wrote" in err
+    assert sorted(p.name for p in mine.iterdir()) == ["config.json", "notes.txt"]
+    assert (mine / "notes.txt").read_text() == "my own notes"
+
+    earlier = tmp_path / "earlier_hf"
+    export.main([*argv, str(earlier)])
+    (earlier / "config.json").write_text("{}")  # replaced by the next export
+    export.main([*argv, str(earlier)])
+    assert load_model(earlier).class_names == CLASSES
+    # ... and an export never replaces the folder it reads.
+    err = expect_user_error(
+        export.main, ["--checkpoint", str(earlier), *argv[2:], str(earlier)], capsys
+    )
+    assert "is read from there" in err
+
+
+def test_a_full_disk_in_an_hf_export_names_only_exports_flags(
+    best_checkpoint, capsys, monkeypatch, one_thread
+) -> None:
+    ckpt = best_checkpoint(_model("testing"))
+
+    def fsync(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    err = expect_user_error(export.main, ["--checkpoint", str(ckpt), "--format", "hf"], capsys)
+    monkeypatch.undo()
+    assert "No space left on the device" in err
+    assert "or pass another --output, then run again." in err
+    assert "--output_dir" not in err
+    assert "--resume" not in err
+    assert not ckpt.with_name("run_checkpoint_hf").exists()

@@ -425,6 +425,22 @@ def test_features_that_overflow_are_one_message(tmp_path, capsys) -> None:
     assert not list((tmp_path / "cache").glob("*.npz"))  # nothing cached
 
 
+def test_an_existing_output_or_the_checkpoints_sidecar_is_never_replaced_unasked(
+    tmp_path, capsys, best_checkpoint
+) -> None:
+    checkpoint = best_checkpoint(VisionTransformer("testing", 32, 10))
+    sidecar = checkpoint.with_suffix(".json")
+    before = sidecar.read_text()
+    earlier = tmp_path / "fewshot.json"
+    earlier.write_text("{}")
+    argv = ["--checkpoint", str(checkpoint), "--dataset", "digits", "--output"]
+    err = expect_user_error(fewshot_script.main, [*argv, str(earlier)], capsys)
+    assert f"{earlier} already exists; pass --overwrite to replace it" in err
+    err = expect_user_error(fewshot_script.main, [*argv, str(sidecar), "--overwrite"], capsys)
+    assert f"Cannot write {sidecar}: {sidecar} is read from there" in err
+    assert (earlier.read_text(), sidecar.read_text()) == ("{}", before)
+
+
 @pytest.mark.slow
 def test_under_torchrun_equals_one_process(tmp_path, best_checkpoint) -> None:
     path = best_checkpoint(distinct_model("testing", 32, 10), dataset="digits")

@@ -36,6 +36,7 @@ from utils.infra.file_io import (
     save_checkpoint,
     sidecar_path,
     with_content_sha256,
+    write_output,
     write_sidecar,
 )
 
@@ -367,3 +368,15 @@ def test_a_flipped_bit_in_a_states_pickle_is_called_damage_never_code(tmp_path) 
         assert message.startswith(f"{flipped} is damaged: "), (offset, message)
         assert "data.pkl" in message
         assert "holds code" not in message
+
+
+def test_an_output_is_written_only_over_a_regular_file(tmp_path) -> None:
+    pipe = tmp_path / "preds.csv"
+    os.mkfifo(pipe)  # as a device node: opening it to read would wait for a writer
+    with pytest.raises(UserError, match="it is not a regular file"):
+        write_output(pipe, lambda handle: handle.write(b"rows"))
+    assert pipe.is_fifo()
+    ordinary = tmp_path / "old.csv"
+    ordinary.write_text("old")
+    write_output(ordinary, lambda handle: handle.write(b"new"))
+    assert ordinary.read_text() == "new"

@@ -214,12 +214,13 @@ def test_hf_export_refuses_what_transformers_cannot_hold(
 def test_hf_export_keeps_an_existing_folder_unless_overwrite(best_checkpoint, capsys) -> None:
     checkpoint = best_checkpoint(distinct_model("testing", 32, 3))
     folder = checkpoint.with_name("run_checkpoint_hf")
-    folder.mkdir()
-    (folder / "mine.txt").write_text("keep")
     argv = ["--checkpoint", str(checkpoint), "--format", "hf"]
+    export.main(argv)
+    (folder / "config.json").write_text("{}")
     assert "--overwrite" in expect_user_error(export.main, argv, capsys)
-    assert (folder / "mine.txt").read_text() == "keep"
-    export.main([*argv, "--overwrite"])
+    assert (folder / "config.json").read_text() == "{}"
+    export.main([*argv, "--overwrite"])  # an earlier export's folder, so it is replaced
+    assert (folder / "config.json").read_text() != "{}"
     assert sorted(p.name for p in folder.iterdir()) == [
         "README.md", "config.json", "model.safetensors", "preprocessor_config.json",
     ]  # fmt: skip

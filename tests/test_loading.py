@@ -378,6 +378,7 @@ def test_a_description_that_disagrees_with_the_head_is_refused(tmp_path, field, 
         info["class_names"] = list("abcd")
     else:
         del info["num_classes"]
+    del info["description_sha256"]  # as a sidecar written before descriptions were hashed
     sidecar.write_text(json.dumps(info))
     with pytest.raises(CheckpointError, match="the classes of the checkpoint's head") as raised:
         load_model(path)
@@ -448,3 +449,76 @@ def test_a_bin_without_its_sidecar_loads_with_a_warning(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="utils.infra.loading"):
         load_model(path)
     assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+# --------------------------------------------------------------------------------------------
+# What the hashes cover, and what is said when there are none
+
+
+def _warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+
+
+def test_class_names_edited_in_a_sidecar_are_refused_until_its_hash_is_deleted(
+    tmp_path, caplog
+) -> None:
+    path, sidecar = _described_bin(tmp_path, "step", 3)
+    info = json.loads(sidecar.read_text())
+    info["class_names"] = list("edcba")  # the same weights, relabelled
+    sidecar.write_text(json.dumps(info))
+    with pytest.raises(CheckpointError) as raised:
+        load_model(path)
+    assert str(raised.value).startswith(f"{sidecar} was edited or damaged after it was written")
+    assert "delete its description_sha256 line" in str(raised.value)
+    del info["description_sha256"]  # relabelled on purpose
+    sidecar.write_text(json.dumps(info))
+    with caplog.at_level("WARNING", logger="utils.infra.loading"):
+        assert load_model(path).class_names == list("edcba")
+    (warned,) = _warnings(caplog)
+    assert "records no description_sha256" in warned
+    assert "an edit to its class names, model type or image size would go unnoticed" in warned
+
+
+@pytest.mark.parametrize("sidecar", [{}, {"model_type": "testing", "num_classes": 5}])
+def test_a_sidecar_without_a_sha256_says_the_weights_are_not_verified(
+    tmp_path, caplog, sidecar
+) -> None:
+    path = tmp_path / "run_checkpoint.bin"
+    state = distinct_model(num_classes=5).state_dict()
+    torch.save(state, path)
+    damage(path, nbytes=64)  # inside the tensors: it still loads
+    path.with_suffix(".json").write_text(json.dumps(sidecar))
+    with caplog.at_level("WARNING", logger="utils.infra.loading"):
+        load_model(path, "testing")
+    (warned,) = _warnings(caplog)
+    assert f"{path} is not verified: its sidecar run_checkpoint.json records no SHA-256" in warned
+
+
+def test_an_exported_safetensors_verifies_its_tensors_and_its_class_names(tmp_path, caplog) -> None:
+    import safetensors.torch
+
+    path = tmp_path / "model.safetensors"
+    state = distinct_model(num_classes=5).state_dict()
+    info = {"model_type": "testing", "img_size": [32, 32], "num_classes": 5}
+    save_safetensors(path, state, {**info, "class_names": list("abcde")})
+    with caplog.at_level("WARNING", logger="utils.infra.loading"):
+        assert load_model(path).class_names == list("abcde")
+    assert not _warnings(caplog)
+    with safetensors.safe_open(path, "pt") as handle:
+        metadata = handle.metadata()
+
+    relabelled = {**metadata, "class_names": json.dumps(list("edcba"))}
+    safetensors.torch.save_file(state, path, metadata=relabelled)
+    with pytest.raises(CheckpointError, match="was edited or damaged after it was written"):
+        load_model(path)
+
+    changed = {**state, "head.bias": state["head.bias"] + 1}
+    safetensors.torch.save_file(changed, path, metadata=metadata)
+    with pytest.raises(CheckpointError, match="is damaged: its tensors no longer match"):
+        load_model(path)
+
+    safetensors.torch.save_file(state, path, metadata={k: json.dumps(v) for k, v in info.items()})
+    with caplog.at_level("WARNING", logger="utils.infra.loading"):
+        load_model(path)  # another writer's file: no hashes
+    (warned,) = _warnings(caplog)
+    assert "model.safetensors's metadata records no SHA-256 of its weights" in warned

@@ -237,13 +237,42 @@ def test_a_full_disk_keeps_the_previous_output_and_names_only_predicts_flags(
 
     monkeypatch.setattr(os, "fsync", fsync)
     argv = ["--checkpoint", str(ckpt), "--image", str(folder), "--output", str(out)]
-    err = expect_user_error(predict.main, [*argv, "--num_workers", "0"], capsys)
+    err = expect_user_error(predict.main, [*argv, "--num_workers", "0", "--overwrite"], capsys)
     monkeypatch.undo()
     assert f"No space left on the device while saving {out}" in err
     assert "or pass another --output, then run again." in err
     assert "--output_dir" not in err  # train.py's flags, which predict.py does not have
     assert "--resume" not in err
     assert out.read_text() == "the previous predictions\n"
+
+
+def test_an_existing_output_is_kept_unless_overwrite(
+    best_checkpoint, folder, tmp_path, capsys, one_thread
+) -> None:
+    ckpt = best_checkpoint(_model(), class_names=CLASSES)
+    out = tmp_path / "preds.csv"
+    out.write_text("my earlier predictions\n")
+    argv = ["--checkpoint", str(ckpt), "--image", str(folder), "--output", str(out)]
+    err = expect_user_error(predict.main, [*argv, "--num_workers", "0"], capsys)
+    assert f"{out} already exists; pass --overwrite to replace it, or another --output." in err
+    assert out.read_text() == "my earlier predictions\n"
+    predict.main([*argv, "--num_workers", "0", "--overwrite"])
+    assert out.read_text().startswith("path,label_1,probability_1")
+
+
+def test_the_checkpoints_sidecar_is_never_an_output(
+    best_checkpoint, folder, capsys, caplog, one_thread
+) -> None:
+    ckpt = best_checkpoint(_model(), class_names=CLASSES)
+    sidecar = ckpt.with_suffix(".json")
+    before = sidecar.read_text()
+    argv = ["--checkpoint", str(ckpt), "--image", str(folder), "--output", str(sidecar)]
+    err = expect_user_error(predict.main, [*argv, "--num_workers", "0", "--overwrite"], capsys)
+    assert f"Cannot write {sidecar}: {sidecar} is read from there, and is never replaced" in err
+    assert sidecar.read_text() == before
+    with caplog.at_level(logging.WARNING):
+        predict.main(["--checkpoint", str(ckpt), "--image", str(folder), "--num_workers", "0"])
+    assert not [r for r in caplog.records if r.name == "utils.infra.loading"]  # still verified
 
 
 def test_top_k():

@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     out = Path(args.output_dir)
     for name in ("patches.png", "attention_map.png"):
-        check_output(out / name, flag="--output_dir")
+        check_output(out / name, flag="--output_dir", overwrite=True)  # the figures are redrawn
     photo = am.sample_image("china.jpg")
     save_png(am.plot_patches(photo, (224, 224), (16, 16)), out / "patches.png", args.dpi)
 

@@ -1,22 +1,50 @@
 """What a checkpoint's description (its `.json` sidecar, or a `.safetensors` file's metadata) may
-say, field by field, and the one message for a field that is wrong."""
+say, field by field, and the one message for a field that is wrong.
+
+The fields that decide what a prediction says (`COVERED_FIELDS`: the weights' hash, the model,
+its input size, its classes and their names) are covered by the description's own
+`description_sha256`, so that an edit to them (a relabelled class) is refused on load like
+damage to the weights; the other fields (step, accuracies) are facts about training.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from models.configs import is_size, is_whole, model_names
 from models.npz import CheckpointError
 
-__all__ = ["PRECISIONS", "SAFETENSORS_SUFFIX", "check_description", "description_error"]
+__all__ = [
+    "COVERED_FIELDS",
+    "DESCRIPTION_SHA256",
+    "PRECISIONS",
+    "SAFETENSORS_SUFFIX",
+    "check_description",
+    "description_error",
+    "description_sha256",
+]
 
 # The precisions a run computes in: `--precision`'s names, recorded in every description
 # (`utils.recipe.precision` resolves the flags to one, `utils.recipe.amp` makes it autocast).
 PRECISIONS = ("fp32", "fp16", "bf16")
 SAFETENSORS_SUFFIX = ".safetensors"
+# What `description_sha256` covers: the weights' hash (a sidecar's `sha256` of the file, a
+# `.safetensors` file's `content_sha256` of its tensors) and what turns logits into predictions.
+COVERED_FIELDS = (
+    "sha256",
+    "content_sha256",
+    "model_type",
+    "img_size",
+    "num_classes",
+    "dataset",
+    "class_names",
+)
+DESCRIPTION_SHA256 = "description_sha256"
 
 # The fields a description (a sidecar, a `.safetensors` file's metadata) may hold, each with
 # the test of its value and what the test asks for; fields not listed are kept unchecked.
@@ -56,6 +84,8 @@ _DESCRIPTION_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "selected_by": (_is_text, "the split the step was selected on, e.g. minival"),
     "sha256": (_is_sha256, "64 hexadecimal digits (what sha256sum prints)"),
     "previous_sha256": (_is_sha256, "64 hexadecimal digits (what sha256sum prints)"),
+    "content_sha256": (_is_sha256, "64 hexadecimal digits"),
+    DESCRIPTION_SHA256: (_is_sha256, "64 hexadecimal digits"),
 }
 _FRACTION = (_or_unknown(_is_fraction), "a number from 0 to 1, or null")  # every `*accuracy` field
 
@@ -77,9 +107,18 @@ def description_error(source: str | os.PathLike, field: str, value: Any, wanted:
     )
 
 
+def description_sha256(info: Mapping[str, Any]) -> str:
+    """SHA-256 (hex) of the `COVERED_FIELDS` of a description, as canonical JSON (a field that
+    is missing counts as null)."""
+    covered = {field: info.get(field) for field in COVERED_FIELDS}
+    text = json.dumps(covered, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 def check_description(info: Any, source: str | os.PathLike) -> dict[str, Any]:
     """`info`, a checkpoint's description (sidecar or `.safetensors` metadata), checked field by
-    field (`_DESCRIPTION_FIELDS`; class_names as many as num_classes when both are given).
+    field (`_DESCRIPTION_FIELDS`; class_names as many as num_classes when both are given), and
+    against its `description_sha256` when it records one.
 
     Raises:
         CheckpointError: naming `source`, the field and what it must be.
@@ -96,5 +135,14 @@ def check_description(info: Any, source: str | os.PathLike) -> dict[str, Any]:
     if names is not None and count is not None and len(names) != count:
         raise description_error(
             source, "class_names", names, f"a list of {count} names (num_classes is {count})"
+        )
+    recorded = info.get(DESCRIPTION_SHA256)
+    if recorded is not None and recorded != description_sha256(info):
+        raise CheckpointError(
+            f"{os.fspath(source)} was edited or damaged after it was written: its "
+            f"{', '.join(f for f in COVERED_FIELDS if f in info)} no longer match the "
+            f"{DESCRIPTION_SHA256} recorded with them, and predictions would carry the changed "
+            "names. Restore it from a copy; to relabel the classes on purpose, also delete its "
+            f"{DESCRIPTION_SHA256} line (it then loads with a warning)."
         )
     return info

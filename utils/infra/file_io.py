@@ -7,9 +7,12 @@ uses `torch.load(weights_only=True)`: a checkpoint can hold tensors and plain Py
 and never runs code.
 
 Damage after the write (a disk or copy error, an edit) is caught on load: a best checkpoint's
-SHA-256 is recorded in its sidecar (`save_checkpoint`; `sha256sum` prints the same value), and a
-training state carries the SHA-256 of its own content (`with_content_sha256`). `safe_load`
-verifies both when present; files written before hashes existed load as before.
+SHA-256 is recorded in its sidecar (`save_checkpoint`; `sha256sum` prints the same value), a
+training state carries the SHA-256 of its own content (`with_content_sha256`), as an exported
+`.safetensors` file does in its metadata, and a description (sidecar or metadata) carries a
+`description_sha256` over that hash and the fields that label predictions. `safe_load`,
+`load_safetensors` and `read_sidecar` verify them when present; files written before hashes
+existed load as before (`utils.infra.loading` warns that they are not verified).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import pickletools
 import re
 import warnings
 import zipfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -36,7 +39,12 @@ import safetensors.torch
 import torch
 
 from models.npz import CheckpointError
-from utils.infra.description import SAFETENSORS_SUFFIX, check_description
+from utils.infra.description import (
+    DESCRIPTION_SHA256,
+    SAFETENSORS_SUFFIX,
+    check_description,
+    description_sha256,
+)
 from utils.infra.errors import UserError
 from utils.infra.run_files import process_alive
 
@@ -47,6 +55,7 @@ __all__ = [
     "atomic_write_text",
     "cannot_write",
     "check_output",
+    "checkpoint_files",
     "content_sha256",
     "file_sha256",
     "load_safetensors",
@@ -204,23 +213,61 @@ def cannot_write(path: str | os.PathLike, why: str, flag: str = "--output") -> U
     return UserError(f"Cannot write {os.fspath(path)}: {why}. Pass another {flag}.")
 
 
+def checkpoint_files(checkpoint: str | os.PathLike) -> list[Path]:
+    """What a script reads of a checkpoint and must never write over: the file (or folder) and,
+    for a file, its `.json` sidecar."""
+    path = Path(checkpoint)
+    return [path] if path.is_dir() else [path, sidecar_path(path)]
+
+
+def _overlaps(output: Path, read: Path) -> bool:
+    """Whether writing `output` would replace `read` or something inside or around it."""
+    if output.exists() and read.exists() and os.path.samefile(output, read):  # hard links too
+        return True
+    out, inp = output.resolve(), read.resolve()
+    return out == inp or out in inp.parents or inp in out.parents
+
+
 def check_output(
-    path: str | os.PathLike, flag: str = "--output", overwrite: bool = True, folder: bool = False
+    path: str | os.PathLike,
+    flag: str = "--output",
+    *,
+    overwrite: bool,
+    folder: bool = False,
+    inputs: Sequence[str | os.PathLike] = (),
+    earlier: Callable[[Path], bool] | None = None,
 ) -> None:
-    """Refuse, before any work, an output that cannot be written where `flag` says.
+    """The one rule for a file (or folder) a script writes where `flag` says, checked before
+    any work: never the script's own input, never an existing output without `overwrite`, and
+    with it only a regular file (or, for a folder, one that `earlier` recognises as written by
+    an earlier run of the same kind). The write itself is atomic (`write_output`).
 
     Args:
+        overwrite: the user's `--overwrite`.
         folder: the output is a folder (a Hugging Face export), not a file.
+        inputs: what the script reads (`checkpoint_files`): refused as an output even with
+            `overwrite`, as is a folder holding them or a path inside them.
+        earlier: for a folder, whether an existing one is an earlier output of this kind;
+            any other folder is never replaced.
 
     Raises:
-        UserError: `path` is of the other kind (folder or file), exists (with
-            `overwrite=False`), or its nearest existing folder is not a writable folder.
+        UserError: one of the above, the wrong kind (folder or file), or its nearest existing
+            folder is not a writable folder.
     """
     path = Path(path)
     if path.is_dir() and not folder:
         raise cannot_write(path, "it is a directory, not a file", flag)
     if folder and path.exists() and not path.is_dir():
         raise cannot_write(path, "it is a file, and a folder is written there", flag)
+    for read in inputs:
+        if _overlaps(path, Path(read)):
+            raise cannot_write(path, f"{read} is read from there, and is never replaced", flag)
+    if path.exists() and not (path.is_file() or path.is_dir()):
+        raise cannot_write(path, "it is a device, pipe or socket, not a regular file", flag)
+    if path.is_dir() and any(path.iterdir()) and not (earlier and earlier(path)):
+        raise cannot_write(
+            path, "it is a folder holding other files than an earlier export wrote", flag
+        )
     if path.exists() and not overwrite:
         raise UserError(
             f"{path} already exists; pass --overwrite to replace it, or another {flag}."
@@ -248,9 +295,13 @@ def write_output(
     """Write an output file of a script (a prediction table, an export, a figure) atomically, or
     explain why not: every failure is one `UserError` naming the file and the `flag` to change.
 
+    Only a regular file is ever replaced (`check_output` says what else is refused).
+
     Returns:
         The SHA-256 (hex) of the bytes written.
     """
+    if os.path.exists(path) and not os.path.isfile(path):  # a device node, a pipe, a folder
+        raise cannot_write(path, "it is not a regular file, and only one is ever replaced", flag)
     with writing(path, flag):
         return atomic_write(path, write, then=f"pass another {flag}, then run again")
 
@@ -538,10 +589,13 @@ def sidecar_path(checkpoint: str | os.PathLike) -> Path:
 
 
 def write_sidecar(checkpoint: str | os.PathLike, **info: Any) -> None:
-    """Describe a checkpoint in its JSON sidecar, atomically.
+    """Describe a checkpoint in its JSON sidecar, atomically, with the `description_sha256` of
+    the fields that decide its predictions (`check_description` verifies it on every read).
 
     Conventional keys: model_type, img_size, num_classes, dataset, class_names, step, accuracy.
     """
+    info.pop(DESCRIPTION_SHA256, None)
+    info[DESCRIPTION_SHA256] = description_sha256(info)
     atomic_write_text(sidecar_path(checkpoint), json.dumps(info, indent=2, sort_keys=True) + "\n")
 
 
@@ -582,9 +636,14 @@ def save_safetensors(
 ) -> None:
     """Write a state dict (each tensor contiguous, on the CPU) and its description as one
     `.safetensors` file, atomically. Each value of `info` (model_type, img_size, ...) is stored as
-    its JSON text; `flag`: for a script's output, the flag that names it (see `write_output`)."""
-    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    metadata = {"format": "pt", **{k: json.dumps(v) for k, v in info.items() if v is not None}}
+    its JSON text, with the `content_sha256` of the tensors and the `description_sha256` that
+    covers it and the class names (`load_safetensors` and `check_description` verify both);
+    `flag`: for a script's output, the flag that names it (see `write_output`)."""
+    tensors = {k: state[k].detach().cpu().contiguous() for k in sorted(state)}
+    described = {k: v for k, v in info.items() if v is not None and k != DESCRIPTION_SHA256}
+    described[CONTENT_SHA256] = content_sha256(tensors)
+    described[DESCRIPTION_SHA256] = description_sha256(described)
+    metadata = {"format": "pt", **{k: json.dumps(v) for k, v in described.items()}}
     data = safetensors.torch.save(tensors, metadata=metadata)
     _writer(flag)(path, lambda handle: handle.write(data))
 
@@ -606,14 +665,26 @@ def _reading(path: str) -> Iterator[None]:
 
 
 def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The tensors of a `.safetensors` file, on the CPU.
+    """The tensors of a `.safetensors` file, on the CPU, checked against the `content_sha256`
+    its metadata records (when it records one: files of other writers do not).
 
     Raises:
-        CheckpointError: missing, truncated or not a safetensors file.
+        CheckpointError: missing, truncated, damaged or not a safetensors file.
     """
     path = os.fspath(path)
     with _reading(path):
-        return safetensors.torch.load_file(path, device="cpu")
+        tensors = safetensors.torch.load_file(path, device="cpu")
+    expected = safetensors_info(path).get(CONTENT_SHA256)
+    if expected is None:
+        return tensors
+    actual = content_sha256({k: tensors[k] for k in sorted(tensors)})
+    if actual != expected:
+        raise CheckpointError(
+            f"{path} is damaged: its tensors no longer match the SHA-256 recorded in it when it "
+            f"was written ({expected}; now {actual}), a disk or copy error, or an edit. Use an "
+            "intact copy, or export it again."
+        )
+    return tensors
 
 
 def safetensors_info(path: str | os.PathLike) -> dict[str, Any]:

@@ -47,10 +47,16 @@ from models.npz import (
     misfit_message,
     state_dict_to_npz,
 )
-from utils.infra.description import SAFETENSORS_SUFFIX, description_error
+from utils.infra.description import DESCRIPTION_SHA256, SAFETENSORS_SUFFIX, description_error
 from utils.infra.dist_utils import unwrap
 from utils.infra.errors import UserError
-from utils.infra.file_io import load_safetensors, read_sidecar, safe_load, sidecar_path
+from utils.infra.file_io import (
+    CONTENT_SHA256,
+    load_safetensors,
+    read_sidecar,
+    safe_load,
+    sidecar_path,
+)
 from utils.infra.memory import check_weights_memory
 from utils.infra.train_state import STATE_FORMAT
 
@@ -154,6 +160,7 @@ def read_state_dict(path: str | os.PathLike, model_type: str | None = None) -> d
 def _read_tensors(path: str | os.PathLike, model_type: str | None = None) -> dict:
     """The tensors of one file, as they are named there."""
     if os.fspath(path).endswith(SAFETENSORS_SUFFIX):
+        _warn_unverified(path)
         return clean_state_dict(load_safetensors(path))
     obj = safe_load(path)
     training_state = isinstance(obj, Mapping) and obj.get("format") == STATE_FORMAT
@@ -171,14 +178,36 @@ def _read_tensors(path: str | os.PathLike, model_type: str | None = None) -> dic
             f"{path} is not a model checkpoint (expected a state_dict of tensors, found "
             f"{type(obj).__name__}). Pass the output/<name>_checkpoint.bin train.py wrote."
         )
-    if not training_state and not sidecar_path(path).is_file():  # a state verifies itself
-        logger.warning(
-            "%s has no sidecar (%s), so its SHA-256, model type and class names could not be "
-            "checked: damage to the file would go unnoticed.",
-            path,
-            sidecar_path(path).name,
-        )
+    if not training_state:  # a state verifies itself
+        _warn_unverified(path)
     return clean_state_dict(obj)
+
+
+def _warn_unverified(path: str | os.PathLike) -> None:
+    """Say what of a checkpoint no recorded hash verifies (`utils.infra.file_io` checks the
+    hashes that are there): its weights, or the description that labels its predictions."""
+    path = os.fspath(path)
+    safetensors = path.endswith(SAFETENSORS_SUFFIX)
+    where = f"{path}'s metadata" if safetensors else f"its sidecar {sidecar_path(path).name}"
+    if not safetensors and not sidecar_path(path).is_file():
+        unverified = (
+            f"has no sidecar ({sidecar_path(path).name}), so its SHA-256, model type and class "
+            "names could not be checked: damage to the file would go unnoticed"
+        )
+    elif not read_sidecar(path).get(CONTENT_SHA256 if safetensors else "sha256"):
+        unverified = (
+            f"is not verified: {where} records no SHA-256 of its weights, so damage to them "
+            "would go unnoticed"
+        )
+    elif DESCRIPTION_SHA256 not in read_sidecar(path):
+        unverified = (
+            f"has a description that is not verified: {where} records no {DESCRIPTION_SHA256} "
+            "(it was written before descriptions were hashed), so an edit to its class names, "
+            "model type or image size would go unnoticed"
+        )
+    else:
+        return
+    logger.warning("%s %s.", path, unverified)
 
 
 # --------------------------------------------------------------------------------------------
