@@ -448,3 +448,47 @@ def test_a_bin_without_its_sidecar_loads_with_a_warning(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="utils.infra.loading"):
         load_model(path)
     assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+def _zoomed(pos: torch.Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int]) -> np.ndarray:
+    """vit_jax's resize, written out: the class token kept, the grid zoomed bilinearly."""
+    import scipy.ndimage
+
+    cls, grid = pos[0, :1].numpy(), pos[0, 1:].numpy().reshape(*old_grid, -1)
+    zoom = (new_grid[0] / old_grid[0], new_grid[1] / old_grid[1], 1)
+    grid = scipy.ndimage.zoom(grid, zoom, order=1).reshape(-1, pos.shape[-1])
+    return np.concatenate([cls, grid])[None]
+
+
+def test_a_bin_at_another_size_gets_position_embeddings_resized_as_vit_jax(tmp_path, caplog):
+    tuned = distinct_model(img_size=(32, 48))  # a 2x3 grid: the sidecar tells its shape
+    path = tmp_path / "run_checkpoint.bin"
+    save_checkpoint(tuned.state_dict(), path, model_type="testing", img_size=[32, 48])
+    with caplog.at_level("INFO", logger="utils.infra.loading"):
+        loaded = load_model(path, img_size=(64, 48))  # a 4x3 grid
+    assert loaded.img_size == (64, 48)
+    assert "trained at 32x48 and runs at 64x48" in caplog.text
+    assert "resized from a 2x3 to a 4x3 patch grid" in caplog.text
+    state = loaded.model.state_dict()
+    expected = _zoomed(tuned.state_dict()["embeddings.pos_embed"], (2, 3), (4, 3))
+    np.testing.assert_allclose(state["embeddings.pos_embed"].numpy(), expected, rtol=0, atol=1e-6)
+    for key, value in tuned.state_dict().items():
+        if key != "embeddings.pos_embed":
+            assert torch.equal(state[key], value), key
+    caplog.clear()
+    with caplog.at_level("INFO", logger="utils.infra.loading"):
+        load_model(path, img_size=(32, 48))  # its own size: nothing to resize, nothing said
+    assert "resized" not in caplog.text
+
+
+def test_an_npz_at_another_size_is_resized_the_same_way_and_said(tmp_path, caplog):
+    model = distinct_model(img_size=48)  # 3x3
+    path = tmp_path / "official.npz"
+    save_npz(path, state_dict_to_npz(model.state_dict(), TESTING))
+    with caplog.at_level("INFO", logger="utils.infra.loading"):
+        loaded = load_model(path, model_type="testing", img_size=80)  # 5x5
+    assert "resized from a 3x3 to a 5x5 patch grid" in caplog.text
+    expected = _zoomed(model.state_dict()["embeddings.pos_embed"], (3, 3), (5, 5))
+    np.testing.assert_allclose(
+        loaded.model.state_dict()["embeddings.pos_embed"].numpy(), expected, rtol=0, atol=1e-6
+    )
