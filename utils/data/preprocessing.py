@@ -422,18 +422,18 @@ def read_image(
         raise BadImageError(name, f"truncated or damaged ({err}).") from None
 
 
-def readable_images(paths: Iterable[str | os.PathLike]) -> Iterator[tuple[Path, Image.Image]]:
-    """(path, 8-bit RGB image) for each file of `paths` that decodes (`read_image`), read one at
+def readable_images(paths: Iterable[str | os.PathLike]) -> Iterator[tuple[int, Image.Image]]:
+    """(index in `paths`, 8-bit RGB image) for each file that decodes (`read_image`), read one at
     a time; an unreadable one is skipped and named in a warning, as training skips one."""
     skipped = 0
-    for path in paths:
+    for index, path in enumerate(paths):
         try:
             image = read_image(path)
         except BadImageError as err:
             skipped += 1
             logger.warning("Skipping an unreadable image (%d so far): %s", skipped, err)
             continue
-        yield Path(path), image
+        yield index, image
 
 
 def _opened(path: str | os.PathLike | BinaryIO) -> contextlib.AbstractContextManager[BinaryIO]:
