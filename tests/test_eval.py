@@ -16,7 +16,7 @@ import train
 from models.configs import get_config
 from models.modeling import VisionTransformer
 from models.npz import state_dict_to_npz
-from tests.helpers import expect_user_error, script_error
+from tests.helpers import expect_user_error, script_error, zoomed_pos_embed
 from utils.data.loaders import DigitsDataset, build_transforms
 from utils.infra.file_io import save_npz
 
@@ -113,9 +113,6 @@ def test_official_npz_with_head(tmp_path, capsys) -> None:
 def test_another_size_than_the_checkpoints_resizes_position_embeddings_as_vit_jax(
     tmp_path, capsys, caplog
 ) -> None:
-    import numpy as np
-    import scipy.ndimage
-
     trained = _random_model()  # 32x32: a 2x2 grid
     path = tmp_path / "run_checkpoint.bin"
     torch.save(trained.state_dict(), path)
@@ -126,11 +123,7 @@ def test_another_size_than_the_checkpoints_resizes_position_embeddings_as_vit_ja
     assert "resized from a 2x2 to a 3x4 patch grid" in caplog.text
     # The oracle: the same weights at 48x64, the grid zoomed bilinearly (vit_jax's resize).
     state = trained.state_dict()
-    pos = state["embeddings.pos_embed"][0].numpy()
-    grid = scipy.ndimage.zoom(pos[1:].reshape(2, 2, -1), (3 / 2, 4 / 2, 1), order=1)
-    state["embeddings.pos_embed"] = torch.from_numpy(
-        np.concatenate([pos[:1], grid.reshape(12, -1)])[None]
-    )
+    state["embeddings.pos_embed"] = zoomed_pos_embed(state["embeddings.pos_embed"], (2, 2), (3, 4))
     at_48x64 = VisionTransformer(TESTING, (48, 64), 10)
     at_48x64.load_state_dict(state)
     accuracy, loss = _expected(at_48x64.eval())

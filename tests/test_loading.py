@@ -11,7 +11,7 @@ import torch
 from models.configs import get_config
 from models.modeling import VisionTransformer
 from models.npz import CheckpointError, state_dict_to_npz
-from tests.helpers import damage, distinct_model
+from tests.helpers import damage, distinct_model, zoomed_pos_embed
 from utils.infra.errors import USER_ERRORS
 from utils.infra.file_io import save_checkpoint, save_npz, save_safetensors
 from utils.infra.loading import (
@@ -450,16 +450,6 @@ def test_a_bin_without_its_sidecar_loads_with_a_warning(tmp_path, caplog):
     assert not [r for r in caplog.records if r.levelname == "WARNING"]
 
 
-def _zoomed(pos: torch.Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int]) -> np.ndarray:
-    """vit_jax's resize, written out: the class token kept, the grid zoomed bilinearly."""
-    import scipy.ndimage
-
-    cls, grid = pos[0, :1].numpy(), pos[0, 1:].numpy().reshape(*old_grid, -1)
-    zoom = (new_grid[0] / old_grid[0], new_grid[1] / old_grid[1], 1)
-    grid = scipy.ndimage.zoom(grid, zoom, order=1).reshape(-1, pos.shape[-1])
-    return np.concatenate([cls, grid])[None]
-
-
 def test_a_bin_at_another_size_gets_position_embeddings_resized_as_vit_jax(tmp_path, caplog):
     tuned = distinct_model(img_size=(32, 48))  # a 2x3 grid: the sidecar tells its shape
     path = tmp_path / "run_checkpoint.bin"
@@ -470,8 +460,8 @@ def test_a_bin_at_another_size_gets_position_embeddings_resized_as_vit_jax(tmp_p
     assert "trained at 32x48 and runs at 64x48" in caplog.text
     assert "resized from a 2x3 to a 4x3 patch grid" in caplog.text
     state = loaded.model.state_dict()
-    expected = _zoomed(tuned.state_dict()["embeddings.pos_embed"], (2, 3), (4, 3))
-    np.testing.assert_allclose(state["embeddings.pos_embed"].numpy(), expected, rtol=0, atol=1e-6)
+    expected = zoomed_pos_embed(tuned.state_dict()["embeddings.pos_embed"], (2, 3), (4, 3))
+    torch.testing.assert_close(state["embeddings.pos_embed"], expected, rtol=0, atol=1e-6)
     for key, value in tuned.state_dict().items():
         if key != "embeddings.pos_embed":
             assert torch.equal(state[key], value), key
@@ -488,7 +478,7 @@ def test_an_npz_at_another_size_is_resized_the_same_way_and_said(tmp_path, caplo
     with caplog.at_level("INFO", logger="utils.infra.loading"):
         loaded = load_model(path, model_type="testing", img_size=80)  # 5x5
     assert "resized from a 3x3 to a 5x5 patch grid" in caplog.text
-    expected = _zoomed(model.state_dict()["embeddings.pos_embed"], (3, 3), (5, 5))
-    np.testing.assert_allclose(
-        loaded.model.state_dict()["embeddings.pos_embed"].numpy(), expected, rtol=0, atol=1e-6
+    expected = zoomed_pos_embed(model.state_dict()["embeddings.pos_embed"], (3, 3), (5, 5))
+    torch.testing.assert_close(
+        loaded.model.state_dict()["embeddings.pos_embed"], expected, rtol=0, atol=1e-6
     )
