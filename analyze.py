@@ -14,8 +14,10 @@ row and column are left out of the distance without renormalising; see `utils/ev
 official or AugReg `.npz`, a train.py `.bin`, a `_last.pt`, a `.safetensors`); with two, every
 figure shows both (same image size and patch grid needed for the side-by-side). `none` with
 `--model_type` analyses a randomly initialised model (for timing, or as a baseline). Images come
-from `--image` (files, folders, globs) or `--dataset` (its test split); without either, a digits
-model gets held-out digits and any other model scikit-learn's two sample photos.
+from `--image` (files, folders with their sub-folders, globs, as predict.py takes them) or
+`--dataset` (its test split); without either, a digits model gets held-out digits and any other
+model scikit-learn's two sample photos. An unreadable image is skipped and named, and the count
+used is said (a warning when it is fewer than `--num_images`).
 
 Writes to `--output_dir`: `figure7.png` (the panels side by side), `embedding_filters.png`,
 `position_similarity.png`, `attention_distance.png` (`--format` picks another matplotlib
@@ -26,11 +28,13 @@ format) and `analysis.json` with the numbers (with two checkpoints, one
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 if __name__ == "__main__":  # Ctrl+C while the modules below load: exit 130, no traceback
@@ -124,7 +128,7 @@ import matplotlib
 import torch
 
 from models.modeling import VisionTransformer
-from utils.data.preprocessing import find_images
+from utils.data.preprocessing import find_images, readable_images
 from utils.evals import analysis
 from utils.evals.attention_maps import demo_checkpoint
 from utils.infra.figures import save_figure
@@ -218,11 +222,17 @@ def check_side_by_side(
 def image_source(args: argparse.Namespace, loaded: list[LoadedModel]):
     """A function img_size -> batches of the distance's images, and a description."""
     if args.image:
-        paths = find_images(args.image)[: args.num_images]
-        described = f"{len(paths)} image file(s)"
-        return lambda size: analysis.image_batches(paths, size, args.batch_size), described
+        paths = find_images(args.image)
+        described = f"up to {args.num_images} readable of {len(paths)} image file(s)"
+
+        def batches(size: tuple[int, int]) -> Iterator[torch.Tensor]:
+            images = (image for _, image in readable_images(paths))  # an unreadable one: named
+            first = itertools.islice(images, args.num_images)
+            return analysis.image_batches(first, size, args.batch_size)
+
+        return batches, described
     if args.dataset:
-        described = f"the first {args.num_images} images of the {args.dataset} test split"
+        described = f"the first {args.num_images} readable images of the {args.dataset} test split"
         return (
             lambda size: analysis.dataset_batches(
                 args.dataset,
@@ -301,10 +311,14 @@ def main(argv: list[str] | None = None) -> None:
             panels=panels,
         )
         if result.num_images:
-            logger.info(
-                "mean attention distance over %d images in %.1f s",
+            short = result.num_images < args.num_images
+            fewer = f", fewer than --num_images {args.num_images}: no more readable images"
+            logger.log(
+                logging.WARNING if short else logging.INFO,
+                "mean attention distance over %d images in %.1f s%s",
                 result.num_images,
                 time.perf_counter() - start,
+                fewer if short else "",
             )
         model.model.cpu()
         results.append(result)

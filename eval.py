@@ -13,6 +13,8 @@ official `.npz`. For a `.bin`, flags left out come from the `<name>_checkpoint.j
 writes next to it; for an `.npz`, the class count comes from its head, the model from its shapes
 and the image size from its position embeddings. Evaluation is train.py's own `evaluate` on the
 same test preprocessing, so the accuracy equals what train.py logged for the checkpoint.
+`--img_size` (one value or HEIGHT WIDTH) evaluates at another size: the position embeddings are
+resized as vit_jax resizes them to fine-tune at a new size, and a log line says so.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         required=True,
         help="train.py's output/<name>_checkpoint.bin (or _last.pt), or an official .npz.",
     )
-    add_model_flags(p)
+    add_model_flags(p, height_width=True)
     p.add_argument(
         "--dataset", choices=DATASETS, default=None, help="Default: the one it was trained on."
     )
@@ -90,7 +92,7 @@ from utils.recipe.amp import autocast, set_tf32
 
 
 def build_test_loader(
-    args: argparse.Namespace, dataset: str, img_size: int, info: DistInfo
+    args: argparse.Namespace, dataset: str, img_size: tuple[int, int], info: DistInfo
 ) -> tuple[DataLoader, list[str]]:
     """This rank's shard of the test split, with train.py's test preprocessing."""
     with main_process_first(info.rank):
@@ -117,7 +119,7 @@ def run(args: argparse.Namespace, info: DistInfo) -> dict[str, float]:
             f"(one of {', '.join(DATASETS)})."
         )
     model = loaded.model
-    loader, class_names = build_test_loader(args, dataset, model.img_size[0], info)
+    loader, class_names = build_test_loader(args, dataset, model.img_size, info)
     if len(class_names) != model.num_classes:
         raise UserError(
             f"{args.checkpoint} predicts {model.num_classes} classes but the {dataset} test set "

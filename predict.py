@@ -268,7 +268,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict] | None:
         The records in input order on process 0, None on the others.
     """
     args = parse_args(argv)
-    paths = find_images(args.image, recursive=True)  # before joining: a typo fails at once
+    paths = find_images(args.image)  # before joining: a typo fails at once
     if args.output:
         check_output(
             args.output, overwrite=args.overwrite, inputs=checkpoint_files(args.checkpoint)

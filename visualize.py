@@ -4,9 +4,11 @@
         --image cat.jpg --output output/attention/cat.png
 
 `--checkpoint` takes an official `.npz` or a `.bin` that train.py saved (its `.json` sidecar
-supplies model type, image size and class names; flags override it). `--image` takes files and
-folders; without it a photo bundled with scikit-learn is used (plus a held-out digit for a model
-trained on scikit-learn's digits, such as the demo model), so the command runs offline.
+supplies model type, image size and class names; flags override it; at another `--img_size` the
+position embeddings are resized as vit_jax resizes them). `--image` takes files, folders (with
+their sub-folders) and globs, as predict.py does; an unreadable file is skipped and named.
+Without it a photo bundled with scikit-learn is used (plus a held-out digit for a model trained
+on scikit-learn's digits, such as the demo model), so the command runs offline.
 Figures go to `output/attention/` unless `--output` says otherwise; with several images, one
 figure per image is written, named `<output stem>_<image stem><suffix>`. Attention rollout
 follows Abnar & Zuidema (2020); see `utils/evals/attention_maps.py`.
@@ -18,6 +20,7 @@ import argparse
 import logging
 import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 if __name__ == "__main__":  # Ctrl+C while the modules below load: exit 130, no traceback
@@ -25,7 +28,7 @@ if __name__ == "__main__":  # Ctrl+C while the modules below load: exit 130, no 
 
 from matplotlib.backend_bases import FigureCanvasBase
 
-from utils.infra.errors import run_cli
+from utils.infra.errors import UserError, run_cli
 from utils.infra.flags import (
     HelpFormatter,
     add_model_flags,
@@ -53,7 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--image",
         nargs="+",
         default=None,
-        help="Image files and/or folders (default: a photo bundled with scikit-learn).",
+        help="Image files, folders (searched recursively) and glob patterns (default: a photo "
+        "bundled with scikit-learn).",
     )
     p.add_argument(
         "--output", default=DEFAULT_OUTPUT, help="Figure file (.png, .jpg, .pdf, .svg, ...)."
@@ -84,7 +88,7 @@ if __name__ == "__main__":
 import matplotlib
 from PIL import Image
 
-from utils.data.preprocessing import find_images
+from utils.data.preprocessing import find_images, readable_images
 from utils.evals import attention_maps as am
 from utils.evals.classification import top_k
 from utils.infra.figures import save_figure
@@ -100,8 +104,12 @@ def output_paths(output: str, names: list[str]) -> list[Path]:
     return [path.with_name(f"{path.stem}_{name}{path.suffix}") for name in names]
 
 
-def gather_images(args: argparse.Namespace, dataset: str | None) -> list[tuple[str, Image.Image]]:
-    """(name, image) pairs from `--image`, or the bundled sample photo.
+def gather_images(
+    args: argparse.Namespace, dataset: str | None
+) -> tuple[list[str], Iterator[tuple[int, Image.Image]]]:
+    """The names of the images, one figure each, and (index, image) for each image that can be
+    read, read one at a time: `--image`'s files (by `find_images`' rule; an unreadable one is
+    skipped and named) or the bundled sample photo.
 
     Without `--image`, a model fine-tuned on scikit-learn's digits also gets a held-out digit,
     so that its predictions mean something.
@@ -112,11 +120,11 @@ def gather_images(args: argparse.Namespace, dataset: str | None) -> list[tuple[s
         if dataset == "digits":
             digit, label = am.sample_digit()
             images.append((f"digit_{label}", digit))
-        return images
+        return [name for name, _ in images], enumerate(image for _, image in images)
     paths = find_images(args.image)
     stems = [p.stem for p in paths]
     names = [p.stem if stems.count(p.stem) == 1 else f"{p.stem}_{i}" for i, p in enumerate(paths)]
-    return [(name, am.open_image(p)) for name, p in zip(names, paths, strict=True)]
+    return names, readable_images(paths)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -133,11 +141,13 @@ def main(argv: list[str] | None = None) -> None:
         loaded.info or "",
         "class names known" if loaded.class_names else "class names unknown (showing indices)",
     )
-    images = gather_images(args, loaded.dataset)
-    paths = output_paths(args.output, [name for name, _ in images])
+    names, images = gather_images(args, loaded.dataset)
+    paths = output_paths(args.output, names)
     for path in paths:
         check_output(path, overwrite=True)  # before any work; figures are redrawn in place
-    for (name, image), path in zip(images, paths, strict=True):
+    written = 0
+    for index, image in images:
+        name, path = names[index], paths[index]
         batch = am.preprocess([image], loaded.img_size)  # (1, 3, H, W)
         maps = am.compute_attention_maps(loaded.model, batch, layer_kind=args.layer_maps)
         predictions = top_k(maps.logits, args.top_k, loaded.class_names)[0]
@@ -149,6 +159,17 @@ def main(argv: list[str] | None = None) -> None:
         )
         save_figure(path, fig, args.dpi)
         logger.info("wrote %s", path)
+        written += 1
+    if not written:
+        raise UserError(
+            f"None of the {len(names)} image(s) could be read (each is named above): pass "
+            "image files PIL decodes."
+        )
+    skipped = len(names) - written
+    logger.log(
+        logging.WARNING if skipped else logging.INFO, "%d figure(s) for %d image(s)%s",
+        written, len(names), f"; {skipped} unreadable image(s) skipped" if skipped else "",
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

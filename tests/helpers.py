@@ -59,6 +59,19 @@ def official_grid(config: ViTConfig, img_size: int | tuple[int, int]) -> tuple[i
     return height // config.patch_size[0], width // config.patch_size[1]
 
 
+def zoomed_pos_embed(
+    pos_embed: torch.Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int]
+) -> torch.Tensor:
+    """vit_jax's position-embedding resize written out with scipy: the class token kept, the
+    (rows, cols, D) grid zoomed with `scipy.ndimage.zoom(order=1)`."""
+    import scipy.ndimage
+
+    cls, grid = pos_embed[0, :1].numpy(), pos_embed[0, 1:].numpy().reshape(*old_grid, -1)
+    zoom = (new_grid[0] / old_grid[0], new_grid[1] / old_grid[1], 1)
+    grid = scipy.ndimage.zoom(grid, zoom, order=1).reshape(-1, pos_embed.shape[-1])
+    return torch.from_numpy(np.concatenate([cls, grid]))[None]
+
+
 def fake_checkpoint(
     config: ViTConfig,
     num_classes: int = 10,

@@ -26,6 +26,7 @@ from tests.helpers import (
     expect_user_error,
     fake_checkpoint,
     imports_torch,
+    make_image_folder,
     run_script,
     script_error,
 )
@@ -256,6 +257,48 @@ def test_fake_official_checkpoint_end_to_end(tmp_path, one_thread):
     assert width > 2.5 * height > 500
     for name in ("embedding_filters", "position_similarity", "attention_distance"):
         assert min(figure_size(out / f"{name}.png")) > 200
+
+
+def test_image_folders_are_walked_and_an_unreadable_file_skipped_and_counted(
+    tmp_path, caplog, one_thread
+):
+    npz = fake_npz(tmp_path / "tiny.npz")
+    images = image_folder(tmp_path / "imgs", n=2)  # 0.png, 1.png
+    (images / "00_bad.png").write_bytes(b"not a png")  # read first
+    (images / "sub").mkdir()
+    Image.new("RGB", (30, 20), (250, 40, 0)).save(images / "sub" / "2.png")
+    base = ["--checkpoint", str(npz), "--model_type", "testing", "--panels", "distance"]
+    with caplog.at_level("INFO"):
+        facts = analysis_json(tmp_path / "all", *base, "--image", str(images))
+    assert facts["num_images"] == 3  # the sub-folder's too; the bad file left out ...
+    assert f"Skipping an unreadable image (1 so far): {images / '00_bad.png'}" in caplog.text
+    assert "over 3 images" in caplog.text
+    assert "fewer than --num_images 128: no more readable images" in caplog.text  # ... and said
+    # The same numbers as the readable files named one by one.
+    readable = [str(images / "0.png"), str(images / "1.png"), str(images / "sub" / "2.png")]
+    alone = analysis_json(tmp_path / "alone", *base, "--image", *readable)
+    assert alone["mean_attention_distance"] == facts["mean_attention_distance"]
+    # --num_images counts readable images: the bad file takes no place among the first two.
+    first_two = analysis_json(tmp_path / "two", *base, "--image", str(images), "--num_images", "2")
+    expected = analysis_json(tmp_path / "2", *base, "--image", *readable[:2])
+    assert first_two["num_images"] == 2
+    assert first_two["mean_attention_distance"] == expected["mean_attention_distance"]
+
+
+def test_a_test_split_with_an_unreadable_image_gives_the_next_readable_ones(tmp_path, caplog):
+    with_bad, without = tmp_path / "with_bad", tmp_path / "without"
+    for root in (with_bad, without):
+        make_image_folder(root, classes=("cat", "dog", "eel"))  # 2 test images per class
+    (with_bad / "val" / "cat" / "1.png").write_bytes(b"truncated")
+    (without / "val" / "cat" / "1.png").unlink()
+    with caplog.at_level("WARNING"):
+        mine = torch.cat(
+            list(analysis.dataset_batches("imagefolder", str(with_bad), (32, 32), 4, 3))
+        )
+    theirs = torch.cat(list(analysis.dataset_batches("imagefolder", str(without), (32, 32), 4, 3)))
+    assert mine.shape == (4, 3, 32, 32)
+    assert torch.equal(mine, theirs)
+    assert f"{with_bad / 'val' / 'cat' / '1.png'}" in caplog.text
 
 
 def test_demo_model_by_default_on_held_out_digits(tmp_path, monkeypatch, best_checkpoint):

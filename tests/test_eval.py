@@ -16,7 +16,7 @@ import train
 from models.configs import get_config
 from models.modeling import VisionTransformer
 from models.npz import state_dict_to_npz
-from tests.helpers import expect_user_error, script_error
+from tests.helpers import expect_user_error, script_error, zoomed_pos_embed
 from utils.data.loaders import DigitsDataset, build_transforms
 from utils.infra.file_io import save_npz
 
@@ -88,7 +88,7 @@ def test_accuracy_equals_what_train_logged(tmp_path, capsys) -> None:
 
 def _expected(model: VisionTransformer) -> tuple[float, float]:
     """Accuracy and loss on the digits test split, computed here without eval.py."""
-    test_set = DigitsDataset(train=False, transform=build_transforms(32, train=False))
+    test_set = DigitsDataset(train=False, transform=build_transforms(model.img_size, train=False))
     images = torch.stack([test_set[i][0] for i in range(len(test_set))])
     labels = torch.tensor(test_set.targets)
     with torch.no_grad():
@@ -108,6 +108,43 @@ def test_official_npz_with_head(tmp_path, capsys) -> None:
     assert result["loss"] == pytest.approx(loss, rel=1e-5)
     assert 0.0 < accuracy < 1.0
     assert "Top-1 accuracy" in capsys.readouterr().out
+
+
+def test_another_size_than_the_checkpoints_resizes_position_embeddings_as_vit_jax(
+    tmp_path, capsys, caplog
+) -> None:
+    trained = _random_model()  # 32x32: a 2x2 grid
+    path = tmp_path / "run_checkpoint.bin"
+    torch.save(trained.state_dict(), path)
+    sidecar = {"model_type": "testing", "img_size": [32, 32], "dataset": "digits"}
+    path.with_suffix(".json").write_text(json.dumps(sidecar))
+    with caplog.at_level("INFO"):
+        result = eval_script.main([f"--checkpoint={path}", "--img_size", "48", "64"])
+    assert "resized from a 2x2 to a 3x4 patch grid" in caplog.text
+    # The oracle: the same weights at 48x64, the grid zoomed bilinearly (vit_jax's resize).
+    state = trained.state_dict()
+    state["embeddings.pos_embed"] = zoomed_pos_embed(state["embeddings.pos_embed"], (2, 2), (3, 4))
+    at_48x64 = VisionTransformer(TESTING, (48, 64), 10)
+    at_48x64.load_state_dict(state)
+    accuracy, loss = _expected(at_48x64.eval())
+    assert result["accuracy"] == pytest.approx(accuracy, abs=1e-12)
+    assert result["loss"] == pytest.approx(loss, rel=1e-5)
+    assert "Top-1 accuracy" in capsys.readouterr().out
+
+
+def test_a_checkpoint_trained_at_a_non_square_size_evaluates_at_it(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = VisionTransformer(TESTING, (32, 48), 10).eval()
+    with torch.no_grad():
+        model.head.weight.normal_()  # a real prediction, not an all-zero head
+    path = tmp_path / "wide_checkpoint.bin"
+    torch.save(model.state_dict(), path)
+    sidecar = {"model_type": "testing", "img_size": [32, 48], "dataset": "digits"}
+    path.with_suffix(".json").write_text(json.dumps(sidecar))
+    result = eval_script.main([f"--checkpoint={path}", "--num_workers=0"])
+    accuracy, loss = _expected(model)
+    assert result["accuracy"] == pytest.approx(accuracy, abs=1e-12)
+    assert result["loss"] == pytest.approx(loss, rel=1e-5)
 
 
 def test_imagefolder_with_only_a_val_split(tmp_path) -> None:

@@ -210,6 +210,6 @@ def test_hidden_entries_and_links_to_folders_are_left_out_and_counted(tmp_path, 
     # predict.py and visualize.py walk folders by the same rules.
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        found = find_images([train_dir], recursive=True)
+        found = find_images([train_dir])
     assert sorted(map(str, found)) == want
     assert sum("Left out of" in r.getMessage() for r in caplog.records) == 1

@@ -11,7 +11,7 @@ import torch
 from models.configs import get_config
 from models.modeling import VisionTransformer
 from models.npz import CheckpointError, state_dict_to_npz
-from tests.helpers import damage, distinct_model
+from tests.helpers import damage, distinct_model, zoomed_pos_embed
 from utils.infra.errors import USER_ERRORS
 from utils.infra.file_io import save_checkpoint, save_npz, save_safetensors
 from utils.infra.loading import (
@@ -522,3 +522,37 @@ def test_an_exported_safetensors_verifies_its_tensors_and_its_class_names(tmp_pa
         load_model(path)  # another writer's file: no hashes
     (warned,) = _warnings(caplog)
     assert "model.safetensors's metadata records no SHA-256 of its weights" in warned
+
+
+def test_a_bin_at_another_size_gets_position_embeddings_resized_as_vit_jax(tmp_path, caplog):
+    tuned = distinct_model(img_size=(32, 48))  # a 2x3 grid: the sidecar tells its shape
+    path = tmp_path / "run_checkpoint.bin"
+    save_checkpoint(tuned.state_dict(), path, model_type="testing", img_size=[32, 48])
+    with caplog.at_level("INFO", logger="utils.infra.loading"):
+        loaded = load_model(path, img_size=(64, 48))  # a 4x3 grid
+    assert loaded.img_size == (64, 48)
+    assert "trained at 32x48 and runs at 64x48" in caplog.text
+    assert "resized from a 2x3 to a 4x3 patch grid" in caplog.text
+    state = loaded.model.state_dict()
+    expected = zoomed_pos_embed(tuned.state_dict()["embeddings.pos_embed"], (2, 3), (4, 3))
+    torch.testing.assert_close(state["embeddings.pos_embed"], expected, rtol=0, atol=1e-6)
+    for key, value in tuned.state_dict().items():
+        if key != "embeddings.pos_embed":
+            assert torch.equal(state[key], value), key
+    caplog.clear()
+    with caplog.at_level("INFO", logger="utils.infra.loading"):
+        load_model(path, img_size=(32, 48))  # its own size: nothing to resize, nothing said
+    assert "resized" not in caplog.text
+
+
+def test_an_npz_at_another_size_is_resized_the_same_way_and_said(tmp_path, caplog):
+    model = distinct_model(img_size=48)  # 3x3
+    path = tmp_path / "official.npz"
+    save_npz(path, state_dict_to_npz(model.state_dict(), TESTING))
+    with caplog.at_level("INFO", logger="utils.infra.loading"):
+        loaded = load_model(path, model_type="testing", img_size=80)  # 5x5
+    assert "resized from a 3x3 to a 5x5 patch grid" in caplog.text
+    expected = zoomed_pos_embed(model.state_dict()["embeddings.pos_embed"], (3, 3), (5, 5))
+    torch.testing.assert_close(
+        loaded.model.state_dict()["embeddings.pos_embed"], expected, rtol=0, atol=1e-6
+    )

@@ -19,7 +19,7 @@ from torch import nn
 
 import predict
 from models.modeling import VisionTransformer
-from tests.helpers import expect_user_error
+from tests.helpers import expect_user_error, zoomed_pos_embed
 from utils.data.loaders import build_transforms
 from utils.evals.classification import top_k
 
@@ -103,6 +103,29 @@ def test_csv_equals_each_image_alone_and_lists_unreadable_files(
     errors = {Path(r["path"]).name: r["error"] for r in rows if r["error"]}
     assert "truncated" in errors["broken.jpg"]
     assert "cannot identify image file" in errors["notes.jpg"]
+
+
+def test_another_img_size_predicts_with_position_embeddings_resized_as_vit_jax(
+    best_checkpoint, folder, caplog, one_thread
+) -> None:
+    model = _model()  # 32x32: a 2x2 grid
+    ckpt = best_checkpoint(model, class_names=CLASSES)
+    with caplog.at_level(logging.INFO):
+        records = predict.main(
+            ["--checkpoint", str(ckpt), "--image", str(folder / "a.png"), "--img_size", "48"]
+        )
+    assert "resized from a 2x2 to a 3x3 patch grid" in caplog.text
+    state = model.state_dict()  # the oracle: the grid zoomed with scipy, as vit_jax does
+    state["embeddings.pos_embed"] = zoomed_pos_embed(state["embeddings.pos_embed"], (2, 2), (3, 3))
+    at_48 = VisionTransformer("testing", 48, len(CLASSES)).eval()
+    at_48.load_state_dict(state)
+    with Image.open(folder / "a.png") as image:
+        x = build_transforms((48, 48), train=False)(image.convert("RGB"))
+    with torch.no_grad():
+        probs = at_48(x[None])[0][0].softmax(-1)
+    values, indices = probs.topk(len(CLASSES))
+    assert records[0]["labels"] == [CLASSES[i] for i in indices.tolist()]
+    np.testing.assert_allclose(records[0]["probabilities"], values.tolist(), atol=2e-6)
 
 
 def test_json_from_worker_processes_matches_too(

@@ -25,6 +25,7 @@ from utils.data.preprocessing import (
     crop_resize_batch,
     find_images,
     pack_crops,
+    readable_images,
     resize,
     resize_batch,
     sample_augment,
@@ -337,8 +338,7 @@ def test_find_images_folders_globs_and_errors(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("x")
     (tmp_path / "sub").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "sub" / "c.png")
-    assert [p.name for p in find_images([tmp_path])] == ["a.jpg", "b.png"]
-    assert [p.name for p in find_images([tmp_path], recursive=True)] == ["a.jpg", "b.png", "c.png"]
+    assert [p.name for p in find_images([tmp_path])] == ["a.jpg", "b.png", "c.png"]
     assert [p.name for p in find_images([str(tmp_path / "*.png")])] == ["b.png"]
     with pytest.raises(UserError, match="does not exist"):
         find_images([tmp_path / "missing.jpg"])
@@ -348,3 +348,16 @@ def test_find_images_folders_globs_and_errors(tmp_path: Path) -> None:
     empty.mkdir()
     with pytest.raises(UserError, match="no images"):
         find_images([empty])
+
+
+def test_readable_images_skips_and_names_an_unreadable_file(tmp_path: Path, caplog) -> None:
+    Image.new("RGB", (8, 6), (200, 10, 10)).save(tmp_path / "a.png")
+    (tmp_path / "b.png").write_bytes(b"not an image")
+    Image.new("L", (5, 5), 7).save(tmp_path / "c.png")
+    with caplog.at_level("WARNING"):
+        read = list(readable_images(find_images([tmp_path])))
+    assert [(i, im.mode, im.size) for i, im in read] == [(0, "RGB", (8, 6)), (2, "RGB", (5, 5))]
+    assert np.asarray(read[0][1])[0, 0].tolist() == [200, 10, 10]
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert "Skipping an unreadable image (1 so far)" in warning
+    assert f"{tmp_path / 'b.png'}: PIL cannot identify image file" in warning

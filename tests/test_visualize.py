@@ -79,6 +79,44 @@ def test_folder_and_several_images_write_one_figure_each(tmp_path, capsys):
     assert capsys.readouterr().out.count(":\n") == 3
 
 
+def test_sub_folders_are_walked_and_an_unreadable_file_is_skipped_and_named(
+    tmp_path, capsys, caplog
+):
+    ckpt = make_bin(tmp_path)
+    folder = tmp_path / "imgs"
+    (folder / "sub").mkdir(parents=True)
+    Image.new("RGB", (40, 40), (0, 0, 255)).save(folder / "a.png")
+    (folder / "b.png").write_bytes(b"\x89PNG truncated")
+    Image.new("RGB", (40, 40), (0, 255, 0)).save(folder / "sub" / "c.png")
+    out = tmp_path / "attn.png"
+    with caplog.at_level("INFO"):
+        visualize.main(["--checkpoint", str(ckpt), "--image", str(folder), "--output", str(out)])
+    assert sorted(p.name for p in tmp_path.glob("attn_*.png")) == ["attn_a.png", "attn_c.png"]
+    assert capsys.readouterr().out.count(":\n") == 2
+    assert f"Skipping an unreadable image (1 so far): {folder / 'b.png'}: " in caplog.text
+    assert "2 figure(s) for 3 image(s); 1 unreadable image(s) skipped" in caplog.text
+
+
+def test_a_bin_at_another_size_runs_with_its_position_embeddings_resized(tmp_path, caplog):
+    ckpt = make_bin(tmp_path)  # 32x48: a 2x3 grid
+    out = tmp_path / "big.png"
+    with caplog.at_level("INFO"):
+        visualize.main(["--checkpoint", str(ckpt), "--img_size", "64", "--output", str(out)])
+    assert "trained at 32x48 and runs at 64x64" in caplog.text
+    assert "resized from a 2x3 to a 4x4 patch grid" in caplog.text
+    assert out.is_file()
+
+
+def test_no_readable_image_is_one_message(tmp_path, capsys):
+    ckpt = make_bin(tmp_path)
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not a jpeg")
+    argv = ["--checkpoint", str(ckpt), "--image", str(bad), "--output", str(tmp_path / "x.png")]
+    err = expect_user_error(visualize.main, argv, capsys)
+    assert "None of the 1 image(s) could be read" in err
+    assert not (tmp_path / "x.png").exists()
+
+
 def test_npz_with_model_type_and_img_size_shows_indices(tmp_path, capsys):
     model = VisionTransformer("testing", 32, num_classes=7)
     npz = tmp_path / "tiny.npz"

@@ -35,7 +35,7 @@ import multiprocessing
 import os
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -61,6 +61,7 @@ __all__ = [
     "find_images",
     "pack_crops",
     "read_image",
+    "readable_images",
     "resize",
     "resize_batch",
     "sample_augment",
@@ -298,12 +299,13 @@ def walk_files(root: str | os.PathLike, extensions: Sequence[str], recursive: bo
     """The files under `root` whose names end in `extensions` (any case), and its folders, sorted.
 
     The rules of every folder walk here (image folders for training, folders given to
-    predict.py and visualize.py): names starting with "." (`.ipynb_checkpoints`, `.DS_Store`)
-    are left out, files and folders alike; a link to a file counts as that file (links cannot
-    form a loop, and folders of links into one collection are a common way to build a split);
-    a link to a folder is never followed, wherever it points: inside the tree it would count
-    its images twice, under two labels or endlessly (a loop), outside it the tree is no longer
-    the data set the folder shows. Left-out entries are listed in the result (`Walk.report`).
+    predict.py, visualize.py and analyze.py): names starting with "." (`.ipynb_checkpoints`,
+    `.DS_Store`) are left out, files and folders alike; a link to a file counts as that file
+    (links cannot form a loop, and folders of links into one collection are a common way to
+    build a split); a link to a folder is never followed, wherever it points: inside the tree it
+    would count its images twice, under two labels or endlessly (a loop), outside it the tree is
+    no longer the data set the folder shows. Left-out entries are listed in the result
+    (`Walk.report`).
     """
     walk = Walk()
     suffixes = tuple(e.lower() for e in extensions)
@@ -332,12 +334,14 @@ def walk_files(root: str | os.PathLike, extensions: Sequence[str], recursive: bo
     return walk
 
 
-def find_images(patterns: Sequence[str | os.PathLike], recursive: bool = False) -> list[Path]:
+def find_images(patterns: Sequence[str | os.PathLike]) -> list[Path]:
     """Expand files, folders (their images, sorted) and glob patterns to files, in order.
 
-    A file named explicitly is taken whatever its extension (if it is no image, reading it says
-    so). Folders are searched for `IMAGE_EXTENSIONS`, with their sub-folders when `recursive`,
-    by the rules of `walk_files` (hidden entries and links to folders left out, and said so).
+    The one rule of every script that takes images (predict.py, visualize.py, analyze.py): a
+    file named explicitly is taken whatever its extension (if it is no image, reading it says
+    so); folders are searched for `IMAGE_EXTENSIONS` with their sub-folders, by the rules of
+    `walk_files` that train.py's image folders follow (hidden entries and links to folders left
+    out, and said so). `readable_images` reads the files, skipping and naming an unreadable one.
 
     Raises:
         UserError: a path that does not exist, a pattern that matches nothing, a folder without
@@ -345,7 +349,7 @@ def find_images(patterns: Sequence[str | os.PathLike], recursive: bool = False) 
     """
 
     def images_in(folder: Path) -> list[Path]:
-        walk = walk_files(folder, IMAGE_EXTENSIONS, recursive)
+        walk = walk_files(folder, IMAGE_EXTENSIONS)
         walk.report(folder)
         return walk.files
 
@@ -416,6 +420,20 @@ def read_image(
         ) from None
     except (OSError, ValueError, SyntaxError, EOFError) as err:  # PIL's decoders raise these
         raise BadImageError(name, f"truncated or damaged ({err}).") from None
+
+
+def readable_images(paths: Iterable[str | os.PathLike]) -> Iterator[tuple[int, Image.Image]]:
+    """(index in `paths`, 8-bit RGB image) for each file that decodes (`read_image`), read one at
+    a time; an unreadable one is skipped and named in a warning, as training skips one."""
+    skipped = 0
+    for index, path in enumerate(paths):
+        try:
+            image = read_image(path)
+        except BadImageError as err:
+            skipped += 1
+            logger.warning("Skipping an unreadable image (%d so far): %s", skipped, err)
+            continue
+        yield index, image
 
 
 def _opened(path: str | os.PathLike | BinaryIO) -> contextlib.AbstractContextManager[BinaryIO]:

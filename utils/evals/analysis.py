@@ -22,9 +22,9 @@ and `visualize_attention_map.ipynb`. Figures are built as `matplotlib.figure.Fig
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
-import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -320,16 +320,14 @@ def analyze_model(
 
 
 def image_batches(
-    images: Sequence[str | os.PathLike | Image.Image], img_size: tuple[int, int], batch_size: int
+    images: Iterable[Image.Image], img_size: tuple[int, int], batch_size: int
 ) -> Iterator[torch.Tensor]:
-    """Preprocessed (B, 3, H, W) batches of image files (read one batch at a time) or images."""
+    """Preprocessed (B, 3, H, W) batches of images, taken from `images` one batch at a time (so
+    that files are read as they are needed: see `utils.data.preprocessing.readable_images`)."""
     from utils.evals import attention_maps as am
 
-    for start in range(0, len(images), batch_size):
-        chunk = [
-            im if isinstance(im, Image.Image) else am.open_image(im)
-            for im in images[start : start + batch_size]
-        ]
+    images = iter(images)
+    while chunk := list(itertools.islice(images, batch_size)):
         yield am.preprocess(chunk, img_size)
 
 
@@ -341,14 +339,18 @@ def dataset_batches(
     batch_size: int,
     columns: Columns | None = None,
 ) -> Iterator[torch.Tensor]:
-    """The first `num_images` images of a dataset's test split, preprocessed, in batches
-    (`columns`: a table's, see `build_test_set`)."""
+    """The first `num_images` readable images of a dataset's test split, preprocessed, in
+    batches (`columns`: a table's, see `build_test_set`). An unreadable image is skipped and
+    named in a warning, as training skips one."""
     test_set, _ = build_test_set(dataset, data_dir, img_size, columns=columns)
-    count = min(num_images, len(test_set))
-    if count < num_images:
-        logger.info("the %s test split has %d images, fewer than %d", dataset, count, num_images)
-    for start in range(0, count, batch_size):
-        yield torch.stack([test_set[i][0] for i in range(start, min(start + batch_size, count))])
+    if len(test_set) < num_images:
+        logger.info(
+            "the %s test split has %d images, fewer than %d", dataset, len(test_set), num_images
+        )
+    items = (test_set[i] for i in range(len(test_set)))
+    readable = itertools.islice((item[0] for item in items if item is not None), num_images)
+    while chunk := list(itertools.islice(readable, batch_size)):
+        yield torch.stack(chunk)
 
 
 def bundled_batches(

@@ -5,7 +5,8 @@ notebook use.
 sidecar, a `_last.pt` training state, a Hugging Face ViT folder (`config.json` and
 `model.safetensors` or `pytorch_model.bin`: what `save_pretrained` writes, or a hub cache
 snapshot) or a timm state dict (converted by `models.foreign`), builds the model it holds and
-loads it strictly; it returns the model with its model type, image size and class names. Every
+loads it strictly (at another image size than its own, with its position embeddings resized as
+vit_jax resizes them); it returns the model with its model type, image size and class names. Every
 misfit is named, key by key, with both shapes and the likely fix. `pretrained_weights` reads any
 of these as official arrays, the starting point of a fine-tune.
 """
@@ -45,6 +46,7 @@ from models.npz import (
     load_npz,
     load_pretrained,
     misfit_message,
+    resize_pos_embed,
     state_dict_to_npz,
 )
 from utils.infra.description import DESCRIPTION_SHA256, SAFETENSORS_SUFFIX, description_error
@@ -77,6 +79,7 @@ __all__ = [
     "read_folder",
     "read_state_dict",
     "read_weights",
+    "trained_img_size",
     "which_model",
 ]
 
@@ -88,6 +91,7 @@ logger = logging.getLogger(__name__)
 FOLDER_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 SHARD_INDEX = "model.safetensors.index.json"
 LAYOUTS = {"hf": "Hugging Face transformers", "timm": "timm"}
+POS_EMBED = "embeddings.pos_embed"
 
 CIFAR10_CLASSES = (
     "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
@@ -471,6 +475,52 @@ def native_img_size(config: ViTConfig, pos_embed_tokens: int) -> tuple[int, int]
     return side * config.stride, side * config.stride
 
 
+def _grid_at(config: ViTConfig, img_size: int | Sequence[int]) -> tuple[int, int]:
+    """The patch grid `config` has at `img_size` (hybrids round as their ResNet does)."""
+    with torch.device("meta"):  # shapes only
+        return VisionTransformer(config, img_size, num_classes=1).grid_size
+
+
+def trained_img_size(
+    config: ViTConfig, pos_embed_tokens: int, described: int | Sequence[int] | None = None
+) -> tuple[int, int] | None:
+    """The input size a position embedding of `pos_embed_tokens` tokens was made for: the
+    `described` size (a sidecar's) when its patch grid has that many tokens, else the square one
+    (:func:`native_img_size`)."""
+    if described is not None:
+        size = checked_img_size(config, described)
+        rows, cols = _grid_at(config, size)
+        if rows * cols + (1 if config.classifier == "token" else 0) == pos_embed_tokens:
+            return size
+    return native_img_size(config, pos_embed_tokens)
+
+
+def _pos_embed_resized(
+    weights: dict, model: VisionTransformer, made_for: tuple[int, int], path: str
+) -> dict:
+    """`weights` with their position embeddings resized from the grid of `made_for` to the
+    model's, as vit_jax resizes them to fine-tune at a new size (`models.npz.resize_pos_embed`),
+    said in one log line; as they are when the grids agree."""
+    old_grid, new_grid = _grid_at(model.config, made_for), model.grid_size
+    if old_grid == new_grid:
+        return weights
+    key = "Transformer/posembed_input/pos_embedding" if path.endswith(".npz") else POS_EMBED
+    pos = weights[key]
+    prefix = model.embeddings.num_prefix_tokens
+    if isinstance(pos, torch.Tensor):
+        array = resize_pos_embed(pos.float().numpy(), new_grid, prefix, old_grid)
+        resized = torch.from_numpy(array).to(pos.dtype)
+    else:
+        resized = resize_pos_embed(pos, new_grid, prefix, old_grid)
+    logger.info(
+        "%s was trained at %dx%d and runs at %dx%d: its position embeddings are resized from a "
+        "%dx%d to a %dx%d patch grid (bilinear, as vit_jax resizes them to fine-tune at a new "
+        "size).",
+        path, *made_for, *model.img_size, *old_grid, *new_grid,
+    )  # fmt: skip
+    return {**weights, key: resized}
+
+
 def _named_model(path: str) -> str | None:
     """The model an official file name says, if any (no official file holds `testing`/`demo`)."""
     named = model_type_from_filename(path)
@@ -550,7 +600,8 @@ def load_model(
             gives model type, image size and class names).
         model_type: registry name; overrides the sidecar. None: :func:`which_model` tells.
         img_size: input size (int or (H, W)); overrides the sidecar. Defaults to the size the
-            checkpoint's position embeddings were made for.
+            checkpoint's position embeddings were made for; at another size they are resized
+            as vit_jax resizes them (bilinear on the patch grid), and a log line says so.
         keep_pre_logits: for features (few-shot evaluation): keep the Dense + tanh
             `pre_logits` layer of an `.npz` that has one (ImageNet-21k files), as big_vision
             does (by default an `.npz`'s is dropped, as the official fine-tuning drops it;
@@ -569,7 +620,7 @@ def load_model(
         pos = weights.get("Transformer/posembed_input/pos_embedding")
     else:
         num_classes = int(weights["head.bias"].shape[0]) if "head.bias" in weights else None
-        pos = weights.get("embeddings.pos_embed")
+        pos = weights.get(POS_EMBED)
     config = get_config(model_type)
     if not path.endswith(".npz"):
         config = _with_pre_logits(config, weights)
@@ -584,9 +635,10 @@ def load_model(
             "first, or use an imagenet21k+imagenet2012 checkpoint."
         )
     _check_head_facts(sidecar, num_classes, path)
-    size = img_size or sidecar.get("img_size")
-    if size is None and pos is not None and pos.ndim == 3:  # other ranks: refused when loading
-        size = native_img_size(config, pos.shape[1])
+    made_for = None
+    if pos is not None and pos.ndim == 3:  # other ranks: refused when loading
+        made_for = trained_img_size(config, pos.shape[1], sidecar.get("img_size"))
+    size = img_size or sidecar.get("img_size") or made_for
     if size is None:
         raise UserError(f"Cannot tell the image size {path} was made for: pass --img_size.")
     size = checked_img_size(config, size)
@@ -594,6 +646,8 @@ def load_model(
         shapes = VisionTransformer(config, size, num_classes)
     check_weights_memory(shapes, torch.device("cpu"))
     model = VisionTransformer.empty(config, size, num_classes)  # every weight loaded
+    if img_size is not None and made_for is not None:
+        weights = _pos_embed_resized(weights, model, made_for, path)
     if path.endswith(".npz"):
         load_pretrained(model, weights, zero_head=headless)
     else:
