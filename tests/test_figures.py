@@ -54,6 +54,22 @@ def test_a_committed_figure_is_what_make_figures_draws(name, one_thread):
     )
 
 
+def test_the_committed_figures_show_what_the_readme_says():
+    """The demo model on a held-out digit (and it reads the digit), Figure 7 over 128 digits."""
+    chunks = {}
+    for name in FIGURES:
+        with Image.open(ROOT / "img" / name) as image:
+            chunks[name] = json.loads(image.info[make_figures().CHUNK])
+    attention = chunks["attention_map.png"]
+    assert attention["image"] == {"digit": 0}
+    label = am.sample_digit(0)[1]
+    assert attention["title"] == f"held-out digit {label}: demo (digits-demo_checkpoint.bin)"
+    assert attention["predictions"][0][0] == str(label)
+    (result,) = chunks["figure7.png"]["results"]
+    assert (result["model_type"], result["num_images"]) == ("demo", 128)
+    assert chunks["patches.png"]["image"] == {"photo": "china.jpg"}
+
+
 def test_the_comparison_sees_a_change_of_style(monkeypatch, one_thread):
     committed = ROOT / "img" / "attention_map.png"
     monkeypatch.setattr(am, "ATTENTION_CMAP", "jet")  # the colour map the figure once had
