@@ -142,6 +142,24 @@ def test_attention_k_patches_away_gives_k_patch_sizes_minus_the_edge(dr, dc):
     assert float(out) == pytest.approx(expected)
 
 
+def test_every_dot_of_the_distance_panel_lies_whole_inside_its_axes():
+    """Heads of nearly equal distance (the demo model's) had their top dots cut in half by
+    the upper edge; every dot fits inside the panel, for one checkpoint and for two."""
+    near = np.array([[13.2, 14.1, 15.0], [14.7, 15.4, 15.8]])  # (layers, heads), pixels
+    one = analysis.Analysis("a", "demo", (32, 32), (8, 8), (4, 4), 1, 128, near)
+    two = analysis.Analysis("b", "demo", (32, 32), (8, 8), (4, 4), 1, 128, near * 0.5)
+    for results in ([one], [one, two]):
+        fig = analysis.plot_figure7(results)
+        fig.canvas.draw()  # lays out the panels
+        ax = next(ax for ax in fig.axes if ax.get_title() == "one dot per head")
+        box = ax.get_window_extent()
+        for dots in ax.collections:
+            radius = math.sqrt(dots.get_sizes()[0]) / 2 * fig.dpi / 72  # points to pixels
+            centres = ax.transData.transform(dots.get_offsets())
+            assert (centres[:, 1] + radius <= box.y1).all(), len(results)
+            assert (centres[:, 1] - radius >= box.y0).all(), len(results)
+
+
 def test_one_image_at_a_time_equals_batches(one_thread):
     model = distinct_model("testing", img_size=48)
     images = torch.randn(6, 3, 48, 48)

@@ -207,6 +207,13 @@ def test_plots_build_figures():
             col * heat.shape[1] // grid.shape[1] : (col + 1) * heat.shape[1] // grid.shape[1],
         ]
         assert cell.max() == pytest.approx(heat.max(), rel=1e-3), title
+        # One colour scale for every map, shown by a colour bar: 0 and 1 are its two ends.
+        assert overlay.get_cmap().name == am.ATTENTION_CMAP
+        assert (overlay.norm.vmin, overlay.norm.vmax) == (0.0, 1.0)
+    bars = [ax for ax in fig.axes if ax.get_ylabel() == am.MAP_LABEL]
+    assert len(bars) == 2  # beside the rollout, and beside the per-layer grid
+    for bar in bars:
+        assert bar.get_ylim() == (0.0, 1.0)
 
     fig = am.plot_patches(image, (32, 48), (16, 16))
     resized, cut = (np.asarray(ax.images[0].get_array()) for ax in fig.axes)

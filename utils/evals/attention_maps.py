@@ -40,6 +40,7 @@ __all__ = [
     "layer_attention",
     "map_description",
     "open_image",
+    "overlay_map",
     "plot_attention",
     "plot_patches",
     "preprocess",
@@ -55,6 +56,9 @@ logger = logging.getLogger(__name__)
 # Where `make demo` leaves its model (train.py writes <output_dir>/<name>_checkpoint.bin).
 DEMO_CHECKPOINT = "output/digits-demo_checkpoint.bin"
 MIN_DISPLAY_SIZE = 128  # smaller images are enlarged in figures
+# Perceptually uniform, so equal steps of attention look like equal steps of colour (jet does not).
+ATTENTION_CMAP = "inferno"
+MAP_LABEL = "attention (1 = the map's largest)"
 
 
 def demo_checkpoint() -> str:
@@ -344,9 +348,9 @@ def plot_attention(
     ax.imshow(pixels)
     ax.set_title("image", fontsize=9)
     ax = fig.add_subplot(head[1])
-    ax.imshow(pixels)
-    ax.imshow(rollout, cmap="jet", alpha=0.5)
+    heat = overlay_map(ax, pixels, rollout)
     ax.set_title("attention rollout", fontsize=9)
+    fig.colorbar(heat, ax=ax, shrink=0.9).set_label(MAP_LABEL, fontsize=7)
     ax = fig.add_subplot(head[2])
     ax.axis("off")
     if predictions:
@@ -358,17 +362,26 @@ def plot_attention(
         axis.set_yticks([])
     body = grid[1].subgridspec(layer_rows, cols)
     label = "layer" if maps.layer_kind == "raw" else "rollout to layer"
+    cells = []
     for i in range(layer_rows * cols):
         ax = fig.add_subplot(body[i // cols, i % cols])
         ax.axis("off")
+        cells.append(ax)
         if i < num_layers:
-            ax.imshow(pixels)
-            ax.imshow(layers[i], cmap="jet", alpha=0.5)
+            heat = overlay_map(ax, pixels, layers[i])
             ax.set_title(f"{label} {i + 1}", fontsize=8)
+    fig.colorbar(heat, ax=cells, shrink=0.9).set_label(MAP_LABEL, fontsize=7)
     heading = f"{title}\n" if title else ""
     kind = "head-mean attention per layer" if maps.layer_kind == "raw" else "rollout per layer"
     fig.suptitle(f"{heading}{maps.description}; {kind}", fontsize=9)
     return fig
+
+
+def overlay_map(ax, pixels: np.ndarray, heat: np.ndarray, alpha: float = 0.5):
+    """Draw `pixels` with `heat` (in [0, 1], at the same size) laid over it; returns the heat's
+    image, for a colour bar. Every map shares one colour scale: 0 to 1."""
+    ax.imshow(pixels)
+    return ax.imshow(heat, cmap=ATTENTION_CMAP, vmin=0.0, vmax=1.0, alpha=alpha)
 
 
 def plot_patches(
