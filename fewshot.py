@@ -47,6 +47,7 @@ from utils.infra.flags import (
     add_process_flags,
     add_tf32_flag,
     add_verbose,
+    count_at_most,
     parse_first,
     positive_float,
     positive_int,
@@ -58,6 +59,7 @@ PREPROCESSING = ("eval", "big_vision")
 BIG_VISION_RESIZE = 256 / 224  # big_vision's `resize(256)|central_crop(224)`, at any size
 CACHE_FORMAT = 1  # bump when what a cached file holds changes
 SHOWN_CLASSES = 10  # short classes named in a warning
+MAX_SEEDS = 1000  # --seeds: a typo of more would run (and hold results) for hours
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -100,7 +102,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=[1, 5, 10, 25],
         help="Training images per class.",
     )
-    p.add_argument("--seeds", type=positive_int, default=3, help="Seeds 0 .. N-1.")
+    p.add_argument(
+        "--seeds",
+        type=count_at_most(MAX_SEEDS),
+        default=3,
+        help=f"Seeds 0 .. N-1 (N at most {MAX_SEEDS}).",
+    )
     p.add_argument(
         "--l2_reg",
         type=positive_float,

@@ -22,13 +22,19 @@ The protocol of Dosovitskiy et al. 2021 (Appendix B.1.1, Table 4), which vit_jax
 
 Presets per dataset (`PRESETS`; printed first) set --num_steps, --warmup_steps,
 --train_batch_size, --img_size, --holdout_fraction and the grid; every train.py flag given
-overrides them. Run the same command again and it continues: a finished run is read back from
-its files (the checkpoint's `.json` sidecar), an interrupted one continues with `--resume`,
-nothing is trained twice or overwritten. A run that diverged (train.py stops it) counts as
-diverged in this sweep and is tried again by the next one. Under `torchrun` every process runs
-the sweep (each run is an ordinary train.py run; the output folder must be shared by all
-nodes). `--print_commands` prints the train.py commands still to run, for a job array, and
-`--collect` builds the summary from their files.
+overrides them. Run the same command again and it continues, whenever the last one was stopped:
+a finished run is read back from its files (the checkpoint's `.json` sidecar), an interrupted one
+continues with `--resume`, one killed before its first save starts afresh (its own log replaced),
+nothing is trained twice or overwritten. Each run is recognised by the settings train.py recorded
+with it (its log folder's run record, `utils.infra.run_files`): a run of this --name started with
+other settings (another sweep's) is refused before anything trains, whatever `<name>_sweep.json`
+says or whether it exists (it is a summary, rebuilt from the runs). Every run the sweep may start,
+the final runs of every rate of the grid included, is checked (name, seed, folders) before the
+first one trains. A run that diverged (train.py stops it) counts as diverged in this sweep and
+is tried again by the next one. Under `torchrun` every process runs the sweep (each run is an
+ordinary train.py run; the output folder must be shared by all nodes). `--print_commands` prints
+the train.py commands still to run, for a job array, and `--collect` builds the summary from
+their files.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ import statistics
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
+from itertools import chain
 from pathlib import Path
 
 if __name__ == "__main__":  # Ctrl+C while the modules below load: exit 130, no traceback
@@ -52,16 +59,18 @@ from utils.data.registry import DATASETS, HOLDOUT_FRACTION, Columns
 from utils.infra.console import python_command
 from utils.infra.errors import StoppedBySignal, UserError, run_cli
 from utils.infra.flags import (
+    SEED_MAX,
     HelpFormatter,
     add_verbose,
+    count_at_most,
     parse_first,
     positive_float,
-    positive_int,
 )
 
 logger = logging.getLogger("sweep")
 
 PAPER_GRID = (0.001, 0.003, 0.01, 0.03)  # Table 4, all datasets but ImageNet
+MAX_SEEDS = 1000  # final runs (--seeds): each is a whole training run
 
 
 @dataclass(frozen=True)
@@ -125,8 +134,8 @@ SET_BY_SWEEP = {
     "learning_rate": "the sweep varies it: give the grid with --learning_rates",
     "select": "every run of the sweep keeps its final step (--select final), as the paper does",
     "resume": "the sweep continues its runs by itself: run the same command again",
-    "overwrite": "the sweep never deletes a run: choose another --name, or delete the runs' "
-    "files yourself",
+    "overwrite": "the sweep never deletes a run that saved anything (it starts afresh only one "
+    "killed before its first save): choose another --name, or delete the runs' files yourself",
 }
 # The effective train.py values a sweep is defined by: a rerun under the same --name must keep
 # them (more --seeds may be added).
@@ -145,6 +154,9 @@ PROTOCOL_FLAGS = (
     "holdout_fraction",
     "seed",
 )
+# What makes one run of the sweep what it is: a run whose record gives another value for one of
+# these was started by another sweep (or command) under this --name.
+RUN_FLAGS = (*PROTOCOL_FLAGS, "learning_rate", "select")
 
 
 # --------------------------------------------------------------------------------------------
@@ -169,9 +181,10 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, l
     )
     p.add_argument(
         "--seeds",
-        type=positive_int,
+        type=count_at_most(MAX_SEEDS),
         default=1,
-        help="Final runs with the chosen rate, with seeds --seed, --seed + 1, ...",
+        help=f"Final runs with the chosen rate, with seeds --seed, --seed + 1, ... (at most "
+        f"{MAX_SEEDS}).",
     )
     p.add_argument(
         "--print_commands",
@@ -211,10 +224,22 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, l
 if __name__ == "__main__":
     parse_first(parse_args)  # --help and a mistyped flag answer before torch loads
 
+import torch
+
 import train
 from utils.data.loaders import build_test_set
 from utils.infra.dist_utils import run_distributed
-from utils.infra.file_io import atomic_write_text, read_sidecar
+from utils.infra.file_io import atomic_write_text, read_sidecar, sidecar_path
+from utils.infra.run_files import (
+    LONGEST_SUFFIX,
+    NAME_MAX,
+    RUN_RECORD,
+    check_folder,
+    check_name,
+    check_run,
+    event_files,
+    read_record,
+)
 from utils.infra.stopping import NonFiniteLossError
 from utils.infra.train_state import last_state_path
 
@@ -228,9 +253,10 @@ class Trial:
 
     Attributes:
         kind: "grid" (scored on the development split) or "final" (trained on 100 %).
-        status: "pending" (no files), "partial" (a last state to resume), "finished", or
-            "diverged" (stopped by a non-finite loss in this sweep, or its final loss is not
-            finite).
+        status: "pending" (no files), "started" (killed before its first save: its record and
+            its own log only, which a new start replaces), "partial" (a last state to resume),
+            "finished", or "diverged" (stopped by a non-finite loss in this sweep, or its final
+            loss is not finite).
         dev_accuracy, dev_loss: on the development split at the final step (grid runs).
         test_accuracy, test_loss: on the test set at the final step.
     """
@@ -306,11 +332,34 @@ def trial_argv(
     ]
 
 
-def read_trial(trial: Trial, output_dir: str, num_steps: int) -> None:
-    """Set the trial's status and figures from its files: finished when its checkpoint is the
-    final step's (`selected_by: final` at step `num_steps`), partial when a last state exists."""
-    facts = read_sidecar(Path(output_dir) / f"{trial.run}_checkpoint.bin")
+def read_trial(trial: Trial, output_dir: str, log_root: str, num_steps: int) -> None:
+    """Set the trial's status and figures from its files, once they are shown to be this run's
+    (`check_settings`): finished when its checkpoint is the final step's (`selected_by: final`
+    at step `num_steps`), partial when a last state exists, started when only its own log does
+    (killed before its first save), else pending.
+
+    Raises:
+        UserError: the run's files were started with other settings (another sweep's run), or
+            say nothing of them; or the run cannot start (`run_files.check_run`: its name or
+            folders, another run's log in its log folder).
+    """
+    log_dir = os.path.join(log_root, trial.run)
+    checkpoint = Path(output_dir) / f"{trial.run}_checkpoint.bin"
+    last = last_state_path(output_dir, trial.run)
+    saved = [p for p in (checkpoint, sidecar_path(checkpoint), last) if p.is_file()]
+    logged = event_files(log_dir, trial.run)[0]  # only what its record shows to be its own
+    facts = read_sidecar(checkpoint) if checkpoint.is_file() else {}
     if facts.get("selected_by") == "final" and facts.get("step") == num_steps:
+        trial.status = "finished"
+    elif last.is_file():
+        trial.status = "partial"
+    else:
+        trial.status = "started" if logged else "pending"
+    if trial.status != "finished":  # the sweep may start it
+        check_run(output_dir, log_dir, trial.run, resume=trial.status == "partial")
+    if saved or logged:
+        check_settings(trial, saved + logged, log_dir, last)
+    if trial.status == "finished":
         trial.step = num_steps
         trial.test_accuracy, trial.test_loss = facts.get("accuracy"), facts.get("test_loss")
         if trial.kind == "grid":
@@ -319,18 +368,69 @@ def read_trial(trial: Trial, output_dir: str, num_steps: int) -> None:
         losses = [trial.test_loss] + ([trial.dev_loss] if trial.kind == "grid" else [])
         finite = all(x is not None and math.isfinite(x) for x in losses)
         trial.status = "finished" if finite else "diverged"
-    elif last_state_path(output_dir, trial.run).is_file():
-        trial.status = "partial"
+
+
+def check_settings(trial: Trial, files: list[Path], log_dir: str, last: Path) -> None:
+    """The run's files must be this sweep's run: the settings recorded with the run (its log
+    folder's record; for a run from before records, the flags its last state saved) must be the
+    ones the sweep starts it with, in every `RUN_FLAGS` flag they name.
+
+    Raises:
+        UserError: another value in one of them, or no record of them.
+    """
+    record = read_record(log_dir)
+    if record is not None and record["name"] == trial.run:
+        settings, where = record["settings"], os.path.join(log_dir, RUN_RECORD)
     else:
-        trial.status = "pending"
+        settings, where = saved_flags(last), str(last)
+    if settings is None:
+        raise UserError(
+            f"{trial.run} has files ({', '.join(map(str, files))}) but no record of the settings "
+            f"it was started with ({os.path.join(log_dir, RUN_RECORD)} is missing or damaged, "
+            "and no last state holds them), so the sweep cannot tell whether it is this sweep's "
+            "run. Delete its files to train it again, or choose another --name."
+        )
+    wanted = vars(train.parse_args(trial.argv))
+    changed = [
+        f"--{flag} {wanted[flag]} (it has {settings[flag]})"
+        for flag in RUN_FLAGS
+        if flag in settings and settings[flag] != wanted[flag]
+    ]
+    if changed:
+        raise UserError(
+            f"{trial.run} was started with other settings than this sweep gives it: "
+            f"{'; '.join(changed)} (recorded in {where}). It belongs to another sweep of this "
+            "--name, and would mix with this one's runs: choose another --name, or that sweep's "
+            "settings."
+        )
 
 
-def run_trial(trial: Trial, output_dir: str, num_steps: int) -> None:
+def saved_flags(path: Path) -> dict | None:
+    """The flags a last state saved (None when there is none, or it cannot be read): its pickle
+    alone is read, its tensors stay on disk."""
+    if not path.is_file():
+        return None
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # damaged, or not a state: the message says the settings are unknown
+        return None
+    flags = saved.get("args") if isinstance(saved, dict) else None
+    return flags if isinstance(flags, dict) and flags else None
+
+
+def continue_flags(trial: Trial) -> list[str]:
+    """What train.py needs besides the run's flags to go on from its files: `--resume` from its
+    last state, or `--overwrite` to start afresh one killed before its first save (it replaces
+    only what the run's record shows to be its own: its log)."""
+    return {"partial": ["--resume"], "started": ["--overwrite"]}.get(trial.status, [])
+
+
+def run_trial(trial: Trial, output_dir: str, log_root: str, num_steps: int) -> None:
     """Train (or continue) one run in this process, then read it back from its files."""
-    argv = trial.argv + (["--resume"] if trial.status == "partial" else [])
+    argv = trial.argv + continue_flags(trial)
     logger.info(
         "%s %s: %s",
-        "Continuing" if trial.status == "partial" else "Training",
+        {"partial": "Continuing", "started": "Restarting"}.get(trial.status, "Training"),
         trial.run,
         python_command("train.py", *argv),
     )
@@ -346,7 +446,7 @@ def run_trial(trial: Trial, output_dir: str, num_steps: int) -> None:
             f"The sweep stopped during {trial.run} (saved); run the same command again to "
             "continue.",
         )
-    read_trial(trial, output_dir, num_steps)
+    read_trial(trial, output_dir, log_root, num_steps)
     if not trial.done:
         raise UserError(
             f"{trial.run} ended without a final checkpoint in {output_dir}; run the same "
@@ -582,14 +682,24 @@ def log_protocol(
     )
 
 
-def check_same_protocol(path: Path, protocol: dict) -> None:
-    """A rerun under the same --name must be the same sweep (its runs would mix otherwise)."""
-    if not path.is_file():
-        return
+def check_same_protocol(path: Path, protocol: dict) -> bool:
+    """A rerun under the same --name must be the same sweep (its runs would mix otherwise): the
+    first word on it, before the runs' own records (`check_settings`), which decide where the
+    summary is missing or damaged. Returns whether `path` holds a protocol."""
+    if not path.exists():
+        return False
     try:
-        earlier = json.loads(path.read_text(encoding="utf-8")).get("protocol", {})
-    except (OSError, ValueError, AttributeError):
-        return  # an unreadable summary is rebuilt from the runs' files
+        earlier = json.loads(path.read_text(encoding="utf-8"))["protocol"]
+        if not isinstance(earlier, dict):
+            raise TypeError(f"its protocol is {type(earlier).__name__}, not an object")
+    except (OSError, ValueError, LookupError, TypeError) as err:  # not JSON, not an object, ...
+        logger.warning(
+            "%s is damaged (%s): this sweep's runs are checked by their own records, and the "
+            "summary is written again from them.",
+            path,
+            err,
+        )
+        return False
     changed = [
         f"--{k} {protocol[k]} (was {earlier[k]})"
         for k in protocol
@@ -600,6 +710,45 @@ def check_same_protocol(path: Path, protocol: dict) -> None:
             f"{path} describes a sweep of this --name with other settings: {'; '.join(changed)}. "
             "Its runs would mix with these: choose another --name, or the same settings."
         )
+    return True
+
+
+def final_seeds(seed: int, count: int) -> list[int]:
+    """The final runs' seeds, `seed` .. `seed + count - 1`, each one train.py takes."""
+    if seed + count - 1 > SEED_MAX:
+        raise UserError(
+            f"--seed {seed} with --seeds {count} gives the final runs seeds up to "
+            f"{seed + count - 1}, above the largest seed, 2**32 - 1 = {SEED_MAX}: pass --seed "
+            f"{SEED_MAX - count + 1} or less, or fewer --seeds."
+        )
+    return list(range(seed, seed + count))
+
+
+def check_names_and_folders(
+    name: str, output_dir: str, log_root: str, runs: Sequence[str], summaries: Sequence[Path]
+) -> None:
+    """What every run the sweep may start needs of --name and the folders, checked before the
+    first one starts: --name a plain name short enough for the longest run name (a final run's,
+    with the largest seed), the output and log folders creatable, no folder where the summary
+    files go."""
+    check_name(name)
+    longest = max(runs, key=lambda run: len(os.fsencode(run)))
+    added = len(os.fsencode(longest)) - len(os.fsencode(name))
+    room = NAME_MAX - len(LONGEST_SUFFIX)  # what file names leave of a run's name
+    if len(os.fsencode(longest)) > room:
+        raise UserError(
+            f"--name is {len(os.fsencode(name))} bytes long, too long for the sweep's runs: the "
+            f"longest, {longest}, adds {added} bytes to it, and file names hold at most {room} "
+            f"bytes of a run's name. Choose a --name of at most {room - added} bytes."
+        )
+    check_folder(Path(output_dir), "--output_dir", create=False)
+    check_folder(Path(log_root), "--log_dir", create=False)
+    for path in summaries:
+        if path.is_dir():
+            raise UserError(
+                f"{path} is a folder, not a file: the sweep writes its summary there. Move the "
+                "folder away, or choose another --name."
+            )
 
 
 def main(argv: Sequence[str] | None = None) -> dict | None:
@@ -613,39 +762,44 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
 def _sweep(args: argparse.Namespace, train_argv: list[str], is_main: bool) -> dict | None:
     common, base_argv, preset, grid = resolve(args, train_argv)
     check_test_split(common)
-    seeds = [common.seed + i for i in range(args.seeds)]
+    seeds = final_seeds(common.seed, args.seeds)
     protocol = {k: getattr(common, k) for k in PROTOCOL_FLAGS}
     protocol["learning_rates"] = grid
-    out = Path(common.output_dir)
+    output_dir, steps, log_root = common.output_dir, common.num_steps, common.log_dir
+    out = Path(output_dir)
     json_path, md_path = out / f"{args.name}_sweep.json", out / f"{args.name}_sweep.md"
-    check_same_protocol(json_path, protocol)
+    grid_trials = plan(args.name, base_argv, log_root, grid, common.seed, common.holdout_fraction)
+    # Every run the sweep may start: the grid, and the final runs of whichever rate it chooses.
+    finals_of = {r: final_trials(args.name, base_argv, log_root, r, seeds) for r in grid}
+    every_run = [*grid_trials, *chain.from_iterable(finals_of.values())]
+    runs = [t.run for t in every_run]
+    check_names_and_folders(args.name, output_dir, log_root, runs, [json_path, md_path])
+    summarised = check_same_protocol(json_path, protocol)
+    for trial in every_run:  # each recognised by its own record; another sweep's is refused
+        read_trial(trial, output_dir, log_root, steps)
     if is_main:
         log_protocol(common, preset, grid, seeds)
-        if not args.collect and not json_path.is_file():  # what a rerun must keep, from now on
+        if not args.collect and not summarised:  # what a rerun must keep, from now on
             out.mkdir(parents=True, exist_ok=True)
             plan_text = json.dumps({"name": args.name, "protocol": protocol, "status": "planned"})
             atomic_write_text(json_path, plan_text + "\n")
 
-    output_dir, steps, log_root = common.output_dir, common.num_steps, common.log_dir
-    grid_trials = plan(args.name, base_argv, log_root, grid, common.seed, common.holdout_fraction)
-    for trial in grid_trials:
-        read_trial(trial, output_dir, steps)
     train_here = not (args.collect or args.print_commands)
     todo = [t for t in grid_trials if not t.done]
     if args.print_commands and todo:
         return print_commands(todo, "grid")
     if train_here:
         for trial in todo:
-            run_trial(trial, output_dir, steps)
+            run_trial(trial, output_dir, log_root, steps)
     require_done(grid_trials, args.collect)
     chosen, why = choose(grid_trials)
     if is_main or args.print_commands:
         logger.info("Chose learning rate %s: %s.", rate_text(chosen.learning_rate), why)
-    finals = final_trials(args.name, base_argv, log_root, chosen.learning_rate, seeds)
+    finals = finals_of[chosen.learning_rate]
     for trial in finals:
-        read_trial(trial, output_dir, steps)
+        read_trial(trial, output_dir, log_root, steps)  # again: a job array may have run it
         if not trial.done and train_here:
-            run_trial(trial, output_dir, steps)
+            run_trial(trial, output_dir, log_root, steps)
     if args.print_commands:
         return print_commands([t for t in finals if not t.done], "final")
     require_done(finals, args.collect)
@@ -673,10 +827,9 @@ def require_done(trials: Sequence[Trial], collect: bool) -> None:
 
 def print_commands(todo: list[Trial], phase: str) -> None:
     """One train.py command per run still to do in this `phase` ("grid", or "final" once the
-    grid is done). An interrupted run's command continues it (--resume)."""
+    grid is done). An interrupted run's command continues it (`continue_flags`)."""
     for trial in todo:
-        resume = ["--resume"] if trial.status == "partial" else []
-        print(python_command("train.py", *trial.argv, *resume))
+        print(python_command("train.py", *trial.argv, *continue_flags(trial)))
     if not todo:
         logger.info("Every run is finished: --collect builds the summary.")
     elif phase == "grid":

@@ -864,7 +864,7 @@ def set_up(
 ) -> Run:
     """Data, model, trainer, the resumed state (last: it restores the RNG state) and the
     TensorBoard writer of one run. Only then, every check passed, does --overwrite delete the
-    earlier run's files (`claim`)."""
+    earlier run's files, and the run's record (its flags) go to its log folder (`claim`)."""
     train_loader, minival_loader, test_loader = get_loader(
         args.dataset,
         args.data_dir,
@@ -922,7 +922,7 @@ def set_up(
         state = resume(args, trainer, resume_from, info, split)
     else:
         state = TrainState(split=split, precision=trainer.precision)
-    claim.delete_earlier_run()  # --overwrite: every check has passed
+    claim.begin(vars(args))  # every check has passed: --overwrite deletes; the run is recorded
     writer = None
     if info.is_main and state.step < args.num_steps:  # a finished run logs nothing more
         # A resumed run continues the same log, dropping what the interrupted run logged after

@@ -359,6 +359,7 @@ def test_imagefolder_warns_about_short_classes(tmp_path, caplog, one_thread) -> 
         (["--shots", "0"], "argument --shots: must be at least 1, got 0"),
         (["--l2_reg", "0"], "argument --l2_reg: must be above 0, got 0"),
         (["--seeds", "-1"], "argument --seeds: must be at least 1, got -1"),
+        (["--seeds", "1001"], "argument --seeds: must be at most 1000, got 1001"),
         (["--output", "r.csv"], "--output must end in .json"),
         (["--resize_size", "256"], "--resize_size applies to --preprocess big_vision only"),
         (["--preprocess", "tf"], "argument --preprocess: invalid choice: 'tf'"),

@@ -16,20 +16,32 @@ import torch
 
 from utils.infra.errors import UserError
 from utils.infra.file_io import atomic_save, save_checkpoint
-from utils.infra.run_files import claim_run, run_files
+from utils.infra.run_files import RUN_RECORD, claim_run, read_record, run_files
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _earlier_run(tmp_path: Path, name: str = "run") -> dict[Path, bytes]:
-    """The files a finished run leaves (written as train.py writes them), by path."""
-    out, logs = tmp_path / "out", tmp_path / "logs" / name
-    save_checkpoint({"w": torch.ones(3)}, out / f"{name}_checkpoint.bin", step=40, accuracy=0.25)
-    atomic_save({"step": 40}, out / f"{name}_last.pt")
+def _log(log_dir: Path, step: int = 40) -> list[Path]:
+    """Write a TensorBoard event file into `log_dir`, as a run does; the folder's event files."""
     from torch.utils.tensorboard import SummaryWriter
 
-    with SummaryWriter(log_dir=str(logs)) as writer:
-        writer.add_scalar("test/accuracy", 0.25, 40)
+    with SummaryWriter(log_dir=str(log_dir)) as writer:
+        writer.add_scalar("test/accuracy", 0.25, step)
+    return sorted(log_dir.glob("events.out.tfevents.*"))
+
+
+def _earlier_run(
+    tmp_path: Path, name: str = "run", logs: Path | None = None, saved: bool = True
+) -> dict[Path, bytes]:
+    """The files a run leaves (written in the order train.py writes them), by path: finished, or
+    killed before its first save (`saved=False`: its record and an event file)."""
+    out, logs = tmp_path / "out", logs or tmp_path / "logs" / name
+    with claim_run(out, logs, name, resume=False, overwrite=False) as lock:
+        lock.begin({"name": name, "seed": 42})
+        _log(logs)
+        if saved:
+            save_checkpoint({"w": torch.ones(3)}, out / f"{name}_checkpoint.bin", step=40)
+            atomic_save({"step": 40}, out / f"{name}_last.pt")
     return {p: p.read_bytes() for p in run_files(out, logs, name)}
 
 
@@ -67,6 +79,74 @@ def test_overwrite_deletes_the_earlier_run_when_asked(tmp_path, caplog) -> None:
     assert "--overwrite: deleted the earlier run's" in caplog.text
     with pytest.raises(UserError, match="pass one of them"):
         _claim(tmp_path, resume=True, overwrite=True)
+
+
+def test_a_run_killed_before_its_first_save_is_started_afresh_with_overwrite(tmp_path) -> None:
+    """Its event file is its own by its record: listed as its file, and --overwrite deletes it;
+    the new run's record replaces the old one only after it is gone."""
+    files = _earlier_run(tmp_path, saved=False)
+    (events,) = files
+    with pytest.raises(UserError, match="A run named run already has files: 1 TensorBoard"):
+        _claim(tmp_path)
+    with _claim(tmp_path, overwrite=True) as lock:
+        lock.begin({"name": "run", "seed": 7})
+    assert not events.exists()
+    assert read_record(tmp_path / "logs" / "run")["settings"] == {"name": "run", "seed": 7}
+    with _claim(tmp_path):  # nothing of its own left: a new run starts
+        pass
+
+
+def test_another_runs_log_in_a_shared_folder_is_never_a_runs_own(tmp_path) -> None:
+    """Runs a and b log to one folder: b's refusal names a's log as a's, and neither b's
+    --overwrite nor its --resume touches it; a's own --overwrite replaces it."""
+    shared = tmp_path / "logs"
+    files = _earlier_run(tmp_path, name="a", logs=shared)
+    events = [p for p in files if p.parent == shared]
+    assert len(events) == 1
+    for flags in ({}, {"overwrite": True}, {"resume": True}):
+        with pytest.raises(UserError) as info:
+            claim_run(tmp_path / "out", shared, "b", **{"resume": False, "overwrite": False,
+                                                        **flags})  # fmt: skip
+        message = str(info.value)
+        assert f"--log_dir {shared} holds the TensorBoard log of another run, a (1 " in message
+        assert "already has files" not in message
+        assert "The curves of b would mix with them" in message
+        assert {p: p.read_bytes() for p in files} == files  # untouched
+    assert run_files(tmp_path / "out", shared, "b") == []
+    with claim_run(tmp_path / "out", shared, "a", resume=False, overwrite=True) as lock:
+        lock.begin({"name": "a"})
+    assert not any(path.exists() for path in files)
+
+
+def test_a_log_without_a_record_is_nobodys_to_delete_but_a_resume_continues_it(tmp_path) -> None:
+    """Event files that no record shows to be a run's (another program's, or a run's from before
+    runs recorded themselves): a new run refuses, --overwrite included, and deletes nothing; a
+    resume takes them as its log and records it, so a later --overwrite replaces them."""
+    logs = tmp_path / "logs" / "run"
+    (events,) = _log(logs)
+    for overwrite in (False, True):
+        unrecorded = r"holds 1 TensorBoard event file\(s\) that no run record \(\.run\.json\)"
+        with pytest.raises(UserError, match=unrecorded + " there shows to be run's"):
+            _claim(tmp_path, overwrite=overwrite)
+        assert events.is_file()
+    assert run_files(tmp_path / "out", logs, "run") == []
+    with _claim(tmp_path, resume=True) as lock:
+        lock.begin({"name": "run"})
+    assert run_files(tmp_path / "out", logs, "run") == [events]
+    with _claim(tmp_path, overwrite=True) as lock:
+        lock.begin({"name": "run"})
+    assert not events.exists()
+
+
+@pytest.mark.parametrize("record", ["{not json", "[]", '{"name": 3, "settings": {}}', "\udcff"])
+def test_a_damaged_record_shows_nothing_to_be_a_runs(tmp_path, record) -> None:
+    logs = tmp_path / "logs" / "run"
+    (events,) = _log(logs)
+    (logs / RUN_RECORD).write_bytes(record.encode("utf-8", "surrogateescape"))
+    assert read_record(logs) is None
+    with pytest.raises(UserError, match="no run record"):
+        _claim(tmp_path, overwrite=True)
+    assert events.is_file()
 
 
 @pytest.mark.parametrize("name", ["../..", "../escaped", "/tmp/abs", "a/b", "..", ".", ""])
@@ -236,6 +316,7 @@ def test_one_log_folder_belongs_to_one_run(tmp_path) -> None:
     proc, pid = _holder(tmp_path, "release")
     events = tmp_path / "logs" / "events.out.tfevents.1.host.1.0"
     events.write_bytes(b"live run's curves")
+    (tmp_path / "logs" / RUN_RECORD).write_text('{"name": "run", "settings": {}}')  # as it would
     try:
         for name, overwrite in [("run", True), ("other", False)]:
             with pytest.raises(UserError) as info:
@@ -253,7 +334,7 @@ def test_one_log_folder_belongs_to_one_run(tmp_path) -> None:
         tmp_path / "out2", tmp_path / "logs", "run", resume=False, overwrite=True
     ) as lock:
         lock.delete_earlier_run()
-    assert not events.exists()  # once the other run has ended, --overwrite may delete it
+    assert not events.exists()  # once that run of this name has ended, --overwrite may delete it
 
 
 def test_one_process_cannot_claim_a_run_twice(tmp_path) -> None:

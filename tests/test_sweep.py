@@ -16,15 +16,18 @@ import shlex
 import shutil
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 import sweep
 import train
 from tests.helpers import expect_user_error, free_port, make_image_folder, scalars, tiny_args
 from utils.data.registry import DATASETS
 from utils.infra.errors import StoppedBySignal
+from utils.infra.file_io import save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -148,6 +151,18 @@ def sweep_args(tmp_path: Path, name: str = "s", **flags) -> list[str]:
         ({"print_commands": True, "collect": True}, "pass one of them"),
         ({"holdout_fraction": 0}, "no development split"),
         ({"seeds": 0}, "--seeds: must be at least 1"),
+        ({"seeds": 1001}, "--seeds: must be at most 1000, got 1001"),
+        # the last final run's seed would be 2**32, which train.py refuses
+        (
+            {"seed": 2**32 - 1, "seeds": 2},
+            "--seed 4294967295 with --seeds 2 gives the final runs seeds up to 4294967296",
+        ),
+        # the grid runs' names fit, the final runs' (s...-final-lr0.01-seed42) do not
+        (
+            {"name": "s" * 210},
+            "--name is 210 bytes long, too long for the sweep's runs: the longest, "
+            f"{'s' * 210}-final-lr0.01-seed42, adds 20 bytes",
+        ),
     ],
 )
 def test_bad_input(
@@ -156,6 +171,21 @@ def test_bad_input(
     err = expect_user_error(sweep.main, sweep_args(tmp_path, **flags), capsys)
     assert message in err
     assert not (tmp_path / "out").exists()  # nothing trained, nothing written
+
+
+@pytest.mark.parametrize("mode", [[], ["--print_commands"], ["--collect"]])
+def test_an_output_dir_that_is_a_file_is_one_message(
+    tmp_path: Path, capsys: pytest.CaptureFixture, mode: list[str]
+) -> None:
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    for output_dir, says in [
+        (a_file, f"--output_dir {a_file} is a file, not a folder"),
+        (a_file / "sub", f"--output_dir {a_file / 'sub'} cannot be created: {a_file} is a file"),
+    ]:
+        argv = [*sweep_args(tmp_path, output_dir=output_dir), *mode]
+        assert says in expect_user_error(sweep.main, argv, capsys)
+    assert a_file.read_text() == "x"
 
 
 def test_a_dataset_without_a_test_split_is_refused(
@@ -178,6 +208,36 @@ def test_a_rerun_with_other_settings_is_refused(
     (tmp_path / "out" / "s_sweep.json").write_text(json.dumps({"protocol": protocol}))
     err = expect_user_error(sweep.main, sweep_args(tmp_path, learning_rates=[0.03, 0.3]), capsys)
     assert "--num_steps 4 (was 8)" in err
+
+
+@pytest.mark.parametrize("damage", ['{"protocol": ["seed"]}', '{"protocol": "seed"}', "[]", "{"])
+def test_a_damaged_summary_is_one_warning_and_written_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture, damage: str
+) -> None:
+    """The summary is not what a rerun trusts (the runs' records are): a damaged one is said
+    once, and the plan written again."""
+    json_path = tmp_path / "out" / "s_sweep.json"
+    json_path.parent.mkdir()
+    json_path.write_text(damage)
+    with caplog.at_level(logging.WARNING):
+        assert sweep.main([*sweep_args(tmp_path, learning_rates=[0.3]), "--print_commands"]) is None
+    assert f"{json_path} is damaged (" in caplog.text
+    assert capsys.readouterr().out.count(" train.py ") == 1  # the grid's one run
+    assert json.loads(json_path.read_text())["protocol"]["num_steps"] == 4
+
+
+def test_a_final_checkpoint_without_a_record_of_its_settings_is_not_taken(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A sidecar that says "the final step" is not enough: nothing says which settings made it."""
+    for run in ("s-lr0.3", "s-final-lr0.3-seed42"):
+        facts = {"accuracy": 0.5, "test_loss": 1.0, "minival_accuracy": 0.5, "minival_loss": 1.0}
+        path = tmp_path / "out" / f"{run}_checkpoint.bin"
+        save_checkpoint({"w": torch.ones(1)}, path, step=4, selected_by="final", **facts)
+    err = expect_user_error(sweep.main, sweep_args(tmp_path, learning_rates=[0.3]), capsys)
+    assert "s-lr0.3 has files (" in err
+    assert "but no record of the settings it was started with" in err
+    assert not (tmp_path / "out" / "s_sweep.json").exists()  # nothing written back either
 
 
 def test_collect_before_the_runs_names_what_is_missing(
@@ -309,6 +369,113 @@ def test_an_interrupted_sweep_continues_and_print_commands_then_collect_agree(
     assert capsys.readouterr().out == ""  # nothing left to run
     collected = sweep.main([*argv, "--collect"])
     assert sweep.markdown(collected) == sweep.markdown(straight)
+
+
+@pytest.mark.slow
+def test_runs_are_recognised_by_their_own_records_whatever_the_summary_says(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture
+) -> None:
+    """The summary deleted or truncated, a rerun with other settings finds the runs' own: refused
+    before anything trains or is written. The same settings rebuild the same summary, also from
+    runs that predate records (their last state's flags)."""
+    one = {"learning_rates": [0.3], "seeds": 1}
+    summary = sweep.main(sweep_args(tmp_path, **one))
+    out = tmp_path / "out"
+    json_path = out / "s_sweep.json"
+    written = json_path.read_text()
+
+    def files() -> dict[Path, int]:
+        return {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
+
+    for damage in ("delete", "truncate", "no records"):
+        if damage == "truncate":
+            json_path.write_text(written[:100])
+        else:
+            json_path.unlink()
+        if damage == "no records":  # runs from before train.py recorded them
+            records = sorted((tmp_path / "logs").rglob(".run.json"))
+            assert len(records) == 2  # one per run
+            for record in records:
+                record.unlink()
+        before = files()
+        for other, says in [
+            ({"img_size": 48}, "--img_size 48 (it has 32)"),
+            ({"model_type": "demo"}, "--model_type demo (it has testing)"),
+        ]:
+            err = expect_user_error(sweep.main, sweep_args(tmp_path, **one, **other), capsys)
+            assert f"s-lr0.3 was started with other settings than this sweep gives it: {says}" in (
+                err
+            )
+            where = "s-lr0.3_last.pt" if damage == "no records" else "s-lr0.3/.run.json"
+            assert f"{where}). It belongs to another sweep of this --name" in err
+            assert files() == before  # nothing trained, nothing written back
+        json_path.unlink(missing_ok=True)
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            assert sweep.main(sweep_args(tmp_path, **one)) == summary
+        assert json_path.read_text() == written
+        assert "Training s-" not in caplog.text
+
+
+# Run the sweep, killed (SIGKILL) at one moment of its first run or before its summary.
+_KILLED_SWEEP = textwrap.dedent(
+    """
+    import os, signal, sys
+    import sweep, train
+    from utils.infra import run_files
+
+    def killed_after(function):
+        def call(*args, **kwargs):
+            function(*args, **kwargs)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return call
+
+    moment = sys.argv[1]
+    if moment == "record":  # the run's record written, no event file yet
+        run_files.write_record = killed_after(run_files.write_record)
+    elif moment == "event file":  # its first event file written, nothing saved
+        train.EventLog.__init__ = killed_after(train.EventLog.__init__)
+    else:  # every run finished, the summary not yet written
+        sweep.summarise = killed_after(lambda *args: None)
+    sweep.run_cli(lambda: sweep.main(sys.argv[2:]))
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("moment", ["record", "event file", "summary"])
+def test_a_sweep_killed_at_any_moment_continues_with_the_same_command(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture, moment: str
+) -> None:
+    argv = sweep_args(tmp_path, learning_rates=[0.3], seeds=1)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", _KILLED_SWEEP, moment, *argv], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    log = tmp_path / "logs" / "s-lr0.3"
+    events = sorted(log.glob("events.out.tfevents.*"))
+    assert len(events) == (1 if moment != "record" else 0)
+    if moment == "event file":  # another sweep's run, even one that never saved, is refused
+        (tmp_path / "out" / "s_sweep.json").unlink()  # by its record, not by the summary
+        err = expect_user_error(sweep.main, sweep_args(tmp_path, learning_rates=[0.3], img_size=48),
+                                capsys)  # fmt: skip
+        assert "s-lr0.3 was started with other settings than this sweep gives it" in err
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        summary = sweep.main(argv)
+    assert [run["status"] for run in summary["grid"] + summary["final"]] == ["finished"] * 2
+    started = [r.getMessage() for r in caplog.records if r.name == "sweep"]
+    trained = [m.split(":")[0] for m in started if m.split()[0] in ("Training", "Restarting")]
+    expected = {
+        "record": ["Training s-lr0.3", "Training s-final-lr0.3-seed42"],  # its record alone
+        "event file": ["Restarting s-lr0.3", "Training s-final-lr0.3-seed42"],
+        "summary": [],
+    }
+    assert trained == expected[moment]
+    # The restarted run's log is its new one alone: the killed run's was its own to replace.
+    assert [e for e in events if e.exists()] == ([] if moment == "event file" else events)
+    assert len(list(log.glob("events.out.tfevents.*"))) == 1
+    assert [step for step, _ in scalars(log)["minival/accuracy"]] == [4]
 
 
 @pytest.mark.slow

@@ -33,6 +33,7 @@ __all__ = [
     "add_process_flags",
     "add_tf32_flag",
     "add_verbose",
+    "count_at_most",
     "default_num_workers",
     "fraction",
     "http_url",
@@ -85,6 +86,19 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def count_at_most(maximum: int) -> Callable[[str], int]:
+    """The type of a count from 1 to `maximum`: a count that sizes the work (runs, seeds) gets a
+    bound, so that a typo is refused at once, not after hours or gigabytes."""
+
+    def count(text: str) -> int:
+        value = positive_int(text)
+        if value > maximum:
+            raise argparse.ArgumentTypeError(f"must be at most {maximum}, got {value}")
+        return value
+
+    return count
 
 
 def non_negative_int(text: str) -> int:

@@ -2,13 +2,22 @@
 that one run at a time writes them.
 
 A run named NAME owns `<output_dir>/NAME_checkpoint.bin` (+ `.json`), `<output_dir>/NAME_last.pt`
-and its log folder (`--log_dir`, TensorBoard's event files). :func:`claim_run`, called before any
-work, checks every location (a file where a folder should be, a folder where a file goes, a
-read-only or uncreatable folder, a name that leaves the output folder or is not text), refuses a
-new run whose name already has files unless it resumes them or overwrites them on purpose, and
-holds two locks for the run's lifetime: `<output_dir>/NAME.lock` (one run of a name per output
-folder) and `<log_dir>/.tensorboard-lock` (one run per log folder, whatever its name or output
-folder). A second run refuses to start, naming the first one's PID.
+and the TensorBoard event files of its log folder (`--log_dir`) that the folder's run record shows
+to be its own. :func:`claim_run`, called before any work, checks every location (a file where a
+folder should be, a folder where a file goes, a read-only or uncreatable folder, a name that leaves
+the output folder or is not text), refuses a new run whose name already has files unless it
+resumes them or overwrites them on purpose, and holds two locks for the run's lifetime:
+`<output_dir>/NAME.lock` (one run of a name per output folder) and `<log_dir>/.tensorboard-lock`
+(one run per log folder, whatever its name or output folder). A second run refuses to start,
+naming the first one's PID.
+
+The run record, `<log_dir>/.run.json`, names the run that logs to the folder and holds its settings
+(train.py's flags). The run writes it (:meth:`RunLock.begin`) before its first event file, so every
+event file in a folder whose record names the run is provably the run's own: only those count as
+its files, only those `--overwrite` deletes, and a run killed before its first save can be started
+afresh. Event files that a record does not show to be a run's (another run's log in a shared folder,
+a log from before runs recorded themselves) are never deleted: a new run refuses to mix its curves
+with them. Programs that plan runs (sweep.py) read the record to recognise a run by its settings.
 
 The locks are POSIX record locks (`fcntl.lockf`; `msvcrt.locking` on Windows). They belong to the
 process that took them: the system releases them when it dies in any way (`kill -9` included),
@@ -25,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import logging
 import os
 import re
@@ -32,8 +42,9 @@ import socket
 import stat
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 from utils.infra.errors import UserError
 
@@ -44,7 +55,20 @@ except ImportError:  # Windows locks a byte of the file instead
 
     fcntl = None
 
-__all__ = ["RunLock", "check_folder", "claim_run", "process_alive", "run_files"]
+__all__ = [
+    "RUN_RECORD",
+    "RunLock",
+    "check_folder",
+    "check_log_folder",
+    "check_name",
+    "check_run",
+    "claim_run",
+    "event_files",
+    "process_alive",
+    "read_record",
+    "run_files",
+    "write_record",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +80,7 @@ OUTPUT_FILES = {
 }
 EVENTS = "events.out.tfevents.*"  # TensorBoard's event files in the log folder
 LOG_LOCK = ".tensorboard-lock"  # never a run's own lock, `<name>.lock`, in a shared folder
+RUN_RECORD = ".run.json"  # in the log folder: the run whose event files are there, its settings
 LONGEST_SUFFIX = "_checkpoint.json.tmp4194304"  # the longest name a run writes (a temp file)
 NAME_MAX = 255  # bytes of one file name on common file systems
 RECORD = re.compile(r"(\d+) on (\S*)\n?")  # what a lock file holds: "PID on HOST"
@@ -72,12 +97,14 @@ class RunLock:
 
     Attributes:
         earlier: the files of an earlier run of this name that `--overwrite` replaces; they are
-            deleted only by :meth:`delete_earlier_run`, once every start-up check has passed.
+            deleted only by :meth:`begin` (or :meth:`delete_earlier_run`), once every start-up
+            check has passed.
     """
 
     def __init__(self) -> None:
         self.earlier: list[Path] = []
         self._held: list[tuple[Path, int, tuple[int, int, str]]] = []
+        self._run: tuple[Path, str] | None = None  # (log folder, name): what `begin` records
 
     def take(self, path: Path, refuse: Callable[[str], UserError], fix: str) -> None:
         """Lock `path` for this process too; `refuse(holder)` is raised when another holds it."""
@@ -116,12 +143,24 @@ class RunLock:
         self._held.append((path, fd, key))
 
     def delete_earlier_run(self) -> None:
-        """Delete the earlier run's files that `--overwrite` replaces (logged). Idempotent."""
+        """Delete the earlier run's files that `--overwrite` replaces (logged). Idempotent. The
+        run record stays until :meth:`begin` replaces it: a kill in between leaves what is left
+        of them provably the run's own."""
         for path in self.earlier:
             path.unlink(missing_ok=True)
         if self.earlier:
             logger.warning("--overwrite: deleted the earlier run's %s.", _describe(self.earlier))
         self.earlier = []
+
+    def begin(self, settings: Mapping[str, Any]) -> None:
+        """The run starts writing, every start-up check passed: delete the earlier run's files
+        (`--overwrite`), then record the run and its `settings` (its flags) in its log folder,
+        before its first event file. A resumed run's record is brought up to date (a log from
+        before runs recorded themselves becomes its own). Nothing on the other processes under
+        torchrun."""
+        self.delete_earlier_run()
+        if self._run is not None:
+            write_record(*self._run, settings)
 
     def release(self) -> None:
         """Give the run's files up: each lock file is removed, then unlocked. Idempotent."""
@@ -140,11 +179,99 @@ class RunLock:
 
 
 def run_files(output_dir: str | os.PathLike, log_dir: str | os.PathLike, name: str) -> list[Path]:
-    """The files a run named `name` has written so far (checkpoints, last state, event files)."""
+    """The files a run named `name` has written so far: checkpoints, last state, and the event
+    files its record shows to be its own (:func:`event_files`)."""
     found = [Path(output_dir) / f"{name}{suffix}" for suffix in OUTPUT_FILES]
     found = [path for path in found if path.is_file()]
+    return found + event_files(log_dir, name)[0]
+
+
+def read_record(log_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """The run record of a log folder, `{"name": ..., "settings": {flag: value}}`, or None when
+    there is none or the file is not one (unreadable, damaged, another program's)."""
+    try:
+        record = json.loads((Path(log_dir) / RUN_RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # missing, unreadable, not JSON (UnicodeDecodeError too)
+        return None
+    valid = (
+        isinstance(record, dict)
+        and isinstance(record.get("name"), str)
+        and isinstance(record.get("settings"), dict)
+    )
+    return record if valid else None
+
+
+def write_record(log_dir: str | os.PathLike, name: str, settings: Mapping[str, Any]) -> None:
+    """Record (atomically) that the event files of `log_dir` are the run `name`'s, with its
+    settings (plain values; others are written as text)."""
+    from utils.infra.file_io import atomic_write_text  # file_io imports this module
+
+    record = {"name": name, "settings": dict(settings)}
+    text = json.dumps(record, indent=2, sort_keys=True, default=str)
+    atomic_write_text(Path(log_dir) / RUN_RECORD, text + "\n")
+
+
+def event_files(log_dir: str | os.PathLike, name: str) -> tuple[list[Path], list[Path]]:
+    """The TensorBoard event files in `log_dir`: the run `name`'s own (the folder's record names
+    it), and the others (another run's, or written without a record)."""
     log = Path(log_dir)
-    return found + (sorted(log.glob(EVENTS)) if log.is_dir() else [])
+    events = sorted(log.glob(EVENTS)) if log.is_dir() else []
+    if not events:
+        return [], []
+    record = read_record(log)
+    own = record is not None and record["name"] == name
+    return (events, []) if own else ([], events)
+
+
+def check_log_folder(log_dir: str | os.PathLike, name: str, *, resume: bool) -> None:
+    """Refuse to start the run `name` (or, `resume`, to continue it) in a log folder that holds
+    event files that are not provably its own: its curves would mix with them, and they are not
+    its to delete. A resumed run may continue a log without a record (it predates records).
+
+    Raises:
+        UserError: naming whose log it is, when a record says so.
+    """
+    others = event_files(log_dir, name)[1]
+    if not others:
+        return
+    record = read_record(log_dir)
+    owner = record["name"] if record is not None else None
+    if resume and owner is None:
+        return
+    files = f"{len(others)} TensorBoard event file(s)"
+    if owner is not None:
+        whose = f"the TensorBoard log of another run, {owner} ({files}, {log_dir}/{RUN_RECORD})"
+    else:
+        whose = (
+            f"{files} that no run record ({RUN_RECORD}) there shows to be {name}'s (another "
+            "program's, or a run's from before train.py recorded its runs)"
+        )
+    fix = (
+        f"continue {name} with the --log_dir it logged to"
+        if resume
+        else "pass another --log_dir (its default, logs/<name>, follows --name), or move them "
+        "away (--overwrite deletes only a run's own files)"
+    )
+    raise UserError(
+        f"--log_dir {log_dir} holds {whose}. The curves of {name} would mix with them: {fix}."
+    )
+
+
+def check_run(
+    output_dir: str | os.PathLike, log_dir: str | os.PathLike, name: str, *, resume: bool
+) -> None:
+    """What :func:`claim_run` checks, less what needs a folder created or a lock: for a program
+    that plans runs (sweep.py), to refuse one before any of them starts.
+
+    Raises:
+        UserError: a bad name or location, or a log folder holding another run's log.
+    """
+    check_name(name)
+    output_dir, log_dir = Path(output_dir), Path(log_dir)
+    check_folder(output_dir, "--output_dir", create=False)
+    check_folder(log_dir, "--log_dir", create=False)
+    _check_output_paths(output_dir, name)
+    check_log_folder(log_dir, name, resume=resume)
 
 
 def claim_run(
@@ -165,7 +292,7 @@ def claim_run(
         resume: the run continues its files (`--resume`).
         overwrite: a new run may replace the files of an earlier run of this name
             (`--overwrite`): they are listed in the lock's `earlier`, to delete with
-            :meth:`RunLock.delete_earlier_run` once the run's other checks have passed.
+            :meth:`RunLock.begin` once the run's other checks have passed.
         is_main: False on every process but the first under torchrun: it checks and claims
             nothing (only the first process writes the run's files).
 
@@ -175,12 +302,13 @@ def claim_run(
     Raises:
         UserError: a bad name or location; another live run of this name or in this log
             folder; files of an earlier run of this name (without `resume` or `overwrite`);
+            a log folder holding event files that are not the run's own (:func:`check_log_folder`);
             or both flags.
     """
     lock = RunLock()
     if not is_main:
         return lock
-    _check_name(name)
+    check_name(name)
     if resume and overwrite:
         raise UserError(
             "--resume continues the run's files and --overwrite deletes them: pass one of them."
@@ -188,13 +316,7 @@ def claim_run(
     output_dir, log_dir = Path(output_dir), Path(log_dir)
     check_folder(output_dir, "--output_dir")
     check_folder(log_dir, "--log_dir")
-    for suffix, what in OUTPUT_FILES.items():  # found now, not at the first save hours later
-        path = output_dir / f"{name}{suffix}"
-        if path.is_dir():
-            raise UserError(
-                f"{path} is a folder, not a file: the run writes {what} there. Move the folder "
-                "away, or choose another --name."
-            )
+    _check_output_paths(output_dir, name)
     try:
         lock.take(
             output_dir / f"{name}.lock",
@@ -215,6 +337,7 @@ def claim_run(
             ),
             "pass another --log_dir",
         )
+        check_log_folder(log_dir, name, resume=resume)  # another run's log is never ours
         earlier = [] if resume else run_files(output_dir, log_dir, name)
         if earlier and not overwrite:
             raise UserError(
@@ -223,6 +346,7 @@ def claim_run(
                 f"them, add --overwrite; to keep them, choose another --name."
             )
         lock.earlier = earlier
+        lock._run = (log_dir, name)
     except BaseException:
         lock.release()
         raise
@@ -234,7 +358,18 @@ def _suggestion(name: str) -> str:
     return re.sub(r"[^\w.-]+", "-", name, flags=re.ASCII).strip(".-") or "run"
 
 
-def _check_name(name: str) -> None:
+def _check_output_paths(output_dir: Path, name: str) -> None:
+    """A folder where a run's file goes is found now, not at the first save hours later."""
+    for suffix, what in OUTPUT_FILES.items():
+        path = output_dir / f"{name}{suffix}"
+        if path.is_dir():
+            raise UserError(
+                f"{path} is a folder, not a file: the run writes {what} there. Move the folder "
+                "away, or choose another --name."
+            )
+
+
+def check_name(name: str) -> None:
     """`name` must name files inside the output folder: no separators, no `..`, not empty, text
     that file names (and the UTF-8 of the run's state) can hold."""
     separators = {"/", os.sep, os.altsep or "/"}
@@ -269,10 +404,20 @@ def _check_name(name: str) -> None:
         )
 
 
-def check_folder(folder: Path, flag: str) -> None:
-    """Create `folder` and make sure a file can be written in it."""
+def check_folder(folder: Path, flag: str, create: bool = True) -> None:
+    """Create `folder` and make sure a file can be written in it; without `create`, only that
+    neither it nor a folder above it is a file."""
+    folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise UserError(f"{flag} {folder} is a file, not a folder: pass a folder.")
+    if not create:
+        above = next((p for p in folder.parents if p.exists()), None)
+        if above is not None and not above.is_dir():
+            raise UserError(
+                f"{flag} {folder} cannot be created: {above} is a file, not a folder. Pass a "
+                "folder you can write to."
+            )
+        return
     problem = "cannot be created"
     try:
         folder.mkdir(parents=True, exist_ok=True)
