@@ -805,12 +805,18 @@ class Run:
 
 
 def resume(
-    args: argparse.Namespace, trainer: Trainer, path: str, info: DistInfo, split: dict
+    args: argparse.Namespace,
+    trainer: Trainer,
+    path: str,
+    info: DistInfo,
+    split: dict,
+    tf32: bool,
 ) -> TrainState:
     """The saved training state, restored into `trainer`; the schedule is the one of this
     command's flags, continued from the saved step (the saved run's rates unless
-    --learning_rate, --num_steps, ... changed, which is warned about). Another training /
-    minival `split` is refused: minival would then hold images the model trained on."""
+    --learning_rate, --num_steps, ... changed, which is warned about, as is another precision
+    or TF32 setting). Another training / minival `split` is refused: minival would then hold
+    images the model trained on."""
     state = load_training_state(
         path,
         model=trainer.model,
@@ -819,8 +825,8 @@ def resume(
         rank=info.rank,
         split=split,
     )
-    saved_precision = state.precision
-    state.split, state.precision = split, trainer.precision
+    saved_precision, saved_tf32 = state.precision, state.tf32
+    state.split, state.precision, state.tf32 = split, trainer.precision, tf32
     for group in trainer.optimizer.param_groups:
         group["initial_lr"] = args.learning_rate
     trainer.scheduler = make_scheduler(
@@ -842,6 +848,12 @@ def resume(
             "uninterrupted run.",
             trainer.precision,
             saved_precision,
+        )
+    if info.is_main and saved_tf32 not in (None, tf32):
+        logger.warning(
+            "Resuming with float32 matrix products %s, but the saved run computed them %s "
+            "(--tf32): the result will differ from an uninterrupted run.",
+            *("in TF32" if on else "in full float32" for on in (tf32, saved_tf32)),
         )
     logger.info(
         "Resumed from %s at step %d (epoch %d, batch %d; best accuracy %.4f).",
@@ -919,9 +931,9 @@ def set_up(
         "Logs (TensorBoard, metrics.jsonl): %s; best checkpoint: %s", args.log_dir, args.output_dir
     )
     if resume_from:
-        state = resume(args, trainer, resume_from, info, split)
+        state = resume(args, trainer, resume_from, info, split, tf32)
     else:
-        state = TrainState(split=split, precision=trainer.precision)
+        state = TrainState(split=split, precision=trainer.precision, tf32=tf32)
     claim.begin(vars(args))  # every check has passed: --overwrite deletes; the run is recorded
     writer = None
     if info.is_main and state.step < args.num_steps:  # a finished run logs nothing more

@@ -440,6 +440,27 @@ def test_a_resume_in_another_precision_is_warned_about(tmp_path: Path, caplog) -
     assert last_state(tmp_path / "out", "tiny")["precision"] == "bf16"
 
 
+def test_a_resume_with_another_tf32_setting_is_warned_about(
+    tmp_path: Path, caplog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The first run stands for one on a GPU, where --tf32 on takes effect (the CPU has no TF32).
+    with monkeypatch.context() as gpu:
+        gpu.setattr(train, "set_tf32", lambda on, device: on)
+        train.main(tiny_args(tmp_path, num_steps=2, eval_every=0))
+    assert last_state(tmp_path / "out", "tiny")["tf32"] is True
+    with caplog.at_level(logging.WARNING):
+        train.main(tiny_args(tmp_path, num_steps=3, eval_every=0, resume=True))
+    assert (
+        "Resuming with float32 matrix products in full float32, but the saved run computed "
+        "them in TF32 (--tf32)" in caplog.text
+    )
+    assert last_state(tmp_path / "out", "tiny")["tf32"] is False
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        train.main(tiny_args(tmp_path, num_steps=4, eval_every=0, resume=True))
+    assert "--tf32" not in caplog.text
+
+
 def _event_file_becomes_a_folder(log_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """TensorBoard reopens its event file for every record: the next one fails (EISDIR)."""
     for events in log_dir.glob("events.out.tfevents.*"):

@@ -105,6 +105,8 @@ class TrainState:
             `minival_images`): a resume with another split is refused, since minival would
             then hold images the model trained on (empty in states written before it was kept).
         precision: the precision the run trains in ("fp32", "fp16", "bf16"; None when unknown).
+        tf32: whether its float32 matrix products run in TF32 (CUDA with `--tf32 on`; None when
+            unknown).
     """
 
     step: int = 0
@@ -117,6 +119,7 @@ class TrainState:
     args: dict[str, Any] = dataclasses.field(default_factory=dict)
     split: dict[str, Any] = dataclasses.field(default_factory=dict)
     precision: str | None = None
+    tf32: bool | None = None
 
 
 def last_state_path(output_dir: str | os.PathLike, name: str) -> Path:
