@@ -896,6 +896,8 @@ def set_up(
     eval_loaders = {"test": test_loader}
     if minival_loader is not None:
         eval_loaders["minival"] = minival_loader
+    for loader in (train_loader, *eval_loaders.values()):
+        loader.start_workers()  # now, while no collective is in flight
     selected_by = selection(args.select, minival_loader is not None)
     split = {  # what a resume must not change (minival would hold trained-on images)
         "holdout_fraction": args.holdout_fraction,

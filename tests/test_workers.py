@@ -279,3 +279,30 @@ def test_too_few_file_descriptors_end_the_run_with_one_message(tmp_path: Path) -
     assert code == 2, text[-3000:]
     message = assert_one_message(text)
     assert "ulimit -n" in message
+
+
+class _Pids(Dataset):
+    """Item i is (i, the pid of the process that loaded it)."""
+
+    def __len__(self) -> int:
+        return 10
+
+    def __getitem__(self, index: int) -> tuple[int, int]:
+        return index, os.getpid()
+
+
+def test_started_workers_exist_before_the_first_batch_and_serve_every_pass() -> None:
+    import multiprocessing
+
+    loader = WatchedLoader(
+        _Pids(), batch_size=3, num_workers=2, persistent_workers=True, collate_fn=list
+    )
+    before = {p.pid for p in multiprocessing.active_children()}
+    loader.start_workers()
+    started = {p.pid for p in multiprocessing.active_children()} - before
+    assert len(started) == 2  # forked now, not at the first batch
+    for _ in range(2):  # the batches prefetched at the start are not lost or repeated
+        items = [item for batch in loader for item in batch]
+        assert sorted(index for index, _ in items) == list(range(10))
+        assert {pid for _, pid in items} == started  # the same workers: they persist
+    del loader

@@ -108,6 +108,19 @@ class WatchedLoader(DataLoader):
         super().__init__(dataset, **options)
         self.after_batch = after_batch
 
+    def start_workers(self) -> None:
+        """Fork the workers now rather than at the first batch, where they persist
+        (`persistent_workers`); the first pass reuses them.
+
+        A fork copies every lock some other thread of the process holds at that instant, held,
+        into the worker, which then waits for it forever. Under torch.distributed the
+        collectives' threads are busy during training, so a loader first iterated then (an
+        evaluation loader at the first evaluation) could fork a worker that never delivers a
+        batch; at set-up no collective is in flight.
+        """
+        if self.num_workers > 0 and self.persistent_workers:
+            iter(self)
+
     def __iter__(self):
         global _awaiting_batch
         _awaiting_batch = True  # starting workers: their death is an error now
