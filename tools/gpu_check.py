@@ -227,8 +227,8 @@ def train_summary(output: str) -> dict:
         figures["step"], figures["num_steps"] = int(m.group(1)), int(m.group(2))
     if m := re.search(r"^Best checkpoint: .*test accuracy ([0-9]+\.[0-9]+)", output, re.MULTILINE):
         figures["test_accuracy"] = float(m.group(1))
-    if m := re.search(r"Training time: ([0-9.]+) s \((\d+) images/s\)", output):
-        figures["train_seconds"], figures["train_img_s"] = float(m.group(1)), int(m.group(2))
+    if m := re.search(r"Training time: ([0-9.]+) s \(([0-9.]+) images/s\)", output):
+        figures["train_seconds"], figures["train_img_s"] = float(m.group(1)), float(m.group(2))
     return figures
 
 
