@@ -132,7 +132,7 @@ from utils.data.preprocessing import find_images, readable_images
 from utils.evals import analysis
 from utils.evals.attention_maps import demo_checkpoint
 from utils.infra.figures import save_figure
-from utils.infra.file_io import write_output
+from utils.infra.file_io import check_output, checkpoint_files, write_output
 from utils.infra.loading import LoadedModel, check_finite_weights, load_model
 from utils.infra.run_files import check_folder
 from utils.recipe.amp import set_tf32
@@ -219,10 +219,10 @@ def check_side_by_side(
         )
 
 
-def image_source(args: argparse.Namespace, loaded: list[LoadedModel]):
-    """A function img_size -> batches of the distance's images, and a description."""
+def image_source(args: argparse.Namespace, loaded: list[LoadedModel], paths: list[Path]):
+    """A function img_size -> batches of the distance's images (`paths`, the files `--image`
+    names, when it is given), and a description."""
     if args.image:
-        paths = find_images(args.image)
         described = f"up to {args.num_images} readable of {len(paths)} image file(s)"
 
         def batches(size: tuple[int, int]) -> Iterator[torch.Tensor]:
@@ -246,6 +246,13 @@ def image_source(args: argparse.Namespace, loaded: list[LoadedModel]):
         )
     dataset = "digits" if any(m.dataset == "digits" for m in loaded) else None
     return analysis.bundled_batches(dataset, args.num_images, args.batch_size)
+
+
+def output_paths(args: argparse.Namespace, checkpoints: list[str]) -> list[Path]:
+    """Every file `write_outputs` may write: the JSON of each checkpoint and each figure."""
+    out = Path(args.output_dir)
+    figures = ["figure7", *FIGURES]
+    return json_paths(out, checkpoints) + [out / f"{stem}.{args.format}" for stem in figures]
 
 
 def write_outputs(
@@ -284,11 +291,16 @@ def main(argv: list[str] | None = None) -> None:
     matplotlib.use("Agg")  # files only, never a window
     checkpoints = args.checkpoint or [demo_checkpoint()]
     check_folder(Path(args.output_dir), "--output_dir")
+    inputs = [f for c in checkpoints if not is_random(c) for f in checkpoint_files(c)]
+    images = find_images(args.image) if args.image else []
+    inputs += images
+    for path in output_paths(args, checkpoints):  # a file is redrawn in place, an input never
+        check_output(path, "--output_dir", overwrite=True, inputs=inputs)
     labels = labels_of(checkpoints)
     loaded = [load(c, args) for c in checkpoints]
     panels = chosen_panels(args, loaded)
     check_side_by_side(loaded, labels, panels)
-    batches, described = image_source(args, loaded) if "distance" in panels else (None, "")
+    batches, described = image_source(args, loaded, images) if "distance" in panels else (None, "")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     set_tf32(args.tf32 == "on", device)
     results = []

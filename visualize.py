@@ -92,7 +92,7 @@ from utils.data.preprocessing import find_images, readable_images
 from utils.evals import attention_maps as am
 from utils.evals.classification import top_k
 from utils.infra.figures import save_figure
-from utils.infra.file_io import check_output
+from utils.infra.file_io import check_output, checkpoint_files
 from utils.infra.loading import load_model
 
 
@@ -106,10 +106,10 @@ def output_paths(output: str, names: list[str]) -> list[Path]:
 
 def gather_images(
     args: argparse.Namespace, dataset: str | None
-) -> tuple[list[str], Iterator[tuple[int, Image.Image]]]:
-    """The names of the images, one figure each, and (index, image) for each image that can be
-    read, read one at a time: `--image`'s files (by `find_images`' rule; an unreadable one is
-    skipped and named) or the bundled sample photo.
+) -> tuple[list[str], Iterator[tuple[int, Image.Image]], list[Path]]:
+    """The names of the images, one figure each, (index, image) for each image that can be
+    read, read one at a time, and the files read: `--image`'s files (by `find_images`' rule; an
+    unreadable one is skipped and named) or the bundled sample photo (no file of the user's).
 
     Without `--image`, a model fine-tuned on scikit-learn's digits also gets a held-out digit,
     so that its predictions mean something.
@@ -120,11 +120,11 @@ def gather_images(
         if dataset == "digits":
             digit, label = am.sample_digit()
             images.append((f"digit_{label}", digit))
-        return [name for name, _ in images], enumerate(image for _, image in images)
+        return [name for name, _ in images], enumerate(image for _, image in images), []
     paths = find_images(args.image)
     stems = [p.stem for p in paths]
     names = [p.stem if stems.count(p.stem) == 1 else f"{p.stem}_{i}" for i, p in enumerate(paths)]
-    return names, readable_images(paths)
+    return names, readable_images(paths), paths
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -141,10 +141,11 @@ def main(argv: list[str] | None = None) -> None:
         loaded.info or "",
         "class names known" if loaded.class_names else "class names unknown (showing indices)",
     )
-    names, images = gather_images(args, loaded.dataset)
+    names, images, sources = gather_images(args, loaded.dataset)
     paths = output_paths(args.output, names)
-    for path in paths:
-        check_output(path, overwrite=True)  # before any work; figures are redrawn in place
+    inputs = [*checkpoint_files(checkpoint), *sources]
+    for path in paths:  # before any work; a figure is redrawn in place, an input never replaced
+        check_output(path, overwrite=True, inputs=inputs)
     written = 0
     for index, image in images:
         name, path = names[index], paths[index]

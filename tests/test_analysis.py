@@ -536,3 +536,16 @@ def test_a_diverged_checkpoint_is_one_message(tmp_path, capsys) -> None:
     assert f"{path}: " in err
     assert "weight tensor(s) hold NaN or infinite values (first: embeddings." in err
     assert not list(tmp_path.glob("*.json"))
+
+
+def test_no_output_replaces_an_image_it_reads(tmp_path, capsys, one_thread):
+    npz = fake_npz(tmp_path / "tiny.npz")
+    images = image_folder(tmp_path / "imgs", n=2)
+    figure = images / "figure7.png"  # a photo of the user's, named as a figure
+    Image.new("RGB", (30, 20), (250, 40, 0)).save(figure)
+    kept = figure.read_bytes()
+    argv = ["--checkpoint", str(npz), "--model_type", "testing", "--panels", "distance"]
+    argv += ["--image", str(images), "--output_dir", str(images)]
+    err = expect_user_error(analyze.main, argv, capsys)
+    assert f"Cannot write {figure}: {figure} is read from there" in err
+    assert figure.read_bytes() == kept

@@ -271,3 +271,18 @@ def test_a_dpi_whose_figure_cannot_be_drawn_is_one_message(tmp_path, monkeypatch
     if limit == "memory":  # the figure it names does fit
         visualize.main(["--checkpoint", str(ckpt), "--output", str(out), "--dpi", str(largest)])
         assert out.stat().st_size > 0
+
+
+def test_a_figure_never_replaces_the_image_it_reads(tmp_path, capsys):
+    ckpt = make_bin(tmp_path)
+    photo = tmp_path / "photo.png"
+    Image.new("RGB", (64, 40), (220, 30, 30)).save(photo)
+    kept = photo.read_bytes()  # (a checkpoint's suffixes are no figure's: refused by the flag)
+    argv = ["--checkpoint", str(ckpt), "--image", str(photo), "--output", str(photo)]
+    err = expect_user_error(visualize.main, argv, capsys)
+    assert f"Cannot write {photo}: {photo} is read from there, and is never replaced" in err
+    assert photo.read_bytes() == kept
+    out = tmp_path / "figure.png"  # a figure of its own is redrawn in place
+    for _ in range(2):
+        visualize.main(["--checkpoint", str(ckpt), "--image", str(photo), "--output", str(out)])
+    assert out.stat().st_size > 1000
