@@ -324,18 +324,23 @@ def test_a_server_slow_to_send_its_headers_is_given_up_on(tmp_path, capsys, wait
     assert waits == [1.0]
 
 
+def _fetch_cifar(url: str, folder: Path, retries: int) -> None:
+    """CIFAR-10's archive from `url`, as `build_test_set` fetches it, with a 0.3 s timeout."""
+    dl.fetch_archive(
+        f"{url}/{CIFAR10.filename}",
+        folder / CIFAR10.filename,
+        CIFAR10.tgz_md5,
+        CIFAR10.base_folder,
+        mirror="the VIT_CIFAR_URL variable at a mirror",
+        retries=retries,
+        timeout=0.3,
+    )
+
+
 def test_a_cifar_server_slow_to_send_its_headers_is_given_up_on(tmp_path, waits) -> None:
     start = time.perf_counter()
     with _scripted_server(SLOW_HEADERS) as url, pytest.raises(UserError) as info:
-        dl.fetch_archive(
-            f"{url}/{CIFAR10.filename}",
-            tmp_path / CIFAR10.filename,
-            CIFAR10.tgz_md5,
-            CIFAR10.base_folder,
-            mirror="the VIT_CIFAR_URL variable at a mirror",
-            retries=0,
-            timeout=0.3,
-        )
+        _fetch_cifar(url, tmp_path, retries=0)
     assert time.perf_counter() - start < 5
     message = str(info.value)
     expected = (
@@ -909,15 +914,7 @@ def test_cifar_comes_from_the_mirror_variable(cifar) -> None:
 def test_a_cifar_server_that_never_answers_times_out(tmp_path, waits) -> None:
     start = time.perf_counter()
     with _silent_server() as url, pytest.raises(UserError) as info:
-        dl.fetch_archive(
-            f"{url}/{CIFAR10.filename}",
-            tmp_path / CIFAR10.filename,
-            CIFAR10.tgz_md5,
-            CIFAR10.base_folder,
-            mirror="the VIT_CIFAR_URL variable at a mirror",
-            retries=1,
-            timeout=0.3,
-        )
+        _fetch_cifar(url, tmp_path, retries=1)
     assert time.perf_counter() - start < 10
     assert str(info.value) == (
         f"Could not download {url}/{CIFAR10.filename} (2 attempt(s)): the server had not "
