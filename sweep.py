@@ -428,12 +428,15 @@ def continue_flags(trial: Trial) -> list[str]:
 def run_trial(trial: Trial, output_dir: str, log_root: str, num_steps: int) -> None:
     """Train (or continue) one run in this process, then read it back from its files."""
     argv = trial.argv + continue_flags(trial)
-    logger.info(
-        "%s %s: %s",
+    logger.info(  # a line, whatever the paths: the whole command with -v or --print_commands
+        "%s %s (%s run, learning rate %g, seed %d)",
         {"partial": "Continuing", "started": "Restarting"}.get(trial.status, "Training"),
         trial.run,
-        python_command("train.py", *argv),
+        trial.kind,
+        trial.learning_rate,
+        trial.seed,
     )
+    logger.debug("%s", python_command("train.py", *argv))
     try:
         summary = train.main(argv)
     except NonFiniteLossError as err:
