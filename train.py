@@ -936,7 +936,8 @@ def set_up(
         state = resume(args, trainer, resume_from, info, split, tf32)
     else:
         state = TrainState(split=split, precision=trainer.precision, tf32=tf32)
-    claim.begin(vars(args))  # every check has passed: --overwrite deletes; the run is recorded
+    if state.step < args.num_steps:  # a finished run run again writes nothing
+        claim.begin(vars(args))  # every check has passed: --overwrite deletes; it is recorded
     writer = None
     if info.is_main and state.step < args.num_steps:  # a finished run logs nothing more
         # A resumed run continues the same log, dropping what the interrupted run logged after

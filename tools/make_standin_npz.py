@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere
 
 from models.configs import get_config, model_names
-from utils.infra.errors import UserError, run_cli
+from utils.infra.errors import run_cli
 from utils.infra.flags import positive_int, setup_logging
 
 logger = logging.getLogger("make_standin_npz")
@@ -64,9 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     classes, pre_logits = SOURCES[args.source]
     classes = args.num_classes or classes
     output = Path(args.output or default_output(args.model_type, args.source, args.img_size))
-    if output.exists() and not args.overwrite:
-        raise UserError(f"{output} exists; pass --overwrite to replace it, or --output.")
-    check_output(output)
+    check_output(output, overwrite=args.overwrite)  # a real download is never replaced unasked
     config = get_config(args.model_type)
     if pre_logits:
         config = replace(config, representation_size=config.hidden_size)
