@@ -206,8 +206,10 @@ def test_a_python_without_torch_is_told_which_python_to_use(argv: list[str]) -> 
     assert ".venv/bin/python train.py" in proc.stderr
 
 
-@pytest.mark.skipif(importlib.util.find_spec("wandb") is not None, reason="wandb is installed")
-def test_wandb_without_the_package_is_one_message(tmp_path: Path, capsys) -> None:
+def test_wandb_without_the_package_is_one_message(
+    tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as where it is not installed
     err = expect_user_error(train.main, [*tiny_args(tmp_path), "--wandb"], capsys)
     assert "the wandb package is not installed" in err
     assert "-m pip install wandb" in err
@@ -221,4 +223,44 @@ def test_wandb_logs_the_scalars_offline(tmp_path: Path, monkeypatch: pytest.Monk
     train.main([*tiny_args(tmp_path, num_steps=2, eval_every=2), "--wandb"])
     log_dir = tmp_path / "logs" / "tiny"
     run_id = (log_dir / "wandb_run_id").read_text().strip()
-    assert list((log_dir / "wandb").glob(f"offline-run-*-{run_id}/*.wandb"))
+    (path,) = (log_dir / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb")
+    logged = {}  # tag -> {step: value}, as W&B recorded them
+    for record in _wandb_records(path):
+        if record.WhichOneof("record_type") == "history":
+            items = {
+                item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                for item in record.history.item
+            }
+            for tag, value in items.items():
+                if not tag.startswith("_"):
+                    logged.setdefault(tag, {})[items["_step"]] = value
+    expected = {}
+    for line in metrics(log_dir):
+        expected.setdefault(line["tag"], {})[line["step"]] = line["value"]
+    assert logged == expected  # every scalar of metrics.jsonl, step for step
+
+
+def _wandb_records(path: Path):
+    """The protobuf records of a `.wandb` file: W&B's header (":W&B", magic, version), then
+    LevelDB's log format (32 KiB blocks of chunks: CRC, length, FULL/FIRST/MIDDLE/LAST)."""
+    from wandb.proto.wandb_internal_pb2 import Record
+
+    data, block, chunk_header = path.read_bytes(), 32768, 7
+    assert data[:4] == b":W&B"
+    position, pieces = 7, []
+    while position + chunk_header <= len(data):
+        if block - position % block < chunk_header:  # a block's tail too short for a chunk
+            position += block - position % block
+            continue
+        length = int.from_bytes(data[position + 4 : position + 6], "little")
+        kind = data[position + 6]
+        body = data[position + chunk_header : position + chunk_header + length]
+        position += chunk_header + length
+        if kind == 0:  # padding
+            continue
+        pieces.append(body)
+        if kind in (1, 4):  # FULL or LAST: a whole record
+            record = Record()
+            record.ParseFromString(b"".join(pieces))
+            pieces = []
+            yield record

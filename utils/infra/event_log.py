@@ -10,6 +10,7 @@ import math
 import os
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -196,7 +197,7 @@ def _start_wandb(log_dir: Path, resume: bool, name: str, config: dict) -> object
 
     id_file = log_dir / WANDB_ID
     resumed = resume and id_file.is_file()
-    run_id = id_file.read_text().strip() if resumed else wandb.util.generate_id()
+    run_id = id_file.read_text().strip() if resumed else uuid.uuid4().hex[:8]  # W&B's id form
     id_file.write_text(run_id + "\n")
     return wandb.init(
         project=os.environ.get("WANDB_PROJECT", "vit-pytorch"),
