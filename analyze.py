@@ -1,8 +1,8 @@
 """Figure 7 of the paper for a checkpoint: embedding filters, position embeddings, distances.
 
-    python3 analyze.py                          # the demo model (`make demo` first), offline
-    python3 analyze.py --checkpoint checkpoint/ViT-B_16.npz --image photos/ --num_images 128
-    python3 analyze.py --checkpoint checkpoint/ViT-B_16.npz output/NAME_checkpoint.bin \\
+    python analyze.py                          # the demo model (`make demo` first), offline
+    python analyze.py --checkpoint checkpoint/ViT-B_16.npz --image photos/ --num_images 128
+    python analyze.py --checkpoint checkpoint/ViT-B_16.npz output/NAME_checkpoint.bin \\
         --dataset cifar10                       # before and after fine-tuning, in one figure
 
 Section 4.5 and Appendix D.7 of Dosovitskiy et al. (ICLR 2021): the principal components of the

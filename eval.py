@@ -1,9 +1,9 @@
 """Evaluate a fine-tuned or official Vision Transformer on the test split of a dataset.
 
-    python3 eval.py --checkpoint output/cifar10-100_500_checkpoint.bin
-    python3 eval.py --model_type ViT-B_16 --checkpoint output/NAME_checkpoint.bin \
+    python eval.py --checkpoint output/cifar10-100_500_checkpoint.bin
+    python eval.py --model_type ViT-B_16 --checkpoint output/NAME_checkpoint.bin \
         --dataset cifar10 --img_size 224
-    python3 eval.py --checkpoint checkpoint/imagenet21k+imagenet2012_ViT-B_16-224.npz \
+    python eval.py --checkpoint checkpoint/imagenet21k+imagenet2012_ViT-B_16-224.npz \
         --dataset imagefolder --data_dir /data/imagenet        # val/<class>/... inside
     torchrun --nproc_per_node 2 eval.py --checkpoint ...      # the test set is sharded
 

@@ -1,11 +1,11 @@
 """Export a checkpoint to the formats other tools read: official .npz, safetensors, timm,
 Hugging Face, ONNX.
 
-    python3 export.py --checkpoint output/NAME_checkpoint.bin --format npz
-    python3 export.py --checkpoint output/NAME_checkpoint.bin --format safetensors
-    python3 export.py --checkpoint output/NAME_checkpoint.bin --format timm
-    python3 export.py --checkpoint output/NAME_checkpoint.bin --format hf
-    python3 export.py --checkpoint output/NAME_checkpoint.bin --format onnx --output model.onnx
+    python export.py --checkpoint output/NAME_checkpoint.bin --format npz
+    python export.py --checkpoint output/NAME_checkpoint.bin --format safetensors
+    python export.py --checkpoint output/NAME_checkpoint.bin --format timm
+    python export.py --checkpoint output/NAME_checkpoint.bin --format hf
+    python export.py --checkpoint output/NAME_checkpoint.bin --format onnx --output model.onnx
 
 `--checkpoint` takes anything eval.py takes (a train.py `.bin` with its `.json` sidecar, a
 `_last.pt`, an official `.npz`, an exported `.safetensors`, a Hugging Face folder, a timm state

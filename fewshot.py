@@ -1,7 +1,7 @@
 """Few-shot linear evaluation of pre-trained checkpoints, exactly as big_vision computes it.
 
-    python3 fewshot.py --checkpoint checkpoint/imagenet21k_ViT-B_16.npz --dataset cifar100
-    python3 fewshot.py --checkpoint a.npz b.npz output/run_checkpoint.bin --dataset imagefolder \
+    python fewshot.py --checkpoint checkpoint/imagenet21k_ViT-B_16.npz --dataset cifar100
+    python fewshot.py --checkpoint a.npz b.npz output/run_checkpoint.bin --dataset imagefolder \
         --data_dir /data/flowers --shots 1 5 10 25 --seeds 3 --l2_reg 256 1024 4096 \
         --output output/fewshot.json --cache_dir cache/features
     torchrun --nproc_per_node 4 fewshot.py --checkpoint ... --dataset ...   # embedding is sharded

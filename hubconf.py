@@ -8,7 +8,7 @@ One entry per official architecture of `models.configs`, named after it in lower
 (`ViT-B_16` -> `vit_b16`, `R50+ViT-B_16` -> `r50_vit_b16`, `ViT-B_16-gap-norep` ->
 `vit_b16_gap_norep`). `weights` is a local file, a URL, or the name of an official folder
 (`imagenet21k`, `imagenet21k+imagenet2012`, `augreg`, `sam`, `gsam`; True: the folder
-`python3 -m utils.download` uses for the model); downloads go to `<torch.hub.get_dir()>/
+`python -m utils.download` uses for the model); downloads go to `<torch.hub.get_dir()>/
 checkpoints/vit`, verified, and are kept. `load(checkpoint)` is `utils.infra.loading.load_model`:
 an official `.npz`, a train.py `.bin`, a `_last.pt`, a timm or transformers file or folder.
 Every model comes back on the CPU, in eval mode.
@@ -102,7 +102,7 @@ def _entry(model_type: str):
         if weights is True:
             weights = _dl.default_source(model_type)
         weights = _os.fspath(weights)
-        if weights in _dl.SOURCES:  # downloaded and checked as `python3 -m utils.download` does
+        if weights in _dl.SOURCES:  # downloaded and checked as `python -m utils.download` does
             cache = _os.fspath(_cache())
             weights = _dl.fetch_checkpoint(model_type, weights, cache, base_url)
         if _urlparse.urlsplit(_os.fspath(weights)).scheme not in ("http", "https"):

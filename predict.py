@@ -1,9 +1,9 @@
 """Predict the classes of images with a trained or official Vision Transformer.
 
-    python3 predict.py --checkpoint output/NAME_checkpoint.bin --image photos/ cat.jpg
-    python3 predict.py --checkpoint output/NAME_checkpoint.bin --image 'photos/**/*.jpg' \
+    python predict.py --checkpoint output/NAME_checkpoint.bin --image photos/ cat.jpg
+    python predict.py --checkpoint output/NAME_checkpoint.bin --image 'photos/**/*.jpg' \
         --output output/preds.csv --top_k 5
-    python3 predict.py --checkpoint checkpoint/ViT-B_16-224.npz --image photos/ \
+    python predict.py --checkpoint checkpoint/ViT-B_16-224.npz --image photos/ \
         --output output/preds.json
     torchrun --nproc_per_node 4 predict.py --checkpoint ... --image ... --output output/preds.csv
 

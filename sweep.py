@@ -17,7 +17,7 @@ The protocol of Dosovitskiy et al. 2021 (Appendix B.1.1, Table 4), which vit_jax
    `<name>_sweep.md` (the tables, with the published figure for the same model and dataset
    beside ours where vit_jax publishes one).
 
-    python3 sweep.py --name c10-b16 --dataset cifar10 --model_type ViT-B_16 \\
+    python sweep.py --name c10-b16 --dataset cifar10 --model_type ViT-B_16 \\
         --pretrained_dir checkpoint/ViT-B_16.npz --seeds 3 [any train.py flag]
 
 Presets per dataset (`PRESETS`; printed first) set --num_steps, --warmup_steps,

@@ -7,7 +7,7 @@ applies `lr_fn(k - 1)`: 0 for the first, with warmup), linear warmup then cosine
 `torch.amp`, and `torchrun` data parallelism with sharded evaluation. Every flag of the original
 PyTorch port keeps its name and default, so its commands run unchanged:
 
-    python3 train.py --name cifar10-100_500 --dataset cifar10 --model_type ViT-B_16 \
+    python train.py --name cifar10-100_500 --dataset cifar10 --model_type ViT-B_16 \
         --pretrained_dir checkpoint/ViT-B_16.npz [--fp16 --fp16_opt_level O2]
 
 Precision (`--precision`, or the Apex-era `--fp16 --fp16_opt_level`):

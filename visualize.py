@@ -1,6 +1,6 @@
 """Predict and draw attention maps for images: top-5 classes, attention rollout, per-layer maps.
 
-    python3 visualize.py --model_type ViT-B_16 --checkpoint checkpoint/ViT-B_16-224.npz \\
+    python visualize.py --model_type ViT-B_16 --checkpoint checkpoint/ViT-B_16-224.npz \\
         --image cat.jpg --output output/attention/cat.png
 
 `--checkpoint` takes an official `.npz` or a `.bin` that train.py saved (its `.json` sidecar

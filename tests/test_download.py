@@ -12,6 +12,8 @@ import io
 import math
 import re
 import socket
+import subprocess
+import sys
 import tarfile
 import threading
 import time
@@ -29,6 +31,7 @@ from models.modeling import VisionTransformer
 from models.npz import load_npz, state_dict_to_npz
 from tests.helpers import (
     CIFAR_LAYOUT,
+    REPO,
     QuietHandler,
     expect_user_error,
     fake_checkpoint,
@@ -1015,3 +1018,19 @@ def test_an_unwritable_cifar_folder_is_said_so_without_retries(cifar, waits) -> 
     )
     assert waits == []
     assert len(server.requests) == 1
+
+
+def test_the_command_an_error_suggests_works_as_typed(tmp_path) -> None:
+    """It names the interpreter running the script, not a `python3` that may lack torch."""
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)}
+    failed = subprocess.run(
+        [sys.executable, "-m", "utils.download", "NoSuch"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert failed.returncode == 2
+    suggested = re.search(r"\((\S+ -m utils\.download --list) shows all\)", failed.stderr).group(1)
+    listed = subprocess.run(
+        ["bash", "-c", suggested], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert listed.returncode == 0, listed.stderr
+    assert "ViT-B_16" in listed.stdout

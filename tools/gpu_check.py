@@ -1,9 +1,9 @@
 """One prepared GPU check: the CUDA paths the CPU suite skips, bench.py against timm, and the
 recipe's own loop (bf16, fp16, a SIGTERM and its resume, eval.py agreeing with the run).
 
-    python3 tools/gpu_check.py              # on a CUDA machine: into $OUT, else ./gpu_check
-    python3 tools/gpu_check.py --dry-run    # the same steps on a CPU with tiny sizes
-    python3 tools/gpu_check.py --out DIR --budget 480
+    python tools/gpu_check.py              # on a CUDA machine: into $OUT, else ./gpu_check
+    python tools/gpu_check.py --dry-run    # the same steps on a CPU with tiny sizes
+    python tools/gpu_check.py --out DIR --budget 480
 
 Every step is a subprocess with its own time limit, cut from what is left of `--budget`
 (seconds, default 480), so a step that hangs costs its limit and the rest still run; a step with

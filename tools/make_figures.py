@@ -1,7 +1,7 @@
 """Make the README figures in `img/`: attention maps, an image cut into patches, Figure 7.
 
-    python3 tools/make_figures.py                      # the demo model (`make demo` first)
-    python3 tools/make_figures.py --checkpoint checkpoint/ViT-B_16-224.npz --model_type ViT-B_16
+    python tools/make_figures.py                      # the demo model (`make demo` first)
+    python tools/make_figures.py --checkpoint checkpoint/ViT-B_16-224.npz --model_type ViT-B_16
 
 Writes `img/attention_map.png` (prediction, attention rollout and per-layer maps; for the digits
 demo model on a held-out digit, otherwise on a photo bundled with scikit-learn) and

@@ -1,11 +1,11 @@
 """Write a stand-in for an official checkpoint: random weights in the official `.npz` layout.
 
-    python3 tools/make_standin_npz.py ViT-B_16                   # -> checkpoint/ViT-B_16.npz
-    python3 tools/make_standin_npz.py ViT-B_16 --source imagenet21k+imagenet2012 --img_size 224
+    python tools/make_standin_npz.py ViT-B_16                   # -> checkpoint/ViT-B_16.npz
+    python tools/make_standin_npz.py ViT-B_16 --source imagenet21k+imagenet2012 --img_size 224
                                                                  # -> checkpoint/ViT-B_16-224.npz
 
 Without internet there is no official file to try the commands with. The stand-in has the key
-names, shapes and dtypes of the file `python3 -m utils.download` would fetch, under the same
+names, shapes and dtypes of the file `python -m utils.download` would fetch, under the same
 name, so every command that takes one runs as typed; its weights are the model's random
 initialisation (seeded), so its accuracies and figures mean nothing. `--source imagenet21k`
 (the default) is shaped as a pre-training file: 21,843 classes and the Dense + tanh `pre_logits`
@@ -34,7 +34,7 @@ SOURCES = {"imagenet21k": (21843, True), "imagenet21k+imagenet2012": (1000, Fals
 
 
 def default_output(model_type: str, source: str, img_size: int) -> Path:
-    """Where `python3 -m utils.download` puts the official file of that name."""
+    """Where `python -m utils.download` puts the official file of that name."""
     if source == "imagenet21k":
         return Path("checkpoint") / f"{model_type}.npz"
     return Path("checkpoint") / f"{model_type}-{img_size}.npz"

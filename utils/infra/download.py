@@ -1,10 +1,10 @@
 """Download official ViT checkpoints into `checkpoint/`, resumably.
 
-    python3 -m utils.download ViT-B_16                                  # imagenet21k
-    python3 -m utils.download ViT-B_16 --source imagenet21k+imagenet2012
-    python3 -m utils.download B_16 --source augreg                      # recommended AugReg
-    python3 -m utils.download B_16 --source augreg --adapt imagenet2012 --resolution 384
-    python3 -m utils.download --list [--source augreg [B_16]]
+    python -m utils.download ViT-B_16                                  # imagenet21k
+    python -m utils.download ViT-B_16 --source imagenet21k+imagenet2012
+    python -m utils.download B_16 --source augreg                      # recommended AugReg
+    python -m utils.download B_16 --source augreg --adapt imagenet2012 --resolution 384
+    python -m utils.download --list [--source augreg [B_16]]
 
 The file is fetched from `<base_url>/<source>/<file>.npz` (Google's public `vit_models` bucket
 unless `--base_url` or the `VIT_BASE_URL` variable names a mirror with the same layout) into
@@ -63,6 +63,7 @@ from models.configs import (
     model_type_from_filename,
 )
 from models.npz import BASE_URL, CheckpointError, load_npz, npz_to_state_dict
+from utils.infra.console import python_command
 from utils.infra.errors import UserError, run_cli
 from utils.infra.flags import (
     HelpFormatter,
@@ -73,6 +74,8 @@ from utils.infra.flags import (
     setup_logging,
 )
 from utils.infra.run_files import check_folder
+
+DOWNLOAD = python_command("-m", "utils.download")  # as typed with this interpreter
 
 __all__ = [
     "AUGREG",
@@ -196,7 +199,7 @@ def resolve_file(name: str, source: str = DEFAULT_SOURCE) -> tuple[str, str]:
         known = [f for folder in OFFICIAL_FILES.values() for f in folder] + model_names()
         raise UserError(
             f"No official {source} checkpoint named {name!r}.{hint}{_closest(name, known)} "
-            f"Choose one of: {', '.join(files)} (python3 -m utils.download --list shows all)."
+            f"Choose one of: {', '.join(files)} ({DOWNLOAD} --list shows all)."
         )
     model = model_type_from_filename(f"{source}/{stem}.npz")
     assert model is not None, f"{source}/{stem} names no registered model"
@@ -824,7 +827,7 @@ def select_augreg(
                 raise UserError(
                     f"No AugReg checkpoint named {shown} in augreg/index.csv."
                     f"{_closest(name, known | set(AUGREG_MODELS), n=3)} List them with "
-                    f"python3 -m utils.download --list --source augreg {model}."
+                    f"{DOWNLOAD} --list --source augreg {model}."
                 )
             if adapt is not None:
                 raise UserError(
@@ -933,7 +936,7 @@ def augreg_table(
         ],
     )
     return (
-        f"{table}\n* = what `python3 -m utils.download MODEL --source augreg"
+        f"{table}\n* = what `{DOWNLOAD} MODEL --source augreg"
         f"{''.join(f' {flag}' for flag in flags)}` selects "
         "(from the ImageNet-21k pre-training with the best final_val). Pass a file name to take "
         "another."
@@ -1028,7 +1031,7 @@ def list_files(source: str | None = None) -> str:
     if source is None:
         lines.append(
             f"{AUGREG}: {len(AUGREG_MODELS)} models (e.g. B_16, R26_S_32), thousands of files; "
-            "see python3 -m utils.download --list --source augreg [MODEL]"
+            f"see {DOWNLOAD} --list --source augreg [MODEL]"
         )
     lines.append(f"Base URL: {BASE_URL} (override with --base_url or VIT_BASE_URL)")
     return "\n".join(lines)
@@ -1036,7 +1039,7 @@ def list_files(source: str | None = None) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python3 -m utils.download", description=__doc__, formatter_class=HelpFormatter
+        prog=DOWNLOAD, description=__doc__, formatter_class=HelpFormatter
     )
     parser.add_argument(
         "model",
