@@ -47,7 +47,7 @@ import os
 import signal
 import statistics
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
 from itertools import chain
 from pathlib import Path
@@ -391,11 +391,7 @@ def check_settings(trial: Trial, files: list[Path], log_dir: str, last: Path) ->
             "run. Delete its files to train it again, or choose another --name."
         )
     wanted = vars(train.parse_args(trial.argv))
-    changed = [
-        f"--{flag} {wanted[flag]} (it has {settings[flag]})"
-        for flag in RUN_FLAGS
-        if flag in settings and settings[flag] != wanted[flag]
-    ]
+    changed = changed_flags(wanted, settings, RUN_FLAGS, "it has")
     if changed:
         raise UserError(
             f"{trial.run} was started with other settings than this sweep gives it: "
@@ -403,6 +399,16 @@ def check_settings(trial: Trial, files: list[Path], log_dir: str, last: Path) ->
             "--name, and would mix with this one's runs: choose another --name, or that sweep's "
             "settings."
         )
+
+
+def changed_flags(wanted: dict, recorded: dict, flags: Iterable[str], had: str) -> list[str]:
+    """`--flag value (<had> recorded value)` for each of `flags` that `recorded` names with
+    another value than `wanted`."""
+    return [
+        f"--{flag} {wanted[flag]} ({had} {recorded[flag]})"
+        for flag in flags
+        if flag in recorded and recorded[flag] != wanted[flag]
+    ]
 
 
 def saved_flags(path: Path) -> dict | None:
@@ -703,11 +709,7 @@ def check_same_protocol(path: Path, protocol: dict) -> bool:
             err,
         )
         return False
-    changed = [
-        f"--{k} {protocol[k]} (was {earlier[k]})"
-        for k in protocol
-        if k in earlier and earlier[k] != protocol[k]
-    ]
+    changed = changed_flags(protocol, earlier, protocol, "was")
     if changed:
         raise UserError(
             f"{path} describes a sweep of this --name with other settings: {'; '.join(changed)}. "
