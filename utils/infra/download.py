@@ -75,8 +75,6 @@ from utils.infra.flags import (
 )
 from utils.infra.run_files import check_folder
 
-DOWNLOAD = python_command("-m", "utils.download")  # as typed with this interpreter
-
 __all__ = [
     "AUGREG",
     "OFFICIAL_FILES",
@@ -199,7 +197,7 @@ def resolve_file(name: str, source: str = DEFAULT_SOURCE) -> tuple[str, str]:
         known = [f for folder in OFFICIAL_FILES.values() for f in folder] + model_names()
         raise UserError(
             f"No official {source} checkpoint named {name!r}.{hint}{_closest(name, known)} "
-            f"Choose one of: {', '.join(files)} ({DOWNLOAD} --list shows all)."
+            f"Choose one of: {', '.join(files)} ({download_command()} --list shows all)."
         )
     model = model_type_from_filename(f"{source}/{stem}.npz")
     assert model is not None, f"{source}/{stem} names no registered model"
@@ -827,7 +825,7 @@ def select_augreg(
                 raise UserError(
                     f"No AugReg checkpoint named {shown} in augreg/index.csv."
                     f"{_closest(name, known | set(AUGREG_MODELS), n=3)} List them with "
-                    f"{DOWNLOAD} --list --source augreg {model}."
+                    f"{download_command()} --list --source augreg {model}."
                 )
             if adapt is not None:
                 raise UserError(
@@ -936,7 +934,7 @@ def augreg_table(
         ],
     )
     return (
-        f"{table}\n* = what `{DOWNLOAD} MODEL --source augreg"
+        f"{table}\n* = what `{download_command()} MODEL --source augreg"
         f"{''.join(f' {flag}' for flag in flags)}` selects "
         "(from the ImageNet-21k pre-training with the best final_val). Pass a file name to take "
         "another."
@@ -1031,15 +1029,20 @@ def list_files(source: str | None = None) -> str:
     if source is None:
         lines.append(
             f"{AUGREG}: {len(AUGREG_MODELS)} models (e.g. B_16, R26_S_32), thousands of files; "
-            f"see {DOWNLOAD} --list --source augreg [MODEL]"
+            f"see {download_command()} --list --source augreg [MODEL]"
         )
     lines.append(f"Base URL: {BASE_URL} (override with --base_url or VIT_BASE_URL)")
     return "\n".join(lines)
 
 
+def download_command() -> str:
+    """This module's command line, as typed with the interpreter running it."""
+    return python_command("-m", "utils.download")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog=DOWNLOAD, description=__doc__, formatter_class=HelpFormatter
+        prog=download_command(), description=__doc__, formatter_class=HelpFormatter
     )
     parser.add_argument(
         "model",
