@@ -140,10 +140,10 @@ from PIL import Image
 from torch import nn
 
 from utils.data.loaders import build_transforms
+from utils.infra.atomic import file_sha256
 from utils.infra.file_io import (
     check_output,
     checkpoint_files,
-    file_sha256,
     read_sidecar,
     safe_load,
     save_npz,

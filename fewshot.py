@@ -157,13 +157,13 @@ from utils.data.loaders import (
 )
 from utils.data.preprocessing import ResizeCentralCrop
 from utils.evals.fewshot import fewshot_evaluate, short_classes
+from utils.infra.atomic import file_sha256
 from utils.infra.console import interactive
 from utils.infra.dist_utils import DistInfo, main_process_first, run_distributed
 from utils.infra.file_io import (
     check_output,
     checkpoint_files,
     content_sha256,
-    file_sha256,
     save_npz,
     write_output,
 )

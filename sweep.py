@@ -228,8 +228,9 @@ import torch
 
 import train
 from utils.data.loaders import build_test_set
+from utils.infra.atomic import atomic_write_text
 from utils.infra.dist_utils import run_distributed
-from utils.infra.file_io import atomic_write_text, read_sidecar, sidecar_path
+from utils.infra.file_io import read_sidecar, sidecar_path
 from utils.infra.run_files import (
     LONGEST_SUFFIX,
     NAME_MAX,

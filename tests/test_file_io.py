@@ -23,14 +23,13 @@ import torch
 
 from models.npz import CheckpointError
 from tests.helpers import damage, script_error
-from utils.infra import file_io
+from utils.infra import atomic, file_io
+from utils.infra.atomic import atomic_write_text, file_sha256
 from utils.infra.errors import UserError
 from utils.infra.file_io import (
     CONTENT_SHA256,
     atomic_save,
-    atomic_write_text,
     content_sha256,
-    file_sha256,
     read_sidecar,
     safe_load,
     save_checkpoint,
@@ -81,13 +80,13 @@ def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch, where) -
     path = tmp_path / "run_last.pt"
     atomic_save({"w": torch.zeros(10)}, path)
     if where == "write":
-        monkeypatch.setattr(file_io, "_open_temp", lambda p: _FullDisk(p, limit=2000))
+        monkeypatch.setattr(atomic, "_open_temp", lambda p: _FullDisk(p, limit=2000))
     else:
 
         def fsync(fd: int) -> None:
             raise OSError(errno.ENOSPC, "No space left on device")
 
-        monkeypatch.setattr(file_io.os, "fsync", fsync)
+        monkeypatch.setattr(atomic.os, "fsync", fsync)
     with pytest.raises(UserError, match="No space left") as info:
         atomic_save({"w": torch.ones(100_000)}, path)
     message = str(info.value)
@@ -215,7 +214,7 @@ def test_every_write_returns_the_sha256_that_sha256sum_prints(tmp_path) -> None:
     assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
     assert digest == file_sha256(path)
     arrays = tmp_path / "x.npz"  # np.savez seeks back while writing: hashed from the file
-    digest = file_io.atomic_write(arrays, lambda handle: np.savez(handle, a=np.arange(50)))
+    digest = atomic.atomic_write(arrays, lambda handle: np.savez(handle, a=np.arange(50)))
     assert digest == hashlib.sha256(arrays.read_bytes()).hexdigest()
 
 
@@ -253,7 +252,7 @@ def test_a_save_killed_between_its_two_files_leaves_a_pair_that_loads(
     path = tmp_path / "run_checkpoint.bin"
     first = save_checkpoint(_state(0), path, step=1)
 
-    commit = file_io._commit
+    commit = file_io.commit_temp
 
     # dies after the sidecar, before the checkpoint
     def killed(tmp: str, target: str, *then: str) -> None:
@@ -261,7 +260,7 @@ def test_a_save_killed_between_its_two_files_leaves_a_pair_that_loads(
             raise SystemExit("killed")
         commit(tmp, target, *then)
 
-    monkeypatch.setattr(file_io, "_commit", killed)
+    monkeypatch.setattr(file_io, "commit_temp", killed)
     with pytest.raises(SystemExit):
         save_checkpoint(_state(1), path, step=2)
     monkeypatch.undo()

@@ -171,7 +171,7 @@ def test_hf_export_gives_our_logits_in_transformers(
 
 
 def test_hf_model_card_says_what_the_sidecar_knows(best_checkpoint, tmp_path) -> None:
-    from utils.infra.file_io import file_sha256
+    from utils.infra.atomic import file_sha256
 
     model = distinct_model("testing", 32, 3)
     checkpoint = best_checkpoint(

@@ -139,3 +139,31 @@ def test_no_script_imports_another_but_the_sweep_its_trainer() -> None:
         if module in scripts
     }
     assert imported == {("sweep.py", "train")}
+
+
+def test_no_module_imports_itself_through_others() -> None:
+    """The modules of models/ and utils/ form no import cycle (deferred imports count): each
+    room's files can be read from the bottom up."""
+    modules = {
+        ".".join(path.relative_to(ROOT).with_suffix("").parts): path
+        for folder in ("models", "utils", "utils/*")
+        for path in ROOT.glob(f"{folder}/*.py")
+        if path.name != "__init__.py"
+    }
+    graph = {name: sorted(_imports(path) & modules.keys()) for name, path in modules.items()}
+    cycles, done = [], set()
+
+    def visit(name: str, path: list[str]) -> None:
+        if name in path:
+            cycles.append(" -> ".join([*path[path.index(name) :], name]))
+            return
+        if name in done:
+            return
+        for other in graph[name]:
+            visit(other, [*path, name])
+        done.add(name)
+
+    for name in sorted(graph):
+        visit(name, [])
+    assert len(modules) > 30 and any(graph.values())
+    assert not cycles, "\n".join(cycles)

@@ -18,8 +18,6 @@ existed load as before (`utils.infra.loading` warns that they are not verified).
 from __future__ import annotations
 
 import contextlib
-import errno
-import glob
 import hashlib
 import json
 import logging
@@ -39,6 +37,14 @@ import safetensors.torch
 import torch
 
 from models.npz import CheckpointError
+from utils.infra.atomic import (
+    atomic_write,
+    atomic_write_text,
+    cleaned_up,
+    commit_temp,
+    file_sha256,
+    write_temp,
+)
 from utils.infra.description import (
     DESCRIPTION_SHA256,
     SAFETENSORS_SUFFIX,
@@ -46,18 +52,14 @@ from utils.infra.description import (
     description_sha256,
 )
 from utils.infra.errors import UserError
-from utils.infra.run_files import process_alive
 
 __all__ = [
     "CONTENT_SHA256",
     "atomic_save",
-    "atomic_write",
-    "atomic_write_text",
     "cannot_write",
     "check_output",
     "checkpoint_files",
     "content_sha256",
-    "file_sha256",
     "load_safetensors",
     "read_sidecar",
     "safe_load",
@@ -73,139 +75,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_NO_SPACE = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
-_TOO_LARGE = (errno.EFBIG,)  # the file size limit (`ulimit -f`; Python ignores SIGXFSZ)
 CONTENT_SHA256 = "content_sha256"  # the key of a training state's own content hash
-
-
-def _fsync_dir(directory: str) -> None:
-    """Make a rename durable. Not possible on every platform (Windows); skipped there."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _open_temp(path: str):
-    """The temporary file a write goes to first (a hook the tests use to simulate a full disk)."""
-    return open(path, "wb")
-
-
-def _write_error(err: BaseException, codes: tuple[int, ...]) -> OSError | None:
-    """The `OSError` with one of `codes` behind `err`, if any (torch wraps write errors)."""
-    seen: set[int] = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        if isinstance(err, OSError) and err.errno in codes:
-            return err
-        err = err.__cause__ or err.__context__
-    return None
-
-
-class _HashingWriter:
-    """A file handle that hashes the bytes written through it.
-
-    The hash is the file's only while writes are sequential: a writer that seeks (zip files,
-    `np.savez`) marks it unusable, and the file is hashed again from disk.
-    """
-
-    def __init__(self, handle: BinaryIO):
-        self.handle = handle
-        self.sha256 = hashlib.sha256()
-        self.sequential = True
-
-    def write(self, data) -> int:
-        self.sha256.update(data)
-        return self.handle.write(data)
-
-    def seek(self, *args) -> int:
-        self.sequential = False
-        return self.handle.seek(*args)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.handle, name)
-
-
-# What to do after a full disk, when the caller does not say: a training run's files.
-RUN_AGAIN = "choose another --output_dir, then run again (with --resume to continue)"
-
-
-@contextlib.contextmanager
-def _cleaned_up(tmp: str, path: str, then: str = RUN_AGAIN) -> Iterator[None]:
-    """On any error, remove `tmp`; a full disk or the file size limit becomes a `UserError`
-    whose advice ends with `then` (the flags of the script that writes)."""
-    try:
-        yield
-    except BaseException as err:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        kept = " The previous file there is unchanged." if os.path.exists(path) else ""
-        if _write_error(err, _NO_SPACE) is not None:
-            raise UserError(
-                f"No space left on the device while saving {path}.{kept} Free some disk space "
-                f"or {then}."
-            ) from None
-        if _write_error(err, _TOO_LARGE) is not None:
-            raise UserError(
-                f"The file size limit was reached while saving {path}.{kept} Raise it "
-                f"(`ulimit -f unlimited`, or ask the administrator of the system) or {then}."
-            ) from None
-        raise
-
-
-def _write_temp(
-    path: str, write: Callable[[BinaryIO], object], then: str = RUN_AGAIN
-) -> tuple[str, str]:
-    """Fill `<path>.tmp<pid>` with `write(handle)`, flush and fsync it.
-
-    Returns:
-        (the temporary file, the SHA-256 of its bytes).
-    """
-    tmp = f"{path}.tmp{os.getpid()}"
-    with _cleaned_up(tmp, path, then):
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with _open_temp(tmp) as handle:
-            writer = _HashingWriter(handle)
-            write(writer)
-            handle.flush()
-            os.fsync(handle.fileno())
-        digest = writer.sha256.hexdigest() if writer.sequential else file_sha256(tmp)
-    return tmp, digest
-
-
-def _commit(tmp: str, path: str, then: str = RUN_AGAIN) -> None:
-    """Rename the temporary file over `path` and make the rename durable."""
-    with _cleaned_up(tmp, path, then):
-        os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
-    _remove_orphaned_temps(path)
-
-
-def atomic_write(
-    path: str | os.PathLike, write: Callable[[BinaryIO], object], then: str = RUN_AGAIN
-) -> str:
-    """Write a file so that a crash at any instant leaves the old or the new one, never a torn one.
-
-    `write(handle)` fills `<path>.tmp<pid>` in the same directory; it is flushed and fsynced,
-    renamed over `path`, and the directory fsynced. On any error the temporary file is removed
-    and `path` is untouched; a full disk or the file size limit (`ulimit -f`) becomes a
-    `UserError` that says so and advises to free space or `then` (the default names
-    train.py's flags). A successful write also removes temporary files that writers killed
-    mid-save left behind.
-
-    Returns:
-        The SHA-256 (hex) of the bytes written, as `sha256sum` prints it.
-    """
-    path = os.fspath(path)
-    tmp, digest = _write_temp(path, write, then)
-    _commit(tmp, path, then)
-    return digest
 
 
 def cannot_write(path: str | os.PathLike, why: str, flag: str = "--output") -> UserError:
@@ -306,16 +176,6 @@ def write_output(
         return atomic_write(path, write, then=f"pass another {flag}, then run again")
 
 
-def _remove_orphaned_temps(path: str) -> None:
-    """Delete `<path>.tmp<pid>` files of writers that died mid-save (e.g. by `kill -9`)."""
-    for stale in glob.glob(f"{glob.escape(path)}.tmp*"):
-        pid = stale[len(path) + len(".tmp") :]
-        if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
-            with contextlib.suppress(OSError):
-                os.remove(stale)
-                logger.info("Removed %s, left by an interrupted save.", stale)
-
-
 def atomic_save(obj: Any, path: str | os.PathLike) -> str:
     """`torch.save(obj, path)` through `atomic_write`; returns the file's SHA-256 (hex)."""
     return atomic_write(path, lambda handle: torch.save(obj, handle))
@@ -343,19 +203,14 @@ def save_checkpoint(state: Mapping[str, torch.Tensor], path: str | os.PathLike, 
         with contextlib.suppress(CheckpointError):  # an unreadable old sidecar: hash the file
             previous = read_sidecar(path).get("sha256")
         previous = previous or file_sha256(path)
-    tmp, digest = _write_temp(path, lambda handle: torch.save(dict(state), handle))
-    with _cleaned_up(tmp, path):
+    tmp, digest = write_temp(path, lambda handle: torch.save(dict(state), handle))
+    with cleaned_up(tmp, path):
         facts = {**info, "sha256": digest}
         if previous and previous != digest:
             facts["previous_sha256"] = previous
         write_sidecar(path, **facts)
-    _commit(tmp, path)
+    commit_temp(tmp, path)
     return digest
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a small text file (e.g. a JSON sidecar) atomically, like :func:`atomic_save`."""
-    atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
 
 
 def _writer(flag: str | None) -> Callable[..., str]:
@@ -377,15 +232,6 @@ def save_npz(
 
 # --------------------------------------------------------------------------------------------
 # Safe loading
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """The SHA-256 (hex) of a file's bytes, as `sha256sum` prints it."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _feed(digest: Any, value: Any) -> None:

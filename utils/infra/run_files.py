@@ -46,6 +46,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from utils.infra.atomic import atomic_write_text, process_alive
 from utils.infra.errors import UserError
 
 try:
@@ -64,7 +65,6 @@ __all__ = [
     "check_run",
     "claim_run",
     "event_files",
-    "process_alive",
     "read_record",
     "run_files",
     "write_record",
@@ -204,8 +204,6 @@ def read_record(log_dir: str | os.PathLike) -> dict[str, Any] | None:
 def write_record(log_dir: str | os.PathLike, name: str, settings: Mapping[str, Any]) -> None:
     """Record (atomically) that the event files of `log_dir` are the run `name`'s, with its
     settings (plain values; others are written as text)."""
-    from utils.infra.file_io import atomic_write_text  # file_io imports this module
-
     record = {"name": name, "settings": dict(settings)}
     text = json.dumps(record, indent=2, sort_keys=True, default=str)
     atomic_write_text(Path(log_dir) / RUN_RECORD, text + "\n")
@@ -449,20 +447,6 @@ def _holder(record: str) -> str:
     if host == socket.gethostname() and pid > 0 and not process_alive(pid):
         return f"its PID is not yet recorded; the recorded process {pid} no longer runs"
     return f"PID {pid} on {host}"
-
-
-def process_alive(pid: int) -> bool:
-    """Whether process `pid` exists, also under another user (signal 0 only asks). Elsewhere
-    than POSIX it is taken to exist: there `os.kill(pid, 0)` would send a Ctrl+C event."""
-    if os.name != "posix":
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # exists but is not ours (PermissionError), or cannot be checked
-        pass
-    return True
 
 
 def _read_record(fd: int) -> str:
