@@ -5,17 +5,22 @@
         --output output/preds.csv --top_k 5
     python predict.py --checkpoint checkpoint/ViT-B_16-224.npz --image photos/ \
         --output output/preds.json
+    python predict.py --checkpoint output/NAME_checkpoint.bin --dataset hf --data_dir my_table \
+        --output output/preds.csv
     torchrun --nproc_per_node 4 predict.py --checkpoint ... --image ... --output output/preds.csv
 
-`--image` takes files, folders (searched recursively for image files) and glob patterns. The
-images go through eval.py's test-time preprocessing (`utils.data.loaders.build_transforms`) in
-batches, read by DataLoader workers. Class names come from the checkpoint (a train.py sidecar or
-an exported `.safetensors`; ImageNet-1k names for 1000-class heads); unknown ones print as
-indices. `--output` ends in `.csv` (path, label_i, probability_i for i = 1..k, error) or `.json`;
-without it a table is printed; an existing output is replaced only with `--overwrite` (never
-the checkpoint's sidecar). A file that cannot be read as an image is reported with the
-reason and skipped. Under `torchrun`, process r takes files r, r + N, r + 2N, ... and process 0
-writes one output in input order.
+`--image` takes files, folders (searched recursively for image files) and glob patterns; or
+`--dataset` names a split of a dataset train.py reads (`--split test` by default: an image
+folder's `val/` or `test/`, a Hugging Face table's test split, CIFAR's, the digits'), each
+image named by its file or, in a table, by its row. The images go through eval.py's test-time
+preprocessing (`utils.data.loaders.build_transforms`) in batches, read by DataLoader workers.
+Class names come from the checkpoint (a train.py sidecar or an exported `.safetensors`;
+ImageNet-1k names for 1000-class heads); unknown ones print as indices. `--output` ends in
+`.csv` (path, label_i, probability_i for i = 1..k, error) or `.json`; without it a table is
+printed; an existing output is replaced only with `--overwrite` (never the checkpoint's
+sidecar). An image that cannot be read is reported with the reason and skipped. Under
+`torchrun`, process r takes images r, r + N, r + 2N, ... and process 0 writes one output in
+input order.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from pathlib import Path
 if __name__ == "__main__":  # Ctrl+C while the modules below load: exit 130, no traceback
     signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(128 + signum))
 
+from utils.data.registry import DATASETS, Columns, add_column_flags
 from utils.infra.errors import run_cli
 from utils.infra.flags import (
     HelpFormatter,
@@ -58,12 +64,27 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="train.py's output/<name>_checkpoint.bin, an exported .safetensors, or an official "
         ".npz.",
     )
-    p.add_argument(
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument(
         "--image",
         nargs="+",
-        required=True,
         help="Image files, folders (searched recursively) and glob patterns (quote them).",
     )
+    source.add_argument(
+        "--dataset",
+        choices=DATASETS,
+        help="Or the images of a dataset's split (--split), read as train.py and eval.py read "
+        "it: an image folder, a Hugging Face table (hf), cifar10/100 or digits.",
+    )
+    p.add_argument(
+        "--data_dir",
+        default="./data",
+        help="With --dataset: the image folder's root, the table, or where CIFAR is.",
+    )
+    p.add_argument(
+        "--split", choices=("test", "train"), default="test", help="With --dataset: which split."
+    )
+    add_column_flags(p)
     p.add_argument(
         "--output", default=None, help="output/preds.csv or output/preds.json (default: print)."
     )
@@ -94,14 +115,20 @@ if __name__ == "__main__":
 import torch
 import torch.distributed as dist
 from PIL import Image
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from utils.data.loaders import build_transforms
-from utils.data.preprocessing import BadImageError, find_images, read_image
+from utils.data.loaders import build_split, build_transforms
+from utils.data.preprocessing import (
+    BadImageError,
+    UnreadableImages,
+    find_images,
+    read_image,
+    to_rgb,
+)
 from utils.evals.classification import top_k
 from utils.infra.console import interactive
-from utils.infra.dist_utils import DistInfo, run_distributed
+from utils.infra.dist_utils import DistInfo, main_process_first, run_distributed
 from utils.infra.file_io import check_output, checkpoint_files, write_output
 from utils.infra.loading import load_model
 from utils.recipe.amp import set_tf32
@@ -119,31 +146,67 @@ class Item:
     error: str | None
 
 
-class ImageFiles:
-    """Images by path, preprocessed; an unreadable file gives an `Item` with its error.
+class Images:
+    """The input images: their names, and each one read as 8-bit RGB by its index (decoded in
+    full, so that truncation shows; `BadImageError` when it cannot be read)."""
 
-    A map-style dataset (`__getitem__`, `__len__`) for a `DataLoader`.
-    """
+    def __init__(
+        self, paths: Sequence[Path] | None = None, split: Dataset | None = None, name: str = ""
+    ):
+        self.paths, self.split = paths, split
+        if split is None:
+            self.names = [str(path) for path in paths]
+        elif isinstance(split, UnreadableImages):  # an image folder or a table
+            self.names = [split.image_name(i) for i in range(len(split))]
+        else:  # held in memory (CIFAR, digits): named by their place
+            self.names = [f"{name} #{i}" for i in range(len(split))]
+
+    def read(self, index: int) -> Image.Image:
+        if self.split is None:
+            return read_image(self.paths[index])
+        if isinstance(self.split, UnreadableImages):
+            return self.split.decode(index)
+        image, _ = self.split[index]
+        return to_rgb(image if isinstance(image, Image.Image) else Image.fromarray(image))
+
+
+class ImageFiles:
+    """The images at `indices`, preprocessed; one that cannot be read gives an `Item` with the
+    reason. A map-style dataset (`__getitem__`, `__len__`) for a `DataLoader`."""
 
     def __init__(
         self,
-        paths: Sequence[Path],
+        images: Images,
         indices: Sequence[int],
         transform: Callable[[Image.Image], torch.Tensor],
     ):
-        self.paths = list(paths)
+        self.images = images
         self.indices = list(indices)
         self.transform = transform
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.indices)
 
     def __getitem__(self, i: int) -> Item:
         try:
-            rgb = read_image(self.paths[i])  # decodes the whole file: truncation shows here
+            rgb = self.images.read(self.indices[i])
         except BadImageError as err:  # reported, never fatal
             return Item(self.indices[i], None, err.reason)
         return Item(self.indices[i], self.transform(rgb), None)
+
+
+def dataset_images(args: argparse.Namespace, info: DistInfo) -> Images:
+    """The images of `--dataset`'s `--split` (downloaded first where CIFAR is missing, by the
+    first process of each node)."""
+    with main_process_first(info.local_rank):
+        split, _ = build_split(
+            args.dataset,
+            args.data_dir,
+            train=args.split == "train",
+            download=info.local_rank == 0,
+            columns=Columns(args.image_column, args.label_column),
+        )
+    return Images(split=split, name=f"{args.dataset} {args.split}")
 
 
 def collate_readable(items: list[Item]) -> tuple[list[int], torch.Tensor | None, list[Item]]:
@@ -158,14 +221,16 @@ def collate_readable(items: list[Item]) -> tuple[list[int], torch.Tensor | None,
 
 
 def predict(
-    args: argparse.Namespace, paths: list[Path], info: DistInfo
+    args: argparse.Namespace, paths: list[Path] | None, info: DistInfo
 ) -> tuple[list[dict] | None, int]:
     """Every process's records in input order on process 0 (None elsewhere), and the class
-    count; each process predicts its share."""
+    count; each process predicts its share of `paths`, or of `--dataset`'s split."""
+    images = Images(paths) if paths is not None else dataset_images(args, info)
+    names = images.names
     loaded = load_model(args.checkpoint, args.model_type, args.img_size)
     model = loaded.model.to(info.device)
     set_tf32(args.tf32 == "on", info.device)
-    names = loaded.class_names  # the sidecar's, or the dataset's known names
+    classes = loaded.class_names  # the sidecar's, or the dataset's known names
     if info.is_main:
         logger.info(
             "%s (%s, %dx%d, %d classes, %s) on %d image(s), %d process(es).",
@@ -173,14 +238,12 @@ def predict(
             loaded.model_type,
             *loaded.img_size,
             model.num_classes,
-            "class names known" if names else "class names unknown: showing indices",
-            len(paths),
+            "class names known" if classes else "class names unknown: showing indices",
+            len(names),
             info.world_size,
         )
-    indices = list(range(info.rank, len(paths), info.world_size))
-    dataset = ImageFiles(
-        [paths[i] for i in indices], indices, build_transforms(loaded.img_size, train=False)
-    )
+    indices = list(range(info.rank, len(names), info.world_size))
+    dataset = ImageFiles(images, indices, build_transforms(loaded.img_size, train=False))
     loader = DataLoader(
         dataset,
         batch_size=args.batch_size,
@@ -194,13 +257,13 @@ def predict(
             loader, desc="predict", unit="batch", disable=not (info.is_main and interactive())
         ):
             for item in unreadable:
-                records[item.index] = {"path": str(paths[item.index]), "error": item.error}
+                records[item.index] = {"path": names[item.index], "error": item.error}
             if images is None:
                 continue
             logits = model(images.to(info.device, non_blocking=True))[0].float().cpu()
-            for index, best in zip(batch_indices, top_k(logits, args.top_k, names), strict=True):
+            for index, best in zip(batch_indices, top_k(logits, args.top_k, classes), strict=True):
                 records[index] = {
-                    "path": str(paths[index]),
+                    "path": names[index],
                     "labels": [label for label, _ in best],
                     "probabilities": [round(prob, 6) for _, prob in best],  # as the CSV
                 }
@@ -268,7 +331,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict] | None:
         The records in input order on process 0, None on the others.
     """
     args = parse_args(argv)
-    paths = find_images(args.image)  # before joining: a typo fails at once
+    paths = find_images(args.image) if args.image else None  # before joining: a typo fails now
     if args.output:
         check_output(
             args.output, overwrite=args.overwrite, inputs=checkpoint_files(args.checkpoint)

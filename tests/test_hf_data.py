@@ -20,8 +20,10 @@ from PIL import Image
 import analyze
 import eval as eval_script
 import fewshot as fewshot_script
+import predict
 import sweep
 import train
+from models.modeling import VisionTransformer
 from tests.helpers import (
     assert_same_batches,
     distinct_model,
@@ -330,6 +332,45 @@ def test_an_unreadable_image_is_skipped_or_refused(
     assert len(labels) == 6  # the next readable image took its place
     assert "Skipping an unreadable image (1 so far)" in caplog.text
     assert "(train split), row 4: PIL cannot identify image file" in caplog.text
+
+
+def test_predict_on_a_table_equals_the_same_images_as_files(
+    same_images: tuple[Path, Path], best_checkpoint, one_thread
+) -> None:
+    """predict.py --dataset hf: the table's test rows get the predictions the same images get
+    as an image folder (--dataset imagefolder) and as files (--image), in the same order."""
+    folder, table_root = same_images
+    torch.manual_seed(0)
+    model = VisionTransformer("testing", 16, len(CLASSES)).eval()
+    torch.nn.init.normal_(model.head.weight, std=1.0)  # a fresh head is zero: classes would tie
+    checkpoint = str(best_checkpoint(model, class_names=list(CLASSES)))
+    common = ["--checkpoint", checkpoint, "--top_k", "3", "--num_workers", "0"]
+    rows = predict.main([*common, "--dataset", "hf", "--data_dir", str(table_root)])
+    in_folder = predict.main([*common, "--dataset", "imagefolder", "--data_dir", str(folder)])
+    files = predict.main([*common, "--image", str(folder / "test")])
+    assert len(rows) == 6
+    assert [r["path"] for r in rows] == [f"{table_root} (test split), row {i}" for i in range(6)]
+    assert [r["path"] for r in in_folder] == [r["path"] for r in files]
+    for row, other, file in zip(rows, in_folder, files, strict=True):
+        assert row["labels"] == other["labels"] == file["labels"]
+        assert row["probabilities"] == other["probabilities"] == file["probabilities"]
+
+
+def test_predict_names_an_unreadable_row_and_goes_on(
+    tmp_path: Path, best_checkpoint, capsys
+) -> None:
+    root = with_a_damaged_image(tmp_path)
+    model = VisionTransformer("testing", 16, len(CLASSES)).eval()
+    checkpoint = str(best_checkpoint(model))
+    argv = ["--checkpoint", checkpoint, "--dataset", "hf", "--data_dir", str(root)]
+    records = predict.main([*argv, "--split", "train", "--num_workers", "1"])
+    assert [("error" in r) for r in records] == [False] * 4 + [True] + [False]
+    assert records[4]["path"] == f"{root} (train split), row 4"
+    assert "PIL cannot identify image file" in records[4]["error"]
+    err = expect_user_error(
+        predict.main, [*argv[:2], "--dataset", "hf", "--data_dir", "none"], capsys
+    )
+    assert "does not exist" in err
 
 
 @pytest.mark.slow  # ~8 s: a spawned worker imports torch

@@ -305,3 +305,33 @@ def test_top_k():
     preds = top_k(logits, 10, names)[0]
     assert [label for label, _ in preds] == ["b", "d", "c", "a"]
     assert sum(p for _, p in preds) == pytest.approx(1.0)
+
+
+def test_a_split_held_in_memory_is_named_by_place(best_checkpoint, one_thread) -> None:
+    """--dataset digits: every test image predicted, named by its place in the split, with the
+    predictions the model gives the split's images (eval.py's preprocessing) in batches."""
+    from utils.data.loaders import build_split
+
+    model = _model(10)
+    checkpoint = str(best_checkpoint(model))
+    records = predict.main(
+        ["--checkpoint", checkpoint, "--dataset", "digits", "--num_workers", "0", "--top_k", "1"]
+    )
+    split, _ = build_split("digits", "unused", train=False)
+    assert [r["path"] for r in records] == [f"digits test #{i}" for i in range(len(split))]
+    transform = build_transforms((32, 32), train=False)
+    images = torch.stack([transform(split[i][0]) for i in range(len(split))])
+    with torch.no_grad():
+        best = model(images)[0].argmax(-1).tolist()
+    assert [int(r["labels"][0]) for r in records] == best
+
+
+def test_images_or_a_dataset_not_both(capsys) -> None:
+    for argv in (
+        ["--checkpoint", "c.bin"],
+        ["--checkpoint", "c.bin", "--image", "a.jpg", "--dataset", "digits"],
+    ):
+        with pytest.raises(SystemExit) as info:
+            predict.parse_args(argv)
+        assert info.value.code == 2
+        assert "--image" in capsys.readouterr().err
