@@ -70,6 +70,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 from models.configs import ViTConfig, get_config, model_names
 from models.modeling import VisionTransformer
 from models.npz import load_npz, state_dict_to_npz
+from tools.make_photo_folder import PHOTO_SIDES, write_photo_folder
 from utils.data.loaders import (
     InMemoryAugment,
     SeededAugment,
@@ -557,31 +558,6 @@ def workers_to_feed(data: dict[str, Any], train_img_s: float, img_size: int, bas
 
 FOLDER_SIZE = 224  # output side of the image-folder figures
 FOLDER_TARGET_IMG_S = 3000.0  # training images/s the workers are counted for
-PHOTO_SIDES = (427, 437)  # height, width of the JPEGs cut from the sample photos (427 x 640)
-
-
-def write_photo_folder(root: str, num_images: int, seed: int = 0) -> None:
-    """An image folder of real JPEGs: `root/{train,val}/<photo>/*.jpg`, random 427 x 437 crops
-    of scikit-learn's two sample photos (quality 90), `num_images` for training, 2 for val."""
-    from PIL import Image
-    from sklearn.datasets import load_sample_images
-
-    photos = load_sample_images()
-    rng = np.random.default_rng(seed)
-    height, width = PHOTO_SIDES
-    for split, count in (("train", num_images), ("val", 2)):
-        for i in range(count):
-            label = i % len(photos.images)
-            photo = photos.images[label]
-            top = int(rng.integers(photo.shape[0] - height + 1))
-            left = int(rng.integers(photo.shape[1] - width + 1))
-            name = os.path.splitext(os.path.basename(photos.filenames[label]))[0]
-            folder = os.path.join(root, split, name)
-            os.makedirs(folder, exist_ok=True)
-            crop = photo[top : top + height, left : left + width]
-            Image.fromarray(crop).save(os.path.join(folder, f"{i:05d}.jpg"), quality=90)
-
-
 def image_folder_rates(num_images: int, rounds: int = 3) -> dict[str, Any]:
     """Training images/s of one loader worker (one thread, as torch runs its workers) on an
     image folder of real JPEGs at `FOLDER_SIZE`: each loader's whole per-batch job, read from
