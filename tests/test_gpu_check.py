@@ -115,6 +115,29 @@ def test_dry_run_passes_every_step(tmp_path: Path) -> None:
     assert "could not import 'nbformat'" in log  # the notebook's tests skipped, nothing failed
 
 
+# A Python with the GPU machine's torch (2.11), e.g. a venv made as docs/development.md says.
+GPU_IMAGE_PYTHON = os.environ.get("VIT_GPU_IMAGE_PYTHON")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not GPU_IMAGE_PYTHON, reason="set VIT_GPU_IMAGE_PYTHON to a torch 2.11 Python")
+def test_dry_run_under_the_gpu_machines_torch(tmp_path: Path) -> None:
+    """The dry run under the GPU machine's torch: its compiler is older than ours, and once
+    could not trace the compiled step that ours traced."""
+    proc = subprocess.run(
+        [GPU_IMAGE_PYTHON, str(SCRIPT), "--out", str(tmp_path), "--dry-run"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["versions"]["torch"].startswith("2.11"), report["versions"]
+    failed = [s["name"] for s in report["steps"] if s["status"] != "passed"]
+    assert not failed, (failed, proc.stdout[-3000:])
+    assert proc.returncode == 0
+
+
 def test_spent_budget_skips_steps_and_fails(tmp_path: Path) -> None:
     """A budget too small for any step: every step is recorded as skipped, and the exit code
     says the check did not pass (a check that ran nothing never reports success)."""
