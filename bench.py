@@ -48,6 +48,7 @@ import argparse
 import contextlib
 import copy
 import functools
+import glob
 import json
 import logging
 import os
@@ -58,6 +59,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -70,6 +72,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 from models.configs import ViTConfig, get_config, model_names
 from models.modeling import VisionTransformer
 from models.npz import load_npz, state_dict_to_npz
+from tools.make_photo_folder import PHOTO_SIDES, write_photo_folder
 from utils.data.loaders import (
     InMemoryAugment,
     SeededAugment,
@@ -77,7 +80,7 @@ from utils.data.loaders import (
     build_transforms,
     get_loader,
 )
-from utils.data.preprocessing import crop_resize_batch
+from utils.data.preprocessing import crop_resize_batch, read_image
 from utils.infra.description import PRECISIONS
 from utils.infra.file_io import save_npz
 from utils.infra.flags import add_tf32_flag
@@ -557,32 +560,56 @@ def workers_to_feed(data: dict[str, Any], train_img_s: float, img_size: int, bas
 
 FOLDER_SIZE = 224  # output side of the image-folder figures
 FOLDER_TARGET_IMG_S = 3000.0  # training images/s the workers are counted for
-PHOTO_SIDES = (427, 437)  # height, width of the JPEGs cut from the sample photos (427 x 640)
 
 
-def write_photo_folder(root: str, num_images: int, seed: int = 0) -> None:
-    """An image folder of real JPEGs: `root/{train,val}/<photo>/*.jpg`, random 427 x 437 crops
-    of scikit-learn's two sample photos (quality 90), `num_images` for training, 2 for val."""
-    from PIL import Image
-    from sklearn.datasets import load_sample_images
+def jpeg_decode_rates(root: str, device: torch.device, rounds: int = 3) -> dict[str, Any]:
+    """Decoding alone, the work left in a loader worker, on the JPEGs under `root`: images/s of
+    PIL on one thread (as our workers decode), and on CUDA of torchvision's batched GPU decoder
+    (nvJPEG) from bytes already read, with the largest difference of its pixels from PIL's
+    (the two decoders round the inverse DCT differently). Best round."""
+    from torchvision.io import ImageReadMode, decode_jpeg
 
-    photos = load_sample_images()
-    rng = np.random.default_rng(seed)
-    height, width = PHOTO_SIDES
-    for split, count in (("train", num_images), ("val", 2)):
-        for i in range(count):
-            label = i % len(photos.images)
-            photo = photos.images[label]
-            top = int(rng.integers(photo.shape[0] - height + 1))
-            left = int(rng.integers(photo.shape[1] - width + 1))
-            name = os.path.splitext(os.path.basename(photos.filenames[label]))[0]
-            folder = os.path.join(root, split, name)
-            os.makedirs(folder, exist_ok=True)
-            crop = photo[top : top + height, left : left + width]
-            Image.fromarray(crop).save(os.path.join(folder, f"{i:05d}.jpg"), quality=90)
+    paths = sorted(glob.glob(os.path.join(root, "**", "*.jpg"), recursive=True))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        best = min(
+            _timed(lambda: [read_image(path) for path in paths], torch.device("cpu"))
+            for _ in range(rounds)
+        )
+    finally:
+        torch.set_num_threads(threads)
+    figures: dict[str, Any] = {"images": len(paths), "pil_img_s": len(paths) / best}
+    if device.type != "cuda":
+        figures["gpu"] = {"skipped": f"CUDA only, skipped on {device.type}"}
+        return figures
+    data = [
+        torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8) for path in paths
+    ]
+
+    def gpu_decode() -> list[torch.Tensor]:
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+
+    gpu_decode()  # the decoder's set-up, untimed
+    best = min(_timed(gpu_decode, device) for _ in range(rounds))
+    diffs = torch.cat(
+        [
+            (image.permute(1, 2, 0).cpu().int() - torch.from_numpy(np.array(read_image(p))).int())
+            .abs()
+            .flatten()
+            for image, p in zip(gpu_decode(), paths, strict=True)
+        ]
+    ).double()
+    figures["gpu"] = {
+        "img_s": len(paths) / best,
+        "max_abs_diff_from_pil": int(diffs.max()),
+        "mean_abs_diff_from_pil": float(diffs.mean()),
+    }
+    figures["gpu_over_pil"] = figures["gpu"]["img_s"] / figures["pil_img_s"]
+    return figures
 
 
-def image_folder_rates(num_images: int, rounds: int = 3) -> dict[str, Any]:
+def image_folder_rates(num_images: int, device: torch.device, rounds: int = 3) -> dict[str, Any]:
     """Training images/s of one loader worker (one thread, as torch runs its workers) on an
     image folder of real JPEGs at `FOLDER_SIZE`: each loader's whole per-batch job, read from
     disk to the batch it hands over, in batches of `DEVICE_BATCH` (at most `num_images`), best
@@ -595,6 +622,8 @@ def image_folder_rates(num_images: int, rounds: int = 3) -> dict[str, Any]:
     - `timm`: timm's `create_dataset` + `create_loader` with the same work (decode,
       RandomResizedCrop of 5-100 % of the area with a bilinear resize, flip, no colour jitter),
       its workers' part: the uint8 batch its prefetcher normalises on the device.
+
+    And `decode`: `jpeg_decode_rates` on the same files (on `device`'s GPU decoder too).
     """
     from timm.data import create_dataset, create_loader
     from torch.utils.data import DataLoader
@@ -641,6 +670,7 @@ def image_folder_rates(num_images: int, rounds: int = 3) -> dict[str, Any]:
                         pass
                     if r:
                         times[name].append(time.perf_counter() - start)
+            decode = jpeg_decode_rates(root, device, rounds)
     finally:
         torch.set_num_threads(threads)
     rates = {f"{name}_img_s": counts[name] / min(t) for name, t in times.items()}
@@ -653,6 +683,7 @@ def image_folder_rates(num_images: int, rounds: int = 3) -> dict[str, Any]:
         "ours_over_before": rates["ours_img_s"] / rates["ours_before_img_s"],
         "workers_for": FOLDER_TARGET_IMG_S,
         "workers": {name: FOLDER_TARGET_IMG_S / rates[f"{name}_img_s"] for name in loaders},
+        "decode": decode,
     }
 
 
@@ -1018,7 +1049,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         results["data_pipeline"] = data
     if args.folder_images:
         logger.info("image folder")
-        results["image_folder"] = image_folder_rates(args.folder_images)
+        results["image_folder"] = image_folder_rates(args.folder_images, device)
     return results
 
 
@@ -1178,6 +1209,18 @@ def format_table(results: dict[str, Any]) -> str:
             f"ours {workers['ours']:.1f}, before {workers['ours_before']:.1f}, timm "
             f"{workers['timm']:.1f}",
         ]
+        decode, gpu = folder["decode"], folder["decode"]["gpu"]
+        gpu_text = (
+            f"GPU (torchvision, nvJPEG, batched) {gpu['img_s']:.0f} img/s, "
+            f"{decode['gpu_over_pil']:.1f}x; its pixels differ from PIL's by "
+            f"{gpu['mean_abs_diff_from_pil']:.2f} on average, "
+            f"{gpu['max_abs_diff_from_pil']} at most"
+            if "img_s" in gpu
+            else f"GPU: {gpu['skipped']}"
+        )
+        lines.append(
+            f"JPEG decoding alone: PIL (1 thread) {decode['pil_img_s']:.0f} img/s; {gpu_text}"
+        )
     return "\n".join(lines)
 
 

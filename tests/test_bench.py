@@ -115,6 +115,26 @@ def test_image_folder_figures(results: tuple[dict, dict, str]) -> None:
         assert folder["workers"][name] == pytest.approx(3000 / folder[f"{name}_img_s"])
     assert folder["ours_over_timm"] == pytest.approx(folder["ours_img_s"] / folder["timm_img_s"])
     assert any(line.startswith("Image folder, 427x437 JPEG") for line in table.splitlines())
+    # Decoding alone, on the same files (8 for training, 2 for val); the GPU decoder only on CUDA.
+    decode = folder["decode"]
+    assert decode["images"] == 10
+    assert decode["pil_img_s"] > 0
+    assert decode["gpu"] == {"skipped": "CUDA only, skipped on cpu"}
+    assert "JPEG decoding alone: PIL (1 thread)" in table
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_jpeg_decoding_agrees_with_pil(tmp_path) -> None:
+    """torchvision's GPU decoder on real JPEGs: its rate, and pixels close to PIL's on average
+    (the decoders round the inverse DCT and upsample colour differently)."""
+    from tools.make_photo_folder import write_photo_folder
+
+    write_photo_folder(tmp_path, 16)
+    decode = bench.jpeg_decode_rates(str(tmp_path), torch.device("cuda"), rounds=1)
+    assert decode["images"] == 18
+    assert decode["gpu"]["img_s"] > 0
+    assert decode["gpu"]["mean_abs_diff_from_pil"] < 2.0
 
 
 def test_checkpointing_figures(results: tuple[dict, dict, str]) -> None:

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,8 @@ STEPS = [
     "eval.py agrees with the run",
     "train fp16, SIGTERM",
     "train fp16, --resume",
+    "image folder: JPEGs",
+    "train image folder",
 ]
 
 
@@ -87,6 +90,15 @@ def test_dry_run_passes_every_step(tmp_path: Path) -> None:
     assert 4 <= stopped["figures"]["stopped_at"] < 12
     assert steps["train fp16, --resume"]["figures"]["step"] == 12
     assert steps["train bf16"]["figures"]["step"] == 12
+    # The image-folder run: its rate once warm, beside the in-memory run's (no nvidia-smi here).
+    folder = steps["train image folder"]["figures"]
+    assert folder["step"] == 8
+    assert folder["workers"] == 1
+    assert folder["in_memory_steady_img_s"] == steps["train bf16"]["figures"]["steady_img_s"] > 0
+    assert folder["over_in_memory"] == pytest.approx(
+        folder["steady_img_s"] / folder["in_memory_steady_img_s"]
+    )
+    assert folder["gpu_util_pct"] is None
     # Each projection says what its rate includes; train.py's leaves evaluation out, as its
     # summary's images/s does.
     bases = list(report["projections"])
@@ -101,6 +113,29 @@ def test_dry_run_passes_every_step(tmp_path: Path) -> None:
     for name in STEPS:  # every step's output is in the one log, under its command
         assert f"===== {name}: " in log
     assert "could not import 'nbformat'" in log  # the notebook's tests skipped, nothing failed
+
+
+# A Python with the GPU machine's torch (2.11), e.g. a venv made as docs/development.md says.
+GPU_IMAGE_PYTHON = os.environ.get("VIT_GPU_IMAGE_PYTHON")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not GPU_IMAGE_PYTHON, reason="set VIT_GPU_IMAGE_PYTHON to a torch 2.11 Python")
+def test_dry_run_under_the_gpu_machines_torch(tmp_path: Path) -> None:
+    """The dry run under the GPU machine's torch: its compiler is older than ours, and once
+    could not trace the compiled step that ours traced."""
+    proc = subprocess.run(
+        [GPU_IMAGE_PYTHON, str(SCRIPT), "--out", str(tmp_path), "--dry-run"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["versions"]["torch"].startswith("2.11"), report["versions"]
+    failed = [s["name"] for s in report["steps"] if s["status"] != "passed"]
+    assert not failed, (failed, proc.stdout[-3000:])
+    assert proc.returncode == 0
 
 
 def test_spent_budget_skips_steps_and_fails(tmp_path: Path) -> None:
@@ -120,3 +155,32 @@ def test_without_a_gpu_it_says_so(tmp_path: Path) -> None:
     assert "no CUDA GPU is visible" in proc.stderr
     assert "--dry-run" in proc.stderr
     assert not (tmp_path / "gpu_check.json").exists()
+
+
+def test_gpu_utilisation_is_sampled_while_a_step_runs(tmp_path: Path, monkeypatch) -> None:
+    """The sampler runs nvidia-smi (here a stand-in printing 10, 20, 30, ... every 50 ms, as
+    `-lms` makes the real one) for as long as the block runs, and the median keeps to the
+    window it is asked for."""
+    from tools.gpu_check import GpuUtilisation
+
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text(
+        "#!/bin/sh\n"
+        f'echo "$@" > {tmp_path / "args"}\n'
+        "i=1; while true; do echo $((i * 10)); i=$((i + 1)); sleep 0.05; done\n"
+    )
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    with GpuUtilisation() as gpu:
+        deadline = time.monotonic() + 10
+        while len(gpu.reader.lines) < 6 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    values = [value for _, value in gpu.samples]
+    assert values[:6] == [10.0, 20.0, 30.0, 40.0, 50.0, 60.0]
+    assert "--query-gpu=utilization.gpu" in (tmp_path / "args").read_text()
+    assert "-i 3" in (tmp_path / "args").read_text()
+    times = [when for when, _ in gpu.samples]
+    assert gpu.median(times[1], times[3]) == 30.0  # the 2nd to 4th samples
+    assert gpu.median(times[-1] + 1, times[-1] + 2) is None
+    assert gpu.proc.poll() is not None  # stopped with the block

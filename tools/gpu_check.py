@@ -16,17 +16,22 @@ every step passed, 1 otherwise.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
 import shlex
+import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 REPO = Path(__file__).resolve().parent.parent
 # The original port's headline run: ViT-B_16 on CIFAR-10, 10,000 steps of 512 images at 224,
@@ -50,6 +55,9 @@ class Plan:
     train: tuple[str, ...]  # train.py flags shared by the bf16 and fp16 runs
     num_steps: int
     stop_after: int  # the fp16 run is stopped once its last state holds this many steps
+    folder: tuple[str, ...]  # train.py flags of the image-folder run (bf16, like the first run)
+    folder_images: int  # JPEGs in its training folder
+    folder_steps: int
 
 
 GPU = Plan(
@@ -74,6 +82,13 @@ GPU = Plan(
     ),
     num_steps=300,
     stop_after=100,
+    folder=_argv(
+        "--dataset imagefolder --model_type ViT-B_16 --pretrained_dir none --img_size 224 "
+        "--train_batch_size 128 --learning_rate 0.03 --warmup_steps 30 --holdout_fraction 0 "
+        "--log_every 20 --save_every 0 --num_workers 8"
+    ),
+    folder_images=2048,
+    folder_steps=300,
 )
 
 DRY_RUN = Plan(
@@ -94,6 +109,13 @@ DRY_RUN = Plan(
     ),
     num_steps=12,
     stop_after=4,
+    folder=_argv(
+        "--dataset imagefolder --model_type demo --pretrained_dir none --img_size 32 "
+        "--train_batch_size 32 --learning_rate 0.1 --warmup_steps 1 --holdout_fraction 0 "
+        "--log_every 2 --save_every 0 --num_workers 1"
+    ),
+    folder_images=40,
+    folder_steps=8,
 )
 
 
@@ -116,6 +138,7 @@ class Check:
         self.deadline = time.monotonic() + budget
         self.log = (out / "gpu_check.log").open("w", encoding="utf-8")
         self.steps: list[Step] = []
+        self.lines: list[tuple[float, str]] = []  # the last step's output, line by line, timed
         path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path}
         for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):  # one process, whatever the shell had
@@ -154,14 +177,18 @@ class Check:
         )
 
     def finish(self, step: Step, proc: subprocess.Popen, limit: float, began: float) -> str:
-        """Wait for `proc` within `limit` seconds; returns its output (also logged)."""
+        """Wait for `proc` within `limit` seconds; returns its output (also logged). Each line's
+        arrival time is kept in `self.lines` (`time.monotonic()`, line), for timed figures."""
+        reader = TimedLines(proc.stdout)
         try:
-            output, _ = proc.communicate(timeout=max(1.0, limit - (time.monotonic() - began)))
+            proc.wait(timeout=max(1.0, limit - (time.monotonic() - began)))
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
-            output, _ = proc.communicate()
+            proc.wait()
             step.status = "timed out"
             step.problems.append(f"no exit within {limit:.0f} s")
+        self.lines = reader.join()
+        output = "".join(line for _, line in self.lines)
         step.returncode = proc.returncode
         step.seconds += time.monotonic() - began
         self.log.write(output)
@@ -179,6 +206,81 @@ class Check:
             if step.returncode not in ok:
                 step.problems.append(f"exit code {step.returncode}")
         return step, output
+
+
+class TimedLines:
+    """Reads a stream's lines on a thread as they come, each with its arrival time."""
+
+    def __init__(self, stream: TextIO):
+        self.lines: list[tuple[float, str]] = []
+        self.thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self.thread.start()
+
+    def _read(self, stream: TextIO) -> None:
+        for line in stream:
+            self.lines.append((time.monotonic(), line))
+
+    def join(self, timeout: float = 30.0) -> list[tuple[float, str]]:
+        """The lines read, once the stream has ended (or `timeout` seconds later)."""
+        self.thread.join(timeout)
+        return list(self.lines)
+
+
+class GpuUtilisation:
+    """The GPU's utilisation (%) as nvidia-smi samples it every 200 ms while the block runs, each
+    sample with its time; no samples where nvidia-smi is missing (the dry run)."""
+
+    def __enter__(self) -> GpuUtilisation:
+        self.proc, self.reader = None, None
+        smi = shutil.which("nvidia-smi")
+        if smi:
+            device = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0] or "0"
+            query = ["--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"]
+            self.proc = subprocess.Popen(
+                [smi, *query, "-lms", "200", "-i", device],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+            )
+            self.reader = TimedLines(self.proc.stdout)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.samples: list[tuple[float, float]] = []
+        if self.proc is None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        for when, line in self.reader.join(10):
+            with contextlib.suppress(ValueError):
+                self.samples.append((when, float(line)))
+
+    def median(self, start: float, end: float) -> float | None:
+        """The median of the samples taken between `start` and `end`."""
+        inside = [value for when, value in self.samples if start <= when <= end]
+        return statistics.median(inside) if inside else None
+
+
+PROGRESS = re.compile(r"Step (\d+)/(\d+): .*?, ([0-9.]+) images/s")
+
+
+def steady_rate(lines: list[tuple[float, str]]) -> tuple[float | None, float, float]:
+    """train.py's training rate once warm: the median of the rates its progress lines report in
+    the second half of the run (each the rate since the line before, evaluation left out),
+    and the times of the first and last of those lines."""
+    found = [(when, PROGRESS.search(line)) for when, line in lines]
+    late = [
+        (when, float(m.group(3)))
+        for when, m in found
+        if m and 2 * int(m.group(1)) > int(m.group(2))
+    ]
+    if not late:
+        return None, 0.0, 0.0
+    return statistics.median(rate for _, rate in late), late[0][0], late[-1][0]
 
 
 def pytest_counts(output: str) -> dict:
@@ -254,6 +356,7 @@ def train_runs(check: Check, plan: Plan, python: str) -> None:
     # bf16: a whole run, then eval.py on its best checkpoint must give the run's test accuracy.
     step, output = check.run("train bf16", command("check-bf16", "bf16"))
     step.figures = train_summary(output)
+    step.figures["steady_img_s"] = steady_rate(check.lines)[0]
     checkpoint = out / "check-bf16_checkpoint.bin"
     evaluate = [python, "eval.py", "--checkpoint", str(checkpoint), "--precision", "bf16"]
     if step.status != "passed":
@@ -301,6 +404,41 @@ def train_runs(check: Check, plan: Plan, python: str) -> None:
     if step.status == "passed" and step.figures.get("step") != plan.num_steps:
         step.status = "failed"
         step.problems.append(f"the resumed run ended at step {step.figures.get('step')}")
+
+
+def image_folder_run(check: Check, plan: Plan, python: str) -> None:
+    """Train on an image folder of real JPEGs with the plan's workers, as the first bf16 run
+    trained on digits held in memory (the same model, size, batch and precision): once warm,
+    the two rates agree when the workers keep up, and the GPU stays busy (nvidia-smi's
+    utilisation over the same steps)."""
+    photos = check.scratch / "photos"
+    make = [python, "tools/make_photo_folder.py", str(photos), "--images", str(plan.folder_images)]
+    step, _ = check.run("image folder: JPEGs", make)
+    command = [
+        *(python, "train.py", "--name", "check-folder", "--precision", "bf16", *plan.folder),
+        *("--data_dir", str(photos), "--num_steps", str(plan.folder_steps)),
+        *("--output_dir", str(check.scratch / "runs"), "--log_dir", str(check.scratch / "logs")),
+    ]
+    if step.status != "passed":
+        check.skip("train image folder", command, "no image folder was written")
+        return
+    with GpuUtilisation() as gpu:
+        step, output = check.run("train image folder", command)
+    rate, start, end = steady_rate(check.lines)
+    in_memory = next(
+        (s.figures.get("steady_img_s") for s in check.steps if s.name == "train bf16"), None
+    )
+    step.figures = {
+        **train_summary(output),
+        "workers": int(_flag(plan.folder, "--num_workers")),
+        "steady_img_s": rate,
+        "in_memory_steady_img_s": in_memory,
+        "over_in_memory": _ratio(rate, in_memory),
+        "gpu_util_pct": gpu.median(start, end),
+    }
+    if step.status == "passed" and rate is None:
+        step.status = "failed"
+        step.problems.append("no progress line in the second half of the run")
 
 
 def versions(plan: Plan) -> dict:
@@ -430,6 +568,7 @@ def main(argv: list[str] | None = None) -> int:
             if step.status == "passed":
                 step.figures = bench_figures(result)
         train_runs(check, plan, python)
+        image_folder_run(check, plan, python)
         check.log.close()
     report = {
         "versions": versions(plan),
