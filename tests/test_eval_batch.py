@@ -11,12 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils.data import Dataset
 
 import eval as eval_script
 import train
 from models.configs import get_config
 from models.modeling import VisionTransformer
 from tests.helpers import crash_at, expect_user_error, fake_checkpoint, tiny_args
+from utils.data.loaders import build_eval_loader, resize_eval_batches
 from utils.data.registry import DIGITS_TEST_SIZE
 from utils.evals import classification
 from utils.infra import memory
@@ -41,9 +43,11 @@ def tiny_model() -> VisionTransformer:
 
 
 def inference_peak(model: VisionTransformer, batch: int) -> int:
-    """Live bytes at the peak of a real inference pass of `batch` images, its input included."""
+    """Live bytes at the peak of a real evaluation pass of `batch` images, its input included."""
+    was = model.training
     with LiveTensorBytes() as tracker, torch.inference_mode():
-        model(torch.zeros(batch, 3, 32, 32))
+        model.eval()(torch.zeros(batch, 3, 32, 32))
+    model.train(was)
     return tracker.peak
 
 
@@ -96,6 +100,27 @@ def test_without_cuda_the_default_is_64_and_an_explicit_value_is_used_as_given(
     model = tiny_model()
     assert evaluation_batch_size(None, model, CPU, nullcontext, cap=10_000) == 64
     assert evaluation_batch_size(7, model, CPU, nullcontext, cap=3) == 7
+
+
+class _Indices(Dataset):
+    def __len__(self) -> int:
+        return 10
+
+    def __getitem__(self, index: int) -> int:
+        return index
+
+
+def test_resized_batches_reach_workers_forked_before() -> None:
+    """train.py forks the evaluation workers at set-up, then sets the batch size: every pass
+    after that has the new size, each image once (what was prefetched at the old one is
+    dropped)."""
+    loader = build_eval_loader(_Indices(), 4, num_workers=1)
+    loader.start_workers()
+    resize_eval_batches(loader, 3)
+    for _ in range(2):
+        assert [batch.tolist() for batch in loader] == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]
+    assert (len(loader), loader.batch_size) == (4, 3)
+    del loader
 
 
 def evaluated_batches(monkeypatch: pytest.MonkeyPatch) -> list[int]:
@@ -172,31 +197,31 @@ def test_on_cuda_the_batch_is_planned(
 ) -> None:
     """train.py without the flag: the tiny model fits any batch, so it evaluates the test split
     (360 images) in one batch. Then the plan against a small budget: the allocator's real peak
-    for the chosen batch (plus the margin) fits 90 % of it."""
+    for the chosen batch (plus the margin) fits 90 % of it, and it is not far below."""
     caplog.set_level(logging.INFO)
     sizes = evaluated_batches(monkeypatch)
     train.main(tiny_args(tmp_path, num_steps=1, eval_every=0, eval_batch_size=False))
     assert sizes[0] == DIGITS_TEST_SIZE
     assert f"{DIGITS_TEST_SIZE} images per process (this process's share" in caplog.text
 
-    device = torch.device("cuda")
-    model = tiny_model().to(device)
-    images = torch.zeros(200, 3, 32, 32, device=device)
+    model = tiny_model().to("cuda")
+    cuda_inference_peak(model, 2)  # cuBLAS's workspace, allocated once, is not the batch's
+    available = int(cuda_inference_peak(model, 200) / BUDGET_SHARE)
+    monkeypatch.setattr(memory, "available_bytes", lambda device: available)
+    batch = planned_evaluation_batch(model, torch.device("cuda"), nullcontext, cap=10_000)
+    assert 100 <= batch < 200  # the margin: not all 200
+    assert PEAK_MARGIN * cuda_inference_peak(model, batch) <= BUDGET_SHARE * available
+
+
+def cuda_inference_peak(model: VisionTransformer, batch: int) -> int:
+    """What CUDA's allocator holds at the peak of a real evaluation pass of `batch` images,
+    beyond what it held before (the input included)."""
+    was = model.training
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     with torch.inference_mode():
-        model(images)
-    need = torch.cuda.max_memory_allocated() - before + images.nbytes
-    del images
-    monkeypatch.setattr(memory, "available_bytes", lambda device: int(need / BUDGET_SHARE))
-    batch = planned_evaluation_batch(model, device, nullcontext, cap=10_000)
-    assert 50 <= batch < 200  # the margin: not all 200
-    images = torch.zeros(batch, 3, 32, 32, device=device)
+        model.eval()(torch.zeros(batch, 3, 32, 32, device="cuda"))
     torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    with torch.inference_mode():
-        model(images)
-    real = torch.cuda.max_memory_allocated() - before + images.nbytes
-    assert PEAK_MARGIN * real <= BUDGET_SHARE * int(need / BUDGET_SHARE)
+    model.train(was)
+    return torch.cuda.max_memory_allocated() - before
