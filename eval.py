@@ -63,7 +63,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "or a Hugging Face dataset with a test split (--dataset hf).",
     )
     add_column_flags(p)
-    p.add_argument("--eval_batch_size", type=positive_int, default=64, help="Per process.")
+    p.add_argument(
+        "--eval_batch_size",
+        type=positive_int,
+        default=None,
+        help="Per process. Default: auto: on CUDA the largest batch that fits (the memory "
+        "plan), at most 1024; 64 without CUDA.",
+    )
     add_process_flags(p)
     p.add_argument(
         "--precision",
@@ -81,32 +87,28 @@ if __name__ == "__main__":
 
 from functools import partial
 
-from torch.utils.data import DataLoader
+from torch.utils.data import Dataset
 
-from utils.data.loaders import build_eval_loader, build_test_set
+from utils.data.loaders import ShardSampler, build_eval_loader, build_test_set
 from utils.evals.classification import evaluate
 from utils.infra.dist_utils import DistInfo, main_process_first, run_distributed
 from utils.infra.loading import load_model
-from utils.infra.memory import check_evaluation_memory
+from utils.infra.memory import evaluation_batch_size
 from utils.recipe.amp import autocast, set_tf32
 
 
-def build_test_loader(
+def load_test_set(
     args: argparse.Namespace, dataset: str, img_size: tuple[int, int], info: DistInfo
-) -> tuple[DataLoader, list[str]]:
-    """This rank's shard of the test split, with train.py's test preprocessing."""
+) -> tuple[Dataset, list[str]]:
+    """The test split, with train.py's test preprocessing, and its class names."""
     with main_process_first(info.rank):
-        test_set, class_names = build_test_set(
+        return build_test_set(
             dataset,
             args.data_dir,
             img_size,
             download=info.is_main,
             columns=Columns(args.image_column, args.label_column),
         )
-    loader = build_eval_loader(
-        test_set, args.eval_batch_size, args.num_workers, info.rank, info.world_size
-    )
-    return loader, class_names
 
 
 def run(args: argparse.Namespace, info: DistInfo) -> dict[str, float]:
@@ -119,7 +121,7 @@ def run(args: argparse.Namespace, info: DistInfo) -> dict[str, float]:
             f"(one of {', '.join(DATASETS)})."
         )
     model = loaded.model
-    loader, class_names = build_test_loader(args, dataset, model.img_size, info)
+    test_set, class_names = load_test_set(args, dataset, model.img_size, info)
     if len(class_names) != model.num_classes:
         raise UserError(
             f"{args.checkpoint} predicts {model.num_classes} classes but the {dataset} test set "
@@ -134,15 +136,22 @@ def run(args: argparse.Namespace, info: DistInfo) -> dict[str, float]:
         model.num_classes,
         *model.img_size,
         dataset,
-        len(loader.dataset),
+        len(test_set),
         info.world_size,
     )
     model.to(info.device)
     precision = args.precision or loaded.precision or "fp32"
     set_tf32(args.tf32 == "on", info.device)
-    check_evaluation_memory(
-        model, info.device, partial(autocast, precision, info.device), args.eval_batch_size
+    shard = ShardSampler(len(test_set), info.rank, info.world_size)
+    batch_size = evaluation_batch_size(
+        args.eval_batch_size,
+        model,
+        info.device,
+        partial(autocast, precision, info.device),
+        cap=len(shard),
+        check=True,
     )
+    loader = build_eval_loader(test_set, batch_size, args.num_workers, info.rank, info.world_size)
     start = time.perf_counter()
     result = evaluate(model, loader, info.device, precision, progress=info.is_main)
     seconds = time.perf_counter() - start

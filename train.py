@@ -136,7 +136,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=512,
         help="Total batch per optimizer step, over all processes and accumulation steps.",
     )
-    p.add_argument("--eval_batch_size", type=positive_int, default=64, help="Per process.")
+    p.add_argument(
+        "--eval_batch_size",
+        type=positive_int,
+        default=None,
+        help="Per process. Default: auto: on CUDA the largest batch that fits beside the "
+        "training state (the memory plan), at most 1024; 64 without CUDA.",
+    )
     p.add_argument(
         "--eval_every",
         type=non_negative_int,
@@ -291,7 +297,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from models.modeling import VisionTransformer
-from utils.data.loaders import get_loader, prepare_batch, unreadable_images
+from utils.data.loaders import get_loader, prepare_batch, resize_eval_batches, unreadable_images
 from utils.evals.classification import evaluate
 from utils.infra.dist_utils import (
     DistInfo,
@@ -302,7 +308,13 @@ from utils.infra.dist_utils import (
 from utils.infra.event_log import METRICS, EventLog
 from utils.infra.file_io import read_sidecar, save_checkpoint, write_sidecar
 from utils.infra.loading import pretrained_weights, which_model
-from utils.infra.memory import check_training_memory, is_out_of_memory, out_of_memory
+from utils.infra.memory import (
+    CPU_EVAL_BATCH,
+    check_training_memory,
+    evaluation_batch_size,
+    is_out_of_memory,
+    out_of_memory,
+)
 from utils.infra.run_files import RunLock, claim_run
 from utils.infra.stopping import GracefulExit, NonFiniteGuard
 from utils.infra.train_state import (
@@ -883,7 +895,7 @@ def set_up(
         args.img_size,
         args.seed,
         micro_batch_size(args, info.world_size),
-        args.eval_batch_size,
+        args.eval_batch_size or CPU_EVAL_BATCH,  # until the model is on the device (below)
         args.num_workers,
         args.holdout_fraction,
         args.strict_images,
@@ -909,6 +921,18 @@ def set_up(
         weights.clear()  # the arrays are in the model now: free them before the memory probe
     tf32 = set_tf32(args.tf32 == "on", info.device)  # before the memory probe and compiling
     trainer = make_trainer(args, model, info)
+    # On CUDA, planned beside the weights and momentum and the gradients kept between steps;
+    # the loaders' workers, forked above, load whatever batches of indices they are handed.
+    eval_batch = evaluation_batch_size(
+        args.eval_batch_size,
+        model,
+        info.device,
+        partial(autocast, trainer.precision, info.device),
+        cap=max(len(loader.sampler) for loader in eval_loaders.values()),
+        keep=sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad),
+    )
+    for loader in eval_loaders.values():
+        resize_eval_batches(loader, eval_batch)
     logger.info(
         "Training %s on %s (%d train / %d minival / %d test images, %d classes) at %dx%d, %s, "
         "%d steps, total batch %d = %d process(es) x %d accumulation step(s) x %d per forward "

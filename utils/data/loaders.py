@@ -99,6 +99,7 @@ __all__ = [
     "check_same_classes",
     "get_loader",
     "prepare_batch",
+    "resize_eval_batches",
     "skip_unreadable",
     "unreadable_images",
 ]
@@ -254,6 +255,18 @@ def build_eval_loader(
         persistent_workers=num_workers > 0,
         generator=torch.Generator(),
     )
+
+
+def resize_eval_batches(loader: DataLoader, batch_size: int) -> None:
+    """Make an evaluation loader's next passes yield batches of `batch_size` images.
+
+    Its workers, forked already or not, are left as they are: they load the indices the main
+    process's batch sampler hands them, and every pass (persistent workers too) samples them
+    anew, dropping what was prefetched. Call it between passes: torch refuses to set a built
+    DataLoader's `batch_size` because a pass under way would go on with the old size.
+    """
+    loader.batch_sampler.batch_size = batch_size
+    object.__setattr__(loader, "batch_size", batch_size)  # what it reports, kept true
 
 
 def build_test_set(

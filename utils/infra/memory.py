@@ -1,10 +1,11 @@
 """The memory plan: whether a training micro-batch or an evaluation batch fits the device, what
-fits instead (the message names the flags and their figures), and its measurements: live tensor
-bytes op by op, what this process may still allocate, and each op's bytes as a line in the batch
-size."""
+fits instead (the message names the flags and their figures), the evaluation batch when none is
+given, and its measurements: live tensor bytes op by op, what this process may still allocate,
+and each op's bytes as a line in the batch size."""
 
 from __future__ import annotations
 
+import logging
 import os
 import weakref
 from collections.abc import Callable
@@ -20,6 +21,8 @@ from utils.infra.errors import UserError
 
 __all__ = [
     "BUDGET_SHARE",
+    "CPU_EVAL_BATCH",
+    "EVAL_BATCH_CAP",
     "PEAK_MARGIN",
     "LiveTensorBytes",
     "MemoryFit",
@@ -27,19 +30,27 @@ __all__ = [
     "check_evaluation_memory",
     "check_training_memory",
     "check_weights_memory",
+    "evaluation_batch_size",
     "is_out_of_memory",
     "largest_planned_batch",
     "measure_memory",
     "memory_amount",
     "memory_options",
     "out_of_memory",
+    "planned_evaluation_batch",
     "planned_need",
 ]
+
+logger = logging.getLogger(__name__)
 
 # The plan's margins, its one answer to "does it fit": a batch fits when its measured peak plus
 # 5 % stays within 90 % of the memory left (headroom for what the probe does not measure).
 BUDGET_SHARE = 0.9  # of the memory left
 PEAK_MARGIN = 1.05  # on a measured peak
+# --eval_batch_size left out: off CUDA, the original port's 64 per process; on CUDA, the largest
+# batch that fits, but no more than this (larger batches evaluate no faster).
+CPU_EVAL_BATCH = 64
+EVAL_BATCH_CAP = 1024
 
 
 def planned_need(fit: MemoryFit, batch: int) -> float:
@@ -170,16 +181,107 @@ def check_evaluation_memory(
     most = largest_planned_batch(fit, budget)
     if most >= batch_size:
         return
-    size = _image_size(model)
     if most == 0:
-        raise UserError(
-            f"Not even one image at {size} fits for evaluation on {device} "
-            f"({memory_amount(available)} available); evaluate at a smaller --img_size."
-        )
+        raise _no_image_fits(model, device, available)
     raise UserError(
-        f"A batch of {batch_size} images at {size} needs "
+        f"A batch of {batch_size} images at {_image_size(model)} needs "
         f"{memory_amount(planned_need(fit, batch_size))} on {device}, but "
         f"{memory_amount(available)} are available; use --eval_batch_size {most} or less."
+    )
+
+
+def evaluation_batch_size(
+    requested: int | None,
+    model: nn.Module,
+    device: torch.device,
+    autocast: Callable[[], AbstractContextManager],
+    *,
+    cap: int,
+    keep: int = 0,
+    check: bool = False,
+) -> int:
+    """The images per process and evaluation batch, logged with where the figure comes from:
+    `requested` (`--eval_batch_size`) as given; left out, `planned_evaluation_batch` on CUDA
+    and `CPU_EVAL_BATCH` elsewhere (the CPU's memory is not worth a measurement there).
+
+    Args:
+        model, autocast, cap, keep: `planned_evaluation_batch`'s.
+        check: stop, as `check_evaluation_memory` does, if a batch that is not planned cannot
+            fit (`model` is left in the mode it was in).
+    """
+    if requested is None and device.type == "cuda":
+        return planned_evaluation_batch(model, device, autocast, cap=cap, keep=keep)
+    batch = CPU_EVAL_BATCH if requested is None else requested
+    if check:
+        was = model.training
+        check_evaluation_memory(model, device, autocast, batch)
+        model.train(was)
+    source = "--eval_batch_size" if requested is not None else "the default without CUDA"
+    logger.info("Evaluation batch: %d images per process (%s).", batch, source)
+    return batch
+
+
+def planned_evaluation_batch(
+    model: nn.Module,
+    device: torch.device,
+    autocast: Callable[[], AbstractContextManager],
+    *,
+    cap: int,
+    keep: int = 0,
+) -> int:
+    """The largest evaluation batch whose `planned_need` fits beside what `device` holds now
+    and `keep` bytes more, but at most `cap` and `EVAL_BATCH_CAP`; logged with what bounds it.
+
+    Measured with inference passes of two and three images (as `check_evaluation_memory`),
+    drawing nothing from the random generators; `model` is left in the mode it was in.
+
+    Args:
+        model: the bare model, on `device`.
+        autocast: makes the context evaluation runs in (the run's precision).
+        cap: this process's share of the largest split it evaluates (a larger batch only
+            allocates more).
+        keep: bytes that are not allocated now but will be while evaluation runs (training keeps
+            its gradients between steps).
+
+    Raises:
+        UserError: not even one image fits.
+    """
+    available = available_bytes(device)
+    if available is None:
+        logger.info(
+            "Evaluation batch: %d images per process (the default: the memory left on %s "
+            "cannot be told).",
+            CPU_EVAL_BATCH,
+            device,
+        )
+        return CPU_EVAL_BATCH
+    left = max(available - keep, 0)
+    budget = BUDGET_SHARE * left
+    was = model.training
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+            fit = measure_memory(model, device, budget, training=False, autocast=autocast)
+    finally:
+        model.train(was)
+    most = largest_planned_batch(fit, budget)
+    if most == 0:
+        raise _no_image_fits(model, device, left)
+    batch = min(most, max(cap, 1), EVAL_BATCH_CAP)
+    if batch == most:
+        bound = f"the largest that fits in the {memory_amount(left)} left"
+    elif batch == cap:
+        bound = f"this process's share of the largest split; up to {most} would fit"
+    else:
+        bound = f"at most {EVAL_BATCH_CAP}; up to {most} would fit"
+    logger.info("Evaluation batch: %d images per process (%s).", batch, bound)
+    return batch
+
+
+def _no_image_fits(model: nn.Module, device: torch.device, available: float) -> UserError:
+    return UserError(
+        f"Not even one image at {_image_size(model)} fits for evaluation on {device} "
+        f"({memory_amount(available)} available); evaluate at a smaller --img_size."
     )
 
 
