@@ -5,6 +5,7 @@ that evaluation never recompiles and that computes the eager step's numbers."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -143,6 +144,54 @@ def _batches(steps: int, nan_at: int) -> list[list[tuple[torch.Tensor, torch.Ten
             )
         out.append(micro)
     return out
+
+
+@pytest.mark.slow
+def test_the_compiled_fp16_step_with_a_dynamic_loss_scale_is_one_graph_that_equals_eager(
+    tmp_path: Path, no_dropout: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fp16 with the dynamic loss scale (`--loss_scale 0`), as on CUDA (on the CPU its autocast
+    computes in bfloat16): `make_trainer` compiles the whole step, the scaler included, as one
+    graph with no break; no step reads anything back; after 3 steps, the second skipped for a
+    NaN loss (the scale halved), parameters, momentum and scale are the eager step's, bit for
+    bit. The graph runs on the `aot_eager` backend, op by op (so the reads are counted inside
+    it), in seconds; inductor's code for such a step is the test below's concern (it runs the
+    scaler's two kernels as they are, as fallbacks)."""
+    monkeypatch.setattr(train, "resolve_precision", lambda *flags: "fp16")  # as on CUDA
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda step: real(step, backend="aot_eager"))
+    flags = {"model_type": no_dropout, "train_batch_size": 8, "optim_dtype": "float32"}
+    info, steps = DistInfo(), _batches(3, nan_at=2)
+    torch.manual_seed(0)
+    model = VisionTransformer(no_dropout, 32, num_classes=10)
+    with torch.no_grad():
+        model.head.weight.normal_()  # a non-zero head: every parameter gets a gradient
+    runs = {}
+    for name, compiled in (("eager", False), ("compiled", True)):
+        args = train.parse_args(tiny_args(tmp_path, compile=compiled, **flags))
+        trainer = train.make_trainer(args, copy.deepcopy(model), info)
+        assert (trainer.step is not train.optimizer_step) == compiled
+        assert trainer.scaler.get_scale() == 2.0**16
+        torch._dynamo.reset()
+        counters.clear()
+        reads = HostReads()
+        for k, batches in enumerate(steps, start=1):
+            counted = reads if k > 1 else contextlib.nullcontext()  # (the first compiles)
+            with torch._dynamo.config.patch(error_on_recompile=k > 1), counted:
+                train.train_step(args, trainer, batches, None, k, info)
+        assert reads.counts[None] == 0, name
+        if compiled:
+            assert dict(counters["graph_break"]) == {}
+            assert counters["stats"]["unique_graphs"] == 1
+        assert trainer.scaler.get_scale() == 2.0**15
+        runs[name] = trainer
+    eager, compiled = runs["eager"], runs["compiled"]
+    for p, q in zip(eager.model.parameters(), compiled.model.parameters(), strict=True):
+        assert torch.equal(q, p)
+        want = eager.optimizer.state[p]["momentum_buffer"]
+        assert torch.equal(compiled.optimizer.state[q]["momentum_buffer"], want)
+    moved = zip(model.parameters(), eager.model.parameters(), strict=True)
+    assert not any(torch.equal(p, q) for p, q in moved)
 
 
 @pytest.mark.slow
