@@ -152,6 +152,15 @@ def _batches(steps: int, nan_at: int) -> list[list[tuple[torch.Tensor, torch.Ten
     return out
 
 
+def _model(name: str) -> VisionTransformer:
+    """A seeded model with a non-zero head: every parameter gets a gradient."""
+    torch.manual_seed(0)
+    model = VisionTransformer(name, 32, num_classes=10)
+    with torch.no_grad():
+        model.head.weight.normal_()
+    return model
+
+
 @pytest.mark.slow
 def test_the_compiled_fp16_step_with_a_dynamic_loss_scale_is_one_graph_that_equals_eager(
     tmp_path: Path, no_dropout: str, monkeypatch: pytest.MonkeyPatch
@@ -166,12 +175,14 @@ def test_the_compiled_fp16_step_with_a_dynamic_loss_scale_is_one_graph_that_equa
     monkeypatch.setattr(train, "resolve_precision", lambda *flags: "fp16")  # as on CUDA
     real = torch.compile
     monkeypatch.setattr(torch, "compile", lambda step: real(step, backend="aot_eager"))
-    flags = {"model_type": no_dropout, "train_batch_size": 8, "optim_dtype": "float32"}
+    flags = {
+        "model_type": no_dropout,
+        "train_batch_size": 8,
+        "gradient_accumulation_steps": 2,
+        "optim_dtype": "float32",
+    }
     info, steps = DistInfo(), _batches(3, nan_at=2)
-    torch.manual_seed(0)
-    model = VisionTransformer(no_dropout, 32, num_classes=10)
-    with torch.no_grad():
-        model.head.weight.normal_()  # a non-zero head: every parameter gets a gradient
+    model = _model(no_dropout)
     runs = {}
     for name, compiled in (("eager", False), ("compiled", True)):
         args = train.parse_args(tiny_args(tmp_path, compile=compiled, **flags))
@@ -216,10 +227,7 @@ def test_the_compiled_step_is_one_graph_that_evaluation_leaves_alone_and_equals_
         "optim_dtype": momentum_dtype,
     }
     info, steps = DistInfo(), _batches(4, nan_at=3)
-    torch.manual_seed(0)
-    model = VisionTransformer(no_dropout, 32, num_classes=10)
-    with torch.no_grad():
-        model.head.weight.normal_()  # a non-zero head: every parameter gets a gradient
+    model = _model(no_dropout)
     runs = {}
     for name, compiled in (("eager", False), ("compiled", True)):
         args = train.parse_args(tiny_args(tmp_path, compile=compiled, **flags))
