@@ -14,7 +14,7 @@ Precision (`--precision`, or the Apex-era `--fp16 --fp16_opt_level`):
 
     fp32            O0, or no flag: plain float32.
     fp16            O1, O2 (and O3, which Apex ran as pure fp16 without fp32 master weights;
-                    here it runs as O2): float16 autocast with fp32 weights and a GradScaler,
+                    here it runs as O2): float16 autocast with fp32 weights and a loss scale,
                     dynamic for `--loss_scale 0`, fixed at `--loss_scale` otherwise. Without
                     CUDA it falls back to bfloat16 autocast on the CPU, with a warning.
     bf16            bfloat16 autocast, fp32 weights, no loss scaling.
@@ -226,8 +226,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         default=None,
         help="torch.compile the training step as one graph (forward, backward, clipping and the "
-        "update; under torchrun or the dynamic fp16 loss scale, the model only). The default on "
-        "CUDA; on a CPU compiling takes minutes.",
+        "update; under torchrun, the model only). The default on CUDA; on a CPU compiling takes "
+        "minutes.",
     )
     p.add_argument(
         "--no_compile",
@@ -326,7 +326,7 @@ from utils.infra.train_state import (
     save_training_state,
     saved_model_type,
 )
-from utils.recipe.amp import StaticGradScaler, autocast, make_scaler, set_tf32
+from utils.recipe.amp import LossScaler, autocast, make_scaler, set_tf32
 from utils.recipe.optim import SGDMomentum, make_optimizer, make_scheduler
 
 # --------------------------------------------------------------------------------------------
@@ -429,7 +429,7 @@ class Trainer:
         optimizer: SGD with momentum 0.9 (bfloat16 or float32 momentum), its learning rate a
             tensor on the device that the schedule fills in place.
         scheduler: the official per-step schedule.
-        scaler: GradScaler (fp16) or None.
+        scaler: the fp16 loss scaler, or None.
         precision: "fp32", "fp16" or "bf16".
         step: `optimizer_step`, or that function compiled as one graph.
     """
@@ -438,7 +438,7 @@ class Trainer:
     net: nn.Module
     optimizer: SGDMomentum
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    scaler: torch.amp.GradScaler | StaticGradScaler | None
+    scaler: LossScaler | None
     precision: str
     step: Callable[..., torch.Tensor]
 
@@ -447,10 +447,10 @@ def make_trainer(args: argparse.Namespace, model: VisionTransformer, info: DistI
     """Move the model to the device; build optimizer, schedule, scaler, the DDP wrapper, and
     compile the step (`--compile`, by default on CUDA).
 
-    The whole step compiles as one graph in a single process. Under DDP, whose gradient hooks
-    need the autograd engine's backward, or with the dynamic fp16 loss scale (GradScaler cannot
-    be traced), only the model is compiled, after DDP wraps it (as DDP's documentation says),
-    and the rest of the step runs eagerly.
+    The whole step compiles as one graph in a single process, fp16 loss scaling included
+    (`LossScaler` keeps its state on the device). Under DDP, whose gradient hooks need the
+    autograd engine's backward, only the model is compiled, after DDP wraps it (as DDP's
+    documentation says), and the rest of the step runs eagerly.
     """
     precision = resolve_precision(
         args.precision, args.fp16, args.fp16_opt_level, args.loss_scale, info.device.type
@@ -481,7 +481,7 @@ def make_trainer(args: argparse.Namespace, model: VisionTransformer, info: DistI
         net = DistributedDataParallel(model, device_ids=ids)
     trainer = Trainer(model, net, optimizer, scheduler, scaler, precision, optimizer_step)
     compiles = args.compile if args.compile is not None else info.device.type == "cuda"
-    if compiles and (info.distributed or isinstance(scaler, torch.amp.GradScaler)):
+    if compiles and info.distributed:
         trainer.net = torch.compile(net)
     elif compiles:
         trainer.step = compile_whole(optimizer_step)
@@ -1125,7 +1125,7 @@ def log_progress(run: Run, bar: tqdm | None) -> None:
         return
     if run.guard is not None:
         run.guard.report()
-    if isinstance(run.trainer.scaler, StaticGradScaler):
+    if run.trainer.scaler is not None:
         run.trainer.scaler.report()
     loss, args, step = run.losses.pop_mean(), run.args, run.state.step
     if run.writer is not None:

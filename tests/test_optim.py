@@ -10,6 +10,7 @@ and subprocesses, which must never inherit them.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import copy
 import io
 import itertools
@@ -28,7 +29,7 @@ from models.configs import get_config
 from models.modeling import VisionTransformer
 from tests.helpers import HostReads, tiny_args
 from utils.infra.dist_utils import DistInfo
-from utils.recipe.amp import StaticGradScaler
+from utils.recipe.amp import LossScaler
 from utils.recipe.optim import OptimizerStateError, SGDMomentum, make_optimizer, make_scheduler
 from utils.recipe.update_rule import LINEAR_END, OPTIM_DTYPES, applied_lr, lr_multiplier
 
@@ -459,19 +460,19 @@ def test_a_tensor_rate_is_saved_as_a_float_and_loaded_into_the_tensor() -> None:
     assert state["param_groups"][0]["lr"] == 0.25
 
 
-@pytest.mark.parametrize("kind", ["fixed", "dynamic"])
+@pytest.mark.parametrize("kind", ["fixed", "dynamic", "torch"])
 def test_loss_scalers_skip_an_overflow_on_the_device(
     kind: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The fixed scale and torch's GradScaler hand an overflow to SGDMomentum on the device:
-    the steps read nothing back, and the overflowing one changes no parameter and no momentum
-    (the fixed scale counts it, and says so when asked)."""
+    """The fixed and dynamic LossScaler and torch's GradScaler hand an overflow to SGDMomentum
+    on the device: the steps read nothing back, and the overflowing one changes no parameter
+    and no momentum (LossScaler counts it, and says so when asked)."""
     model = _tiny_model()
     optimizer = make_optimizer(model.parameters(), 0.1, "bfloat16")
-    if kind == "fixed":
-        scaler = StaticGradScaler(2.0**12, "cpu")
-    else:
+    if kind == "torch":
         scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    else:
+        scaler = LossScaler(2.0**12, dynamic=kind == "dynamic", device="cpu")
     reads = HostReads()
 
     def step(number: int, factor: float = 1.0) -> None:
@@ -497,8 +498,58 @@ def test_loss_scalers_skip_an_overflow_on_the_device(
         with caplog.at_level(logging.WARNING):
             scaler.report()
         assert "fp16 gradients overflowed (scale 4096): 1 step(s) skipped" in caplog.text
+    elif kind == "dynamic":
+        with caplog.at_level(logging.WARNING):
+            assert scaler.report() == 1
+        assert "fp16 gradients overflowed (scale 2048): 1 step(s) skipped" in caplog.text
+        assert scaler.report() == 0  # counted once
     else:
         assert scaler.get_scale() == 2.0**11
+
+
+def test_the_dynamic_loss_scaler_is_torchs_grad_scaler(caplog: pytest.LogCaptureFixture) -> None:
+    """LossScaler and torch.amp.GradScaler (the oracle), each stepping its copy of a model with
+    SGDMomentum through the same steps: clean ones, enough in a row for the scale to grow
+    (growth_interval 3), and overflows (an inf loss, a loss whose scaled gradients exceed
+    float32, one NaN gradient). After every step: the same scale and growth tracker (the same
+    state dict) and bit for bit the same parameters and momentum; the overflows are the steps
+    counted as skipped, and no step reads anything back."""
+    faults = [None, None, None, None, "inf", None, "nan", None, None, None, None, "huge", None]
+    runs = []
+    for scaler in (
+        LossScaler(2.0**10, growth_interval=3, device="cpu"),
+        torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=3),
+    ):
+        model = _tiny_model()
+        runs.append((scaler, model, make_optimizer(model.parameters(), 0.1, "bfloat16")))
+    (ours, model, optimizer), (oracle, oracle_model, oracle_optimizer) = runs
+    reads, scales, skipped = HostReads(), [], 0
+    for k, fault in enumerate(faults):
+        for scaler, net, opt in runs:
+            factor = {"inf": math.inf, "huge": 1e36}.get(fault, 1.0)
+            with reads if scaler is ours else contextlib.nullcontext():
+                scaler.scale(_loss(net, k) * factor).backward()
+                if fault == "nan":
+                    net[2].weight.grad[0, 0] = math.nan
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+                scaler.step(opt)
+                scaler.update()
+            opt.zero_grad(set_to_none=True)
+        assert ours.state_dict() == oracle.state_dict(), f"step {k}"
+        scales.append(oracle.get_scale())
+        for p, q in zip(model.parameters(), oracle_model.parameters(), strict=True):
+            assert torch.equal(p, q), f"step {k}"
+            want = oracle_optimizer.state[q]["momentum_buffer"]
+            assert torch.equal(optimizer.state[p]["momentum_buffer"], want), f"step {k}"
+        if k in (6, len(faults) - 1):
+            with caplog.at_level(logging.WARNING):
+                skipped += ours.report()
+            assert skipped == sum(f is not None for f in faults[: k + 1]), f"step {k}"
+    assert reads.counts[None] == 0
+    # Grown after 3 clean steps in a row, halved at each overflow.
+    assert scales == [2.0**e for e in (10, 10, 11, 11, 10, 10, 9, 9, 9, 10, 10, 9, 9)]
+    assert f"overflowed (scale {scales[6]:g}): 2 step(s) skipped" in caplog.text  # the oracle's
 
 
 @pytest.mark.slow

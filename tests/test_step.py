@@ -5,6 +5,7 @@ that evaluation never recompiles and that computes the eager step's numbers."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -39,11 +40,15 @@ def count_reads_per_step(monkeypatch: pytest.MonkeyPatch, reads: HostReads) -> N
     monkeypatch.setattr(train, "train_step", counted)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_steps_between_logs_never_wait_for_the_device(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, precision: str
 ) -> None:
     """train.py's own loop, counted op by op: the steps that neither log, evaluate nor save read
-    nothing back from the device; the others read the loss and the guard's counts there."""
+    nothing back from the device; the others read the loss and the guard's counts there, or
+    under fp16 (with the dynamic loss scale) the loss and the scaler's skipped steps."""
+    if precision == "fp16":
+        monkeypatch.setattr(train, "resolve_precision", lambda *flags: "fp16")  # as on CUDA
     reads = HostReads()
     count_reads_per_step(monkeypatch, reads)
     flags = {
@@ -59,7 +64,9 @@ def test_steps_between_logs_never_wait_for_the_device(
     assert summary.step == 9
     quiet = [step for step in range(1, 10) if step not in (4, 8, 9)]
     assert {step: reads.counts[step] for step in quiet} == dict.fromkeys(quiet, 0)
-    assert reads.counts[4] == reads.counts[8] == 1  # the mean loss (the guard's counts: .tolist())
+    # The mean loss, and the scaler's count (the guard's counts: .tolist(), not counted here).
+    logged = {"fp32": 1, "fp16": 2}[precision]
+    assert reads.counts[4] == reads.counts[8] == logged
     assert [step for step, _ in scalars(tmp_path / "logs" / "tiny")["train/loss"]] == [4, 8, 9]
 
 
@@ -145,6 +152,65 @@ def _batches(steps: int, nan_at: int) -> list[list[tuple[torch.Tensor, torch.Ten
     return out
 
 
+def _model(name: str) -> VisionTransformer:
+    """A seeded model with a non-zero head: every parameter gets a gradient."""
+    torch.manual_seed(0)
+    model = VisionTransformer(name, 32, num_classes=10)
+    with torch.no_grad():
+        model.head.weight.normal_()
+    return model
+
+
+@pytest.mark.slow
+def test_the_compiled_fp16_step_with_a_dynamic_loss_scale_is_one_graph_that_equals_eager(
+    tmp_path: Path, no_dropout: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fp16 with the dynamic loss scale (`--loss_scale 0`), as on CUDA (on the CPU its autocast
+    computes in bfloat16): `make_trainer` compiles the whole step, the scaler included, as one
+    graph with no break; no step reads anything back; after 3 steps, the second skipped for a
+    NaN loss (the scale halved), parameters, momentum and scale are the eager step's, bit for
+    bit. The graph runs on the `aot_eager` backend, op by op (so the reads are counted inside
+    it), in seconds; inductor's code for such a step is the test below's concern (it runs the
+    scaler's two kernels as they are, as fallbacks)."""
+    monkeypatch.setattr(train, "resolve_precision", lambda *flags: "fp16")  # as on CUDA
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda step: real(step, backend="aot_eager"))
+    flags = {
+        "model_type": no_dropout,
+        "train_batch_size": 8,
+        "gradient_accumulation_steps": 2,
+        "optim_dtype": "float32",
+    }
+    info, steps = DistInfo(), _batches(3, nan_at=2)
+    model = _model(no_dropout)
+    runs = {}
+    for name, compiled in (("eager", False), ("compiled", True)):
+        args = train.parse_args(tiny_args(tmp_path, compile=compiled, **flags))
+        trainer = train.make_trainer(args, copy.deepcopy(model), info)
+        assert (trainer.step is not train.optimizer_step) == compiled
+        assert trainer.scaler.get_scale() == 2.0**16
+        torch._dynamo.reset()
+        counters.clear()
+        reads = HostReads()
+        for k, batches in enumerate(steps, start=1):
+            counted = reads if k > 1 else contextlib.nullcontext()  # (the first compiles)
+            with torch._dynamo.config.patch(error_on_recompile=k > 1), counted:
+                train.train_step(args, trainer, batches, None, k, info)
+        assert reads.counts[None] == 0, name
+        if compiled:
+            assert dict(counters["graph_break"]) == {}
+            assert counters["stats"]["unique_graphs"] == 1
+        assert trainer.scaler.get_scale() == 2.0**15
+        runs[name] = trainer
+    eager, compiled = runs["eager"], runs["compiled"]
+    for p, q in zip(eager.model.parameters(), compiled.model.parameters(), strict=True):
+        assert torch.equal(q, p)
+        want = eager.optimizer.state[p]["momentum_buffer"]
+        assert torch.equal(compiled.optimizer.state[q]["momentum_buffer"], want)
+    moved = zip(model.parameters(), eager.model.parameters(), strict=True)
+    assert not any(torch.equal(p, q) for p, q in moved)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("momentum_dtype", OPTIM_DTYPES)
 def test_the_compiled_step_is_one_graph_that_evaluation_leaves_alone_and_equals_eager(
@@ -161,10 +227,7 @@ def test_the_compiled_step_is_one_graph_that_evaluation_leaves_alone_and_equals_
         "optim_dtype": momentum_dtype,
     }
     info, steps = DistInfo(), _batches(4, nan_at=3)
-    torch.manual_seed(0)
-    model = VisionTransformer(no_dropout, 32, num_classes=10)
-    with torch.no_grad():
-        model.head.weight.normal_()  # a non-zero head: every parameter gets a gradient
+    model = _model(no_dropout)
     runs = {}
     for name, compiled in (("eager", False), ("compiled", True)):
         args = train.parse_args(tiny_args(tmp_path, compile=compiled, **flags))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import random
 from pathlib import Path
 
@@ -28,7 +29,8 @@ from utils.infra.train_state import (
     save_training_state,
     set_rng_state,
 )
-from utils.recipe.optim import make_scheduler
+from utils.recipe.amp import LossScaler
+from utils.recipe.optim import make_optimizer, make_scheduler
 
 TESTING = get_config("testing")
 
@@ -122,6 +124,57 @@ def test_state_of_a_wrapped_model_loads_into_a_bare_one(tmp_path) -> None:
     )
     assert all(not k.startswith("module.") for k in read_state_dict(path))
     load_training_state(path, model=_training_objects(1)[0])
+
+
+def _loss_scaler(kind: str, init_scale: float) -> torch.amp.GradScaler | LossScaler:
+    if kind == "torch":
+        return torch.amp.GradScaler("cpu", init_scale=init_scale, growth_interval=3)
+    return LossScaler(init_scale, growth_interval=3, device="cpu")
+
+
+def _scaled_steps(scaler: torch.amp.GradScaler | LossScaler, factors: list[float]) -> list[dict]:
+    """fp16 steps of `scaler` on a weight of its own (a factor of inf overflows); its state
+    after each."""
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = make_optimizer([weight], 0.1, "float32")
+    states = []
+    for factor in factors:
+        scaler.scale((weight * factor).sum()).backward()
+        scaler.unscale_(optimizer)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        states.append(scaler.state_dict())
+    return states
+
+
+@pytest.mark.parametrize(("saved_by", "resumed_by"), [("torch", "ours"), ("ours", "torch")])
+def test_a_dynamic_loss_scale_resumes_across_torchs_grad_scaler_and_ours(
+    tmp_path: Path, saved_by: str, resumed_by: str
+) -> None:
+    """A training state saved with torch.amp.GradScaler (as train.py saved it before
+    LossScaler) resumes into a LossScaler, and the reverse: from there the scale and its growth
+    tracker go on as the saving scaler's own do, through a growth and an overflow."""
+    model, optimizer, _, _ = _training_objects(0)
+    saved = _loss_scaler(saved_by, 256.0)
+    _scaled_steps(saved, [1.0, math.inf, 1.0, 1.0])
+    assert saved.state_dict()["_growth_tracker"] == 2  # two clean steps since the overflow
+    path = tmp_path / "s.pt"
+    save_training_state(
+        path,
+        model=model,
+        optimizer=optimizer,
+        scaler=saved,
+        state=TrainState(step=4, best_accuracy=0.0, epoch=0, batches_in_epoch=4),
+        args={},
+    )
+    resumed = _loss_scaler(resumed_by, 2.0**16)
+    load_training_state(path, model=model, scaler=resumed)
+    assert resumed.state_dict() == saved.state_dict()
+    factors = [1.0, 1.0, math.inf, 1.0]  # grows at the first, backs off at the third
+    want = _scaled_steps(saved, factors)
+    assert [state["scale"] for state in want] == [256.0, 256.0, 128.0, 128.0]
+    assert _scaled_steps(resumed, factors) == want
 
 
 def _save_state(path: Path, model: VisionTransformer) -> None:

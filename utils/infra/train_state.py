@@ -174,7 +174,7 @@ def save_training_state(
             class count are stored so that a resume with another model is refused.
         optimizer: its `state_dict` is saved. The schedule is not: it is a function of the
             step, rebuilt on resume from the command's flags (`make_scheduler(..., step)`).
-        scaler: a `torch.amp.GradScaler` (saved), or None / a stateless fixed-scale scaler.
+        scaler: its `state_dict` is saved (`torch.amp.GradScaler`'s format), if it has one.
         state: the run's progress (its `args` field is not used; `args` is).
         args: an `argparse.Namespace` or a mapping; stored as plain values.
         rng_states: one :func:`get_rng_state` per rank (gathered under DDP); default: this

@@ -1,4 +1,4 @@
-"""Mixed precision: the autocast context and the fp16 grad scalers for a `--precision` name
+"""Mixed precision: the autocast context and the fp16 loss scaler for a `--precision` name
 (`utils.recipe.precision` resolves the flags to one), and TF32 for float32 on CUDA (`--tf32`)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 
 __all__ = [
     "AUTOCAST_DTYPES",
-    "StaticGradScaler",
+    "LossScaler",
     "autocast",
     "autocast_dtype",
     "make_scaler",
@@ -64,43 +64,77 @@ def autocast(precision: str, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-class StaticGradScaler:
-    """A fixed loss scale (`--loss_scale S`), with GradScaler's interface.
+class LossScaler:
+    """fp16 loss scaling with `torch.amp.GradScaler`'s interface, arithmetic and saved state, but
+    with all its state in tensors on the device: no call reads anything back, so torch.compile
+    traces a whole training step through it (GradScaler keeps per-optimizer Python state that
+    it cannot trace).
 
-    Gradients are unscaled before clipping; a step whose gradients overflowed is skipped (a fixed
-    scale never adapts, so lower `--loss_scale` if this repeats). An optimizer that skips on the
-    device (``_step_supports_amp_scaling``, as `utils.recipe.optim.SGDMomentum`) gets the
-    overflow as GradScaler hands it over (``optimizer.found_inf``), and nothing is read back:
-    the skipped steps are counted on the device and :meth:`report` warns about them where the
-    loop waits anyway. Any other optimizer steps after the overflow is read (a host sync), with
-    a warning for each skipped step.
+    Dynamic (`--loss_scale 0`; GradScaler's defaults): the scale starts at `init_scale`, is
+    multiplied by `backoff_factor` after a step whose gradients overflowed, and by
+    `growth_factor` after `growth_interval` clean steps in a row (GradScaler's own kernels,
+    ``torch._amp_update_scale_`` and ``torch._amp_foreach_non_finite_check_and_unscale_``).
+    Fixed (`dynamic=False`, `--loss_scale S`): the scale stays `init_scale`; lower it if
+    overflows repeat.
+
+    Gradients are unscaled before clipping (`unscale_`, or else in `step`), and a step whose
+    gradients overflowed is skipped. An optimizer that skips on the device
+    (``_step_supports_amp_scaling``, as `utils.recipe.optim.SGDMomentum`) gets the overflow as
+    GradScaler hands it over (``optimizer.found_inf``), and nothing is read back: the skipped
+    steps are counted on the device and :meth:`report` warns about them where the loop waits
+    anyway. Any other optimizer steps after the overflow is read (a host sync), with a warning
+    for each skipped step. The gradients must lie on one device (no model parallelism).
 
     Args:
-        scale: the loss scale.
-        device: where the overflow count lives; None: the gradients' device, at the first
-            `unscale_` (a compiled step wants it made beforehand).
+        init_scale: the first (dynamic) or only (fixed) loss scale.
+        dynamic: whether the scale adapts.
+        growth_factor, backoff_factor, growth_interval: how it adapts, as GradScaler's.
+        device: where the state lives; None: the CPU, moved to the loss's device at the first
+            `scale` (a compiled step wants it made there beforehand).
     """
 
-    def __init__(self, scale: float, device: torch.device | str | None = None):
-        self.scale_value = float(scale)
-        self._found_inf: torch.Tensor | None = None
-        self._skipped = None if device is None else torch.zeros((), device=device)
+    def __init__(
+        self,
+        init_scale: float = 2.0**16,
+        *,
+        dynamic: bool = True,
+        growth_factor: float = 2.0,
+        backoff_factor: float = 0.5,
+        growth_interval: int = 2000,
+        device: torch.device | str | None = None,
+    ):
+        self.dynamic = dynamic
+        self.growth_factor = growth_factor
+        self.backoff_factor = backoff_factor
+        self.growth_interval = growth_interval
+        self._scale = torch.full((), float(init_scale), device=device)
+        self._growth_tracker = torch.zeros((), dtype=torch.int32, device=device)
+        self._skipped = torch.zeros((), device=device)  # since the last `report`
+        self._found_inf: torch.Tensor | None = None  # this step's, from `unscale_`
 
     def scale(self, loss: torch.Tensor) -> torch.Tensor:
-        return loss * self.scale_value
+        if self._scale.device != loss.device:  # made elsewhere: follow the loss, once
+            self._scale, self._growth_tracker, self._skipped = (
+                t.to(loss.device) for t in (self._scale, self._growth_tracker, self._skipped)
+            )
+        return loss * self._scale
 
     def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
+        """Divide the gradients by the scale and note whether any is inf or NaN, as
+        `torch.amp.GradScaler.unscale_` does (by the float32 reciprocal of the scale)."""
         grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        torch._foreach_div_(grads, self.scale_value)
-        self._found_inf = ~torch.stack([g.isfinite().all() for g in grads]).all()
-        if self._skipped is None:
-            self._skipped = torch.zeros((), device=grads[0].device)
+        self._found_inf = torch.zeros((), device=self._scale.device)
+        inv_scale = self._scale.double().reciprocal().float()
+        for dtype in dict.fromkeys(g.dtype for g in grads):  # the kernel takes one dtype
+            torch._amp_foreach_non_finite_check_and_unscale_(
+                [g for g in grads if g.dtype == dtype], self._found_inf, inv_scale
+            )
 
     def step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self._found_inf is None:
+            self.unscale_(optimizer)
         found_inf = self._found_inf
-        if found_inf is None:  # not unscaled: nothing was checked
-            optimizer.step()
-        elif getattr(optimizer, "_step_supports_amp_scaling", False):
+        if getattr(optimizer, "_step_supports_amp_scaling", False):
             optimizer.found_inf = found_inf  # GradScaler's hand-over: skipped on the device
             try:
                 optimizer.step()
@@ -108,30 +142,74 @@ class StaticGradScaler:
                 del optimizer.found_inf
             self._skipped.add_(found_inf)
         elif found_inf.item():
-            logger.warning("fp16 gradients overflowed (scale %g): step skipped.", self.scale_value)
+            logger.warning("fp16 gradients overflowed (scale %g): step skipped.", self.get_scale())
         else:
             optimizer.step()
 
     def update(self) -> None:
+        """Adapt the scale to this step's overflow (dynamic), on the device."""
+        if self.dynamic and self._found_inf is not None:
+            torch._amp_update_scale_(
+                self._scale,
+                self._growth_tracker,
+                self._found_inf,
+                self.growth_factor,
+                self.backoff_factor,
+                self.growth_interval,
+            )
         self._found_inf = None
 
-    def report(self) -> None:
-        """Warn about the steps skipped since the last report (reads the device: a host sync)."""
-        skipped = 0 if self._skipped is None else int(self._skipped.item())
-        if skipped:
-            self._skipped.zero_()
-            logger.warning(
-                "fp16 gradients overflowed (scale %g): %d step(s) skipped since the last report.",
-                self.scale_value,
-                skipped,
-            )
+    def get_scale(self) -> float:
+        """The current scale (a host sync)."""
+        return self._scale.item()
+
+    def report(self) -> int:
+        """Warn about the steps skipped since the last report (reads the device: a host sync);
+        returns their number."""
+        skipped = int(self._skipped.item())
+        if not skipped:
+            return 0
+        self._skipped.zero_()
+        logger.warning(
+            "fp16 gradients overflowed (scale %g): %d step(s) skipped since the last report.",
+            self.get_scale(),  # a dynamic one's now
+            skipped,
+        )
+        return skipped
+
+    def state_dict(self) -> dict[str, float | int]:
+        """`torch.amp.GradScaler`'s state dict (Python numbers: a host sync), so that each loads
+        the other's; empty for a fixed scale, which `--loss_scale` sets (as a disabled
+        GradScaler's)."""
+        if not self.dynamic:
+            return {}
+        return {
+            "scale": self.get_scale(),
+            "growth_factor": self.growth_factor,
+            "backoff_factor": self.backoff_factor,
+            "growth_interval": self.growth_interval,
+            "_growth_tracker": int(self._growth_tracker.item()),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, float | int]) -> None:
+        """Continue a dynamic scale saved by this class or by `torch.amp.GradScaler`; a fixed
+        scale keeps `--loss_scale`, and an empty state (a fixed scale's) changes nothing."""
+        if not self.dynamic or not state_dict:
+            return
+        self._scale.fill_(state_dict["scale"])
+        self._growth_tracker.fill_(state_dict["_growth_tracker"])
+        self.growth_factor = float(state_dict["growth_factor"])
+        self.backoff_factor = float(state_dict["backoff_factor"])
+        self.growth_interval = int(state_dict["growth_interval"])
 
 
-def make_scaler(precision: str, loss_scale: float, device: torch.device | str | None = None):
-    """GradScaler for fp16 (dynamic when `loss_scale` is 0, fixed otherwise); None otherwise.
-    `device`: where a fixed scaler counts its skipped steps (`StaticGradScaler`)."""
+def make_scaler(
+    precision: str, loss_scale: float, device: torch.device | str | None = None
+) -> LossScaler | None:
+    """The fp16 loss scaler, its state on `device`: dynamic when `loss_scale` is 0 (as
+    `torch.amp.GradScaler`'s defaults), fixed otherwise; None for other precisions."""
     if precision != "fp16":
         return None
     if loss_scale > 0:
-        return StaticGradScaler(loss_scale, device)
-    return torch.amp.GradScaler("cuda")
+        return LossScaler(loss_scale, dynamic=False, device=device)
+    return LossScaler(device=device)
