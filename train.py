@@ -5,7 +5,8 @@ kept in bfloat16 (`--optim_dtype`), the learning rate counted as optax counts (t
 applies `lr_fn(k - 1)`: 0 for the first, with warmup), linear warmup then cosine or linear decay
 (`utils/recipe/optim.py`). Gradient accumulation that is exactly the big batch, mixed precision with
 `torch.amp`, and `torchrun` data parallelism with sharded evaluation. Every flag of the original
-PyTorch port keeps its name and default, so its commands run unchanged:
+PyTorch port keeps its name and default (but `--eval_batch_size`, which on CUDA is the largest
+batch that fits unless given), so its commands run unchanged:
 
     python train.py --name cifar10-100_500 --dataset cifar10 --model_type ViT-B_16 \
         --pretrained_dir checkpoint/ViT-B_16.npz [--fp16 --fp16_opt_level O2]

@@ -262,7 +262,7 @@ def test_original_flags_and_defaults() -> None:
         "output",
         224,
         512,
-        64,
+        None,  # planned on CUDA, 64 without (utils.infra.memory.evaluation_batch_size)
     )
     assert (args.eval_every, args.learning_rate, args.weight_decay, args.num_steps) == (
         100,

@@ -375,7 +375,7 @@ def train_runs(check: Check, plan: Plan, python: str) -> None:
             evaluation.status = "failed"
             evaluation.problems.append(f"eval.py gives {m and m.group(1)}, the run {want}")
 
-    # fp16 (GradScaler): stopped by SIGTERM once a last state is saved, then resumed to the end.
+    # fp16 (dynamic loss scale): stopped by SIGTERM once a last state is saved, then resumed.
     name = "check-fp16"
     step, limit = check.start("train fp16, SIGTERM", command(name, "fp16"))
     if limit is not None:
