@@ -8,6 +8,8 @@ from contextlib import nullcontext
 
 import torch
 
+from utils.recipe.optim import SGDMomentum
+
 __all__ = [
     "AUTOCAST_DTYPES",
     "LossScaler",
@@ -78,9 +80,9 @@ class LossScaler:
     overflows repeat.
 
     Gradients are unscaled before clipping (`unscale_`, or else in `step`), and a step whose
-    gradients overflowed is skipped. An optimizer that skips on the device
-    (``_step_supports_amp_scaling``, as `utils.recipe.optim.SGDMomentum`) gets the overflow as
-    GradScaler hands it over (``optimizer.found_inf``), and nothing is read back: the skipped
+    gradients overflowed is skipped. `utils.recipe.optim.SGDMomentum` gets the overflow as its
+    step's `skip`, and another optimizer that skips on the device (``_step_supports_amp_scaling``)
+    as GradScaler hands it over (``optimizer.found_inf``); nothing is read back: the skipped
     steps are counted on the device and :meth:`report` warns about them where the loop waits
     anyway. Any other optimizer steps after the overflow is read (a host sync), with a warning
     for each skipped step. The gradients must lie on one device (no model parallelism).
@@ -134,7 +136,13 @@ class LossScaler:
         if self._found_inf is None:
             self.unscale_(optimizer)
         found_inf = self._found_inf
-        if getattr(optimizer, "_step_supports_amp_scaling", False):
+        if isinstance(optimizer, SGDMomentum):
+            # Skipped on the device, told so by an argument: the class's `step`, because any
+            # attribute written on the optimizer (GradScaler's hand-over, the schedule's wrapper
+            # of `step`) is a write torch 2.11's compiler cannot trace.
+            type(optimizer).step(optimizer, skip=found_inf != 0)
+            self._skipped.add_(found_inf)
+        elif getattr(optimizer, "_step_supports_amp_scaling", False):
             optimizer.found_inf = found_inf  # GradScaler's hand-over: skipped on the device
             try:
                 optimizer.step()
