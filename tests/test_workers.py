@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import multiprocessing
 import os
 import re
 import resource
@@ -29,7 +30,7 @@ from utils.infra.errors import LoaderError
 from utils.infra.file_io import safe_load
 from utils.infra.flags import default_num_workers
 from utils.infra.train_state import last_state_path
-from utils.infra.watchdog import WatchedLoader
+from utils.infra.watchdog import WatchedLoader, loader_error
 
 DEADLINE = 180  # s: a regression fails here instead of hanging the suite
 
@@ -306,3 +307,29 @@ def test_started_workers_exist_before_the_first_batch_and_serve_every_pass() -> 
         assert sorted(index for index, _ in items) == list(range(10))
         assert {pid for _, pid in items} == started  # the same workers: they persist
     del loader
+
+
+def _sleep_forever() -> None:
+    time.sleep(600)
+
+
+def test_a_connection_broken_by_a_killed_worker_names_the_worker() -> None:
+    """A worker killed while it hands over a batch breaks the connection first (an EOFError or
+    ConnectionResetError in the training process): the message names the dead worker, as
+    torch's own report of it would, not the limits on passing batches."""
+    worker = multiprocessing.get_context("fork").Process(target=_sleep_forever)
+    alive = multiprocessing.get_context("fork").Process(target=_sleep_forever)
+    worker.start()
+    alive.start()
+    try:
+        os.kill(worker.pid, signal.SIGKILL)
+        broken = ConnectionResetError(104, "Connection reset by peer")
+        message = str(loader_error(broken, [alive, worker]))
+        assert f"worker (pid {worker.pid}) is killed by signal: Killed" in message
+        assert "out-of-memory killer" in message
+        # with every worker alive, it is the limits on passing batches
+        assert "could not pass a batch" in str(loader_error(EOFError(), [alive]))
+    finally:
+        alive.kill()
+        alive.join()
+        worker.join()

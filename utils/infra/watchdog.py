@@ -16,8 +16,10 @@ import re
 import signal
 import sys
 import threading
+import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from multiprocessing.process import BaseProcess
 
 from torch._utils import ExceptionWrapper
 from torch.utils.data import DataLoader, Dataset, get_worker_info
@@ -147,7 +149,8 @@ class WatchedLoader(DataLoader):
             except StopIteration:
                 return
             except Exception as err:
-                failure = loader_error(err) if self.num_workers > 0 else None
+                workers = getattr(iterator, "_workers", ())
+                failure = loader_error(err, workers) if self.num_workers > 0 else None
                 if failure is None:
                     raise
                 raise failure from None
@@ -189,7 +192,7 @@ def _raise_deferred_child_exit() -> None:
         _torch_sigchld(signal.SIGCHLD, None)
 
 
-def loader_error(err: BaseException) -> LoaderError | None:
+def loader_error(err: BaseException, workers: Sequence[BaseProcess] = ()) -> LoaderError | None:
     """The one message for an error torch reports about its loader workers, else None.
 
     torch words them so: "DataLoader worker (pid N) is killed by signal: Killed.", "...
@@ -198,7 +201,9 @@ def loader_error(err: BaseException) -> LoaderError | None:
     memory could not be passed (too few file descriptors), and an exception raised in a worker
     comes back as its type with "Caught X in DataLoader worker process N" and the worker's
     traceback as its message. Starting workers without file descriptors or room in /dev/shm
-    raises an OSError.
+    raises an OSError. A worker killed while it hands over a batch breaks the connection
+    (EOFError, ConnectionResetError): when one of `workers` (the loader's) has died, its death
+    is the message.
     """
     text = str(err)
     fewer = "lower --num_workers, or use --num_workers 0 to load in the training process"
@@ -217,6 +222,9 @@ def loader_error(err: BaseException) -> LoaderError | None:
             f"The data-loading workers could not start ({err.strerror}). {_limits_hint()}"
         )
     if isinstance(err, (EOFError, ConnectionError)):  # a batch's file descriptors were lost
+        dead = _dead_worker(workers)
+        if dead is not None:
+            return _worker_died(str(dead.pid), _death(dead.exitcode), fewer)
         return LoaderError(
             f"The data-loading workers could not pass a batch ({err!r}). {_limits_hint()}"
         )
@@ -224,17 +232,7 @@ def loader_error(err: BaseException) -> LoaderError | None:
         return None
     found = re.search(r"DataLoader worker \(pid\(?s?\)? ([\d, ]+)\) (.*?)(\. |\.$|$)", text)
     if found:
-        pids, what = found.group(1), found.group(2)
-        if "Bus error" in what:
-            cause = "the shared memory (/dev/shm) is likely too small. " + _limits_hint()
-        elif "Killed" in what:
-            cause = f"usually the out-of-memory killer: {fewer}, or a smaller batch"
-        else:  # torch found it dead without its exit status
-            cause = (
-                f"killed (the out-of-memory killer kills the largest process) or crashed: {fewer}, "
-                "or a smaller batch"
-            )
-        return LoaderError(f"A data-loading worker (pid {pids}) {what}: {cause}.")
+        return _worker_died(found.group(1), found.group(2), fewer)
     if text.startswith("DataLoader timed out after "):
         seconds = text.removeprefix("DataLoader timed out after ").split()[0]
         return LoaderError(
@@ -244,6 +242,42 @@ def loader_error(err: BaseException) -> LoaderError | None:
         )
     if "Too many open files" in text:
         return LoaderError(f"The data loader ran out of file descriptors. {_limits_hint()}")
+    return None
+
+
+def _worker_died(pids: str, what: str, fewer: str) -> LoaderError:
+    """The message for dead workers `pids`; `what` in torch's words ("is killed by signal:
+    Killed", "exited unexpectedly")."""
+    if "Bus error" in what:
+        cause = "the shared memory (/dev/shm) is likely too small. " + _limits_hint()
+    elif "Killed" in what:
+        cause = f"usually the out-of-memory killer: {fewer}, or a smaller batch"
+    else:  # found dead without its exit status
+        cause = (
+            f"killed (the out-of-memory killer kills the largest process) or crashed: {fewer}, "
+            "or a smaller batch"
+        )
+    return LoaderError(f"A data-loading worker (pid {pids}) {what}: {cause}.")
+
+
+def _death(exitcode: int) -> str:
+    """How a process ended, in torch's words for its workers."""
+    if exitcode < 0:
+        return f"is killed by signal: {signal.strsignal(-exitcode) or -exitcode}"
+    return "exited unexpectedly"
+
+
+def _dead_worker(workers: Sequence[BaseProcess], wait: float = 1.0) -> BaseProcess | None:
+    """A worker among `workers` that has ended with an error, waiting up to `wait` seconds for
+    one to be seen dead (its connection may break a moment before its exit is)."""
+    deadline = time.monotonic() + wait
+    while workers:
+        for worker in workers:
+            if worker.exitcode not in (None, 0):
+                return worker
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
     return None
 
 
