@@ -443,27 +443,32 @@ def test_an_existing_output_or_the_checkpoints_sidecar_is_never_replaced_unasked
 
 
 @pytest.mark.slow
-def test_under_torchrun_equals_one_process(tmp_path, best_checkpoint) -> None:
+def test_under_torchrun_equals_one_process(
+    tmp_path, best_checkpoint, monkeypatch, capsys, one_thread
+) -> None:
     path = best_checkpoint(distinct_model("testing", 32, 10), dataset="digits")
     argv = [
         *("--checkpoint", str(path), "--dataset", "digits", "--num_workers", "1"),
         *("--shots", "1", "10", "--seeds", "2"),
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    outputs = []
-    for launcher in ([], ["-m", "torch.distributed.run", "--nproc_per_node=2"]):
-        output = tmp_path / f"run{len(outputs)}.json"
-        result = subprocess.run(
-            [sys.executable, *launcher, "fewshot.py", *argv, "--output", str(output)],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert result.returncode == 0, result.stderr[-3000:]
-        assert result.stdout.count("Few-shot linear accuracy") == 1  # printed by rank 0 only
-        outputs.append(json.loads(output.read_text()))
+    # One process: this one, on one thread, as the torchrun workers below.
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    capsys.readouterr()
+    fewshot_script.main([*argv, "--output", str(tmp_path / "run0.json")])
+    assert capsys.readouterr().out.count("Few-shot linear accuracy") == 1
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
+    result = subprocess.run(
+        [*torchrun, "fewshot.py", *argv, "--output", str(tmp_path / "run1.json")],
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("Few-shot linear accuracy") == 1  # printed by rank 0 only
+    outputs = [json.loads((tmp_path / f"run{i}.json").read_text()) for i in (0, 1)]
     (one,), (two,) = outputs[0]["evaluations"], outputs[1]["evaluations"]
     assert {k: v for k, v in one.items() if k not in ("results", "summary")} == {
         k: v for k, v in two.items() if k not in ("results", "summary")

@@ -109,29 +109,39 @@ def test_other_write_errors_propagate_and_keep_the_previous_file(tmp_path) -> No
 
 @pytest.mark.slow
 def test_kill_9_during_saves_never_leaves_a_torn_file(tmp_path) -> None:
-    path = tmp_path / "state.pt"
     child = textwrap.dedent(
-        f"""
+        """
         import sys, torch
         from utils.infra.file_io import atomic_save
         i = 0
         while True:
-            atomic_save({{"i": i, "w": torch.full((1_000_000,), float(i))}}, {str(path)!r})
+            atomic_save({"i": i, "w": torch.full((1_000_000,), float(i))}, sys.argv[1])
             print(i, flush=True)
             i += 1
         """
     )
-    for delay in (0.07, 0.31):
-        proc = subprocess.Popen(
-            [sys.executable, "-c", child], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    # Two writers, each to its own file, started together (their imports overlap).
+    delays = {tmp_path / "state0.pt": 0.07, tmp_path / "state1.pt": 0.31}
+    procs = {
+        path: subprocess.Popen(
+            [sys.executable, "-c", child, str(path)], cwd=ROOT, stdout=subprocess.PIPE, text=True
         )
-        assert proc.stdout.readline().strip() == "0"  # one complete save exists
-        time.sleep(delay)  # then kill at some instant of a later save
-        proc.kill()
-        proc.wait()
-        proc.stdout.close()
-        state = safe_load(path)
-        assert torch.equal(state["w"], torch.full((1_000_000,), float(state["i"])))
+        for path in delays
+    }
+    try:
+        for path, delay in delays.items():
+            proc = procs[path]
+            assert proc.stdout.readline().strip() == "0"  # one complete save exists
+            time.sleep(delay)  # then kill at some instant of a later save
+            proc.kill()
+            proc.wait()
+            state = safe_load(path)
+            assert torch.equal(state["w"], torch.full((1_000_000,), float(state["i"])))
+    finally:
+        for proc in procs.values():
+            proc.kill()
+            proc.wait()
+            proc.stdout.close()
 
 
 def test_text_sidecar(tmp_path) -> None:

@@ -31,13 +31,15 @@ STEPS = [
 def run_check(
     out: Path, *flags: str, timeout: float = 600, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:
+    """tools/gpu_check.py, its steps (subprocesses that inherit `env`) on one intra-op thread:
+    the dry run's models are tiny, and more threads collapse on a busy shared CPU."""
     return subprocess.run(
         [sys.executable, str(SCRIPT), "--out", str(out), *flags],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=env,
+        env={**(os.environ if env is None else env), "OMP_NUM_THREADS": "1"},
     )
 
 

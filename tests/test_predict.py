@@ -214,19 +214,16 @@ def test_missing_checkpoint_is_one_message(folder, tmp_path, capsys) -> None:
 
 @pytest.mark.slow
 def test_torchrun_splits_the_files_and_writes_one_output_in_order(
-    best_checkpoint, folder, tmp_path
+    best_checkpoint, folder, tmp_path, monkeypatch, one_thread
 ) -> None:
     ckpt = best_checkpoint(_model(), class_names=CLASSES)
     common = ["--checkpoint", str(ckpt), "--image", str(folder), "--num_workers", "0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     env.pop("WORLD_SIZE", None)
     single, double = tmp_path / "one.json", tmp_path / "two.json"
-    subprocess.run(
-        [sys.executable, str(REPO / "predict.py"), *common, "--output", str(single)],
-        env=env,
-        check=True,
-        capture_output=True,
-    )
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):  # one process: this one, on one thread
+        monkeypatch.delenv(name, raising=False)
+    predict.main([*common, "--output", str(single)])
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     launcher += ["--nproc_per_node", "2"]
     subprocess.run(

@@ -231,9 +231,12 @@ def test_kill_9_then_resume_equals_uninterrupted(tmp_path: Path, uninterrupted: 
     saved = safe_load(path)["step"]  # loads: the kill tore nothing
     assert 4 <= saved < PROCESS_FLAGS["num_steps"], "killed too late to test a resume"
     assert saved % PROCESS_FLAGS["save_every"] == 0
-    # TensorBoard reads event files in name order, and a name holds the second it was created:
-    # resume in a later second than the killed run's file, as any real restart does.
-    time.sleep(1.1)
+    # TensorBoard reads event files in name order, and a name holds the second it was created
+    # (events.out.tfevents.SECOND.HOST.PID.N): resume in a later second than the killed run's
+    # file, as any real restart does.
+    files = (tmp_path / "logs" / "killed").glob("events.out.tfevents.*")
+    created = max((int(file.name.split(".")[3]) for file in files), default=0)
+    time.sleep(max(0.0, created + 1 - time.time()))
 
     summary = train.main(tiny_args(tmp_path, name="killed", resume=True, **PROCESS_FLAGS))
     assert summary.step == PROCESS_FLAGS["num_steps"]

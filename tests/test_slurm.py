@@ -121,7 +121,8 @@ def test_train_job_saves_at_the_warning_requeues_itself_and_continues(
 
 def run_submitted(env: dict[str, str], log: Path) -> list[str]:
     """Run the jobs `sbatch` was asked for, in order, as Slurm would once each one's dependency
-    is met (every array task with its SLURM_ARRAY_* variables); returns their dependencies."""
+    is met (an array's tasks at once, each with its SLURM_ARRAY_* variables); returns their
+    dependencies."""
     dependencies = []
     for number, call in enumerate(c for c in calls(env) if c.startswith("sbatch ")):
         words = shlex.split(call)[1:]
@@ -131,10 +132,12 @@ def run_submitted(env: dict[str, str], log: Path) -> list[str]:
         dependencies.append(options.get("dependency", ""))
         job = str(1001 + number)
         first, last = map(int, options.get("array", "0-0").split("-"))
+        tasks = []
         for task in range(first, last + 1):
             task_env = {**env, "SLURM_JOB_ID": job, "SLURM_ARRAY_JOB_ID": job}
             task_env["SLURM_ARRAY_TASK_ID"] = str(task)
-            proc = start_job(Path(script).name, argv, task_env, log)
+            tasks.append(start_job(Path(script).name, argv, task_env, log))
+        for proc in tasks:
             assert finish(proc, log) == 0, log.read_text()[-3000:]
     return dependencies
 
