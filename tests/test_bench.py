@@ -309,3 +309,25 @@ def test_old_training_transform_shape_and_range() -> None:
     assert out.dtype == torch.float32
     assert out.min() >= -1.0
     assert out.max() <= 1.0
+
+
+def test_the_photo_folder_tool_writes_real_jpegs_and_never_into_an_existing_folder(
+    tmp_path, capsys
+) -> None:
+    from PIL import Image
+
+    from tools import make_photo_folder
+
+    root = tmp_path / "photos"
+    assert make_photo_folder.main([str(root), "--images", "3", "--val", "1"]) == 0
+    train = sorted(
+        p.relative_to(root / "train").as_posix() for p in (root / "train").rglob("*.jpg")
+    )
+    assert train == ["china/00000.jpg", "china/00002.jpg", "flower/00001.jpg"]
+    assert len(list((root / "val").rglob("*.jpg"))) == 1
+    with Image.open(root / "train" / "china" / "00000.jpg") as image:
+        assert (image.format, image.size) == ("JPEG", (437, 427))
+    before = sorted(root.rglob("*"))
+    assert make_photo_folder.main([str(root), "--images", "5"]) == 2
+    assert "exists; name a new folder" in capsys.readouterr().err
+    assert sorted(root.rglob("*")) == before
