@@ -99,7 +99,7 @@ DRY_RUN = Plan(
         _argv(
             "--device cpu --dtype bf16 --model_type testing --img_size 32 --batch_size 2 "
             "--warmup 1 --iters 1 --infer_iters 1 --load_iters 0 --data_images 8 --data_sizes 32 "
-            "--matmul_size 64"
+            "--folder_images 8 --matmul_size 64"
         ),
     ),
     train=_argv(
