@@ -171,13 +171,12 @@ def check_evaluation_memory(
 ) -> None:
     """Stop before evaluating if one batch of `batch_size` images (`--eval_batch_size`) cannot
     fit on `device`: inference passes of two and three images give its peak (as the training
-    plan does). `model` is left in evaluation mode."""
+    plan does)."""
     available = available_bytes(device)
     if available is None:
         return
     budget = BUDGET_SHARE * available
-    model.eval()
-    fit = measure_memory(model, device, budget, training=False, autocast=autocast)
+    fit = _evaluation_fit(model, device, budget, autocast)
     most = largest_planned_batch(fit, budget)
     if most >= batch_size:
         return
@@ -207,15 +206,13 @@ def evaluation_batch_size(
     Args:
         model, autocast, cap, keep: `planned_evaluation_batch`'s.
         check: stop, as `check_evaluation_memory` does, if a batch that is not planned cannot
-            fit (`model` is left in the mode it was in).
+            fit.
     """
     if requested is None and device.type == "cuda":
         return planned_evaluation_batch(model, device, autocast, cap=cap, keep=keep)
     batch = CPU_EVAL_BATCH if requested is None else requested
     if check:
-        was = model.training
         check_evaluation_memory(model, device, autocast, batch)
-        model.train(was)
     source = "--eval_batch_size" if requested is not None else "the default without CUDA"
     logger.info("Evaluation batch: %d images per process (%s).", batch, source)
     return batch
@@ -232,8 +229,7 @@ def planned_evaluation_batch(
     """The largest evaluation batch whose `planned_need` fits beside what `device` holds now
     and `keep` bytes more, but at most `cap` and `EVAL_BATCH_CAP`; logged with what bounds it.
 
-    Measured with inference passes of two and three images (as `check_evaluation_memory`),
-    drawing nothing from the random generators; `model` is left in the mode it was in.
+    Measured as `check_evaluation_memory` measures (`_evaluation_fit`).
 
     Args:
         model: the bare model, on `device`.
@@ -257,14 +253,7 @@ def planned_evaluation_batch(
         return CPU_EVAL_BATCH
     left = max(available - keep, 0)
     budget = BUDGET_SHARE * left
-    was = model.training
-    model.eval()
-    try:
-        with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
-            fit = measure_memory(model, device, budget, training=False, autocast=autocast)
-    finally:
-        model.train(was)
-    most = largest_planned_batch(fit, budget)
+    most = largest_planned_batch(_evaluation_fit(model, device, budget, autocast), budget)
     if most == 0:
         raise _no_image_fits(model, device, left)
     batch = min(most, max(cap, 1), EVAL_BATCH_CAP)
@@ -276,6 +265,24 @@ def planned_evaluation_batch(
         bound = f"at most {EVAL_BATCH_CAP}; up to {most} would fit"
     logger.info("Evaluation batch: %d images per process (%s).", batch, bound)
     return batch
+
+
+def _evaluation_fit(
+    model: nn.Module,
+    device: torch.device,
+    budget: float,
+    autocast: Callable[[], AbstractContextManager],
+) -> MemoryFit | None:
+    """`measure_memory` of inference passes of two and three images in evaluation mode, drawing
+    nothing from the random generators; `model` is left in the mode it was in."""
+    was = model.training
+    model.eval()
+    cuda = [device.index or 0] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=cuda):
+            return measure_memory(model, device, budget, training=False, autocast=autocast)
+    finally:
+        model.train(was)
 
 
 def _no_image_fits(model: nn.Module, device: torch.device, available: float) -> UserError:
