@@ -417,7 +417,8 @@ def image_folder_run(check: Check, plan: Plan, python: str) -> None:
     command = [
         *(python, "train.py", "--name", "check-folder", "--precision", "bf16", *plan.folder),
         *("--data_dir", str(photos), "--num_steps", str(plan.folder_steps)),
-        *("--output_dir", str(check.scratch / "runs"), "--log_dir", str(check.scratch / "logs")),
+        *("--output_dir", str(check.scratch / "runs")),
+        *("--log_dir", str(check.scratch / "logs" / "check-folder")),
     ]
     if step.status != "passed":
         check.skip("train image folder", command, "no image folder was written")
