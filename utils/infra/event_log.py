@@ -115,7 +115,9 @@ class EventLog:
         self._excepthook = threading.excepthook
         threading.excepthook = self._quiet_writer_thread
         self._writer = self._call(SummaryWriter, log_dir=str(log_dir), purge_step=purge_step)
-        self._metrics = self._call(MetricsFile, self.log_dir / METRICS, purge_step)
+        self._metrics = self._call(
+            MetricsFile, self.log_dir / METRICS, purge_step, failed=self._metrics_failed
+        )
         self._wandb = None
         if wandb is not None and self.error is None:
             self._wandb = self._call(_start_wandb, self.log_dir, purge_step is not None, **wandb)
@@ -125,16 +127,22 @@ class EventLog:
         if not (writer_thread and issubclass(failure.exc_type, OSError)):
             self._excepthook(failure)  # the run reports it at its next call
 
-    def _call(self, method: Callable, *args: object, **kwargs: object) -> object:
+    @property
+    def _metrics_failed(self) -> str:
+        return f"{self.log_dir / METRICS} could not be written"
+
+    def _call(
+        self, method: Callable, *args: object, failed: str | None = None, **kwargs: object
+    ) -> object:
+        """`method(*args, **kwargs)`, unless an earlier call failed; an OSError is kept as the
+        log's `error`, and `failed` (what could not be written) as the start of `check`'s
+        message (None: TensorBoard's log folder)."""
         if self.error is None:
             try:
                 return method(*args, **kwargs)
             except OSError as err:
                 self.error = err
-                if method is MetricsFile or isinstance(
-                    getattr(method, "__self__", None), MetricsFile
-                ):
-                    self._failed = f"{self.log_dir / METRICS} could not be written"
+                self._failed = failed
         return None
 
     def add_scalar(self, tag: str, value: float, step: int) -> None:
@@ -142,7 +150,7 @@ class EventLog:
         if self._writer is not None:
             self._call(self._writer.add_scalar, tag, value, step)
         if self._metrics is not None:
-            self._call(self._metrics.write, tag, value, step)
+            self._call(self._metrics.write, tag, value, step, failed=self._metrics_failed)
         if self._wandb is not None and math.isfinite(value):
             self._wandb.log({tag: value}, step=step)
 
@@ -150,7 +158,7 @@ class EventLog:
         if self._writer is not None:
             self._call(self._writer.flush)
         if self._metrics is not None:
-            self._call(self._metrics.flush)
+            self._call(self._metrics.flush, failed=self._metrics_failed)
 
     def close(self) -> None:
         """Close the log (its thread ends); errors here are kept too. Idempotent."""
