@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tarfile
 import threading
+import time
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -403,6 +404,19 @@ def crash_at(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
         return real(args, trainer, batches, guard, number, info)
 
     monkeypatch.setattr(train, "train_step", crashing)
+
+
+def after_its_event_files(log_dir: Path) -> None:
+    """Wait for the second after the one in which `log_dir`'s last event file was created.
+
+    TensorBoard reads event files in name order, and a name holds the second it was created
+    (events.out.tfevents.SECOND.HOST.PID.N, N counting up in each process): a run resumed in
+    the same second and process could sort before the interrupted one (N = 10 before N = 9).
+    A real restart is a new process, seconds later.
+    """
+    files = Path(log_dir).glob("events.out.tfevents.*")
+    created = max((int(file.name.split(".")[3]) for file in files), default=0)
+    time.sleep(max(0.0, created + 1 - time.time()))
 
 
 def free_port() -> int:

@@ -24,6 +24,7 @@ import train
 from models.configs import get_config
 from models.modeling import VisionTransformer
 from tests.helpers import (
+    after_its_event_files,
     crash_at,
     expect_user_error,
     fake_checkpoint,
@@ -118,6 +119,7 @@ def test_crash_then_resume_equals_uninterrupted(
     assert saved["args"]["name"] == "resumed"
     assert saved["model_type"] == "testing"
 
+    after_its_event_files(tmp_path / "logs" / "resumed")
     resumed = train.main(tiny_args(tmp_path, name="resumed", resume=True, **common))
     out = tmp_path / "out"
     assert_same_training(out, "straight", out, "resumed")
@@ -231,12 +233,7 @@ def test_kill_9_then_resume_equals_uninterrupted(tmp_path: Path, uninterrupted: 
     saved = safe_load(path)["step"]  # loads: the kill tore nothing
     assert 4 <= saved < PROCESS_FLAGS["num_steps"], "killed too late to test a resume"
     assert saved % PROCESS_FLAGS["save_every"] == 0
-    # TensorBoard reads event files in name order, and a name holds the second it was created
-    # (events.out.tfevents.SECOND.HOST.PID.N): resume in a later second than the killed run's
-    # file, as any real restart does.
-    files = (tmp_path / "logs" / "killed").glob("events.out.tfevents.*")
-    created = max((int(file.name.split(".")[3]) for file in files), default=0)
-    time.sleep(max(0.0, created + 1 - time.time()))
+    after_its_event_files(tmp_path / "logs" / "killed")
 
     summary = train.main(tiny_args(tmp_path, name="killed", resume=True, **PROCESS_FLAGS))
     assert summary.step == PROCESS_FLAGS["num_steps"]

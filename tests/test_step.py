@@ -18,7 +18,14 @@ from torch._dynamo.utils import counters
 
 import train
 from models.modeling import VisionTransformer
-from tests.helpers import HostReads, crash_at, expect_user_error, scalars, tiny_args
+from tests.helpers import (
+    HostReads,
+    after_its_event_files,
+    crash_at,
+    expect_user_error,
+    scalars,
+    tiny_args,
+)
 from utils.evals.classification import evaluate
 from utils.infra.dist_utils import DistInfo
 from utils.infra.file_io import atomic_save, safe_load, with_content_sha256
@@ -96,6 +103,7 @@ def test_a_resume_logs_what_an_uninterrupted_run_logs(
         crash_at(patch, 7)
         with pytest.raises(RuntimeError, match="simulated crash"):
             train.main(tiny_args(tmp_path, name="resumed", **flags))
+    after_its_event_files(tmp_path / "logs" / "resumed")
     train.main(tiny_args(tmp_path, name="resumed", resume=True, **flags))
     want = scalars(tmp_path / "logs" / "straight")["train/loss"]
     assert [step for step, _ in want] == [3, 4, 6, 8]
